@@ -1,0 +1,208 @@
+//! The causal context: the set of dots a state has seen, kept compact as
+//! ranges of contiguous counters per replica.
+
+use super::{Dot, ReplicaId, VersionVector};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The set of dots a causal CRDT has observed.
+///
+/// Stored per replica as sorted, disjoint, non-adjacent inclusive ranges of
+/// counters, so contiguous dots compact into one range: a context that has
+/// seen `1..=1_000_000` of a replica costs one range, and the common case
+/// (everything from 1 up to n) is a version vector. Gaps survive exactly as
+/// long as a dot is missing, which is what lets a replica ignore a stale
+/// delta and accept a late one. The representation is canonical, so two
+/// contexts with the same dots are equal and encode to the same bytes.
+///
+/// ```
+/// use lattice_core::clock::{CausalContext, Dot, ReplicaId};
+/// let a = ReplicaId(7);
+/// let mut cc = CausalContext::default();
+/// cc.insert(Dot::new(a, 1));
+/// cc.insert(Dot::new(a, 3));
+/// assert_eq!(cc.range_count(), 2);
+/// cc.insert(Dot::new(a, 2)); // fills the gap: one range again
+/// assert_eq!(cc.range_count(), 1);
+/// assert_eq!(cc.next_dot(a), Dot::new(a, 4));
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CausalContext(BTreeMap<ReplicaId, Vec<(u64, u64)>>);
+
+impl CausalContext {
+    /// An empty context.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A context holding exactly these dots.
+    pub fn from_dots(dots: impl IntoIterator<Item = Dot>) -> Self {
+        let mut cc = Self::default();
+        for d in dots {
+            cc.insert(d);
+        }
+        cc
+    }
+
+    /// Whether `dot` has been observed.
+    pub fn contains(&self, dot: Dot) -> bool {
+        let Some(ranges) = self.0.get(&dot.replica) else {
+            return false;
+        };
+        // First range whose end is >= counter.
+        let i = ranges.partition_point(|&(_, hi)| hi < dot.counter);
+        i < ranges.len() && ranges[i].0 <= dot.counter
+    }
+
+    /// Adds one dot, merging it with adjacent ranges.
+    pub fn insert(&mut self, dot: Dot) {
+        if dot.counter == 0 {
+            return;
+        }
+        self.insert_range(dot.replica, dot.counter, dot.counter);
+    }
+
+    fn insert_range(&mut self, replica: ReplicaId, lo: u64, hi: u64) {
+        debug_assert!(1 <= lo && lo <= hi);
+        let ranges = self.0.entry(replica).or_default();
+        // Ranges that overlap or touch [lo, hi] are merged into it.
+        let start = ranges.partition_point(|&(_, h)| h.saturating_add(1) < lo);
+        let end = ranges.partition_point(|&(l, _)| l <= hi.saturating_add(1));
+        let (mut nlo, mut nhi) = (lo, hi);
+        if start < end {
+            nlo = nlo.min(ranges[start].0);
+            nhi = nhi.max(ranges[end - 1].1);
+        }
+        ranges.splice(start..end, std::iter::once((nlo, nhi)));
+    }
+
+    /// Union with another context.
+    pub fn join(&mut self, other: &CausalContext) {
+        for (r, ranges) in &other.0 {
+            for &(lo, hi) in ranges {
+                self.insert_range(*r, lo, hi);
+            }
+        }
+    }
+
+    /// The dots of `self` that `other` lacks, as a context.
+    pub fn difference(&self, other: &CausalContext) -> CausalContext {
+        let mut out = CausalContext::default();
+        for (r, ranges) in &self.0 {
+            let theirs = other.0.get(r).map(Vec::as_slice).unwrap_or(&[]);
+            for &(lo, hi) in ranges {
+                let mut cur = lo;
+                for &(tlo, thi) in theirs {
+                    if thi < cur {
+                        continue;
+                    }
+                    if tlo > hi {
+                        break;
+                    }
+                    if tlo > cur {
+                        out.insert_range(*r, cur, tlo - 1);
+                    }
+                    cur = thi.saturating_add(1);
+                    if cur > hi {
+                        break;
+                    }
+                }
+                if cur <= hi && cur >= lo {
+                    out.insert_range(*r, cur, hi);
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether every dot of `other` is in `self`.
+    pub fn includes(&self, other: &CausalContext) -> bool {
+        other.difference(self).is_empty()
+    }
+
+    /// The next fresh dot for `replica`: one past the highest counter seen.
+    ///
+    /// Counters are per state, so the dot is fresh for this state as long
+    /// as the replica id is never reused after its state was lost.
+    pub fn next_dot(&self, replica: ReplicaId) -> Dot {
+        let max = self.0.get(&replica).and_then(|r| r.last()).map_or(0, |&(_, hi)| hi);
+        Dot::new(replica, max.saturating_add(1))
+    }
+
+    /// The largest version vector contained in this context (the prefix
+    /// `1..=n` of each replica).
+    pub fn version_vector(&self) -> VersionVector {
+        let mut vv = VersionVector::default();
+        for (r, ranges) in &self.0 {
+            if let Some(&(1, hi)) = ranges.first() {
+                vv.advance(*r, hi);
+            }
+        }
+        vv
+    }
+
+    /// Number of stored ranges: a measure of fragmentation.
+    pub fn range_count(&self) -> usize {
+        self.0.values().map(Vec::len).sum()
+    }
+
+    /// True when no dot is included.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Checks the representation invariant (sorted, disjoint, non-adjacent,
+    /// counters from 1). Used on decoded input from peers.
+    pub fn is_canonical(&self) -> bool {
+        self.0.values().all(|ranges| {
+            !ranges.is_empty()
+                && ranges.iter().all(|&(lo, hi)| 1 <= lo && lo <= hi)
+                && ranges.windows(2).all(|w| w[0].1.saturating_add(1) < w[1].0)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    fn dots() -> impl Strategy<Value = BTreeSet<Dot>> {
+        proptest::collection::btree_set((0u64..3, 1u64..40).prop_map(|(r, c)| Dot::new(ReplicaId(r), c)), 0..40)
+    }
+
+    fn members(cc: &CausalContext) -> BTreeSet<Dot> {
+        (0..3)
+            .flat_map(|r| (1..40).map(move |c| Dot::new(ReplicaId(r), c)))
+            .filter(|d| cc.contains(*d))
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn behaves_like_a_set(a in dots(), b in dots()) {
+            let ca = CausalContext::from_dots(a.iter().copied());
+            let cb = CausalContext::from_dots(b.iter().copied());
+            prop_assert!(ca.is_canonical());
+            prop_assert_eq!(members(&ca), a.clone());
+            let mut u = ca.clone();
+            u.join(&cb);
+            prop_assert!(u.is_canonical());
+            prop_assert_eq!(members(&u), a.union(&b).copied().collect::<BTreeSet<_>>());
+            let d = ca.difference(&cb);
+            prop_assert!(d.is_canonical());
+            prop_assert_eq!(members(&d), a.difference(&b).copied().collect::<BTreeSet<_>>());
+            // Canonical: the same set always has the same representation.
+            prop_assert_eq!(u, CausalContext::from_dots(a.union(&b).copied()));
+        }
+    }
+
+    #[test]
+    fn contiguous_dots_compact() {
+        let r = ReplicaId(1);
+        let cc = CausalContext::from_dots((1..=1000).map(|c| Dot::new(r, c)));
+        assert_eq!(cc.range_count(), 1);
+        assert_eq!(cc.version_vector().get(r), 1000);
+    }
+}

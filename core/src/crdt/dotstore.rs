@@ -1,0 +1,253 @@
+//! Dot stores and the causal CRDT kernel shared by the observed-remove types.
+//!
+//! A causal CRDT is a pair (dot store, causal context). The store holds the
+//! dots that are still *live*; the context holds every dot ever *seen*. The
+//! join keeps a dot when both sides have it, or when one side has it and the
+//! other has never seen it; a dot that one side has seen but dropped is a
+//! removal and stays removed. That is why removals need no tombstones.
+
+use super::Crdt;
+use crate::clock::{CausalContext, Dot};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Debug;
+
+/// A store of live dots whose join is driven by the causal contexts of both
+/// sides. Implemented by [`DotSet`], [`DotFun`], [`DotMap`] and, for nested
+/// map values, [`Nested`](super::Nested).
+pub trait DotStore: Clone + PartialEq + Debug {
+    /// The empty store (bottom).
+    fn empty() -> Self;
+    /// True when no dot is live.
+    fn is_empty(&self) -> bool;
+    /// Calls `f` with each live dot.
+    fn for_each_dot(&self, f: &mut dyn FnMut(Dot));
+    /// Joins `other` into `self`; `ctx` is the context of `self` (before the
+    /// join) and `other_ctx` that of `other`.
+    fn join(&mut self, ctx: &CausalContext, other: &Self, other_ctx: &CausalContext);
+    /// The part of `self` whose dots are not in `ctx`.
+    fn unseen_by(&self, ctx: &CausalContext) -> Self;
+}
+
+/// Collects the live dots of a store.
+pub(crate) fn dots_of<S: DotStore>(s: &S) -> BTreeSet<Dot> {
+    let mut out = BTreeSet::new();
+    s.for_each_dot(&mut |d| {
+        out.insert(d);
+    });
+    out
+}
+
+/// A set of dots: the presence of one element (see [`OrSet`](super::OrSet)).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DotSet(pub(crate) BTreeSet<Dot>);
+
+impl DotStore for DotSet {
+    fn empty() -> Self {
+        DotSet::default()
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    fn for_each_dot(&self, f: &mut dyn FnMut(Dot)) {
+        self.0.iter().copied().for_each(f);
+    }
+    fn join(&mut self, ctx: &CausalContext, other: &Self, other_ctx: &CausalContext) {
+        #[cfg(feature = "planted-bugs")]
+        if crate::planted::active(crate::planted::PlantedBug::JoinDropsDot) && !other.0.is_empty() {
+            // Planted bug: forget the newest dot the other side brings.
+            let mut o = other.0.clone();
+            o.pop_last();
+            self.0.retain(|d| o.contains(d) || !other_ctx.contains(*d));
+            self.0.extend(o.iter().copied().filter(|d| !ctx.contains(*d)));
+            return;
+        }
+        self.0.retain(|d| other.0.contains(d) || !other_ctx.contains(*d));
+        self.0.extend(other.0.iter().copied().filter(|d| !ctx.contains(*d)));
+    }
+    fn unseen_by(&self, ctx: &CausalContext) -> Self {
+        DotSet(self.0.iter().copied().filter(|d| !ctx.contains(*d)).collect())
+    }
+}
+
+/// A map from dots to values: each write is a dot carrying its value (the
+/// store of [`MvRegister`](super::MvRegister) and [`CCounter`](super::CCounter)).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DotFun<T: Ord>(pub(crate) BTreeMap<Dot, T>);
+
+impl<T: Ord> Default for DotFun<T> {
+    fn default() -> Self {
+        DotFun(BTreeMap::new())
+    }
+}
+
+impl<T: Clone + Ord + Debug> DotStore for DotFun<T> {
+    fn empty() -> Self {
+        DotFun(BTreeMap::new())
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    fn for_each_dot(&self, f: &mut dyn FnMut(Dot)) {
+        self.0.keys().copied().for_each(f);
+    }
+    fn join(&mut self, ctx: &CausalContext, other: &Self, other_ctx: &CausalContext) {
+        self.0.retain(|d, _| other.0.contains_key(d) || !other_ctx.contains(*d));
+        for (d, v) in &other.0 {
+            match self.0.get_mut(d) {
+                // A dot names one write, so both values are equal between
+                // correct replicas; max keeps the join deterministic anyway.
+                Some(mine) => {
+                    if *v > *mine {
+                        *mine = v.clone();
+                    }
+                }
+                None if !ctx.contains(*d) => {
+                    self.0.insert(*d, v.clone());
+                }
+                None => {}
+            }
+        }
+    }
+    fn unseen_by(&self, ctx: &CausalContext) -> Self {
+        DotFun(
+            self.0
+                .iter()
+                .filter(|(d, _)| !ctx.contains(**d))
+                .map(|(d, v)| (*d, v.clone()))
+                .collect(),
+        )
+    }
+}
+
+/// A map from keys to nested dot stores (the store of [`OrSet`](super::OrSet)
+/// and [`OrMap`](super::OrMap)). Keys whose store becomes empty disappear.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DotMap<K: Ord, S>(pub(crate) BTreeMap<K, S>);
+
+impl<K: Ord, S> Default for DotMap<K, S> {
+    fn default() -> Self {
+        DotMap(BTreeMap::new())
+    }
+}
+
+impl<K: Ord, S> DotMap<K, S> {
+    /// The store under `key`.
+    pub fn get(&self, key: &K) -> Option<&S> {
+        self.0.get(key)
+    }
+    /// Entries in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &S)> {
+        self.0.iter()
+    }
+    /// Number of keys present.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl<K: Ord + Clone + Debug, S: DotStore> DotStore for DotMap<K, S> {
+    fn empty() -> Self {
+        DotMap(BTreeMap::new())
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    fn for_each_dot(&self, f: &mut dyn FnMut(Dot)) {
+        for s in self.0.values() {
+            s.for_each_dot(f);
+        }
+    }
+    fn join(&mut self, ctx: &CausalContext, other: &Self, other_ctx: &CausalContext) {
+        for (k, mine) in self.0.iter_mut() {
+            match other.0.get(k) {
+                Some(theirs) => mine.join(ctx, theirs, other_ctx),
+                None => *mine = mine.unseen_by(other_ctx),
+            }
+        }
+        for (k, theirs) in &other.0 {
+            if !self.0.contains_key(k) {
+                self.0.insert(k.clone(), theirs.unseen_by(ctx));
+            }
+        }
+        self.0.retain(|_, s| !s.is_empty());
+    }
+    fn unseen_by(&self, ctx: &CausalContext) -> Self {
+        DotMap(
+            self.0
+                .iter()
+                .map(|(k, s)| (k.clone(), s.unseen_by(ctx)))
+                .filter(|(_, s)| !s.is_empty())
+                .collect(),
+        )
+    }
+}
+
+/// A causal CRDT: a dot store and the causal context of everything seen.
+///
+/// Invariant: every live dot of `store` is in `ctx`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Causal<S> {
+    pub(crate) store: S,
+    pub(crate) ctx: CausalContext,
+}
+
+impl<S: DotStore> Default for Causal<S> {
+    fn default() -> Self {
+        Causal {
+            store: S::empty(),
+            ctx: CausalContext::default(),
+        }
+    }
+}
+
+impl<S: DotStore> Causal<S> {
+    /// A causal state from its parts.
+    pub fn from_parts(store: S, ctx: CausalContext) -> Self {
+        Causal { store, ctx }
+    }
+    /// The live dots.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+    /// Everything seen.
+    pub fn context(&self) -> &CausalContext {
+        &self.ctx
+    }
+    /// True when every live dot is covered by the context (checked on input
+    /// from the network).
+    pub fn is_well_formed(&self) -> bool {
+        let mut ok = self.ctx.is_canonical();
+        self.store.for_each_dot(&mut |d| ok &= self.ctx.contains(d));
+        ok
+    }
+}
+
+impl<S: DotStore> Crdt for Causal<S> {
+    fn join(&mut self, other: &Self) {
+        self.store.join(&self.ctx, &other.store, &other.ctx);
+        self.ctx.join(&other.ctx);
+    }
+
+    fn novel(&self, other: &Self) -> Option<Self> {
+        // New information is (a) dots `self` has never seen, live or not, and
+        // (b) dots live here that `other` has seen and dropped: removals.
+        let mut ctx = other.ctx.difference(&self.ctx);
+        let other_live = dots_of(&other.store);
+        self.store.for_each_dot(&mut |d| {
+            if other.ctx.contains(d) && !other_live.contains(&d) {
+                ctx.insert(d);
+            }
+        });
+        if ctx.is_empty() {
+            return None;
+        }
+        Some(Causal {
+            store: other.store.unseen_by(&self.ctx),
+            ctx,
+        })
+    }
+}

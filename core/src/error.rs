@@ -1,0 +1,83 @@
+//! The one error type of `lattice-core`.
+
+use crate::clock::ClockError;
+use crate::crdt::{FieldKind, Kind};
+
+/// Everything that can go wrong in the core. Variants are meant to be acted
+/// on: a driver maps them to client errors or peer disconnects.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The key holds a value of another type.
+    #[error("type mismatch: the key holds a {expected}, the operation is for a {found}")]
+    TypeMismatch {
+        /// The kind the key holds.
+        expected: Kind,
+        /// The kind the operation is for.
+        found: Kind,
+    },
+    /// A map field was addressed with an operation of another type.
+    #[error("type mismatch on field {field:?}: it is a {expected:?}, the operation is for a {found:?}")]
+    FieldTypeMismatch {
+        /// The field name.
+        field: String,
+        /// Its kind.
+        expected: FieldKind,
+        /// The operation's kind.
+        found: FieldKind,
+    },
+    /// The operation does not exist for this type (e.g. deleting a G-counter).
+    #[error("{op} is not supported on a {kind}")]
+    Unsupported {
+        /// The operation.
+        op: &'static str,
+        /// The value's kind.
+        kind: Kind,
+    },
+    /// An operation that makes no sense where it was used.
+    #[error("invalid operation: {0}")]
+    InvalidOp(String),
+    /// A counter's running total would overflow.
+    #[error("counter overflow")]
+    CounterOverflow,
+    /// Maps nest deeper than allowed.
+    #[error("maps nest deeper than {limit} levels")]
+    NestingTooDeep {
+        /// The limit.
+        limit: usize,
+    },
+    /// The key does not exist.
+    #[error("key not found")]
+    NotFound,
+    /// A key is empty or too long.
+    #[error("invalid key: {0}")]
+    InvalidKey(String),
+    /// A clock error (a remote timestamp too far ahead).
+    #[error(transparent)]
+    Clock(#[from] ClockError),
+    /// A message could not be encoded or decoded.
+    #[error("codec: {0}")]
+    Codec(String),
+    /// A message is larger than allowed.
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    MessageTooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A message of a protocol version this node does not speak.
+    #[error("unknown protocol version {0}")]
+    UnknownVersion(u8),
+    /// A peer sent a value that violates a CRDT invariant.
+    #[error("malformed value for key {0:?}")]
+    Malformed(String),
+    /// The node cannot take more writes right now.
+    #[error("overloaded: {0}")]
+    Overloaded(&'static str),
+    /// The storage layer failed.
+    #[error("storage: {0}")]
+    Store(String),
+    /// A message from a node that is not a configured peer.
+    #[error("unknown peer {0}")]
+    UnknownPeer(String),
+}

@@ -1,0 +1,30 @@
+//! Deliberately broken behaviours, compiled only with the `planted-bugs`
+//! feature and switched on per thread at run time, so tests can prove that
+//! the simulator's checkers catch a broken engine.
+
+use std::cell::Cell;
+
+/// A bug to plant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlantedBug {
+    /// No bug.
+    None,
+    /// `DotSet::join` forgets the newest dot of the other side.
+    JoinDropsDot,
+    /// The delta buffer forgets groups that some peer has not acknowledged.
+    BufferForgetsUnacked,
+}
+
+thread_local! {
+    static ACTIVE: Cell<PlantedBug> = const { Cell::new(PlantedBug::None) };
+}
+
+/// Plants `bug` for the current thread until [`set`] is called again.
+pub fn set(bug: PlantedBug) {
+    ACTIVE.with(|a| a.set(bug));
+}
+
+/// Whether `bug` is planted on the current thread.
+pub fn active(bug: PlantedBug) -> bool {
+    ACTIVE.with(|a| a.get() == bug)
+}

@@ -1,0 +1,216 @@
+//! Wire messages between nodes and their codec.
+//!
+//! A frame is one version byte followed by a MessagePack (rmp-serde)
+//! encoding of [`Message`]. Decoding checks the size limit before anything
+//! else, rejects unknown versions, bounds the nesting depth, refuses trailing
+//! bytes and validates every CRDT value it carries.
+
+use crate::clock::{HlcTimestamp, ReplicaId};
+use crate::crdt::{Bytes, Value};
+use crate::key::Key;
+use crate::Error;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// Default largest frame accepted, in bytes.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 << 20;
+
+/// Deepest nesting of MessagePack containers accepted by the decoder.
+pub const MAX_DECODE_DEPTH: usize = 128;
+
+/// A node's stable name (from configuration), as used to address messages.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct NodeId(pub String);
+
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for NodeId {
+    fn from(s: &str) -> Self {
+        NodeId(s.to_string())
+    }
+}
+
+/// A region name (from configuration).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RegionId(pub String);
+
+impl fmt::Debug for RegionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for RegionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for RegionId {
+    fn from(s: &str) -> Self {
+        RegionId(s.to_string())
+    }
+}
+
+/// A delta-group: the joined effect of one local batch (or the novel part of
+/// one received message), buffered until every peer has it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaGroup {
+    /// Position in this replica's buffer.
+    pub seq: u64,
+    /// The peer it came from (`None` for local writes): never sent back there.
+    pub origin: Option<NodeId>,
+    /// Per-key deltas, in key order.
+    pub entries: Vec<(Key, Value)>,
+}
+
+/// "I have every delta-group of `replica` below `upto`."
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// The incarnation whose sequence numbers are meant.
+    pub replica: ReplicaId,
+    /// Exclusive upper bound.
+    pub upto: u64,
+}
+
+/// A message between two nodes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Liveness, sent to a peer that has heard nothing else for a while.
+    Heartbeat {
+        /// The sender's incarnation: a change tells the receiver the sender
+        /// lost its state and must be resent and repaired.
+        sender: ReplicaId,
+        /// The sender's clock.
+        time: HlcTimestamp,
+    },
+    /// The joined delta-groups `from..to` of `sender` (less what came from
+    /// the receiver and what policy keeps from it).
+    Delta {
+        /// The sender's incarnation.
+        sender: ReplicaId,
+        /// The sender believes the receiver has every group below this...
+        base: u64,
+        /// ...because this incarnation of the receiver acknowledged it.
+        base_from: Option<ReplicaId>,
+        /// First group included.
+        from: u64,
+        /// One past the last group included.
+        to: u64,
+        /// The sender's clock.
+        time: HlcTimestamp,
+        /// Joined per-key deltas.
+        entries: Vec<(Key, Value)>,
+        /// A piggybacked acknowledgement of the receiver's groups.
+        ack: Option<Ack>,
+    },
+    /// A stand-alone acknowledgement.
+    Ack(Ack),
+    /// Anti-entropy: the sender's digests of the children (at `level`) of
+    /// each node in `parents` (at `level - 1`); at level 0, just the root.
+    AeTree {
+        /// Depth of the sender's tree (must match).
+        depth: u8,
+        /// Level of the digests carried.
+        level: u8,
+        /// Parent node indices.
+        parents: Vec<u32>,
+        /// 16 bytes per digest: 16 children per parent in order (1 at level 0).
+        digests: Bytes,
+    },
+    /// Anti-entropy: the sender's items in leaves whose digests differed.
+    AeLeaves {
+        /// Leaf indices.
+        leaves: Vec<u32>,
+        /// Per leaf, 16 bytes per key: 8 of key hash, 8 of item hash.
+        items: Vec<Bytes>,
+    },
+    /// Anti-entropy: states of differing keys, and the key hashes wanted back.
+    AeStates {
+        /// Full states to join.
+        entries: Vec<(Key, Value)>,
+        /// Key hashes whose states the sender wants.
+        want: Vec<u64>,
+    },
+}
+
+impl Message {
+    /// A short name, for metrics and traces.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Heartbeat { .. } => "heartbeat",
+            Message::Delta { .. } => "delta",
+            Message::Ack(_) => "ack",
+            Message::AeTree { .. } => "ae_tree",
+            Message::AeLeaves { .. } => "ae_leaves",
+            Message::AeStates { .. } => "ae_states",
+        }
+    }
+
+    fn entries(&self) -> &[(Key, Value)] {
+        match self {
+            Message::Delta { entries, .. } | Message::AeStates { entries, .. } => entries,
+            _ => &[],
+        }
+    }
+}
+
+/// Encodes a message into one frame.
+pub fn encode(msg: &Message) -> Result<Vec<u8>, Error> {
+    let mut out = vec![PROTOCOL_VERSION];
+    rmp_serde::encode::write(&mut out, msg).map_err(|e| Error::Codec(e.to_string()))?;
+    Ok(out)
+}
+
+/// Encodes any serde value the way frames carry it (no version byte).
+pub fn to_bytes<T: Serialize>(v: &T) -> Result<Vec<u8>, Error> {
+    rmp_serde::to_vec(v).map_err(|e| Error::Codec(e.to_string()))
+}
+
+/// Decodes a value encoded by [`to_bytes`], with the depth bound and the
+/// trailing-bytes check of [`decode`].
+pub fn from_bytes<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
+    let mut de = rmp_serde::Deserializer::new(bytes);
+    de.set_max_depth(MAX_DECODE_DEPTH);
+    let v = T::deserialize(&mut de).map_err(|e| Error::Codec(e.to_string()))?;
+    if !de.get_ref().is_empty() {
+        return Err(Error::Codec(format!("{} trailing bytes", de.get_ref().len())));
+    }
+    Ok(v)
+}
+
+/// Decodes one frame of at most `max_bytes`, validating what it carries.
+pub fn decode(frame: &[u8], max_bytes: usize) -> Result<Message, Error> {
+    if frame.len() > max_bytes {
+        return Err(Error::MessageTooLarge {
+            size: frame.len(),
+            limit: max_bytes,
+        });
+    }
+    let (&version, body) = frame.split_first().ok_or_else(|| Error::Codec("empty frame".into()))?;
+    if version != PROTOCOL_VERSION {
+        return Err(Error::UnknownVersion(version));
+    }
+    let msg: Message = from_bytes(body)?;
+    for (k, v) in msg.entries() {
+        if !k.is_valid() || !v.is_well_formed() {
+            return Err(Error::Malformed(k.as_str().chars().take(64).collect()));
+        }
+    }
+    Ok(msg)
+}

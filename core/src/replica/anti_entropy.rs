@@ -1,0 +1,244 @@
+//! Merkle anti-entropy: digests exchanged top-down, alternating sides, until
+//! only differing leaves remain; then their items, then the differing states.
+//!
+//! Each message is self-contained (no session state), so loss or duplication
+//! of any step only ends or repeats that round. A round with equal roots
+//! costs one message; one differing key among a million costs
+//! `depth + 4` messages of a few hundred bytes each.
+
+use super::merkle::{item_hash, FANOUT};
+use super::{Replica, Time};
+use crate::crdt::{Bytes, Value};
+use crate::key::Key;
+use crate::proto::{Message, NodeId};
+use crate::store::Store;
+use crate::Error;
+use std::collections::BTreeSet;
+
+impl<S: Store> Replica<S> {
+    /// Starts a round with `peer` by sending our root digest.
+    pub(super) fn start_anti_entropy(&mut self, now: Time, peer: &NodeId) -> Result<(), Error> {
+        self.stats.ae_rounds += 1;
+        let msg = Message::AeTree {
+            depth: self.tree.depth(),
+            level: 0,
+            parents: Vec::new(),
+            digests: Bytes(self.tree.root().to_le_bytes().to_vec()),
+        };
+        self.queue(peer, &msg, now)
+    }
+
+    fn children_digests(&self, level: u8, parents: &[u32]) -> Bytes {
+        let mut out = Vec::with_capacity(parents.len() * FANOUT as usize * 16);
+        for &p in parents {
+            for c in 0..FANOUT {
+                out.extend_from_slice(&self.tree.digest(level, p * FANOUT + c).to_le_bytes());
+            }
+        }
+        Bytes(out)
+    }
+
+    pub(super) fn on_ae_tree(
+        &mut self,
+        now: Time,
+        from: &NodeId,
+        depth: u8,
+        level: u8,
+        parents: &[u32],
+        digests: &Bytes,
+    ) -> Result<(), Error> {
+        if depth != self.tree.depth() {
+            return Err(Error::Codec(format!(
+                "anti-entropy tree depth {depth}, ours is {}",
+                self.tree.depth()
+            )));
+        }
+        let theirs = digests.as_slice().chunks_exact(16).map(|c| {
+            let mut b = [0u8; 16];
+            b.copy_from_slice(c);
+            u128::from_le_bytes(b)
+        });
+        // The nodes at `level` whose digests differ.
+        let mut differing: Vec<u32> = Vec::new();
+        if level == 0 {
+            if theirs.clone().next() != Some(self.tree.root()) {
+                differing.push(0);
+            }
+        } else {
+            if level > depth || digests.as_slice().len() != parents.len() * FANOUT as usize * 16 {
+                return Err(Error::Codec("malformed anti-entropy digests".into()));
+            }
+            let width = self.tree.width(level);
+            let indices = parents
+                .iter()
+                .flat_map(|&p| (0..FANOUT).map(move |c| p.wrapping_mul(FANOUT).wrapping_add(c)));
+            for (i, d) in indices.zip(theirs) {
+                if i < width && self.tree.digest(level, i) != d {
+                    differing.push(i);
+                }
+            }
+        }
+        differing.truncate(self.cfg.max_ae_fanout);
+        if differing.is_empty() {
+            return Ok(());
+        }
+        if level < depth {
+            let msg = Message::AeTree {
+                depth,
+                level: level + 1,
+                parents: differing.clone(),
+                digests: self.children_digests(level + 1, &differing),
+            };
+            return self.queue(from, &msg, now);
+        }
+        let mut items = Vec::with_capacity(differing.len());
+        for &leaf in &differing {
+            items.push(Bytes(
+                self.leaf_items(from, leaf)?
+                    .into_iter()
+                    .flat_map(|(k, h)| k.to_le_bytes().into_iter().chain(h.to_le_bytes()))
+                    .collect(),
+            ));
+        }
+        self.queue(
+            from,
+            &Message::AeLeaves {
+                leaves: differing,
+                items,
+            },
+            now,
+        )
+    }
+
+    /// `(key hash, item hash)` of every key in a leaf that may go to `peer`.
+    fn leaf_items(&self, peer: &NodeId, leaf: u32) -> Result<Vec<(u64, u64)>, Error> {
+        let (lo, hi) = self.tree.leaf_buckets(leaf);
+        let cfg = &self
+            .peers
+            .get(peer)
+            .ok_or_else(|| Error::UnknownPeer(peer.0.clone()))?
+            .cfg;
+        let mut out = Vec::new();
+        for (k, v) in self.store.scan_buckets(lo, hi)? {
+            if self.filter.may_send(cfg, &k) {
+                out.push((k.hash().0, item_hash(&k, &v)? as u64));
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn on_ae_leaves(
+        &mut self,
+        now: Time,
+        from: &NodeId,
+        leaves: &[u32],
+        items: &[Bytes],
+    ) -> Result<(), Error> {
+        if leaves.len() != items.len() || leaves.len() > self.cfg.max_ae_fanout {
+            return Err(Error::Codec("malformed anti-entropy leaves".into()));
+        }
+        let width = self.tree.width(self.tree.depth());
+        let mut send: Vec<(Key, Value)> = Vec::new();
+        let mut want: Vec<u64> = Vec::new();
+        for (&leaf, blob) in leaves.iter().zip(items) {
+            if leaf >= width || blob.as_slice().len() % 16 != 0 {
+                return Err(Error::Codec("malformed anti-entropy leaf".into()));
+            }
+            let theirs: BTreeSet<(u64, u64)> = blob
+                .as_slice()
+                .chunks_exact(16)
+                .map(|c| {
+                    let mut k = [0u8; 8];
+                    let mut h = [0u8; 8];
+                    k.copy_from_slice(&c[..8]);
+                    h.copy_from_slice(&c[8..]);
+                    (u64::from_le_bytes(k), u64::from_le_bytes(h))
+                })
+                .collect();
+            let (lo, hi) = self.tree.leaf_buckets(leaf);
+            let cfg = self
+                .peers
+                .get(from)
+                .ok_or_else(|| Error::UnknownPeer(from.0.clone()))?
+                .cfg
+                .clone();
+            let mut mine = BTreeSet::new();
+            for (k, v) in self.store.scan_buckets(lo, hi)? {
+                if !self.filter.may_send(&cfg, &k) {
+                    continue;
+                }
+                let item = (k.hash().0, item_hash(&k, &v)? as u64);
+                mine.insert(item);
+                if !theirs.contains(&item) {
+                    send.push((k, v));
+                }
+            }
+            want.extend(theirs.difference(&mine).map(|(k, _)| *k));
+        }
+        want.sort_unstable();
+        want.dedup();
+        self.send_states(now, from, send, want)
+    }
+
+    /// Sends states in messages under the size limit; `want` rides on the first.
+    fn send_states(&mut self, now: Time, to: &NodeId, entries: Vec<(Key, Value)>, want: Vec<u64>) -> Result<(), Error> {
+        let budget = self.cfg.max_message_bytes * 3 / 4;
+        let mut want = Some(want);
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        for (k, v) in entries {
+            let size = crate::proto::to_bytes(&v)?.len() + k.as_str().len() + 8;
+            if size > budget {
+                // One state larger than a frame can only be repaired by the
+                // owner splitting it; log it rather than stall the round.
+                tracing::warn!(key = %k, size, "state too large for an anti-entropy frame");
+                continue;
+            }
+            if bytes + size > budget && !batch.is_empty() {
+                let msg = Message::AeStates {
+                    entries: std::mem::take(&mut batch),
+                    want: want.take().unwrap_or_default(),
+                };
+                self.queue_durable(to, &msg, now)?;
+                bytes = 0;
+            }
+            bytes += size;
+            batch.push((k, v));
+        }
+        let want = want.unwrap_or_default();
+        if !batch.is_empty() || !want.is_empty() {
+            self.queue_durable(to, &Message::AeStates { entries: batch, want }, now)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_ae_states(
+        &mut self,
+        now: Time,
+        from: &NodeId,
+        entries: Vec<(Key, Value)>,
+        want: &[u64],
+    ) -> Result<(), Error> {
+        let repaired = self.apply_remote(from, entries)?;
+        self.stats.ae_keys_repaired += repaired as u64;
+        if want.is_empty() {
+            return Ok(());
+        }
+        let cfg = self
+            .peers
+            .get(from)
+            .ok_or_else(|| Error::UnknownPeer(from.0.clone()))?
+            .cfg
+            .clone();
+        let mut send = Vec::new();
+        for &h in want.iter().take(self.cfg.max_ae_fanout * 64) {
+            let bucket = (h >> 32) as u32;
+            for (k, v) in self.store.scan_buckets(bucket, bucket)? {
+                if k.hash().0 == h && self.filter.may_send(&cfg, &k) {
+                    send.push((k, v));
+                }
+            }
+        }
+        self.send_states(now, from, send, Vec::new())
+    }
+}

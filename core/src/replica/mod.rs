@@ -1,0 +1,837 @@
+//! The replication state machine.
+//!
+//! [`Replica`] owns one node's CRDT state (through a [`Store`]) and is driven
+//! like quinn-proto's `Connection`: inputs are method calls that take the
+//! current time ([`Replica::write`], [`Replica::handle`],
+//! [`Replica::handle_timeout`], [`Replica::flush`]); outputs are queued and
+//! drained by [`Replica::poll_transmit`], [`Replica::poll_event`] and
+//! [`Replica::poll_timeout`]. It never sleeps, spawns, reads a clock or draws
+//! randomness it was not given.
+//!
+//! Protocol summary (ARCHITECTURE.md has the full version):
+//! - every local batch becomes one *delta-group* with a sequence number, in
+//!   a bounded buffer persisted with the state in one atomic store batch;
+//! - groups are sent to each peer once durable, joined into one `Delta`
+//!   message per sync interval (batching), skipping groups that came from
+//!   that peer (no back-propagation); received deltas are reduced to their
+//!   novel part before being stored or relayed (no redundancy);
+//! - peers acknowledge cumulatively, only after the received state is
+//!   durable; acknowledged groups are dropped from the buffer;
+//! - a peer that falls behind the buffer, and every peer now and then, is
+//!   repaired by Merkle anti-entropy whose cost follows the difference.
+
+mod anti_entropy;
+mod gossip;
+mod merkle;
+
+use crate::clock::{Hlc, ReplicaId};
+use crate::crdt::{Crdt, Op, Value, WriteStamp};
+use crate::key::Key;
+use crate::proto::{self, Ack, DeltaGroup, Message, NodeId, RegionId};
+use crate::store::{Meta, Store, WriteBatch};
+use crate::Error;
+use merkle::{item_hash, MerkleTree};
+use rand_core::RngCore;
+use std::collections::{BTreeMap, VecDeque};
+
+/// A point in time on the driving node's clock, in milliseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Time(pub u64);
+
+impl Time {
+    /// `self + ms`.
+    pub fn plus(self, ms: u64) -> Time {
+        Time(self.0.saturating_add(ms))
+    }
+    /// Milliseconds from `earlier` to `self` (0 if negative).
+    pub fn since(self, earlier: Time) -> u64 {
+        self.0.saturating_sub(earlier.0)
+    }
+}
+
+/// Identifies a local write until it is acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WriteId(pub u64);
+
+/// A configured peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// Its node name.
+    pub node: NodeId,
+    /// Its region.
+    pub region: RegionId,
+}
+
+/// Decides which keys may be sent to a peer: the hook through which
+/// replication policies (residency, quarantine) are enforced.
+pub trait SendFilter: Send {
+    /// Whether `key` (its state, deltas or existence) may reach `peer`.
+    fn may_send(&self, peer: &PeerConfig, key: &Key) -> bool;
+}
+
+/// The default filter: every key may go everywhere.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AllowAll;
+
+impl SendFilter for AllowAll {
+    fn may_send(&self, _: &PeerConfig, _: &Key) -> bool {
+        true
+    }
+}
+
+/// Tunables of a replica. Every queue and message has a limit here.
+#[derive(Clone, Debug)]
+pub struct ReplicaConfig {
+    /// This node's name.
+    pub node: NodeId,
+    /// This node's region.
+    pub region: RegionId,
+    /// The peers this node exchanges deltas and digests with.
+    pub peers: Vec<PeerConfig>,
+    /// Re-gossip deltas received from one peer to the others (for partial
+    /// topologies: trees, partial meshes). In a full mesh every origin sends
+    /// to everyone directly and relaying would only add redundant traffic.
+    pub relay: bool,
+    /// At most one `Delta` message per peer per this interval (batching).
+    pub sync_interval_ms: u64,
+    /// A stand-alone `Ack` waits this long for a delta to ride on.
+    pub ack_delay_ms: u64,
+    /// Unacknowledged groups are re-sent after this long without progress.
+    pub retransmit_ms: u64,
+    /// A heartbeat goes to a peer that has been sent nothing for this long.
+    pub heartbeat_ms: u64,
+    /// A peer not heard from for this long is considered down.
+    pub peer_timeout_ms: u64,
+    /// Interval between anti-entropy rounds with a random live peer
+    /// (0 disables periodic rounds; lagging peers are still repaired).
+    pub ae_interval_ms: u64,
+    /// Levels of the anti-entropy tree below the root (fanout 16); must be
+    /// equal across the cluster. 4 gives 65,536 leaves.
+    pub tree_depth: u8,
+    /// Largest frame sent or accepted.
+    pub max_message_bytes: usize,
+    /// Largest total size of buffered delta-groups; beyond it the oldest are
+    /// dropped and lagging peers are repaired by anti-entropy.
+    pub max_buffer_bytes: usize,
+    /// Most writes waiting for durability; beyond it writes get `Overloaded`.
+    pub max_pending_writes: usize,
+    /// Remote clocks further ahead than this are not merged into ours.
+    pub max_clock_ahead_ms: u64,
+    /// Most tree nodes or leaves one anti-entropy message descends into.
+    pub max_ae_fanout: usize,
+}
+
+impl ReplicaConfig {
+    /// Defaults for a node `node` in `region` with these peers.
+    pub fn new(node: impl Into<NodeId>, region: impl Into<RegionId>, peers: Vec<PeerConfig>) -> Self {
+        ReplicaConfig {
+            node: node.into(),
+            region: region.into(),
+            peers,
+            relay: false,
+            sync_interval_ms: 20,
+            ack_delay_ms: 50,
+            retransmit_ms: 1_000,
+            heartbeat_ms: 1_000,
+            peer_timeout_ms: 5_000,
+            ae_interval_ms: 5_000,
+            tree_depth: 4,
+            max_message_bytes: proto::DEFAULT_MAX_MESSAGE_BYTES,
+            max_buffer_bytes: 64 << 20,
+            max_pending_writes: 10_000,
+            max_clock_ahead_ms: 60_000,
+            max_ae_fanout: 4_096,
+        }
+    }
+}
+
+impl From<String> for NodeId {
+    fn from(s: String) -> Self {
+        NodeId(s)
+    }
+}
+
+impl From<String> for RegionId {
+    fn from(s: String) -> Self {
+        RegionId(s)
+    }
+}
+
+/// A frame to send to a peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// The destination.
+    pub to: NodeId,
+    /// The encoded frame.
+    pub payload: Vec<u8>,
+    /// The message kind (for metrics).
+    pub kind: &'static str,
+}
+
+/// Something the driver should act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The write is durable: acknowledge it to the client.
+    WriteDurable(WriteId),
+    /// A key changed because of a peer's delta or anti-entropy.
+    RemoteApplied {
+        /// The key.
+        key: Key,
+        /// The peer it came from.
+        from: NodeId,
+    },
+}
+
+/// Counters a driver exports as metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Frames queued for sending, by kind.
+    pub sent: BTreeMap<&'static str, (u64, u64)>,
+    /// Frames received (count, bytes).
+    pub received: (u64, u64),
+    /// Frames refused by the codec or validation.
+    pub rejected: u64,
+    /// Local writes accepted.
+    pub writes: u64,
+    /// Writes refused with `Overloaded`.
+    pub overloaded: u64,
+    /// Keys changed by remote state.
+    pub remote_updates: u64,
+    /// Remote entries that brought nothing new.
+    pub redundant_entries: u64,
+    /// Delta messages dropped because an earlier interval was missing.
+    pub out_of_order: u64,
+    /// Anti-entropy rounds started.
+    pub ae_rounds: u64,
+    /// Keys repaired by anti-entropy.
+    pub ae_keys_repaired: u64,
+    /// Buffered groups dropped because the buffer was full.
+    pub buffer_dropped: u64,
+    /// Remote clocks not merged because too far ahead.
+    pub clock_rejections: u64,
+}
+
+impl Stats {
+    /// Total frames and bytes sent.
+    pub fn sent_total(&self) -> (u64, u64) {
+        self.sent.values().fold((0, 0), |(m, b), (m2, b2)| (m + m2, b + b2))
+    }
+}
+
+/// What this node knows about one peer.
+#[derive(Clone, Debug)]
+struct Peer {
+    cfg: PeerConfig,
+    /// Every group below this is known to be at the peer.
+    acked: u64,
+    /// Groups below this have been sent at least once.
+    sent_upto: u64,
+    /// When `acked` last moved (or a retransmission started).
+    last_progress: Time,
+    /// When anything was last sent to the peer.
+    last_sent: Option<Time>,
+    /// When a `Delta` was last sent.
+    last_delta: Option<Time>,
+    /// When anything was last heard from it.
+    last_heard: Option<Time>,
+    /// The peer's incarnation and how far we have its groups contiguously.
+    recv: Option<(ReplicaId, u64)>,
+    /// Acknowledgement waiting for the next flush.
+    ack_unflushed: Option<Ack>,
+    /// Durable acknowledgement waiting to be sent, and since when.
+    ack_ready: Option<(Ack, Time)>,
+    /// The peer must be repaired by anti-entropy.
+    needs_ae: bool,
+    /// The peer's replica id, once heard.
+    incarnation: Option<ReplicaId>,
+}
+
+/// A buffered delta-group and its encoded size.
+#[derive(Clone, Debug)]
+struct Buffered {
+    group: DeltaGroup,
+    bytes: usize,
+}
+
+/// One node's replication state machine. See the module documentation.
+pub struct Replica<S: Store> {
+    cfg: ReplicaConfig,
+    store: S,
+    rng: Box<dyn RngCore + Send>,
+    filter: Box<dyn SendFilter>,
+    id: ReplicaId,
+    hlc: Hlc,
+    next_seq: u64,
+    /// Groups below this are durable and may be sent.
+    durable_seq: u64,
+    buffer: VecDeque<Buffered>,
+    buffer_bytes: usize,
+    peers: BTreeMap<NodeId, Peer>,
+    tree: MerkleTree,
+    next_write: u64,
+    unflushed_writes: Vec<WriteId>,
+    dirty: bool,
+    outbox: VecDeque<Transmit>,
+    /// Frames that carry local state and must wait for the next flush, so a
+    /// dot never leaves the node before it is durable (or a crash could make
+    /// the node hand the same dot out again with another value).
+    held: Vec<Transmit>,
+    events: VecDeque<Event>,
+    next_tick: Time,
+    next_ae: Time,
+    /// Wall clock minus `now`, for the hybrid logical clock.
+    wall_offset_ms: i64,
+    stats: Stats,
+}
+
+impl<S: Store> Replica<S> {
+    /// Opens a replica on `store`. A store without metadata (new, or a lost
+    /// disk) gets a fresh replica id drawn from `rng`, so no dot or sequence
+    /// number handed out by an earlier life of this node is ever reused.
+    pub fn open(cfg: ReplicaConfig, mut store: S, mut rng: Box<dyn RngCore + Send>, now: Time) -> Result<Self, Error> {
+        let meta = match store.meta()? {
+            Some(m) => m,
+            None => {
+                let m = Meta {
+                    replica: ReplicaId(rng.next_u64()),
+                    next_seq: 0,
+                };
+                store.apply(WriteBatch {
+                    meta: Some(m.clone()),
+                    ..WriteBatch::default()
+                })?;
+                store.flush()?;
+                m
+            }
+        };
+        let mut tree = MerkleTree::new(cfg.tree_depth);
+        let mut err = None;
+        store.scan_all(&mut |k, v| match item_hash(k, v) {
+            Ok(h) => tree.update(k.hash(), None, Some(h)),
+            Err(e) => err = Some(e),
+        })?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        let mut buffer = VecDeque::new();
+        let mut buffer_bytes = 0;
+        for group in store.buffer()? {
+            let bytes = proto::to_bytes(&group.entries)?.len();
+            buffer_bytes += bytes;
+            buffer.push_back(Buffered { group, bytes });
+        }
+        let front = buffer.front().map_or(meta.next_seq, |b| b.group.seq);
+        let peers = cfg
+            .peers
+            .iter()
+            .filter(|p| p.node != cfg.node)
+            .map(|p| {
+                let peer = Peer {
+                    cfg: p.clone(),
+                    acked: front,
+                    sent_upto: front,
+                    last_progress: now,
+                    last_sent: None,
+                    last_delta: None,
+                    last_heard: None,
+                    recv: None,
+                    ack_unflushed: None,
+                    ack_ready: None,
+                    needs_ae: false,
+                    incarnation: None,
+                };
+                (p.node.clone(), peer)
+            })
+            .collect();
+        let first_ae = if cfg.ae_interval_ms == 0 {
+            u64::MAX
+        } else {
+            cfg.ae_interval_ms / 2 + rng.next_u64() % cfg.ae_interval_ms.max(1)
+        };
+        Ok(Replica {
+            hlc: Hlc::new(cfg.max_clock_ahead_ms),
+            id: meta.replica,
+            next_seq: meta.next_seq,
+            durable_seq: meta.next_seq,
+            buffer,
+            buffer_bytes,
+            peers,
+            tree,
+            next_write: 0,
+            unflushed_writes: Vec::new(),
+            dirty: false,
+            outbox: VecDeque::new(),
+            held: Vec::new(),
+            events: VecDeque::new(),
+            next_tick: now,
+            next_ae: now.plus(first_ae),
+            wall_offset_ms: 0,
+            stats: Stats::default(),
+            filter: Box::new(AllowAll),
+            cfg,
+            store,
+            rng,
+        })
+    }
+
+    /// Sets the wall clock as an offset from `now`. Timers run on `now`
+    /// (which must not go backwards); only the hybrid logical clock uses wall
+    /// time, so a wall clock that jumps or is skewed never stalls a timer.
+    pub fn set_wall_offset(&mut self, offset_ms: i64) {
+        self.wall_offset_ms = offset_ms;
+    }
+
+    fn wall(&self, now: Time) -> u64 {
+        now.0.saturating_add_signed(self.wall_offset_ms)
+    }
+
+    /// Installs the hook that decides which keys may go to which peer.
+    pub fn set_send_filter(&mut self, filter: Box<dyn SendFilter>) {
+        self.filter = filter;
+    }
+
+    /// The identity this replica creates dots under.
+    pub fn id(&self) -> ReplicaId {
+        self.id
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ReplicaConfig {
+        &self.cfg
+    }
+
+    /// Counters for metrics.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The store (read-only).
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Gives the store back (to reopen it after a simulated crash).
+    pub fn into_store(self) -> S {
+        self.store
+    }
+
+    /// The anti-entropy root digest: equal at two replicas exactly when
+    /// their states are equal (up to a 2^-128 collision).
+    pub fn digest(&self) -> u128 {
+        self.tree.root()
+    }
+
+    /// Delta-groups currently buffered, and their encoded bytes.
+    pub fn buffer_usage(&self) -> (usize, usize) {
+        (self.buffer.len(), self.buffer_bytes)
+    }
+
+    /// Writes waiting for durability.
+    pub fn pending_writes(&self) -> usize {
+        self.unflushed_writes.len()
+    }
+
+    /// True when something waits for [`Replica::flush`]: applied changes,
+    /// write acknowledgements or peer acknowledgements.
+    pub fn needs_flush(&self) -> bool {
+        self.dirty
+            || !self.unflushed_writes.is_empty()
+            || !self.held.is_empty()
+            || self.peers.values().any(|p| p.ack_unflushed.is_some())
+    }
+
+    /// Reads a key: its state as applied here (durable or not).
+    pub fn read(&self, key: &Key) -> Result<Option<Value>, Error> {
+        self.store.get(key)
+    }
+
+    /// Applies a batch of operations atomically, as one delta-group. The
+    /// write is acknowledged by [`Event::WriteDurable`] once a flush made it
+    /// durable. Fails without any effect on a type mismatch, an invalid
+    /// operation, or when too many writes wait for durability.
+    pub fn write(&mut self, now: Time, ops: Vec<(Key, Op)>) -> Result<WriteId, Error> {
+        if self.unflushed_writes.len() >= self.cfg.max_pending_writes {
+            self.stats.overloaded += 1;
+            return Err(Error::Overloaded("too many writes waiting for durability"));
+        }
+        let wall = self.wall(now);
+        let stamp = WriteStamp {
+            replica: self.id,
+            time: self.hlc.now(wall),
+        };
+        // key -> (state before the batch, state after, joined delta)
+        let mut touched: BTreeMap<Key, (Option<Value>, Value, Value)> = BTreeMap::new();
+        for (key, op) in &ops {
+            if !key.is_valid() {
+                return Err(Error::InvalidKey(key.as_str().chars().take(64).collect()));
+            }
+            let current = match touched.get(key) {
+                Some((_, now_v, _)) => Some(now_v.clone()),
+                None => self.store.get(key)?,
+            };
+            let delta = Value::apply(current.as_ref(), op, stamp)?;
+            let mut next = current.clone().unwrap_or_else(|| delta.clone());
+            next.join(&delta);
+            debug_assert!(next.is_well_formed(), "a local write broke a CRDT invariant on {key:?}");
+            match touched.get_mut(key) {
+                Some((_, v, d)) => {
+                    *v = next;
+                    d.join(&delta);
+                }
+                None => {
+                    touched.insert(key.clone(), (current, next, delta));
+                }
+            }
+        }
+        let mut values = Vec::with_capacity(touched.len());
+        let mut entries = Vec::with_capacity(touched.len());
+        let mut hashes = Vec::with_capacity(touched.len());
+        for (key, (old, new, delta)) in touched {
+            let old_h = old.as_ref().map(|v| item_hash(&key, v)).transpose()?;
+            hashes.push((key.hash(), old_h, Some(item_hash(&key, &new)?)));
+            values.push((key.clone(), new));
+            entries.push((key, delta));
+        }
+        let bytes = proto::to_bytes(&entries)?.len();
+        if bytes > self.cfg.max_message_bytes / 2 {
+            return Err(Error::MessageTooLarge {
+                size: bytes,
+                limit: self.cfg.max_message_bytes / 2,
+            });
+        }
+        let group = DeltaGroup {
+            seq: self.next_seq,
+            origin: None,
+            entries,
+        };
+        self.commit(values, Some((group, bytes)))?;
+        for (h, old, new) in hashes {
+            self.tree.update(h, old, new);
+        }
+        self.stats.writes += 1;
+        let id = WriteId(self.next_write);
+        self.next_write += 1;
+        #[cfg(feature = "planted-bugs")]
+        if crate::planted::active(crate::planted::PlantedBug::AckBeforeDurable) {
+            self.events.push_back(Event::WriteDurable(id));
+            return Ok(id);
+        }
+        self.unflushed_writes.push(id);
+        Ok(id)
+    }
+
+    /// Writes new states and, optionally, a delta-group in one atomic batch.
+    fn commit(&mut self, values: Vec<(Key, Value)>, group: Option<(DeltaGroup, usize)>) -> Result<(), Error> {
+        let mut batch = WriteBatch {
+            values,
+            ..WriteBatch::default()
+        };
+        if let Some((g, _)) = &group {
+            debug_assert_eq!(g.seq, self.next_seq);
+            batch.buffer_append.push(g.clone());
+            batch.meta = Some(Meta {
+                replica: self.id,
+                next_seq: self.next_seq + 1,
+            });
+        }
+        self.store.apply(batch)?;
+        self.dirty = true;
+        if let Some((group, bytes)) = group {
+            self.next_seq += 1;
+            self.buffer_bytes += bytes;
+            self.buffer.push_back(Buffered { group, bytes });
+            self.enforce_buffer_limit()?;
+        }
+        Ok(())
+    }
+
+    /// Makes everything applied so far durable, then releases what had to
+    /// wait for it: write acknowledgements, peer acknowledgements, and the
+    /// new delta-groups (sent to idle peers at once, batched otherwise).
+    pub fn flush(&mut self, now: Time) -> Result<(), Error> {
+        if self.dirty {
+            self.store.flush()?;
+            self.dirty = false;
+        }
+        self.durable_seq = self.next_seq;
+        self.outbox.extend(self.held.drain(..));
+        for id in self.unflushed_writes.drain(..) {
+            self.events.push_back(Event::WriteDurable(id));
+        }
+        for p in self.peers.values_mut() {
+            if let Some(a) = p.ack_unflushed.take() {
+                let since = p.ack_ready.map_or(now, |(_, t)| t);
+                p.ack_ready = Some((a, since));
+            }
+        }
+        self.send_deltas(now, false)
+    }
+
+    /// Processes one frame from peer `from`. A frame that does not decode or
+    /// validate is refused with an error and changes nothing.
+    pub fn handle(&mut self, now: Time, from: &NodeId, frame: &[u8]) -> Result<(), Error> {
+        if !self.peers.contains_key(from) {
+            self.stats.rejected += 1;
+            return Err(Error::UnknownPeer(from.0.clone()));
+        }
+        self.stats.received.0 += 1;
+        self.stats.received.1 += frame.len() as u64;
+        let msg = match proto::decode(frame, self.cfg.max_message_bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                self.stats.rejected += 1;
+                return Err(e);
+            }
+        };
+        if let Some(p) = self.peers.get_mut(from) {
+            p.last_heard = Some(now);
+        }
+        match msg {
+            Message::Heartbeat { sender, time } => {
+                self.observe_clock(now, time);
+                self.observe_incarnation(now, from, sender);
+                Ok(())
+            }
+            Message::Delta {
+                sender,
+                base,
+                base_from,
+                from: lo,
+                to,
+                time,
+                entries,
+                ack,
+            } => {
+                self.observe_clock(now, time);
+                self.observe_incarnation(now, from, sender);
+                if let Some(a) = ack {
+                    self.on_ack(now, from, a);
+                }
+                // Only what this incarnation acknowledged counts as held.
+                let base = if base_from == Some(self.id) { base } else { 0 };
+                self.on_delta(now, from, sender, base, lo, to, entries)
+            }
+            Message::Ack(a) => {
+                self.on_ack(now, from, a);
+                Ok(())
+            }
+            Message::AeTree {
+                depth,
+                level,
+                parents,
+                digests,
+            } => self.on_ae_tree(now, from, depth, level, &parents, &digests),
+            Message::AeLeaves { leaves, items } => self.on_ae_leaves(now, from, &leaves, &items),
+            Message::AeStates { entries, want } => self.on_ae_states(now, from, entries, &want),
+        }
+    }
+
+    /// A peer that comes back under a new replica id lost its state: what it
+    /// acknowledged before is gone, so resend the buffer and repair it.
+    fn observe_incarnation(&mut self, now: Time, from: &NodeId, sender: ReplicaId) {
+        let front = self.buffer.front().map_or(self.next_seq, |b| b.group.seq);
+        let Some(p) = self.peers.get_mut(from) else { return };
+        match p.incarnation {
+            Some(known) if known == sender => {}
+            Some(_) => {
+                p.incarnation = Some(sender);
+                p.acked = front;
+                p.sent_upto = front;
+                p.last_progress = now;
+                p.needs_ae = true;
+            }
+            None => p.incarnation = Some(sender),
+        }
+    }
+
+    fn observe_clock(&mut self, now: Time, remote: crate::clock::HlcTimestamp) {
+        let wall = self.wall(now);
+        if self.hlc.observe(wall, remote).is_err() {
+            // The data is still merged; only our clock refuses to jump.
+            self.stats.clock_rejections += 1;
+        }
+    }
+
+    /// Runs timers: sends batched deltas, pending acks, retransmissions,
+    /// heartbeats and anti-entropy rounds that are due.
+    pub fn handle_timeout(&mut self, now: Time) -> Result<(), Error> {
+        if now >= self.next_tick {
+            self.next_tick = now.plus(self.cfg.sync_interval_ms.max(1));
+            self.send_deltas(now, true)?;
+            self.send_heartbeats(now)?;
+        }
+        let lagging: Vec<NodeId> = self
+            .peers
+            .values()
+            .filter(|p| p.needs_ae && self.is_alive(p, now))
+            .map(|p| p.cfg.node.clone())
+            .collect();
+        for node in lagging {
+            if let Some(p) = self.peers.get_mut(&node) {
+                p.needs_ae = false;
+            }
+            self.start_anti_entropy(now, &node)?;
+        }
+        if now >= self.next_ae {
+            let interval = self.cfg.ae_interval_ms;
+            self.next_ae = now.plus(interval / 2 + self.rng.next_u64() % interval.max(1));
+            let alive: Vec<NodeId> = self
+                .peers
+                .values()
+                .filter(|p| self.is_alive(p, now))
+                .map(|p| p.cfg.node.clone())
+                .collect();
+            if !alive.is_empty() {
+                let pick = (self.rng.next_u64() % alive.len() as u64) as usize;
+                self.start_anti_entropy(now, &alive[pick])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// When [`Replica::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Time> {
+        Some(self.next_tick.min(self.next_ae))
+    }
+
+    /// The next frame to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.outbox.pop_front()
+    }
+
+    /// The next event for the driver.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// True when no output is waiting to be drained.
+    pub fn is_drained(&self) -> bool {
+        self.outbox.is_empty() && self.events.is_empty()
+    }
+
+    fn is_alive(&self, p: &Peer, now: Time) -> bool {
+        p.last_heard.is_some_and(|t| now.since(t) <= self.cfg.peer_timeout_ms)
+    }
+
+    /// Which peers this node believes are up.
+    pub fn peer_status(&self, now: Time) -> Vec<PeerStatus> {
+        self.peers
+            .values()
+            .map(|p| PeerStatus {
+                node: p.cfg.node.clone(),
+                region: p.cfg.region.clone(),
+                alive: self.is_alive(p, now),
+                unacked_groups: self.next_seq.saturating_sub(p.acked),
+                last_heard_ms_ago: p.last_heard.map(|t| now.since(t)),
+            })
+            .collect()
+    }
+
+    /// Queues a frame that carries local state: at once if everything is
+    /// durable, otherwise after the next flush.
+    fn queue_durable(&mut self, to: &NodeId, msg: &Message, now: Time) -> Result<(), Error> {
+        if !self.dirty {
+            return self.queue(to, msg, now);
+        }
+        self.queue(to, msg, now)?;
+        if let Some(t) = self.outbox.pop_back() {
+            self.held.push(t);
+        }
+        Ok(())
+    }
+
+    fn queue(&mut self, to: &NodeId, msg: &Message, now: Time) -> Result<(), Error> {
+        let payload = proto::encode(msg)?;
+        if payload.len() > self.cfg.max_message_bytes {
+            return Err(Error::MessageTooLarge {
+                size: payload.len(),
+                limit: self.cfg.max_message_bytes,
+            });
+        }
+        let kind = msg.kind();
+        let e = self.stats.sent.entry(kind).or_default();
+        e.0 += 1;
+        e.1 += payload.len() as u64;
+        if let Some(p) = self.peers.get_mut(to) {
+            p.last_sent = Some(now);
+        }
+        self.outbox.push_back(Transmit {
+            to: to.clone(),
+            payload,
+            kind,
+        });
+        Ok(())
+    }
+
+    /// Applies remote states or deltas: stores only their novel part, and
+    /// buffers it for relaying when configured to.
+    fn apply_remote(&mut self, from: &NodeId, entries: Vec<(Key, Value)>) -> Result<usize, Error> {
+        let mut values = Vec::new();
+        let mut novel_entries = Vec::new();
+        let mut hashes = Vec::new();
+        for (key, remote) in entries {
+            let current = self.store.get(&key)?;
+            let novel = match &current {
+                Some(c) => c.novel(&remote),
+                None => Some(remote),
+            };
+            let Some(novel) = novel else {
+                self.stats.redundant_entries += 1;
+                continue;
+            };
+            let mut next = current.clone().unwrap_or_else(|| novel.clone());
+            next.join(&novel);
+            debug_assert!(next.is_well_formed(), "a remote join broke a CRDT invariant on {key:?}");
+            if current.as_ref() == Some(&next) {
+                self.stats.redundant_entries += 1;
+                continue;
+            }
+            let old_h = current.as_ref().map(|v| item_hash(&key, v)).transpose()?;
+            hashes.push((key.hash(), old_h, Some(item_hash(&key, &next)?)));
+            self.events.push_back(Event::RemoteApplied {
+                key: key.clone(),
+                from: from.clone(),
+            });
+            values.push((key.clone(), next));
+            novel_entries.push((key, novel));
+        }
+        let changed = values.len();
+        if changed == 0 {
+            return Ok(0);
+        }
+        let group = if self.cfg.relay {
+            let bytes = proto::to_bytes(&novel_entries)?.len();
+            Some((
+                DeltaGroup {
+                    seq: self.next_seq,
+                    origin: Some(from.clone()),
+                    entries: novel_entries,
+                },
+                bytes,
+            ))
+        } else {
+            None
+        };
+        self.commit(values, group)?;
+        for (h, old, new) in hashes {
+            self.tree.update(h, old, new);
+        }
+        self.stats.remote_updates += changed as u64;
+        Ok(changed)
+    }
+}
+
+/// A peer as seen from this node, for status pages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// Its name.
+    pub node: NodeId,
+    /// Its region.
+    pub region: RegionId,
+    /// Heard from within the peer timeout.
+    pub alive: bool,
+    /// Local delta-groups it has not acknowledged.
+    pub unacked_groups: u64,
+    /// How long ago it was last heard from.
+    pub last_heard_ms_ago: Option<u64>,
+}

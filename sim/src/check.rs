@@ -1,0 +1,147 @@
+//! End-of-run checkers: convergence is checked by the runner; this module
+//! checks that no acknowledged write is lost and that values are sane.
+
+use crate::workload::{KeyKind, OpRecord};
+use lattice_core::crdt::{Bytes, Op, Value, ValueView};
+use lattice_core::Key;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A broken invariant, with enough detail to debug it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    /// Which checker.
+    pub check: &'static str,
+    /// What it saw.
+    pub detail: String,
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.check, self.detail)
+    }
+}
+
+fn v(check: &'static str, detail: String) -> Violation {
+    Violation { check, detail }
+}
+
+/// Checks the converged final state against every operation's record.
+pub fn no_lost_writes(records: &[OpRecord], final_state: &BTreeMap<Key, Value>) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let mut by_key: BTreeMap<&Key, Vec<&OpRecord>> = BTreeMap::new();
+    for r in records.iter().filter(|r| r.applied) {
+        by_key.entry(&r.key).or_default().push(r);
+    }
+    for (key, recs) in by_key {
+        let value = final_state.get(key);
+        let kind = recs[0].kind;
+        // 1. Every acknowledged write is included in the final state.
+        for r in recs.iter().filter(|r| r.acked_at.is_some() && !r.exempt) {
+            if !r.visible_in(value) {
+                out.push(v(
+                    "lost-ack",
+                    format!(
+                        "op {} ({:?} on {key} at node {}) was acknowledged but is not in the final state",
+                        r.id, r.op, r.node
+                    ),
+                ));
+            }
+        }
+        // 2. Set elements: an acknowledged add never removed is present; an
+        //    acknowledged remove (of an element added once, observed by the
+        //    remover) is absent.
+        let present: BTreeSet<Bytes> = crate::workload::visible_elems(value).into_iter().collect();
+        let removed: BTreeSet<Bytes> = recs.iter().flat_map(|r| r.removed_elems()).collect();
+        for r in recs.iter().filter(|r| r.acked_at.is_some() && !r.exempt) {
+            for e in r.added_elems() {
+                if !removed.contains(&e) && !present.contains(&e) {
+                    out.push(v(
+                        "lost-add",
+                        format!(
+                            "element {e:?} of op {} on {key} was acknowledged, never removed, and is missing",
+                            r.id
+                        ),
+                    ));
+                }
+            }
+            for e in r.removed_elems() {
+                if present.contains(&e) {
+                    out.push(v(
+                        "lost-remove",
+                        format!("element {e:?} removed by acknowledged op {} on {key} is present", r.id),
+                    ));
+                }
+            }
+        }
+        // 3. Values are ones that were written.
+        let written: BTreeSet<Bytes> = recs
+            .iter()
+            .filter_map(|r| match &r.op {
+                Op::LwwSet(b) | Op::MvSet(b) => Some(b.clone()),
+                _ => None,
+            })
+            .collect();
+        match (kind, value.map(Value::view)) {
+            (KeyKind::Counter, Some(ValueView::Counter(n))) => {
+                let acked: i128 = recs
+                    .iter()
+                    .filter(|r| r.acked_at.is_some() && !r.exempt)
+                    .map(|r| delta(&r.op))
+                    .sum();
+                let others = recs
+                    .iter()
+                    .filter(|r| r.acked_at.is_none() || r.exempt)
+                    .map(|r| delta(&r.op));
+                let (lo, hi) = others.fold(
+                    (acked, acked),
+                    |(lo, hi), d| if d < 0 { (lo + d, hi) } else { (lo, hi + d) },
+                );
+                if n < lo || n > hi {
+                    out.push(v(
+                        "counter",
+                        format!("{key} = {n}, acknowledged increments allow only {lo}..={hi}; state {value:?}"),
+                    ));
+                }
+            }
+            (KeyKind::Lww, Some(ValueView::Register(val))) => {
+                let stamp = value.and_then(Value::lww_stamp);
+                let winner = recs.iter().find(|r| r.lww_stamp.is_some() && r.lww_stamp == stamp);
+                match winner {
+                    None => out.push(v("lww", format!("{key}: final stamp {stamp:?} belongs to no write"))),
+                    Some(w) => {
+                        let expect = match &w.op {
+                            Op::LwwSet(b) => Some(b.clone()),
+                            _ => None,
+                        };
+                        if expect != val {
+                            out.push(v(
+                                "lww",
+                                format!("{key}: final value {val:?} is not that of the winning write {}", w.id),
+                            ));
+                        }
+                    }
+                }
+            }
+            (KeyKind::Mv, Some(ValueView::Values(vals))) => {
+                for x in vals {
+                    if !written.contains(&x) {
+                        out.push(v("mv", format!("{key}: value {x:?} was never written")));
+                    }
+                }
+            }
+            (_, Some(ValueView::Conflict(_))) => out.push(v(
+                "kind",
+                format!("{key} became a type conflict although every write was of its kind"),
+            )),
+            _ => {}
+        }
+    }
+    out
+}
+
+fn delta(op: &Op) -> i128 {
+    match op {
+        Op::CounterAdd(n) => i128::from(*n),
+        _ => 0,
+    }
+}

@@ -1,0 +1,202 @@
+//! What a simulation run is made of: sizes, the network, the fault mix and
+//! the engine's tunables. `SimConfig::swarm(seed)` draws all of it from a seed.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Which faults a run injects while the workload runs.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FaultMix {
+    /// Symmetric partitions between random groups of nodes.
+    pub partitions: bool,
+    /// One-way partitions (a link drops in one direction only).
+    pub one_way: bool,
+    /// Isolate one whole region.
+    pub isolate_region: bool,
+    /// Links that go down and up quickly.
+    pub flapping: bool,
+    /// Node crashes (losing what was not flushed) and restarts.
+    pub crashes: bool,
+    /// Restarts with an empty store (a lost disk).
+    pub disk_loss: bool,
+    /// Per-node clock skew, from milliseconds to minutes.
+    pub clock_skew: bool,
+    /// Nodes that stop processing for a while (GC pause, overload).
+    pub pauses: bool,
+    /// Message loss probability (0..1) while faults run.
+    pub loss: f64,
+    /// Message duplication probability (0..1) while faults run.
+    pub duplication: f64,
+}
+
+impl FaultMix {
+    /// No faults at all.
+    pub fn none() -> Self {
+        FaultMix::default()
+    }
+
+    /// Every fault, at moderate rates.
+    pub fn all() -> Self {
+        FaultMix {
+            partitions: true,
+            one_way: true,
+            isolate_region: true,
+            flapping: true,
+            crashes: true,
+            disk_loss: true,
+            clock_skew: true,
+            pauses: true,
+            loss: 0.05,
+            duplication: 0.05,
+        }
+    }
+
+    /// A short description, e.g. `part,crash,loss=0.05`.
+    pub fn describe(&self) -> String {
+        let mut v = Vec::new();
+        for (on, name) in [
+            (self.partitions, "part"),
+            (self.one_way, "oneway"),
+            (self.isolate_region, "isolate"),
+            (self.flapping, "flap"),
+            (self.crashes, "crash"),
+            (self.disk_loss, "diskloss"),
+            (self.clock_skew, "skew"),
+            (self.pauses, "pause"),
+        ] {
+            if on {
+                v.push(name.to_string());
+            }
+        }
+        if self.loss > 0.0 {
+            v.push(format!("loss={:.2}", self.loss));
+        }
+        if self.duplication > 0.0 {
+            v.push(format!("dup={:.2}", self.duplication));
+        }
+        if v.is_empty() {
+            "none".into()
+        } else {
+            v.join(",")
+        }
+    }
+}
+
+/// One simulation's parameters.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// The seed of every random choice in the run.
+    pub seed: u64,
+    /// Number of nodes.
+    pub nodes: usize,
+    /// Number of regions (nodes are spread round-robin).
+    pub regions: usize,
+    /// Client operations issued.
+    pub ops: usize,
+    /// Keys per CRDT type.
+    pub keys: usize,
+    /// Skew of key choice: 0 uniform, larger is hotter (probability of key i
+    /// proportional to 1 / (i + 1)^skew).
+    pub key_skew: f64,
+    /// Client operations per second of virtual time, across the cluster.
+    pub rate: f64,
+    /// One-way latency inside a region, milliseconds (min, max).
+    pub intra_ms: (u64, u64),
+    /// One-way latency between regions, milliseconds (min, max).
+    pub inter_ms: (u64, u64),
+    /// Faults injected while the workload runs.
+    pub faults: FaultMix,
+    /// Group-commit delay: a node flushes this long after its first
+    /// unflushed change.
+    pub flush_ms: u64,
+    /// After the heal, how long the cluster has to converge.
+    pub converge_within_ms: u64,
+    /// Engine: sync interval.
+    pub sync_interval_ms: u64,
+    /// Engine: anti-entropy interval.
+    pub ae_interval_ms: u64,
+    /// Engine: anti-entropy tree depth.
+    pub tree_depth: u8,
+    /// Engine: delta buffer limit in bytes.
+    pub max_buffer_bytes: usize,
+    /// Engine: relay received deltas.
+    pub relay: bool,
+}
+
+impl SimConfig {
+    /// The defaults of `lattice-sim run`: 5 nodes in 3 regions, all faults.
+    pub fn new(seed: u64) -> Self {
+        SimConfig {
+            seed,
+            nodes: 5,
+            regions: 3,
+            ops: 1_000,
+            keys: 8,
+            key_skew: 0.8,
+            rate: 200.0,
+            intra_ms: (1, 5),
+            inter_ms: (30, 80),
+            faults: FaultMix::all(),
+            flush_ms: 2,
+            converge_within_ms: 30_000,
+            sync_interval_ms: 20,
+            ae_interval_ms: 2_000,
+            tree_depth: 3,
+            max_buffer_bytes: 1 << 20,
+            relay: false,
+        }
+    }
+
+    /// Swarm testing: the seed also draws sizes, rates and the fault mix,
+    /// so different seeds explore different corners.
+    pub fn swarm(seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5157_4152_4d00_0000);
+        let mut c = SimConfig::new(seed);
+        c.nodes = rng.gen_range(2..=7);
+        c.regions = rng.gen_range(1..=c.nodes.min(4));
+        c.ops = rng.gen_range(50..=600);
+        c.keys = rng.gen_range(1..=10);
+        c.key_skew = rng.gen_range(0.0..1.5);
+        c.rate = rng.gen_range(20.0..400.0);
+        c.relay = rng.gen_bool(0.3);
+        c.sync_interval_ms = rng.gen_range(5..=100);
+        c.ae_interval_ms = rng.gen_range(500..=5_000);
+        c.flush_ms = rng.gen_range(0..=10);
+        // Sometimes a tiny buffer, so lagging peers need anti-entropy.
+        c.max_buffer_bytes = if rng.gen_bool(0.2) {
+            rng.gen_range(256..4_096)
+        } else {
+            1 << 20
+        };
+        let mut on = || rng.gen_bool(0.5);
+        c.faults = FaultMix {
+            partitions: on(),
+            one_way: on(),
+            isolate_region: on(),
+            flapping: on(),
+            crashes: on(),
+            disk_loss: on(),
+            clock_skew: on(),
+            pauses: on(),
+            loss: 0.0,
+            duplication: 0.0,
+        };
+        if rng.gen_bool(0.5) {
+            c.faults.loss = rng.gen_range(0.0..0.3);
+        }
+        if rng.gen_bool(0.5) {
+            c.faults.duplication = rng.gen_range(0.0..0.2);
+        }
+        c
+    }
+
+    /// The region of node `i`.
+    pub fn region_of(&self, node: usize) -> usize {
+        node % self.regions.max(1)
+    }
+
+    /// How long the workload phase lasts, in virtual milliseconds.
+    pub fn workload_ms(&self) -> u64 {
+        ((self.ops as f64 / self.rate.max(0.001)) * 1_000.0).ceil() as u64
+    }
+}

@@ -1,0 +1,207 @@
+//! `lattice-sim`: run one seeded simulation, or a swarm of them.
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use lattice_sim::swarm::{run_seed, SwarmTotals};
+use lattice_sim::{FaultMix, Sim, SimConfig};
+use std::process::ExitCode;
+
+/// Deterministic simulator for Lattice: many nodes, one thread, virtual
+/// time, injected faults, and checkers for convergence and lost writes.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one simulation and print its summary; exit 1 on a violation.
+    Run(RunArgs),
+    /// Run many seeds, each drawing its own sizes and fault mix (swarm
+    /// testing); exit 1 if any seed finds a violation.
+    Swarm {
+        /// Number of seeds.
+        #[arg(long, default_value_t = 100)]
+        seeds: u64,
+        /// First seed.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The seed of every random choice.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Draw sizes and faults from the seed exactly as `swarm` does (the
+    /// other options are then ignored).
+    #[arg(long)]
+    swarm_config: bool,
+    /// Number of nodes (at most 64).
+    #[arg(long, default_value_t = 5)]
+    nodes: usize,
+    /// Number of regions.
+    #[arg(long, default_value_t = 3)]
+    regions: usize,
+    /// Client operations.
+    #[arg(long, default_value_t = 1_000)]
+    ops: usize,
+    /// Keys per CRDT type.
+    #[arg(long, default_value_t = 8)]
+    keys: usize,
+    /// Client operations per second (virtual).
+    #[arg(long, default_value_t = 200.0)]
+    rate: f64,
+    /// Faults: `all`, `none`, or a comma list of part,oneway,isolate,flap,crash,diskloss,skew,pause.
+    #[arg(long, default_value = "all")]
+    faults: String,
+    /// Message loss probability while faults run.
+    #[arg(long)]
+    loss: Option<f64>,
+    /// Message duplication probability while faults run.
+    #[arg(long)]
+    dup: Option<f64>,
+    /// Relay received deltas to other peers.
+    #[arg(long)]
+    relay: bool,
+    /// Engine sync interval (ms).
+    #[arg(long, default_value_t = 20)]
+    sync_ms: u64,
+    /// Engine anti-entropy interval (ms).
+    #[arg(long, default_value_t = 2_000)]
+    ae_ms: u64,
+    /// Print every violation, not just the first ten.
+    #[arg(long)]
+    verbose: bool,
+}
+
+fn parse_faults(s: &str) -> Result<FaultMix, String> {
+    match s {
+        "all" => return Ok(FaultMix::all()),
+        "none" => return Ok(FaultMix::none()),
+        _ => {}
+    }
+    let mut f = FaultMix::none();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part {
+            "part" => f.partitions = true,
+            "oneway" => f.one_way = true,
+            "isolate" => f.isolate_region = true,
+            "flap" => f.flapping = true,
+            "crash" => f.crashes = true,
+            "diskloss" => f.disk_loss = true,
+            "skew" => f.clock_skew = true,
+            "pause" => f.pauses = true,
+            other => return Err(format!(
+                "unknown fault {other:?} (expected all, none, or part,oneway,isolate,flap,crash,diskloss,skew,pause)"
+            )),
+        }
+    }
+    Ok(f)
+}
+
+fn run(a: RunArgs) -> Result<bool, String> {
+    let cfg = if a.swarm_config {
+        SimConfig::swarm(a.seed)
+    } else {
+        if a.nodes == 0 || a.nodes > 64 {
+            return Err(format!("--nodes must be 1..=64, got {}", a.nodes));
+        }
+        if a.regions == 0 {
+            return Err("--regions must be at least 1".into());
+        }
+        if !(a.rate > 0.0) {
+            return Err("--rate must be positive".into());
+        }
+        for (name, p) in [("--loss", a.loss), ("--dup", a.dup)] {
+            if p.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
+                return Err(format!("{name} must be a probability in 0..=1"));
+            }
+        }
+        let mut c = SimConfig::new(a.seed);
+        c.nodes = a.nodes;
+        c.regions = a.regions;
+        c.ops = a.ops;
+        c.keys = a.keys.max(1);
+        c.rate = a.rate;
+        c.faults = parse_faults(&a.faults)?;
+        if let Some(l) = a.loss {
+            c.faults.loss = l;
+        }
+        if let Some(d) = a.dup {
+            c.faults.duplication = d;
+        }
+        c.relay = a.relay;
+        c.sync_interval_ms = a.sync_ms.max(1);
+        c.ae_interval_ms = a.ae_ms;
+        c
+    };
+    let report = Sim::new(cfg).run();
+    let limit = if a.verbose { usize::MAX } else { 10 };
+    for v in report.violations.iter().take(limit) {
+        println!("violation: {v}");
+    }
+    if report.violations.len() > limit {
+        println!("... and {} more (--verbose shows all)", report.violations.len() - limit);
+    }
+    println!("{}", report.summary());
+    if a.verbose {
+        for (kind, (n, b)) in &report.by_kind {
+            println!("  {kind}: {n} messages, {b} bytes");
+        }
+    }
+    Ok(report.violations.is_empty())
+}
+
+fn swarm(seeds: u64, from: u64, quiet: bool) -> bool {
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(seeds)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} seeds {msg} [{elapsed_precise}<{eta_precise}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut totals = SwarmTotals::default();
+    for seed in from..from.saturating_add(seeds) {
+        let r = run_seed(seed);
+        if let Some(v) = r.violations.first() {
+            bar.suspend(|| {
+                println!("FAIL seed={seed} ({}): {v}", r.setup);
+                println!("  reproduce: cargo run --release -p lattice-sim -- run --seed {seed} --swarm-config");
+            });
+        }
+        totals.add(r);
+        bar.set_message(format!("violations={}", totals.failed.len()));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    println!("{}", totals.last_line());
+    totals.failed.is_empty()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let ok = match cli.cmd {
+        Cmd::Run(a) => match run(a) {
+            Ok(ok) => ok,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        Cmd::Swarm { seeds, from, quiet } => swarm(seeds, from, quiet),
+    };
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}

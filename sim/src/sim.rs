@@ -1,0 +1,768 @@
+//! The discrete-event runner: one thread, virtual time, one seeded random
+//! source. Every node is the real engine on a [`MemoryStore`]; every message
+//! goes through the real codec.
+
+use crate::check::{self, Violation};
+use crate::config::SimConfig;
+use crate::faults::{schedule, FaultAction};
+use crate::net::Network;
+use crate::workload::{OpRecord, Workload};
+use lattice_core::crdt::{Op, Value};
+use lattice_core::proto::NodeId;
+use lattice_core::replica::{Event, PeerConfig, Replica, ReplicaConfig, Time, WriteId};
+use lattice_core::store::{MemoryStore, Store};
+use lattice_core::Key;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+
+#[derive(Debug)]
+enum Ev {
+    Deliver { from: usize, to: usize, payload: Vec<u8> },
+    Timer { node: usize, token: u64 },
+    Flush { node: usize, token: u64 },
+    Client,
+    Fault(FaultAction),
+    Heal,
+    Check,
+}
+
+impl Ev {
+    fn code(&self) -> u8 {
+        match self {
+            Ev::Deliver { .. } => 1,
+            Ev::Timer { .. } => 2,
+            Ev::Flush { .. } => 3,
+            Ev::Client => 4,
+            Ev::Fault(_) => 5,
+            Ev::Heal => 6,
+            Ev::Check => 7,
+        }
+    }
+    fn node(&self) -> Option<usize> {
+        match self {
+            Ev::Deliver { to, .. } => Some(*to),
+            Ev::Timer { node, .. } | Ev::Flush { node, .. } => Some(*node),
+            _ => None,
+        }
+    }
+}
+
+struct Scheduled {
+    at: u64,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(o.at, o.seq))
+    }
+}
+
+struct SimNode {
+    cfg: ReplicaConfig,
+    replica: Option<Replica<MemoryStore>>,
+    /// The store while the node is down.
+    parked: Option<MemoryStore>,
+    token: u64,
+    paused_until: u64,
+    skew_ms: i64,
+    timer_at: Option<u64>,
+    flush_scheduled: bool,
+}
+
+/// The outcome of one run.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// The seed.
+    pub seed: u64,
+    /// Nodes, regions and fault mix.
+    pub setup: String,
+    /// Events processed.
+    pub events: u64,
+    /// Messages sent between nodes.
+    pub messages: u64,
+    /// Bytes sent between nodes.
+    pub bytes: u64,
+    /// Messages and bytes by kind.
+    pub by_kind: BTreeMap<&'static str, (u64, u64)>,
+    /// Client operations attempted.
+    pub ops: usize,
+    /// Writes the engine accepted.
+    pub applied: usize,
+    /// Writes acknowledged (durable).
+    pub acked: usize,
+    /// Crashes, disk losses.
+    pub crashes: (u64, u64),
+    /// Time from the heal until all replicas were identical.
+    pub converged_ms: Option<u64>,
+    /// Write-to-everywhere latency: p50, p99, max (ms), over writes that
+    /// reached every node.
+    pub propagation: Option<(u64, u64, u64)>,
+    /// Hash of the whole event trace: equal for equal seeds.
+    pub trace: String,
+    /// Broken invariants.
+    pub violations: Vec<Violation>,
+}
+
+impl Report {
+    /// The one-paragraph summary `lattice-sim run` prints.
+    pub fn summary(&self) -> String {
+        let per = |x: u64| {
+            if self.applied == 0 {
+                0.0
+            } else {
+                x as f64 / self.applied as f64
+            }
+        };
+        let prop = self
+            .propagation
+            .map_or("n/a".into(), |(a, b, c)| format!("{a}/{b}/{c}"));
+        let conv = self.converged_ms.map_or("never".into(), |c| format!("{c}ms"));
+        format!(
+            "seed={} {}\nevents={} ops={} applied={} acked={} crashes={} disk_losses={}\nmessages={} bytes={} msgs_per_write={:.2} bytes_per_write={:.0}\npropagation_ms p50/p99/max={} converged_after_heal={}\ntrace={}\nverdict={}",
+            self.seed,
+            self.setup,
+            self.events,
+            self.ops,
+            self.applied,
+            self.acked,
+            self.crashes.0,
+            self.crashes.1,
+            self.messages,
+            self.bytes,
+            per(self.messages),
+            per(self.bytes),
+            prop,
+            conv,
+            self.trace,
+            if self.violations.is_empty() { "ok".to_string() } else { format!("{} violation(s)", self.violations.len()) }
+        )
+    }
+}
+
+/// One simulation.
+pub struct Sim {
+    cfg: SimConfig,
+    rng: ChaCha8Rng,
+    queue: BinaryHeap<Reverse<Scheduled>>,
+    seq: u64,
+    now: u64,
+    net: Network,
+    nodes: Vec<SimNode>,
+    ids: BTreeMap<NodeId, usize>,
+    workload: Workload,
+    records: Vec<OpRecord>,
+    pending: BTreeMap<(usize, u64, WriteId), usize>,
+    unseen: BTreeMap<Key, BTreeSet<usize>>,
+    healed_at: Option<u64>,
+    done: bool,
+    trace: blake3::Hasher,
+    report: Report,
+}
+
+fn node_name(i: usize) -> NodeId {
+    NodeId(format!("n{i}"))
+}
+
+impl Sim {
+    /// Builds the cluster and the schedule for `cfg`.
+    pub fn new(cfg: SimConfig) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        let region = |i: usize| lattice_core::proto::RegionId(format!("r{}", cfg.region_of(i)));
+        let mut nodes = Vec::new();
+        let mut ids = BTreeMap::new();
+        for i in 0..cfg.nodes {
+            let peers = (0..cfg.nodes)
+                .filter(|&j| j != i)
+                .map(|j| PeerConfig {
+                    node: node_name(j),
+                    region: region(j),
+                })
+                .collect();
+            let mut rc = ReplicaConfig::new(node_name(i), region(i), peers);
+            rc.sync_interval_ms = cfg.sync_interval_ms;
+            rc.ae_interval_ms = cfg.ae_interval_ms;
+            rc.tree_depth = cfg.tree_depth;
+            rc.max_buffer_bytes = cfg.max_buffer_bytes;
+            rc.relay = cfg.relay;
+            rc.heartbeat_ms = 300;
+            rc.peer_timeout_ms = 1_500;
+            rc.retransmit_ms = 400;
+            ids.insert(node_name(i), i);
+            nodes.push(SimNode {
+                cfg: rc,
+                replica: None,
+                parked: Some(MemoryStore::new()),
+                token: 0,
+                paused_until: 0,
+                skew_ms: 0,
+                timer_at: None,
+                flush_scheduled: false,
+            });
+        }
+        let workload = Workload::new(&cfg);
+        let report = Report {
+            seed: cfg.seed,
+            setup: format!(
+                "nodes={} regions={} faults={} relay={}",
+                cfg.nodes,
+                cfg.regions,
+                cfg.faults.describe(),
+                cfg.relay
+            ),
+            ..Report::default()
+        };
+        let mut sim = Sim {
+            net: Network::new(cfg.faults.loss, cfg.faults.duplication),
+            rng: ChaCha8Rng::seed_from_u64(rng.gen()),
+            cfg,
+            queue: BinaryHeap::new(),
+            seq: 0,
+            now: 0,
+            nodes,
+            ids,
+            workload,
+            records: Vec::new(),
+            pending: BTreeMap::new(),
+            unseen: BTreeMap::new(),
+            healed_at: None,
+            done: false,
+            trace: blake3::Hasher::new(),
+            report,
+        };
+        for i in 0..sim.cfg.nodes {
+            sim.start_node(i, false);
+        }
+        let w = sim.cfg.workload_ms();
+        for (at, action) in schedule(&sim.cfg, &mut rng, w) {
+            sim.push(at, Ev::Fault(action));
+        }
+        sim.push(0, Ev::Client);
+        sim.push(w, Ev::Heal);
+        sim
+    }
+
+    fn push(&mut self, at: u64, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Reverse(Scheduled { at, seq: self.seq, ev }));
+    }
+
+    fn violation(&mut self, check: &'static str, detail: String) {
+        self.report.violations.push(Violation { check, detail });
+    }
+
+    fn start_node(&mut self, i: usize, wipe: bool) {
+        let store = if wipe {
+            MemoryStore::new()
+        } else {
+            self.nodes[i].parked.take().unwrap_or_default()
+        };
+        let n = &mut self.nodes[i];
+        n.parked = None;
+        n.token += 1;
+        n.timer_at = None;
+        n.flush_scheduled = false;
+        let seed = self.cfg.seed ^ ((i as u64) << 40) ^ (n.token << 20);
+        let rng = Box::new(ChaCha8Rng::seed_from_u64(seed));
+        match Replica::open(n.cfg.clone(), store, rng, Time(self.now)) {
+            Ok(mut r) => {
+                r.set_wall_offset(n.skew_ms);
+                n.replica = Some(r);
+            }
+            Err(e) => {
+                self.violation("restart", format!("node {i} failed to reopen its store: {e}"));
+                return;
+            }
+        }
+        self.recheck_node(i);
+        self.after(i);
+    }
+
+    fn stop_node(&mut self, i: usize, wipe: bool) {
+        let Some(r) = self.nodes[i].replica.take() else { return };
+        let mut store = r.into_store();
+        store.crash();
+        self.nodes[i].parked = Some(store);
+        self.pending.retain(|(n, _, _), _| *n != i);
+        // What this node had seen may have been lost with its unflushed state.
+        let bit = 1u64 << i;
+        for (key, set) in self.unseen.iter_mut() {
+            let _ = key;
+            for &ri in set.iter() {
+                self.records[ri].seen_by &= !bit;
+            }
+        }
+        if wipe {
+            self.report.crashes.1 += 1;
+            self.exempt_lost_with_disk(i);
+            self.nodes[i].parked = Some(MemoryStore::new());
+        } else {
+            self.report.crashes.0 += 1;
+        }
+    }
+
+    /// Acknowledged writes that no node but `i` holds durably are
+    /// legitimately lost with `i`'s disk. (Re-evaluated at every wipe, since
+    /// a second wipe can destroy the last other copy.)
+    fn exempt_lost_with_disk(&mut self, i: usize) {
+        // The dots of each element's (single) add, to tell "the remove took
+        // effect here" from "the add never arrived here".
+        let mut add_dots: BTreeMap<lattice_core::crdt::Bytes, lattice_core::clock::CausalContext> = BTreeMap::new();
+        for r in self.records.iter().filter(|r| r.applied) {
+            for e in r.added_elems() {
+                add_dots.insert(e, r.dots.clone());
+            }
+        }
+        for ri in 0..self.records.len() {
+            let r = &self.records[ri];
+            if r.acked_at.is_none() || r.exempt {
+                continue;
+            }
+            let held_elsewhere = (0..self.nodes.len()).filter(|&j| j != i).any(|j| {
+                let n = &self.nodes[j];
+                let store = n.replica.as_ref().map(|r| r.store()).or(n.parked.as_ref());
+                store.is_some_and(|s| {
+                    let v = s.get_durable(&r.key);
+                    let elems = crate::workload::visible_elems(v.as_ref());
+                    let ctx = v.as_ref().map(Value::context).unwrap_or_default();
+                    r.visible_in(v.as_ref())
+                        && r.removed_elems()
+                            .iter()
+                            .all(|e| !elems.contains(e) && add_dots.get(e).is_none_or(|d| ctx.includes(d)))
+                })
+            });
+            if !held_elsewhere {
+                self.records[ri].exempt = true;
+            }
+        }
+    }
+
+    fn read(&self, i: usize, key: &Key) -> Option<Value> {
+        self.nodes[i].replica.as_ref().and_then(|r| r.read(key).ok().flatten())
+    }
+
+    /// Marks the writes to `key` that node `i` now includes.
+    fn key_changed(&mut self, i: usize, key: &Key) {
+        let Some(set) = self.unseen.get(key) else { return };
+        let value = self.read(i, key);
+        let all = (1u64 << self.nodes.len()) - 1;
+        let mut done = Vec::new();
+        for &ri in set {
+            let r = &mut self.records[ri];
+            if r.seen_by & (1 << i) == 0 && r.visible_in(value.as_ref()) {
+                r.seen_by |= 1 << i;
+                if r.seen_by == all {
+                    r.reached_all_at = Some(self.now);
+                    done.push(ri);
+                }
+            }
+        }
+        if let Some(set) = self.unseen.get_mut(key) {
+            for ri in done {
+                set.remove(&ri);
+            }
+        }
+    }
+
+    fn recheck_node(&mut self, i: usize) {
+        let keys: Vec<Key> = self.unseen.keys().cloned().collect();
+        for k in keys {
+            self.key_changed(i, &k);
+        }
+    }
+
+    /// Drains a node's outputs after any input.
+    fn after(&mut self, i: usize) {
+        let now = self.now;
+        let Some(r) = self.nodes[i].replica.as_mut() else {
+            return;
+        };
+        let mut sends = Vec::new();
+        while let Some(t) = r.poll_transmit() {
+            sends.push(t);
+        }
+        let mut events = Vec::new();
+        while let Some(e) = r.poll_event() {
+            events.push(e);
+        }
+        let needs_flush = r.needs_flush();
+        let timeout = r.poll_timeout();
+        for t in sends {
+            self.report.messages += 1;
+            self.report.bytes += t.payload.len() as u64;
+            let e = self.report.by_kind.entry(t.kind).or_default();
+            e.0 += 1;
+            e.1 += t.payload.len() as u64;
+            self.trace.update(&[9]);
+            self.trace.update(&(i as u64).to_le_bytes());
+            self.trace.update(&t.payload);
+            let Some(&to) = self.ids.get(&t.to) else { continue };
+            let same_region = self.cfg.region_of(i) == self.cfg.region_of(to);
+            let base = if same_region {
+                self.cfg.intra_ms
+            } else {
+                self.cfg.inter_ms
+            };
+            for d in self.net.delays(&mut self.rng, i, to, base) {
+                self.push(
+                    now + d,
+                    Ev::Deliver {
+                        from: i,
+                        to,
+                        payload: t.payload.clone(),
+                    },
+                );
+            }
+        }
+        for e in events {
+            match e {
+                Event::WriteDurable(id) => self.on_durable(i, id),
+                Event::RemoteApplied { key, .. } => self.key_changed(i, &key),
+            }
+        }
+        let token = self.nodes[i].token;
+        if needs_flush && !self.nodes[i].flush_scheduled {
+            self.nodes[i].flush_scheduled = true;
+            self.push(now + self.cfg.flush_ms, Ev::Flush { node: i, token });
+        }
+        if let Some(t) = timeout {
+            let at = t.0.max(now);
+            if self.nodes[i].timer_at.is_none_or(|cur| at < cur) {
+                self.nodes[i].timer_at = Some(at);
+                self.push(at, Ev::Timer { node: i, token });
+            }
+        }
+    }
+
+    fn on_durable(&mut self, i: usize, id: WriteId) {
+        let token = self.nodes[i].token;
+        let Some(ri) = self.pending.remove(&(i, token, id)) else {
+            return;
+        };
+        self.records[ri].acked_at = Some(self.now);
+        self.report.acked += 1;
+        // Read-your-writes: the node that acknowledged a write shows it.
+        let key = self.records[ri].key.clone();
+        let value = self.read(i, &key);
+        let r = &self.records[ri];
+        let removed_back = r
+            .removed_elems()
+            .into_iter()
+            .any(|e| crate::workload::visible_elems(value.as_ref()).contains(&e));
+        if !r.visible_in(value.as_ref()) || removed_back {
+            let detail = format!(
+                "node {i} acknowledged op {} ({:?} on {key}) but a read there does not show it",
+                r.id, r.op
+            );
+            self.violation("read-your-writes", detail);
+        }
+    }
+
+    fn client_op(&mut self) {
+        if self.report.ops >= self.cfg.ops {
+            return;
+        }
+        self.report.ops += 1;
+        let gap = -(1.0 - self.rng.gen::<f64>()).ln() * 1_000.0 / self.cfg.rate.max(0.001);
+        self.push(self.now + gap.round() as u64, Ev::Client);
+        let i = self.rng.gen_range(0..self.nodes.len());
+        if self.nodes[i].replica.is_none() || self.nodes[i].paused_until > self.now {
+            return; // the client finds the node unavailable
+        }
+        let (key, kind, op, expect_error) = {
+            let nodes = &self.nodes;
+            let read = |k: &Key| nodes[i].replica.as_ref().and_then(|r| r.read(k).ok().flatten());
+            self.workload.next(&mut self.rng, i, read)
+        };
+        let before = self.read(i, &key);
+        let token = self.nodes[i].token;
+        let Some(r) = self.nodes[i].replica.as_mut() else {
+            return;
+        };
+        let result = r.write(Time(self.now), vec![(key.clone(), op.clone())]);
+        let id = self.records.len();
+        let mut rec = OpRecord {
+            id,
+            node: i,
+            key: key.clone(),
+            kind,
+            op,
+            issued_at: self.now,
+            applied: false,
+            expect_error,
+            acked_at: None,
+            dots: Default::default(),
+            lww_stamp: None,
+            exempt: false,
+            seen_by: 0,
+            reached_all_at: None,
+        };
+        match (result, expect_error) {
+            (Ok(wid), false) => {
+                let after = self.read(i, &key);
+                let before_ctx = before.as_ref().map(Value::context).unwrap_or_default();
+                rec.dots = after
+                    .as_ref()
+                    .map(Value::context)
+                    .unwrap_or_default()
+                    .difference(&before_ctx);
+                if matches!(rec.op, Op::LwwSet(_))
+                    || (rec.kind == crate::workload::KeyKind::Lww && matches!(rec.op, Op::Delete))
+                {
+                    rec.lww_stamp = after.as_ref().and_then(Value::lww_stamp);
+                }
+                rec.applied = true;
+                self.report.applied += 1;
+                self.pending.insert((i, token, wid), id);
+                self.records.push(rec);
+                self.unseen.entry(key.clone()).or_default().insert(id);
+                self.key_changed(i, &key);
+            }
+            (Ok(_), true) => {
+                self.violation("type-check", format!("op {id} of the wrong type on {key} was accepted"));
+                self.records.push(rec);
+            }
+            (Err(e), true) => {
+                if !matches!(
+                    e,
+                    lattice_core::Error::TypeMismatch { .. } | lattice_core::Error::FieldTypeMismatch { .. }
+                ) {
+                    self.violation(
+                        "type-check",
+                        format!("op {id} on {key}: expected a type mismatch, got {e}"),
+                    );
+                }
+                if self.read(i, &key) != before {
+                    self.violation("type-check", format!("refused op {id} changed {key}"));
+                }
+                self.records.push(rec);
+            }
+            (Err(lattice_core::Error::Overloaded(_)), false) => self.records.push(rec),
+            (Err(e), false) => {
+                self.violation("write", format!("op {id} ({:?} on {key}) failed: {e}", rec.op));
+                self.records.push(rec);
+            }
+        }
+        self.after(i);
+    }
+
+    fn fault(&mut self, action: FaultAction) {
+        match action {
+            FaultAction::Block(links) => links.iter().for_each(|&(a, b)| self.net.block(a, b)),
+            FaultAction::Unblock(links) => links.iter().for_each(|&(a, b)| self.net.unblock(a, b)),
+            FaultAction::Crash(i) => self.stop_node(i, false),
+            FaultAction::Wipe(i) => self.stop_node(i, true),
+            FaultAction::Restart(i) => {
+                if self.nodes[i].replica.is_none() {
+                    self.start_node(i, false);
+                }
+            }
+            FaultAction::Skew(i, ms) => {
+                self.nodes[i].skew_ms = ms;
+                if let Some(r) = self.nodes[i].replica.as_mut() {
+                    r.set_wall_offset(ms);
+                }
+            }
+            FaultAction::Pause(i, ms) => self.nodes[i].paused_until = self.nodes[i].paused_until.max(self.now + ms),
+        }
+    }
+
+    fn heal(&mut self) {
+        self.net.heal();
+        for i in 0..self.nodes.len() {
+            self.nodes[i].paused_until = self.now;
+            if self.nodes[i].replica.is_none() {
+                self.start_node(i, false);
+            }
+        }
+        self.healed_at = Some(self.now);
+        self.push(self.now, Ev::Check);
+    }
+
+    fn check(&mut self) {
+        let Some(healed) = self.healed_at else { return };
+        let digests: BTreeSet<u128> = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.replica.as_ref().map(Replica::digest))
+            .collect();
+        let all_up = self.nodes.iter().all(|n| n.replica.is_some());
+        let quiet = self.report.ops >= self.cfg.ops;
+        if all_up && quiet && digests.len() == 1 {
+            self.report.converged_ms = Some(self.now - healed);
+            self.finish();
+            return;
+        }
+        if self.now - healed > self.cfg.converge_within_ms {
+            let detail = format!(
+                "replicas still differ {}ms after the heal ({} distinct digests){}",
+                self.now - healed,
+                digests.len(),
+                self.describe_divergence()
+            );
+            self.violation("convergence", detail);
+            self.done = true;
+            return;
+        }
+        self.push(self.now + 20, Ev::Check);
+    }
+
+    /// The first keys on which nodes disagree, for debugging.
+    fn describe_divergence(&self) -> String {
+        let states: Vec<BTreeMap<Key, Value>> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                let mut m = BTreeMap::new();
+                if let Some(r) = &n.replica {
+                    let _ = r.store().scan_all(&mut |k, v| {
+                        m.insert(k.clone(), v.clone());
+                    });
+                }
+                m
+            })
+            .collect();
+        let keys: BTreeSet<&Key> = states.iter().flat_map(|s| s.keys()).collect();
+        let mut out = String::new();
+        for k in keys
+            .into_iter()
+            .filter(|k| states.windows(2).any(|w| w[0].get(*k) != w[1].get(*k)))
+            .take(3)
+        {
+            out.push_str(&format!("\n  key {k}:"));
+            for (i, s) in states.iter().enumerate() {
+                out.push_str(&format!("\n    n{i}: {:?}", s.get(k)));
+            }
+        }
+        out
+    }
+
+    fn finish(&mut self) {
+        self.done = true;
+        let mut states: Vec<BTreeMap<Key, Value>> = Vec::new();
+        for n in &self.nodes {
+            let mut m = BTreeMap::new();
+            if let Some(r) = &n.replica {
+                let _ = r.store().scan_all(&mut |k, v| {
+                    m.insert(k.clone(), v.clone());
+                });
+            }
+            states.push(m);
+        }
+        if states.windows(2).any(|w| w[0] != w[1]) {
+            self.violation("convergence", "digests agree but states differ".into());
+        }
+        if let Some(first) = states.first() {
+            let found = check::no_lost_writes(&self.records, first);
+            self.report.violations.extend(found);
+        }
+    }
+
+    /// Runs to the end and returns the report.
+    pub fn run(mut self) -> Report {
+        // A hard bound on events, so a livelock is a violation, not a hang.
+        let max_events = 20_000_000u64;
+        while let Some(Reverse(s)) = self.queue.pop() {
+            if self.done {
+                break;
+            }
+            self.report.events += 1;
+            if self.report.events > max_events {
+                self.violation("liveness", format!("more than {max_events} events"));
+                break;
+            }
+            self.now = s.at;
+            // A paused node handles nothing until its pause ends.
+            if let Some(n) = s.ev.node() {
+                if self.nodes[n].paused_until > self.now {
+                    let at = self.nodes[n].paused_until;
+                    // A deferred timer stays the node's current timer.
+                    if matches!(s.ev, Ev::Timer { .. }) && self.nodes[n].timer_at == Some(s.at) {
+                        self.nodes[n].timer_at = Some(at);
+                    }
+                    self.push(at, s.ev);
+                    continue;
+                }
+            }
+            self.trace.update(&s.at.to_le_bytes());
+            self.trace.update(&[s.ev.code()]);
+            match s.ev {
+                Ev::Deliver { from, to, payload } => {
+                    if std::env::var_os("SIMDBG").is_some() {
+                        if let Ok(m) = lattice_core::proto::decode(&payload, usize::MAX) {
+                            if !matches!(m, lattice_core::proto::Message::Heartbeat { .. }) {
+                                eprintln!("{} n{from}->n{to} {:?}", self.now, m);
+                            }
+                        }
+                    }
+                    let name = node_name(from);
+                    if let Some(r) = self.nodes[to].replica.as_mut() {
+                        // Refused frames are the engine's business; the
+                        // simulator only sends well-formed ones.
+                        if let Err(e) = r.handle(Time(self.now), &name, &payload) {
+                            self.violation("codec", format!("node {to} refused a frame from {from}: {e}"));
+                        }
+                        self.after(to);
+                    }
+                }
+                Ev::Timer { node, token } => {
+                    let n = &mut self.nodes[node];
+                    if n.token != token || n.timer_at != Some(self.now) {
+                        continue;
+                    }
+                    n.timer_at = None;
+                    if let Some(r) = n.replica.as_mut() {
+                        if let Err(e) = r.handle_timeout(Time(self.now)) {
+                            self.violation("engine", format!("node {node} timer: {e}"));
+                        }
+                    }
+                    self.after(node);
+                }
+                Ev::Flush { node, token } => {
+                    let n = &mut self.nodes[node];
+                    if n.token != token {
+                        continue;
+                    }
+                    n.flush_scheduled = false;
+                    if let Some(r) = n.replica.as_mut() {
+                        if let Err(e) = r.flush(Time(self.now)) {
+                            self.violation("engine", format!("node {node} flush: {e}"));
+                        }
+                    }
+                    self.after(node);
+                }
+                Ev::Client => self.client_op(),
+                Ev::Fault(a) => self.fault(a),
+                Ev::Heal => self.heal(),
+                Ev::Check => self.check(),
+            }
+        }
+        let mut lat: Vec<u64> = self
+            .records
+            .iter()
+            .filter_map(|r| r.reached_all_at.map(|t| t - r.issued_at))
+            .collect();
+        lat.sort_unstable();
+        if !lat.is_empty() {
+            let q = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
+            self.report.propagation = Some((q(0.5), q(0.99), lat[lat.len() - 1]));
+        }
+        let h = self.trace.finalize();
+        self.report.trace = h.to_hex()[..16].to_string();
+        self.report
+    }
+}

@@ -1,0 +1,250 @@
+//! Random client operations over every CRDT type, and the record of what
+//! each one did, which the checkers compare with the final state.
+
+use crate::config::SimConfig;
+use lattice_core::clock::{CausalContext, HlcTimestamp, ReplicaId};
+use lattice_core::crdt::{Bytes, Field, FieldKind, Op, Value, ValueView};
+use lattice_core::Key;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+/// The CRDT type a key is used as (keys are named by type: `c3`, `s0`, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum KeyKind {
+    /// Resettable counter, never deleted in the workload.
+    Counter,
+    /// LWW register.
+    Lww,
+    /// Multi-value register.
+    Mv,
+    /// Add-wins set.
+    Set,
+    /// Map with a counter, a set and a nested map field.
+    Map,
+}
+
+const KINDS: [KeyKind; 5] = [KeyKind::Counter, KeyKind::Lww, KeyKind::Mv, KeyKind::Set, KeyKind::Map];
+
+impl KeyKind {
+    fn prefix(self) -> &'static str {
+        match self {
+            KeyKind::Counter => "c",
+            KeyKind::Lww => "l",
+            KeyKind::Mv => "m",
+            KeyKind::Set => "s",
+            KeyKind::Map => "p",
+        }
+    }
+}
+
+/// One client operation and what became of it.
+#[derive(Clone, Debug)]
+pub struct OpRecord {
+    /// Index in the run.
+    pub id: usize,
+    /// Node it was issued at.
+    pub node: usize,
+    /// Key.
+    pub key: Key,
+    /// Type of the key.
+    pub kind: KeyKind,
+    /// The operation.
+    pub op: Op,
+    /// Virtual time it was issued.
+    pub issued_at: u64,
+    /// The write was accepted by the engine.
+    pub applied: bool,
+    /// Deliberately of the wrong type: must be refused.
+    pub expect_error: bool,
+    /// Virtual time the node acknowledged it (durable).
+    pub acked_at: Option<u64>,
+    /// Dots the write created.
+    pub dots: CausalContext,
+    /// LWW stamp the write got.
+    pub lww_stamp: Option<(HlcTimestamp, ReplicaId)>,
+    /// The acked write's only copy was destroyed by a disk loss before it
+    /// reached another node: it may legitimately be gone.
+    pub exempt: bool,
+    /// Nodes whose state includes the write (bit per node).
+    pub seen_by: u64,
+    /// When every node included it.
+    pub reached_all_at: Option<u64>,
+}
+
+impl OpRecord {
+    /// Whether `value` (a state of this record's key) includes the write.
+    pub fn visible_in(&self, value: Option<&Value>) -> bool {
+        let Some(v) = value else {
+            return self.dots.is_empty() && self.lww_stamp.is_none();
+        };
+        if let Some(stamp) = self.lww_stamp {
+            return v.lww_stamp().is_some_and(|s| s >= stamp);
+        }
+        v.context().includes(&self.dots)
+    }
+
+    /// Elements a set add (top level or in a map's `tags` field) adds.
+    pub fn added_elems(&self) -> Vec<Bytes> {
+        match &self.op {
+            Op::SetAdd(e) => e.clone(),
+            Op::MapApply { op, .. } => match op.as_ref() {
+                Op::SetAdd(e) => e.clone(),
+                _ => Vec::new(),
+            },
+            _ => Vec::new(),
+        }
+    }
+
+    /// Elements a set remove removes.
+    pub fn removed_elems(&self) -> Vec<Bytes> {
+        match &self.op {
+            Op::SetRemove(e) => e.clone(),
+            Op::MapApply { op, .. } => match op.as_ref() {
+                Op::SetRemove(e) => e.clone(),
+                _ => Vec::new(),
+            },
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Draws operations.
+pub struct Workload {
+    keys: usize,
+    weights: Vec<f64>,
+    next_unique: u64,
+}
+
+/// The set elements visible in a value (top-level set or a map's `tags`).
+pub fn visible_elems(v: Option<&Value>) -> Vec<Bytes> {
+    match v.map(Value::view) {
+        Some(ValueView::Set(e)) => e,
+        Some(ValueView::Map(m)) => match m.get(&tags_field()) {
+            Some(lattice_core::crdt::NestedView::Set(e)) => e.clone(),
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    }
+}
+
+/// The set field of workload maps.
+pub fn tags_field() -> Field {
+    Field::new("tags", FieldKind::Set)
+}
+
+impl Workload {
+    /// A workload for `cfg`.
+    pub fn new(cfg: &SimConfig) -> Self {
+        let keys = cfg.keys.max(1);
+        let weights = (0..keys).map(|i| 1.0 / ((i + 1) as f64).powf(cfg.key_skew)).collect();
+        Workload {
+            keys,
+            weights,
+            next_unique: 0,
+        }
+    }
+
+    fn unique(&mut self, node: usize) -> Bytes {
+        self.next_unique += 1;
+        Bytes::from(format!("n{node}-{}", self.next_unique).as_str())
+    }
+
+    fn pick_key(&self, rng: &mut ChaCha8Rng) -> usize {
+        let total: f64 = self.weights.iter().sum();
+        let mut x = rng.gen_range(0.0..total);
+        for (i, w) in self.weights.iter().enumerate() {
+            if x < *w {
+                return i;
+            }
+            x -= w;
+        }
+        self.keys - 1
+    }
+
+    /// The next operation for a client at `node`; `read` gives the node's
+    /// current state of a key (to remove elements it has observed).
+    /// Returns the key, its kind, the op, and whether it is a deliberate
+    /// type mismatch.
+    pub fn next(
+        &mut self,
+        rng: &mut ChaCha8Rng,
+        node: usize,
+        read: impl Fn(&Key) -> Option<Value>,
+    ) -> (Key, KeyKind, Op, bool) {
+        let kind = KINDS[rng.gen_range(0..KINDS.len())];
+        let i = self.pick_key(rng);
+        let key = Key::new(format!("{}{i}", kind.prefix())).unwrap_or_else(|_| unreachable_key());
+        let current = read(&key);
+        // Now and then, an operation of the wrong type on an existing key.
+        if current.is_some() && rng.gen_bool(0.03) {
+            let wrong = match kind {
+                KeyKind::Set => Op::CounterAdd(1),
+                _ => Op::SetAdd(vec![self.unique(node)]),
+            };
+            return (key, kind, wrong, true);
+        }
+        let op = match kind {
+            KeyKind::Counter => {
+                let n = rng.gen_range(-5i64..=10);
+                Op::CounterAdd(if n == 0 { 1 } else { n })
+            }
+            KeyKind::Lww => {
+                if current.is_some() && rng.gen_bool(0.1) {
+                    Op::Delete
+                } else {
+                    Op::LwwSet(self.unique(node))
+                }
+            }
+            KeyKind::Mv => {
+                if current.is_some() && rng.gen_bool(0.1) {
+                    Op::Delete
+                } else {
+                    Op::MvSet(self.unique(node))
+                }
+            }
+            KeyKind::Set => {
+                let elems = visible_elems(current.as_ref());
+                if !elems.is_empty() && rng.gen_bool(0.3) {
+                    Op::SetRemove(vec![elems[rng.gen_range(0..elems.len())].clone()])
+                } else {
+                    Op::SetAdd(vec![self.unique(node)])
+                }
+            }
+            KeyKind::Map => {
+                let elems = visible_elems(current.as_ref());
+                match rng.gen_range(0..10) {
+                    0..=3 => Op::MapApply {
+                        field: Field::new("hits", FieldKind::Counter),
+                        op: Box::new(Op::CounterAdd(rng.gen_range(1..=5))),
+                    },
+                    4..=6 => Op::MapApply {
+                        field: tags_field(),
+                        op: Box::new(Op::SetAdd(vec![self.unique(node)])),
+                    },
+                    7 if !elems.is_empty() => Op::MapApply {
+                        field: tags_field(),
+                        op: Box::new(Op::SetRemove(vec![elems[rng.gen_range(0..elems.len())].clone()])),
+                    },
+                    8 => Op::MapApply {
+                        field: Field::new("sub", FieldKind::Map),
+                        op: Box::new(Op::MapApply {
+                            field: Field::new("x", FieldKind::Register),
+                            op: Box::new(Op::MvSet(self.unique(node))),
+                        }),
+                    },
+                    9 if current.is_some() => Op::MapRemove(Field::new("sub", FieldKind::Map)),
+                    _ => Op::MapApply {
+                        field: Field::new("hits", FieldKind::Counter),
+                        op: Box::new(Op::CounterAdd(1)),
+                    },
+                }
+            }
+        };
+        (key, kind, op, false)
+    }
+}
+
+#[allow(clippy::panic)]
+fn unreachable_key() -> Key {
+    panic!("workload key names are short and non-empty")
+}

@@ -1,0 +1,1 @@
+//! Helpers for Lattice's cross-crate integration tests (in `tests/tests/`).
