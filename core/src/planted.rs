@@ -13,6 +13,8 @@ pub enum PlantedBug {
     JoinDropsDot,
     /// The delta buffer forgets groups that some peer has not acknowledged.
     BufferForgetsUnacked,
+    /// Writes are acknowledged before the store has flushed them.
+    AckBeforeDurable,
 }
 
 thread_local! {

@@ -98,9 +98,11 @@ fn parse_faults(s: &str) -> Result<FaultMix, String> {
             "diskloss" => f.disk_loss = true,
             "skew" => f.clock_skew = true,
             "pause" => f.pauses = true,
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "unknown fault {other:?} (expected all, none, or part,oneway,isolate,flap,crash,diskloss,skew,pause)"
-            )),
+            ))
+            }
         }
     }
     Ok(f)

@@ -79,6 +79,21 @@ pub struct DeltaGroup {
     pub entries: Vec<(Key, Value)>,
 }
 
+/// Names one anti-entropy round: who started it, and its number there.
+/// Every message of the round carries it, so the initiator can tell that a
+/// round it started after some event has completed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundId {
+    /// The replica that started the round.
+    pub initiator: ReplicaId,
+    /// Its sequence number at the initiator.
+    pub seq: u64,
+    /// The initiator's durable delta-groups when the round started: once
+    /// the round completes, the other side holds the initiator's state with
+    /// every group below this, so deltas can resume from here.
+    pub through: u64,
+}
+
 /// "I have every delta-group of `replica` below `upto`."
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ack {
@@ -124,6 +139,8 @@ pub enum Message {
     /// Anti-entropy: the sender's digests of the children (at `level`) of
     /// each node in `parents` (at `level - 1`); at level 0, just the root.
     AeTree {
+        /// The round.
+        round: RoundId,
         /// Depth of the sender's tree (must match).
         depth: u8,
         /// Level of the digests carried.
@@ -135,17 +152,36 @@ pub enum Message {
     },
     /// Anti-entropy: the sender's items in leaves whose digests differed.
     AeLeaves {
+        /// The round.
+        round: RoundId,
         /// Leaf indices.
         leaves: Vec<u32>,
         /// Per leaf, 16 bytes per key: 8 of key hash, 8 of item hash.
         items: Vec<Bytes>,
     },
+    /// Anti-entropy: the root digests are equal.
+    AeInSync {
+        /// The round.
+        round: RoundId,
+    },
+    /// Anti-entropy: the states of the round's last `AeStates` are durable
+    /// here. Completes the round for its initiator.
+    AeDone {
+        /// The round.
+        round: RoundId,
+    },
     /// Anti-entropy: states of differing keys, and the key hashes wanted back.
     AeStates {
+        /// The round.
+        round: RoundId,
         /// Full states to join.
         entries: Vec<(Key, Value)>,
         /// Key hashes whose states the sender wants.
         want: Vec<u64>,
+        /// Answer with one `AeStates` holding the wanted states (possibly
+        /// none), so both sides see the round complete. Set on the last
+        /// message of the comparing side only.
+        reply: bool,
     },
 }
 
@@ -159,6 +195,8 @@ impl Message {
             Message::AeTree { .. } => "ae_tree",
             Message::AeLeaves { .. } => "ae_leaves",
             Message::AeStates { .. } => "ae_states",
+            Message::AeInSync { .. } => "ae_in_sync",
+            Message::AeDone { .. } => "ae_done",
         }
     }
 

@@ -10,7 +10,7 @@ use super::merkle::{item_hash, FANOUT};
 use super::{Replica, Time};
 use crate::crdt::{Bytes, Value};
 use crate::key::Key;
-use crate::proto::{Message, NodeId};
+use crate::proto::{Message, NodeId, RoundId};
 use crate::store::Store;
 use crate::Error;
 use std::collections::BTreeSet;
@@ -19,7 +19,14 @@ impl<S: Store> Replica<S> {
     /// Starts a round with `peer` by sending our root digest.
     pub(super) fn start_anti_entropy(&mut self, now: Time, peer: &NodeId) -> Result<(), Error> {
         self.stats.ae_rounds += 1;
+        let round = RoundId {
+            initiator: self.id,
+            seq: self.next_round,
+            through: self.durable_seq,
+        };
+        self.next_round += 1;
         let msg = Message::AeTree {
+            round,
             depth: self.tree.depth(),
             level: 0,
             parents: Vec::new(),
@@ -38,10 +45,12 @@ impl<S: Store> Replica<S> {
         Bytes(out)
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn on_ae_tree(
         &mut self,
         now: Time,
         from: &NodeId,
+        round: RoundId,
         depth: u8,
         level: u8,
         parents: &[u32],
@@ -80,10 +89,15 @@ impl<S: Store> Replica<S> {
         }
         differing.truncate(self.cfg.max_ae_fanout);
         if differing.is_empty() {
-            return Ok(());
+            return if level == 0 {
+                self.queue(from, &Message::AeInSync { round }, now)
+            } else {
+                Ok(())
+            };
         }
         if level < depth {
             let msg = Message::AeTree {
+                round,
                 depth,
                 level: level + 1,
                 parents: differing.clone(),
@@ -103,6 +117,7 @@ impl<S: Store> Replica<S> {
         self.queue(
             from,
             &Message::AeLeaves {
+                round,
                 leaves: differing,
                 items,
             },
@@ -131,6 +146,7 @@ impl<S: Store> Replica<S> {
         &mut self,
         now: Time,
         from: &NodeId,
+        round: RoundId,
         leaves: &[u32],
         items: &[Bytes],
     ) -> Result<(), Error> {
@@ -177,13 +193,21 @@ impl<S: Store> Replica<S> {
         }
         want.sort_unstable();
         want.dedup();
-        self.send_states(now, from, send, want)
+        self.send_states(now, from, round, send, want, true)
     }
 
-    /// Sends states in messages under the size limit; `want` rides on the first.
-    fn send_states(&mut self, now: Time, to: &NodeId, entries: Vec<(Key, Value)>, want: Vec<u64>) -> Result<(), Error> {
+    /// Sends states in messages under the size limit. The last message
+    /// carries `want` and `reply`; with `reply` one is always sent.
+    fn send_states(
+        &mut self,
+        now: Time,
+        to: &NodeId,
+        round: RoundId,
+        entries: Vec<(Key, Value)>,
+        want: Vec<u64>,
+        reply: bool,
+    ) -> Result<(), Error> {
         let budget = self.cfg.max_message_bytes * 3 / 4;
-        let mut want = Some(want);
         let mut batch = Vec::new();
         let mut bytes = 0;
         for (k, v) in entries {
@@ -196,8 +220,10 @@ impl<S: Store> Replica<S> {
             }
             if bytes + size > budget && !batch.is_empty() {
                 let msg = Message::AeStates {
+                    round,
                     entries: std::mem::take(&mut batch),
-                    want: want.take().unwrap_or_default(),
+                    want: Vec::new(),
+                    reply: false,
                 };
                 self.queue_durable(to, &msg, now)?;
                 bytes = 0;
@@ -205,24 +231,34 @@ impl<S: Store> Replica<S> {
             bytes += size;
             batch.push((k, v));
         }
-        let want = want.unwrap_or_default();
-        if !batch.is_empty() || !want.is_empty() {
-            self.queue_durable(to, &Message::AeStates { entries: batch, want }, now)?;
-        }
-        Ok(())
+        // The comparing side always answers, even with nothing, so the
+        // round visibly completes at both ends.
+        self.queue_durable(
+            to,
+            &Message::AeStates {
+                round,
+                entries: batch,
+                want,
+                reply,
+            },
+            now,
+        )
     }
 
     pub(super) fn on_ae_states(
         &mut self,
         now: Time,
         from: &NodeId,
+        round: RoundId,
         entries: Vec<(Key, Value)>,
         want: &[u64],
+        reply: bool,
     ) -> Result<(), Error> {
         let repaired = self.apply_remote(from, entries)?;
         self.stats.ae_keys_repaired += repaired as u64;
-        if want.is_empty() {
-            return Ok(());
+        if !reply {
+            // The round's last states: confirm once they are durable here.
+            return self.queue_durable(from, &Message::AeDone { round }, now);
         }
         let cfg = self
             .peers
@@ -239,6 +275,6 @@ impl<S: Store> Replica<S> {
                 }
             }
         }
-        self.send_states(now, from, send, Vec::new())
+        self.send_states(now, from, round, send, Vec::new(), false)
     }
 }

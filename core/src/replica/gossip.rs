@@ -33,7 +33,8 @@ impl<S: Store> Replica<S> {
     fn skip_empty(&mut self, node: &NodeId) {
         let Some(p) = self.peers.get(node) else { return };
         let mut acked = p.acked;
-        while acked < p.sent_upto && self.entries_for(acked, p).next().is_none() {
+        // Below the front nothing is known about a group: never skip there.
+        while acked >= self.front_seq() && acked < p.sent_upto && self.entries_for(acked, p).next().is_none() {
             acked += 1;
         }
         if let Some(p) = self.peers.get_mut(node) {
@@ -81,23 +82,26 @@ impl<S: Store> Replica<S> {
         if !self.is_alive(p, now) || p.last_delta.is_some_and(|t| now.since(t) < sync) {
             return Ok(false);
         }
+        if p.acked < front {
+            // Groups it may lack were dropped from the buffer (or we do not
+            // know what it has, after a restart): deltas past that gap must
+            // not be joined there, so repair first; a completed round moves
+            // `acked` to where deltas resume.
+            if p.repair_due.is_none() {
+                self.schedule_repair(now, node);
+            }
+            return Ok(false);
+        }
         let p = self
             .peers
             .get_mut(node)
             .ok_or_else(|| Error::UnknownPeer(node.0.clone()))?;
-        if p.acked < front {
-            // The groups it lacks were dropped from the full buffer: repair
-            // by anti-entropy, continue with deltas from the buffer's front.
-            p.needs_ae = true;
-            p.acked = front;
-            p.sent_upto = p.sent_upto.max(front);
-            p.last_progress = now;
-        }
         if p.sent_upto > p.acked && now.since(p.last_progress) >= retransmit {
             p.sent_upto = p.acked;
             p.last_progress = now;
         }
-        let (acked, start, end, base_from) = (p.acked, p.sent_upto.max(p.acked), self.durable_seq, p.incarnation);
+        let start = p.sent_upto.max(p.acked);
+        let (acked, end, base_from) = (p.acked, self.durable_seq, p.incarnation);
         if start >= end {
             return Ok(false);
         }
@@ -235,7 +239,11 @@ impl<S: Store> Replica<S> {
         let mut keep_from = self.peers.values().map(|p| p.acked).min().unwrap_or(self.next_seq);
         #[cfg(feature = "planted-bugs")]
         if crate::planted::active(crate::planted::PlantedBug::BufferForgetsUnacked) {
+            // Planted bug: treat "sent" as "acknowledged", silently.
             keep_from = self.peers.values().map(|p| p.sent_upto).min().unwrap_or(self.next_seq);
+            for p in self.peers.values_mut() {
+                p.acked = p.acked.max(keep_from.min(p.sent_upto));
+            }
         }
         keep_from = keep_from.min(self.durable_seq);
         if self.front_seq() >= keep_from {

@@ -27,7 +27,7 @@ mod merkle;
 use crate::clock::{Hlc, ReplicaId};
 use crate::crdt::{Crdt, Op, Value, WriteStamp};
 use crate::key::Key;
-use crate::proto::{self, Ack, DeltaGroup, Message, NodeId, RegionId};
+use crate::proto::{self, Ack, DeltaGroup, Message, NodeId, RegionId, RoundId};
 use crate::store::{Meta, Store, WriteBatch};
 use crate::Error;
 use merkle::{item_hash, MerkleTree};
@@ -222,7 +222,9 @@ impl Stats {
 #[derive(Clone, Debug)]
 struct Peer {
     cfg: PeerConfig,
-    /// Every group below this is known to be at the peer.
+    /// Every group below this is known to be at the peer: only ever what
+    /// it acknowledged (or what held nothing for it), so it is safe to
+    /// present as `base`.
     acked: u64,
     /// Groups below this have been sent at least once.
     sent_upto: u64,
@@ -240,8 +242,11 @@ struct Peer {
     ack_unflushed: Option<Ack>,
     /// Durable acknowledgement waiting to be sent, and since when.
     ack_ready: Option<(Ack, Time)>,
-    /// The peer must be repaired by anti-entropy.
-    needs_ae: bool,
+    /// The peer must be repaired by anti-entropy: the next round is due
+    /// then, and rounds repeat until one completes.
+    repair_due: Option<Time>,
+    /// Only a round numbered at least this completes the repair.
+    repair_min_round: u64,
     /// The peer's replica id, once heard.
     incarnation: Option<ReplicaId>,
 }
@@ -279,6 +284,8 @@ pub struct Replica<S: Store> {
     events: VecDeque<Event>,
     next_tick: Time,
     next_ae: Time,
+    /// Number of the next anti-entropy round this replica starts.
+    next_round: u64,
     /// Wall clock minus `now`, for the hybrid logical clock.
     wall_offset_ms: i64,
     stats: Stats,
@@ -328,7 +335,9 @@ impl<S: Store> Replica<S> {
             .map(|p| {
                 let peer = Peer {
                     cfg: p.clone(),
-                    acked: front,
+                    // Unknown until the peer acknowledges: the first delta
+                    // says the groups below the buffer's front are gone.
+                    acked: 0,
                     sent_upto: front,
                     last_progress: now,
                     last_sent: None,
@@ -337,7 +346,10 @@ impl<S: Store> Replica<S> {
                     recv: None,
                     ack_unflushed: None,
                     ack_ready: None,
-                    needs_ae: false,
+                    // After a restart (or on a fresh disk) we cannot know
+                    // what peers lost meanwhile: one repair round each.
+                    repair_due: Some(now),
+                    repair_min_round: 0,
                     incarnation: None,
                 };
                 (p.node.clone(), peer)
@@ -365,6 +377,7 @@ impl<S: Store> Replica<S> {
             events: VecDeque::new(),
             next_tick: now,
             next_ae: now.plus(first_ae),
+            next_round: 0,
             wall_offset_ms: 0,
             stats: Stats::default(),
             filter: Box::new(AllowAll),
@@ -616,18 +629,38 @@ impl<S: Store> Replica<S> {
                 Ok(())
             }
             Message::AeTree {
+                round,
                 depth,
                 level,
                 parents,
                 digests,
-            } => self.on_ae_tree(now, from, depth, level, &parents, &digests),
-            Message::AeLeaves { leaves, items } => self.on_ae_leaves(now, from, &leaves, &items),
-            Message::AeStates { entries, want } => self.on_ae_states(now, from, entries, &want),
+            } => self.on_ae_tree(now, from, round, depth, level, &parents, &digests),
+            Message::AeLeaves { round, leaves, items } => self.on_ae_leaves(now, from, round, &leaves, &items),
+            Message::AeStates {
+                round,
+                entries,
+                want,
+                reply,
+            } => {
+                self.on_ae_states(now, from, round, entries, &want, reply)?;
+                if !reply {
+                    // The other side answered after its flush: it holds
+                    // our states durably.
+                    self.repair_done(now, from, round);
+                }
+                Ok(())
+            }
+            Message::AeInSync { round } | Message::AeDone { round } => {
+                self.repair_done(now, from, round);
+                Ok(())
+            }
         }
     }
 
     /// A peer that comes back under a new replica id lost its state: what it
-    /// acknowledged before is gone, so resend the buffer and repair it.
+    /// acknowledged before is gone, so resend the buffer and repair it. Its
+    /// deltas that had not reached everyone are gone too, and only the nodes
+    /// that got them can pass them on: repair with every peer.
     fn observe_incarnation(&mut self, now: Time, from: &NodeId, sender: ReplicaId) {
         let front = self.buffer.front().map_or(self.next_seq, |b| b.group.seq);
         let Some(p) = self.peers.get_mut(from) else { return };
@@ -635,12 +668,49 @@ impl<S: Store> Replica<S> {
             Some(known) if known == sender => {}
             Some(_) => {
                 p.incarnation = Some(sender);
-                p.acked = front;
+                p.acked = 0;
                 p.sent_upto = front;
                 p.last_progress = now;
-                p.needs_ae = true;
+                let nodes: Vec<NodeId> = self.peers.keys().cloned().collect();
+                for node in nodes {
+                    self.schedule_repair(now, &node);
+                }
             }
             None => p.incarnation = Some(sender),
+        }
+    }
+
+    /// `node` must be repaired by a round that starts from now on.
+    pub(crate) fn schedule_repair(&mut self, now: Time, node: &NodeId) {
+        let next_round = self.next_round;
+        if let Some(p) = self.peers.get_mut(node) {
+            p.repair_due.get_or_insert(now);
+            p.repair_min_round = p.repair_min_round.max(next_round);
+        }
+    }
+
+    /// A round we started with `from` completed: `from` durably holds our
+    /// state as of the round's start, so every group below `through` is
+    /// there (deltas resume from it), and a repair needed before the round
+    /// started is done.
+    fn repair_done(&mut self, now: Time, from: &NodeId, round: RoundId) {
+        if round.initiator != self.id {
+            return;
+        }
+        let next = self.next_seq;
+        if let Some(p) = self.peers.get_mut(from) {
+            if round.seq >= p.repair_min_round {
+                p.repair_due = None;
+            }
+            let through = round.through.min(next);
+            if through > p.acked {
+                p.acked = through;
+                p.sent_upto = p.sent_upto.max(through);
+                p.last_progress = now;
+            }
+        }
+        if let Err(e) = self.gc() {
+            tracing::warn!(error = %e, "trimming the delta buffer failed");
         }
     }
 
@@ -663,12 +733,12 @@ impl<S: Store> Replica<S> {
         let lagging: Vec<NodeId> = self
             .peers
             .values()
-            .filter(|p| p.needs_ae && self.is_alive(p, now))
+            .filter(|p| p.repair_due.is_some_and(|t| t <= now) && self.is_alive(p, now))
             .map(|p| p.cfg.node.clone())
             .collect();
         for node in lagging {
             if let Some(p) = self.peers.get_mut(&node) {
-                p.needs_ae = false;
+                p.repair_due = Some(now.plus(self.cfg.retransmit_ms));
             }
             self.start_anti_entropy(now, &node)?;
         }

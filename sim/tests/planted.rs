@@ -1,0 +1,65 @@
+//! The checkers must be able to fail: with a deliberately broken engine the
+//! swarm has to report violations. Runs only with the `planted-bugs`
+//! feature (`cargo test -p lattice-sim --features planted-bugs`, which the
+//! README's test command enables).
+#![cfg(feature = "planted-bugs")]
+
+use lattice_core::planted::{self, PlantedBug};
+use lattice_sim::swarm::{run_seed, SwarmTotals};
+
+fn swarm_with(bug: PlantedBug, seeds: u64) -> SwarmTotals {
+    planted::set(bug);
+    let mut totals = SwarmTotals::default();
+    for seed in 0..seeds {
+        totals.add(run_seed(seed));
+    }
+    planted::set(PlantedBug::None);
+    totals
+}
+
+#[test]
+fn a_join_that_drops_a_dot_is_caught() {
+    let t = swarm_with(PlantedBug::JoinDropsDot, 30);
+    assert!(
+        !t.failed.is_empty(),
+        "the swarm missed a join that drops dots: {}",
+        t.last_line()
+    );
+    let checks: Vec<&str> = t
+        .failed
+        .iter()
+        .flat_map(|r| r.violations.iter().map(|v| v.check))
+        .collect();
+    assert!(
+        checks
+            .iter()
+            .any(|c| *c == "lost-ack" || *c == "lost-add" || *c == "convergence"),
+        "{checks:?}"
+    );
+}
+
+#[test]
+fn acknowledging_before_durable_is_caught() {
+    let t = swarm_with(PlantedBug::AckBeforeDurable, 100);
+    assert!(
+        !t.failed.is_empty(),
+        "the swarm missed acknowledgements sent before the flush: {}",
+        t.last_line()
+    );
+}
+
+#[test]
+fn a_buffer_that_forgets_unacked_groups_is_caught() {
+    let t = swarm_with(PlantedBug::BufferForgetsUnacked, 100);
+    assert!(
+        !t.failed.is_empty(),
+        "the swarm missed a buffer that drops unacknowledged groups: {}",
+        t.last_line()
+    );
+}
+
+#[test]
+fn the_same_seeds_pass_without_a_planted_bug() {
+    let t = swarm_with(PlantedBug::None, 30);
+    assert!(t.failed.is_empty(), "{}", t.last_line());
+}
