@@ -118,7 +118,7 @@ fn run(a: RunArgs) -> Result<bool, String> {
         if a.regions == 0 {
             return Err("--regions must be at least 1".into());
         }
-        if !(a.rate > 0.0) {
+        if a.rate.is_nan() || a.rate <= 0.0 {
             return Err("--rate must be positive".into());
         }
         for (name, p) in [("--loss", a.loss), ("--dup", a.dup)] {

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! The checkers must be able to fail: with a deliberately broken engine the
 //! swarm has to report violations. Runs only with the `planted-bugs`
 //! feature (`cargo test -p lattice-sim --features planted-bugs`, which the

@@ -40,15 +40,9 @@ pub type CounterStore = DotFun<PnPair>;
 /// c.join(&r);
 /// assert_eq!(c.value(), 0);
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct CCounter(pub(crate) Causal<CounterStore>);
-
-impl Default for CCounter {
-    fn default() -> Self {
-        CCounter(Causal::default())
-    }
-}
 
 /// The delta of adding `delta` at `replica` to the counter store `store`.
 /// `None` if the replica's running total would overflow `u64`.

@@ -83,6 +83,13 @@ impl<T: Ord> Default for DotFun<T> {
     }
 }
 
+impl<T: Ord> DotFun<T> {
+    /// The live dots and their values, in dot order.
+    pub fn iter_dots(&self) -> impl Iterator<Item = (Dot, &T)> {
+        self.0.iter().map(|(d, v)| (*d, v))
+    }
+}
+
 impl<T: Clone + Ord + Debug> DotStore for DotFun<T> {
     fn empty() -> Self {
         DotFun(BTreeMap::new())
@@ -99,11 +106,8 @@ impl<T: Clone + Ord + Debug> DotStore for DotFun<T> {
             match self.0.get_mut(d) {
                 // A dot names one write, so both values are equal between
                 // correct replicas; max keeps the join deterministic anyway.
-                Some(mine) => {
-                    if *v > *mine {
-                        *mine = v.clone();
-                    }
-                }
+                Some(mine) if *v > *mine => *mine = v.clone(),
+                Some(_) => {}
                 None if !ctx.contains(*d) => {
                     self.0.insert(*d, v.clone());
                 }
@@ -146,6 +150,11 @@ impl<K: Ord, S> DotMap<K, S> {
     /// Number of keys present.
     pub fn len(&self) -> usize {
         self.0.len()
+    }
+
+    /// True when no key is present.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 

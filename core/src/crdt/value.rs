@@ -451,7 +451,6 @@ impl Value {
             None => None,
             Some(Value::Conflict(parts)) => parts.iter().find(|p| p.kind() == Some(kind)),
             Some(v) if v.kind() == Some(kind) => Some(v),
-            Some(v) if v.kind() == Some(Kind::Map) => None,
             Some(v) => {
                 return Err(Error::TypeMismatch {
                     expected: v.kind().unwrap_or(kind),

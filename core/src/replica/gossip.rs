@@ -187,23 +187,51 @@ impl<S: Store> Replica<S> {
         hi: u64,
         entries: Vec<(Key, Value)>,
     ) -> Result<(), Error> {
-        let Some(p) = self.peers.get(from) else { return Ok(()) };
+        let Some(p) = self.peers.get_mut(from) else {
+            return Ok(());
+        };
         // Cumulative: we have every group below `have`. The sender's `base`
         // is something we acknowledged earlier, after it was durable here.
         let mut have = match p.recv {
             Some((incarnation, h)) if incarnation == sender => h,
-            _ => 0,
+            _ => {
+                p.reorder.clear();
+                0
+            }
         };
         have = have.max(base);
-        if lo <= have {
-            // The causal delta-merging condition (Almeida et al. 2018): a
-            // delta-interval is joined only on top of every earlier one from
-            // the same sender. Joining past a gap can keep a dot alive that
-            // the missing interval retires (a counter would count twice).
+        // The causal delta-merging condition (Almeida et al. 2018): a
+        // delta-interval is joined only on top of every earlier one from the
+        // same sender. Joining past a gap could keep a dot alive that the
+        // missing interval retires (a counter would count twice). Intervals
+        // that arrive early wait, a bounded number of them, for the gap.
+        if lo > have {
+            if p.reorder.len() < super::MAX_REORDER {
+                p.reorder.insert(lo, (hi, entries));
+            } else {
+                self.stats.out_of_order += 1;
+            }
+        } else {
             self.apply_remote(from, entries)?;
             have = have.max(hi);
-        } else {
-            self.stats.out_of_order += 1;
+        }
+        loop {
+            let Some(p) = self.peers.get_mut(from) else {
+                return Ok(());
+            };
+            let Some((&start, _)) = p.reorder.first_key_value() else {
+                break;
+            };
+            if start > have {
+                break;
+            }
+            let Some((_, (end, held))) = p.reorder.pop_first() else {
+                break;
+            };
+            if end > have {
+                self.apply_remote(from, held)?;
+                have = end;
+            }
         }
         let Some(p) = self.peers.get_mut(from) else {
             return Ok(());

@@ -218,6 +218,9 @@ impl Stats {
     }
 }
 
+/// Most out-of-order delta-intervals held per peer.
+const MAX_REORDER: usize = 32;
+
 /// What this node knows about one peer.
 #[derive(Clone, Debug)]
 struct Peer {
@@ -238,6 +241,9 @@ struct Peer {
     last_heard: Option<Time>,
     /// The peer's incarnation and how far we have its groups contiguously.
     recv: Option<(ReplicaId, u64)>,
+    /// Delta-intervals that arrived ahead of a gap, by start (bounded by
+    /// `MAX_REORDER`): joined once the gap fills.
+    reorder: BTreeMap<u64, (u64, Vec<(Key, Value)>)>,
     /// Acknowledgement waiting for the next flush.
     ack_unflushed: Option<Ack>,
     /// Durable acknowledgement waiting to be sent, and since when.
@@ -344,6 +350,7 @@ impl<S: Store> Replica<S> {
                     last_delta: None,
                     last_heard: None,
                     recv: None,
+                    reorder: BTreeMap::new(),
                     ack_unflushed: None,
                     ack_ready: None,
                     // After a restart (or on a fresh disk) we cannot know
@@ -678,6 +685,16 @@ impl<S: Store> Replica<S> {
             }
             None => p.incarnation = Some(sender),
         }
+    }
+
+    /// Asks for an anti-entropy repair with `peer`: rounds start on the next
+    /// timeout and repeat every `retransmit_ms` until one completes.
+    pub fn repair_with(&mut self, now: Time, peer: &NodeId) -> Result<(), Error> {
+        if !self.peers.contains_key(peer) {
+            return Err(Error::UnknownPeer(peer.0.clone()));
+        }
+        self.schedule_repair(now, peer);
+        Ok(())
     }
 
     /// `node` must be repaired by a round that starts from now on.

@@ -1,0 +1,330 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! The replication engine driven by hand, the way a driver would: inputs
+//! with `now`, outputs drained from the poll queues.
+
+use lattice_core::clock::Dot;
+use lattice_core::crdt::{Op, Value, ValueView};
+use lattice_core::proto::{self, Message, NodeId, RegionId};
+use lattice_core::replica::{Event, PeerConfig, Replica, ReplicaConfig, Time, Transmit};
+use lattice_core::store::{MemoryStore, Store};
+use lattice_core::{Error, Key};
+use rand_chacha::rand_core::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
+
+fn cfg(me: usize, n: usize) -> ReplicaConfig {
+    let peers = (0..n)
+        .filter(|&j| j != me)
+        .map(|j| PeerConfig {
+            node: NodeId(format!("n{j}")),
+            region: RegionId(format!("r{j}")),
+        })
+        .collect();
+    let mut c = ReplicaConfig::new(format!("n{me}"), format!("r{me}"), peers);
+    c.tree_depth = 3;
+    c.ae_interval_ms = 0; // rounds only when a test or a repair asks
+    c
+}
+
+fn open(me: usize, n: usize, store: MemoryStore, seed: u64) -> Replica<MemoryStore> {
+    Replica::open(cfg(me, n), store, Box::new(ChaCha8Rng::seed_from_u64(seed)), Time(0)).unwrap()
+}
+
+fn key(s: &str) -> Key {
+    Key::new(s).unwrap()
+}
+
+/// A tiny in-test cluster with instant delivery and an optional filter on
+/// which frames get through.
+struct Cluster {
+    nodes: Vec<Replica<MemoryStore>>,
+    now: u64,
+    sent: Vec<(usize, Transmit)>,
+}
+
+impl Cluster {
+    fn new(n: usize) -> Self {
+        Cluster {
+            nodes: (0..n).map(|i| open(i, n, MemoryStore::new(), i as u64 + 1)).collect(),
+            now: 0,
+            sent: Vec::new(),
+        }
+    }
+
+    fn index(to: &NodeId) -> usize {
+        to.0[1..].parse().unwrap()
+    }
+
+    /// Advances time by `ms` in 5 ms steps, flushing and delivering
+    /// everything (frames for which `drop` is true are lost).
+    fn run(&mut self, ms: u64, drop: &dyn Fn(usize, usize, &Transmit) -> bool) {
+        let end = self.now + ms;
+        while self.now < end {
+            self.now += 5;
+            let now = Time(self.now);
+            for r in &mut self.nodes {
+                r.handle_timeout(now).unwrap();
+                r.flush(now).unwrap();
+            }
+            loop {
+                let mut frames = Vec::new();
+                for (i, r) in self.nodes.iter_mut().enumerate() {
+                    while let Some(t) = r.poll_transmit() {
+                        frames.push((i, t));
+                    }
+                    while r.poll_event().is_some() {}
+                }
+                if frames.is_empty() {
+                    break;
+                }
+                for (from, t) in frames {
+                    let to = Self::index(&t.to);
+                    if !drop(from, to, &t) {
+                        self.nodes[to]
+                            .handle(now, &NodeId(format!("n{from}")), &t.payload)
+                            .unwrap();
+                    }
+                    self.sent.push((from, t));
+                }
+                for r in &mut self.nodes {
+                    r.flush(now).unwrap();
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, i: usize, k: &str, op: Op) {
+        self.nodes[i].write(Time(self.now), vec![(key(k), op)]).unwrap();
+    }
+}
+
+fn never(_: usize, _: usize, _: &Transmit) -> bool {
+    false
+}
+
+#[test]
+fn three_replicas_converge_on_every_type() {
+    let mut c = Cluster::new(3);
+    c.run(50, &never); // heartbeats: peers become live
+    for i in 0..3 {
+        c.write(i, "visits", Op::CounterAdd(i as i64 + 1));
+        c.write(i, "tags", Op::SetAdd(vec![format!("t{i}").as_str().into()]));
+        c.write(i, "greeting", Op::LwwSet(format!("hello {i}").as_str().into()));
+        c.write(i, "doc", Op::MvSet(format!("v{i}").as_str().into()));
+    }
+    c.run(200, &never);
+    let d0 = c.nodes[0].digest();
+    assert!(c.nodes.iter().all(|r| r.digest() == d0));
+    assert_eq!(
+        c.nodes[2].read(&key("visits")).unwrap().unwrap().view(),
+        ValueView::Counter(6)
+    );
+    match c.nodes[1].read(&key("tags")).unwrap().unwrap().view() {
+        ValueView::Set(s) => assert_eq!(s.len(), 3),
+        v => panic!("{v:?}"),
+    }
+    match c.nodes[0].read(&key("doc")).unwrap().unwrap().view() {
+        ValueView::Values(v) => assert_eq!(v.len(), 3, "concurrent MV writes are all kept"),
+        v => panic!("{v:?}"),
+    }
+}
+
+#[test]
+fn writes_are_acknowledged_only_after_flush() {
+    let mut r = open(0, 1, MemoryStore::new(), 1);
+    let id = r.write(Time(1), vec![(key("k"), Op::CounterAdd(1))]).unwrap();
+    assert_eq!(r.poll_event(), None, "no acknowledgement before the flush");
+    assert!(r.needs_flush());
+    r.flush(Time(2)).unwrap();
+    assert_eq!(r.poll_event(), Some(Event::WriteDurable(id)));
+}
+
+#[test]
+fn a_type_mismatch_is_an_error_and_changes_nothing() {
+    let mut r = open(0, 1, MemoryStore::new(), 1);
+    r.write(Time(1), vec![(key("c"), Op::CounterAdd(1))]).unwrap();
+    let before = r.read(&key("c")).unwrap();
+    let d = r.digest();
+    // A batch whose second op fails leaves the first unapplied as well.
+    let err = r
+        .write(
+            Time(2),
+            vec![
+                (key("other"), Op::CounterAdd(1)),
+                (key("c"), Op::SetAdd(vec!["x".into()])),
+            ],
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::TypeMismatch { .. }), "{err}");
+    assert_eq!(r.read(&key("c")).unwrap(), before);
+    assert_eq!(r.read(&key("other")).unwrap(), None);
+    assert_eq!(r.digest(), d);
+}
+
+#[test]
+fn too_many_unflushed_writes_are_refused_with_overloaded() {
+    let mut c = cfg(0, 1);
+    c.max_pending_writes = 3;
+    let mut r = Replica::open(c, MemoryStore::new(), Box::new(ChaCha8Rng::seed_from_u64(1)), Time(0)).unwrap();
+    for _ in 0..3 {
+        r.write(Time(1), vec![(key("k"), Op::CounterAdd(1))]).unwrap();
+    }
+    assert!(matches!(
+        r.write(Time(1), vec![(key("k"), Op::CounterAdd(1))]),
+        Err(Error::Overloaded(_))
+    ));
+    r.flush(Time(2)).unwrap();
+    assert!(r.write(Time(3), vec![(key("k"), Op::CounterAdd(1))]).is_ok());
+}
+
+#[test]
+fn bad_frames_are_refused_without_effect() {
+    let mut r = open(0, 2, MemoryStore::new(), 1);
+    let from = NodeId("n1".into());
+    let d = r.digest();
+    assert!(matches!(r.handle(Time(1), &from, b""), Err(Error::Codec(_))));
+    assert!(matches!(
+        r.handle(Time(1), &from, &[9, 1, 2, 3]),
+        Err(Error::UnknownVersion(9))
+    ));
+    assert!(matches!(
+        r.handle(Time(1), &from, &[proto::PROTOCOL_VERSION, 0xc1, 0xff]),
+        Err(Error::Codec(_))
+    ));
+    let huge = vec![proto::PROTOCOL_VERSION; proto::DEFAULT_MAX_MESSAGE_BYTES + 1];
+    assert!(matches!(
+        r.handle(Time(1), &from, &huge),
+        Err(Error::MessageTooLarge { .. })
+    ));
+    let good = proto::encode(&Message::Heartbeat {
+        sender: r.id(),
+        time: Default::default(),
+    })
+    .unwrap();
+    assert!(matches!(
+        r.handle(Time(1), &NodeId("stranger".into()), &good),
+        Err(Error::UnknownPeer(_))
+    ));
+    assert_eq!(r.digest(), d);
+    assert_eq!(r.stats().rejected, 5);
+}
+
+#[test]
+fn a_lost_disk_comes_back_under_a_new_replica_id() {
+    let r = open(0, 1, MemoryStore::new(), 1);
+    let first = r.id();
+    let store = r.into_store();
+    let again = Replica::open(cfg(0, 1), store, Box::new(ChaCha8Rng::seed_from_u64(99)), Time(5)).unwrap();
+    assert_eq!(again.id(), first, "a restart on its own disk keeps its identity");
+    let wiped = open(0, 1, MemoryStore::new(), 2);
+    assert_ne!(wiped.id(), first, "an empty store gets a fresh identity");
+}
+
+/// Every dot in every delta a node ever sent, with the state it carried.
+fn sent_dots(sent: &[(usize, Transmit)], node: usize) -> BTreeMap<(Key, Dot), Value> {
+    let mut out = BTreeMap::new();
+    for (_, t) in sent.iter().filter(|(f, _)| *f == node) {
+        if let Ok(Message::Delta { entries, .. }) = proto::decode(&t.payload, usize::MAX) {
+            for (k, v) in entries {
+                if let Value::Counter(c) = &v {
+                    for (d, _) in c.causal().store().iter_dots() {
+                        out.insert((k.clone(), d), v.clone());
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_crash_never_makes_a_node_reuse_a_dot_it_sent() {
+    let mut c = Cluster::new(2);
+    c.run(50, &never);
+    let mut seen: BTreeMap<(Key, Dot), i128> = BTreeMap::new();
+    for round in 0..20 {
+        // Some writes get flushed and sent, the last one is lost in a crash.
+        c.write(0, "k", Op::CounterAdd(1));
+        c.run(20, &never);
+        c.write(0, "k", Op::CounterAdd(100));
+        let store = {
+            let r = std::mem::replace(&mut c.nodes[0], open(0, 2, MemoryStore::new(), 1000 + round));
+            let mut s = r.into_store();
+            s.crash();
+            s
+        };
+        c.nodes[0] = Replica::open(
+            cfg(0, 2),
+            store,
+            Box::new(ChaCha8Rng::seed_from_u64(round)),
+            Time(c.now),
+        )
+        .unwrap();
+        c.run(100, &never);
+        for ((k, d), v) in sent_dots(&c.sent, 0) {
+            let val = v.view();
+            let ValueView::Counter(n) = val else { panic!() };
+            if let Some(prev) = seen.insert((k.clone(), d), n) {
+                assert_eq!(prev, n, "dot {d:?} of {k} was sent with two different values");
+            }
+        }
+    }
+    // Only the flushed +1s count: the +100s were never acknowledged.
+    assert_eq!(
+        c.nodes[1].read(&key("k")).unwrap().unwrap().view(),
+        ValueView::Counter(20)
+    );
+}
+
+#[test]
+fn anti_entropy_cost_follows_the_difference() {
+    let n_keys = 5_000;
+    let mut c = Cluster::new(2);
+    for (i, r) in c.nodes.iter_mut().enumerate() {
+        // Slow retransmission, so only anti-entropy can repair in time.
+        let mut conf = cfg(i, 2);
+        conf.retransmit_ms = 600_000;
+        let store = std::mem::replace(r, open(i, 2, MemoryStore::new(), 9)).into_store();
+        *r = Replica::open(conf, store, Box::new(ChaCha8Rng::seed_from_u64(i as u64)), Time(0)).unwrap();
+    }
+    c.run(50, &never);
+    let ops: Vec<(Key, Op)> = (0..n_keys)
+        .map(|i| (key(&format!("k{i}")), Op::CounterAdd(1)))
+        .collect();
+    for chunk in ops.chunks(500) {
+        c.nodes[0].write(Time(c.now), chunk.to_vec()).unwrap();
+    }
+    c.run(100, &never);
+    assert_eq!(c.nodes[0].digest(), c.nodes[1].digest());
+    // One more write whose delta is lost.
+    c.write(0, "k7", Op::CounterAdd(1));
+    c.run(50, &|_, _, t| t.kind == "delta");
+    assert_ne!(c.nodes[0].digest(), c.nodes[1].digest());
+    c.run(1_500, &never); // idle: heartbeats only, no retransmission yet
+    assert_ne!(c.nodes[0].digest(), c.nodes[1].digest());
+    let before = c.sent.len();
+    c.nodes[1].repair_with(Time(c.now), &NodeId("n0".into())).unwrap();
+    c.run(200, &never);
+    assert_eq!(
+        c.nodes[0].digest(),
+        c.nodes[1].digest(),
+        "anti-entropy repaired the difference"
+    );
+    let ae: Vec<&Transmit> = c.sent[before..]
+        .iter()
+        .map(|(_, t)| t)
+        .filter(|t| t.kind.starts_with("ae_"))
+        .collect();
+    let bytes: usize = ae.iter().map(|t| t.payload.len()).sum();
+    // Root, three levels of digests, leaves, states, final states, done.
+    assert!(
+        ae.len() <= 8,
+        "{} anti-entropy messages: {:?}",
+        ae.len(),
+        ae.iter().map(|t| t.kind).collect::<Vec<_>>()
+    );
+    assert!(
+        bytes < 2 * 1024,
+        "{bytes} bytes of anti-entropy for one differing key among {n_keys}"
+    );
+}
