@@ -76,7 +76,7 @@ pub(crate) fn map_remove<K: Ord + Clone + Debug, V: DotStore>(store: &DotMap<K, 
 }
 
 impl<K: Ord + Clone + Debug, V: DotStore> OrMap<K, V> {
-    /// The delta of updating `key` with `f` (see [`map_update`]): `f` gets the
+    /// The delta of updating `key` with `f`: `f` gets the
     /// current value and the map's context and returns the value's delta.
     pub fn update(&self, key: K, f: impl FnOnce(&V, &CausalContext) -> Causal<V>) -> OrMap<K, V> {
         let r: Result<_, std::convert::Infallible> = map_update(&self.0.store, &self.0.ctx, key, |v, c| Ok(f(v, c)));
