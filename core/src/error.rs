@@ -40,7 +40,7 @@ pub enum Error {
     #[error("counter overflow")]
     CounterOverflow,
     /// Maps nest deeper than allowed.
-    #[error("maps nest deeper than {limit} levels")]
+    #[error("maps may nest fewer than {limit} levels")]
     NestingTooDeep {
         /// The limit.
         limit: usize,

@@ -3,6 +3,10 @@
 //! input is an error or a valid value (never a panic), and the frame codec
 //! of `lattice_core::proto` enforces its version, size and validity checks.
 
+// Clippy's `allow-unwrap-in-tests` covers `#[test]` functions only, not
+// the helpers of an integration test crate.
+#![allow(clippy::unwrap_used)]
+
 use lattice_core::clock::{CausalContext, Dot, HlcTimestamp, ReplicaId, VersionVector};
 use lattice_core::crdt::{
     Bytes, CCounter, Causal, Crdt, DotMap, DotSet, DotStore, Field, FieldKind, GCounter, LwwRegister, MvRegister, Op,
@@ -19,7 +23,7 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 
 const LIMIT: usize = proto::DEFAULT_MAX_MESSAGE_BYTES;
-const SEED: u64 = 0xc0de_c5ee_d;
+const SEED: u64 = 0xc0de_c5ee;
 
 fn config(cases: u32) -> ProptestConfig {
     // Deterministic: a fixed seed and case count unless PROPTEST_RNG_SEED or
@@ -247,16 +251,11 @@ fn delta_message(entries: Vec<(Key, Value)>) -> Message {
     }
 }
 
-/// Frames carrying the script's values: as a delta and as anti-entropy
-/// states; plus an acknowledgement.
+/// Frames: the script's values as a delta, and an acknowledgement.
 fn messages(s: &Script) -> Vec<Message> {
     let entries: Vec<(Key, Value)> = values(s).into_iter().enumerate().map(|(i, v)| (key(i), v)).collect();
     vec![
-        delta_message(entries.clone()),
-        Message::AeStates {
-            entries,
-            want: vec![0, u64::MAX],
-        },
+        delta_message(entries),
         Message::Ack(Ack {
             replica: ReplicaId(9),
             upto: 42,
@@ -360,7 +359,7 @@ proptest! {
     #[test]
     fn corrupted_frames_never_panic(
         s in script(),
-        which in prop_oneof![3 => 0usize..2, 1 => Just(2usize)],
+        which in prop_oneof![3 => Just(0usize), 1 => Just(1usize)],
         flips in flips(),
     ) {
         let msgs = messages(&s);

@@ -17,6 +17,10 @@
 //!    duplicates allowed), all replicas are equal, equal to the join of the
 //!    full states and to the join of all deltas.
 
+// Clippy's `allow-unwrap-in-tests` covers `#[test]` functions only, not
+// the helpers of an integration test crate.
+#![allow(clippy::unwrap_used)]
+
 use lattice_core::clock::{CausalContext, Dot, Hlc, ReplicaId};
 use lattice_core::crdt::{
     Bytes, CCounter, Causal, Crdt, DotMap, DotSet, DotStore, Field, FieldKind, GCounter, Kind, LwwRegister, MvRegister,
@@ -1022,6 +1026,11 @@ fn model_apply(before: Option<&Value>, op: &Op) -> Result<BTreeMap<Kind, ValueVi
                 if vk != k {
                     return Err(Error::TypeMismatch { expected: vk, found: k });
                 }
+            }
+            // A conflict takes operations of the kinds it holds, no new one.
+            if matches!(before, Some(Value::Conflict(_))) && !views.contains_key(&k) {
+                let expected = views.keys().next().copied().unwrap_or(k);
+                return Err(Error::TypeMismatch { expected, found: k });
             }
             let base = views.get(&k).cloned().unwrap_or_else(|| Value::empty(k).view());
             views.insert(k, model_value(base, op)?);

@@ -2,6 +2,10 @@
 //! survives concurrent updates, how ties resolve, what an operation of the
 //! wrong kind does, and the limits (map nesting, clock skew).
 
+// Clippy's `allow-unwrap-in-tests` covers `#[test]` functions only, not
+// the helpers of an integration test crate.
+#![allow(clippy::unwrap_used)]
+
 use lattice_core::clock::{ClockError, Hlc, HlcTimestamp, ReplicaId};
 use lattice_core::crdt::{
     Bytes, CCounter, Crdt, DotMap, DotSet, DotStore, Field, FieldKind, GCounter, Kind, LwwRegister, MvRegister,

@@ -6,7 +6,7 @@ use lattice_core::clock::Dot;
 use lattice_core::crdt::{Op, Value, ValueView};
 use lattice_core::proto::{self, Message, NodeId, RegionId};
 use lattice_core::replica::{Event, PeerConfig, Replica, ReplicaConfig, Time, Transmit};
-use lattice_core::store::{MemoryStore, Store};
+use lattice_core::store::MemoryStore;
 use lattice_core::{Error, Key};
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;

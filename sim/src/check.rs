@@ -82,7 +82,7 @@ pub fn no_lost_writes(records: &[OpRecord], final_state: &BTreeMap<Key, Value>) 
             })
             .collect();
         match (kind, value.map(Value::view)) {
-            (KeyKind::Counter, Some(ValueView::Counter(n))) => {
+            (KeyKind::Counter | KeyKind::GCounter | KeyKind::PnCounter, Some(ValueView::Counter(n))) => {
                 let acked: i128 = recs
                     .iter()
                     .filter(|r| r.acked_at.is_some() && !r.exempt)
@@ -141,7 +141,8 @@ pub fn no_lost_writes(records: &[OpRecord], final_state: &BTreeMap<Key, Value>) 
 
 fn delta(op: &Op) -> i128 {
     match op {
-        Op::CounterAdd(n) => i128::from(*n),
+        Op::CounterAdd(n) | Op::PnCounterAdd(n) => i128::from(*n),
+        Op::GCounterInc(n) => i128::from(*n),
         _ => 0,
     }
 }

@@ -23,6 +23,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod check;
 pub mod config;
 pub mod faults;

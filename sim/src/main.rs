@@ -19,6 +19,9 @@ struct Cli {
 enum Cmd {
     /// Run one simulation and print its summary; exit 1 on a violation.
     Run(RunArgs),
+    /// Benchmarks of the real engine (figures, not tests).
+    #[command(subcommand)]
+    Bench(BenchCmd),
     /// Run many seeds, each drawing its own sizes and fault mix (swarm
     /// testing); exit 1 if any seed finds a violation.
     Swarm {
@@ -31,6 +34,24 @@ enum Cmd {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Anti-entropy cost: two nodes share `--keys` keys, `--diff` of them
+    /// differ; one repair round. Prints messages, round trips and bytes
+    /// against the size of the differing states and of a full-state sync.
+    Repair {
+        /// Keys on each node.
+        #[arg(long, default_value_t = 1_000_000)]
+        keys: usize,
+        /// Differing keys, comma separated.
+        #[arg(long, default_value = "0,1,1000,100000", value_delimiter = ',')]
+        diff: Vec<usize>,
+        /// Anti-entropy tree depth (fanout 16).
+        #[arg(long, default_value_t = 4)]
+        depth: u8,
     },
 }
 
@@ -200,6 +221,22 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Swarm { seeds, from, quiet } => swarm(seeds, from, quiet),
+        Cmd::Bench(BenchCmd::Repair { keys, diff, depth }) => {
+            for d in diff {
+                if d > keys {
+                    eprintln!("error: --diff {d} is larger than --keys {keys}");
+                    return ExitCode::from(2);
+                }
+                match lattice_sim::bench::repair(keys, d, depth) {
+                    Ok(f) => println!("{}", f.line()),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(1);
+                    }
+                }
+            }
+            true
+        }
     };
     if ok {
         ExitCode::SUCCESS

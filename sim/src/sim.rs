@@ -171,6 +171,8 @@ pub struct Sim {
     healed_at: Option<u64>,
     done: bool,
     trace: blake3::Hasher,
+    /// Print every delivered frame, write and crash (`LATTICE_SIM_TRACE=1`).
+    trace_log: bool,
     report: Report,
 }
 
@@ -242,6 +244,7 @@ impl Sim {
             healed_at: None,
             done: false,
             trace: blake3::Hasher::new(),
+            trace_log: std::env::var_os("LATTICE_SIM_TRACE").is_some(),
             report,
         };
         for i in 0..sim.cfg.nodes {
@@ -293,6 +296,13 @@ impl Sim {
     }
 
     fn stop_node(&mut self, i: usize, wipe: bool) {
+        if self.trace_log {
+            eprintln!(
+                "{} STOP n{i} wipe={wipe} up={}",
+                self.now,
+                self.nodes[i].replica.is_some()
+            );
+        }
         let Some(r) = self.nodes[i].replica.take() else { return };
         let mut store = r.into_store();
         store.crash();
@@ -494,6 +504,7 @@ impl Sim {
             return;
         };
         let result = r.write(Time(self.now), vec![(key.clone(), op.clone())]);
+        let r_id = r.id();
         let id = self.records.len();
         let mut rec = OpRecord {
             id,
@@ -507,6 +518,7 @@ impl Sim {
             acked_at: None,
             dots: Default::default(),
             lww_stamp: None,
+            counter_entry: None,
             exempt: false,
             seen_by: 0,
             reached_all_at: None,
@@ -525,11 +537,26 @@ impl Sim {
                 {
                     rec.lww_stamp = after.as_ref().and_then(Value::lww_stamp);
                 }
+                if matches!(rec.op, Op::GCounterInc(_) | Op::PnCounterAdd(_)) {
+                    let me = r_id;
+                    rec.counter_entry = after.as_ref().and_then(|v| v.counter_entry(me)).map(|e| (me, e));
+                }
                 rec.applied = true;
+                if self.trace_log {
+                    eprintln!(
+                        "{} WRITE #{} n{i} {key} {:?} entry={:?}",
+                        self.now, rec.id, rec.op, rec.counter_entry
+                    );
+                }
                 self.report.applied += 1;
                 self.pending.insert((i, token, wid), id);
                 self.records.push(rec);
-                self.unseen.entry(key.clone()).or_default().insert(id);
+                // Propagation is measured for writes with something to see
+                // (dots, a stamp, a counter total): not for removes.
+                let rec = &self.records[id];
+                if !rec.dots.is_empty() || rec.lww_stamp.is_some() || rec.counter_entry.is_some() {
+                    self.unseen.entry(key.clone()).or_default().insert(id);
+                }
                 self.key_changed(i, &key);
             }
             (Ok(_), true) => {
@@ -702,7 +729,7 @@ impl Sim {
             self.trace.update(&[s.ev.code()]);
             match s.ev {
                 Ev::Deliver { from, to, payload } => {
-                    if std::env::var_os("SIMDBG").is_some() {
+                    if self.trace_log {
                         if let Ok(m) = lattice_core::proto::decode(&payload, usize::MAX) {
                             if !matches!(m, lattice_core::proto::Message::Heartbeat { .. }) {
                                 eprintln!("{} n{from}->n{to} {:?}", self.now, m);
@@ -749,6 +776,19 @@ impl Sim {
                 Ev::Fault(a) => self.fault(a),
                 Ev::Heal => self.heal(),
                 Ev::Check => self.check(),
+            }
+        }
+        if self.trace_log {
+            let slowest = self
+                .records
+                .iter()
+                .filter(|r| r.reached_all_at.is_some())
+                .max_by_key(|r| r.reached_all_at.map(|t| t - r.issued_at));
+            if let Some(r) = slowest {
+                eprintln!(
+                    "slowest write: #{} n{} {:?} on {} issued {} reached all {:?}",
+                    r.id, r.node, r.op, r.key, r.issued_at, r.reached_all_at
+                );
             }
         }
         let mut lat: Vec<u64> = self

@@ -11,6 +11,10 @@ use rand_chacha::ChaCha8Rng;
 /// The CRDT type a key is used as (keys are named by type: `c3`, `s0`, ...).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum KeyKind {
+    /// Grow-only counter.
+    GCounter,
+    /// Positive-negative counter.
+    PnCounter,
     /// Resettable counter, never deleted in the workload.
     Counter,
     /// LWW register.
@@ -23,11 +27,21 @@ pub enum KeyKind {
     Map,
 }
 
-const KINDS: [KeyKind; 5] = [KeyKind::Counter, KeyKind::Lww, KeyKind::Mv, KeyKind::Set, KeyKind::Map];
+const KINDS: [KeyKind; 7] = [
+    KeyKind::GCounter,
+    KeyKind::PnCounter,
+    KeyKind::Counter,
+    KeyKind::Lww,
+    KeyKind::Mv,
+    KeyKind::Set,
+    KeyKind::Map,
+];
 
 impl KeyKind {
     fn prefix(self) -> &'static str {
         match self {
+            KeyKind::GCounter => "g",
+            KeyKind::PnCounter => "n",
             KeyKind::Counter => "c",
             KeyKind::Lww => "l",
             KeyKind::Mv => "m",
@@ -62,6 +76,9 @@ pub struct OpRecord {
     pub dots: CausalContext,
     /// LWW stamp the write got.
     pub lww_stamp: Option<(HlcTimestamp, ReplicaId)>,
+    /// For G- and PN-counters: the writer and its running totals after
+    /// the write.
+    pub counter_entry: Option<(ReplicaId, (u64, u64))>,
     /// The acked write's only copy was destroyed by a disk loss before it
     /// reached another node: it may legitimately be gone.
     pub exempt: bool,
@@ -75,8 +92,11 @@ impl OpRecord {
     /// Whether `value` (a state of this record's key) includes the write.
     pub fn visible_in(&self, value: Option<&Value>) -> bool {
         let Some(v) = value else {
-            return self.dots.is_empty() && self.lww_stamp.is_none();
+            return self.dots.is_empty() && self.lww_stamp.is_none() && self.counter_entry.is_none();
         };
+        if let Some((replica, (inc, dec))) = self.counter_entry {
+            return v.counter_entry(replica).is_some_and(|(i, d)| i >= inc && d >= dec);
+        }
         if let Some(stamp) = self.lww_stamp {
             return v.lww_stamp().is_some_and(|s| s >= stamp);
         }
@@ -184,6 +204,11 @@ impl Workload {
             return (key, kind, wrong, true);
         }
         let op = match kind {
+            KeyKind::GCounter => Op::GCounterInc(rng.gen_range(1..=10)),
+            KeyKind::PnCounter => {
+                let n = rng.gen_range(-5i64..=10);
+                Op::PnCounterAdd(if n == 0 { 1 } else { n })
+            }
             KeyKind::Counter => {
                 let n = rng.gen_range(-5i64..=10);
                 Op::CounterAdd(if n == 0 { 1 } else { n })

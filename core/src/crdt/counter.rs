@@ -89,6 +89,8 @@ pub struct PNCounter {
 
 impl PNCounter {
     /// The delta of adding `delta` (negative to decrement) at `replica`.
+    /// Each half saturates at `u64::MAX` (`Value::apply` refuses an
+    /// overflowing add with `CounterOverflow` instead).
     pub fn add(&self, replica: ReplicaId, delta: i64) -> PNCounter {
         if delta >= 0 {
             PNCounter {
@@ -101,6 +103,11 @@ impl PNCounter {
                 n: self.n.inc(replica, delta.unsigned_abs()),
             }
         }
+    }
+
+    /// The running totals (added, subtracted) of one replica.
+    pub fn entry(&self, replica: ReplicaId) -> (u64, u64) {
+        (self.p.get(replica), self.n.get(replica))
     }
 
     /// Increments minus decrements.

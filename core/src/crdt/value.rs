@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 
-/// How deep maps may nest (a map at the top counts as depth 1).
+/// Maps nest less deep than this: a value holds at most `MAX_NESTING - 1`
+/// levels of maps (the top-level map is level 1).
 pub const MAX_NESTING: usize = 8;
 
 /// The CRDT type of a top-level value.
@@ -449,7 +450,14 @@ impl Value {
         };
         let part = match current {
             None => None,
-            Some(Value::Conflict(parts)) => parts.iter().find(|p| p.kind() == Some(kind)),
+            // A conflict takes operations of the kinds it holds, and no new one.
+            Some(Value::Conflict(parts)) => match parts.iter().find(|p| p.kind() == Some(kind)) {
+                Some(p) => Some(p),
+                None => {
+                    let expected = parts.first().and_then(Value::kind).unwrap_or(kind);
+                    return Err(Error::TypeMismatch { expected, found: kind });
+                }
+            },
             Some(v) if v.kind() == Some(kind) => Some(v),
             Some(v) => {
                 return Err(Error::TypeMismatch {
@@ -468,8 +476,16 @@ impl Value {
         };
         let r = stamp.replica;
         Ok(match (cur, op) {
-            (Value::GCounter(c), Op::GCounterInc(n)) => Value::GCounter(c.inc(r, *n)),
-            (Value::PnCounter(c), Op::PnCounterAdd(n)) => Value::PnCounter(c.add(r, *n)),
+            (Value::GCounter(c), Op::GCounterInc(n)) => {
+                c.get(r).checked_add(*n).ok_or(Error::CounterOverflow)?;
+                Value::GCounter(c.inc(r, *n))
+            }
+            (Value::PnCounter(c), Op::PnCounterAdd(n)) => {
+                let (inc, dec) = c.entry(r);
+                let half = if *n >= 0 { inc } else { dec };
+                half.checked_add(n.unsigned_abs()).ok_or(Error::CounterOverflow)?;
+                Value::PnCounter(c.add(r, *n))
+            }
             (Value::Counter(c), Op::CounterAdd(n)) => Value::Counter(c.try_add(r, *n).ok_or(Error::CounterOverflow)?),
             (Value::Lww(reg), Op::LwwSet(v)) => Value::Lww(reg.set(reg.stamp_after(stamp.time), r, Some(v.clone()))),
             (Value::MvRegister(reg), Op::MvSet(v)) => Value::MvRegister(reg.write(r, v.clone())),
@@ -614,6 +630,17 @@ impl Value {
                 acc
             }),
             Value::GCounter(_) | Value::PnCounter(_) | Value::Lww(_) => CausalContext::default(),
+        }
+    }
+
+    /// The running totals (added, subtracted) of `replica` in a G- or
+    /// PN-counter: a write is included when these reach what it wrote.
+    pub fn counter_entry(&self, replica: ReplicaId) -> Option<(u64, u64)> {
+        match self {
+            Value::GCounter(c) => Some((c.get(replica), 0)),
+            Value::PnCounter(c) => Some(c.entry(replica)),
+            Value::Conflict(parts) => parts.iter().find_map(|p| p.counter_entry(replica)),
+            _ => None,
         }
     }
 

@@ -92,6 +92,9 @@ pub struct RoundId {
     /// the round completes, the other side holds the initiator's state with
     /// every group below this, so deltas can resume from here.
     pub through: u64,
+    /// Some step of the round was cut short by a limit (fanout, frame
+    /// size): its completion repairs only part of the difference.
+    pub partial: bool,
 }
 
 /// "I have every delta-group of `replica` below `upto`."

@@ -16,21 +16,24 @@ use crate::Error;
 use std::collections::BTreeSet;
 
 impl<S: Store> Replica<S> {
-    /// Starts a round with `peer` by sending our root digest.
+    /// Starts a round with `peer` by sending the digests of the root's
+    /// children: equal roots cost this one message and the answer, and a
+    /// difference saves the round trip a root-only opening would take.
     pub(super) fn start_anti_entropy(&mut self, now: Time, peer: &NodeId) -> Result<(), Error> {
         self.stats.ae_rounds += 1;
         let round = RoundId {
             initiator: self.id,
             seq: self.next_round,
             through: self.durable_seq,
+            partial: false,
         };
         self.next_round += 1;
         let msg = Message::AeTree {
             round,
             depth: self.tree.depth(),
-            level: 0,
-            parents: Vec::new(),
-            digests: Bytes(self.tree.root().to_le_bytes().to_vec()),
+            level: 1,
+            parents: vec![0],
+            digests: self.children_digests(1, &[0]),
         };
         self.queue(peer, &msg, now)
     }
@@ -87,9 +90,14 @@ impl<S: Store> Replica<S> {
                 }
             }
         }
-        differing.truncate(self.cfg.max_ae_fanout);
+        let mut round = round;
+        if differing.len() > self.cfg.max_ae_fanout {
+            differing.truncate(self.cfg.max_ae_fanout);
+            round.partial = true;
+        }
         if differing.is_empty() {
-            return if level == 0 {
+            // A round opens at level 1: nothing differs there, roots are equal.
+            return if level <= 1 {
                 self.queue(from, &Message::AeInSync { round }, now)
             } else {
                 Ok(())
@@ -106,14 +114,22 @@ impl<S: Store> Replica<S> {
             return self.queue(from, &msg, now);
         }
         let mut items = Vec::with_capacity(differing.len());
-        for &leaf in &differing {
-            items.push(Bytes(
-                self.leaf_items(from, leaf)?
-                    .into_iter()
-                    .flat_map(|(k, h)| k.to_le_bytes().into_iter().chain(h.to_le_bytes()))
-                    .collect(),
-            ));
+        let (budget, mut bytes) = (self.cfg.max_message_bytes / 2, 0);
+        for (n, &leaf) in differing.iter().enumerate() {
+            let blob: Vec<u8> = self
+                .leaf_items(from, leaf)?
+                .into_iter()
+                .flat_map(|(k, h)| k.to_le_bytes().into_iter().chain(h.to_le_bytes()))
+                .collect();
+            bytes += blob.len() + 8;
+            if bytes > budget && n > 0 {
+                // The rest waits for the next round.
+                round.partial = true;
+                break;
+            }
+            items.push(Bytes(blob));
         }
+        differing.truncate(items.len());
         self.queue(
             from,
             &Message::AeLeaves {
@@ -207,6 +223,7 @@ impl<S: Store> Replica<S> {
         want: Vec<u64>,
         reply: bool,
     ) -> Result<(), Error> {
+        let mut round = round;
         let budget = self.cfg.max_message_bytes * 3 / 4;
         let mut batch = Vec::new();
         let mut bytes = 0;
@@ -216,6 +233,7 @@ impl<S: Store> Replica<S> {
                 // One state larger than a frame can only be repaired by the
                 // owner splitting it; log it rather than stall the round.
                 tracing::warn!(key = %k, size, "state too large for an anti-entropy frame");
+                round.partial = true;
                 continue;
             }
             if bytes + size > budget && !batch.is_empty() {
@@ -267,7 +285,10 @@ impl<S: Store> Replica<S> {
             .cfg
             .clone();
         let mut send = Vec::new();
-        for &h in want.iter().take(self.cfg.max_ae_fanout * 64) {
+        let limit = self.cfg.max_ae_fanout * 64;
+        let mut round = round;
+        round.partial |= want.len() > limit;
+        for &h in want.iter().take(limit) {
             let bucket = (h >> 32) as u32;
             for (k, v) in self.store.scan_buckets(bucket, bucket)? {
                 if k.hash().0 == h && self.filter.may_send(&cfg, &k) {

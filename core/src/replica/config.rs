@@ -1,0 +1,204 @@
+//! The replica's public vocabulary: time, configuration, outputs and counters.
+
+use crate::key::Key;
+use crate::proto::{self, NodeId, RegionId};
+use std::collections::BTreeMap;
+
+/// A point in time on the driving node's clock, in milliseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Time(pub u64);
+
+impl Time {
+    /// `self + ms`.
+    pub fn plus(self, ms: u64) -> Time {
+        Time(self.0.saturating_add(ms))
+    }
+    /// Milliseconds from `earlier` to `self` (0 if negative).
+    pub fn since(self, earlier: Time) -> u64 {
+        self.0.saturating_sub(earlier.0)
+    }
+}
+
+/// Identifies a local write until it is acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WriteId(pub u64);
+
+/// A configured peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// Its node name.
+    pub node: NodeId,
+    /// Its region.
+    pub region: RegionId,
+}
+
+/// Decides which keys may be sent to a peer: the hook through which
+/// replication policies (residency, quarantine) are enforced.
+pub trait SendFilter: Send {
+    /// Whether `key` (its state, deltas or existence) may reach `peer`.
+    fn may_send(&self, peer: &PeerConfig, key: &Key) -> bool;
+}
+
+/// The default filter: every key may go everywhere.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AllowAll;
+
+impl SendFilter for AllowAll {
+    fn may_send(&self, _: &PeerConfig, _: &Key) -> bool {
+        true
+    }
+}
+
+/// Tunables of a replica. Every queue and message has a limit here.
+#[derive(Clone, Debug)]
+pub struct ReplicaConfig {
+    /// This node's name.
+    pub node: NodeId,
+    /// This node's region.
+    pub region: RegionId,
+    /// The peers this node exchanges deltas and digests with.
+    pub peers: Vec<PeerConfig>,
+    /// Re-gossip deltas received from one peer to the others (for partial
+    /// topologies: trees, partial meshes). In a full mesh every origin sends
+    /// to everyone directly and relaying would only add redundant traffic.
+    pub relay: bool,
+    /// At most one `Delta` message per peer per this interval (batching).
+    pub sync_interval_ms: u64,
+    /// A stand-alone `Ack` waits this long for a delta to ride on.
+    pub ack_delay_ms: u64,
+    /// Unacknowledged groups are re-sent after this long without progress.
+    pub retransmit_ms: u64,
+    /// A heartbeat goes to a peer that has been sent nothing for this long.
+    pub heartbeat_ms: u64,
+    /// A peer not heard from for this long is considered down.
+    pub peer_timeout_ms: u64,
+    /// Interval between anti-entropy rounds with a random live peer
+    /// (0 disables periodic rounds; lagging peers are still repaired).
+    pub ae_interval_ms: u64,
+    /// Levels of the anti-entropy tree below the root (fanout 16); must be
+    /// equal across the cluster. 4 gives 65,536 leaves.
+    pub tree_depth: u8,
+    /// Largest frame sent or accepted.
+    pub max_message_bytes: usize,
+    /// Largest total size of buffered delta-groups; beyond it the oldest are
+    /// dropped and lagging peers are repaired by anti-entropy.
+    pub max_buffer_bytes: usize,
+    /// Most writes waiting for durability; beyond it writes get `Overloaded`.
+    pub max_pending_writes: usize,
+    /// Remote clocks further ahead than this are not merged into ours.
+    pub max_clock_ahead_ms: u64,
+    /// Most tree nodes or leaves one anti-entropy message descends into.
+    pub max_ae_fanout: usize,
+}
+
+impl ReplicaConfig {
+    /// Defaults for a node `node` in `region` with these peers.
+    pub fn new(node: impl Into<NodeId>, region: impl Into<RegionId>, peers: Vec<PeerConfig>) -> Self {
+        ReplicaConfig {
+            node: node.into(),
+            region: region.into(),
+            peers,
+            relay: false,
+            sync_interval_ms: 20,
+            ack_delay_ms: 50,
+            retransmit_ms: 1_000,
+            heartbeat_ms: 1_000,
+            peer_timeout_ms: 5_000,
+            ae_interval_ms: 5_000,
+            tree_depth: 4,
+            max_message_bytes: proto::DEFAULT_MAX_MESSAGE_BYTES,
+            max_buffer_bytes: 64 << 20,
+            max_pending_writes: 10_000,
+            max_clock_ahead_ms: 60_000,
+            max_ae_fanout: 4_096,
+        }
+    }
+}
+
+impl From<String> for NodeId {
+    fn from(s: String) -> Self {
+        NodeId(s)
+    }
+}
+
+impl From<String> for RegionId {
+    fn from(s: String) -> Self {
+        RegionId(s)
+    }
+}
+
+/// A frame to send to a peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// The destination.
+    pub to: NodeId,
+    /// The encoded frame.
+    pub payload: Vec<u8>,
+    /// The message kind (for metrics).
+    pub kind: &'static str,
+}
+
+/// Something the driver should act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The write is durable: acknowledge it to the client.
+    WriteDurable(WriteId),
+    /// A key changed because of a peer's delta or anti-entropy.
+    RemoteApplied {
+        /// The key.
+        key: Key,
+        /// The peer it came from.
+        from: NodeId,
+    },
+}
+
+/// Counters a driver exports as metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Frames queued for sending, by kind.
+    pub sent: BTreeMap<&'static str, (u64, u64)>,
+    /// Frames received (count, bytes).
+    pub received: (u64, u64),
+    /// Frames refused by the codec or validation.
+    pub rejected: u64,
+    /// Local writes accepted.
+    pub writes: u64,
+    /// Writes refused with `Overloaded`.
+    pub overloaded: u64,
+    /// Keys changed by remote state.
+    pub remote_updates: u64,
+    /// Remote entries that brought nothing new.
+    pub redundant_entries: u64,
+    /// Delta messages dropped because an earlier interval was missing.
+    pub out_of_order: u64,
+    /// Anti-entropy rounds started.
+    pub ae_rounds: u64,
+    /// Keys repaired by anti-entropy.
+    pub ae_keys_repaired: u64,
+    /// Buffered groups dropped because the buffer was full.
+    pub buffer_dropped: u64,
+    /// Remote clocks not merged because too far ahead.
+    pub clock_rejections: u64,
+}
+
+impl Stats {
+    /// Total frames and bytes sent.
+    pub fn sent_total(&self) -> (u64, u64) {
+        self.sent.values().fold((0, 0), |(m, b), (m2, b2)| (m + m2, b + b2))
+    }
+}
+
+/// A peer as seen from this node, for status pages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// Its name.
+    pub node: NodeId,
+    /// Its region.
+    pub region: RegionId,
+    /// Heard from within the peer timeout.
+    pub alive: bool,
+    /// Local delta-groups it has not acknowledged.
+    pub unacked_groups: u64,
+    /// How long ago it was last heard from.
+    pub last_heard_ms_ago: Option<u64>,
+}

@@ -1,0 +1,220 @@
+//! Benchmarks that run the real engine in-process, outside the swarm.
+
+use lattice_core::clock::ReplicaId;
+use lattice_core::crdt::Op;
+use lattice_core::proto::{self, NodeId, RegionId};
+use lattice_core::replica::{PeerConfig, Replica, ReplicaConfig, Time};
+use lattice_core::store::{MemoryStore, Meta, Store, WriteBatch};
+use lattice_core::{Error, Key};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::time::Instant;
+
+/// What one anti-entropy repair cost.
+#[derive(Clone, Debug)]
+pub struct RepairFigures {
+    /// Keys on each node.
+    pub keys: usize,
+    /// Keys that differ.
+    pub diff: usize,
+    /// Anti-entropy rounds it took.
+    pub rounds: u64,
+    /// Anti-entropy messages exchanged (including the final confirmation).
+    pub messages: usize,
+    /// Sequential message hops until the states were equal, / 2.
+    pub round_trips: f64,
+    /// Bytes of anti-entropy frames.
+    pub bytes: usize,
+    /// Encoded size of the differing keys' final states.
+    pub diff_state_bytes: usize,
+    /// Encoded size of every state (what a full-state sync would send).
+    pub full_state_bytes: usize,
+    /// Wall time of the repair, in milliseconds.
+    pub millis: f64,
+}
+
+impl RepairFigures {
+    /// The line `lattice-sim bench repair` prints.
+    pub fn line(&self) -> String {
+        let ratio = if self.diff_state_bytes == 0 {
+            0.0
+        } else {
+            self.bytes as f64 / self.diff_state_bytes as f64
+        };
+        format!(
+            "keys={} diff={} rounds={} messages={} round_trips={} ae_bytes={} diff_state_bytes={} ae/diff={:.2} full_state_bytes={} full/ae={:.0} ms={:.1}",
+            self.keys,
+            self.diff,
+            self.rounds,
+            self.messages,
+            self.round_trips,
+            self.bytes,
+            self.diff_state_bytes,
+            ratio,
+            self.full_state_bytes,
+            self.full_state_bytes as f64 / self.bytes.max(1) as f64,
+            self.millis
+        )
+    }
+}
+
+fn config(me: usize, depth: u8) -> ReplicaConfig {
+    let other = 1 - me;
+    let peer = PeerConfig {
+        node: NodeId(format!("n{other}")),
+        region: RegionId("r".into()),
+    };
+    let mut c = ReplicaConfig::new(format!("n{me}"), "r", vec![peer]);
+    c.tree_depth = depth;
+    c.ae_interval_ms = 0;
+    c.retransmit_ms = 3_600_000;
+    c.max_pending_writes = usize::MAX;
+    c
+}
+
+fn key(i: usize) -> Result<Key, Error> {
+    Key::new(format!("key:{i:08}"))
+}
+
+/// Two replicas with `keys` equal keys, `diff` of which are then changed on
+/// one side only; one repair round from the other side. Deterministic.
+pub fn repair(keys: usize, diff: usize, depth: u8) -> Result<RepairFigures, Error> {
+    let rng = |s: u64| Box::new(ChaCha8Rng::seed_from_u64(s));
+    let mut a = Replica::open(config(0, depth), MemoryStore::new(), rng(1), Time(0))?;
+    let batch = 1_000;
+    for start in (0..keys).step_by(batch) {
+        let ops = (start..(start + batch).min(keys))
+            .map(|i| Ok((key(i)?, Op::CounterAdd(1))))
+            .collect::<Result<Vec<_>, Error>>()?;
+        a.write(Time(0), ops)?;
+        a.flush(Time(0))?;
+        while a.poll_event().is_some() {}
+        while a.poll_transmit().is_some() {}
+    }
+    // B holds everything A wrote so far: A's buffer may go.
+    let groups = keys.div_ceil(batch) as u64;
+    let ack = proto::encode(&proto::Message::Ack(proto::Ack {
+        replica: a.id(),
+        upto: groups,
+    }))?;
+    let hb = proto::encode(&proto::Message::Heartbeat {
+        sender: ReplicaId(0xb),
+        time: Default::default(),
+    })?;
+    a.handle(Time(0), &NodeId("n1".into()), &hb)?;
+    a.handle(Time(0), &NodeId("n1".into()), &ack)?;
+    a.flush(Time(0))?;
+    while a.poll_transmit().is_some() {}
+    // B starts as an exact copy of A's state under its own identity.
+    let mut store_b = a.store().clone();
+    store_b.apply(WriteBatch {
+        meta: Some(Meta {
+            replica: ReplicaId(0xb),
+            next_seq: 0,
+        }),
+        buffer_trim_below: Some(u64::MAX),
+        ..WriteBatch::default()
+    })?;
+    store_b.flush()?;
+    let mut b = Replica::open(config(1, depth), store_b, rng(2), Time(0))?;
+    // The difference: writes on A whose deltas never reach B.
+    for start in (0..diff).step_by(batch) {
+        let ops = (start..(start + batch).min(diff))
+            .map(|i| Ok((key(i * (keys / diff.max(1)).max(1) % keys.max(1))?, Op::CounterAdd(1))))
+            .collect::<Result<Vec<_>, Error>>()?;
+        a.write(Time(0), ops)?;
+    }
+    a.flush(Time(0))?;
+    while a.poll_event().is_some() {}
+    while a.poll_transmit().is_some() {}
+    while b.poll_transmit().is_some() {}
+    let full_state_bytes = {
+        let mut total = 0usize;
+        let mut err = None;
+        a.store().scan_all(&mut |k, v| match proto::to_bytes(v) {
+            Ok(e) => total += e.len() + k.as_str().len(),
+            Err(e) => err = Some(e),
+        })?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        total
+    };
+    // Heartbeats both ways, so each side sees the other live.
+    let (na, nb) = (NodeId("n0".into()), NodeId("n1".into()));
+    let hb_a = proto::encode(&proto::Message::Heartbeat {
+        sender: a.id(),
+        time: Default::default(),
+    })?;
+    b.handle(Time(1), &na, &hb_a)?;
+    b.repair_with(Time(1), &na)?;
+    let started = Instant::now();
+    let (mut messages, mut bytes, mut hops, mut converged_hops) = (0usize, 0usize, 0usize, None);
+    let mut now = 1;
+    // Each round repairs at most `max_ae_fanout` leaves; a repair repeats
+    // every `retransmit_ms` until one round completes after the need.
+    b.handle_timeout(Time(now))?;
+    for _ in 0..10_000 {
+        let mut moved = false;
+        for from_b in [true, false] {
+            let (src, dst, from) = if from_b {
+                (&mut b, &mut a, &nb)
+            } else {
+                (&mut a, &mut b, &na)
+            };
+            src.flush(Time(now))?;
+            let mut frames = Vec::new();
+            while let Some(t) = src.poll_transmit() {
+                if t.kind.starts_with("ae_") {
+                    frames.push(t);
+                }
+            }
+            if !frames.is_empty() {
+                hops += 1;
+                moved = true;
+            }
+            for t in frames {
+                messages += 1;
+                bytes += t.payload.len();
+                dst.handle(Time(now), from, &t.payload)?;
+            }
+        }
+        if converged_hops.is_none() && a.digest() == b.digest() {
+            converged_hops = Some(hops);
+        }
+        now += 1;
+        if !moved {
+            if converged_hops.is_some() {
+                break;
+            }
+            // The round ended short of convergence: the next one starts.
+            now += 3_600_000;
+            b.handle(Time(now), &na, &hb_a)?; // still live
+            b.handle_timeout(Time(now))?;
+        }
+    }
+    let rounds = b.stats().ae_rounds;
+    let millis = started.elapsed().as_secs_f64() * 1_000.0;
+    if a.digest() != b.digest() {
+        return Err(Error::Store("the repair did not converge".into()));
+    }
+    let mut diff_state_bytes = 0;
+    for i in 0..diff {
+        let k = key(i * (keys / diff.max(1)).max(1) % keys.max(1))?;
+        if let Some(v) = a.read(&k)? {
+            diff_state_bytes += proto::to_bytes(&v)?.len() + k.as_str().len();
+        }
+    }
+    let round_trips = converged_hops.unwrap_or(hops) as f64 / 2.0;
+    Ok(RepairFigures {
+        keys,
+        diff,
+        rounds,
+        messages,
+        round_trips,
+        bytes,
+        diff_state_bytes,
+        full_state_bytes,
+        millis,
+    })
+}
