@@ -8,6 +8,7 @@
 use crate::clock::ReplicaId;
 use crate::crdt::Value;
 use crate::key::Key;
+use crate::proto::client::OpId;
 use crate::proto::DeltaGroup;
 use crate::Error;
 use serde::{Deserialize, Serialize};
@@ -34,7 +35,12 @@ pub struct WriteBatch {
     pub buffer_trim_below: Option<u64>,
     /// New metadata.
     pub meta: Option<Meta>,
+    /// Client operation ids this batch applies (for idempotent retries).
+    pub op_ids: Vec<OpId>,
 }
+
+/// How many recent client operation ids a store remembers.
+pub const OP_ID_RETENTION: usize = 100_000;
 
 impl WriteBatch {
     /// True when the batch changes nothing.
@@ -43,6 +49,7 @@ impl WriteBatch {
             && self.buffer_append.is_empty()
             && self.buffer_trim_below.is_none()
             && self.meta.is_none()
+            && self.op_ids.is_empty()
     }
 }
 
@@ -59,6 +66,9 @@ pub trait Store {
     fn meta(&self) -> Result<Option<Meta>, Error>;
     /// The durable delta buffer, in sequence order.
     fn buffer(&self) -> Result<Vec<DeltaGroup>, Error>;
+    /// Whether a client operation id was applied (among the last
+    /// [`OP_ID_RETENTION`]).
+    fn has_op(&self, op: OpId) -> Result<bool, Error>;
     /// Applies a batch atomically (written, not yet durable).
     fn apply(&mut self, batch: WriteBatch) -> Result<(), Error>;
     /// Makes everything applied so far durable.
@@ -72,6 +82,8 @@ struct Image {
     values: Ordered,
     buffer: VecDeque<DeltaGroup>,
     meta: Option<Meta>,
+    ops: std::collections::BTreeSet<OpId>,
+    op_order: VecDeque<OpId>,
 }
 
 impl Image {
@@ -87,6 +99,16 @@ impl Image {
         self.buffer.extend(batch.buffer_append.iter().cloned());
         if let Some(m) = &batch.meta {
             self.meta = Some(m.clone());
+        }
+        for op in &batch.op_ids {
+            if self.ops.insert(*op) {
+                self.op_order.push_back(*op);
+            }
+        }
+        while self.op_order.len() > OP_ID_RETENTION {
+            if let Some(old) = self.op_order.pop_front() {
+                self.ops.remove(&old);
+            }
         }
     }
 }
@@ -157,6 +179,10 @@ impl Store for MemoryStore {
 
     fn buffer(&self) -> Result<Vec<DeltaGroup>, Error> {
         Ok(self.current.buffer.iter().cloned().collect())
+    }
+
+    fn has_op(&self, op: OpId) -> Result<bool, Error> {
+        Ok(self.current.ops.contains(&op))
     }
 
     fn apply(&mut self, batch: WriteBatch) -> Result<(), Error> {

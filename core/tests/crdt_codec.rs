@@ -246,6 +246,7 @@ fn delta_message(entries: Vec<(Key, Value)>) -> Message {
         entries,
         ack: Some(Ack {
             replica: ReplicaId(9),
+            from: ReplicaId(8),
             upto: 42,
         }),
     }
@@ -258,6 +259,7 @@ fn messages(s: &Script) -> Vec<Message> {
         delta_message(entries),
         Message::Ack(Ack {
             replica: ReplicaId(9),
+            from: ReplicaId(8),
             upto: 42,
         }),
     ]
@@ -540,6 +542,7 @@ fn an_oversize_frame_is_message_too_large() {
 fn trailing_bytes_are_refused() {
     let mut frame = proto::encode(&Message::Ack(Ack {
         replica: ReplicaId(1),
+        from: ReplicaId(3),
         upto: 2,
     }))
     .unwrap();

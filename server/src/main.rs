@@ -1,10 +1,135 @@
-//! `latticed`: the regional Lattice node. Not built yet (issue 4); this shell
-//! exists so the workspace has its final shape.
+//! `latticed`: the regional Lattice node.
 
-fn main() {
-    eprintln!(
-        "latticed is not implemented yet: see issue 4 (the regional node). lattice-core {} is.",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::exit(2);
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+use lattice_server::config::{Config, RunArgs};
+use lattice_server::{certs, dev};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// The regional Lattice node: CRDT state in sled, deltas gossiped to the
+/// other regions over QUIC, a client API on the same endpoint.
+#[derive(Parser)]
+#[command(name = "latticed", version, about)]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `lattice_server=debug`.
+    #[arg(long, global = true, env = "LATTICE_LOG", default_value = "info")]
+    log: String,
+    /// Log format.
+    #[arg(long, global = true, env = "LATTICE_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node (configuration from --config, flags and LATTICE_* variables).
+    Run(Box<RunArgs>),
+    /// Start a local cluster of three nodes in three regions on loopback:
+    /// separate processes, data dirs and ports, real QUIC, generated dev
+    /// certificates and a client token. Ctrl-C stops it.
+    Dev(dev::DevArgs),
+    /// Create the cluster CA and node or client certificates.
+    #[command(subcommand)]
+    Certs(CertsCmd),
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Create a cluster CA: DIR/ca.pem and DIR/ca.key.
+    Ca {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Cluster name, recorded in the CA's name.
+        #[arg(long, default_value = "lattice")]
+        cluster: String,
+    },
+    /// Create a node certificate signed by the CA: DIR/NAME.pem, DIR/NAME.key.
+    Node {
+        /// Directory with ca.pem and ca.key.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Node name (a DNS label; the certificate's name).
+        #[arg(long)]
+        name: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Create a client certificate signed by the CA.
+    Client {
+        /// Directory with ca.pem and ca.key.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Client name.
+        #[arg(long)]
+        name: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn init_logging(filter: &str, format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn certs_cmd(cmd: CertsCmd) -> Result<()> {
+    match cmd {
+        CertsCmd::Ca { out, cluster } => {
+            certs::write_pem(&out, "ca", &certs::new_ca(&cluster)?)?;
+            println!("wrote {0}/ca.pem and {0}/ca.key (keep ca.key secret)", out.display());
+        }
+        CertsCmd::Node { ca_dir, name, out } => {
+            let ca = certs::read_pem(&ca_dir, "ca")?;
+            certs::write_pem(&out, &name, &certs::new_node_cert(&ca, &name)?)?;
+            println!("wrote {0}/{name}.pem and {0}/{name}.key", out.display());
+        }
+        CertsCmd::Client { ca_dir, name, out } => {
+            let ca = certs::read_pem(&ca_dir, "ca")?;
+            certs::write_pem(&out, &name, &certs::new_client_cert(&ca, &name)?)?;
+            println!("wrote {0}/{name}.pem and {0}/{name}.key", out.display());
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log, cli.log_format);
+    let result = match cli.cmd {
+        Cmd::Certs(c) => certs_cmd(c),
+        Cmd::Dev(args) => dev::run(args),
+        Cmd::Run(args) => Config::load(&args).and_then(|config| {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(lattice_server::run(config, lattice_server::shutdown_signal()))
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("latticed: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

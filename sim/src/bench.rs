@@ -95,6 +95,7 @@ pub fn repair(keys: usize, diff: usize, depth: u8) -> Result<RepairFigures, Erro
     let groups = keys.div_ceil(batch) as u64;
     let ack = proto::encode(&proto::Message::Ack(proto::Ack {
         replica: a.id(),
+        from: ReplicaId(0xb),
         upto: groups,
     }))?;
     let hb = proto::encode(&proto::Message::Heartbeat {

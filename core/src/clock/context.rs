@@ -76,40 +76,46 @@ impl CausalContext {
         ranges.splice(start..end, std::iter::once((nlo, nhi)));
     }
 
-    /// Union with another context.
+    /// Union with another context: a linear merge of the range lists.
     pub fn join(&mut self, other: &CausalContext) {
-        for (r, ranges) in &other.0 {
-            for &(lo, hi) in ranges {
-                self.insert_range(*r, lo, hi);
-            }
+        for (r, theirs) in &other.0 {
+            let merged = match self.0.get(r) {
+                None => theirs.clone(),
+                Some(mine) => merge_ranges(mine, theirs),
+            };
+            self.0.insert(*r, merged);
         }
     }
 
-    /// The dots of `self` that `other` lacks, as a context.
+    /// The dots of `self` that `other` lacks, as a context: a linear walk.
     pub fn difference(&self, other: &CausalContext) -> CausalContext {
         let mut out = CausalContext::default();
         for (r, ranges) in &self.0 {
             let theirs = other.0.get(r).map(Vec::as_slice).unwrap_or(&[]);
+            let mut kept = Vec::new();
+            let mut j = 0;
             for &(lo, hi) in ranges {
-                let mut cur = lo;
-                for &(tlo, thi) in theirs {
-                    if thi < cur {
-                        continue;
-                    }
-                    if tlo > hi {
+                while j < theirs.len() && theirs[j].1 < lo {
+                    j += 1;
+                }
+                let (mut cur, mut k) = (lo, j);
+                loop {
+                    if k >= theirs.len() || theirs[k].0 > hi {
+                        kept.push((cur, hi));
                         break;
                     }
-                    if tlo > cur {
-                        out.insert_range(*r, cur, tlo - 1);
+                    if theirs[k].0 > cur {
+                        kept.push((cur, theirs[k].0 - 1));
                     }
-                    cur = thi.saturating_add(1);
-                    if cur > hi {
+                    if theirs[k].1 >= hi {
                         break;
                     }
+                    cur = theirs[k].1 + 1;
+                    k += 1;
                 }
-                if cur <= hi && cur >= lo {
-                    out.insert_range(*r, cur, hi);
-                }
+            }
+            if !kept.is_empty() {
+                out.0.insert(*r, kept);
             }
         }
         out
@@ -160,6 +166,26 @@ impl CausalContext {
                 && ranges.windows(2).all(|w| w[0].1.saturating_add(1) < w[1].0)
         })
     }
+}
+
+/// Merges two canonical range lists into one.
+fn merge_ranges(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() || j < b.len() {
+        let next = if j >= b.len() || (i < a.len() && a[i].0 <= b[j].0) {
+            i += 1;
+            a[i - 1]
+        } else {
+            j += 1;
+            b[j - 1]
+        };
+        match out.last_mut() {
+            Some(last) if next.0 <= last.1.saturating_add(1) => last.1 = last.1.max(next.1),
+            _ => out.push(next),
+        }
+    }
+    out
 }
 
 #[cfg(test)]

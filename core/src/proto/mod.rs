@@ -12,6 +12,8 @@ use crate::Error;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+pub mod client;
+
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u8 = 1;
 
@@ -86,6 +88,9 @@ pub struct DeltaGroup {
 pub struct RoundId {
     /// The replica that started the round.
     pub initiator: ReplicaId,
+    /// A random number drawn when the initiator opened its store: rounds
+    /// from an earlier process life never complete anything.
+    pub epoch: u64,
     /// Its sequence number at the initiator.
     pub seq: u64,
     /// The initiator's durable delta-groups when the round started: once
@@ -102,6 +107,9 @@ pub struct RoundId {
 pub struct Ack {
     /// The incarnation whose sequence numbers are meant.
     pub replica: ReplicaId,
+    /// The incarnation that acknowledges: an ack from a peer's earlier life
+    /// is ignored.
+    pub from: ReplicaId,
     /// Exclusive upper bound.
     pub upto: u64,
 }
@@ -248,6 +256,12 @@ pub fn decode(frame: &[u8], max_bytes: usize) -> Result<Message, Error> {
         return Err(Error::UnknownVersion(version));
     }
     let msg: Message = from_bytes(body)?;
+    let mut keys = std::collections::BTreeSet::new();
+    for (k, _) in msg.entries() {
+        if !keys.insert(k) {
+            return Err(Error::Malformed(format!("key {k:?} appears twice in one message")));
+        }
+    }
     for (k, v) in msg.entries() {
         if !k.is_valid() || !v.is_well_formed() {
             return Err(Error::Malformed(k.as_str().chars().take(64).collect()));

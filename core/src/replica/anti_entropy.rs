@@ -23,6 +23,7 @@ impl<S: Store> Replica<S> {
         self.stats.ae_rounds += 1;
         let round = RoundId {
             initiator: self.id,
+            epoch: self.epoch,
             seq: self.next_round,
             through: self.durable_seq,
             partial: false,
@@ -98,7 +99,8 @@ impl<S: Store> Replica<S> {
         if differing.is_empty() {
             // A round opens at level 1: nothing differs there, roots are equal.
             return if level <= 1 {
-                self.queue(from, &Message::AeInSync { round }, now)
+                // Equal here means equal as applied: confirm once durable.
+                self.queue_durable(from, &Message::AeInSync { round }, now)
             } else {
                 Ok(())
             };
@@ -169,6 +171,9 @@ impl<S: Store> Replica<S> {
         if leaves.len() != items.len() || leaves.len() > self.cfg.max_ae_fanout {
             return Err(Error::Codec("malformed anti-entropy leaves".into()));
         }
+        if leaves.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(Error::Codec("anti-entropy leaves must be strictly increasing".into()));
+        }
         let width = self.tree.width(self.tree.depth());
         let mut send: Vec<(Key, Value)> = Vec::new();
         let mut want: Vec<u64> = Vec::new();
@@ -212,8 +217,11 @@ impl<S: Store> Replica<S> {
         self.send_states(now, from, round, send, want, true)
     }
 
-    /// Sends states in messages under the size limit. The last message
-    /// carries `want` and `reply`; with `reply` one is always sent.
+    /// Sends one `AeStates` frame: the states that fit its byte budget
+    /// (with `want`), the round marked partial if any had to wait. A state
+    /// too large for any frame cannot be repaired by anti-entropy: it is
+    /// counted and skipped without holding the round back (writes refuse to
+    /// build such states, so only a join of two large remote states can).
     fn send_states(
         &mut self,
         now: Time,
@@ -224,33 +232,23 @@ impl<S: Store> Replica<S> {
         reply: bool,
     ) -> Result<(), Error> {
         let mut round = round;
-        let budget = self.cfg.max_message_bytes * 3 / 4;
+        let frame_budget = self.cfg.max_message_bytes * 3 / 4;
+        let mut budget = frame_budget.saturating_sub(want.len() * 9 + 64);
         let mut batch = Vec::new();
-        let mut bytes = 0;
         for (k, v) in entries {
             let size = crate::proto::to_bytes(&v)?.len() + k.as_str().len() + 8;
+            if size > frame_budget {
+                tracing::warn!(key = %k, size, "state too large for an anti-entropy frame: skipped");
+                self.stats.ae_oversized += 1;
+                continue;
+            }
             if size > budget {
-                // One state larger than a frame can only be repaired by the
-                // owner splitting it; log it rather than stall the round.
-                tracing::warn!(key = %k, size, "state too large for an anti-entropy frame");
                 round.partial = true;
                 continue;
             }
-            if bytes + size > budget && !batch.is_empty() {
-                let msg = Message::AeStates {
-                    round,
-                    entries: std::mem::take(&mut batch),
-                    want: Vec::new(),
-                    reply: false,
-                };
-                self.queue_durable(to, &msg, now)?;
-                bytes = 0;
-            }
-            bytes += size;
+            budget -= size;
             batch.push((k, v));
         }
-        // The comparing side always answers, even with nothing, so the
-        // round visibly completes at both ends.
         self.queue_durable(
             to,
             &Message::AeStates {
@@ -288,7 +286,8 @@ impl<S: Store> Replica<S> {
         let limit = self.cfg.max_ae_fanout * 64;
         let mut round = round;
         round.partial |= want.len() > limit;
-        for &h in want.iter().take(limit) {
+        let want: std::collections::BTreeSet<u64> = want.iter().take(limit).copied().collect();
+        for &h in &want {
             let bucket = (h >> 32) as u32;
             for (k, v) in self.store.scan_buckets(bucket, bucket)? {
                 if k.hash().0 == h && self.filter.may_send(&cfg, &k) {

@@ -76,7 +76,7 @@ pub struct ReplicaConfig {
     /// (0 disables periodic rounds; lagging peers are still repaired).
     pub ae_interval_ms: u64,
     /// Levels of the anti-entropy tree below the root (fanout 16); must be
-    /// equal across the cluster. 4 gives 65,536 leaves.
+    /// equal across the cluster. 4 gives 65,536 leaves; at most 5.
     pub tree_depth: u8,
     /// Largest frame sent or accepted.
     pub max_message_bytes: usize,
@@ -175,6 +175,8 @@ pub struct Stats {
     pub ae_rounds: u64,
     /// Keys repaired by anti-entropy.
     pub ae_keys_repaired: u64,
+    /// States too large for any anti-entropy frame, skipped.
+    pub ae_oversized: u64,
     /// Buffered groups dropped because the buffer was full.
     pub buffer_dropped: u64,
     /// Remote clocks not merged because too far ahead.

@@ -54,7 +54,14 @@ impl<S: Store> Replica<S> {
                     piggyback = Some(a);
                 }
             }
-            let sent_delta = self.send_deltas_to(&node, now, piggyback)?;
+            // One peer's failure must not stop the others.
+            let sent_delta = match self.send_deltas_to(&node, now, piggyback) {
+                Ok(sent) => sent,
+                Err(e) => {
+                    tracing::warn!(peer = %node, error = %e, "sending deltas failed");
+                    false
+                }
+            };
             let Some(p) = self.peers.get_mut(&node) else { continue };
             if sent_delta {
                 p.ack_ready = None;
@@ -186,6 +193,7 @@ impl<S: Store> Replica<S> {
         lo: u64,
         hi: u64,
         entries: Vec<(Key, Value)>,
+        frame_len: usize,
     ) -> Result<(), Error> {
         let Some(p) = self.peers.get_mut(from) else {
             return Ok(());
@@ -206,8 +214,9 @@ impl<S: Store> Replica<S> {
         // missing interval retires (a counter would count twice). Intervals
         // that arrive early wait, a bounded number of them, for the gap.
         if lo > have {
-            if p.reorder.len() < super::MAX_REORDER {
-                p.reorder.insert(lo, (hi, entries));
+            let held: usize = p.reorder.values().map(|(_, _, n)| n).sum();
+            if p.reorder.len() < super::MAX_REORDER && held + frame_len <= super::MAX_REORDER_BYTES {
+                p.reorder.insert(lo, (hi, entries, frame_len));
             } else {
                 self.stats.out_of_order += 1;
             }
@@ -225,7 +234,7 @@ impl<S: Store> Replica<S> {
             if start > have {
                 break;
             }
-            let Some((_, (end, held))) = p.reorder.pop_first() else {
+            let Some((_, (end, held, _))) = p.reorder.pop_first() else {
                 break;
             };
             if end > have {
@@ -233,12 +242,14 @@ impl<S: Store> Replica<S> {
                 have = end;
             }
         }
+        let self_id = self.id;
         let Some(p) = self.peers.get_mut(from) else {
             return Ok(());
         };
         p.recv = Some((sender, have));
         p.ack_unflushed = Some(Ack {
             replica: sender,
+            from: self_id,
             upto: have,
         });
         Ok(())
@@ -247,6 +258,14 @@ impl<S: Store> Replica<S> {
     pub(super) fn on_ack(&mut self, now: Time, from: &NodeId, ack: Ack) {
         if ack.replica != self.id {
             return; // meant for an earlier incarnation of this node
+        }
+        if self
+            .peers
+            .get(from)
+            .and_then(|p| p.incarnation)
+            .is_some_and(|inc| inc != ack.from)
+        {
+            return; // sent by an earlier incarnation of the peer
         }
         let next = self.next_seq;
         let Some(p) = self.peers.get_mut(from) else { return };

@@ -12,14 +12,18 @@ const BITS_PER_LEVEL: u32 = 4;
 
 /// The hash of one `(key, state)` pair.
 pub(crate) fn item_hash(key: &Key, value: &Value) -> Result<u128, Error> {
-    let encoded = crate::proto::to_bytes(value)?;
+    Ok(item_hash_of(key, &crate::proto::to_bytes(value)?))
+}
+
+/// [`item_hash`] of an already encoded state.
+pub(crate) fn item_hash_of(key: &Key, encoded: &[u8]) -> u128 {
     let mut h = blake3::Hasher::new();
     h.update(&(key.as_str().len() as u64).to_le_bytes());
     h.update(key.as_str().as_bytes());
-    h.update(&encoded);
+    h.update(encoded);
     let mut b = [0u8; 16];
     b.copy_from_slice(&h.finalize().as_bytes()[..16]);
-    Ok(u128::from_le_bytes(b))
+    u128::from_le_bytes(b)
 }
 
 /// Digests of every node of the tree, level by level.
@@ -30,9 +34,10 @@ pub(crate) struct MerkleTree {
 }
 
 impl MerkleTree {
-    /// An empty tree with `depth` levels below the root (1..=7).
+    /// An empty tree with `depth` levels below the root (1..=5; depth 5 is
+    /// a million leaves, 17 MB of digests).
     pub(crate) fn new(depth: u8) -> Self {
-        let depth = depth.clamp(1, 7);
+        let depth = depth.clamp(1, 5);
         let levels = (0..=u32::from(depth))
             .map(|l| vec![0u128; 1usize << (BITS_PER_LEVEL * l)])
             .collect();

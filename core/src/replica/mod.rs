@@ -30,15 +30,22 @@ pub use config::{AllowAll, Event, PeerConfig, PeerStatus, ReplicaConfig, SendFil
 use crate::clock::{Hlc, ReplicaId};
 use crate::crdt::{Crdt, Op, Value, WriteStamp};
 use crate::key::Key;
+use crate::proto::client::OpId;
 use crate::proto::{self, Ack, DeltaGroup, Message, NodeId, RoundId};
 use crate::store::{Meta, Store, WriteBatch};
 use crate::Error;
-use merkle::{item_hash, MerkleTree};
+use merkle::{item_hash, item_hash_of, MerkleTree};
 use rand_core::RngCore;
 use std::collections::{BTreeMap, VecDeque};
 
 /// Most out-of-order delta-intervals held per peer.
 const MAX_REORDER: usize = 32;
+
+/// An early delta-interval: its end, its entries and its frame size.
+type Early = (u64, Vec<(Key, Value)>, usize);
+
+/// Most bytes (as received) of early delta-intervals held per peer.
+const MAX_REORDER_BYTES: usize = 16 << 20;
 
 /// What this node knows about one peer.
 #[derive(Clone, Debug)]
@@ -62,7 +69,7 @@ struct Peer {
     recv: Option<(ReplicaId, u64)>,
     /// Delta-intervals that arrived ahead of a gap, by start (bounded by
     /// `MAX_REORDER`): joined once the gap fills.
-    reorder: BTreeMap<u64, (u64, Vec<(Key, Value)>)>,
+    reorder: BTreeMap<u64, Early>,
     /// Acknowledgement waiting for the next flush.
     ack_unflushed: Option<Ack>,
     /// Durable acknowledgement waiting to be sent, and since when.
@@ -111,6 +118,8 @@ pub struct Replica<S: Store> {
     next_ae: Time,
     /// Number of the next anti-entropy round this replica starts.
     next_round: u64,
+    /// Random per open: tells this life's rounds from earlier ones.
+    epoch: u64,
     /// Wall clock minus `now`, for the hybrid logical clock.
     wall_offset_ms: i64,
     stats: Stats,
@@ -204,6 +213,7 @@ impl<S: Store> Replica<S> {
             next_tick: now,
             next_ae: now.plus(first_ae),
             next_round: 0,
+            epoch: rng.next_u64(),
             wall_offset_ms: 0,
             stats: Stats::default(),
             filter: Box::new(AllowAll),
@@ -289,6 +299,32 @@ impl<S: Store> Replica<S> {
     /// durable. Fails without any effect on a type mismatch, an invalid
     /// operation, or when too many writes wait for durability.
     pub fn write(&mut self, now: Time, ops: Vec<(Key, Op)>) -> Result<WriteId, Error> {
+        self.write_once(now, None, ops).map(|(id, _)| id)
+    }
+
+    /// [`Replica::write`] with a client operation id: a retry of an id this
+    /// store has applied changes nothing and returns `(id, true)`; its
+    /// acknowledgement still waits for the next flush, which makes the
+    /// original durable if it was not yet. Ids are remembered per node (the
+    /// last `OP_ID_RETENTION`), so a retry sent to another node is a new write.
+    pub fn write_once(
+        &mut self,
+        now: Time,
+        op_id: Option<OpId>,
+        ops: Vec<(Key, Op)>,
+    ) -> Result<(WriteId, bool), Error> {
+        if let Some(op) = op_id {
+            if self.store.has_op(op)? {
+                let id = WriteId(self.next_write);
+                self.next_write += 1;
+                self.unflushed_writes.push(id);
+                return Ok((id, true));
+            }
+        }
+        self.write_inner(now, op_id, ops).map(|id| (id, false))
+    }
+
+    fn write_inner(&mut self, now: Time, op_id: Option<OpId>, ops: Vec<(Key, Op)>) -> Result<WriteId, Error> {
         if self.unflushed_writes.len() >= self.cfg.max_pending_writes {
             self.stats.overloaded += 1;
             return Err(Error::Overloaded("too many writes waiting for durability"));
@@ -327,7 +363,17 @@ impl<S: Store> Replica<S> {
         let mut hashes = Vec::with_capacity(touched.len());
         for (key, (old, new, delta)) in touched {
             let old_h = old.as_ref().map(|v| item_hash(&key, v)).transpose()?;
-            hashes.push((key.hash(), old_h, Some(item_hash(&key, &new)?)));
+            // A state must fit an anti-entropy frame, or it could never be
+            // repaired: that is the largest value a key may hold.
+            let encoded = proto::to_bytes(&new)?;
+            let limit = self.cfg.max_message_bytes / 2;
+            if encoded.len() > limit {
+                return Err(Error::MessageTooLarge {
+                    size: encoded.len(),
+                    limit,
+                });
+            }
+            hashes.push((key.hash(), old_h, Some(item_hash_of(&key, &encoded))));
             values.push((key.clone(), new));
             entries.push((key, delta));
         }
@@ -343,7 +389,7 @@ impl<S: Store> Replica<S> {
             origin: None,
             entries,
         };
-        self.commit(values, Some((group, bytes)))?;
+        self.commit(values, Some((group, bytes)), op_id)?;
         for (h, old, new) in hashes {
             self.tree.update(h, old, new);
         }
@@ -360,9 +406,15 @@ impl<S: Store> Replica<S> {
     }
 
     /// Writes new states and, optionally, a delta-group in one atomic batch.
-    fn commit(&mut self, values: Vec<(Key, Value)>, group: Option<(DeltaGroup, usize)>) -> Result<(), Error> {
+    fn commit(
+        &mut self,
+        values: Vec<(Key, Value)>,
+        group: Option<(DeltaGroup, usize)>,
+        op_id: Option<OpId>,
+    ) -> Result<(), Error> {
         let mut batch = WriteBatch {
             values,
+            op_ids: op_id.into_iter().collect(),
             ..WriteBatch::default()
         };
         if let Some((g, _)) = &group {
@@ -448,7 +500,7 @@ impl<S: Store> Replica<S> {
                 }
                 // Only what this incarnation acknowledged counts as held.
                 let base = if base_from == Some(self.id) { base } else { 0 };
-                self.on_delta(now, from, sender, base, lo, to, entries)
+                self.on_delta(now, from, sender, base, lo, to, entries, frame.len())
             }
             Message::Ack(a) => {
                 self.on_ack(now, from, a);
@@ -530,16 +582,19 @@ impl<S: Store> Replica<S> {
     /// there (deltas resume from it), and a repair needed before the round
     /// started is done.
     fn repair_done(&mut self, now: Time, from: &NodeId, round: RoundId) {
-        if round.initiator != self.id || round.partial {
+        if round.initiator != self.id || round.epoch != self.epoch || round.partial {
             // A partial round made progress but proves nothing: the repair
             // (if one is due) goes on with the next round.
             return;
         }
         let next = self.next_seq;
         if let Some(p) = self.peers.get_mut(from) {
-            if round.seq >= p.repair_min_round {
-                p.repair_due = None;
+            // Only a round started after the last need (a restart, a lost
+            // disk, a gap) proves anything about the peer as it is now.
+            if round.seq < p.repair_min_round {
+                return;
             }
+            p.repair_due = None;
             let through = round.through.min(next);
             if through > p.acked {
                 p.acked = through;
@@ -707,8 +762,15 @@ impl<S: Store> Replica<S> {
         if changed == 0 {
             return Ok(0);
         }
-        let group = if self.cfg.relay {
-            let bytes = proto::to_bytes(&novel_entries)?.len();
+        let relay_bytes = if self.cfg.relay {
+            proto::to_bytes(&novel_entries)?.len()
+        } else {
+            0
+        };
+        // A group larger than half a frame could not be relayed in one
+        // message: the other peers get it by anti-entropy instead.
+        let group = if self.cfg.relay && relay_bytes <= self.cfg.max_message_bytes / 2 {
+            let bytes = relay_bytes;
             Some((
                 DeltaGroup {
                     seq: self.next_seq,
@@ -720,7 +782,7 @@ impl<S: Store> Replica<S> {
         } else {
             None
         };
-        self.commit(values, group)?;
+        self.commit(values, group, None)?;
         for (h, old, new) in hashes {
             self.tree.update(h, old, new);
         }

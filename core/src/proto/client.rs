@@ -1,0 +1,229 @@
+//! The client protocol: requests and responses between an application (the
+//! SDK or the `lattice` CLI) and a node. Shared by server and client, so the
+//! two cannot drift. Framed like peer messages: one version byte, then
+//! MessagePack, with the same size limit and validation.
+
+use super::{from_bytes, to_bytes, RegionId, PROTOCOL_VERSION};
+use crate::clock::{CausalContext, HlcTimestamp, ReplicaId};
+use crate::crdt::{Op, Value, ValueView};
+use crate::key::Key;
+use crate::Error;
+use serde::{Deserialize, Serialize};
+
+/// ALPN of node-to-node gossip connections.
+pub const PEER_ALPN: &[u8] = b"lattice-peer/1";
+/// ALPN of client connections.
+pub const CLIENT_ALPN: &[u8] = b"lattice-client/1";
+
+/// Largest client frame, in bytes.
+pub const MAX_CLIENT_FRAME: usize = 1 << 20;
+
+/// A client-chosen id for one write, so a retried write is applied once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct OpId(pub u128);
+
+/// What a reader has seen of one key: every dot (and the LWW stamp) of the
+/// state it was shown. A node answers a read that carries a token only once
+/// its own state includes it (read-your-writes, monotonic reads).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CausalToken {
+    /// Dots seen.
+    pub context: CausalContext,
+    /// LWW stamp seen.
+    pub stamp: Option<(HlcTimestamp, ReplicaId)>,
+}
+
+impl CausalToken {
+    /// The token of a state.
+    pub fn of(value: Option<&Value>) -> CausalToken {
+        match value {
+            None => CausalToken::default(),
+            Some(v) => CausalToken {
+                context: v.context(),
+                stamp: v.lww_stamp(),
+            },
+        }
+    }
+
+    /// Whether a state includes everything this token has seen.
+    pub fn is_included_in(&self, value: Option<&Value>) -> bool {
+        let theirs = CausalToken::of(value);
+        theirs.context.includes(&self.context) && self.stamp.is_none_or(|s| theirs.stamp.is_some_and(|t| t >= s))
+    }
+
+    /// Joins another token into this one.
+    pub fn join(&mut self, other: &CausalToken) {
+        self.context.join(&other.context);
+        self.stamp = self.stamp.max(other.stamp);
+    }
+}
+
+/// A request from a client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientRequest {
+    /// The client's bearer token.
+    pub token: String,
+    /// What it asks.
+    pub body: RequestBody,
+}
+
+/// The kinds of request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestBody {
+    /// Read one key; with `after`, wait (up to `wait_ms`) until the node's
+    /// state includes that token.
+    Read {
+        /// The key.
+        key: Key,
+        /// A token the answer must include.
+        after: Option<CausalToken>,
+        /// How long the node may wait for it.
+        wait_ms: u64,
+    },
+    /// Apply operations atomically, as one delta-group.
+    Write {
+        /// Identifies the write across retries.
+        op_id: OpId,
+        /// The operations.
+        ops: Vec<(Key, Op)>,
+    },
+    /// Cluster status as this node sees it.
+    Status,
+}
+
+/// What a client can act on when a request fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// Bad or missing token.
+    Unauthorized,
+    /// The node's write queue is full: retry later or elsewhere.
+    Overloaded,
+    /// The key holds another type.
+    TypeMismatch,
+    /// The request is malformed or invalid (bad key, bad op, too large).
+    InvalidRequest,
+    /// The key does not exist (delete of an absent key).
+    NotFound,
+    /// The node has not caught up with the token in time.
+    NotCaughtUp,
+    /// The node is shutting down or cannot serve.
+    Unavailable,
+    /// Something failed inside the node.
+    Internal,
+}
+
+/// A failed request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientError {
+    /// What kind of failure.
+    pub kind: ErrorKind,
+    /// A human-readable explanation.
+    pub message: String,
+}
+
+impl From<&Error> for ClientError {
+    fn from(e: &Error) -> Self {
+        let kind = match e {
+            Error::TypeMismatch { .. } | Error::FieldTypeMismatch { .. } => ErrorKind::TypeMismatch,
+            Error::Overloaded(_) => ErrorKind::Overloaded,
+            Error::NotFound => ErrorKind::NotFound,
+            Error::InvalidKey(_)
+            | Error::InvalidOp(_)
+            | Error::Unsupported { .. }
+            | Error::NestingTooDeep { .. }
+            | Error::CounterOverflow
+            | Error::MessageTooLarge { .. }
+            | Error::Codec(_)
+            | Error::UnknownVersion(_)
+            | Error::Malformed(_) => ErrorKind::InvalidRequest,
+            Error::Clock(_) | Error::Store(_) | Error::UnknownPeer(_) => ErrorKind::Internal,
+        };
+        ClientError {
+            kind,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// A peer as one node sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// Node name.
+    pub node: String,
+    /// Region.
+    pub region: RegionId,
+    /// Heard from recently.
+    pub alive: bool,
+    /// Delta-groups of ours it has not acknowledged (replication lag).
+    pub unacked_groups: u64,
+    /// How long ago it was last heard from.
+    pub last_heard_ms_ago: Option<u64>,
+}
+
+/// A node's status.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Node name.
+    pub node: String,
+    /// Region.
+    pub region: RegionId,
+    /// Current replica identity.
+    pub replica: String,
+    /// Anti-entropy root digest (equal on converged nodes).
+    pub digest: String,
+    /// Buffered delta-groups and their bytes.
+    pub buffer: (usize, usize),
+    /// Peers.
+    pub peers: Vec<PeerInfo>,
+}
+
+/// A node's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// A key's value (`None` when absent) and its causal token.
+    Value {
+        /// The value.
+        value: Option<ValueView>,
+        /// What the read saw.
+        token: CausalToken,
+    },
+    /// A durable write and the token of what it wrote.
+    Written {
+        /// The keys' tokens joined.
+        token: CausalToken,
+        /// The write had already been applied (a retry).
+        duplicate: bool,
+    },
+    /// Status.
+    Status(NodeStatus),
+    /// The request failed.
+    Error(ClientError),
+}
+
+/// Encodes a client frame (request or response).
+pub fn encode_client<T: Serialize>(msg: &T) -> Result<Vec<u8>, Error> {
+    let mut out = vec![PROTOCOL_VERSION];
+    out.extend(to_bytes(msg)?);
+    if out.len() > MAX_CLIENT_FRAME {
+        return Err(Error::MessageTooLarge {
+            size: out.len(),
+            limit: MAX_CLIENT_FRAME,
+        });
+    }
+    Ok(out)
+}
+
+/// Decodes a client frame, checking size, version and depth.
+pub fn decode_client<T: serde::de::DeserializeOwned>(frame: &[u8]) -> Result<T, Error> {
+    if frame.len() > MAX_CLIENT_FRAME {
+        return Err(Error::MessageTooLarge {
+            size: frame.len(),
+            limit: MAX_CLIENT_FRAME,
+        });
+    }
+    let (&version, body) = frame.split_first().ok_or_else(|| Error::Codec("empty frame".into()))?;
+    if version != PROTOCOL_VERSION {
+        return Err(Error::UnknownVersion(version));
+    }
+    from_bytes(body)
+}

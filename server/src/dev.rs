@@ -1,0 +1,247 @@
+//! `latticed dev`: a local cluster of real processes on loopback.
+
+use crate::certs;
+use crate::config::{Config, PeerEntry};
+use crate::storage::Durability;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Options of `latticed dev`.
+#[derive(Args, Debug, Clone)]
+pub struct DevArgs {
+    /// Where certificates, configs, data and logs go.
+    #[arg(long, default_value = ".lattice-dev")]
+    pub dir: PathBuf,
+    /// QUIC port of the first node; node i listens on base+i and serves
+    /// HTTP (metrics, status) on base+100+i.
+    #[arg(long, default_value_t = 7401)]
+    pub base_port: u16,
+    /// Regions, one node each.
+    #[arg(long, default_value = "eu,us,ap", value_delimiter = ',')]
+    pub regions: Vec<String>,
+    /// Durability mode of every node.
+    #[arg(long, value_enum, default_value = "group")]
+    pub durability: Durability,
+    /// Only write the files, do not start the nodes.
+    #[arg(long)]
+    pub prepare_only: bool,
+}
+
+/// What `lattice` (the CLI) reads to reach a dev cluster: written to
+/// `DIR/client.toml` by `latticed dev`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClientDefaults {
+    /// Node addresses, one per region.
+    pub endpoints: Vec<SocketAddr>,
+    /// A client token.
+    pub token: String,
+    /// The cluster CA.
+    pub ca: PathBuf,
+    /// Region of each endpoint, in the same order.
+    pub regions: Vec<String>,
+}
+
+/// Writes (or reuses) certificates, a token and one config per node.
+/// Returns the config paths and the client defaults.
+pub fn prepare(args: &DevArgs) -> Result<(Vec<PathBuf>, ClientDefaults)> {
+    if args.regions.is_empty() || args.regions.len() > 50 {
+        bail!("--regions needs 1 to 50 names");
+    }
+    let dir = absolute(&args.dir)?;
+    let certs_dir = dir.join("certs");
+    if !certs_dir.join("ca.pem").exists() {
+        certs::write_pem(&certs_dir, "ca", &certs::new_ca("dev")?)?;
+    }
+    let ca = certs::read_pem(&certs_dir, "ca")?;
+    let token_path = dir.join("token");
+    let token = match std::fs::read_to_string(&token_path) {
+        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+        _ => {
+            let t: String = (0..32)
+                .map(|_| format!("{:x}", rand::thread_rng().gen_range(0..16u8)))
+                .collect();
+            std::fs::write(&token_path, &t).with_context(|| format!("writing {}", token_path.display()))?;
+            t
+        }
+    };
+    let n = args.regions.len();
+    let name = |i: usize| format!("n{}", i + 1);
+    let addr = |i: usize| -> Result<SocketAddr> {
+        let port = args.base_port.checked_add(i as u16).context("port out of range")?;
+        Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+    };
+    let mut paths = Vec::new();
+    let mut endpoints = Vec::new();
+    for i in 0..n {
+        if !certs_dir.join(format!("{}.pem", name(i))).exists() {
+            certs::write_pem(&certs_dir, &name(i), &certs::new_node_cert(&ca, &name(i))?)?;
+        }
+        let peers = (0..n)
+            .filter(|&j| j != i)
+            .map(|j| {
+                Ok(PeerEntry {
+                    name: name(j),
+                    region: args.regions[j].clone(),
+                    address: addr(j)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let http_port = args
+            .base_port
+            .checked_add(100 + i as u16)
+            .context("port out of range")?;
+        let config = Config {
+            node: name(i),
+            region: args.regions[i].clone(),
+            listen: addr(i)?,
+            data_dir: dir.join("data").join(name(i)),
+            durability: args.durability,
+            group_commit_ms: 2,
+            tokens: vec![token.clone()],
+            ca: certs_dir.join("ca.pem"),
+            cert: certs_dir.join(format!("{}.pem", name(i))),
+            key: certs_dir.join(format!("{}.key", name(i))),
+            metrics: Some(SocketAddr::from(([127, 0, 0, 1], http_port))),
+            peers,
+            peer_queue: 1_024,
+            engine_queue: 8_192,
+            anti_entropy_ms: 5_000,
+        };
+        config.validate()?;
+        let path = dir.join(format!("{}.toml", name(i)));
+        std::fs::write(&path, toml::to_string(&config)?).with_context(|| format!("writing {}", path.display()))?;
+        paths.push(path);
+        endpoints.push(addr(i)?);
+    }
+    let defaults = ClientDefaults {
+        endpoints,
+        token,
+        ca: certs_dir.join("ca.pem"),
+        regions: args.regions.clone(),
+    };
+    let client = dir.join("client.toml");
+    std::fs::write(&client, toml::to_string(&defaults)?).with_context(|| format!("writing {}", client.display()))?;
+    Ok((paths, defaults))
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+    p.canonicalize().with_context(|| format!("resolving {}", p.display()))
+}
+
+/// Runs `latticed dev`.
+pub fn run(args: DevArgs) -> Result<()> {
+    let (configs, defaults) = prepare(&args)?;
+    let dir = absolute(&args.dir)?;
+    if args.prepare_only {
+        println!(
+            "wrote {} node configs and {}",
+            configs.len(),
+            dir.join("client.toml").display()
+        );
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("locating latticed")?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let mut children = Vec::new();
+        for (i, cfg) in configs.iter().enumerate() {
+            let log_path = dir.join(format!("n{}.log", i + 1));
+            let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+            let child = tokio::process::Command::new(&exe)
+                .arg("run")
+                .arg("--config")
+                .arg(cfg)
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting node n{}", i + 1))?;
+            children.push((format!("n{}", i + 1), log_path, child));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for (name, log, child) in &mut children {
+            if let Ok(Some(status)) = child.try_wait() {
+                let tail = std::fs::read_to_string(log.as_path()).unwrap_or_default();
+                bail!("node {name} exited at start ({status}):\n{tail}");
+            }
+        }
+        println!("Lattice dev cluster: {} nodes on loopback", children.len());
+        for (i, ((name, log, _), addr)) in children.iter().zip(&defaults.endpoints).enumerate() {
+            println!(
+                "  {name}  region {:<4} quic {addr}  http 127.0.0.1:{}  log {}",
+                defaults.regions[i],
+                args.base_port + 100 + i as u16,
+                log.display()
+            );
+        }
+        println!();
+        println!(
+            "Reach it with the lattice CLI (it reads {}):",
+            dir.join("client.toml").display()
+        );
+        println!("  cargo run -p lattice-client -- incr visits 5");
+        println!("  cargo run -p lattice-client -- get visits");
+        println!("Client token: {}   CA: {}", defaults.token, defaults.ca.display());
+        println!(
+            "Metrics: curl http://127.0.0.1:{}/metrics   Status: curl http://127.0.0.1:{}/status",
+            args.base_port + 100,
+            args.base_port + 100
+        );
+        println!(
+            "Ctrl-C stops the cluster (data stays in {}).",
+            dir.join("data").display()
+        );
+        let died = async {
+            loop {
+                for (name, _, child) in children.iter_mut() {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        return (name.clone(), status);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        tokio::select! {
+            () = crate::shutdown_signal() => {
+                println!("stopping the cluster");
+            }
+            (name, status) = died => {
+                eprintln!("node {name} exited ({status}); stopping the others");
+            }
+        }
+        for (_, _, child) in &mut children {
+            if let Some(pid) = child.id() {
+                terminate(pid);
+            }
+        }
+        for (name, _, child) in &mut children {
+            match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+                Ok(_) => {}
+                Err(_) => {
+                    eprintln!("node {name} did not stop in time: killing it");
+                    let _ = child.kill().await;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Asks a child process to stop gracefully (SIGTERM).
+fn terminate(pid: u32) {
+    #[cfg(unix)]
+    {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    #[cfg(not(unix))]
+    let _ = pid;
+}

@@ -1,0 +1,139 @@
+//! `lattice-server`: `latticed`, the regional Lattice node. An I/O driver
+//! around `lattice-core`'s replica: sled storage ([`storage`]), QUIC gossip
+//! and the client API ([`net`]), the engine thread ([`node`]), metrics and
+//! status over HTTP ([`metrics`]), certificates ([`certs`]), configuration
+//! ([`config`]) and the local development cluster ([`dev`]). It contains no
+//! replication logic of its own.
+
+pub mod certs;
+pub mod config;
+pub mod dev;
+pub mod metrics;
+pub mod net;
+pub mod node;
+pub mod storage;
+
+use anyhow::{Context, Result};
+use config::Config;
+use lattice_core::proto::{NodeId, RegionId};
+use lattice_core::replica::{PeerConfig, Replica, ReplicaConfig, Time};
+use rand::SeedableRng;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Runs a node until `shutdown` resolves, then stops gracefully: stop
+/// accepting, flush, close connections.
+pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    let store = storage::SledStore::open(&config.data_dir, &config.node, config.durability)?;
+    let peers: Vec<PeerConfig> = config
+        .peers
+        .iter()
+        .map(|p| PeerConfig {
+            node: NodeId(p.name.clone()),
+            region: RegionId(p.region.clone()),
+        })
+        .collect();
+    let mut rc = ReplicaConfig::new(config.node.clone(), config.region.clone(), peers);
+    rc.ae_interval_ms = config.anti_entropy_ms;
+    // Randomness comes from the OS here, in the driver, never in the core.
+    let rng = Box::new(rand_chacha::ChaCha8Rng::from_entropy());
+    let replica = Replica::open(rc, store, rng, Time(0)).context("opening the replica")?;
+    let ca = std::fs::read_to_string(&config.ca).with_context(|| format!("reading {}", config.ca.display()))?;
+    let identity = certs::Pem {
+        cert: std::fs::read_to_string(&config.cert).with_context(|| format!("reading {}", config.cert.display()))?,
+        key: std::fs::read_to_string(&config.key).with_context(|| format!("reading {}", config.key.display()))?,
+    };
+    let endpoint = net::endpoint(config.listen, &ca, &identity)?;
+    let dial = net::peer_client_config(&ca, &identity)?;
+    let metrics = Arc::new(metrics::Metrics::new());
+    let (engine_tx, engine_rx) = std::sync::mpsc::sync_channel(config.engine_queue);
+    let mut queues = BTreeMap::new();
+    for p in &config.peers {
+        let (tx, rx) = mpsc::channel(config.peer_queue);
+        queues.insert(NodeId(p.name.clone()), tx);
+        tokio::spawn(net::dial_peer(
+            endpoint.clone(),
+            dial.clone(),
+            NodeId(p.name.clone()),
+            p.address,
+            rx,
+        ));
+    }
+    let engine = {
+        let (metrics, node) = (metrics.clone(), config.node.clone());
+        let (durability, group) = (config.durability, Duration::from_millis(config.group_commit_ms));
+        std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || {
+                node::run(
+                    replica,
+                    node::Clock::new(),
+                    durability,
+                    group,
+                    engine_rx,
+                    queues,
+                    metrics,
+                    node,
+                )
+            })
+            .context("starting the engine thread")?
+    };
+    let inbound = Arc::new(net::Inbound {
+        engine: engine_tx.clone(),
+        peers: config.peers.iter().map(|p| p.name.clone()).collect::<BTreeSet<_>>(),
+        tokens: config.tokens.clone(),
+        metrics: metrics.clone(),
+    });
+    tokio::spawn(net::accept_loop(endpoint.clone(), inbound));
+    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = config.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        let (m, e) = (metrics.clone(), engine_tx.clone());
+        tokio::spawn(async move {
+            let stop = async {
+                let _ = http_stopped.await;
+            };
+            if let Err(e) = metrics::serve(listener, m, e, stop).await {
+                tracing::error!(error = %e, "the HTTP listener failed");
+            }
+        });
+    }
+    tracing::info!(node = %config.node, region = %config.region, listen = %config.listen, durability = ?config.durability, "latticed ready");
+    shutdown.await;
+    tracing::info!("shutting down: no new connections, flushing");
+    endpoint.set_server_config(None);
+    let _ = engine_tx.send(node::Input::Shutdown);
+    drop(engine_tx);
+    let _ = tokio::task::spawn_blocking(move || engine.join()).await;
+    let _ = http_stop.send(());
+    endpoint.close(net::code::SHUTDOWN.into(), b"shutdown");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,346 @@
+//! QUIC transport (quinn). One endpoint; the ALPN separates peer gossip from
+//! client traffic. Frames are a 4-byte big-endian length then the frame; the
+//! length is checked against the limit before anything is read.
+
+use crate::certs::{self, Pem, NODE_OU};
+use crate::metrics::Metrics;
+use crate::node::Input;
+use anyhow::{Context, Result};
+use lattice_core::proto::client::{
+    decode_client, encode_client, ClientError, ClientRequest, ErrorKind, RequestBody, Response, CLIENT_ALPN,
+    MAX_CLIENT_FRAME, PEER_ALPN,
+};
+use lattice_core::proto::{NodeId, DEFAULT_MAX_MESSAGE_BYTES};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rand::Rng;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::mpsc::SyncSender;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// Application error codes on QUIC connections and streams.
+pub mod code {
+    /// Orderly shutdown.
+    pub const SHUTDOWN: u32 = 0;
+    /// The peer is not a node of this cluster.
+    pub const NOT_A_PEER: u32 = 1;
+    /// A frame was larger than allowed.
+    pub const FRAME_TOO_LARGE: u32 = 2;
+    /// A frame could not be decoded.
+    pub const MALFORMED: u32 = 3;
+}
+
+/// Deliberate transport limits (quinn's defaults are for the open web).
+pub fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    // Clients issue one request per bidirectional stream: this bounds the
+    // requests in flight per connection.
+    t.max_concurrent_bidi_streams(256u32.into());
+    // Peers use one long-lived unidirectional stream per direction.
+    t.max_concurrent_uni_streams(4u32.into());
+    // A stream may hold one full frame in flight, a connection a few.
+    t.stream_receive_window(((DEFAULT_MAX_MESSAGE_BYTES + 4) as u32).into());
+    t.receive_window((4 * (DEFAULT_MAX_MESSAGE_BYTES as u32 + 4)).into());
+    t.send_window(4 * (DEFAULT_MAX_MESSAGE_BYTES as u64 + 4));
+    t.max_idle_timeout(Some(
+        Duration::from_secs(30)
+            .try_into()
+            .unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(30_000))),
+    ));
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    Arc::new(t)
+}
+
+/// Builds the node's endpoint (server side, both ALPNs).
+pub fn endpoint(listen: SocketAddr, ca_pem: &str, node: &Pem) -> Result<quinn::Endpoint> {
+    let tls = certs::server_tls(ca_pem, node)?;
+    let crypto = QuicServerConfig::try_from(tls).context("QUIC server TLS")?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(transport());
+    // At most this many connections being set up or open.
+    server.max_incoming(4_096);
+    quinn::Endpoint::server(server, listen).with_context(|| format!("binding {listen}"))
+}
+
+/// Client config for dialling a peer with this node's certificate.
+pub fn peer_client_config(ca_pem: &str, node: &Pem) -> Result<quinn::ClientConfig> {
+    let tls = certs::client_tls(ca_pem, Some(node), PEER_ALPN)?;
+    let mut c = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).context("QUIC client TLS")?));
+    c.transport_config(transport());
+    Ok(c)
+}
+
+/// Reads one length-prefixed frame of at most `max` bytes; `None` at the
+/// end of the stream.
+pub async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Option<Vec<u8>>, FrameError> {
+    let mut len = [0u8; 4];
+    match recv.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(FrameError::Io(e.to_string())),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut buf = vec![0u8; len];
+    recv.read_exact(&mut buf)
+        .await
+        .map_err(|e| FrameError::Io(e.to_string()))?;
+    Ok(Some(buf))
+}
+
+/// Writes one length-prefixed frame.
+pub async fn write_frame(send: &mut quinn::SendStream, frame: &[u8]) -> Result<(), quinn::WriteError> {
+    send.write_all(&(frame.len() as u32).to_be_bytes()).await?;
+    send.write_all(frame).await
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// Larger than allowed.
+    #[error("frame of {0} bytes is over the limit")]
+    TooLarge(usize),
+    /// The stream failed.
+    #[error("stream: {0}")]
+    Io(String),
+}
+
+/// Keeps a connection to one peer and writes its queued frames, reconnecting
+/// with exponential backoff and jitter.
+pub async fn dial_peer(
+    endpoint: quinn::Endpoint,
+    config: quinn::ClientConfig,
+    peer: NodeId,
+    addr: SocketAddr,
+    mut queue: mpsc::Receiver<Vec<u8>>,
+) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let attempt = async {
+            let conn = endpoint.connect_with(config.clone(), addr, &peer.0)?.await?;
+            tracing::info!(peer = %peer, %addr, "connected to peer");
+            let mut send = conn.open_uni().await?;
+            Ok::<_, anyhow::Error>((conn, send_loop(&mut send, &mut queue).await))
+        };
+        match attempt.await {
+            Ok((_conn, Ok(()))) => return, // queue closed: shutting down
+            Ok((_, Err(e))) => tracing::warn!(peer = %peer, error = %e, "peer stream failed"),
+            Err(e) => tracing::debug!(peer = %peer, error = %e, "cannot reach peer"),
+        }
+        let jitter = rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 2);
+        tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        if queue.is_closed() {
+            return;
+        }
+    }
+}
+
+async fn send_loop(send: &mut quinn::SendStream, queue: &mut mpsc::Receiver<Vec<u8>>) -> Result<()> {
+    while let Some(frame) = queue.recv().await {
+        write_frame(send, &frame).await?;
+    }
+    Ok(())
+}
+
+/// Shared state of the accept loop.
+pub struct Inbound {
+    /// The engine's queue.
+    pub engine: SyncSender<Input>,
+    /// Configured peer names.
+    pub peers: BTreeSet<String>,
+    /// Accepted client tokens.
+    pub tokens: Vec<String>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Accepts connections until the endpoint closes.
+pub async fn accept_loop(endpoint: quinn::Endpoint, inbound: Arc<Inbound>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let inbound = inbound.clone();
+        tokio::spawn(async move {
+            match incoming.await {
+                Ok(conn) => handle_connection(conn, inbound).await,
+                Err(e) => tracing::debug!(error = %e, "handshake failed"),
+            }
+        });
+    }
+}
+
+fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
+}
+
+/// The node name of a peer connection, if its certificate is a node
+/// certificate of the cluster CA naming a configured peer.
+fn peer_name(conn: &quinn::Connection, peers: &BTreeSet<String>) -> Option<String> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    let (cn, ou) = certs::subject_of(certs.first()?).ok()?;
+    (ou == NODE_OU && peers.contains(&cn)).then_some(cn)
+}
+
+async fn handle_connection(conn: quinn::Connection, inbound: Arc<Inbound>) {
+    match alpn(&conn).as_deref() {
+        Some(p) if p == PEER_ALPN => {
+            let Some(name) = peer_name(&conn, &inbound.peers) else {
+                tracing::warn!(remote = %conn.remote_address(), "refused a peer without a node certificate of this cluster");
+                conn.close(code::NOT_A_PEER.into(), b"not a node of this cluster");
+                return;
+            };
+            let peer = NodeId(name);
+            while let Ok(mut recv) = conn.accept_uni().await {
+                let (peer, inbound) = (peer.clone(), inbound.clone());
+                tokio::spawn(async move {
+                    loop {
+                        match read_frame(&mut recv, DEFAULT_MAX_MESSAGE_BYTES).await {
+                            Ok(Some(bytes)) => {
+                                if inbound
+                                    .engine
+                                    .try_send(Input::Frame {
+                                        from: peer.clone(),
+                                        bytes,
+                                    })
+                                    .is_err()
+                                {
+                                    // The engine is saturated: drop; the peer retransmits.
+                                    inbound.metrics.peer_frames_dropped.inc();
+                                }
+                            }
+                            Ok(None) => return,
+                            Err(FrameError::TooLarge(n)) => {
+                                tracing::warn!(peer = %peer, bytes = n, "oversized frame: closing the stream");
+                                inbound.metrics.peer_frames_rejected.inc();
+                                let _ = recv.stop(code::FRAME_TOO_LARGE.into());
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::debug!(peer = %peer, error = %e, "peer stream ended");
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        }
+        Some(p) if p == CLIENT_ALPN => {
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                let inbound = inbound.clone();
+                tokio::spawn(async move { client_stream(send, recv, inbound).await });
+            }
+        }
+        _ => conn.close(code::NOT_A_PEER.into(), b"unknown protocol"),
+    }
+}
+
+fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
+    Response::Error(ClientError {
+        kind,
+        message: message.into(),
+    })
+}
+
+/// One client request per bidirectional stream.
+async fn client_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, inbound: Arc<Inbound>) {
+    let response = match read_frame(&mut recv, MAX_CLIENT_FRAME).await {
+        Ok(Some(frame)) => match decode_client::<ClientRequest>(&frame) {
+            Ok(req) => serve(req, &inbound).await,
+            Err(e) => error(ErrorKind::InvalidRequest, format!("undecodable request: {e}")),
+        },
+        Ok(None) => return,
+        Err(FrameError::TooLarge(n)) => {
+            let _ = recv.stop(code::FRAME_TOO_LARGE.into());
+            error(
+                ErrorKind::InvalidRequest,
+                format!("request of {n} bytes is over the limit of {MAX_CLIENT_FRAME}"),
+            )
+        }
+        Err(FrameError::Io(_)) => return,
+    };
+    if let Ok(frame) = encode_client(&response) {
+        let _ = write_frame(&mut send, &frame).await;
+    }
+    let _ = send.finish();
+}
+
+async fn serve(req: ClientRequest, inbound: &Inbound) -> Response {
+    let span = tracing::debug_span!("client_request");
+    let _g = span.enter();
+    if !inbound
+        .tokens
+        .iter()
+        .any(|t| constant_time_eq(t.as_bytes(), req.token.as_bytes()))
+    {
+        inbound.metrics.unauthorized.inc();
+        return error(ErrorKind::Unauthorized, "unknown client token");
+    }
+    let overloaded = |m: &Metrics| {
+        m.overloaded.inc();
+        error(ErrorKind::Overloaded, "the node's request queue is full")
+    };
+    match req.body {
+        RequestBody::Write { op_id, ops } => {
+            let (tx, rx) = oneshot::channel();
+            if inbound.engine.try_send(Input::Write { op_id, ops, reply: tx }).is_err() {
+                return overloaded(&inbound.metrics);
+            }
+            match rx.await {
+                Ok(Ok((token, duplicate))) => Response::Written { token, duplicate },
+                Ok(Err(e)) => Response::Error(ClientError::from(&e)),
+                Err(_) => error(ErrorKind::Unavailable, "the node is shutting down"),
+            }
+        }
+        RequestBody::Read { key, after, wait_ms } => {
+            let (tx, rx) = oneshot::channel();
+            let deadline = Instant::now() + Duration::from_millis(wait_ms.min(30_000));
+            if inbound
+                .engine
+                .try_send(Input::Read {
+                    key,
+                    after,
+                    deadline,
+                    reply: tx,
+                })
+                .is_err()
+            {
+                return overloaded(&inbound.metrics);
+            }
+            match rx.await {
+                Ok(Ok(value)) => Response::Value {
+                    token: lattice_core::proto::client::CausalToken::of(value.as_ref()),
+                    value: value.as_ref().map(|v| v.view()),
+                },
+                Ok(Err(Some(e))) => Response::Error(ClientError::from(&e)),
+                Ok(Err(None)) => error(
+                    ErrorKind::NotCaughtUp,
+                    "this node has not caught up with the session's writes in time",
+                ),
+                Err(_) => error(ErrorKind::Unavailable, "the node is shutting down"),
+            }
+        }
+        RequestBody::Status => {
+            let (tx, rx) = oneshot::channel();
+            if inbound.engine.try_send(Input::Status { reply: tx }).is_err() {
+                return overloaded(&inbound.metrics);
+            }
+            match rx.await {
+                Ok(s) => Response::Status(s),
+                Err(_) => error(ErrorKind::Unavailable, "the node is shutting down"),
+            }
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

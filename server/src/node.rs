@@ -1,0 +1,284 @@
+//! The engine thread: owns the replica (and sled, whose calls block), fed by
+//! a bounded channel from the network and API tasks. It decides when to
+//! flush (the durability mode), hands frames to the per-peer queues and
+//! answers clients once their writes are durable.
+
+use crate::metrics::Metrics;
+use crate::storage::{Durability, SledStore};
+use lattice_core::crdt::{Op, Value};
+use lattice_core::proto::client::{CausalToken, NodeStatus, OpId, PeerInfo};
+use lattice_core::proto::NodeId;
+use lattice_core::replica::{Event, Replica, Time, WriteId};
+use lattice_core::{Error, Key};
+use std::collections::BTreeMap;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// Where a write's answer goes: its token and whether it was a retry.
+pub type WriteReply = oneshot::Sender<Result<(CausalToken, bool), Error>>;
+/// Where a read's answer goes (`Err(None)` = not caught up in time).
+pub type ReadReply = oneshot::Sender<Result<Option<Value>, Option<Error>>>;
+
+/// What the engine thread is asked to do.
+pub enum Input {
+    /// A frame from a peer.
+    Frame {
+        /// The authenticated peer.
+        from: NodeId,
+        /// The frame.
+        bytes: Vec<u8>,
+    },
+    /// A client write; answered once durable.
+    Write {
+        /// Client operation id.
+        op_id: OpId,
+        /// Operations.
+        ops: Vec<(Key, Op)>,
+        /// Where the answer goes.
+        reply: WriteReply,
+    },
+    /// A client read; with a token, answered once the state includes it or
+    /// at the deadline.
+    Read {
+        /// The key.
+        key: Key,
+        /// What the answer must include.
+        after: Option<CausalToken>,
+        /// The longest wait.
+        deadline: Instant,
+        /// Where the answer goes.
+        reply: ReadReply,
+    },
+    /// Status request.
+    Status {
+        /// Where the answer goes.
+        reply: oneshot::Sender<NodeStatus>,
+    },
+    /// Flush, then stop.
+    Shutdown,
+}
+
+/// The node's clock: monotonic milliseconds since start, and the wall clock
+/// offset for the hybrid logical clock.
+pub struct Clock {
+    start: Instant,
+    wall_offset_ms: i64,
+}
+
+impl Clock {
+    /// Starts the clock now.
+    pub fn new() -> Clock {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        Clock {
+            start: Instant::now(),
+            wall_offset_ms: wall,
+        }
+    }
+    fn now(&self) -> Time {
+        Time(self.start.elapsed().as_millis() as u64)
+    }
+    fn at(&self, t: Time) -> Instant {
+        self.start + Duration::from_millis(t.0)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+/// Runs the engine until `Shutdown` or until every sender is gone.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    mut replica: Replica<SledStore>,
+    clock: Clock,
+    durability: Durability,
+    group_commit: Duration,
+    rx: Receiver<Input>,
+    peers: BTreeMap<NodeId, mpsc::Sender<Vec<u8>>>,
+    metrics: Arc<Metrics>,
+    node: String,
+) {
+    replica.set_wall_offset(clock.wall_offset_ms);
+    let mut waiting_writes: BTreeMap<WriteId, (CausalToken, bool, WriteReply)> = BTreeMap::new();
+    let mut waiting_reads: Vec<(Key, CausalToken, Instant, ReadReply)> = Vec::new();
+    let mut first_unflushed: Option<Instant> = None;
+    let mut stopping = false;
+    let mut last_stats = Instant::now();
+    loop {
+        // Sleep until the engine's next timer, a group-commit deadline or a
+        // read deadline, unless input arrives first.
+        let now = clock.now();
+        let mut wake = replica
+            .poll_timeout()
+            .map_or(Instant::now() + Duration::from_millis(100), |t| clock.at(t));
+        if let Some(t) = first_unflushed {
+            wake = wake.min(t + group_commit);
+        }
+        for (_, _, d, _) in &waiting_reads {
+            wake = wake.min(*d);
+        }
+        let timeout = wake
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(100));
+        let mut inputs = Vec::new();
+        match rx.recv_timeout(timeout) {
+            Ok(i) => inputs.push(i),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => stopping = true,
+        }
+        // Take what else is queued, bounded, so one flush covers a batch.
+        while inputs.len() < 1_024 {
+            match rx.try_recv() {
+                Ok(i) => inputs.push(i),
+                Err(_) => break,
+            }
+        }
+        metrics.engine_queue.set(inputs.len() as i64);
+        let now = clock.now().max(now);
+        for input in inputs {
+            match input {
+                Input::Frame { from, bytes } => {
+                    metrics.peer_frames_in.inc_by(1);
+                    metrics.peer_bytes_in.inc_by(bytes.len() as u64);
+                    if let Err(e) = replica.handle(now, &from, &bytes) {
+                        metrics.peer_frames_rejected.inc_by(1);
+                        tracing::warn!(peer = %from, error = %e, "refused a peer frame");
+                    }
+                }
+                Input::Write { op_id, ops, reply } => {
+                    let keys: Vec<Key> = ops.iter().map(|(k, _)| k.clone()).collect();
+                    match replica.write_once(now, Some(op_id), ops) {
+                        Ok((id, duplicate)) => {
+                            let mut token = CausalToken::default();
+                            for k in &keys {
+                                token.join(&CausalToken::of(replica.read(k).ok().flatten().as_ref()));
+                            }
+                            metrics.writes.inc_by(1);
+                            waiting_writes.insert(id, (token, duplicate, reply));
+                            first_unflushed.get_or_insert_with(Instant::now);
+                        }
+                        Err(e) => {
+                            if matches!(e, Error::Overloaded(_)) {
+                                metrics.overloaded.inc_by(1);
+                            }
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
+                Input::Read {
+                    key,
+                    after,
+                    deadline,
+                    reply,
+                } => {
+                    metrics.reads.inc_by(1);
+                    match after {
+                        None => {
+                            let _ = reply.send(replica.read(&key).map_err(Some));
+                        }
+                        Some(token) => waiting_reads.push((key, token, deadline, reply)),
+                    }
+                }
+                Input::Status { reply } => {
+                    let _ = reply.send(status(&replica, now, &node));
+                }
+                Input::Shutdown => stopping = true,
+            }
+        }
+        if let Err(e) = replica.handle_timeout(now) {
+            tracing::error!(error = %e, "engine timer failed");
+        }
+        if replica.needs_flush() {
+            first_unflushed.get_or_insert_with(Instant::now);
+        }
+        let due = match durability {
+            Durability::Sync | Durability::Async => true,
+            Durability::Group => first_unflushed.is_some_and(|t| t.elapsed() >= group_commit),
+        };
+        if replica.needs_flush() && (due || stopping) {
+            let started = Instant::now();
+            match replica.flush(now) {
+                Ok(()) => {
+                    metrics.flushes.inc_by(1);
+                    metrics.flush_micros.inc_by(started.elapsed().as_micros() as u64);
+                    first_unflushed = None;
+                }
+                Err(e) => tracing::error!(error = %e, "flush failed; writes stay unacknowledged"),
+            }
+        }
+        while let Some(t) = replica.poll_transmit() {
+            let Some(q) = peers.get(&t.to) else { continue };
+            metrics.peer_frames_out.inc_by(1);
+            metrics.peer_bytes_out.inc_by(t.payload.len() as u64);
+            if q.try_send(t.payload).is_err() {
+                // A slow or absent peer: drop, retransmission and
+                // anti-entropy repair it; memory stays bounded.
+                metrics.peer_frames_dropped.inc_by(1);
+            }
+        }
+        while let Some(e) = replica.poll_event() {
+            match e {
+                Event::WriteDurable(id) => {
+                    if let Some((token, dup, reply)) = waiting_writes.remove(&id) {
+                        let _ = reply.send(Ok((token, dup)));
+                    }
+                }
+                Event::RemoteApplied { .. } => {
+                    metrics.remote_updates.inc_by(1);
+                }
+            }
+        }
+        // Reads waiting for a token: answer when included, or at the deadline.
+        let mut i = 0;
+        while i < waiting_reads.len() {
+            let (key, token, deadline, _) = &waiting_reads[i];
+            let value = replica.read(key);
+            let ready = match &value {
+                Ok(v) => token.is_included_in(v.as_ref()),
+                Err(_) => true,
+            };
+            if ready || Instant::now() >= *deadline {
+                let (_, _, _, reply) = waiting_reads.swap_remove(i);
+                let _ = reply.send(if ready { value.map_err(Some) } else { Err(None) });
+            } else {
+                i += 1;
+            }
+        }
+        if last_stats.elapsed() >= Duration::from_millis(200) {
+            metrics.record_engine(&replica, now);
+            last_stats = Instant::now();
+        }
+        if stopping && !replica.needs_flush() {
+            metrics.record_engine(&replica, now);
+            tracing::info!("engine stopped");
+            return;
+        }
+    }
+}
+
+fn status(replica: &Replica<SledStore>, now: Time, node: &str) -> NodeStatus {
+    NodeStatus {
+        node: node.to_string(),
+        region: replica.config().region.clone(),
+        replica: replica.id().to_string(),
+        digest: format!("{:032x}", replica.digest()),
+        buffer: replica.buffer_usage(),
+        peers: replica
+            .peer_status(now)
+            .into_iter()
+            .map(|p| PeerInfo {
+                node: p.node.0,
+                region: p.region,
+                alive: p.alive,
+                unacked_groups: p.unacked_groups,
+                last_heard_ms_ago: p.last_heard_ms_ago,
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,397 @@
+//! The sled implementation of the engine's `Store`.
+//!
+//! One sled tree holds everything, under one-byte prefixes, so that a
+//! `WriteBatch` (states, delta buffer, metadata, client op ids) is one atomic
+//! `apply_batch`: the state, the buffer and the counters cannot disagree.
+//!
+//! | prefix | key | value |
+//! |---|---|---|
+//! | `k` | bucket (4 bytes BE) + key | `Value` |
+//! | `b` | sequence (8 bytes BE) | `DeltaGroup` |
+//! | `m` | `meta` | `Meta` |
+//! | `i` | `identity` | node name and format version |
+//! | `o` | op id (16 bytes BE) | order number |
+//! | `q` | order number (8 bytes BE) | op id |
+//!
+//! Durability. sled's `flush` writes its buffers and calls
+//! `sync_file_range` on Linux (sled issues #928, #1452), which survives a
+//! process crash but does not flush a volatile disk write cache, so it is
+//! not power-loss safe. In `sync` and `group` modes this store therefore
+//! also `fsync`s sled's log file after the flush.
+
+use lattice_core::crdt::Value;
+use lattice_core::proto::client::OpId;
+use lattice_core::proto::{from_bytes, to_bytes, DeltaGroup};
+use lattice_core::store::{Meta, Store, WriteBatch, OP_ID_RETENTION};
+use lattice_core::{Error, Key};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// On-disk format version of this store.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// When a write is acknowledged relative to the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Flush and fsync before acknowledging each write batch.
+    Sync,
+    /// Acknowledge after a shared flush + fsync, at most every
+    /// `group_commit_ms` (the default).
+    Group,
+    /// Acknowledge before the flush; sled flushes in the background every
+    /// 500 ms. A process crash can lose acknowledged writes.
+    Async,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Identity {
+    node: String,
+    format: u32,
+}
+
+/// Errors opening a data directory.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// sled failed.
+    #[error("opening sled at {path}: {source}")]
+    Sled {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: sled::Error,
+    },
+    /// The directory belongs to another node.
+    #[error("the data dir {path} belongs to node {found:?}, not {expected:?}")]
+    WrongNode {
+        /// The directory.
+        path: PathBuf,
+        /// Who owns it.
+        found: String,
+        /// Who tried to open it.
+        expected: String,
+    },
+    /// The directory has another format version.
+    #[error("the data dir {path} has format version {found}, this build reads version {FORMAT_VERSION}")]
+    WrongFormat {
+        /// The directory.
+        path: PathBuf,
+        /// Its version.
+        found: u32,
+    },
+    /// The identity record is unreadable.
+    #[error("the data dir {path} has a corrupt identity record: {reason}")]
+    Corrupt {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A `Store` on sled.
+pub struct SledStore {
+    db: sled::Db,
+    tree: sled::Tree,
+    dir: PathBuf,
+    durability: Durability,
+    /// Order numbers of remembered op ids: oldest and next.
+    op_oldest: u64,
+    op_next: u64,
+}
+
+fn store_err(e: impl std::fmt::Display) -> Error {
+    Error::Store(e.to_string())
+}
+
+fn value_key(key: &Key) -> Vec<u8> {
+    let mut k = Vec::with_capacity(5 + key.as_str().len());
+    k.push(b'k');
+    k.extend_from_slice(&key.hash().bucket().to_be_bytes());
+    k.extend_from_slice(key.as_str().as_bytes());
+    k
+}
+
+fn bucket_bound(bucket: u32) -> Vec<u8> {
+    let mut k = vec![b'k'];
+    k.extend_from_slice(&bucket.to_be_bytes());
+    k
+}
+
+fn decode_entry(k: &[u8], v: &[u8]) -> Result<(Key, Value), Error> {
+    let name = std::str::from_utf8(k.get(5..).unwrap_or_default()).map_err(store_err)?;
+    Ok((Key::new(name)?, from_bytes(v)?))
+}
+
+impl SledStore {
+    /// Opens (or creates) the store of node `node` in `dir`.
+    pub fn open(dir: &Path, node: &str, durability: Durability) -> Result<SledStore, OpenError> {
+        let sled_err = |source| OpenError::Sled {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(sled_err)?;
+        let tree = db.open_tree("lattice").map_err(sled_err)?;
+        match tree.get(b"iidentity").map_err(sled_err)? {
+            Some(raw) => {
+                let id: Identity = from_bytes(&raw).map_err(|e| OpenError::Corrupt {
+                    path: dir.to_path_buf(),
+                    reason: e.to_string(),
+                })?;
+                if id.format != FORMAT_VERSION {
+                    return Err(OpenError::WrongFormat {
+                        path: dir.to_path_buf(),
+                        found: id.format,
+                    });
+                }
+                if id.node != node {
+                    return Err(OpenError::WrongNode {
+                        path: dir.to_path_buf(),
+                        found: id.node,
+                        expected: node.to_string(),
+                    });
+                }
+            }
+            None => {
+                let id = Identity {
+                    node: node.to_string(),
+                    format: FORMAT_VERSION,
+                };
+                let raw = to_bytes(&id).map_err(|e| OpenError::Corrupt {
+                    path: dir.to_path_buf(),
+                    reason: e.to_string(),
+                })?;
+                tree.insert(b"iidentity", raw).map_err(sled_err)?;
+                db.flush().map_err(sled_err)?;
+            }
+        }
+        let order = |r: Option<Result<(sled::IVec, sled::IVec), sled::Error>>| -> Result<Option<u64>, OpenError> {
+            match r {
+                Some(Ok((k, _))) => {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(k.get(1..9).unwrap_or(&[0; 8]));
+                    Ok(Some(u64::from_be_bytes(b)))
+                }
+                Some(Err(e)) => Err(sled_err(e)),
+                None => Ok(None),
+            }
+        };
+        let op_oldest = order(tree.scan_prefix(b"q").next())?.unwrap_or(0);
+        let op_next = order(tree.scan_prefix(b"q").next_back())?.map_or(0, |n| n + 1);
+        Ok(SledStore {
+            db,
+            tree,
+            dir: dir.to_path_buf(),
+            durability,
+            op_oldest,
+            op_next,
+        })
+    }
+
+    /// The durability mode.
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// Bytes sled uses on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+impl Store for SledStore {
+    fn get(&self, key: &Key) -> Result<Option<Value>, Error> {
+        match self.tree.get(value_key(key)).map_err(store_err)? {
+            Some(raw) => Ok(Some(from_bytes(&raw)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn scan_buckets(&self, lo: u32, hi: u32) -> Result<Vec<(Key, Value)>, Error> {
+        let start = bucket_bound(lo);
+        let end = match hi.checked_add(1) {
+            Some(h) => bucket_bound(h),
+            None => vec![b'l'],
+        };
+        self.tree
+            .range(start..end)
+            .map(|r| {
+                let (k, v) = r.map_err(store_err)?;
+                decode_entry(&k, &v)
+            })
+            .collect()
+    }
+
+    fn scan_all(&self, f: &mut dyn FnMut(&Key, &Value)) -> Result<(), Error> {
+        for r in self.tree.scan_prefix(b"k") {
+            let (k, v) = r.map_err(store_err)?;
+            let (key, value) = decode_entry(&k, &v)?;
+            f(&key, &value);
+        }
+        Ok(())
+    }
+
+    fn meta(&self) -> Result<Option<Meta>, Error> {
+        match self.tree.get(b"mmeta").map_err(store_err)? {
+            Some(raw) => Ok(Some(from_bytes(&raw)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn buffer(&self) -> Result<Vec<DeltaGroup>, Error> {
+        self.tree
+            .scan_prefix(b"b")
+            .map(|r| {
+                let (_, v) = r.map_err(store_err)?;
+                from_bytes(&v)
+            })
+            .collect()
+    }
+
+    fn has_op(&self, op: OpId) -> Result<bool, Error> {
+        let mut k = vec![b'o'];
+        k.extend_from_slice(&op.0.to_be_bytes());
+        self.tree.contains_key(k).map_err(store_err)
+    }
+
+    fn apply(&mut self, batch: WriteBatch) -> Result<(), Error> {
+        let mut b = sled::Batch::default();
+        for (k, v) in &batch.values {
+            b.insert(value_key(k), to_bytes(v)?);
+        }
+        if let Some(below) = batch.buffer_trim_below {
+            let end = [&[b'b'][..], &below.to_be_bytes()].concat();
+            for r in self.tree.range(vec![b'b']..end) {
+                let (k, _) = r.map_err(store_err)?;
+                b.remove(k);
+            }
+        }
+        for g in &batch.buffer_append {
+            b.insert([&[b'b'][..], &g.seq.to_be_bytes()].concat(), to_bytes(g)?);
+        }
+        if let Some(m) = &batch.meta {
+            b.insert(&b"mmeta"[..], to_bytes(m)?);
+        }
+        let mut next = self.op_next;
+        let mut oldest = self.op_oldest;
+        for op in &batch.op_ids {
+            b.insert([&[b'o'][..], &op.0.to_be_bytes()].concat(), &next.to_be_bytes()[..]);
+            b.insert([&[b'q'][..], &next.to_be_bytes()].concat(), &op.0.to_be_bytes()[..]);
+            next += 1;
+        }
+        while next - oldest > OP_ID_RETENTION as u64 {
+            let q = [&[b'q'][..], &oldest.to_be_bytes()].concat();
+            if let Some(op) = self.tree.get(&q).map_err(store_err)? {
+                b.remove([&[b'o'][..], &op[..]].concat());
+            }
+            b.remove(q);
+            oldest += 1;
+        }
+        self.tree.apply_batch(b).map_err(store_err)?;
+        self.op_next = next;
+        self.op_oldest = oldest;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), Error> {
+        match self.durability {
+            Durability::Async => Ok(()),
+            Durability::Sync | Durability::Group => {
+                self.db.flush().map_err(store_err)?;
+                // sled's flush is sync_file_range: make it an fsync.
+                let log = self.dir.join("db");
+                if log.exists() {
+                    std::fs::File::open(&log)
+                        .and_then(|f| f.sync_data())
+                        .map_err(store_err)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lattice_core::crdt::Op;
+    use lattice_core::replica::{Replica, ReplicaConfig, Time};
+    use rand::SeedableRng;
+
+    fn rng() -> Box<rand_chacha::ChaCha8Rng> {
+        Box::new(rand_chacha::ChaCha8Rng::seed_from_u64(1))
+    }
+
+    #[test]
+    fn state_buffer_and_meta_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, digest) = {
+            let store = SledStore::open(dir.path(), "n1", Durability::Sync).unwrap();
+            let mut r = Replica::open(ReplicaConfig::new("n1", "eu", vec![]), store, rng(), Time(0)).unwrap();
+            for i in 0..50 {
+                r.write(
+                    Time(i),
+                    vec![(Key::new(format!("k{i}")).unwrap(), Op::CounterAdd(i as i64))],
+                )
+                .unwrap();
+            }
+            r.write_once(
+                Time(60),
+                Some(OpId(7)),
+                vec![(Key::new("x").unwrap(), Op::CounterAdd(1))],
+            )
+            .unwrap();
+            r.flush(Time(61)).unwrap();
+            (r.id(), r.digest())
+        };
+        let store = SledStore::open(dir.path(), "n1", Durability::Sync).unwrap();
+        assert!(store.has_op(OpId(7)).unwrap());
+        let mut r = Replica::open(ReplicaConfig::new("n1", "eu", vec![]), store, rng(), Time(100)).unwrap();
+        assert_eq!(r.id(), id);
+        assert_eq!(r.digest(), digest);
+        let (_, dup) = r
+            .write_once(
+                Time(101),
+                Some(OpId(7)),
+                vec![(Key::new("x").unwrap(), Op::CounterAdd(1))],
+            )
+            .unwrap();
+        assert!(dup, "a retried op id is recognised after a restart");
+        assert_eq!(
+            r.read(&Key::new("x").unwrap()).unwrap().unwrap().view().to_string(),
+            "1"
+        );
+    }
+
+    #[test]
+    fn a_data_dir_of_another_node_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(SledStore::open(dir.path(), "n1", Durability::Group).unwrap());
+        let err = SledStore::open(dir.path(), "n2", Durability::Group).err().unwrap();
+        assert!(matches!(err, OpenError::WrongNode { .. }), "{err}");
+        assert!(err.to_string().contains("belongs to node \"n1\""), "{err}");
+    }
+
+    #[test]
+    fn bucket_scans_see_exactly_their_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SledStore::open(dir.path(), "n1", Durability::Async).unwrap();
+        let keys: Vec<Key> = (0..300).map(|i| Key::new(format!("key-{i}")).unwrap()).collect();
+        let v = Value::empty(lattice_core::crdt::Kind::Counter);
+        s.apply(WriteBatch {
+            values: keys.iter().map(|k| (k.clone(), v.clone())).collect(),
+            ..WriteBatch::default()
+        })
+        .unwrap();
+        let mid = u32::MAX / 2;
+        let low = s.scan_buckets(0, mid).unwrap();
+        let high = s.scan_buckets(mid + 1, u32::MAX).unwrap();
+        assert_eq!(low.len() + high.len(), 300);
+        assert!(low.iter().all(|(k, _)| k.hash().bucket() <= mid));
+        assert!(high.iter().all(|(k, _)| k.hash().bucket() > mid));
+    }
+}
