@@ -61,6 +61,10 @@ pub struct Config {
     /// Anti-entropy interval, milliseconds.
     #[serde(default = "default_ae_ms")]
     pub anti_entropy_ms: u64,
+    /// Largest total size of delta-groups buffered for peers; past it the
+    /// oldest are dropped and lagging peers are repaired by anti-entropy.
+    #[serde(default = "default_buffer")]
+    pub max_buffer_bytes: usize,
 }
 
 fn default_durability() -> Durability {
@@ -77,6 +81,9 @@ fn default_engine_queue() -> usize {
 }
 fn default_ae_ms() -> u64 {
     5_000
+}
+fn default_buffer() -> usize {
+    64 << 20
 }
 
 /// Flags and environment variables of `latticed run`; each overrides the
@@ -143,7 +150,7 @@ impl Config {
 
     /// The file (if any) with flags and environment applied, validated.
     pub fn load(args: &RunArgs) -> Result<Config> {
-        let mut c = match &args.config {
+        let c = match &args.config {
             Some(p) => Some(Config::from_file(p)?),
             None => None,
         };
@@ -185,7 +192,8 @@ impl Config {
             },
             peer_queue: c.as_ref().map_or(default_peer_queue(), |c| c.peer_queue),
             engine_queue: c.as_ref().map_or(default_engine_queue(), |c| c.engine_queue),
-            anti_entropy_ms: c.as_mut().map_or(default_ae_ms(), |c| c.anti_entropy_ms),
+            anti_entropy_ms: c.as_ref().map_or(default_ae_ms(), |c| c.anti_entropy_ms),
+            max_buffer_bytes: c.as_ref().map_or(default_buffer(), |c| c.max_buffer_bytes),
         };
         config.validate()?;
         Ok(config)

@@ -111,6 +111,7 @@ pub fn prepare(args: &DevArgs) -> Result<(Vec<PathBuf>, ClientDefaults)> {
             peer_queue: 1_024,
             engine_queue: 8_192,
             anti_entropy_ms: 5_000,
+            max_buffer_bytes: 64 << 20,
         };
         config.validate()?;
         let path = dir.join(format!("{}.toml", name(i)));

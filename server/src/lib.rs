@@ -37,6 +37,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         .collect();
     let mut rc = ReplicaConfig::new(config.node.clone(), config.region.clone(), peers);
     rc.ae_interval_ms = config.anti_entropy_ms;
+    rc.max_buffer_bytes = config.max_buffer_bytes;
     // Randomness comes from the OS here, in the driver, never in the core.
     let rng = Box::new(rand_chacha::ChaCha8Rng::from_entropy());
     let replica = Replica::open(rc, store, rng, Time(0)).context("opening the replica")?;

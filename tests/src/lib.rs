@@ -1,1 +1,234 @@
-//! Helpers for Lattice's cross-crate integration tests (in `tests/tests/`).
+//! Helpers for Lattice's real-process tests (in `tests/tests/`): start a
+//! cluster of `latticed` processes on loopback, talk to it, kill and
+//! restart nodes.
+
+use anyhow::{bail, Context, Result};
+use lattice_client::{Client, NodeStatus};
+use lattice_core::proto::client::{RequestBody, Response};
+use lattice_server::config::Config;
+use lattice_server::dev::{prepare, ClientDefaults, DevArgs};
+use lattice_server::storage::Durability;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A cluster of real `latticed` processes.
+pub struct Cluster {
+    /// Working directory (certs, configs, data, logs).
+    pub dir: tempfile::TempDir,
+    /// Config file of each node.
+    pub configs: Vec<PathBuf>,
+    /// What a client needs.
+    pub defaults: ClientDefaults,
+    bin: PathBuf,
+    children: Vec<Option<Child>>,
+}
+
+fn free_base_port(n: usize) -> Result<u16> {
+    // Ports base..base+n (UDP) and base+100.. (TCP) must be free.
+    for _ in 0..200 {
+        let base: u16 = 20_000 + (rand_port() % 30_000);
+        let ok = (0..n as u16).all(|i| {
+            std::net::UdpSocket::bind(("127.0.0.1", base + i)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", base + 100 + i)).is_ok()
+        });
+        if ok {
+            return Ok(base);
+        }
+    }
+    bail!("no free port range found")
+}
+
+fn rand_port() -> u16 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    (t ^ std::process::id().rotate_left(7)) as u16
+}
+
+impl Cluster {
+    /// Prepares and starts `regions.len()` nodes with `bin` (the latticed
+    /// binary), waiting until each answers a status request.
+    pub fn start(bin: &Path, regions: &[&str], durability: Durability) -> Result<Cluster> {
+        let dir = tempfile::tempdir()?;
+        let args = DevArgs {
+            dir: dir.path().to_path_buf(),
+            base_port: free_base_port(regions.len())?,
+            regions: regions.iter().map(|r| r.to_string()).collect(),
+            durability,
+            prepare_only: true,
+        };
+        let (configs, defaults) = prepare(&args)?;
+        let mut c = Cluster {
+            dir,
+            configs,
+            defaults,
+            bin: bin.to_path_buf(),
+            children: Vec::new(),
+        };
+        for i in 0..c.configs.len() {
+            let child = c.spawn(i)?;
+            c.children.push(Some(child));
+        }
+        Ok(c)
+    }
+
+    fn spawn(&self, i: usize) -> Result<Child> {
+        let log = self.dir.path().join(format!("n{}.{}.log", i + 1, now_ms()));
+        let f = std::fs::File::create(&log)?;
+        Command::new(&self.bin)
+            .arg("run")
+            .arg("--config")
+            .arg(&self.configs[i])
+            .env("LATTICE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))
+    }
+
+    /// The config of node `i`.
+    pub fn config(&self, i: usize) -> Result<Config> {
+        Config::from_file(&self.configs[i])
+    }
+
+    /// A client for node `i` only.
+    pub fn client(&self, i: usize) -> Result<Client> {
+        let ca = std::fs::read_to_string(&self.defaults.ca)?;
+        Ok(
+            Client::new(vec![self.defaults.endpoints[i]], self.defaults.token.clone(), &ca)?
+                .with_timeout(Duration::from_secs(5)),
+        )
+    }
+
+    /// A client with a wrong token.
+    pub fn client_with_token(&self, i: usize, token: &str) -> Result<Client> {
+        let ca = std::fs::read_to_string(&self.defaults.ca)?;
+        Ok(Client::new(vec![self.defaults.endpoints[i]], token, &ca)?)
+    }
+
+    /// `kill -9` node `i`.
+    pub fn kill(&mut self, i: usize) -> Result<()> {
+        if let Some(mut c) = self.children[i].take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Stops node `i` with SIGTERM (graceful) and waits for it.
+    pub fn stop(&mut self, i: usize) -> Result<()> {
+        if let Some(mut c) = self.children[i].take() {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites node `i`'s config (the node must be stopped).
+    pub fn edit_config(&self, i: usize, f: impl FnOnce(&mut Config)) -> Result<()> {
+        let mut c = self.config(i)?;
+        f(&mut c);
+        std::fs::write(&self.configs[i], toml::to_string(&c)?)?;
+        Ok(())
+    }
+
+    /// Starts node `i` again on its data dir.
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        let child = self.spawn(i)?;
+        self.children[i] = Some(child);
+        Ok(())
+    }
+
+    /// Status of node `i`.
+    pub async fn status(&self, i: usize) -> Result<NodeStatus> {
+        match self.client(i)?.request(RequestBody::Status).await? {
+            Response::Status(s) => Ok(s),
+            r => bail!("unexpected answer {r:?}"),
+        }
+    }
+
+    /// Waits until every node answers and sees every peer alive.
+    pub async fn wait_ready(&self, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        'outer: loop {
+            for i in 0..self.configs.len() {
+                match self.status(i).await {
+                    Ok(s) if s.peers.iter().all(|p| p.alive) => {}
+                    _ => {
+                        if Instant::now() > deadline {
+                            bail!("node {} not ready within {within:?}:\n{}", i + 1, self.logs());
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue 'outer;
+                    }
+                }
+            }
+            return Ok(());
+        }
+    }
+
+    /// Waits until every running node reports the same digest.
+    pub async fn wait_converged(&self, within: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        loop {
+            let mut digests = std::collections::BTreeSet::new();
+            let mut all = true;
+            for i in 0..self.configs.len() {
+                match self.status(i).await {
+                    Ok(s) => {
+                        digests.insert(s.digest);
+                    }
+                    Err(_) => all = false,
+                }
+            }
+            if all && digests.len() == 1 {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > within {
+                bail!("no convergence within {within:?}: {digests:?}\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The tail of every node's logs, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(rd) = std::fs::read_dir(self.dir.path()) {
+            let mut logs: Vec<PathBuf> = rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "log"))
+                .collect();
+            logs.sort();
+            for l in logs {
+                let text = std::fs::read_to_string(&l).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                out.push_str(&format!("--- {}\n", l.display()));
+                for line in tail.into_iter().rev() {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

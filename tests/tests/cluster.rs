@@ -1,0 +1,333 @@
+//! Real `latticed` processes on 127.0.0.1 ephemeral ports (issue #4's tests).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use lattice_client::{Client, Error as ClientError, ErrorKind};
+use lattice_core::crdt::{Bytes, Field, FieldKind, NestedView, Op, ValueView};
+use lattice_core::proto::client::{decode_client, ClientRequest, RequestBody, Response, CLIENT_ALPN, PEER_ALPN};
+use lattice_core::Key;
+use lattice_server::certs;
+use lattice_server::storage::Durability;
+use lattice_tests::Cluster;
+use quinn::crypto::rustls::QuicClientConfig;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_latticed-test"))
+}
+
+/// Clusters are heavy on 2 cores: one test at a time.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn key(s: &str) -> Key {
+    Key::new(s).unwrap()
+}
+
+async fn write(c: &Client, k: &str, op: Op) -> Result<(), ClientError> {
+    c.request(RequestBody::Write {
+        op_id: Client::new_op_id(),
+        ops: vec![(key(k), op)],
+    })
+    .await
+    .map(|_| ())
+}
+
+async fn read(c: &Client, k: &str) -> Option<ValueView> {
+    match c
+        .request(RequestBody::Read {
+            key: key(k),
+            after: None,
+            wait_ms: 0,
+        })
+        .await
+        .unwrap()
+    {
+        Response::Value { value, .. } => value,
+        r => panic!("{r:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_regions_converge_on_every_type() {
+    let _g = serial();
+    let c = Cluster::start(bin(), &["eu", "us", "ap"], Durability::Group).unwrap();
+    c.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let client = c.client(i).unwrap();
+        tasks.push(tokio::spawn(async move {
+            for j in 0..40 {
+                write(&client, "visits", Op::CounterAdd(1)).await.unwrap();
+                write(
+                    &client,
+                    "tags",
+                    Op::SetAdd(vec![Bytes::from(format!("n{i}-{j}").as_str())]),
+                )
+                .await
+                .unwrap();
+                write(
+                    &client,
+                    "greeting",
+                    Op::LwwSet(Bytes::from(format!("hello from n{i}").as_str())),
+                )
+                .await
+                .unwrap();
+                write(&client, "doc", Op::MvSet(Bytes::from(format!("v{i}-{j}").as_str())))
+                    .await
+                    .unwrap();
+                let hits = Op::MapApply {
+                    field: Field::new("hits", FieldKind::Counter),
+                    op: Box::new(Op::CounterAdd(2)),
+                };
+                write(&client, "profile", hits).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    c.wait_converged(Duration::from_secs(30)).await.unwrap();
+    for i in 0..3 {
+        let client = c.client(i).unwrap();
+        assert_eq!(read(&client, "visits").await, Some(ValueView::Counter(120)), "node {i}");
+        match read(&client, "tags").await {
+            Some(ValueView::Set(s)) => assert_eq!(s.len(), 120, "node {i}"),
+            v => panic!("{v:?}"),
+        }
+        match read(&client, "profile").await {
+            Some(ValueView::Map(m)) => {
+                assert_eq!(
+                    m.get(&Field::new("hits", FieldKind::Counter)),
+                    Some(&NestedView::Counter(240))
+                )
+            }
+            v => panic!("{v:?}"),
+        }
+        assert!(matches!(
+            read(&client, "greeting").await,
+            Some(ValueView::Register(Some(_)))
+        ));
+        assert!(matches!(read(&client, "doc").await, Some(ValueView::Values(v)) if !v.is_empty() && v.len() <= 3));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_writes_loses_no_acknowledged_write() {
+    let _g = serial();
+    let mut c = Cluster::start(bin(), &["eu", "us", "ap"], Durability::Group).unwrap();
+    c.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let acked = Arc::new(Mutex::new(Vec::<usize>::new()));
+    let client = c.client(0).unwrap();
+    let writer = {
+        let acked = acked.clone();
+        tokio::spawn(async move {
+            for j in 0..400 {
+                let ops = vec![
+                    (key("count"), Op::CounterAdd(1)),
+                    (key("seen"), Op::SetAdd(vec![Bytes::from(format!("e{j}").as_str())])),
+                ];
+                match client
+                    .request(RequestBody::Write {
+                        op_id: Client::new_op_id(),
+                        ops,
+                    })
+                    .await
+                {
+                    Ok(_) => acked.lock().unwrap().push(j),
+                    Err(_) => return j,
+                }
+            }
+            400
+        })
+    };
+    // Kill the node taking the writes while they flow.
+    while acked.lock().unwrap().len() < 60 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    c.kill(0).unwrap();
+    let attempted = writer.await.unwrap() + 1;
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 60 && acked.len() < 400, "{} acknowledged", acked.len());
+    c.restart(0).unwrap();
+    c.wait_ready(Duration::from_secs(30)).await.unwrap();
+    c.wait_converged(Duration::from_secs(30)).await.unwrap();
+    for i in 0..3 {
+        let client = c.client(i).unwrap();
+        match read(&client, "count").await {
+            Some(ValueView::Counter(n)) => {
+                assert!(
+                    n as usize >= acked.len() && n as usize <= attempted,
+                    "node {i}: {n}, acked {}",
+                    acked.len()
+                )
+            }
+            v => panic!("{v:?}"),
+        }
+        match read(&client, "seen").await {
+            Some(ValueView::Set(s)) => {
+                for j in &acked {
+                    assert!(
+                        s.contains(&Bytes::from(format!("e{j}").as_str())),
+                        "node {i} lost acknowledged e{j}"
+                    );
+                }
+            }
+            v => panic!("{v:?}"),
+        }
+    }
+}
+
+fn raw_endpoint(ca: &str, identity: Option<&certs::Pem>, alpn: &[u8]) -> quinn::Endpoint {
+    let tls = certs::client_tls(ca, identity, alpn).unwrap();
+    let mut e = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    e.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(tls).unwrap(),
+    )));
+    e
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_and_bad_tokens_are_refused() {
+    let _g = serial();
+    let c = Cluster::start(bin(), &["eu", "us"], Durability::Group).unwrap();
+    c.wait_ready(Duration::from_secs(30)).await.unwrap();
+    // A client with a bad token.
+    let bad = c.client_with_token(0, "not-the-token").unwrap();
+    match bad.request(RequestBody::Status).await {
+        Err(ClientError::Server {
+            kind: ErrorKind::Unauthorized,
+            ..
+        }) => {}
+        r => panic!("expected Unauthorized, got {r:?}"),
+    }
+    // A "peer" whose certificate comes from another CA, claiming to be n2.
+    let ca = std::fs::read_to_string(&c.defaults.ca).unwrap();
+    let other_ca = certs::new_ca("rogue").unwrap();
+    let rogue = certs::new_node_cert(&other_ca, "n2").unwrap();
+    let e = raw_endpoint(&ca, Some(&rogue), PEER_ALPN);
+    // TLS 1.3 checks the client certificate after the client's side of the
+    // handshake: refusal shows as the connection failing or being closed.
+    let refused = async {
+        match e.connect(c.defaults.endpoints[0], "localhost").unwrap().await {
+            Err(err) => err.to_string(),
+            Ok(conn) => conn.closed().await.to_string(),
+        }
+    };
+    let reason = tokio::time::timeout(Duration::from_secs(10), refused)
+        .await
+        .expect("a certificate from another CA must not keep a peer connection open");
+    assert!(!reason.is_empty());
+    // A client certificate of the right CA is still not a node.
+    let client_cert =
+        certs::new_client_cert(&certs::read_pem(&c.dir.path().join("certs"), "ca").unwrap(), "app").unwrap();
+    let e = raw_endpoint(&ca, Some(&client_cert), PEER_ALPN);
+    let conn = e.connect(c.defaults.endpoints[0], "localhost").unwrap().await.unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .unwrap();
+    assert!(reason.to_string().contains("not a node"), "{reason}");
+    // The node still serves.
+    assert!(c.status(0).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_oversized_frames_get_errors_and_the_node_keeps_serving() {
+    let _g = serial();
+    let c = Cluster::start(bin(), &["eu", "us"], Durability::Group).unwrap();
+    c.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let ca = std::fs::read_to_string(&c.defaults.ca).unwrap();
+    // Client ALPN: garbage, then an oversized length.
+    let e = raw_endpoint(&ca, None, CLIENT_ALPN);
+    let conn = e.connect(c.defaults.endpoints[0], "localhost").unwrap().await.unwrap();
+    for frame in [
+        vec![0, 0, 0, 5, 1, 0xc1, 0xff, 0x00, 0x13],
+        (64u32 << 20).to_be_bytes().to_vec(),
+    ] {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&frame).await.unwrap();
+        let _ = send.finish();
+        let mut len = [0u8; 4];
+        recv.read_exact(&mut len).await.unwrap();
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        recv.read_exact(&mut body).await.unwrap();
+        match decode_client::<Response>(&body).unwrap() {
+            Response::Error(e) => assert_eq!(e.kind, ErrorKind::InvalidRequest, "{}", e.message),
+            r => panic!("{r:?}"),
+        }
+    }
+    // Peer ALPN (with n2's own certificate): garbage, then oversized.
+    let n2 = certs::read_pem(&c.dir.path().join("certs"), "n2").unwrap();
+    let e = raw_endpoint(&ca, Some(&n2), PEER_ALPN);
+    let conn = e.connect(c.defaults.endpoints[0], "localhost").unwrap().await.unwrap();
+    let mut s = conn.open_uni().await.unwrap();
+    s.write_all(&[0, 0, 0, 4, 1, 0xde, 0xad, 0xbe]).await.unwrap();
+    s.write_all(&(64u32 << 20).to_be_bytes()).await.unwrap();
+    // Keep sending the announced 64 MiB: the node must stop the stream.
+    let stopped = tokio::time::timeout(Duration::from_secs(10), async {
+        let chunk = vec![0u8; 64 * 1024];
+        loop {
+            if let Err(e) = s.write_all(&chunk).await {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("the node must stop a stream that announces an oversized frame");
+    assert!(matches!(stopped, quinn::WriteError::Stopped(_)), "{stopped:?}");
+    // Still serving, and the refusals are counted.
+    let client = c.client(0).unwrap();
+    write(&client, "after", Op::CounterAdd(1)).await.unwrap();
+    assert_eq!(read(&client, "after").await, Some(ValueView::Counter(1)));
+    let _ = ClientRequest {
+        token: String::new(),
+        body: RequestBody::Status,
+    };
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_absent_peer_costs_bounded_memory_and_catches_up() {
+    let _g = serial();
+    let mut c = Cluster::start(bin(), &["eu", "us", "ap"], Durability::Group).unwrap();
+    c.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let limit = 64 * 1024;
+    for i in 0..2 {
+        c.stop(i).unwrap();
+        c.edit_config(i, |cfg| cfg.max_buffer_bytes = limit).unwrap();
+        c.restart(i).unwrap();
+    }
+    c.kill(2).unwrap();
+    let client = c.client(0).unwrap();
+    for batch in 0..60 {
+        let ops = (0..10)
+            .map(|n| {
+                let j = batch * 10 + n;
+                (
+                    key(&format!("k{}", j % 300)),
+                    Op::LwwSet(Bytes::from(format!("value {j} {}", "x".repeat(100)).as_str())),
+                )
+            })
+            .collect();
+        client
+            .request(RequestBody::Write {
+                op_id: Client::new_op_id(),
+                ops,
+            })
+            .await
+            .unwrap();
+    }
+    let s = c.status(0).await.unwrap();
+    assert!(
+        s.buffer.1 <= limit,
+        "buffer {} bytes over the {limit} limit",
+        s.buffer.1
+    );
+    c.restart(2).unwrap();
+    c.wait_ready(Duration::from_secs(60)).await.unwrap();
+    c.wait_converged(Duration::from_secs(60)).await.unwrap();
+    let n3 = c.client(2).unwrap();
+    assert!(matches!(read(&n3, "k299").await, Some(ValueView::Register(Some(_)))));
+}
