@@ -1,5 +1,8 @@
 //! Real `latticed` processes on 127.0.0.1 ephemeral ports (issue #4's tests).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+// Each test owns its runtime; a std mutex held across awaits only serializes
+// the tests (one cluster at a time on 2 cores), which is the intent.
+#![allow(clippy::await_holding_lock)]
 
 use lattice_client::{Client, Error as ClientError, ErrorKind};
 use lattice_core::crdt::{Bytes, Field, FieldKind, NestedView, Op, ValueView};
