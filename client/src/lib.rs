@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 
 pub use lattice_core::crdt::{Op, ValueView};
-pub use lattice_core::proto::client::{CausalToken, ErrorKind, NodeStatus, OpId};
+pub use lattice_core::proto::client::{CausalToken, Change, ErrorKind, NodeStatus, OpId, WatchToken};
 
 /// What can go wrong talking to a cluster.
 #[derive(Debug, thiserror::Error)]
@@ -184,8 +184,75 @@ impl Client {
         Err(last.unwrap_or_else(|| Error::Unavailable("no node".into())))
     }
 
+    /// Opens a change feed on node `i` for keys starting with `prefix`,
+    /// resuming after `from` when given.
+    pub async fn watch(&self, i: usize, prefix: &str, from: Option<WatchToken>) -> Result<Watch, Error> {
+        let req = ClientRequest {
+            token: self.token.clone(),
+            body: RequestBody::Watch {
+                prefix: prefix.to_string(),
+                from,
+            },
+        };
+        let frame = encode_client(&req).map_err(|e| Error::Protocol(e.to_string()))?;
+        let conn = self.connection(i).await?;
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| Error::Unavailable(e.to_string()))?;
+        send.write_all(&(frame.len() as u32).to_be_bytes())
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))?;
+        send.write_all(&frame)
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))?;
+        let _ = send.finish();
+        Ok(Watch { recv, last: from })
+    }
+
     /// A fresh operation id (random: retries of one write reuse it).
     pub fn new_op_id() -> OpId {
         OpId(rand::random())
+    }
+}
+
+/// A change feed (see [`Client::watch`]).
+pub struct Watch {
+    recv: quinn::RecvStream,
+    last: Option<WatchToken>,
+}
+
+impl Watch {
+    /// The next change; `Ok(None)` when the node ended the feed (resume
+    /// from [`Watch::last_token`]).
+    pub async fn next(&mut self) -> Result<Option<Change>, Error> {
+        let mut len = [0u8; 4];
+        match self.recv.read_exact(&mut len).await {
+            Ok(()) => {}
+            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+            Err(e) => return Err(Error::Unavailable(e.to_string())),
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_CLIENT_FRAME {
+            return Err(Error::Protocol(format!("frame of {len} bytes is over the limit")));
+        }
+        let mut buf = vec![0u8; len];
+        self.recv
+            .read_exact(&mut buf)
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))?;
+        match decode_client::<Response>(&buf).map_err(|e| Error::Protocol(e.to_string()))? {
+            Response::Change(c) => {
+                self.last = Some(c.token);
+                Ok(Some(c))
+            }
+            Response::Error(e) => Err(Error::Server {
+                kind: e.kind,
+                message: e.message,
+            }),
+            r => Err(Error::Protocol(format!("unexpected frame in a watch: {r:?}"))),
+        }
+    }
+
+    /// The token of the last change received: resume from it.
+    pub fn last_token(&self) -> Option<WatchToken> {
+        self.last
     }
 }

@@ -60,6 +60,7 @@ pub struct Metrics {
     peer_alive: PeerGauge,
     peer_unacked_groups: PeerGauge,
     peer_last_heard_ms: PeerGauge,
+    peer_queue: PeerGauge,
 }
 
 impl Metrics {
@@ -117,6 +118,7 @@ impl Metrics {
                 "peer_lag_milliseconds",
                 "Milliseconds since the peer was last heard from"
             ),
+            peer_queue: peer_gauge!("peer_queue_depth", "Frames waiting in the send queue of a peer"),
             registry: Mutex::new(Registry::default()),
         };
         if let Ok(mut g) = m.registry.lock() {
@@ -145,6 +147,13 @@ impl Metrics {
                 .get_or_create(&label)
                 .set(p.last_heard_ms_ago.map_or(-1, |ms| ms as i64));
         }
+    }
+
+    /// Records the depth of a peer's send queue.
+    pub fn record_queue(&self, peer: &str, depth: usize) {
+        self.peer_queue
+            .get_or_create(&vec![("peer".to_string(), peer.to_string())])
+            .set(depth as i64);
     }
 
     /// The Prometheus text exposition.

@@ -7,8 +7,8 @@ use crate::metrics::Metrics;
 use crate::node::Input;
 use anyhow::{Context, Result};
 use lattice_core::proto::client::{
-    decode_client, encode_client, ClientError, ClientRequest, ErrorKind, RequestBody, Response, CLIENT_ALPN,
-    MAX_CLIENT_FRAME, PEER_ALPN,
+    decode_client, encode_client, ClientError, ClientRequest, ErrorKind, RequestBody, Response, WatchToken,
+    CLIENT_ALPN, MAX_CLIENT_FRAME, PEER_ALPN,
 };
 use lattice_core::proto::{NodeId, DEFAULT_MAX_MESSAGE_BYTES};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -254,6 +254,16 @@ fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
 async fn client_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, inbound: Arc<Inbound>) {
     let response = match read_frame(&mut recv, MAX_CLIENT_FRAME).await {
         Ok(Some(frame)) => match decode_client::<ClientRequest>(&frame) {
+            Ok(ClientRequest {
+                token,
+                body: RequestBody::Watch { prefix, from },
+            }) => {
+                if !authorized(&inbound, &token) {
+                    error(ErrorKind::Unauthorized, "unknown client token")
+                } else {
+                    return watch(send, prefix, from, &inbound).await;
+                }
+            }
             Ok(req) => serve(req, &inbound).await,
             Err(e) => error(ErrorKind::InvalidRequest, format!("undecodable request: {e}")),
         },
@@ -273,15 +283,48 @@ async fn client_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream,
     let _ = send.finish();
 }
 
+fn authorized(inbound: &Inbound, token: &str) -> bool {
+    let ok = inbound
+        .tokens
+        .iter()
+        .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
+    if !ok {
+        inbound.metrics.unauthorized.inc();
+    }
+    ok
+}
+
+/// Streams a change feed on one bidirectional stream, a frame per change,
+/// until the client goes away or falls too far behind.
+async fn watch(mut send: quinn::SendStream, prefix: String, from: Option<WatchToken>, inbound: &Inbound) {
+    let (tx, mut rx) = mpsc::channel(1_024);
+    if inbound.engine.try_send(Input::Watch { prefix, from, tx }).is_err() {
+        inbound.metrics.overloaded.inc();
+        if let Ok(f) = encode_client(&error(ErrorKind::Overloaded, "the node's request queue is full")) {
+            let _ = write_frame(&mut send, &f).await;
+        }
+        let _ = send.finish();
+        return;
+    }
+    while let Some(item) = rx.recv().await {
+        let (response, last) = match item {
+            Ok(change) => (Response::Change(change), false),
+            Err(e) => (Response::Error(e), true),
+        };
+        let Ok(frame) = encode_client(&response) else { continue };
+        if write_frame(&mut send, &frame).await.is_err() || last {
+            break;
+        }
+    }
+    // The engine dropped us (we fell behind, or it stopped): the client
+    // resumes from its last token.
+    let _ = send.finish();
+}
+
 async fn serve(req: ClientRequest, inbound: &Inbound) -> Response {
     let span = tracing::debug_span!("client_request");
     let _g = span.enter();
-    if !inbound
-        .tokens
-        .iter()
-        .any(|t| constant_time_eq(t.as_bytes(), req.token.as_bytes()))
-    {
-        inbound.metrics.unauthorized.inc();
+    if !authorized(inbound, &req.token) {
         return error(ErrorKind::Unauthorized, "unknown client token");
     }
     let overloaded = |m: &Metrics| {
@@ -328,6 +371,7 @@ async fn serve(req: ClientRequest, inbound: &Inbound) -> Response {
                 Err(_) => error(ErrorKind::Unavailable, "the node is shutting down"),
             }
         }
+        RequestBody::Watch { .. } => error(ErrorKind::InvalidRequest, "watch is served on its own stream"),
         RequestBody::Status => {
             let (tx, rx) = oneshot::channel();
             if inbound.engine.try_send(Input::Status { reply: tx }).is_err() {

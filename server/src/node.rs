@@ -6,11 +6,14 @@
 use crate::metrics::Metrics;
 use crate::storage::{Durability, SledStore};
 use lattice_core::crdt::{Op, Value};
-use lattice_core::proto::client::{CausalToken, NodeStatus, OpId, PeerInfo};
-use lattice_core::proto::NodeId;
+use lattice_core::proto::client::{
+    CausalToken, Change, ClientError, ErrorKind, NodeStatus, OpId, PeerInfo, WatchToken,
+};
+use lattice_core::proto::{NodeId, RegionId};
 use lattice_core::replica::{Event, Replica, Time, WriteId};
 use lattice_core::{Error, Key};
 use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,6 +54,15 @@ pub enum Input {
         /// Where the answer goes.
         reply: ReadReply,
     },
+    /// Start a change feed: replay from `from` (if retained), then live.
+    Watch {
+        /// Key prefix.
+        prefix: String,
+        /// Resume point.
+        from: Option<WatchToken>,
+        /// Where changes go; a full queue ends the feed (the client resumes).
+        tx: mpsc::Sender<Result<Change, ClientError>>,
+    },
     /// Status request.
     Status {
         /// Where the answer goes.
@@ -58,6 +70,64 @@ pub enum Input {
     },
     /// Flush, then stop.
     Shutdown,
+}
+
+/// Changes retained for watches to resume from.
+pub const WATCH_RETAINED: usize = 16_384;
+
+/// The change feed: a bounded ring of recent changes and the subscribers.
+struct Feed {
+    epoch: u64,
+    next: u64,
+    ring: VecDeque<Change>,
+    subscribers: Vec<(String, mpsc::Sender<Result<Change, ClientError>>)>,
+}
+
+impl Feed {
+    fn publish(&mut self, key: Key, value: Option<&Value>, origin: RegionId) {
+        let change = Change {
+            key,
+            value: value.map(Value::view),
+            origin,
+            token: WatchToken {
+                epoch: self.epoch,
+                seq: self.next,
+            },
+        };
+        self.next += 1;
+        // A subscriber that cannot keep up is cut off; it resumes from its
+        // last token while the ring still holds it.
+        self.subscribers.retain(|(prefix, tx)| {
+            !change.key.as_str().starts_with(prefix.as_str()) || tx.try_send(Ok(change.clone())).is_ok()
+        });
+        if self.ring.len() == WATCH_RETAINED {
+            self.ring.pop_front();
+        }
+        self.ring.push_back(change);
+    }
+
+    fn subscribe(&mut self, prefix: String, from: Option<WatchToken>, tx: mpsc::Sender<Result<Change, ClientError>>) {
+        if let Some(t) = from {
+            let oldest = self.ring.front().map_or(self.next, |c| c.token.seq);
+            if t.epoch != self.epoch || t.seq + 1 < oldest || t.seq >= self.next {
+                let _ = tx.try_send(Err(ClientError {
+                    kind: ErrorKind::WatchLost,
+                    message: "cannot resume from this token (node restarted or change no longer retained): read again and watch anew".into(),
+                }));
+                return;
+            }
+            for c in self
+                .ring
+                .iter()
+                .filter(|c| c.token.seq > t.seq && c.key.as_str().starts_with(prefix.as_str()))
+            {
+                if tx.try_send(Ok(c.clone())).is_err() {
+                    return;
+                }
+            }
+        }
+        self.subscribers.push((prefix, tx));
+    }
 }
 
 /// The node's clock: monotonic milliseconds since start, and the wall clock
@@ -105,7 +175,20 @@ pub fn run(
     node: String,
 ) {
     replica.set_wall_offset(clock.wall_offset_ms);
-    let mut waiting_writes: BTreeMap<WriteId, (CausalToken, bool, WriteReply)> = BTreeMap::new();
+    let mut waiting_writes: BTreeMap<WriteId, (CausalToken, bool, WriteReply, Vec<Key>)> = BTreeMap::new();
+    let mut feed = Feed {
+        epoch: rand::random(),
+        next: 0,
+        ring: VecDeque::new(),
+        subscribers: Vec::new(),
+    };
+    let regions: BTreeMap<NodeId, RegionId> = replica
+        .config()
+        .peers
+        .iter()
+        .map(|p| (p.node.clone(), p.region.clone()))
+        .collect();
+    let own_region = replica.config().region.clone();
     let mut waiting_reads: Vec<(Key, CausalToken, Instant, ReadReply)> = Vec::new();
     let mut first_unflushed: Option<Instant> = None;
     let mut stopping = false;
@@ -160,7 +243,8 @@ pub fn run(
                                 token.join(&CausalToken::of(replica.read(k).ok().flatten().as_ref()));
                             }
                             metrics.writes.inc_by(1);
-                            waiting_writes.insert(id, (token, duplicate, reply));
+                            let changed = if duplicate { Vec::new() } else { keys };
+                            waiting_writes.insert(id, (token, duplicate, reply, changed));
                             first_unflushed.get_or_insert_with(Instant::now);
                         }
                         Err(e) => {
@@ -185,6 +269,7 @@ pub fn run(
                         Some(token) => waiting_reads.push((key, token, deadline, reply)),
                     }
                 }
+                Input::Watch { prefix, from, tx } => feed.subscribe(prefix, from, tx),
                 Input::Status { reply } => {
                     let _ = reply.send(status(&replica, now, &node));
                 }
@@ -225,12 +310,19 @@ pub fn run(
         while let Some(e) = replica.poll_event() {
             match e {
                 Event::WriteDurable(id) => {
-                    if let Some((token, dup, reply)) = waiting_writes.remove(&id) {
+                    if let Some((token, dup, reply, keys)) = waiting_writes.remove(&id) {
                         let _ = reply.send(Ok((token, dup)));
+                        for k in keys {
+                            let v = replica.read(&k).ok().flatten();
+                            feed.publish(k, v.as_ref(), own_region.clone());
+                        }
                     }
                 }
-                Event::RemoteApplied { .. } => {
+                Event::RemoteApplied { key, from } => {
                     metrics.remote_updates.inc_by(1);
+                    let v = replica.read(&key).ok().flatten();
+                    let origin = regions.get(&from).cloned().unwrap_or_else(|| RegionId(from.0.clone()));
+                    feed.publish(key, v.as_ref(), origin);
                 }
             }
         }
@@ -252,6 +344,9 @@ pub fn run(
         }
         if last_stats.elapsed() >= Duration::from_millis(200) {
             metrics.record_engine(&replica, now);
+            for (peer, q) in &peers {
+                metrics.record_queue(&peer.0, q.max_capacity() - q.capacity());
+            }
             last_stats = Instant::now();
         }
         if stopping && !replica.needs_flush() {

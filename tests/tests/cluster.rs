@@ -334,3 +334,55 @@ async fn a_long_absent_peer_costs_bounded_memory_and_catches_up() {
     let n3 = c.client(2).unwrap();
     assert!(matches!(read(&n3, "k299").await, Some(ValueView::Register(Some(_)))));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_sees_remote_writes_and_resumes_without_loss_or_repeat() {
+    let _g = serial();
+    let c = Cluster::start(bin(), &["eu", "us"], Durability::Group).unwrap();
+    c.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let n1 = c.client(0).unwrap();
+    let n2 = c.client(1).unwrap();
+    let mut w = n1.watch(0, "orders/", None).await.unwrap();
+    write(&n2, "orders/1", Op::CounterAdd(1)).await.unwrap();
+    write(&n2, "other", Op::CounterAdd(1)).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), w.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.key.as_str(), "orders/1");
+    assert_eq!(first.origin.0, "us", "a remote change names its region");
+    let token = w.last_token().unwrap();
+    drop(w);
+    // Changes while nobody watches, then resume from the token.
+    write(&n1, "orders/2", Op::CounterAdd(1)).await.unwrap();
+    write(&n2, "orders/3", Op::CounterAdd(1)).await.unwrap();
+    let mut w = n1.watch(0, "orders/", Some(token)).await.unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let ch = tokio::time::timeout(Duration::from_secs(10), w.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        seen.push(ch.key.as_str().to_string());
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec!["orders/2", "orders/3"],
+        "resumed without losing or repeating a change"
+    );
+    // A token from elsewhere cannot be resumed.
+    let mut bad = n1
+        .watch(0, "orders/", Some(lattice_client::WatchToken { epoch: 1, seq: 0 }))
+        .await
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), bad.next()).await.unwrap() {
+        Err(ClientError::Server {
+            kind: ErrorKind::WatchLost,
+            ..
+        }) => {}
+        r => panic!("expected WatchLost, got {r:?}"),
+    }
+}

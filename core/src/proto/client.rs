@@ -89,6 +89,38 @@ pub enum RequestBody {
     },
     /// Cluster status as this node sees it.
     Status,
+    /// A change feed of local and replicated changes to keys starting with
+    /// `prefix`, answered with a stream of `Response::Change` frames; with
+    /// `from`, it resumes after that change.
+    Watch {
+        /// Key prefix ("" for every key).
+        prefix: String,
+        /// Resume after this change.
+        from: Option<WatchToken>,
+    },
+}
+
+/// Where a change feed is: the node's life (random per start) and the
+/// change's number in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct WatchToken {
+    /// The node's life.
+    pub epoch: u64,
+    /// The change's number.
+    pub seq: u64,
+}
+
+/// One change of a watched key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// The key.
+    pub key: Key,
+    /// Its new value.
+    pub value: Option<ValueView>,
+    /// The region the change came from (this node's for local writes).
+    pub origin: RegionId,
+    /// Resume after this change with this token.
+    pub token: WatchToken,
 }
 
 /// What a client can act on when a request fails.
@@ -110,6 +142,9 @@ pub enum ErrorKind {
     Unavailable,
     /// Something failed inside the node.
     Internal,
+    /// A watch cannot resume from its token (the node restarted or the
+    /// change is no longer retained): read the keys again and watch anew.
+    WatchLost,
 }
 
 /// A failed request.
@@ -196,6 +231,8 @@ pub enum Response {
     },
     /// Status.
     Status(NodeStatus),
+    /// One change of a watch.
+    Change(Change),
     /// The request failed.
     Error(ClientError),
 }
