@@ -1,10 +1,36 @@
-//! `lattice-client`: the Lattice client SDK (issue #5 builds the typed
-//! handles, sessions and the CLI on top of this connection layer).
+//! `lattice-client`: the Lattice client SDK.
 //!
-//! A [`Client`] holds QUIC connections to a list of nodes and sends one
-//! request per bidirectional stream, with the protocol types of
-//! `lattice-core`. It fails over to the next node when one cannot be
-//! reached, and every call has a timeout.
+//! A [`Client`] holds QUIC connections to a list of nodes (the first is
+//! the home node) and offers typed handles for every CRDT type; values are
+//! any serde type, encoded with rmp-serde:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), lattice_client::Error> {
+//! let ca = std::fs::read_to_string(".lattice-dev/certs/ca.pem").unwrap_or_default();
+//! let client = lattice_client::Client::builder()
+//!     .endpoints(["127.0.0.1:7401", "127.0.0.1:7402"])
+//!     .token("dev-token")
+//!     .ca_cert(&ca)
+//!     .connect()
+//!     .await?;
+//! client.counter("visits").incr(5).await?;
+//! client.register::<String>("greeting").set(&"hello".to_string()).await?;
+//! client.set::<u32>("primes").add(&7).await?;
+//! let visits: i128 = client.counter("visits").get().await?;
+//! # let _ = visits;
+//! # Ok(()) }
+//! ```
+//!
+//! Sessions: the client remembers, per key, the causal token of what it
+//! wrote and read, and a read waits (up to `read_wait`) until the node it
+//! asks has that state, or tries another node: read-your-writes and
+//! monotonic reads hold across failover. Writes carry an operation id; a
+//! retry of a timed-out write goes to the same node first, which applies it
+//! once. Every call has a timeout.
+
+mod handles;
+
+pub use handles::{Batch, CounterHandle, MapHandle, MvRegisterHandle, RegisterHandle, SetHandle};
 
 use lattice_core::proto::client::{
     decode_client, encode_client, ClientRequest, RequestBody, Response, CLIENT_ALPN, MAX_CLIENT_FRAME,
@@ -18,29 +44,81 @@ use tokio::sync::Mutex;
 pub use lattice_core::crdt::{Op, ValueView};
 pub use lattice_core::proto::client::{CausalToken, Change, ErrorKind, NodeStatus, OpId, WatchToken};
 
-/// What can go wrong talking to a cluster.
+/// What can go wrong talking to a cluster. Each variant is something a
+/// caller can act on.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The TLS or QUIC setup is invalid (bad CA file, ...).
+    /// The client setup is invalid (no endpoint, bad CA file, ...).
     #[error("configuration: {0}")]
     Config(String),
     /// No node could be reached.
     #[error("unavailable: {0}")]
     Unavailable(String),
-    /// The call took longer than its timeout.
+    /// The call took longer than its timeout. A write may still have been
+    /// applied; retrying it with the same operation id applies it once.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
-    /// The node answered with an error.
-    #[error("{kind:?}: {message}")]
-    Server {
-        /// What kind of failure.
-        kind: ErrorKind,
-        /// The node's explanation.
-        message: String,
-    },
+    /// The token was refused.
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// The node's queues are full: retry later, or on another node.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    /// The key holds another type.
+    #[error("type mismatch: {0}")]
+    TypeMismatch(String),
+    /// No reachable node had caught up with this session's writes in time.
+    #[error("not caught up: {0}")]
+    NotCaughtUp(String),
+    /// The key does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The request was refused as invalid (bad key, value too large, ...).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// A watch cannot resume: read again and watch anew.
+    #[error("watch lost: {0}")]
+    WatchLost(String),
+    /// The node failed internally.
+    #[error("server error: {0}")]
+    Internal(String),
+    /// A value could not be encoded or decoded with rmp-serde.
+    #[error("value codec: {0}")]
+    Codec(String),
     /// The node's answer could not be decoded.
     #[error("protocol: {0}")]
     Protocol(String),
+    /// A node could not be connected to at all (the request never left).
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+}
+
+impl Error {
+    fn from_server(kind: ErrorKind, message: String) -> Error {
+        match kind {
+            ErrorKind::Unauthorized => Error::Unauthorized(message),
+            ErrorKind::Overloaded => Error::Overloaded(message),
+            ErrorKind::TypeMismatch => Error::TypeMismatch(message),
+            ErrorKind::InvalidRequest => Error::InvalidRequest(message),
+            ErrorKind::NotFound => Error::NotFound(message),
+            ErrorKind::NotCaughtUp => Error::NotCaughtUp(message),
+            ErrorKind::Unavailable => Error::Unavailable(message),
+            ErrorKind::WatchLost => Error::WatchLost(message),
+            ErrorKind::Internal => Error::Internal(message),
+        }
+    }
+
+    /// True for failures where another node may succeed.
+    fn try_elsewhere(&self) -> bool {
+        matches!(
+            self,
+            Error::Unreachable(_)
+                | Error::Unavailable(_)
+                | Error::Timeout(_)
+                | Error::Overloaded(_)
+                | Error::NotCaughtUp(_)
+        )
+    }
 }
 
 /// A connection to a Lattice cluster.
@@ -50,7 +128,96 @@ pub struct Client {
     server_name: String,
     token: String,
     timeout: Duration,
+    read_wait: Duration,
     conns: Mutex<Vec<Option<quinn::Connection>>>,
+    session: std::sync::Mutex<Session>,
+}
+
+/// Most keys whose causal tokens a session remembers.
+pub const SESSION_KEYS: usize = 10_000;
+
+/// Per-key causal tokens of what this client has written and read.
+#[derive(Default)]
+struct Session {
+    tokens: std::collections::BTreeMap<lattice_core::Key, CausalToken>,
+}
+
+impl Session {
+    fn note(&mut self, key: &lattice_core::Key, token: &CausalToken) {
+        if !self.tokens.contains_key(key) && self.tokens.len() >= SESSION_KEYS {
+            self.tokens.pop_first();
+        }
+        self.tokens.entry(key.clone()).or_default().join(token);
+    }
+}
+
+/// Builds a [`Client`].
+#[derive(Default)]
+pub struct ClientBuilder {
+    endpoints: Vec<String>,
+    token: Option<String>,
+    ca: Option<String>,
+    server_name: Option<String>,
+    timeout: Option<Duration>,
+    read_wait: Option<Duration>,
+}
+
+impl ClientBuilder {
+    /// Node addresses (`host:port`), home node first.
+    pub fn endpoints<I: IntoIterator<Item = S>, S: Into<String>>(mut self, e: I) -> Self {
+        self.endpoints = e.into_iter().map(Into::into).collect();
+        self
+    }
+    /// The client token.
+    pub fn token(mut self, t: impl Into<String>) -> Self {
+        self.token = Some(t.into());
+        self
+    }
+    /// The cluster CA certificate (PEM text).
+    pub fn ca_cert(mut self, pem: &str) -> Self {
+        self.ca = Some(pem.to_string());
+        self
+    }
+    /// The TLS name to check node certificates against (default `localhost`).
+    pub fn server_name(mut self, n: impl Into<String>) -> Self {
+        self.server_name = Some(n.into());
+        self
+    }
+    /// Timeout of each call (default 10 s).
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = Some(t);
+        self
+    }
+    /// How long a node may wait to catch up with this session before a
+    /// read tries another node (default 2 s).
+    pub fn read_wait(mut self, t: Duration) -> Self {
+        self.read_wait = Some(t);
+        self
+    }
+    /// Builds the client and checks that a node answers.
+    pub async fn connect(self) -> Result<Client, Error> {
+        let nodes = self
+            .endpoints
+            .iter()
+            .map(|e| {
+                use std::net::ToSocketAddrs;
+                e.to_socket_addrs()
+                    .map_err(|err| Error::Config(format!("endpoint {e:?}: {err}")))?
+                    .next()
+                    .ok_or_else(|| Error::Config(format!("endpoint {e:?} resolves to nothing")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let token = self.token.ok_or_else(|| Error::Config("no token".into()))?;
+        let ca = self.ca.ok_or_else(|| Error::Config("no CA certificate".into()))?;
+        let mut c = Client::new(nodes, token, &ca)?;
+        if let Some(n) = self.server_name {
+            c.server_name = n;
+        }
+        c.timeout = self.timeout.unwrap_or(c.timeout);
+        c.read_wait = self.read_wait.unwrap_or(c.read_wait);
+        c.request(RequestBody::Status).await?;
+        Ok(c)
+    }
 }
 
 fn client_config(ca_pem: &str) -> Result<quinn::ClientConfig, Error> {
@@ -95,8 +262,84 @@ impl Client {
             server_name: "localhost".into(),
             token: token.into(),
             timeout: Duration::from_secs(10),
+            read_wait: Duration::from_secs(2),
             conns: Mutex::new(vec![None; n]),
+            session: std::sync::Mutex::new(Session::default()),
         })
+    }
+
+    /// Starts building a client.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// Applies operations atomically (one delta-group) with a fresh
+    /// operation id. A timed-out attempt is retried on the same node, which
+    /// recognises the id and applies it once; the client moves to another
+    /// node only when a node cannot be reached at all.
+    pub async fn write(&self, ops: Vec<(lattice_core::Key, Op)>) -> Result<CausalToken, Error> {
+        let op_id = Client::new_op_id();
+        let keys: Vec<lattice_core::Key> = ops.iter().map(|(k, _)| k.clone()).collect();
+        let body = RequestBody::Write { op_id, ops };
+        let mut last = None;
+        for i in 0..self.nodes.len() {
+            for attempt in 0..3 {
+                match self.request_to(i, body.clone()).await {
+                    Ok(Response::Written { token, .. }) => {
+                        if let Ok(mut s) = self.session.lock() {
+                            for k in &keys {
+                                s.note(k, &token);
+                            }
+                        }
+                        return Ok(token);
+                    }
+                    Ok(r) => return Err(Error::Protocol(format!("unexpected answer {r:?}"))),
+                    Err(Error::Unreachable(e)) => {
+                        last = Some(Error::Unavailable(e));
+                        break; // never reached this node: safe to go elsewhere
+                    }
+                    Err(e @ (Error::Timeout(_) | Error::Unavailable(_) | Error::Overloaded(_))) => {
+                        last = Some(e);
+                        tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if !matches!(last, Some(Error::Unavailable(_))) {
+                // The write may have been applied here: moving on could
+                // apply it twice. Let the caller decide.
+                break;
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Unavailable("no node".into())))
+    }
+
+    /// Reads a key with the session's guarantees: the answer includes every
+    /// write and read this client made of the key, from whichever node has
+    /// caught up (home first).
+    pub async fn read(&self, key: &lattice_core::Key) -> Result<Option<ValueView>, Error> {
+        let after = self.session.lock().ok().and_then(|s| s.tokens.get(key).cloned());
+        let body = RequestBody::Read {
+            key: key.clone(),
+            after,
+            wait_ms: self.read_wait.as_millis() as u64,
+        };
+        let mut last = None;
+        for i in 0..self.nodes.len() {
+            match self.request_to(i, body.clone()).await {
+                Ok(Response::Value { value, token }) => {
+                    if let Ok(mut s) = self.session.lock() {
+                        s.note(key, &token);
+                    }
+                    return Ok(value);
+                }
+                Ok(r) => return Err(Error::Protocol(format!("unexpected answer {r:?}"))),
+                Err(Error::Unreachable(e)) => last = Some(Error::Unavailable(e)),
+                Err(e) if e.try_elsewhere() => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Unavailable("no node".into())))
     }
 
     /// The TLS name node certificates are checked against (default
@@ -122,9 +365,11 @@ impl Client {
         let c = self
             .endpoint
             .connect(self.nodes[i], &self.server_name)
-            .map_err(|e| Error::Unavailable(format!("{}: {e}", self.nodes[i])))?
+            .map_err(|e| Error::Unreachable(format!("{}: {e}", self.nodes[i])))?;
+        let c = tokio::time::timeout(self.timeout.min(Duration::from_secs(3)), c)
             .await
-            .map_err(|e| Error::Unavailable(format!("{}: {e}", self.nodes[i])))?;
+            .map_err(|_| Error::Unreachable(format!("{}: no answer to the handshake", self.nodes[i])))?
+            .map_err(|e| Error::Unreachable(format!("{}: {e}", self.nodes[i])))?;
         conns[i] = Some(c.clone());
         Ok(c)
     }
@@ -136,8 +381,8 @@ impl Client {
             body,
         };
         let frame = encode_client(&req).map_err(|e| Error::Protocol(e.to_string()))?;
+        let conn = self.connection(i).await?;
         let call = async {
-            let conn = self.connection(i).await?;
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| Error::Unavailable(e.to_string()))?;
             send.write_all(&(frame.len() as u32).to_be_bytes())
                 .await
@@ -164,10 +409,7 @@ impl Client {
             .await
             .map_err(|_| Error::Timeout(self.timeout))??;
         match response {
-            Response::Error(e) => Err(Error::Server {
-                kind: e.kind,
-                message: e.message,
-            }),
+            Response::Error(e) => Err(Error::from_server(e.kind, e.message)),
             r => Ok(r),
         }
     }
@@ -177,7 +419,7 @@ impl Client {
         let mut last = None;
         for i in 0..self.nodes.len() {
             match self.request_to(i, body.clone()).await {
-                Err(e @ (Error::Unavailable(_) | Error::Timeout(_))) => last = Some(e),
+                Err(e @ (Error::Unreachable(_) | Error::Unavailable(_) | Error::Timeout(_))) => last = Some(e),
                 r => return r,
             }
         }
@@ -243,10 +485,7 @@ impl Watch {
                 self.last = Some(c.token);
                 Ok(Some(c))
             }
-            Response::Error(e) => Err(Error::Server {
-                kind: e.kind,
-                message: e.message,
-            }),
+            Response::Error(e) => Err(Error::from_server(e.kind, e.message)),
             r => Err(Error::Protocol(format!("unexpected frame in a watch: {r:?}"))),
         }
     }

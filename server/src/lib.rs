@@ -51,15 +51,22 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let metrics = Arc::new(metrics::Metrics::new());
     let (engine_tx, engine_rx) = std::sync::mpsc::sync_channel(config.engine_queue);
     let mut queues = BTreeMap::new();
+    let mut redial = BTreeMap::new();
+    let boot: u64 = rand::random();
     for p in &config.peers {
         let (tx, rx) = mpsc::channel(config.peer_queue);
         queues.insert(NodeId(p.name.clone()), tx);
+        let signal = Arc::new(tokio::sync::Notify::new());
+        redial.insert(p.name.clone(), signal.clone());
+        let peer = NodeId(p.name.clone());
         tokio::spawn(net::dial_peer(
             endpoint.clone(),
             dial.clone(),
-            NodeId(p.name.clone()),
+            peer,
             p.address,
             rx,
+            boot,
+            signal,
         ));
     }
     let engine = {
@@ -86,6 +93,8 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         peers: config.peers.iter().map(|p| p.name.clone()).collect::<BTreeSet<_>>(),
         tokens: config.tokens.clone(),
         metrics: metrics.clone(),
+        redial,
+        boots: std::sync::Mutex::new(BTreeMap::new()),
     });
     tokio::spawn(net::accept_loop(endpoint.clone(), inbound));
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();

@@ -1,0 +1,212 @@
+//! The client SDK and the CLI against real `latticed` processes (issue #5).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+// Each test owns its runtime; the std mutex only serializes the tests.
+#![allow(clippy::await_holding_lock)]
+
+use lattice_client::{Client, Error};
+use lattice_core::crdt::{Field, FieldKind, NestedView, Op};
+use lattice_core::proto::client::{OpId, RequestBody, Response};
+use lattice_core::Key;
+use lattice_server::storage::Durability;
+use lattice_tests::Cluster;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_latticed-test"))
+}
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn client(c: &Cluster, order: &[usize]) -> Client {
+    let ca = std::fs::read_to_string(&c.defaults.ca).unwrap();
+    Client::builder()
+        .endpoints(order.iter().map(|&i| c.defaults.endpoints[i].to_string()))
+        .token(c.defaults.token.clone())
+        .ca_cert(&ca)
+        .timeout(Duration::from_secs(5))
+        .read_wait(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap()
+}
+
+#[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
+struct Profile {
+    name: String,
+    age: u32,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_handle_type_end_to_end() {
+    let _g = serial();
+    let c = Cluster::start(bin(), &["eu", "us", "ap"], Durability::Group).unwrap();
+    c.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let eu = client(&c, &[0]).await;
+    let us = client(&c, &[1]).await;
+    eu.counter("visits").incr(5).await.unwrap();
+    us.counter("visits").decr(2).await.unwrap();
+    let alice = Profile {
+        name: "alice".into(),
+        age: 30,
+    };
+    eu.register::<Profile>("profile").set(&alice).await.unwrap();
+    assert_eq!(
+        eu.register::<Profile>("profile").get().await.unwrap(),
+        Some(alice.clone())
+    );
+    // Concurrent multi-value writes in two regions are both kept.
+    let (doc_eu, doc_us) = (eu.mv_register::<String>("doc"), us.mv_register::<String>("doc"));
+    let (v_eu, v_us) = ("from eu".to_string(), "from us".to_string());
+    let (a, b) = tokio::join!(doc_eu.set(&v_eu), doc_us.set(&v_us));
+    a.unwrap();
+    b.unwrap();
+    eu.set::<u32>("primes").add(&2).await.unwrap();
+    us.set::<u32>("primes").add(&3).await.unwrap();
+    eu.set::<u32>("primes").add(&4).await.unwrap();
+    eu.set::<u32>("primes").remove(&4).await.unwrap();
+    eu.map("cart").incr("items", 3).await.unwrap();
+    us.map("cart").add_to("skus", &"sku-1").await.unwrap();
+    eu.batch()
+        .incr("a", 1)
+        .incr("b", 2)
+        .set("c", &"three")
+        .commit()
+        .await
+        .unwrap();
+    eu.counter("gone").incr(1).await.unwrap();
+    eu.delete("gone").await.unwrap();
+    c.wait_converged(Duration::from_secs(30)).await.unwrap();
+    let ap = client(&c, &[2]).await;
+    assert_eq!(ap.counter("visits").get().await.unwrap(), 3);
+    assert_eq!(ap.register::<Profile>("profile").get().await.unwrap(), Some(alice));
+    let mut docs = ap.mv_register::<String>("doc").get().await.unwrap();
+    docs.sort();
+    assert!(
+        docs == vec!["from eu".to_string(), "from us".to_string()] || docs.len() == 1,
+        "{docs:?}"
+    );
+    let mut primes = ap.set::<u32>("primes").get().await.unwrap();
+    primes.sort();
+    assert_eq!(primes, vec![2, 3]);
+    let cart = ap.map("cart").get().await.unwrap();
+    assert_eq!(
+        cart.get(&Field::new("items", FieldKind::Counter)),
+        Some(&NestedView::Counter(3))
+    );
+    assert!(matches!(cart.get(&Field::new("skus", FieldKind::Set)), Some(NestedView::Set(s)) if s.len() == 1));
+    assert_eq!(
+        (
+            ap.counter("a").get().await.unwrap(),
+            ap.counter("b").get().await.unwrap()
+        ),
+        (1, 2)
+    );
+    assert_eq!(ap.register::<String>("c").get().await.unwrap(), Some("three".into()));
+    assert_eq!(ap.counter("gone").get().await.unwrap(), 0);
+    // A type mismatch is a typed error and changes nothing.
+    assert!(matches!(
+        ap.set::<u32>("visits").add(&1).await,
+        Err(Error::TypeMismatch(_))
+    ));
+    assert_eq!(ap.counter("visits").get().await.unwrap(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_increment_counts_once_even_after_a_restart() {
+    let _g = serial();
+    let mut c = Cluster::start(bin(), &["eu", "us"], Durability::Group).unwrap();
+    c.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let cl = client(&c, &[0]).await;
+    // The same request sent again, as after a response lost in transit.
+    let body = RequestBody::Write {
+        op_id: OpId(42),
+        ops: vec![(Key::new("hits").unwrap(), Op::CounterAdd(1))],
+    };
+    let first = cl.request_to(0, body.clone()).await.unwrap();
+    let again = cl.request_to(0, body.clone()).await.unwrap();
+    assert!(matches!(first, Response::Written { duplicate: false, .. }), "{first:?}");
+    assert!(matches!(again, Response::Written { duplicate: true, .. }), "{again:?}");
+    c.kill(0).unwrap();
+    c.restart(0).unwrap();
+    c.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let cl = client(&c, &[0]).await;
+    let after_restart = cl.request_to(0, body).await.unwrap();
+    assert!(
+        matches!(after_restart, Response::Written { duplicate: true, .. }),
+        "{after_restart:?}"
+    );
+    assert_eq!(cl.counter("hits").get().await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_after_failover_to_a_lagging_region() {
+    let _g = serial();
+    let mut c = Cluster::start(bin(), &["eu", "us", "ap"], Durability::Group).unwrap();
+    c.wait_ready(Duration::from_secs(30)).await.unwrap();
+    // ap is down while the session writes at eu, so it lags when it returns.
+    c.kill(2).unwrap();
+    let session = client(&c, &[0, 2]).await;
+    for i in 0..20 {
+        session.counter("balance").incr(1).await.unwrap();
+        session.set::<u32>("items").add(&i).await.unwrap();
+    }
+    c.restart(2).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // eu fails: the session's reads go to ap, which must show its writes.
+    c.kill(0).unwrap();
+    assert_eq!(session.counter("balance").get().await.unwrap(), 20);
+    assert_eq!(session.set::<u32>("items").get().await.unwrap().len(), 20);
+}
+
+#[test]
+fn the_cli_commands_and_json_output() {
+    let _g = serial();
+    let c = Cluster::start(bin(), &["eu", "us", "ap"], Durability::Group).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(c.wait_ready(Duration::from_secs(30))).unwrap();
+    let cli = Path::new(env!("CARGO_BIN_EXE_lattice-test-cli"));
+    let config = c.dir.path().join("client.toml");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(cli)
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    assert_eq!(run(&["incr", "visits", "5"]).1, "ok");
+    assert_eq!(run(&["incr", "visits", "-2"]).1, "ok");
+    assert_eq!(run(&["get", "visits"]).1, "3");
+    assert_eq!(run(&["set", "greeting", "hello"]).1, "ok");
+    assert_eq!(run(&["get", "greeting"]).1, "hello");
+    assert_eq!(run(&["sadd", "tags", "a", "b"]).1, "ok");
+    assert_eq!(run(&["srem", "tags", "a"]).1, "ok");
+    assert_eq!(run(&["get", "tags"]).1, "b");
+    assert_eq!(run(&["del", "tags"]).1, "ok");
+    assert_eq!(run(&["get", "tags"]).1, "(empty)");
+    let (ok, json, _) = run(&["--json", "get", "visits"]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["Value"]["value"]["Counter"], 3, "{json}");
+    let (ok, status, _) = run(&["status"]);
+    assert!(
+        ok && status.contains("peer n2") && status.contains("region"),
+        "{status}"
+    );
+    // Errors: plain message, non-zero exit.
+    let (ok, _, err) = run(&["incr", "greeting", "1"]);
+    assert!(!ok && err.contains("type mismatch"), "{err}");
+    let (ok, _, err) = run(&["--token", "wrong", "get", "visits"]);
+    assert!(!ok && err.contains("nauthorized"), "{err}");
+}
