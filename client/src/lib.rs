@@ -495,3 +495,71 @@ impl Watch {
         self.last
     }
 }
+
+/// A change feed that resumes by itself (see [`Client::follow`]).
+pub struct Follow<'a> {
+    client: &'a Client,
+    node: usize,
+    prefix: String,
+    watch: Option<Watch>,
+    last: Option<WatchToken>,
+}
+
+impl Client {
+    /// Follows changes to keys starting with `prefix` on node `i`. When the
+    /// feed breaks (the node restarts, the connection drops, the watcher fell
+    /// behind) it reconnects to the same node and resumes after the last
+    /// change seen, so nothing is lost or repeated; if the node cannot
+    /// resume, `next` returns [`Error::WatchLost`] and the caller re-reads.
+    /// The feed is subscribed when this returns: later changes are seen.
+    pub async fn follow(&self, i: usize, prefix: &str) -> Result<Follow<'_>, Error> {
+        let watch = self.watch(i, prefix, None).await?;
+        Ok(Follow {
+            client: self,
+            node: i,
+            prefix: prefix.to_string(),
+            watch: Some(watch),
+            last: None,
+        })
+    }
+}
+
+impl Follow<'_> {
+    /// The next change, reconnecting (with backoff, for up to about 30 s)
+    /// when the feed breaks.
+    pub async fn next(&mut self) -> Result<Change, Error> {
+        let mut backoff = Duration::from_millis(100);
+        let mut waited = Duration::ZERO;
+        loop {
+            if self.watch.is_none() {
+                match self.client.watch(self.node, &self.prefix, self.last).await {
+                    Ok(w) => self.watch = Some(w),
+                    Err(e) if e.try_elsewhere() && waited < Duration::from_secs(30) => {
+                        tokio::time::sleep(backoff).await;
+                        waited += backoff;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let Some(w) = self.watch.as_mut() else { continue };
+            match w.next().await {
+                Ok(Some(c)) => {
+                    self.last = Some(c.token);
+                    return Ok(c);
+                }
+                Ok(None) | Err(Error::Unavailable(_)) | Err(Error::Unreachable(_)) => {
+                    self.watch = None;
+                    if waited >= Duration::from_secs(30) {
+                        return Err(Error::Unavailable("the watched node did not come back".into()));
+                    }
+                    tokio::time::sleep(backoff).await;
+                    waited += backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

@@ -27,6 +27,7 @@ use tokio::sync::mpsc;
 /// accepting, flush, close connections.
 pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
     let store = storage::SledStore::open(&config.data_dir, &config.node, config.durability)?;
+    let feed = node::Feed::open(Some(store.feed_tree().context("opening the watch feed")?));
     let peers: Vec<PeerConfig> = config
         .peers
         .iter()
@@ -84,6 +85,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
                     queues,
                     metrics,
                     node,
+                    feed,
                 )
             })
             .context("starting the engine thread")?

@@ -75,15 +75,67 @@ pub enum Input {
 /// Changes retained for watches to resume from.
 pub const WATCH_RETAINED: usize = 16_384;
 
-/// The change feed: a bounded ring of recent changes and the subscribers.
-struct Feed {
+/// The change feed: a bounded ring of recent changes (kept in memory and in
+/// sled) and the subscribers.
+pub struct Feed {
     epoch: u64,
     next: u64,
     ring: VecDeque<Change>,
     subscribers: Vec<(String, mpsc::Sender<Result<Change, ClientError>>)>,
+    tree: Option<sled::Tree>,
 }
 
 impl Feed {
+    /// Loads the feed. After a clean shutdown the epoch and the retained
+    /// changes carry over, so watchers resume across the restart; after a
+    /// crash the newest changes may be missing from the feed, so a new epoch
+    /// makes old tokens fail loudly (`WatchLost`) instead of skipping them.
+    pub fn open(tree: Option<sled::Tree>) -> Feed {
+        let mut f = Feed {
+            epoch: rand::random(),
+            next: 0,
+            ring: VecDeque::new(),
+            subscribers: Vec::new(),
+            tree: None,
+        };
+        let Some(t) = tree else { return f };
+        let clean = t.remove(b"clean").ok().flatten().is_some();
+        let epoch = t
+            .get(b"epoch")
+            .ok()
+            .flatten()
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes));
+        match (clean, epoch) {
+            (true, Some(e)) => {
+                f.epoch = e;
+                for (_, v) in t.scan_prefix(b"c").flatten() {
+                    if let Ok(c) = lattice_core::proto::from_bytes::<Change>(&v) {
+                        f.next = c.token.seq + 1;
+                        f.ring.push_back(c);
+                    }
+                }
+            }
+            _ => {
+                // A fresh epoch: nothing retained can be trusted to be complete.
+                let old: Vec<sled::IVec> = t.scan_prefix(b"c").keys().flatten().collect();
+                for k in old {
+                    let _ = t.remove(k);
+                }
+                let _ = t.insert(b"epoch", &f.epoch.to_be_bytes()[..]);
+            }
+        }
+        f.tree = Some(t);
+        f
+    }
+
+    /// Marks a clean shutdown (after the last flush).
+    pub fn close(&self) {
+        if let Some(t) = &self.tree {
+            let _ = t.insert(b"clean", &[1u8][..]);
+            let _ = t.flush();
+        }
+    }
+
     fn publish(&mut self, key: Key, value: Option<&Value>, origin: RegionId) {
         let change = Change {
             key,
@@ -100,8 +152,16 @@ impl Feed {
         self.subscribers.retain(|(prefix, tx)| {
             !change.key.as_str().starts_with(prefix.as_str()) || tx.try_send(Ok(change.clone())).is_ok()
         });
+        if let Some(t) = &self.tree {
+            let key = [&b"c"[..], &change.token.seq.to_be_bytes()].concat();
+            if let Ok(bytes) = lattice_core::proto::to_bytes(&change) {
+                let _ = t.insert(key, bytes);
+            }
+        }
         if self.ring.len() == WATCH_RETAINED {
-            self.ring.pop_front();
+            if let (Some(old), Some(t)) = (self.ring.pop_front(), &self.tree) {
+                let _ = t.remove([&b"c"[..], &old.token.seq.to_be_bytes()].concat());
+            }
         }
         self.ring.push_back(change);
     }
@@ -173,15 +233,11 @@ pub fn run(
     peers: BTreeMap<NodeId, mpsc::Sender<Vec<u8>>>,
     metrics: Arc<Metrics>,
     node: String,
+    feed: Feed,
 ) {
     replica.set_wall_offset(clock.wall_offset_ms);
     let mut waiting_writes: BTreeMap<WriteId, (CausalToken, bool, WriteReply, Vec<Key>)> = BTreeMap::new();
-    let mut feed = Feed {
-        epoch: rand::random(),
-        next: 0,
-        ring: VecDeque::new(),
-        subscribers: Vec::new(),
-    };
+    let mut feed = feed;
     let regions: BTreeMap<NodeId, RegionId> = replica
         .config()
         .peers
@@ -351,6 +407,7 @@ pub fn run(
         }
         if stopping && !replica.needs_flush() {
             metrics.record_engine(&replica, now);
+            feed.close();
             tracing::info!("engine stopped");
             return;
         }

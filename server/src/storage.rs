@@ -197,6 +197,12 @@ impl SledStore {
         self.durability
     }
 
+    /// The tree that keeps the watch feed (separate from the replica's
+    /// state: it is a cache of recent changes, not a source of truth).
+    pub fn feed_tree(&self) -> Result<sled::Tree, sled::Error> {
+        self.db.open_tree("feed")
+    }
+
     /// Bytes sled uses on disk.
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
