@@ -374,36 +374,31 @@ impl Client {
         Ok(c)
     }
 
-    /// Sends one request to node `i` and returns its answer.
-    pub async fn request_to(&self, i: usize, body: RequestBody) -> Result<Response, Error> {
+    /// Opens a stream on node `i` and sends one request frame on it.
+    async fn open_request(&self, i: usize, body: RequestBody) -> Result<quinn::RecvStream, Error> {
         let req = ClientRequest {
             token: self.token.clone(),
             body,
         };
         let frame = encode_client(&req).map_err(|e| Error::Protocol(e.to_string()))?;
         let conn = self.connection(i).await?;
+        let unavailable = |e: &dyn std::fmt::Display| Error::Unavailable(e.to_string());
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| unavailable(&e))?;
+        send.write_all(&(frame.len() as u32).to_be_bytes())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        send.write_all(&frame).await.map_err(|e| unavailable(&e))?;
+        let _ = send.finish();
+        Ok(recv)
+    }
+
+    /// Sends one request to node `i` and returns its answer.
+    pub async fn request_to(&self, i: usize, body: RequestBody) -> Result<Response, Error> {
         let call = async {
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| Error::Unavailable(e.to_string()))?;
-            send.write_all(&(frame.len() as u32).to_be_bytes())
-                .await
-                .map_err(|e| Error::Unavailable(e.to_string()))?;
-            send.write_all(&frame)
-                .await
-                .map_err(|e| Error::Unavailable(e.to_string()))?;
-            let _ = send.finish();
-            let mut len = [0u8; 4];
-            recv.read_exact(&mut len)
-                .await
-                .map_err(|e| Error::Unavailable(e.to_string()))?;
-            let len = u32::from_be_bytes(len) as usize;
-            if len > MAX_CLIENT_FRAME {
-                return Err(Error::Protocol(format!("answer of {len} bytes is over the limit")));
-            }
-            let mut buf = vec![0u8; len];
-            recv.read_exact(&mut buf)
-                .await
-                .map_err(|e| Error::Unavailable(e.to_string()))?;
-            decode_client::<Response>(&buf).map_err(|e| Error::Protocol(e.to_string()))
+            let mut recv = self.open_request(i, body).await?;
+            read_response(&mut recv)
+                .await?
+                .ok_or_else(|| Error::Unavailable("the node closed the stream".into()))
         };
         let response = tokio::time::timeout(self.timeout, call)
             .await
@@ -429,23 +424,15 @@ impl Client {
     /// Opens a change feed on node `i` for keys starting with `prefix`,
     /// resuming after `from` when given.
     pub async fn watch(&self, i: usize, prefix: &str, from: Option<WatchToken>) -> Result<Watch, Error> {
-        let req = ClientRequest {
-            token: self.token.clone(),
-            body: RequestBody::Watch {
-                prefix: prefix.to_string(),
-                from,
-            },
-        };
-        let frame = encode_client(&req).map_err(|e| Error::Protocol(e.to_string()))?;
-        let conn = self.connection(i).await?;
-        let (mut send, recv) = conn.open_bi().await.map_err(|e| Error::Unavailable(e.to_string()))?;
-        send.write_all(&(frame.len() as u32).to_be_bytes())
-            .await
-            .map_err(|e| Error::Unavailable(e.to_string()))?;
-        send.write_all(&frame)
-            .await
-            .map_err(|e| Error::Unavailable(e.to_string()))?;
-        let _ = send.finish();
+        let recv = self
+            .open_request(
+                i,
+                RequestBody::Watch {
+                    prefix: prefix.to_string(),
+                    from,
+                },
+            )
+            .await?;
         Ok(Watch { recv, last: from })
     }
 
@@ -465,28 +452,14 @@ impl Watch {
     /// The next change; `Ok(None)` when the node ended the feed (resume
     /// from [`Watch::last_token`]).
     pub async fn next(&mut self) -> Result<Option<Change>, Error> {
-        let mut len = [0u8; 4];
-        match self.recv.read_exact(&mut len).await {
-            Ok(()) => {}
-            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-            Err(e) => return Err(Error::Unavailable(e.to_string())),
-        }
-        let len = u32::from_be_bytes(len) as usize;
-        if len > MAX_CLIENT_FRAME {
-            return Err(Error::Protocol(format!("frame of {len} bytes is over the limit")));
-        }
-        let mut buf = vec![0u8; len];
-        self.recv
-            .read_exact(&mut buf)
-            .await
-            .map_err(|e| Error::Unavailable(e.to_string()))?;
-        match decode_client::<Response>(&buf).map_err(|e| Error::Protocol(e.to_string()))? {
-            Response::Change(c) => {
+        match read_response(&mut self.recv).await? {
+            None => Ok(None),
+            Some(Response::Change(c)) => {
                 self.last = Some(c.token);
                 Ok(Some(c))
             }
-            Response::Error(e) => Err(Error::from_server(e.kind, e.message)),
-            r => Err(Error::Protocol(format!("unexpected frame in a watch: {r:?}"))),
+            Some(Response::Error(e)) => Err(Error::from_server(e.kind, e.message)),
+            Some(r) => Err(Error::Protocol(format!("unexpected frame in a watch: {r:?}"))),
         }
     }
 
@@ -562,4 +535,25 @@ impl Follow<'_> {
             }
         }
     }
+}
+
+/// Reads one length-prefixed response frame; `None` at the end of the stream.
+async fn read_response(recv: &mut quinn::RecvStream) -> Result<Option<Response>, Error> {
+    let mut len = [0u8; 4];
+    match recv.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(Error::Unavailable(e.to_string())),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_CLIENT_FRAME {
+        return Err(Error::Protocol(format!("frame of {len} bytes is over the limit")));
+    }
+    let mut buf = vec![0u8; len];
+    recv.read_exact(&mut buf)
+        .await
+        .map_err(|e| Error::Unavailable(e.to_string()))?;
+    decode_client::<Response>(&buf)
+        .map(Some)
+        .map_err(|e| Error::Protocol(e.to_string()))
 }

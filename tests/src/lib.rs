@@ -12,6 +12,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Clusters are heavy on 2 cores: real-process tests take this lock so that
+/// one cluster runs at a time.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A cluster of real `latticed` processes.
 pub struct Cluster {
     /// Working directory (certs, configs, data, logs).

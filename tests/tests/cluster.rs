@@ -10,7 +10,7 @@ use lattice_core::proto::client::{decode_client, ClientRequest, RequestBody, Res
 use lattice_core::Key;
 use lattice_server::certs;
 use lattice_server::storage::Durability;
-use lattice_tests::Cluster;
+use lattice_tests::{serial, Cluster};
 use quinn::crypto::rustls::QuicClientConfig;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -18,12 +18,6 @@ use std::time::Duration;
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_latticed-test"))
-}
-
-/// Clusters are heavy on 2 cores: one test at a time.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn key(s: &str) -> Key {

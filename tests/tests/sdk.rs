@@ -8,19 +8,13 @@ use lattice_core::crdt::{Field, FieldKind, NestedView, Op};
 use lattice_core::proto::client::{OpId, RequestBody, Response};
 use lattice_core::Key;
 use lattice_server::storage::Durability;
-use lattice_tests::Cluster;
+use lattice_tests::{serial, Cluster};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::Duration;
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_latticed-test"))
-}
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 async fn client(c: &Cluster, order: &[usize]) -> Client {

@@ -252,15 +252,6 @@ pub fn encode_client<T: Serialize>(msg: &T) -> Result<Vec<u8>, Error> {
 
 /// Decodes a client frame, checking size, version and depth.
 pub fn decode_client<T: serde::de::DeserializeOwned>(frame: &[u8]) -> Result<T, Error> {
-    if frame.len() > MAX_CLIENT_FRAME {
-        return Err(Error::MessageTooLarge {
-            size: frame.len(),
-            limit: MAX_CLIENT_FRAME,
-        });
-    }
-    let (&version, body) = frame.split_first().ok_or_else(|| Error::Codec("empty frame".into()))?;
-    if version != PROTOCOL_VERSION {
-        return Err(Error::UnknownVersion(version));
-    }
+    let body = super::frame_body(frame, MAX_CLIENT_FRAME)?;
     from_bytes(body)
 }

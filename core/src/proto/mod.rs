@@ -243,8 +243,8 @@ pub fn from_bytes<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Err
     Ok(v)
 }
 
-/// Decodes one frame of at most `max_bytes`, validating what it carries.
-pub fn decode(frame: &[u8], max_bytes: usize) -> Result<Message, Error> {
+/// Checks a frame's size and version and returns its body.
+pub(crate) fn frame_body(frame: &[u8], max_bytes: usize) -> Result<&[u8], Error> {
     if frame.len() > max_bytes {
         return Err(Error::MessageTooLarge {
             size: frame.len(),
@@ -255,6 +255,12 @@ pub fn decode(frame: &[u8], max_bytes: usize) -> Result<Message, Error> {
     if version != PROTOCOL_VERSION {
         return Err(Error::UnknownVersion(version));
     }
+    Ok(body)
+}
+
+/// Decodes one frame of at most `max_bytes`, validating what it carries.
+pub fn decode(frame: &[u8], max_bytes: usize) -> Result<Message, Error> {
+    let body = frame_body(frame, max_bytes)?;
     let msg: Message = from_bytes(body)?;
     let mut keys = std::collections::BTreeSet::new();
     for (k, _) in msg.entries() {
