@@ -131,6 +131,8 @@ pub struct Client {
     read_wait: Duration,
     conns: Mutex<Vec<Option<quinn::Connection>>>,
     session: std::sync::Mutex<Session>,
+    /// Per node: until when it is skipped after failing, and the next backoff.
+    health: std::sync::Mutex<Vec<(Option<std::time::Instant>, Duration)>>,
 }
 
 /// Most keys whose causal tokens a session remembers.
@@ -265,7 +267,43 @@ impl Client {
             read_wait: Duration::from_secs(2),
             conns: Mutex::new(vec![None; n]),
             session: std::sync::Mutex::new(Session::default()),
+            health: std::sync::Mutex::new(vec![(None, Duration::from_millis(100)); n]),
         })
+    }
+
+    /// The order in which to try nodes: the home node (the first endpoint)
+    /// first, then the others by measured round-trip time; nodes that failed
+    /// recently wait out an exponential backoff (100 ms to 5 s), unless no
+    /// node is healthy.
+    async fn route(&self) -> Vec<usize> {
+        let rtts: Vec<Option<Duration>> = {
+            let conns = self.conns.lock().await;
+            conns
+                .iter()
+                .map(|c| c.as_ref().filter(|c| c.close_reason().is_none()).map(|c| c.rtt()))
+                .collect()
+        };
+        let now = std::time::Instant::now();
+        let healthy = |i: usize| self.health.lock().map_or(true, |h| h[i].0.is_none_or(|t| t <= now));
+        let mut others: Vec<usize> = (1..self.nodes.len()).collect();
+        others.sort_by_key(|&i| rtts[i].unwrap_or(Duration::MAX));
+        let order: Vec<usize> = std::iter::once(0).chain(others).collect();
+        let (up, down): (Vec<usize>, Vec<usize>) = order.into_iter().partition(|&i| healthy(i));
+        up.into_iter().chain(down).collect()
+    }
+
+    fn mark(&self, i: usize, ok: bool) {
+        if let Ok(mut h) = self.health.lock() {
+            if ok {
+                h[i] = (None, Duration::from_millis(100));
+            } else {
+                let backoff = h[i].1;
+                h[i] = (
+                    Some(std::time::Instant::now() + backoff),
+                    (backoff * 2).min(Duration::from_secs(5)),
+                );
+            }
+        }
     }
 
     /// Starts building a client.
@@ -282,10 +320,13 @@ impl Client {
         let keys: Vec<lattice_core::Key> = ops.iter().map(|(k, _)| k.clone()).collect();
         let body = RequestBody::Write { op_id, ops };
         let mut last = None;
-        for i in 0..self.nodes.len() {
+        for i in self.route().await {
+            // Whether this node may have received the write.
+            let mut reached = false;
             for attempt in 0..3 {
                 match self.request_to(i, body.clone()).await {
                     Ok(Response::Written { token, .. }) => {
+                        self.mark(i, true);
                         if let Ok(mut s) = self.session.lock() {
                             for k in &keys {
                                 s.note(k, &token);
@@ -295,19 +336,23 @@ impl Client {
                     }
                     Ok(r) => return Err(Error::Protocol(format!("unexpected answer {r:?}"))),
                     Err(Error::Unreachable(e)) => {
+                        self.mark(i, false);
                         last = Some(Error::Unavailable(e));
                         break; // never reached this node: safe to go elsewhere
                     }
                     Err(e @ (Error::Timeout(_) | Error::Unavailable(_) | Error::Overloaded(_))) => {
+                        reached |= !matches!(e, Error::Overloaded(_));
                         last = Some(e);
                         tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
                     }
                     Err(e) => return Err(e),
                 }
             }
-            if !matches!(last, Some(Error::Unavailable(_))) {
+            if reached {
                 // The write may have been applied here: moving on could
-                // apply it twice. Let the caller decide.
+                // apply it twice. Let the caller decide (retrying with the
+                // same op id on this node is safe).
+                self.mark(i, false);
                 break;
             }
         }
@@ -325,17 +370,26 @@ impl Client {
             wait_ms: self.read_wait.as_millis() as u64,
         };
         let mut last = None;
-        for i in 0..self.nodes.len() {
+        for i in self.route().await {
             match self.request_to(i, body.clone()).await {
                 Ok(Response::Value { value, token }) => {
+                    self.mark(i, true);
                     if let Ok(mut s) = self.session.lock() {
                         s.note(key, &token);
                     }
                     return Ok(value);
                 }
                 Ok(r) => return Err(Error::Protocol(format!("unexpected answer {r:?}"))),
-                Err(Error::Unreachable(e)) => last = Some(Error::Unavailable(e)),
-                Err(e) if e.try_elsewhere() => last = Some(e),
+                Err(Error::Unreachable(e)) => {
+                    self.mark(i, false);
+                    last = Some(Error::Unavailable(e));
+                }
+                Err(e) if e.try_elsewhere() => {
+                    if !matches!(e, Error::NotCaughtUp(_)) {
+                        self.mark(i, false);
+                    }
+                    last = Some(e);
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -412,10 +466,16 @@ impl Client {
     /// Sends a request to the first node that can be reached.
     pub async fn request(&self, body: RequestBody) -> Result<Response, Error> {
         let mut last = None;
-        for i in 0..self.nodes.len() {
+        for i in self.route().await {
             match self.request_to(i, body.clone()).await {
-                Err(e @ (Error::Unreachable(_) | Error::Unavailable(_) | Error::Timeout(_))) => last = Some(e),
-                r => return r,
+                Err(e @ (Error::Unreachable(_) | Error::Unavailable(_) | Error::Timeout(_))) => {
+                    self.mark(i, false);
+                    last = Some(e);
+                }
+                r => {
+                    self.mark(i, true);
+                    return r;
+                }
             }
         }
         Err(last.unwrap_or_else(|| Error::Unavailable("no node".into())))
