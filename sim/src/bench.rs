@@ -219,3 +219,31 @@ pub fn repair(keys: usize, diff: usize, depth: u8) -> Result<RepairFigures, Erro
         millis,
     })
 }
+
+/// Gossip efficiency under the Gossip Glomers broadcast conditions: `nodes`
+/// nodes, `latency_ms` one-way latency on every link, `rate` unique
+/// broadcasts per second for `secs` seconds, no faults. A star: node 0
+/// relays, batching what it forwards every `hub_ms`. Returns the run (whose
+/// checkers must pass) and `(messages per op, median ms, max ms)`.
+pub fn gossip(nodes: usize, latency_ms: u64, rate: f64, secs: u64, hub_ms: u64) -> (crate::Report, (f64, u64, u64)) {
+    let mut c = crate::SimConfig::new(7);
+    c.nodes = nodes;
+    c.regions = 1;
+    c.ops = (rate * secs as f64).round() as usize;
+    c.rate = rate;
+    c.intra_ms = (latency_ms, latency_ms);
+    c.inter_ms = (latency_ms, latency_ms);
+    c.faults = crate::FaultMix::none();
+    c.broadcast = true;
+    c.topology = crate::config::Topology::Star;
+    c.ae_interval_ms = 0;
+    c.sync_interval_ms = 1;
+    c.hub_sync_interval_ms = hub_ms;
+    c.ack_delay_ms = 1_000;
+    c.heartbeat_ms = 1_000;
+    c.flush_ms = 1;
+    let report = crate::Sim::new(c.clone()).run();
+    let per_op = report.messages as f64 / c.ops.max(1) as f64;
+    let (median, max) = report.propagation.map_or((0, 0), |(p50, _, max)| (p50, max));
+    (report, (per_op, median, max))
+}

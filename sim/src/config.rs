@@ -121,6 +121,26 @@ pub struct SimConfig {
     pub max_buffer_bytes: usize,
     /// Engine: relay received deltas.
     pub relay: bool,
+    /// Who gossips with whom.
+    pub topology: Topology,
+    /// Engine: how long a stand-alone ack waits for a delta to ride on.
+    pub ack_delay_ms: u64,
+    /// Engine: heartbeat interval.
+    pub heartbeat_ms: u64,
+    /// Engine: the hub's sync interval in a star (others use `sync_interval_ms`).
+    pub hub_sync_interval_ms: u64,
+    /// Workload: only unique set adds to one key (the Gossip Glomers
+    /// broadcast workload) instead of every CRDT type.
+    pub broadcast: bool,
+}
+
+/// Who gossips with whom.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    /// Everyone with everyone; no relaying needed.
+    Mesh,
+    /// Node 0 is a hub that relays; the others talk only to it.
+    Star,
 }
 
 impl SimConfig {
@@ -144,6 +164,11 @@ impl SimConfig {
             tree_depth: 3,
             max_buffer_bytes: 1 << 20,
             relay: false,
+            topology: Topology::Mesh,
+            ack_delay_ms: 50,
+            heartbeat_ms: 300,
+            hub_sync_interval_ms: 20,
+            broadcast: false,
         }
     }
 

@@ -39,6 +39,26 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Gossip efficiency under the Gossip Glomers broadcast conditions: prints
+    /// `msgs_per_op=X median_ms=Y max_ms=Z` (messages between nodes per client
+    /// write; time from a write until every node has it).
+    Gossip {
+        /// Nodes.
+        #[arg(long, default_value_t = 25)]
+        nodes: usize,
+        /// One-way latency of every link, milliseconds.
+        #[arg(long, default_value_t = 100)]
+        latency_ms: u64,
+        /// Client writes per second (cluster-wide).
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// Seconds of writes.
+        #[arg(long, default_value_t = 20)]
+        secs: u64,
+        /// How often the hub forwards what it batched, milliseconds.
+        #[arg(long, default_value_t = 150)]
+        hub_ms: u64,
+    },
     /// Anti-entropy cost: two nodes share `--keys` keys, `--diff` of them
     /// differ; one repair round. Prints messages, round trips and bytes
     /// against the size of the differing states and of a full-state sync.
@@ -221,6 +241,32 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Swarm { seeds, from, quiet } => swarm(seeds, from, quiet),
+        Cmd::Bench(BenchCmd::Gossip {
+            nodes,
+            latency_ms,
+            rate,
+            secs,
+            hub_ms,
+        }) => {
+            if !(2..=64).contains(&nodes) || rate.is_nan() || rate <= 0.0 || secs == 0 {
+                eprintln!("error: --nodes must be 2..=64, --rate positive, --secs at least 1");
+                return ExitCode::from(2);
+            }
+            let (report, (per_op, median, max)) = lattice_sim::bench::gossip(nodes, latency_ms, rate, secs, hub_ms);
+            println!("msgs_per_op={per_op:.2} median_ms={median} max_ms={max}");
+            println!(
+                "  messages={} ops={} acked={} converged={:?} violations={}",
+                report.messages,
+                report.ops,
+                report.acked,
+                report.converged_ms,
+                report.violations.len()
+            );
+            for (kind, (n, _)) in &report.by_kind {
+                println!("  {kind}: {n}");
+            }
+            report.violations.is_empty()
+        }
         Cmd::Bench(BenchCmd::Repair { keys, diff, depth }) => {
             for d in diff {
                 if d > keys {

@@ -188,22 +188,29 @@ impl Sim {
         let mut nodes = Vec::new();
         let mut ids = BTreeMap::new();
         for i in 0..cfg.nodes {
+            let star = cfg.topology == crate::config::Topology::Star;
+            let hub = star && i == 0;
             let peers = (0..cfg.nodes)
-                .filter(|&j| j != i)
+                .filter(|&j| j != i && (!star || hub || j == 0))
                 .map(|j| PeerConfig {
                     node: node_name(j),
                     region: region(j),
                 })
                 .collect();
             let mut rc = ReplicaConfig::new(node_name(i), region(i), peers);
-            rc.sync_interval_ms = cfg.sync_interval_ms;
+            rc.sync_interval_ms = if hub {
+                cfg.hub_sync_interval_ms
+            } else {
+                cfg.sync_interval_ms
+            };
             rc.ae_interval_ms = cfg.ae_interval_ms;
             rc.tree_depth = cfg.tree_depth;
             rc.max_buffer_bytes = cfg.max_buffer_bytes;
-            rc.relay = cfg.relay;
-            rc.heartbeat_ms = 300;
-            rc.peer_timeout_ms = 1_500;
-            rc.retransmit_ms = 400;
+            rc.relay = cfg.relay || hub;
+            rc.heartbeat_ms = cfg.heartbeat_ms;
+            rc.peer_timeout_ms = (cfg.heartbeat_ms * 5).max(1_500);
+            rc.retransmit_ms = 400.max(cfg.ack_delay_ms * 2);
+            rc.ack_delay_ms = cfg.ack_delay_ms;
             ids.insert(node_name(i), i);
             nodes.push(SimNode {
                 cfg: rc,

@@ -130,6 +130,7 @@ impl OpRecord {
 
 /// Draws operations.
 pub struct Workload {
+    broadcast: bool,
     keys: usize,
     weights: Vec<f64>,
     next_unique: u64,
@@ -158,6 +159,7 @@ impl Workload {
         let keys = cfg.keys.max(1);
         let weights = (0..keys).map(|i| 1.0 / ((i + 1) as f64).powf(cfg.key_skew)).collect();
         Workload {
+            broadcast: cfg.broadcast,
             keys,
             weights,
             next_unique: 0,
@@ -191,6 +193,10 @@ impl Workload {
         node: usize,
         read: impl Fn(&Key) -> Option<Value>,
     ) -> (Key, KeyKind, Op, bool) {
+        if self.broadcast {
+            let key = Key::new("broadcast").unwrap_or_else(|_| unreachable_key());
+            return (key, KeyKind::Set, Op::SetAdd(vec![self.unique(node)]), false);
+        }
         let kind = KINDS[rng.gen_range(0..KINDS.len())];
         let i = self.pick_key(rng);
         let key = Key::new(format!("{}{i}", kind.prefix())).unwrap_or_else(|_| unreachable_key());

@@ -63,3 +63,12 @@ fn swarm_of_200_seeds_finds_no_violation() {
         .collect();
     assert!(failed.is_empty(), "{}\n{}", t.last_line(), failed.join("\n"));
 }
+
+#[test]
+fn the_benchmarks_complete_a_tiny_run() {
+    let (report, (per_op, median, max)) = lattice_sim::bench::gossip(5, 10, 50.0, 2, 50);
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    assert!(per_op > 0.0 && median <= max, "{per_op} {median} {max}");
+    let f = lattice_sim::bench::repair(2_000, 10, 3).unwrap();
+    assert!(f.messages >= 2 && f.bytes < f.full_state_bytes, "{}", f.line());
+}
