@@ -80,4 +80,38 @@ pub enum Error {
     /// A message from a node that is not a configured peer.
     #[error("unknown peer {0}")]
     UnknownPeer(String),
+    /// A replication policy (set) is not valid.
+    #[error("invalid policy: {0}")]
+    InvalidPolicy(String),
+    /// The key's replication policy does not allow this region to serve it.
+    #[error("policy denied: {key:?} (keyspace {keyspace:?}) may not be {action} in region {region}; regions that may: {}", fmt_regions(regions))]
+    PolicyDenied {
+        /// The key (at most 64 characters of it).
+        key: String,
+        /// The keyspace of the governing policy.
+        keyspace: String,
+        /// The region that refused.
+        region: crate::proto::RegionId,
+        /// The regions that may (empty: none named, e.g. quarantine data
+        /// of whichever region wrote it).
+        regions: Vec<crate::proto::RegionId>,
+        /// `read` or `written`.
+        action: String,
+    },
+    /// An audit log entry does not verify.
+    #[error("audit log broken at entry {index}: {reason}")]
+    AuditBroken {
+        /// The first entry that fails.
+        index: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+fn fmt_regions(r: &[crate::proto::RegionId]) -> String {
+    if r.is_empty() {
+        "none named".into()
+    } else {
+        r.iter().map(|x| x.0.as_str()).collect::<Vec<_>>().join(", ")
+    }
 }

@@ -10,6 +10,7 @@
 //! - [`crdt`]: delta-state CRDTs (counters, registers, sets, maps) and the
 //!   keyspace [`Value`](crate::crdt::Value);
 //! - [`proto`]: the versioned wire messages and their size-limited codec;
+//! - [`policy`]: per-keyspace replication policies and their audit log;
 //! - [`store`]: the storage trait and an in-memory implementation;
 //! - [`replica`]: the replication state machine, driven like quinn-proto's
 //!   `Connection` (`write`/`handle`/`handle_timeout` in,
@@ -38,6 +39,7 @@ pub mod planted;
 
 pub use error::Error;
 mod key;
+pub mod policy;
 pub mod proto;
 pub mod replica;
 pub mod store;

@@ -310,6 +310,7 @@ fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
     Response::Error(ClientError {
         kind,
         message: message.into(),
+        regions: Vec::new(),
     })
 }
 

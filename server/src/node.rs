@@ -173,6 +173,7 @@ impl Feed {
                 let _ = tx.try_send(Err(ClientError {
                     kind: ErrorKind::WatchLost,
                     message: "cannot resume from this token (node restarted or change no longer retained): read again and watch anew".into(),
+                    regions: Vec::new(),
                 }));
                 return;
             }

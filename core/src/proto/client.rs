@@ -145,6 +145,15 @@ pub enum ErrorKind {
     /// A watch cannot resume from its token (the node restarted or the
     /// change is no longer retained): read the keys again and watch anew.
     WatchLost,
+    /// The key's replication policy does not allow this region to serve
+    /// the request; `regions` names the regions that may.
+    PolicyDenied,
+    /// The write is durable on the node that took it and is still
+    /// replicating, but the requested write concern was not met in time.
+    /// It is not rolled back.
+    ReplicationTimeout,
+    /// A policy set was refused (invalid, or not newer than the one in force).
+    InvalidPolicy,
 }
 
 /// A failed request.
@@ -154,6 +163,9 @@ pub struct ClientError {
     pub kind: ErrorKind,
     /// A human-readable explanation.
     pub message: String,
+    /// For `PolicyDenied`: the regions that may serve the key.
+    #[serde(default)]
+    pub regions: Vec<RegionId>,
 }
 
 impl From<&Error> for ClientError {
@@ -171,11 +183,20 @@ impl From<&Error> for ClientError {
             | Error::Codec(_)
             | Error::UnknownVersion(_)
             | Error::Malformed(_) => ErrorKind::InvalidRequest,
-            Error::Clock(_) | Error::Store(_) | Error::UnknownPeer(_) => ErrorKind::Internal,
+            Error::PolicyDenied { .. } => ErrorKind::PolicyDenied,
+            Error::InvalidPolicy(_) => ErrorKind::InvalidPolicy,
+            Error::Clock(_) | Error::Store(_) | Error::UnknownPeer(_) | Error::AuditBroken { .. } => {
+                ErrorKind::Internal
+            }
+        };
+        let regions = match e {
+            Error::PolicyDenied { regions, .. } => regions.clone(),
+            _ => Vec::new(),
         };
         ClientError {
             kind,
             message: e.to_string(),
+            regions,
         }
     }
 }
