@@ -15,6 +15,10 @@ pub enum PlantedBug {
     BufferForgetsUnacked,
     /// Writes are acknowledged before the store has flushed them.
     AckBeforeDurable,
+    /// Deltas and anti-entropy states ignore the replication policy.
+    PolicyLeak,
+    /// Anti-entropy digests cover every key, whatever the policy.
+    DigestLeak,
 }
 
 thread_local! {

@@ -12,7 +12,7 @@ use lattice_core::crdt::{
     Bytes, CCounter, Causal, Crdt, DotMap, DotSet, DotStore, Field, FieldKind, GCounter, LwwRegister, MvRegister, Op,
     OrMap, OrSet, PNCounter, Value, WriteStamp,
 };
-use lattice_core::proto::{self, Ack, Message, PROTOCOL_VERSION};
+use lattice_core::proto::{self, Ack, Message, PolicyStamp, Section, PROTOCOL_VERSION};
 use lattice_core::{Error, Key};
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -235,19 +235,23 @@ fn key(i: usize) -> Key {
 fn delta_message(entries: Vec<(Key, Value)>) -> Message {
     Message::Delta {
         sender: ReplicaId(u64::MAX),
-        base: 1,
         base_from: Some(ReplicaId(5)),
-        from: 2,
-        to: 3,
         time: HlcTimestamp {
             wall_ms: 1_700_000_000_000,
             logical: 3,
         },
-        entries,
+        policy: PolicyStamp { version: 7, digest: 11 },
+        sections: vec![Section {
+            class: 1,
+            base: 1,
+            from: 2,
+            to: 3,
+            entries,
+        }],
         ack: Some(Ack {
             replica: ReplicaId(9),
             from: ReplicaId(8),
-            upto: 42,
+            upto: [42, 41, 40],
         }),
     }
 }
@@ -260,7 +264,7 @@ fn messages(s: &Script) -> Vec<Message> {
         Message::Ack(Ack {
             replica: ReplicaId(9),
             from: ReplicaId(8),
-            upto: 42,
+            upto: [42, 0, 7],
         }),
     ]
 }
@@ -372,12 +376,13 @@ proptest! {
             frame[i] ^= x;
         }
         if let Ok(m) = proto::decode(&frame, LIMIT) {
-            let (Message::Delta { entries, .. } | Message::AeStates { entries, .. }) = &m else {
+            let lists = m.entry_lists();
+            if lists.is_empty() {
                 prop_assert_eq!(proto::decode(&proto::encode(&m).unwrap(), LIMIT).unwrap(), m);
                 return Ok(());
             };
             let local = values(&s);
-            for (k, v) in entries {
+            for (k, v) in lists.into_iter().flatten() {
                 prop_assert!(k.is_valid() && v.is_well_formed(), "decode accepted a malformed entry {k:?} {v:?}");
                 // A validated value joins with reachable ones into a valid state.
                 for l in &local {
@@ -453,7 +458,10 @@ fn rich_message() -> Message {
     let script: Script = (0..60u8).map(|i| (usize::from(i % 3), code(i), i % 8)).collect();
     let msgs = messages(&script);
     let mut m = msgs[0].clone();
-    if let Message::Delta { entries, .. } = &mut m {
+    if let Some(entries) = match &mut m {
+        Message::Delta { sections, .. } => sections.first_mut().map(|s| &mut s.entries),
+        _ => None,
+    } {
         let conflict = {
             let s = WriteStamp {
                 replica: ReplicaId(1),
@@ -543,7 +551,7 @@ fn trailing_bytes_are_refused() {
     let mut frame = proto::encode(&Message::Ack(Ack {
         replica: ReplicaId(1),
         from: ReplicaId(3),
-        upto: 2,
+        upto: [2, 2, 2],
     }))
     .unwrap();
     frame.push(0xc0);

@@ -15,10 +15,7 @@ use std::collections::BTreeMap;
 fn cfg(me: usize, n: usize) -> ReplicaConfig {
     let peers = (0..n)
         .filter(|&j| j != me)
-        .map(|j| PeerConfig {
-            node: NodeId(format!("n{j}")),
-            region: RegionId(format!("r{j}")),
-        })
+        .map(|j| PeerConfig::new(NodeId(format!("n{j}")), RegionId(format!("r{j}"))))
         .collect();
     let mut c = ReplicaConfig::new(format!("n{me}"), format!("r{me}"), peers);
     c.tree_depth = 3;
@@ -199,6 +196,7 @@ fn bad_frames_are_refused_without_effect() {
     let good = proto::encode(&Message::Heartbeat {
         sender: r.id(),
         time: Default::default(),
+        policy: Default::default(),
     })
     .unwrap();
     assert!(matches!(
@@ -224,8 +222,8 @@ fn a_lost_disk_comes_back_under_a_new_replica_id() {
 fn sent_dots(sent: &[(usize, Transmit)], node: usize) -> BTreeMap<(Key, Dot), Value> {
     let mut out = BTreeMap::new();
     for (_, t) in sent.iter().filter(|(f, _)| *f == node) {
-        if let Ok(Message::Delta { entries, .. }) = proto::decode(&t.payload, usize::MAX) {
-            for (k, v) in entries {
+        if let Ok(m @ Message::Delta { .. }) = proto::decode(&t.payload, usize::MAX) {
+            for (k, v) in m.entry_lists().into_iter().flatten().cloned() {
                 if let Value::Counter(c) = &v {
                     for (d, _) in c.causal().store().iter_dots() {
                         out.insert((k.clone(), d), v.clone());

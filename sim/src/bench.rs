@@ -60,10 +60,7 @@ impl RepairFigures {
 
 fn config(me: usize, depth: u8) -> ReplicaConfig {
     let other = 1 - me;
-    let peer = PeerConfig {
-        node: NodeId(format!("n{other}")),
-        region: RegionId("r".into()),
-    };
+    let peer = PeerConfig::new(NodeId(format!("n{other}")), RegionId("r".into()));
     let mut c = ReplicaConfig::new(format!("n{me}"), "r", vec![peer]);
     c.tree_depth = depth;
     c.ae_interval_ms = 0;
@@ -96,11 +93,12 @@ pub fn repair(keys: usize, diff: usize, depth: u8) -> Result<RepairFigures, Erro
     let ack = proto::encode(&proto::Message::Ack(proto::Ack {
         replica: a.id(),
         from: ReplicaId(0xb),
-        upto: groups,
+        upto: [groups; proto::CLASSES],
     }))?;
     let hb = proto::encode(&proto::Message::Heartbeat {
         sender: ReplicaId(0xb),
         time: Default::default(),
+        policy: Default::default(),
     })?;
     a.handle(Time(0), &NodeId("n1".into()), &hb)?;
     a.handle(Time(0), &NodeId("n1".into()), &ack)?;
@@ -146,6 +144,7 @@ pub fn repair(keys: usize, diff: usize, depth: u8) -> Result<RepairFigures, Erro
     let hb_a = proto::encode(&proto::Message::Heartbeat {
         sender: a.id(),
         time: Default::default(),
+        policy: Default::default(),
     })?;
     b.handle(Time(1), &na, &hb_a)?;
     b.repair_with(Time(1), &na)?;

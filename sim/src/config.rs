@@ -132,6 +132,12 @@ pub struct SimConfig {
     /// Workload: only unique set adds to one key (the Gossip Glomers
     /// broadcast workload) instead of every CRDT type.
     pub broadcast: bool,
+    /// Replication policies in force on every node (regions are `r0`,
+    /// `r1`, ...). The leak checker runs whenever the set is not empty.
+    pub policy: lattice_core::policy::PolicySet,
+    /// Bytes per second each node may send to each peer in another region
+    /// (`None`: unlimited).
+    pub link_rate: Option<u64>,
 }
 
 /// Who gossips with whom.
@@ -169,6 +175,8 @@ impl SimConfig {
             heartbeat_ms: 300,
             hub_sync_interval_ms: 20,
             broadcast: false,
+            policy: Default::default(),
+            link_rate: None,
         }
     }
 
@@ -218,6 +226,13 @@ impl SimConfig {
         }
         if rng.gen_bool(0.5) {
             c.faults.duplication = rng.gen_range(0.0..0.2);
+        }
+        // Drawn from their own stream, so adding them left every earlier
+        // seed's sizes and faults as they were.
+        let mut prng = ChaCha8Rng::seed_from_u64(seed ^ 0x504f_4c49_4359_0000);
+        c.policy = crate::policy::random_policy(&mut prng, c.regions);
+        if prng.gen_bool(0.2) {
+            c.link_rate = Some(prng.gen_range(2_000..200_000));
         }
         c
     }

@@ -8,7 +8,9 @@
 //! region isolation, flapping links, crashes, lost disks, clock skew,
 //! pauses) run on a schedule drawn from the seed. After the faults stop and
 //! the network heals, checkers verify convergence, that no acknowledged write
-//! was lost, and read-your-writes.
+//! was lost, and read-your-writes. With replication policies (random in
+//! swarm runs), a leak checker inspects every message: no key, key hash or
+//! digest of a keyspace reaches a region its policy excludes.
 //!
 //! The same seed always gives the same run, shown by the trace hash:
 //!
@@ -24,10 +26,12 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod bench_priority;
 pub mod check;
 pub mod config;
 pub mod faults;
 pub mod net;
+pub mod policy;
 mod sim;
 pub mod swarm;
 pub mod workload;

@@ -73,6 +73,25 @@ enum BenchCmd {
         #[arg(long, default_value_t = 4)]
         depth: u8,
     },
+    /// Priorities on a congested link: 50 writes/s each of 100 B `critical`,
+    /// 1 KB `normal` and 4 KB `bulk` values (255 KB/s offered) from region
+    /// eu to us over a link limited to `--rate`. Prints each class's
+    /// propagation latency, then the same run with one priority for all
+    /// (the FIFO baseline).
+    Priority {
+        /// The link's limit, bytes per second.
+        #[arg(long, default_value_t = 160_000)]
+        rate: u64,
+        /// Seconds of writes.
+        #[arg(long, default_value_t = 20)]
+        secs: u64,
+        /// Seconds allowed afterwards for the backlog to drain.
+        #[arg(long, default_value_t = 60)]
+        drain_secs: u64,
+        /// One-way latency, milliseconds.
+        #[arg(long, default_value_t = 50)]
+        latency_ms: u64,
+    },
 }
 
 #[derive(Args)]
@@ -266,6 +285,27 @@ fn main() -> ExitCode {
                 println!("  {kind}: {n}");
             }
             report.violations.is_empty()
+        }
+        Cmd::Bench(BenchCmd::Priority {
+            rate,
+            secs,
+            drain_secs,
+            latency_ms,
+        }) => {
+            if rate < 1_000 || secs == 0 {
+                eprintln!("error: --rate must be at least 1000 bytes/s and --secs at least 1");
+                return ExitCode::from(2);
+            }
+            for prioritized in [true, false] {
+                match lattice_sim::bench_priority::priority(rate, secs, drain_secs, latency_ms, prioritized) {
+                    Ok(f) => f.lines().iter().for_each(|l| println!("{l}")),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(1);
+                    }
+                }
+            }
+            true
         }
         Cmd::Bench(BenchCmd::Repair { keys, diff, depth }) => {
             for d in diff {

@@ -192,12 +192,13 @@ impl Sim {
             let hub = star && i == 0;
             let peers = (0..cfg.nodes)
                 .filter(|&j| j != i && (!star || hub || j == 0))
-                .map(|j| PeerConfig {
-                    node: node_name(j),
-                    region: region(j),
-                })
+                .map(|j| PeerConfig::new(node_name(j), region(j)))
                 .collect();
             let mut rc = ReplicaConfig::new(node_name(i), region(i), peers);
+            rc.policy = cfg.policy.clone();
+            for p in rc.peers.iter_mut().filter(|p| p.region != region(i)) {
+                p.rate_limit = cfg.link_rate;
+            }
             rc.sync_interval_ms = if hub {
                 cfg.hub_sync_interval_ms
             } else {
@@ -227,11 +228,13 @@ impl Sim {
         let report = Report {
             seed: cfg.seed,
             setup: format!(
-                "nodes={} regions={} faults={} relay={}",
+                "nodes={} regions={} faults={} relay={}{}{}",
                 cfg.nodes,
                 cfg.regions,
                 cfg.faults.describe(),
-                cfg.relay
+                cfg.relay,
+                crate::policy::describe(&cfg.policy),
+                cfg.link_rate.map_or(String::new(), |r| format!(" link_rate={r}B/s")),
             ),
             ..Report::default()
         };
@@ -349,7 +352,9 @@ impl Sim {
             if r.acked_at.is_none() || r.exempt {
                 continue;
             }
-            let held_elsewhere = (0..self.nodes.len()).filter(|&j| j != i).any(|j| {
+            // Only nodes the write may reach can hold a copy of it.
+            let targets = r.targets;
+            let held_elsewhere = (0..self.nodes.len()).filter(|&j| j != i && targets & (1 << j) != 0).any(|j| {
                 let n = &self.nodes[j];
                 let store = n.replica.as_ref().map(|r| r.store()).or(n.parked.as_ref());
                 store.is_some_and(|s| {
@@ -376,13 +381,12 @@ impl Sim {
     fn key_changed(&mut self, i: usize, key: &Key) {
         let Some(set) = self.unseen.get(key) else { return };
         let value = self.read(i, key);
-        let all = (1u64 << self.nodes.len()) - 1;
         let mut done = Vec::new();
         for &ri in set {
             let r = &mut self.records[ri];
             if r.seen_by & (1 << i) == 0 && r.visible_in(value.as_ref()) {
                 r.seen_by |= 1 << i;
-                if r.seen_by == all {
+                if r.seen_by == r.targets {
                     r.reached_all_at = Some(self.now);
                     done.push(ri);
                 }
@@ -428,6 +432,9 @@ impl Sim {
             self.trace.update(&(i as u64).to_le_bytes());
             self.trace.update(&t.payload);
             let Some(&to) = self.ids.get(&t.to) else { continue };
+            if !self.cfg.policy.policies.is_empty() {
+                self.check_leaks(i, to, &t.payload);
+            }
             let same_region = self.cfg.region_of(i) == self.cfg.region_of(to);
             let base = if same_region {
                 self.cfg.intra_ms
@@ -449,6 +456,7 @@ impl Sim {
             match e {
                 Event::WriteDurable(id) => self.on_durable(i, id),
                 Event::RemoteApplied { key, .. } => self.key_changed(i, &key),
+                Event::WriteReplicated(_) | Event::WriteConcernTimeout(_) | Event::PolicyAdopted { .. } => {}
             }
         }
         let token = self.nodes[i].token;
@@ -528,9 +536,24 @@ impl Sim {
             counter_entry: None,
             exempt: false,
             seen_by: 0,
+            targets: self.targets(i, &key),
             reached_all_at: None,
         };
+        let denied = self.cfg.policy.check_write(key.as_str(), &self.region(i)).is_err();
         match (result, expect_error) {
+            (Err(lattice_core::Error::PolicyDenied { .. }), _) if denied => {
+                if self.read(i, &key) != before {
+                    self.violation("policy", format!("a write refused by policy changed {key}"));
+                }
+                self.records.push(rec);
+            }
+            (_, _) if denied => {
+                self.violation(
+                    "policy",
+                    format!("op {id} on {key} in region {} should have been refused by policy", self.region(i)),
+                );
+                self.records.push(rec);
+            }
             (Ok(wid), false) => {
                 let after = self.read(i, &key);
                 let before_ctx = before.as_ref().map(Value::context).unwrap_or_default();
@@ -627,25 +650,59 @@ impl Sim {
         self.push(self.now, Ev::Check);
     }
 
+    fn region(&self, i: usize) -> lattice_core::proto::RegionId {
+        crate::policy::region_name(self.cfg.region_of(i))
+    }
+
+    /// The nodes a write of `key` at node `i` must reach.
+    fn targets(&self, i: usize, key: &Key) -> u64 {
+        let from = self.region(i);
+        (0..self.nodes.len())
+            .filter(|&j| self.cfg.policy.may_exchange(key.as_str(), &from, &self.region(j)))
+            .fold(0, |m, j| m | (1 << j))
+    }
+
+    /// The leak checker: see [`crate::policy`].
+    fn check_leaks(&mut self, from: usize, to: usize, frame: &[u8]) {
+        let found = {
+            let Some(r) = self.nodes[from].replica.as_ref() else { return };
+            crate::policy::leaks(&self.cfg.policy, r.store(), &self.region(from), &self.region(to), frame)
+        };
+        for leak in found.into_iter().take(3) {
+            self.violation("policy-leak", format!("n{from} -> n{to}: {leak}"));
+        }
+    }
+
+    /// Pairs of live nodes whose shared state differs (by digest).
+    fn differing_pairs(&self) -> usize {
+        let mut n = 0;
+        for i in 0..self.nodes.len() {
+            for j in i + 1..self.nodes.len() {
+                let (Some(a), Some(b)) = (&self.nodes[i].replica, &self.nodes[j].replica) else {
+                    continue;
+                };
+                if a.digest_shared_with(&self.region(j)) != b.digest_shared_with(&self.region(i)) {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
     fn check(&mut self) {
         let Some(healed) = self.healed_at else { return };
-        let digests: BTreeSet<u128> = self
-            .nodes
-            .iter()
-            .filter_map(|n| n.replica.as_ref().map(Replica::digest))
-            .collect();
+        let differing = self.differing_pairs();
         let all_up = self.nodes.iter().all(|n| n.replica.is_some());
         let quiet = self.report.ops >= self.cfg.ops;
-        if all_up && quiet && digests.len() == 1 {
+        if all_up && quiet && differing == 0 {
             self.report.converged_ms = Some(self.now - healed);
             self.finish();
             return;
         }
         if self.now - healed > self.cfg.converge_within_ms {
             let detail = format!(
-                "replicas still differ {}ms after the heal ({} distinct digests){}",
+                "replicas still differ {}ms after the heal ({differing} pairs of nodes differ){}",
                 self.now - healed,
-                digests.len(),
                 self.describe_divergence()
             );
             self.violation("convergence", detail);
@@ -697,12 +754,56 @@ impl Sim {
             }
             states.push(m);
         }
-        if states.windows(2).any(|w| w[0] != w[1]) {
-            self.violation("convergence", "digests agree but states differ".into());
+        let policy = self.cfg.policy.clone();
+        let regions: Vec<_> = (0..self.nodes.len()).map(|i| self.region(i)).collect();
+        // Every pair of nodes holds the same state for every key the two
+        // regions may exchange.
+        let mut found = Vec::new();
+        for i in 0..states.len() {
+            for j in i + 1..states.len() {
+                let keys: BTreeSet<&Key> = states[i].keys().chain(states[j].keys()).collect();
+                for k in keys {
+                    if policy.may_exchange(k.as_str(), &regions[i], &regions[j]) && states[i].get(k) != states[j].get(k) {
+                        found.push(format!("n{i} and n{j} differ on {k} although their digests agree"));
+                    }
+                }
+            }
         }
-        if let Some(first) = states.first() {
-            let found = check::no_lost_writes(&self.records, first);
-            self.report.violations.extend(found);
+        // Residency at rest: no node holds a key its region may not, and a
+        // quarantined key only where its region wrote it.
+        for (i, st) in states.iter().enumerate() {
+            for k in st.keys() {
+                let p = policy.lookup(k.as_str());
+                let written_here = || {
+                    self.records
+                        .iter()
+                        .any(|r| r.applied && r.key == *k && regions[r.node] == regions[i])
+                };
+                if !p.may_hold(&regions[i]) || (p.regions == lattice_core::policy::Regions::Local && !written_here()) {
+                    found.push(format!("n{i} in {} holds {k}, which policy keeps from it", regions[i]));
+                }
+            }
+        }
+        for f in found.into_iter().take(5) {
+            self.violation(if f.contains("holds") { "policy-residency" } else { "convergence" }, f);
+        }
+        // No acknowledged write lost, at every node it must reach.
+        if policy.policies.is_empty() {
+            if let Some(first) = states.first() {
+                let found = check::no_lost_writes(&self.records, first);
+                self.report.violations.extend(found);
+            }
+        } else {
+            for (j, st) in states.iter().enumerate() {
+                let mine: Vec<OpRecord> = self
+                    .records
+                    .iter()
+                    .filter(|r| policy.may_exchange(r.key.as_str(), &regions[r.node], &regions[j]))
+                    .cloned()
+                    .collect();
+                let found = check::no_lost_writes(&mine, st);
+                self.report.violations.extend(found);
+            }
         }
     }
 

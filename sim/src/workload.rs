@@ -84,6 +84,9 @@ pub struct OpRecord {
     pub exempt: bool,
     /// Nodes whose state includes the write (bit per node).
     pub seen_by: u64,
+    /// Nodes the write must reach (bit per node): those whose region may
+    /// exchange the key with the writer's.
+    pub targets: u64,
     /// When every node included it.
     pub reached_all_at: Option<u64>,
 }

@@ -64,3 +64,23 @@ fn the_same_seeds_pass_without_a_planted_bug() {
     let t = swarm_with(PlantedBug::None, 30);
     assert!(t.failed.is_empty(), "{}", t.last_line());
 }
+
+/// The checks a set of failed runs reported.
+fn checks(t: &SwarmTotals) -> Vec<&'static str> {
+    t.failed.iter().flat_map(|r| r.violations.iter().map(|v| v.check)).collect()
+}
+
+#[test]
+fn an_engine_that_ignores_the_policy_is_caught_by_the_leak_checker() {
+    let t = swarm_with(PlantedBug::PolicyLeak, 40);
+    let c = checks(&t);
+    assert!(c.contains(&"policy-leak"), "the leak checker missed deltas and states sent against policy: {c:?}");
+}
+
+#[test]
+fn digests_that_reveal_excluded_keys_are_caught_by_the_leak_checker() {
+    // Keys and states still obey the policy here: only the digests leak.
+    let t = swarm_with(PlantedBug::DigestLeak, 40);
+    let c = checks(&t);
+    assert!(c.contains(&"policy-leak"), "the leak checker missed digests over excluded keys: {c:?}");
+}

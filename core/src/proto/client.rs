@@ -86,7 +86,20 @@ pub enum RequestBody {
         op_id: OpId,
         /// The operations.
         ops: Vec<(Key, Op)>,
+        /// When to answer: once durable here (`Local`), or once durable in
+        /// this many distinct regions.
+        #[serde(default)]
+        concern: WriteConcern,
+        /// How long to wait for the concern before answering
+        /// `ReplicationTimeout` (0: the node's default).
+        #[serde(default)]
+        timeout_ms: u64,
     },
+    /// Put a newer policy set in force on this node; it spreads to every
+    /// other node from there.
+    SetPolicy(crate::policy::PolicySet),
+    /// The node's policy audit log.
+    Audit,
     /// Cluster status as this node sees it.
     Status,
     /// A change feed of local and replicated changes to keys starting with
@@ -98,6 +111,37 @@ pub enum RequestBody {
         /// Resume after this change.
         from: Option<WatchToken>,
     },
+}
+
+/// How many regions must hold a write durably before it is acknowledged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WriteConcern {
+    /// Durable on the node that took it (the default).
+    #[default]
+    Local,
+    /// Durable in this many distinct regions, the writing one included.
+    Regions(u8),
+    /// Durable in every region that may hold the keys.
+    All,
+}
+
+impl std::str::FromStr for WriteConcern {
+    type Err = String;
+    /// Parses `local`, `all` or `regions(N)`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        match s {
+            "local" => return Ok(WriteConcern::Local),
+            "all" => return Ok(WriteConcern::All),
+            _ => {}
+        }
+        s.strip_prefix("regions(")
+            .and_then(|r| r.strip_suffix(')'))
+            .and_then(|n| n.trim().parse::<u8>().ok())
+            .filter(|n| *n >= 1)
+            .map(WriteConcern::Regions)
+            .ok_or_else(|| format!("write concern must be local, all or regions(N) with N >= 1, not {s:?}"))
+    }
 }
 
 /// Where a change feed is: the node's life (random per start) and the

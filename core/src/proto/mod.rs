@@ -102,7 +102,11 @@ pub struct RoundId {
     pub partial: bool,
 }
 
-/// "I have every delta-group of `replica` below `upto`."
+/// Number of priority classes: each has its own delta stream per peer.
+pub const CLASSES: usize = 3;
+
+/// "I have every delta-group of `replica` below `upto[c]`, as far as keys
+/// of priority class `c` are concerned."
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ack {
     /// The incarnation whose sequence numbers are meant.
@@ -110,8 +114,48 @@ pub struct Ack {
     /// The incarnation that acknowledges: an ack from a peer's earlier life
     /// is ignored.
     pub from: ReplicaId,
-    /// Exclusive upper bound.
-    pub upto: u64,
+    /// Exclusive upper bound, per priority class.
+    pub upto: [u64; CLASSES],
+}
+
+/// One priority class's part of a `Delta`: the class-`class` entries of
+/// the sender's groups `from..to`, joined.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Section {
+    /// The priority class (0 = critical).
+    pub class: u8,
+    /// The sender believes the receiver has every group below this (for
+    /// this class), because the receiver acknowledged it.
+    pub base: u64,
+    /// First group included.
+    pub from: u64,
+    /// One past the last group included.
+    pub to: u64,
+    /// Joined per-key deltas.
+    pub entries: Vec<(Key, Value)>,
+}
+
+/// Which policy set a node has in force: peers with an older one are sent
+/// the newer set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PolicyStamp {
+    /// The set's version.
+    pub version: u64,
+    /// The first 8 bytes of its digest (breaks ties between equal versions).
+    pub digest: u64,
+}
+
+impl PolicyStamp {
+    /// The stamp of a set.
+    pub fn of(set: &crate::policy::PolicySet) -> PolicyStamp {
+        let d = set.digest();
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&d[..8]);
+        PolicyStamp {
+            version: set.version,
+            digest: u64::from_be_bytes(b),
+        }
+    }
 }
 
 /// A message between two nodes.
@@ -124,24 +168,22 @@ pub enum Message {
         sender: ReplicaId,
         /// The sender's clock.
         time: HlcTimestamp,
+        /// The sender's policy set.
+        policy: PolicyStamp,
     },
     /// The joined delta-groups `from..to` of `sender` (less what came from
     /// the receiver and what policy keeps from it).
     Delta {
         /// The sender's incarnation.
         sender: ReplicaId,
-        /// The sender believes the receiver has every group below this...
-        base: u64,
-        /// ...because this incarnation of the receiver acknowledged it.
+        /// The receiver's incarnation that acknowledged the sections' bases.
         base_from: Option<ReplicaId>,
-        /// First group included.
-        from: u64,
-        /// One past the last group included.
-        to: u64,
         /// The sender's clock.
         time: HlcTimestamp,
-        /// Joined per-key deltas.
-        entries: Vec<(Key, Value)>,
+        /// The sender's policy set.
+        policy: PolicyStamp,
+        /// One section per priority class that has something to say.
+        sections: Vec<Section>,
         /// A piggybacked acknowledgement of the receiver's groups.
         ack: Option<Ack>,
     },
@@ -181,6 +223,8 @@ pub enum Message {
         /// The round.
         round: RoundId,
     },
+    /// A policy set, sent to a peer whose stamp is older than ours.
+    Policy(crate::policy::PolicySet),
     /// Anti-entropy: states of differing keys, and the key hashes wanted back.
     AeStates {
         /// The round.
@@ -208,13 +252,16 @@ impl Message {
             Message::AeStates { .. } => "ae_states",
             Message::AeInSync { .. } => "ae_in_sync",
             Message::AeDone { .. } => "ae_done",
+            Message::Policy(_) => "policy",
         }
     }
 
-    fn entries(&self) -> &[(Key, Value)] {
+    /// Every key and state the message carries, section by section.
+    pub fn entry_lists(&self) -> Vec<&[(Key, Value)]> {
         match self {
-            Message::Delta { entries, .. } | Message::AeStates { entries, .. } => entries,
-            _ => &[],
+            Message::Delta { sections, .. } => sections.iter().map(|s| s.entries.as_slice()).collect(),
+            Message::AeStates { entries, .. } => vec![entries.as_slice()],
+            _ => Vec::new(),
         }
     }
 }
@@ -262,15 +309,24 @@ pub(crate) fn frame_body(frame: &[u8], max_bytes: usize) -> Result<&[u8], Error>
 pub fn decode(frame: &[u8], max_bytes: usize) -> Result<Message, Error> {
     let body = frame_body(frame, max_bytes)?;
     let msg: Message = from_bytes(body)?;
-    let mut keys = std::collections::BTreeSet::new();
-    for (k, _) in msg.entries() {
-        if !keys.insert(k) {
-            return Err(Error::Malformed(format!("key {k:?} appears twice in one message")));
+    if let Message::Delta { sections, .. } = &msg {
+        let mut classes = [false; CLASSES];
+        for sec in sections {
+            let c = usize::from(sec.class);
+            if c >= CLASSES || std::mem::replace(&mut classes[c], true) || sec.from > sec.to {
+                return Err(Error::Malformed("bad delta section".into()));
+            }
         }
     }
-    for (k, v) in msg.entries() {
-        if !k.is_valid() || !v.is_well_formed() {
-            return Err(Error::Malformed(k.as_str().chars().take(64).collect()));
+    for list in msg.entry_lists() {
+        let mut keys = std::collections::BTreeSet::new();
+        for (k, v) in list {
+            if !keys.insert(k) {
+                return Err(Error::Malformed(format!("key {k:?} appears twice in one message")));
+            }
+            if !k.is_valid() || !v.is_well_formed() {
+                return Err(Error::Malformed(k.as_str().chars().take(64).collect()));
+            }
         }
     }
     Ok(msg)

@@ -10,7 +10,7 @@ use super::merkle::{item_hash, FANOUT};
 use super::{Replica, Time};
 use crate::crdt::{Bytes, Value};
 use crate::key::Key;
-use crate::proto::{Message, NodeId, RoundId};
+use crate::proto::{Message, NodeId, RegionId, RoundId};
 use crate::store::Store;
 use crate::Error;
 use std::collections::BTreeSet;
@@ -29,21 +29,31 @@ impl<S: Store> Replica<S> {
             partial: false,
         };
         self.next_round += 1;
+        let region = self.peer_region(peer)?;
         let msg = Message::AeTree {
             round,
             depth: self.tree.depth(),
             level: 1,
             parents: vec![0],
-            digests: self.children_digests(1, &[0]),
+            digests: self.children_digests(&region, 1, &[0]),
         };
         self.queue(peer, &msg, now)
     }
 
-    fn children_digests(&self, level: u8, parents: &[u32]) -> Bytes {
+    fn peer_region(&self, peer: &NodeId) -> Result<RegionId, Error> {
+        self.peers
+            .get(peer)
+            .map(|p| p.cfg.region.clone())
+            .ok_or_else(|| Error::UnknownPeer(peer.0.clone()))
+    }
+
+    /// Digests over the keys `region` may hold only: no other key's
+    /// existence or change shows in them.
+    fn children_digests(&self, region: &RegionId, level: u8, parents: &[u32]) -> Bytes {
         let mut out = Vec::with_capacity(parents.len() * FANOUT as usize * 16);
         for &p in parents {
             for c in 0..FANOUT {
-                out.extend_from_slice(&self.tree.digest(level, p * FANOUT + c).to_le_bytes());
+                out.extend_from_slice(&self.tree.digest_for(region, level, p * FANOUT + c).to_le_bytes());
             }
         }
         Bytes(out)
@@ -66,6 +76,7 @@ impl<S: Store> Replica<S> {
                 self.tree.depth()
             )));
         }
+        let region = self.peer_region(from)?;
         let theirs = digests.as_slice().chunks_exact(16).map(|c| {
             let mut b = [0u8; 16];
             b.copy_from_slice(c);
@@ -74,7 +85,7 @@ impl<S: Store> Replica<S> {
         // The nodes at `level` whose digests differ.
         let mut differing: Vec<u32> = Vec::new();
         if level == 0 {
-            if theirs.clone().next() != Some(self.tree.root()) {
+            if theirs.clone().next() != Some(self.tree.digest_for(&region, 0, 0)) {
                 differing.push(0);
             }
         } else {
@@ -86,7 +97,7 @@ impl<S: Store> Replica<S> {
                 .iter()
                 .flat_map(|&p| (0..FANOUT).map(move |c| p.wrapping_mul(FANOUT).wrapping_add(c)));
             for (i, d) in indices.zip(theirs) {
-                if i < width && self.tree.digest(level, i) != d {
+                if i < width && self.tree.digest_for(&region, level, i) != d {
                     differing.push(i);
                 }
             }
@@ -111,7 +122,7 @@ impl<S: Store> Replica<S> {
                 depth,
                 level: level + 1,
                 parents: differing.clone(),
-                digests: self.children_digests(level + 1, &differing),
+                digests: self.children_digests(&region, level + 1, &differing),
             };
             return self.queue(from, &msg, now);
         }
@@ -153,7 +164,7 @@ impl<S: Store> Replica<S> {
             .cfg;
         let mut out = Vec::new();
         for (k, v) in self.store.scan_buckets(lo, hi)? {
-            if self.filter.may_send(cfg, &k) {
+            if self.may_send(cfg, &k) {
                 out.push((k.hash().0, item_hash(&k, &v)? as u64));
             }
         }
@@ -201,7 +212,7 @@ impl<S: Store> Replica<S> {
                 .clone();
             let mut mine = BTreeSet::new();
             for (k, v) in self.store.scan_buckets(lo, hi)? {
-                if !self.filter.may_send(&cfg, &k) {
+                if !self.may_send(&cfg, &k) {
                     continue;
                 }
                 let item = (k.hash().0, item_hash(&k, &v)? as u64);
@@ -290,7 +301,7 @@ impl<S: Store> Replica<S> {
         for &h in &want {
             let bucket = (h >> 32) as u32;
             for (k, v) in self.store.scan_buckets(bucket, bucket)? {
-                if k.hash().0 == h && self.filter.may_send(&cfg, &k) {
+                if k.hash().0 == h && self.may_send(&cfg, &k) {
                     send.push((k, v));
                 }
             }

@@ -1,6 +1,7 @@
 //! The replica's public vocabulary: time, configuration, outputs and counters.
 
 use crate::key::Key;
+use crate::policy::{PolicySet, Priority};
 use crate::proto::{self, NodeId, RegionId};
 use std::collections::BTreeMap;
 
@@ -30,22 +31,20 @@ pub struct PeerConfig {
     pub node: NodeId,
     /// Its region.
     pub region: RegionId,
+    /// Most bytes per second sent to it (`None`: unlimited). Under the
+    /// limit, deltas go by priority class: `critical`, then `normal`, then
+    /// `bulk`, with aging so none starves.
+    pub rate_limit: Option<u64>,
 }
 
-/// Decides which keys may be sent to a peer: the hook through which
-/// replication policies (residency, quarantine) are enforced.
-pub trait SendFilter: Send {
-    /// Whether `key` (its state, deltas or existence) may reach `peer`.
-    fn may_send(&self, peer: &PeerConfig, key: &Key) -> bool;
-}
-
-/// The default filter: every key may go everywhere.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct AllowAll;
-
-impl SendFilter for AllowAll {
-    fn may_send(&self, _: &PeerConfig, _: &Key) -> bool {
-        true
+impl PeerConfig {
+    /// An unlimited peer.
+    pub fn new(node: impl Into<NodeId>, region: impl Into<RegionId>) -> PeerConfig {
+        PeerConfig {
+            node: node.into(),
+            region: region.into(),
+            rate_limit: None,
+        }
     }
 }
 
@@ -89,6 +88,13 @@ pub struct ReplicaConfig {
     pub max_clock_ahead_ms: u64,
     /// Most tree nodes or leaves one anti-entropy message descends into.
     pub max_ae_fanout: usize,
+    /// The replication policies in force at start (a newer set from a peer
+    /// or [`Replica::set_policy`](crate::replica::Replica::set_policy)
+    /// replaces it).
+    pub policy: PolicySet,
+    /// On a rate-limited link, a priority class held back this long is sent
+    /// before more urgent ones, so nothing starves.
+    pub starvation_ms: u64,
 }
 
 impl ReplicaConfig {
@@ -111,6 +117,8 @@ impl ReplicaConfig {
             max_pending_writes: 10_000,
             max_clock_ahead_ms: 60_000,
             max_ae_fanout: 4_096,
+            policy: PolicySet::default(),
+            starvation_ms: 2_000,
         }
     }
 }
@@ -143,6 +151,18 @@ pub struct Transmit {
 pub enum Event {
     /// The write is durable: acknowledge it to the client.
     WriteDurable(WriteId),
+    /// The write's concern is met: it is durable in enough regions.
+    WriteReplicated(WriteId),
+    /// The write's concern was not met in time. It is durable here and
+    /// still replicating; nothing is rolled back.
+    WriteConcernTimeout(WriteId),
+    /// A new policy set is in force: record it in the audit log.
+    PolicyAdopted {
+        /// The set.
+        policy: PolicySet,
+        /// The peer it came from (`None`: set locally).
+        from: Option<NodeId>,
+    },
     /// A key changed because of a peer's delta or anti-entropy.
     RemoteApplied {
         /// The key.
@@ -181,6 +201,16 @@ pub struct Stats {
     pub buffer_dropped: u64,
     /// Remote clocks not merged because too far ahead.
     pub clock_rejections: u64,
+    /// Remote entries refused because policy keeps them from this region.
+    pub policy_refused: u64,
+    /// Local writes refused by policy (`PolicyDenied`).
+    pub policy_denied: u64,
+    /// Policy sets adopted since start.
+    pub policy_adopted: u64,
+    /// Sync intervals in which a peer's deltas waited for its rate limit.
+    pub rate_limited: u64,
+    /// Writes whose concern was not met in time.
+    pub concern_timeouts: u64,
 }
 
 impl Stats {
@@ -203,4 +233,32 @@ pub struct PeerStatus {
     pub unacked_groups: u64,
     /// How long ago it was last heard from.
     pub last_heard_ms_ago: Option<u64>,
+}
+
+/// One region's copy of a keyspace, for status pages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegionCopy {
+    /// The region.
+    pub region: RegionId,
+    /// Whether this node's writes of the keyspace reach it (policy allows).
+    pub holds: bool,
+    /// Most of our delta-groups a live or down peer there has not
+    /// acknowledged in this keyspace's class (0 for this node's region
+    /// without peers).
+    pub lag_groups: u64,
+    /// Age of the oldest of those groups, in milliseconds.
+    pub lag_ms: u64,
+}
+
+/// A policy and where its keys live, as one node sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyStatus {
+    /// The keyspace (`""` for the default policy).
+    pub keyspace: String,
+    /// Its regions rule (`all`, `local`, or a list).
+    pub regions: String,
+    /// Its priority class.
+    pub priority: Priority,
+    /// Per known region.
+    pub copies: Vec<RegionCopy>,
 }

@@ -1,59 +1,91 @@
 //! Delta propagation: the delta-interval protocol of Almeida et al. (2018)
 //! with the back-propagation and redundancy optimisations of Enes et al.
 //! (2019), cumulative acknowledgements and a bounded buffer.
+//!
+//! Each peer gets one delta stream per priority class: a class's section of
+//! a `Delta` carries the class's entries of a range of groups, and is
+//! acknowledged on its own. Every key belongs to exactly one class (its
+//! keyspace's priority), so the per-key causal order the join needs holds
+//! inside each stream; on a rate-limited link a `critical` section can go
+//! while `bulk` ones wait.
 
 use super::{Peer, Replica, Time};
 use crate::crdt::{Crdt, Value};
 use crate::key::Key;
-use crate::proto::{Ack, Message, NodeId};
+use crate::proto::{Ack, Message, NodeId, Section, CLASSES};
 use crate::store::{Store, WriteBatch};
 use crate::Error;
 use std::collections::BTreeMap;
 
 impl<S: Store> Replica<S> {
-    fn front_seq(&self) -> u64 {
+    pub(super) fn front_seq(&self) -> u64 {
         self.buffer.front().map_or(self.next_seq, |b| b.group.seq)
     }
 
-    /// Entries of group `seq` that may go to `p` (none from `p` itself).
-    fn entries_for<'a>(&'a self, seq: u64, p: &'a Peer) -> impl Iterator<Item = &'a (Key, Value)> + 'a {
+    /// Whether `key` may go to `peer` under the policy in force.
+    pub(super) fn may_send(&self, peer: &crate::replica::PeerConfig, key: &Key) -> bool {
+        #[cfg(feature = "planted-bugs")]
+        if crate::planted::active(crate::planted::PlantedBug::PolicyLeak) {
+            return true;
+        }
+        self.cfg
+            .policy
+            .may_exchange(key.as_str(), &self.cfg.region, &peer.region)
+    }
+
+    /// The priority class of `key`.
+    pub(super) fn class_of(&self, key: &Key) -> usize {
+        self.cfg.policy.lookup(key.as_str()).priority.index()
+    }
+
+    /// Entries of group `seq` in class `class` that may go to `p` (none
+    /// from `p` itself), and the group's encoded size per entry.
+    fn entries_for<'a>(
+        &'a self,
+        seq: u64,
+        p: &'a Peer,
+        class: usize,
+    ) -> (impl Iterator<Item = &'a (Key, Value)> + 'a, usize) {
         let front = self.front_seq();
-        let group = seq
-            .checked_sub(front)
-            .and_then(|i| self.buffer.get(i as usize))
-            .map(|b| &b.group);
-        group
+        let buffered = seq.checked_sub(front).and_then(|i| self.buffer.get(i as usize));
+        let per_entry = buffered.map_or(0, |b| b.bytes / b.group.entries.len().max(1));
+        let iter = buffered
+            .map(|b| &b.group)
             .filter(|g| g.origin.as_ref() != Some(&p.cfg.node))
             .into_iter()
             .flat_map(|g| g.entries.iter())
-            .filter(move |(k, _)| self.filter.may_send(&p.cfg, k))
+            .filter(move |(k, _)| self.class_of(k) == class && self.may_send(&p.cfg, k));
+        (iter, per_entry)
     }
 
-    /// Advances `acked` over groups that carry nothing for the peer.
+    /// Advances each stream's `acked` over groups that carry nothing for
+    /// the peer in that class.
     fn skip_empty(&mut self, node: &NodeId) {
         let Some(p) = self.peers.get(node) else { return };
-        let mut acked = p.acked;
-        // Below the front nothing is known about a group: never skip there.
-        while acked >= self.front_seq() && acked < p.sent_upto && self.entries_for(acked, p).next().is_none() {
-            acked += 1;
+        let front = self.front_seq();
+        let mut acked = [0u64; CLASSES];
+        for (c, a) in acked.iter_mut().enumerate() {
+            let s = &p.streams[c];
+            *a = s.acked;
+            // Below the front nothing is known about a group: never skip there.
+            while *a >= front && *a < s.sent_upto && self.entries_for(*a, p, c).0.next().is_none() {
+                *a += 1;
+            }
         }
         if let Some(p) = self.peers.get_mut(node) {
-            p.acked = acked;
+            for (s, a) in p.streams.iter_mut().zip(acked) {
+                s.acked = a;
+            }
         }
     }
 
     /// Sends each live peer the durable groups it has not been sent, at most
-    /// one batch per sync interval, with a piggybacked acknowledgement; sends
-    /// due stand-alone acknowledgements when `timer` is set.
+    /// one `Delta` per sync interval, with a piggybacked acknowledgement;
+    /// sends due stand-alone acknowledgements when `timer` is set.
     pub(super) fn send_deltas(&mut self, now: Time, timer: bool) -> Result<(), Error> {
         let nodes: Vec<NodeId> = self.peers.keys().cloned().collect();
         for node in nodes {
-            let mut piggyback = None;
-            if let Some(p) = self.peers.get(&node) {
-                if let Some((a, _)) = p.ack_ready {
-                    piggyback = Some(a);
-                }
-            }
+            let piggyback = self.peers.get(&node).and_then(|p| p.ack_ready.map(|(a, _)| a));
             // One peer's failure must not stop the others.
             let sent_delta = match self.send_deltas_to(&node, now, piggyback) {
                 Ok(sent) => sent,
@@ -75,13 +107,30 @@ impl<S: Store> Replica<S> {
         Ok(())
     }
 
-    /// Returns whether a `Delta` was queued (carrying `ack`).
+    /// Refills the peer's token bucket; `None` when its link is unlimited,
+    /// otherwise the bytes that may be sent now.
+    fn link_budget(&mut self, node: &NodeId, now: Time) -> Option<usize> {
+        let p = self.peers.get_mut(node)?;
+        let rate = p.cfg.rate_limit?;
+        let burst = (rate / 4).max(4_096) as i64;
+        let add = (u128::from(rate) * u128::from(now.since(p.tokens_at)) / 1_000).min(burst as u128) as i64;
+        p.tokens = p.tokens.saturating_add(add).min(burst);
+        p.tokens_at = now;
+        Some(p.tokens.max(0) as usize)
+    }
+
+    /// Returns whether a `Delta` was queued (carrying `ack`). Classes go in
+    /// priority order, except that one held back longer than
+    /// `starvation_ms` goes first with a quarter of the budget; on a
+    /// rate-limited link the sections stop at the link's budget and the rest
+    /// waits for the next interval.
     fn send_deltas_to(&mut self, node: &NodeId, now: Time, ack: Option<Ack>) -> Result<bool, Error> {
         let front = self.front_seq();
-        let (retransmit, sync, relay_budget) = (
+        let (retransmit, sync, frame_budget, starvation) = (
             self.cfg.retransmit_ms,
             self.cfg.sync_interval_ms,
             self.cfg.max_message_bytes * 3 / 4,
+            self.cfg.starvation_ms,
         );
         let Some(p) = self.peers.get(node) else {
             return Ok(false);
@@ -89,7 +138,7 @@ impl<S: Store> Replica<S> {
         if !self.is_alive(p, now) || p.last_delta.is_some_and(|t| now.since(t) < sync) {
             return Ok(false);
         }
-        if p.acked < front {
+        if p.min_acked() < front {
             // Groups it may lack were dropped from the buffer (or we do not
             // know what it has, after a restart): deltas past that gap must
             // not be joined there, so repair first; a completed round moves
@@ -99,71 +148,145 @@ impl<S: Store> Replica<S> {
             }
             return Ok(false);
         }
-        let p = self
-            .peers
-            .get_mut(node)
-            .ok_or_else(|| Error::UnknownPeer(node.0.clone()))?;
-        if p.sent_upto > p.acked && now.since(p.last_progress) >= retransmit {
-            p.sent_upto = p.acked;
-            p.last_progress = now;
-        }
-        let start = p.sent_upto.max(p.acked);
-        let (acked, end, base_from) = (p.acked, self.durable_seq, p.incarnation);
-        if start >= end {
-            return Ok(false);
-        }
-        // Join the groups into as few messages as the size limit allows.
-        let p = &self.peers[node];
-        let mut batches: Vec<(u64, u64, BTreeMap<Key, Value>)> = Vec::new();
-        let (mut from, mut acc, mut acc_bytes) = (start, BTreeMap::<Key, Value>::new(), 0usize);
-        for seq in start..end {
-            let bytes = seq
-                .checked_sub(front)
-                .and_then(|i| self.buffer.get(i as usize))
-                .map_or(0, |b| b.bytes);
-            if acc_bytes + bytes > relay_budget && !acc.is_empty() {
-                batches.push((from, seq, std::mem::take(&mut acc)));
-                from = seq;
-                acc_bytes = 0;
-            }
-            for (k, v) in self.entries_for(seq, p) {
-                match acc.get_mut(k) {
-                    Some(mine) => mine.join(v),
-                    None => {
-                        acc.insert(k.clone(), v.clone());
-                    }
+        let end = self.durable_seq;
+        let budget = self.link_budget(node, now);
+        if budget == Some(0) {
+            self.stats.rate_limited += 1;
+            if let Some(p) = self.peers.get_mut(node) {
+                for s in p.streams.iter_mut().filter(|s| s.sent_upto.max(s.acked) < end) {
+                    s.waiting_since.get_or_insert(now);
                 }
             }
-            acc_bytes += bytes;
-        }
-        if batches.is_empty() && acc.is_empty() && start == acked {
-            // Nothing in these groups is for this peer: it is up to date.
-            if let Some(p) = self.peers.get_mut(node) {
-                p.acked = end;
-                p.sent_upto = end;
-                p.last_progress = now;
-            }
-            self.gc()?;
             return Ok(false);
         }
-        batches.push((from, end, acc));
-        let time = self.hlc.now(self.wall(now));
-        let mut ack = ack;
-        for (lo, hi, entries) in batches {
-            let msg = Message::Delta {
-                sender: self.id,
-                base: acked,
-                base_from,
-                from: lo,
-                to: hi,
-                time,
-                entries: entries.into_iter().collect(),
-                ack: ack.take(),
-            };
-            self.queue(node, &msg, now)?;
-        }
+        let mut remaining = budget.unwrap_or(usize::MAX).min(frame_budget);
+        // Strict priority, except that the class held back longest, once
+        // past `starvation_ms`, earns a quarter of each interval's budget as
+        // credit and goes first with it (deficit round robin): it always
+        // moves, and the more urgent classes keep three quarters.
+        let aged = {
+            let p = &self.peers[node];
+            (0..CLASSES)
+                .filter(|&c| p.streams[c].waiting_since.is_some_and(|t| now.since(t) >= starvation))
+                .min_by_key(|&c| p.streams[c].waiting_since)
+        };
+        let mut order: Vec<(usize, Option<usize>)> = Vec::new();
         if let Some(p) = self.peers.get_mut(node) {
-            p.sent_upto = end;
+            for (c, s) in p.streams.iter_mut().enumerate() {
+                if Some(c) == aged {
+                    s.credit = s.credit.saturating_add(remaining / 4).min(frame_budget);
+                    order.push((c, Some(s.credit)));
+                } else {
+                    s.credit = 0;
+                }
+            }
+        }
+        order.extend((0..CLASSES).map(|c| (c, None)));
+        let mut sections = Vec::new();
+        let mut trimmed = false;
+        for (c, cap) in order {
+            let Some(p) = self.peers.get_mut(node) else { break };
+            let s = &mut p.streams[c];
+            if s.sent_upto > s.acked && now.since(s.last_progress) >= retransmit {
+                s.sent_upto = s.acked;
+                s.last_progress = now;
+            }
+            let (start, acked) = (s.sent_upto.max(s.acked), s.acked);
+            if start >= end {
+                s.waiting_since = None;
+                continue;
+            }
+            // Join the class's entries of the groups, up to the budget.
+            let p = &self.peers[node];
+            let (mut acc, mut bytes, mut hi) = (BTreeMap::<Key, Value>::new(), 0usize, start);
+            for seq in start..end {
+                let (entries, per_entry) = self.entries_for(seq, p, c);
+                let entries: Vec<&(Key, Value)> = entries.collect();
+                let est = per_entry * entries.len();
+                let over = match cap {
+                    Some(credit) => bytes + est > remaining.min(credit),
+                    None => bytes + est > remaining && (bytes > 0 || !sections.is_empty()),
+                };
+                if est > 0 && over {
+                    break;
+                }
+                for (k, v) in entries {
+                    match acc.get_mut(k) {
+                        Some(mine) => mine.join(v),
+                        None => {
+                            acc.insert(k.clone(), v.clone());
+                        }
+                    }
+                }
+                bytes += est;
+                hi = seq + 1;
+            }
+            let Some(p) = self.peers.get_mut(node) else { break };
+            let s = &mut p.streams[c];
+            if hi < end {
+                s.waiting_since.get_or_insert(now);
+            } else {
+                s.waiting_since = None;
+            }
+            if hi == start {
+                continue; // nothing fitted: this class waits
+            }
+            if acc.is_empty() && start == acked {
+                // Nothing in these groups is for this peer in this class.
+                s.acked = hi;
+                s.sent_upto = hi;
+                s.last_progress = now;
+                trimmed = true;
+                continue;
+            }
+            // An empty section still moves the interval on, so the peer's
+            // cumulative position does not wait on a gap.
+            s.sent_upto = hi;
+            if cap.is_some() {
+                s.credit = s.credit.saturating_sub(bytes);
+            }
+            remaining = remaining.saturating_sub(bytes);
+            if let Some(sec) = sections.iter_mut().find(|x: &&mut Section| usize::from(x.class) == c) {
+                // The class's second turn this interval continues its first.
+                sec.to = hi;
+                let mut joined: BTreeMap<Key, Value> = std::mem::take(&mut sec.entries).into_iter().collect();
+                for (k, v) in acc {
+                    match joined.get_mut(&k) {
+                        Some(mine) => mine.join(&v),
+                        None => {
+                            joined.insert(k, v);
+                        }
+                    }
+                }
+                sec.entries = joined.into_iter().collect();
+                continue;
+            }
+            sections.push(Section {
+                class: c as u8,
+                base: acked,
+                from: start,
+                to: hi,
+                entries: acc.into_iter().collect(),
+            });
+        }
+        if trimmed {
+            self.gc()?;
+        }
+        if sections.is_empty() {
+            return Ok(false);
+        }
+        sections.sort_by_key(|s| s.class);
+        let base_from = self.peers.get(node).and_then(|p| p.incarnation);
+        let msg = Message::Delta {
+            sender: self.id,
+            base_from,
+            time: self.hlc.now(self.wall(now)),
+            policy: self.policy_stamp,
+            sections,
+            ack,
+        };
+        self.queue(node, &msg, now)?;
+        if let Some(p) = self.peers.get_mut(node) {
             p.last_delta = Some(now);
         }
         Ok(true)
@@ -178,63 +301,96 @@ impl<S: Store> Replica<S> {
             .collect();
         for node in due {
             let time = self.hlc.now(self.wall(now));
-            self.queue(&node, &Message::Heartbeat { sender: self.id, time }, now)?;
+            let msg = Message::Heartbeat {
+                sender: self.id,
+                time,
+                policy: self.policy_stamp,
+            };
+            self.queue(&node, &msg, now)?;
         }
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Joins the sections of a `Delta` (bases already checked against our
+    /// incarnation) and prepares the acknowledgement for the next flush.
     pub(super) fn on_delta(
         &mut self,
-        _now: Time,
         from: &NodeId,
         sender: crate::clock::ReplicaId,
-        base: u64,
-        lo: u64,
-        hi: u64,
-        entries: Vec<(Key, Value)>,
+        sections: Vec<Section>,
         frame_len: usize,
     ) -> Result<(), Error> {
+        for sec in sections {
+            self.on_section(from, sender, sec, frame_len)?;
+        }
+        let self_id = self.id;
         let Some(p) = self.peers.get_mut(from) else {
             return Ok(());
         };
-        // Cumulative: we have every group below `have`. The sender's `base`
-        // is something we acknowledged earlier, after it was durable here.
-        let mut have = match p.recv {
+        let mut upto = [0u64; CLASSES];
+        for (u, s) in upto.iter_mut().zip(&p.streams) {
+            *u = s.recv.filter(|(inc, _)| *inc == sender).map_or(0, |(_, h)| h);
+        }
+        p.ack_unflushed = Some(Ack {
+            replica: sender,
+            from: self_id,
+            upto,
+        });
+        Ok(())
+    }
+
+    fn on_section(
+        &mut self,
+        from: &NodeId,
+        sender: crate::clock::ReplicaId,
+        sec: Section,
+        frame_len: usize,
+    ) -> Result<(), Error> {
+        let c = usize::from(sec.class);
+        let Some(p) = self.peers.get_mut(from) else {
+            return Ok(());
+        };
+        let Some(s) = p.streams.get_mut(c) else {
+            return Ok(());
+        };
+        // Cumulative: we have every group below `have` (in this class). The
+        // sender's `base` is something we acknowledged earlier, after it
+        // was durable here.
+        let mut have = match s.recv {
             Some((incarnation, h)) if incarnation == sender => h,
             _ => {
-                p.reorder.clear();
+                s.reorder.clear();
                 0
             }
         };
-        have = have.max(base);
+        have = have.max(sec.base);
         // The causal delta-merging condition (Almeida et al. 2018): a
         // delta-interval is joined only on top of every earlier one from the
         // same sender. Joining past a gap could keep a dot alive that the
         // missing interval retires (a counter would count twice). Intervals
         // that arrive early wait, a bounded number of them, for the gap.
-        if lo > have {
-            let held: usize = p.reorder.values().map(|(_, _, n)| n).sum();
-            if p.reorder.len() < super::MAX_REORDER && held + frame_len <= super::MAX_REORDER_BYTES {
-                p.reorder.insert(lo, (hi, entries, frame_len));
+        if sec.from > have {
+            let held: usize = s.reorder.values().map(|(_, _, n)| n).sum();
+            if s.reorder.len() < super::MAX_REORDER && held + frame_len <= super::MAX_REORDER_BYTES {
+                s.reorder.insert(sec.from, (sec.to, sec.entries, frame_len));
             } else {
                 self.stats.out_of_order += 1;
             }
         } else {
-            self.apply_remote(from, entries)?;
-            have = have.max(hi);
+            self.apply_remote(from, sec.entries)?;
+            have = have.max(sec.to);
         }
         loop {
-            let Some(p) = self.peers.get_mut(from) else {
+            let Some(s) = self.peers.get_mut(from).and_then(|p| p.streams.get_mut(c)) else {
                 return Ok(());
             };
-            let Some((&start, _)) = p.reorder.first_key_value() else {
+            let Some((&start, _)) = s.reorder.first_key_value() else {
                 break;
             };
             if start > have {
                 break;
             }
-            let Some((_, (end, held, _))) = p.reorder.pop_first() else {
+            let Some((_, (end, held, _))) = s.reorder.pop_first() else {
                 break;
             };
             if end > have {
@@ -242,16 +398,9 @@ impl<S: Store> Replica<S> {
                 have = end;
             }
         }
-        let self_id = self.id;
-        let Some(p) = self.peers.get_mut(from) else {
-            return Ok(());
-        };
-        p.recv = Some((sender, have));
-        p.ack_unflushed = Some(Ack {
-            replica: sender,
-            from: self_id,
-            upto: have,
-        });
+        if let Some(s) = self.peers.get_mut(from).and_then(|p| p.streams.get_mut(c)) {
+            s.recv = Some((sender, have));
+        }
         Ok(())
     }
 
@@ -269,27 +418,37 @@ impl<S: Store> Replica<S> {
         }
         let next = self.next_seq;
         let Some(p) = self.peers.get_mut(from) else { return };
-        let upto = ack.upto.min(next);
-        if upto > p.acked {
-            p.acked = upto;
-            p.last_progress = now;
+        for (s, upto) in p.streams.iter_mut().zip(ack.upto) {
+            let upto = upto.min(next);
+            if upto > s.acked {
+                s.acked = upto;
+                s.last_progress = now;
+            }
+            s.sent_upto = s.sent_upto.max(s.acked);
         }
-        p.sent_upto = p.sent_upto.max(p.acked);
         self.skip_empty(from);
         if let Err(e) = self.gc() {
             tracing::warn!(error = %e, "trimming the delta buffer failed");
         }
+        self.check_concerns(now);
     }
 
-    /// Drops buffered groups every peer has.
+    /// Drops buffered groups every peer has, in every class.
     pub(super) fn gc(&mut self) -> Result<(), Error> {
-        let mut keep_from = self.peers.values().map(|p| p.acked).min().unwrap_or(self.next_seq);
+        let mut keep_from = self.peers.values().map(Peer::min_acked).min().unwrap_or(self.next_seq);
         #[cfg(feature = "planted-bugs")]
         if crate::planted::active(crate::planted::PlantedBug::BufferForgetsUnacked) {
             // Planted bug: treat "sent" as "acknowledged", silently.
-            keep_from = self.peers.values().map(|p| p.sent_upto).min().unwrap_or(self.next_seq);
+            keep_from = self
+                .peers
+                .values()
+                .flat_map(|p| p.streams.iter().map(|s| s.sent_upto))
+                .min()
+                .unwrap_or(self.next_seq);
             for p in self.peers.values_mut() {
-                p.acked = p.acked.max(keep_from.min(p.sent_upto));
+                for s in p.streams.iter_mut() {
+                    s.acked = s.acked.max(keep_from.min(s.sent_upto));
+                }
             }
         }
         keep_from = keep_from.min(self.durable_seq);

@@ -4,14 +4,17 @@
 
 use crate::crdt::Value;
 use crate::key::{Key, KeyHash};
+use crate::policy::PolicySet;
+use crate::proto::RegionId;
 use crate::Error;
 
 /// Children per tree node.
 pub(crate) const FANOUT: u32 = 16;
 const BITS_PER_LEVEL: u32 = 4;
 
-/// The hash of one `(key, state)` pair.
-pub(crate) fn item_hash(key: &Key, value: &Value) -> Result<u128, Error> {
+/// The hash of one `(key, state)` pair, as the anti-entropy trees XOR them
+/// (public so the simulator can recompute digests independently).
+pub fn item_hash(key: &Key, value: &Value) -> Result<u128, Error> {
     Ok(item_hash_of(key, &crate::proto::to_bytes(value)?))
 }
 
@@ -44,8 +47,12 @@ impl MerkleTree {
         MerkleTree { depth, levels }
     }
 
-    pub(crate) fn depth(&self) -> u8 {
-        self.depth
+    /// A tree with no levels allocated: only its shape is usable.
+    fn new_shape(depth: u8) -> Self {
+        MerkleTree {
+            depth: depth.clamp(1, 5),
+            levels: Vec::new(),
+        }
     }
 
     /// Index of the node covering `hash` at `level`.
@@ -87,6 +94,95 @@ impl MerkleTree {
         let shift = 32 - BITS_PER_LEVEL * u32::from(self.depth);
         let lo = leaf << shift;
         (lo, lo | ((1u64 << shift) - 1) as u32)
+    }
+
+    /// Number of nodes at `level`.
+    #[cfg(test)]
+    pub(crate) fn width(&self, level: u8) -> u32 {
+        1u32 << (BITS_PER_LEVEL * u32::from(level))
+    }
+}
+
+/// One tree per *audience*: the set of regions a key may be exchanged with
+/// from this node under the policy in force. A round with a peer compares
+/// the XOR of the trees whose audience includes the peer's region, so a
+/// digest never mixes in a key the peer may not hold: its existence, even
+/// its changes, stay invisible there. XOR makes the combination free.
+#[derive(Clone, Debug)]
+pub(crate) struct Forest {
+    depth: u8,
+    /// Per audience: its regions and its tree (allocated on first use).
+    trees: Vec<(Vec<RegionId>, Option<MerkleTree>)>,
+    /// The audience of each policy (index `policies.len()`: the default).
+    by_policy: Vec<usize>,
+}
+
+impl Forest {
+    /// Empty trees for `policy` as seen from `region`, whose peers are in
+    /// `regions`.
+    pub(crate) fn new(depth: u8, policy: &PolicySet, region: &RegionId, regions: &[RegionId]) -> Forest {
+        let mut trees: Vec<(Vec<RegionId>, Option<MerkleTree>)> = Vec::new();
+        let mut by_policy = Vec::new();
+        let indices = (0..policy.policies.len()).map(Some).chain([None]);
+        for i in indices {
+            let p = policy.by_index(i);
+            let audience: Vec<RegionId> = regions.iter().filter(|r| p.may_exchange(region, r)).cloned().collect();
+            let t = match trees.iter().position(|(a, _)| *a == audience) {
+                Some(t) => t,
+                None => {
+                    trees.push((audience, None));
+                    trees.len() - 1
+                }
+            };
+            by_policy.push(t);
+        }
+        Forest {
+            depth: depth.clamp(1, 5),
+            trees,
+            by_policy,
+        }
+    }
+
+    pub(crate) fn depth(&self) -> u8 {
+        self.depth
+    }
+
+    /// Replaces the item of a key governed by policy `policy` (`None`: the
+    /// default policy).
+    pub(crate) fn update(&mut self, policy: Option<usize>, hash: KeyHash, old: Option<u128>, new: Option<u128>) {
+        let i = policy.unwrap_or(self.by_policy.len() - 1);
+        let t = self.by_policy.get(i).copied().unwrap_or(0);
+        let depth = self.depth;
+        if let Some((_, tree)) = self.trees.get_mut(t) {
+            tree.get_or_insert_with(|| MerkleTree::new(depth)).update(hash, old, new);
+        }
+    }
+
+    fn visible_to<'a>(&'a self, region: &'a RegionId) -> impl Iterator<Item = &'a MerkleTree> + 'a {
+        self.trees
+            .iter()
+            .filter(move |(a, _)| a.contains(region))
+            .filter_map(|(_, t)| t.as_ref())
+    }
+
+    /// The digest of one node over the keys `region` may hold.
+    pub(crate) fn digest_for(&self, region: &RegionId, level: u8, index: u32) -> u128 {
+        #[cfg(feature = "planted-bugs")]
+        if crate::planted::active(crate::planted::PlantedBug::DigestLeak) {
+            // Planted bug: digests cover every key, whatever the policy.
+            return self.trees.iter().filter_map(|(_, t)| t.as_ref()).fold(0, |d, t| d ^ t.digest(level, index));
+        }
+        self.visible_to(region).fold(0, |d, t| d ^ t.digest(level, index))
+    }
+
+    /// The root over every key held.
+    pub(crate) fn root(&self) -> u128 {
+        self.trees.iter().filter_map(|(_, t)| t.as_ref()).fold(0, |d, t| d ^ t.root())
+    }
+
+    /// The inclusive bucket range a leaf covers.
+    pub(crate) fn leaf_buckets(&self, leaf: u32) -> (u32, u32) {
+        MerkleTree::new_shape(self.depth).leaf_buckets(leaf)
     }
 
     /// Number of nodes at `level`.

@@ -24,17 +24,20 @@ mod anti_entropy;
 mod config;
 mod gossip;
 mod merkle;
+mod policy;
 
-pub use config::{AllowAll, Event, PeerConfig, PeerStatus, ReplicaConfig, SendFilter, Stats, Time, Transmit, WriteId};
+pub use config::{Event, PeerConfig, PeerStatus, PolicyStatus, RegionCopy, ReplicaConfig, Stats, Time, Transmit, WriteId};
+pub use merkle::item_hash;
 
 use crate::clock::{Hlc, ReplicaId};
 use crate::crdt::{Crdt, Op, Value, WriteStamp};
 use crate::key::Key;
 use crate::proto::client::OpId;
-use crate::proto::{self, Ack, DeltaGroup, Message, NodeId, RoundId};
+use crate::proto::{self, Ack, DeltaGroup, Message, NodeId, PolicyStamp, RegionId, RoundId, CLASSES};
 use crate::store::{Meta, Store, WriteBatch};
 use crate::Error;
-use merkle::{item_hash, item_hash_of, MerkleTree};
+use merkle::{item_hash_of, Forest};
+use policy::build_forest;
 use rand_core::RngCore;
 use std::collections::{BTreeMap, VecDeque};
 
@@ -47,29 +50,43 @@ type Early = (u64, Vec<(Key, Value)>, usize);
 /// Most bytes (as received) of early delta-intervals held per peer.
 const MAX_REORDER_BYTES: usize = 16 << 20;
 
-/// What this node knows about one peer.
-#[derive(Clone, Debug)]
-struct Peer {
-    cfg: PeerConfig,
-    /// Every group below this is known to be at the peer: only ever what
-    /// it acknowledged (or what held nothing for it), so it is safe to
-    /// present as `base`.
+/// One priority class's delta stream with a peer: what we sent it and
+/// what it acknowledged, and what we received from it.
+#[derive(Clone, Debug, Default)]
+struct Stream {
+    /// Every group below this is known to be at the peer (for this class):
+    /// only ever what it acknowledged (or what held nothing for it), so it
+    /// is safe to present as `base`.
     acked: u64,
     /// Groups below this have been sent at least once.
     sent_upto: u64,
     /// When `acked` last moved (or a retransmission started).
     last_progress: Time,
+    /// Since when data of this class has waited behind other classes or the
+    /// link's rate limit (for aging).
+    waiting_since: Option<Time>,
+    /// Bytes this class may send ahead of more urgent ones (earned while
+    /// aged).
+    credit: usize,
+    /// The peer's incarnation and how far we have its groups contiguously.
+    recv: Option<(ReplicaId, u64)>,
+    /// Delta-intervals that arrived ahead of a gap, by start (bounded by
+    /// `MAX_REORDER`): joined once the gap fills.
+    reorder: BTreeMap<u64, Early>,
+}
+
+/// What this node knows about one peer.
+#[derive(Clone, Debug)]
+struct Peer {
+    cfg: PeerConfig,
+    /// One delta stream per priority class.
+    streams: [Stream; CLASSES],
     /// When anything was last sent to the peer.
     last_sent: Option<Time>,
     /// When a `Delta` was last sent.
     last_delta: Option<Time>,
     /// When anything was last heard from it.
     last_heard: Option<Time>,
-    /// The peer's incarnation and how far we have its groups contiguously.
-    recv: Option<(ReplicaId, u64)>,
-    /// Delta-intervals that arrived ahead of a gap, by start (bounded by
-    /// `MAX_REORDER`): joined once the gap fills.
-    reorder: BTreeMap<u64, Early>,
     /// Acknowledgement waiting for the next flush.
     ack_unflushed: Option<Ack>,
     /// Durable acknowledgement waiting to be sent, and since when.
@@ -81,13 +98,82 @@ struct Peer {
     repair_min_round: u64,
     /// The peer's replica id, once heard.
     incarnation: Option<ReplicaId>,
+    /// Rate-limited links: bytes that may be sent now (negative: debt).
+    tokens: i64,
+    /// When `tokens` was last refilled.
+    tokens_at: Time,
+    /// When we last sent the peer our policy set.
+    policy_sent: Option<Time>,
 }
 
-/// A buffered delta-group and its encoded size.
+impl Peer {
+    fn new(cfg: PeerConfig, sent_upto: u64, now: Time) -> Peer {
+        let stream = Stream {
+            // Unknown until the peer acknowledges: the first delta says the
+            // groups below the buffer's front are gone.
+            acked: 0,
+            sent_upto,
+            last_progress: now,
+            ..Stream::default()
+        };
+        let tokens = cfg.rate_limit.map_or(0, |r| (r / 4).max(4_096) as i64);
+        Peer {
+            cfg,
+            streams: [stream.clone(), stream.clone(), stream],
+            last_sent: None,
+            last_delta: None,
+            last_heard: None,
+            ack_unflushed: None,
+            ack_ready: None,
+            // After a restart (or on a fresh disk) we cannot know what peers
+            // lost meanwhile: one repair round each.
+            repair_due: Some(now),
+            repair_min_round: 0,
+            incarnation: None,
+            tokens,
+            tokens_at: now,
+            policy_sent: None,
+        }
+    }
+
+    /// Every group below this is at the peer, in every class.
+    fn min_acked(&self) -> u64 {
+        self.streams.iter().map(|s| s.acked).min().unwrap_or(0)
+    }
+
+    /// Forgets what the peer holds: deltas resume only after a repair.
+    fn reset_streams(&mut self, front: u64, now: Time) {
+        for s in self.streams.iter_mut() {
+            s.acked = 0;
+            s.sent_upto = front;
+            s.last_progress = now;
+            s.waiting_since = None;
+        }
+    }
+}
+
+/// A write waiting for its write concern.
+#[derive(Clone, Debug)]
+struct ConcernWait {
+    id: WriteId,
+    /// Met once enough regions acknowledged every group below this.
+    seq_end: u64,
+    /// Distinct regions needed, this one included.
+    need: usize,
+    /// The other regions that may hold every key of the write.
+    eligible: Vec<RegionId>,
+    /// Durable here.
+    durable: bool,
+    deadline: Time,
+}
+
+/// A buffered delta-group, its encoded size and when it was made (or
+/// loaded, after a restart).
 #[derive(Clone, Debug)]
 struct Buffered {
     group: DeltaGroup,
     bytes: usize,
+    at: Time,
 }
 
 /// One node's replication state machine. See the module documentation.
@@ -95,8 +181,14 @@ pub struct Replica<S: Store> {
     cfg: ReplicaConfig,
     store: S,
     rng: Box<dyn RngCore + Send>,
-    filter: Box<dyn SendFilter>,
     id: ReplicaId,
+    /// The stamp of `cfg.policy`.
+    policy_stamp: PolicyStamp,
+    /// Every region this node knows of (its own and its peers'), sorted.
+    regions: Vec<RegionId>,
+    /// Writes waiting for their write concern (bounded by
+    /// `max_pending_writes`).
+    concerns: Vec<ConcernWait>,
     hlc: Hlc,
     next_seq: u64,
     /// Groups below this are durable and may be sent.
@@ -104,7 +196,7 @@ pub struct Replica<S: Store> {
     buffer: VecDeque<Buffered>,
     buffer_bytes: usize,
     peers: BTreeMap<NodeId, Peer>,
-    tree: MerkleTree,
+    tree: Forest,
     next_write: u64,
     unflushed_writes: Vec<WriteId>,
     dirty: bool,
@@ -122,6 +214,8 @@ pub struct Replica<S: Store> {
     epoch: u64,
     /// Wall clock minus `now`, for the hybrid logical clock.
     wall_offset_ms: i64,
+    /// The latest `now` an input brought (to stamp buffered groups).
+    now: Time,
     stats: Stats,
 }
 
@@ -145,50 +239,28 @@ impl<S: Store> Replica<S> {
                 m
             }
         };
-        let mut tree = MerkleTree::new(cfg.tree_depth);
-        let mut err = None;
-        store.scan_all(&mut |k, v| match item_hash(k, v) {
-            Ok(h) => tree.update(k.hash(), None, Some(h)),
-            Err(e) => err = Some(e),
-        })?;
-        if let Some(e) = err {
-            return Err(e);
-        }
+        let cfg = ReplicaConfig {
+            policy: cfg.policy.clone().validated()?,
+            ..cfg
+        };
+        let mut regions: Vec<RegionId> = cfg.peers.iter().map(|p| p.region.clone()).collect();
+        regions.push(cfg.region.clone());
+        regions.sort();
+        regions.dedup();
+        let tree = build_forest(&cfg, &regions, &store)?;
         let mut buffer = VecDeque::new();
         let mut buffer_bytes = 0;
         for group in store.buffer()? {
             let bytes = proto::to_bytes(&group.entries)?.len();
             buffer_bytes += bytes;
-            buffer.push_back(Buffered { group, bytes });
+            buffer.push_back(Buffered { group, bytes, at: now });
         }
         let front = buffer.front().map_or(meta.next_seq, |b| b.group.seq);
         let peers = cfg
             .peers
             .iter()
             .filter(|p| p.node != cfg.node)
-            .map(|p| {
-                let peer = Peer {
-                    cfg: p.clone(),
-                    // Unknown until the peer acknowledges: the first delta
-                    // says the groups below the buffer's front are gone.
-                    acked: 0,
-                    sent_upto: front,
-                    last_progress: now,
-                    last_sent: None,
-                    last_delta: None,
-                    last_heard: None,
-                    recv: None,
-                    reorder: BTreeMap::new(),
-                    ack_unflushed: None,
-                    ack_ready: None,
-                    // After a restart (or on a fresh disk) we cannot know
-                    // what peers lost meanwhile: one repair round each.
-                    repair_due: Some(now),
-                    repair_min_round: 0,
-                    incarnation: None,
-                };
-                (p.node.clone(), peer)
-            })
+            .map(|p| (p.node.clone(), Peer::new(p.clone(), front, now)))
             .collect();
         let first_ae = if cfg.ae_interval_ms == 0 {
             u64::MAX
@@ -215,8 +287,11 @@ impl<S: Store> Replica<S> {
             next_round: 0,
             epoch: rng.next_u64(),
             wall_offset_ms: 0,
+            now,
             stats: Stats::default(),
-            filter: Box::new(AllowAll),
+            policy_stamp: PolicyStamp::of(&cfg.policy),
+            regions,
+            concerns: Vec::new(),
             cfg,
             store,
             rng,
@@ -232,11 +307,6 @@ impl<S: Store> Replica<S> {
 
     fn wall(&self, now: Time) -> u64 {
         now.0.saturating_add_signed(self.wall_offset_ms)
-    }
-
-    /// Installs the hook that decides which keys may go to which peer.
-    pub fn set_send_filter(&mut self, filter: Box<dyn SendFilter>) {
-        self.filter = filter;
     }
 
     /// The identity this replica creates dots under.
@@ -325,6 +395,7 @@ impl<S: Store> Replica<S> {
     }
 
     fn write_inner(&mut self, now: Time, op_id: Option<OpId>, ops: Vec<(Key, Op)>) -> Result<WriteId, Error> {
+        self.now = self.now.max(now);
         if self.unflushed_writes.len() >= self.cfg.max_pending_writes {
             self.stats.overloaded += 1;
             return Err(Error::Overloaded("too many writes waiting for durability"));
@@ -339,6 +410,10 @@ impl<S: Store> Replica<S> {
         for (key, op) in &ops {
             if !key.is_valid() {
                 return Err(Error::InvalidKey(key.as_str().chars().take(64).collect()));
+            }
+            if let Err(e) = self.cfg.policy.check_write(key.as_str(), &self.cfg.region) {
+                self.stats.policy_denied += 1;
+                return Err(e);
             }
             let current = match touched.get(key) {
                 Some((_, now_v, _)) => Some(now_v.clone()),
@@ -373,7 +448,8 @@ impl<S: Store> Replica<S> {
                     limit,
                 });
             }
-            hashes.push((key.hash(), old_h, Some(item_hash_of(&key, &encoded))));
+            let policy = self.cfg.policy.lookup_index(key.as_str());
+            hashes.push((policy, key.hash(), old_h, Some(item_hash_of(&key, &encoded))));
             values.push((key.clone(), new));
             entries.push((key, delta));
         }
@@ -390,8 +466,8 @@ impl<S: Store> Replica<S> {
             entries,
         };
         self.commit(values, Some((group, bytes)), op_id)?;
-        for (h, old, new) in hashes {
-            self.tree.update(h, old, new);
+        for (policy, h, old, new) in hashes {
+            self.tree.update(policy, h, old, new);
         }
         self.stats.writes += 1;
         let id = WriteId(self.next_write);
@@ -430,7 +506,11 @@ impl<S: Store> Replica<S> {
         if let Some((group, bytes)) = group {
             self.next_seq += 1;
             self.buffer_bytes += bytes;
-            self.buffer.push_back(Buffered { group, bytes });
+            self.buffer.push_back(Buffered {
+                group,
+                bytes,
+                at: self.now,
+            });
             self.enforce_buffer_limit()?;
         }
         Ok(())
@@ -448,7 +528,11 @@ impl<S: Store> Replica<S> {
         self.outbox.extend(self.held.drain(..));
         for id in self.unflushed_writes.drain(..) {
             self.events.push_back(Event::WriteDurable(id));
+            if let Some(c) = self.concerns.iter_mut().find(|c| c.id == id) {
+                c.durable = true;
+            }
         }
+        self.check_concerns(now);
         for p in self.peers.values_mut() {
             if let Some(a) = p.ack_unflushed.take() {
                 let since = p.ack_ready.map_or(now, |(_, t)| t);
@@ -461,6 +545,7 @@ impl<S: Store> Replica<S> {
     /// Processes one frame from peer `from`. A frame that does not decode or
     /// validate is refused with an error and changes nothing.
     pub fn handle(&mut self, now: Time, from: &NodeId, frame: &[u8]) -> Result<(), Error> {
+        self.now = self.now.max(now);
         if !self.peers.contains_key(from) {
             self.stats.rejected += 1;
             return Err(Error::UnknownPeer(from.0.clone()));
@@ -478,19 +563,17 @@ impl<S: Store> Replica<S> {
             p.last_heard = Some(now);
         }
         match msg {
-            Message::Heartbeat { sender, time } => {
+            Message::Heartbeat { sender, time, policy } => {
                 self.observe_clock(now, time);
                 self.observe_incarnation(now, from, sender);
-                Ok(())
+                self.observe_policy(now, from, policy)
             }
             Message::Delta {
                 sender,
-                base,
                 base_from,
-                from: lo,
-                to,
                 time,
-                entries,
+                policy,
+                mut sections,
                 ack,
             } => {
                 self.observe_clock(now, time);
@@ -499,9 +582,13 @@ impl<S: Store> Replica<S> {
                     self.on_ack(now, from, a);
                 }
                 // Only what this incarnation acknowledged counts as held.
-                let base = if base_from == Some(self.id) { base } else { 0 };
-                self.on_delta(now, from, sender, base, lo, to, entries, frame.len())
+                if base_from != Some(self.id) {
+                    sections.iter_mut().for_each(|s| s.base = 0);
+                }
+                self.on_delta(from, sender, sections, frame.len())?;
+                self.observe_policy(now, from, policy)
             }
+            Message::Policy(set) => self.on_policy(now, from, set),
             Message::Ack(a) => {
                 self.on_ack(now, from, a);
                 Ok(())
@@ -546,9 +633,7 @@ impl<S: Store> Replica<S> {
             Some(known) if known == sender => {}
             Some(_) => {
                 p.incarnation = Some(sender);
-                p.acked = 0;
-                p.sent_upto = front;
-                p.last_progress = now;
+                p.reset_streams(front, now);
                 let nodes: Vec<NodeId> = self.peers.keys().cloned().collect();
                 for node in nodes {
                     self.schedule_repair(now, &node);
@@ -596,15 +681,18 @@ impl<S: Store> Replica<S> {
             }
             p.repair_due = None;
             let through = round.through.min(next);
-            if through > p.acked {
-                p.acked = through;
-                p.sent_upto = p.sent_upto.max(through);
-                p.last_progress = now;
+            for s in p.streams.iter_mut() {
+                if through > s.acked {
+                    s.acked = through;
+                    s.sent_upto = s.sent_upto.max(through);
+                    s.last_progress = now;
+                }
             }
         }
         if let Err(e) = self.gc() {
             tracing::warn!(error = %e, "trimming the delta buffer failed");
         }
+        self.check_concerns(now);
     }
 
     fn observe_clock(&mut self, now: Time, remote: crate::clock::HlcTimestamp) {
@@ -618,6 +706,8 @@ impl<S: Store> Replica<S> {
     /// Runs timers: sends batched deltas, pending acks, retransmissions,
     /// heartbeats and anti-entropy rounds that are due.
     pub fn handle_timeout(&mut self, now: Time) -> Result<(), Error> {
+        self.now = self.now.max(now);
+        self.expire_concerns(now);
         if now >= self.next_tick {
             self.next_tick = now.plus(self.cfg.sync_interval_ms.max(1));
             self.send_deltas(now, true)?;
@@ -654,7 +744,8 @@ impl<S: Store> Replica<S> {
 
     /// When [`Replica::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Option<Time> {
-        Some(self.next_tick.min(self.next_ae))
+        let deadline = self.concerns.iter().map(|c| c.deadline).min();
+        Some(self.next_tick.min(self.next_ae).min(deadline.unwrap_or(Time(u64::MAX))))
     }
 
     /// The next frame to send.
@@ -684,7 +775,7 @@ impl<S: Store> Replica<S> {
                 node: p.cfg.node.clone(),
                 region: p.cfg.region.clone(),
                 alive: self.is_alive(p, now),
-                unacked_groups: self.next_seq.saturating_sub(p.acked),
+                unacked_groups: self.next_seq.saturating_sub(p.min_acked()),
                 last_heard_ms_ago: p.last_heard.map(|t| now.since(t)),
             })
             .collect()
@@ -717,6 +808,9 @@ impl<S: Store> Replica<S> {
         e.1 += payload.len() as u64;
         if let Some(p) = self.peers.get_mut(to) {
             p.last_sent = Some(now);
+            if p.cfg.rate_limit.is_some() {
+                p.tokens = p.tokens.saturating_sub(payload.len() as i64);
+            }
         }
         self.outbox.push_back(Transmit {
             to: to.clone(),
@@ -732,7 +826,18 @@ impl<S: Store> Replica<S> {
         let mut values = Vec::new();
         let mut novel_entries = Vec::new();
         let mut hashes = Vec::new();
+        let from_region = self.peers.get(from).map(|p| p.cfg.region.clone());
         for (key, remote) in entries {
+            // Residency, on the receiving side: never store what may not
+            // pass between the sender's region and ours.
+            let allowed = from_region
+                .as_ref()
+                .is_some_and(|r| self.cfg.policy.may_exchange(key.as_str(), r, &self.cfg.region));
+            if !allowed {
+                self.stats.policy_refused += 1;
+                tracing::warn!(key = %key, peer = %from, "refused a key this region may not hold from that peer");
+                continue;
+            }
             let current = self.store.get(&key)?;
             let novel = match &current {
                 Some(c) => c.novel(&remote),
@@ -750,7 +855,8 @@ impl<S: Store> Replica<S> {
                 continue;
             }
             let old_h = current.as_ref().map(|v| item_hash(&key, v)).transpose()?;
-            hashes.push((key.hash(), old_h, Some(item_hash(&key, &next)?)));
+            let policy = self.cfg.policy.lookup_index(key.as_str());
+            hashes.push((policy, key.hash(), old_h, Some(item_hash(&key, &next)?)));
             self.events.push_back(Event::RemoteApplied {
                 key: key.clone(),
                 from: from.clone(),
@@ -783,8 +889,8 @@ impl<S: Store> Replica<S> {
             None
         };
         self.commit(values, group, None)?;
-        for (h, old, new) in hashes {
-            self.tree.update(h, old, new);
+        for (policy, h, old, new) in hashes {
+            self.tree.update(policy, h, old, new);
         }
         self.stats.remote_updates += changed as u64;
         Ok(changed)

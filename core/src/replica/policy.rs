@@ -1,0 +1,245 @@
+//! The engine's side of replication policies: adopting a new set, telling
+//! peers about it, write concerns, and per-policy status.
+
+use super::merkle::{item_hash, Forest};
+use super::{ConcernWait, Event, PolicyStatus, RegionCopy, Replica, ReplicaConfig, Time, WriteId};
+use crate::crdt::Op;
+use crate::key::Key;
+use crate::policy::PolicySet;
+use crate::proto::client::{OpId, WriteConcern};
+use crate::proto::{Message, NodeId, PolicyStamp, RegionId};
+use crate::store::Store;
+use crate::Error;
+use std::collections::BTreeSet;
+
+/// The anti-entropy trees of everything in `store`, split by audience
+/// under `cfg.policy`.
+pub(super) fn build_forest<S: Store>(cfg: &ReplicaConfig, regions: &[RegionId], store: &S) -> Result<Forest, Error> {
+    let mut tree = Forest::new(cfg.tree_depth, &cfg.policy, &cfg.region, regions);
+    let mut err = None;
+    store.scan_all(&mut |k, v| match item_hash(k, v) {
+        Ok(h) => tree.update(cfg.policy.lookup_index(k.as_str()), k.hash(), None, Some(h)),
+        Err(e) => err = Some(e),
+    })?;
+    match err {
+        Some(e) => Err(e),
+        None => Ok(tree),
+    }
+}
+
+impl<S: Store> Replica<S> {
+    /// The policy set in force.
+    pub fn policy(&self) -> &PolicySet {
+        &self.cfg.policy
+    }
+
+    /// Puts `set` in force if it is newer than the current one (higher
+    /// version, or equal version and higher digest), and sends it to every
+    /// peer. Returns whether it was adopted; an invalid set is an error.
+    ///
+    /// Adoption rebuilds the anti-entropy trees for the new audiences and
+    /// restarts every peer's delta streams behind a repair round, so that a
+    /// keyspace moving to another priority class never has its deltas
+    /// joined out of order, and regions that may now hold a keyspace get it.
+    /// Keys this region may no longer hold stay on disk (removing them could
+    /// let their dots be reused) but are neither served nor sent.
+    pub fn set_policy(&mut self, now: Time, set: PolicySet) -> Result<bool, Error> {
+        self.adopt(now, set, None)
+    }
+
+    fn adopt(&mut self, now: Time, set: PolicySet, from: Option<NodeId>) -> Result<bool, Error> {
+        let set = set.validated()?;
+        if !self.cfg.policy.is_superseded_by(&set) {
+            return Ok(false);
+        }
+        let mut cfg = self.cfg.clone();
+        cfg.policy = set;
+        self.tree = build_forest(&cfg, &self.regions, &self.store)?;
+        self.cfg = cfg;
+        self.policy_stamp = PolicyStamp::of(&self.cfg.policy);
+        let front = self.front_seq();
+        for p in self.peers.values_mut() {
+            p.reset_streams(front, now);
+            p.policy_sent = None;
+        }
+        let nodes: Vec<NodeId> = self.peers.keys().cloned().collect();
+        for node in &nodes {
+            self.schedule_repair(now, node);
+            self.send_policy(now, node)?;
+        }
+        self.stats.policy_adopted += 1;
+        tracing::info!(version = self.cfg.policy.version, from = ?from, "adopted a policy set");
+        self.events.push_back(Event::PolicyAdopted {
+            policy: self.cfg.policy.clone(),
+            from,
+        });
+        Ok(true)
+    }
+
+    fn send_policy(&mut self, now: Time, node: &NodeId) -> Result<(), Error> {
+        if let Some(p) = self.peers.get_mut(node) {
+            p.policy_sent = Some(now);
+        }
+        self.queue(node, &Message::Policy(self.cfg.policy.clone()), now)
+    }
+
+    /// A peer told us its policy stamp: if ours is newer, send it our set
+    /// (at most once per heartbeat interval).
+    pub(super) fn observe_policy(&mut self, now: Time, from: &NodeId, stamp: PolicyStamp) -> Result<(), Error> {
+        if stamp >= self.policy_stamp {
+            return Ok(());
+        }
+        let due = self
+            .peers
+            .get(from)
+            .is_some_and(|p| p.policy_sent.is_none_or(|t| now.since(t) >= self.cfg.heartbeat_ms));
+        if due {
+            self.send_policy(now, from)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_policy(&mut self, now: Time, from: &NodeId, set: PolicySet) -> Result<(), Error> {
+        self.adopt(now, set, Some(from.clone())).map(|_| ())
+    }
+
+    /// [`Replica::write_once`] with a write concern: besides
+    /// [`Event::WriteDurable`], [`Event::WriteReplicated`] follows once the
+    /// write is durable in enough distinct regions (acknowledged by a node
+    /// there), or [`Event::WriteConcernTimeout`] after `timeout_ms`.
+    /// A concern no set of regions could meet (more regions than may hold
+    /// the keys) is refused before anything is written.
+    pub fn write_with(
+        &mut self,
+        now: Time,
+        op_id: Option<OpId>,
+        ops: Vec<(Key, Op)>,
+        concern: WriteConcern,
+        timeout_ms: u64,
+    ) -> Result<(WriteId, bool), Error> {
+        let own = &self.cfg.region;
+        let eligible: Vec<RegionId> = self
+            .regions
+            .iter()
+            .filter(|r| *r != own && ops.iter().all(|(k, _)| self.cfg.policy.may_exchange(k.as_str(), own, r)))
+            .cloned()
+            .collect();
+        let need = match concern {
+            WriteConcern::Local => 1,
+            WriteConcern::Regions(n) => usize::from(n).max(1),
+            WriteConcern::All => eligible.len() + 1,
+        };
+        if need > eligible.len() + 1 {
+            let mut may: Vec<&str> = eligible.iter().map(|r| r.0.as_str()).collect();
+            may.insert(0, own.0.as_str());
+            return Err(Error::InvalidOp(format!(
+                "write concern regions({need}) cannot be met: these keys may be held in {} region(s) ({})",
+                may.len(),
+                may.join(", ")
+            )));
+        }
+        if need > 1 && self.concerns.len() >= self.cfg.max_pending_writes {
+            self.stats.overloaded += 1;
+            return Err(Error::Overloaded("too many writes waiting for their write concern"));
+        }
+        let (id, dup) = self.write_once(now, op_id, ops)?;
+        if need > 1 {
+            self.concerns.push(ConcernWait {
+                id,
+                // A retry's original group is somewhere below: wait for all.
+                seq_end: self.next_seq,
+                need,
+                eligible,
+                durable: false,
+                deadline: now.plus(timeout_ms),
+            });
+        }
+        Ok((id, dup))
+    }
+
+    /// Emits `WriteReplicated` for every durable write whose concern is met.
+    pub(super) fn check_concerns(&mut self, _now: Time) {
+        let peers = &self.peers;
+        let mut met = Vec::new();
+        self.concerns.retain(|c| {
+            if !c.durable {
+                return true;
+            }
+            let regions: BTreeSet<&RegionId> = peers
+                .values()
+                .filter(|p| p.min_acked() >= c.seq_end && c.eligible.contains(&p.cfg.region))
+                .map(|p| &p.cfg.region)
+                .collect();
+            if regions.len() + 1 >= c.need {
+                met.push(c.id);
+                false
+            } else {
+                true
+            }
+        });
+        self.events.extend(met.into_iter().map(Event::WriteReplicated));
+    }
+
+    pub(super) fn expire_concerns(&mut self, now: Time) {
+        let mut late = Vec::new();
+        self.concerns.retain(|c| {
+            if c.deadline <= now {
+                late.push(c.id);
+                false
+            } else {
+                true
+            }
+        });
+        self.stats.concern_timeouts += late.len() as u64;
+        self.events.extend(late.into_iter().map(Event::WriteConcernTimeout));
+    }
+
+    /// The root digest over the keys this node may exchange with `region`:
+    /// two nodes hold the same shared state exactly when each one's digest
+    /// for the other's region is equal.
+    pub fn digest_shared_with(&self, region: &RegionId) -> u128 {
+        self.tree.digest_for(region, 0, 0)
+    }
+
+    /// Per policy (and the default policy last), which regions get copies
+    /// from this node and how far behind they are.
+    pub fn policy_status(&self, now: Time) -> Vec<PolicyStatus> {
+        let policy = &self.cfg.policy;
+        let indices = (0..policy.policies.len()).map(Some).chain([None]);
+        indices
+            .map(|i| {
+                let p = policy.by_index(i);
+                let class = p.priority.index();
+                let copies = self
+                    .regions
+                    .iter()
+                    .map(|r| {
+                        let holds = p.may_exchange(&self.cfg.region, r);
+                        let (mut lag_groups, mut lag_ms) = (0, 0);
+                        for peer in self.peers.values().filter(|x| x.cfg.region == *r && holds) {
+                            let acked = peer.streams[class].acked;
+                            lag_groups = lag_groups.max(self.next_seq.saturating_sub(acked));
+                            let oldest = acked
+                                .checked_sub(self.front_seq())
+                                .and_then(|i| self.buffer.get(i as usize))
+                                .map_or(0, |b| now.since(b.at));
+                            lag_ms = lag_ms.max(oldest);
+                        }
+                        RegionCopy {
+                            region: r.clone(),
+                            holds,
+                            lag_groups,
+                            lag_ms,
+                        }
+                    })
+                    .collect();
+                PolicyStatus {
+                    keyspace: p.keyspace.clone(),
+                    regions: p.regions.to_string(),
+                    priority: p.priority,
+                    copies,
+                }
+            })
+            .collect()
+    }
+}
