@@ -42,7 +42,7 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 
 pub use lattice_core::crdt::{Op, ValueView};
-pub use lattice_core::proto::client::{CausalToken, Change, ErrorKind, NodeStatus, OpId, WatchToken};
+pub use lattice_core::proto::client::{CausalToken, Change, ErrorKind, NodeStatus, OpId, WatchToken, WriteConcern};
 
 /// What can go wrong talking to a cluster. Each variant is something a
 /// caller can act on.
@@ -91,11 +91,34 @@ pub enum Error {
     /// A node could not be connected to at all (the request never left).
     #[error("unreachable: {0}")]
     Unreachable(String),
+    /// The key's replication policy keeps it from the node's region; the
+    /// regions that may serve it are named (connect to a node there).
+    #[error("{message}")]
+    PolicyDenied {
+        /// The node's explanation.
+        message: String,
+        /// Regions that may serve the key (empty: none named).
+        regions: Vec<String>,
+    },
+    /// The write is durable in the node's region but its write concern was
+    /// not met in time. It is still replicating and is not rolled back.
+    #[error("{0}")]
+    ReplicationTimeout(String),
+    /// A policy set was refused (invalid, or not newer than the one in force).
+    #[error("invalid policy: {0}")]
+    InvalidPolicy(String),
 }
 
 impl Error {
-    fn from_server(kind: ErrorKind, message: String) -> Error {
-        match kind {
+    fn from_server(e: lattice_core::proto::client::ClientError) -> Error {
+        let message = e.message;
+        match e.kind {
+            ErrorKind::PolicyDenied => Error::PolicyDenied {
+                message,
+                regions: e.regions.into_iter().map(|r| r.0).collect(),
+            },
+            ErrorKind::ReplicationTimeout => Error::ReplicationTimeout(message),
+            ErrorKind::InvalidPolicy => Error::InvalidPolicy(message),
             ErrorKind::Unauthorized => Error::Unauthorized(message),
             ErrorKind::Overloaded => Error::Overloaded(message),
             ErrorKind::TypeMismatch => Error::TypeMismatch(message),
@@ -316,9 +339,29 @@ impl Client {
     /// recognises the id and applies it once; the client moves to another
     /// node only when a node cannot be reached at all.
     pub async fn write(&self, ops: Vec<(lattice_core::Key, Op)>) -> Result<CausalToken, Error> {
+        self.write_with(ops, WriteConcern::Local, Duration::ZERO).await
+    }
+
+    /// [`Client::write`] with a write concern: the answer comes once the
+    /// write is durable in that many distinct regions. If they do not have
+    /// it within `wait` (zero: the node's default), the call fails with
+    /// [`Error::ReplicationTimeout`]: the write is durable in the first
+    /// region and still replicating, not rolled back. The call's own
+    /// timeout should exceed `wait`.
+    pub async fn write_with(
+        &self,
+        ops: Vec<(lattice_core::Key, Op)>,
+        concern: WriteConcern,
+        wait: Duration,
+    ) -> Result<CausalToken, Error> {
         let op_id = Client::new_op_id();
         let keys: Vec<lattice_core::Key> = ops.iter().map(|(k, _)| k.clone()).collect();
-        let body = RequestBody::Write { op_id, ops };
+        let body = RequestBody::Write {
+            op_id,
+            ops,
+            concern,
+            timeout_ms: wait.as_millis().min(u128::from(u64::MAX)) as u64,
+        };
         let mut last = None;
         for i in self.route().await {
             // Whether this node may have received the write.
@@ -458,7 +501,7 @@ impl Client {
             .await
             .map_err(|_| Error::Timeout(self.timeout))??;
         match response {
-            Response::Error(e) => Err(Error::from_server(e.kind, e.message)),
+            Response::Error(e) => Err(Error::from_server(e)),
             r => Ok(r),
         }
     }
@@ -518,7 +561,7 @@ impl Watch {
                 self.last = Some(c.token);
                 Ok(Some(c))
             }
-            Some(Response::Error(e)) => Err(Error::from_server(e.kind, e.message)),
+            Some(Response::Error(e)) => Err(Error::from_server(e)),
             Some(r) => Err(Error::Protocol(format!("unexpected frame in a watch: {r:?}"))),
         }
     }

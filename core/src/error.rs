@@ -84,7 +84,10 @@ pub enum Error {
     #[error("invalid policy: {0}")]
     InvalidPolicy(String),
     /// The key's replication policy does not allow this region to serve it.
-    #[error("policy denied: {key:?} (keyspace {keyspace:?}) may not be {action} in region {region}; regions that may: {}", fmt_regions(regions))]
+    #[error(
+        "policy denied: {key:?} (keyspace {keyspace:?}) may not be {action} in region {region}; regions that may: {}",
+        fmt_regions(regions)
+    )]
     PolicyDenied {
         /// The key (at most 64 characters of it).
         key: String,
@@ -97,6 +100,15 @@ pub enum Error {
         regions: Vec<crate::proto::RegionId>,
         /// `read` or `written`.
         action: String,
+    },
+    /// A write is durable on this node but its write concern was not met in
+    /// time: it is still replicating and is not rolled back.
+    #[error("write concern {concern} not met within {timeout_ms} ms: the write is durable in this region and still replicating (it is not rolled back)")]
+    ReplicationTimeout {
+        /// The concern asked for, e.g. `regions(2)`.
+        concern: String,
+        /// How long the node waited.
+        timeout_ms: u64,
     },
     /// An audit log entry does not verify.
     #[error("audit log broken at entry {index}: {reason}")]

@@ -17,6 +17,10 @@ pub struct PeerEntry {
     pub region: String,
     /// Its QUIC address.
     pub address: SocketAddr,
+    /// Most bytes per second sent to it (omit: unlimited). Under the limit
+    /// deltas go by keyspace priority: critical, normal, then bulk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<u64>,
 }
 
 /// The node's configuration, as the TOML file spells it.
@@ -65,6 +69,20 @@ pub struct Config {
     /// oldest are dropped and lagging peers are repaired by anti-entropy.
     #[serde(default = "default_buffer")]
     pub max_buffer_bytes: usize,
+    /// Version of the `[[policy]]` list below. A node adopts the highest
+    /// version it sees (from its file, a peer or `lattice policy set`).
+    #[serde(default)]
+    pub policy_version: u64,
+    /// Replication policies, one per keyspace (key prefix).
+    #[serde(default)]
+    pub policy: Vec<lattice_core::policy::Policy>,
+    /// Default time a write with a write concern waits for other regions.
+    #[serde(default = "default_concern_ms")]
+    pub write_concern_timeout_ms: u64,
+}
+
+fn default_concern_ms() -> u64 {
+    10_000
 }
 
 fn default_durability() -> Durability {
@@ -138,10 +156,18 @@ fn parse_peer(s: &str) -> Result<PeerEntry> {
         name: name.to_string(),
         region: region.to_string(),
         address: addr.parse().with_context(|| format!("peer address {addr:?}"))?,
+        rate_limit: None,
     })
 }
 
 impl Config {
+    /// The file's policies as a validated set.
+    pub fn policy_set(&self) -> Result<lattice_core::policy::PolicySet> {
+        lattice_core::policy::PolicySet::new(self.policy_version, self.policy.clone())
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("the [[policy]] list")
+    }
+
     /// Reads a configuration file.
     pub fn from_file(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -194,6 +220,9 @@ impl Config {
             engine_queue: c.as_ref().map_or(default_engine_queue(), |c| c.engine_queue),
             anti_entropy_ms: c.as_ref().map_or(default_ae_ms(), |c| c.anti_entropy_ms),
             max_buffer_bytes: c.as_ref().map_or(default_buffer(), |c| c.max_buffer_bytes),
+            policy_version: c.as_ref().map_or(0, |c| c.policy_version),
+            policy: c.as_ref().map(|c| c.policy.clone()).unwrap_or_default(),
+            write_concern_timeout_ms: c.as_ref().map_or(default_concern_ms(), |c| c.write_concern_timeout_ms),
         };
         config.validate()?;
         Ok(config)
@@ -210,6 +239,13 @@ impl Config {
         }
         if self.peer_queue == 0 || self.engine_queue == 0 {
             bail!("queue sizes must be positive");
+        }
+        self.policy_set()?;
+        if self.write_concern_timeout_ms == 0 || self.write_concern_timeout_ms > 3_600_000 {
+            bail!("write_concern_timeout_ms must be between 1 and 3600000");
+        }
+        if self.peers.iter().any(|p| p.rate_limit.is_some_and(|r| r < 1_024)) {
+            bail!("a peer's rate_limit must be at least 1024 bytes per second");
         }
         let mut names = std::collections::BTreeSet::new();
         for p in &self.peers {

@@ -88,6 +88,7 @@ pub fn prepare(args: &DevArgs) -> Result<(Vec<PathBuf>, ClientDefaults)> {
                     name: name(j),
                     region: args.regions[j].clone(),
                     address: addr(j)?,
+                    rate_limit: None,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -112,6 +113,9 @@ pub fn prepare(args: &DevArgs) -> Result<(Vec<PathBuf>, ClientDefaults)> {
             engine_queue: 8_192,
             anti_entropy_ms: 5_000,
             max_buffer_bytes: 64 << 20,
+            policy_version: 0,
+            policy: Vec::new(),
+            write_concern_timeout_ms: 10_000,
         };
         config.validate()?;
         let path = dir.join(format!("{}.toml", name(i)));

@@ -5,6 +5,7 @@
 //! ([`config`]) and the local development cluster ([`dev`]). It contains no
 //! replication logic of its own.
 
+pub mod audit;
 pub mod certs;
 pub mod config;
 pub mod dev;
@@ -34,9 +35,26 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         .map(|p| PeerConfig {
             node: NodeId(p.name.clone()),
             region: RegionId(p.region.clone()),
+            rate_limit: p.rate_limit,
         })
         .collect();
     let mut rc = ReplicaConfig::new(config.node.clone(), config.region.clone(), peers);
+    // The policy in force: the newer of the file's and the last one this
+    // node adopted (from a peer or an admin), as its audit log records.
+    let mut audit = audit::AuditLog::open(&config.data_dir).context(
+        "the policy audit log (audit.log in the data directory) does not verify: it may have been tampered with",
+    )?;
+    let from_file = config.policy_set()?;
+    let initial = match audit.last_policy() {
+        Some(last) if !last.is_superseded_by(&from_file) => last.clone(),
+        _ => from_file,
+    };
+    if audit.last_policy() != Some(&initial) {
+        audit
+            .append(&config.node, "config", initial.clone())
+            .context("appending to the audit log")?;
+    }
+    rc.policy = initial;
     rc.ae_interval_ms = config.anti_entropy_ms;
     rc.max_buffer_bytes = config.max_buffer_bytes;
     // Randomness comes from the OS here, in the driver, never in the core.
@@ -73,6 +91,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let engine = {
         let (metrics, node) = (metrics.clone(), config.node.clone());
         let (durability, group) = (config.durability, Duration::from_millis(config.group_commit_ms));
+        let concern_ms = config.write_concern_timeout_ms;
         std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
@@ -86,6 +105,8 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
                     metrics,
                     node,
                     feed,
+                    audit,
+                    concern_ms,
                 )
             })
             .context("starting the engine thread")?

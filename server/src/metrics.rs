@@ -49,8 +49,16 @@ pub struct Metrics {
     pub flushes: Counter,
     /// Time spent in flushes, microseconds.
     pub flush_micros: Counter,
+    /// Client reads and writes refused by replication policy.
+    pub policy_denied: Counter,
+    /// Writes whose write concern was not met in time.
+    pub concern_timeouts: Counter,
     /// Inputs taken by the engine in its last turn.
     pub engine_queue: Gauge,
+    policy_refused: Gauge,
+    policy_version: Gauge,
+    policy_adopted: Gauge,
+    rate_limited: Gauge,
     buffer_groups: Gauge,
     buffer_bytes: Gauge,
     ae_rounds: Gauge,
@@ -102,7 +110,25 @@ impl Metrics {
             remote_updates: counter!("merges", "Keys changed by merging remote state"),
             flushes: counter!("flushes", "Store flushes"),
             flush_micros: counter!("flush_microseconds", "Time spent flushing the store"),
+            policy_denied: counter!(
+                "policy_denied",
+                "Client reads and writes refused because policy keeps the key from this region"
+            ),
+            concern_timeouts: counter!(
+                "write_concern_timeouts",
+                "Writes durable here whose write concern was not met in time"
+            ),
             engine_queue: gauge!("engine_batch", "Inputs the engine took in its last turn"),
+            policy_refused: gauge!(
+                "policy_refused_entries",
+                "Keys from peers refused because policy keeps them from this region (since start)"
+            ),
+            policy_version: gauge!("policy_version", "Version of the replication policy set in force"),
+            policy_adopted: gauge!("policy_adopted", "Policy sets adopted since start"),
+            rate_limited: gauge!(
+                "rate_limited_intervals",
+                "Sync intervals in which a peer's deltas waited for its link's rate limit (since start)"
+            ),
             buffer_groups: gauge!("delta_buffer_groups", "Delta-groups buffered for peers"),
             buffer_bytes: gauge!("delta_buffer_bytes", "Bytes of buffered delta-groups"),
             ae_rounds: gauge!("anti_entropy_rounds", "Anti-entropy rounds started since start"),
@@ -137,6 +163,10 @@ impl Metrics {
         self.ae_keys_repaired.set(s.ae_keys_repaired as i64);
         self.clock_rejections.set(s.clock_rejections as i64);
         self.pending_writes.set(replica.pending_writes() as i64);
+        self.policy_refused.set(s.policy_refused as i64);
+        self.policy_version.set(replica.policy().version as i64);
+        self.policy_adopted.set(s.policy_adopted as i64);
+        self.rate_limited.set(s.rate_limited as i64);
         for p in replica.peer_status(now) {
             let label = vec![("peer".to_string(), p.node.0.clone())];
             self.peer_alive.get_or_create(&label).set(i64::from(p.alive));

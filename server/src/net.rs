@@ -396,9 +396,21 @@ async fn serve(req: ClientRequest, inbound: &Inbound) -> Response {
         error(ErrorKind::Overloaded, "the node's request queue is full")
     };
     match req.body {
-        RequestBody::Write { op_id, ops } => {
+        RequestBody::Write {
+            op_id,
+            ops,
+            concern,
+            timeout_ms,
+        } => {
             let (tx, rx) = oneshot::channel();
-            if inbound.engine.try_send(Input::Write { op_id, ops, reply: tx }).is_err() {
+            let input = Input::Write {
+                op_id,
+                ops,
+                concern,
+                timeout_ms,
+                reply: tx,
+            };
+            if inbound.engine.try_send(input).is_err() {
                 return overloaded(&inbound.metrics);
             }
             match rx.await {
@@ -436,6 +448,37 @@ async fn serve(req: ClientRequest, inbound: &Inbound) -> Response {
             }
         }
         RequestBody::Watch { .. } => error(ErrorKind::InvalidRequest, "watch is served on its own stream"),
+        RequestBody::SetPolicy(set) => {
+            let (tx, rx) = oneshot::channel();
+            if inbound.engine.try_send(Input::SetPolicy { set, reply: tx }).is_err() {
+                return overloaded(&inbound.metrics);
+            }
+            match rx.await {
+                Ok(Ok(version)) => Response::PolicySet { version },
+                Ok(Err(e)) => Response::Error(ClientError::from(&e)),
+                Err(_) => error(ErrorKind::Unavailable, "the node is shutting down"),
+            }
+        }
+        RequestBody::Audit => {
+            let (tx, rx) = oneshot::channel();
+            if inbound.engine.try_send(Input::Audit { reply: tx }).is_err() {
+                return overloaded(&inbound.metrics);
+            }
+            match rx.await {
+                Ok(Ok(entries)) => {
+                    let r = Response::Audit(entries);
+                    match lattice_core::proto::client::encode_client(&r) {
+                        Ok(_) => r,
+                        Err(_) => error(
+                            ErrorKind::Internal,
+                            "the audit log is too large for one answer: verify it on the node with `latticed audit verify`",
+                        ),
+                    }
+                }
+                Ok(Err(e)) => Response::Error(ClientError::from(&e)),
+                Err(_) => error(ErrorKind::Unavailable, "the node is shutting down"),
+            }
+        }
         RequestBody::Status => {
             let (tx, rx) = oneshot::channel();
             if inbound.engine.try_send(Input::Status { reply: tx }).is_err() {

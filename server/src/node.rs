@@ -6,8 +6,11 @@
 use crate::metrics::Metrics;
 use crate::storage::{Durability, SledStore};
 use lattice_core::crdt::{Op, Value};
+use lattice_core::policy::audit::AuditEntry;
+use lattice_core::policy::PolicySet;
 use lattice_core::proto::client::{
-    CausalToken, Change, ClientError, ErrorKind, NodeStatus, OpId, PeerInfo, WatchToken,
+    CausalToken, Change, ClientError, CopyInfo, ErrorKind, NodeStatus, OpId, PeerInfo, PolicyInfo, WatchToken,
+    WriteConcern,
 };
 use lattice_core::proto::{NodeId, RegionId};
 use lattice_core::replica::{Event, Replica, Time, WriteId};
@@ -33,14 +36,31 @@ pub enum Input {
         /// The frame.
         bytes: Vec<u8>,
     },
-    /// A client write; answered once durable.
+    /// A client write; answered once durable (and, with a write concern,
+    /// once durable in enough regions or at its timeout).
     Write {
         /// Client operation id.
         op_id: OpId,
         /// Operations.
         ops: Vec<(Key, Op)>,
+        /// How many regions must hold it before the answer.
+        concern: WriteConcern,
+        /// How long to wait for them (0: the configured default).
+        timeout_ms: u64,
         /// Where the answer goes.
         reply: WriteReply,
+    },
+    /// Put a newer policy set in force.
+    SetPolicy {
+        /// The set.
+        set: PolicySet,
+        /// The version in force afterwards, or why the set was refused.
+        reply: oneshot::Sender<Result<u64, Error>>,
+    },
+    /// Read the audit log.
+    Audit {
+        /// Its entries, read back from disk.
+        reply: oneshot::Sender<Result<Vec<AuditEntry>, Error>>,
     },
     /// A client read; with a token, answered once the state includes it or
     /// at the deadline.
@@ -235,9 +255,12 @@ pub fn run(
     metrics: Arc<Metrics>,
     node: String,
     feed: Feed,
+    audit: crate::audit::AuditLog,
+    concern_ms: u64,
 ) {
     replica.set_wall_offset(clock.wall_offset_ms);
-    let mut waiting_writes: BTreeMap<WriteId, (CausalToken, bool, WriteReply, Vec<Key>)> = BTreeMap::new();
+    let mut audit = audit;
+    let mut waiting_writes: BTreeMap<WriteId, WaitingWrite> = BTreeMap::new();
     let mut feed = feed;
     let regions: BTreeMap<NodeId, RegionId> = replica
         .config()
@@ -291,9 +314,20 @@ pub fn run(
                         tracing::warn!(peer = %from, error = %e, "refused a peer frame");
                     }
                 }
-                Input::Write { op_id, ops, reply } => {
+                Input::Write {
+                    op_id,
+                    ops,
+                    concern,
+                    timeout_ms,
+                    reply,
+                } => {
                     let keys: Vec<Key> = ops.iter().map(|(k, _)| k.clone()).collect();
-                    match replica.write_once(now, Some(op_id), ops) {
+                    let timeout_ms = if timeout_ms == 0 {
+                        concern_ms
+                    } else {
+                        timeout_ms.min(3_600_000)
+                    };
+                    match replica.write_with(now, Some(op_id), ops, concern, timeout_ms) {
                         Ok((id, duplicate)) => {
                             let mut token = CausalToken::default();
                             for k in &keys {
@@ -301,16 +335,44 @@ pub fn run(
                             }
                             metrics.writes.inc_by(1);
                             let changed = if duplicate { Vec::new() } else { keys };
-                            waiting_writes.insert(id, (token, duplicate, reply, changed));
+                            waiting_writes.insert(
+                                id,
+                                WaitingWrite {
+                                    token,
+                                    duplicate,
+                                    reply: Some(reply),
+                                    changed,
+                                    concern: (concern != WriteConcern::Local).then_some((concern, timeout_ms)),
+                                    durable: false,
+                                    timed_out: None,
+                                },
+                            );
                             first_unflushed.get_or_insert_with(Instant::now);
                         }
                         Err(e) => {
-                            if matches!(e, Error::Overloaded(_)) {
-                                metrics.overloaded.inc_by(1);
-                            }
+                            match e {
+                                Error::Overloaded(_) => metrics.overloaded.inc_by(1),
+                                Error::PolicyDenied { .. } => metrics.policy_denied.inc_by(1),
+                                _ => 0,
+                            };
                             let _ = reply.send(Err(e));
                         }
                     }
+                }
+                Input::SetPolicy { set, reply } => {
+                    let version = set.version;
+                    let result = match replica.set_policy(now, set) {
+                        Ok(true) => Ok(version),
+                        Ok(false) => Err(Error::InvalidPolicy(format!(
+                            "version {version} is not newer than the set in force (version {})",
+                            replica.policy().version
+                        ))),
+                        Err(e) => Err(e),
+                    };
+                    let _ = reply.send(result);
+                }
+                Input::Audit { reply } => {
+                    let _ = reply.send(audit.entries());
                 }
                 Input::Read {
                     key,
@@ -319,6 +381,11 @@ pub fn run(
                     reply,
                 } => {
                     metrics.reads.inc_by(1);
+                    if let Err(e) = replica.policy().check_read(key.as_str(), &own_region) {
+                        metrics.policy_denied.inc_by(1);
+                        let _ = reply.send(Err(Some(e)));
+                        continue;
+                    }
                     match after {
                         None => {
                             let _ = reply.send(replica.read(&key).map_err(Some));
@@ -367,12 +434,46 @@ pub fn run(
         while let Some(e) = replica.poll_event() {
             match e {
                 Event::WriteDurable(id) => {
-                    if let Some((token, dup, reply, keys)) = waiting_writes.remove(&id) {
-                        let _ = reply.send(Ok((token, dup)));
-                        for k in keys {
+                    if let Some(w) = waiting_writes.get_mut(&id) {
+                        w.durable = true;
+                        for k in std::mem::take(&mut w.changed) {
                             let v = replica.read(&k).ok().flatten();
                             feed.publish(k, v.as_ref(), own_region.clone());
                         }
+                        if w.concern.is_none() {
+                            w.answer(Ok(()));
+                        } else if let Some(e) = w.timed_out.take() {
+                            w.answer(Err(e));
+                        }
+                    }
+                    waiting_writes.retain(|_, w| w.reply.is_some());
+                }
+                Event::WriteReplicated(id) => {
+                    if let Some(mut w) = waiting_writes.remove(&id) {
+                        w.answer(Ok(()));
+                    }
+                }
+                Event::WriteConcernTimeout(id) => {
+                    metrics.concern_timeouts.inc_by(1);
+                    if let Some(w) = waiting_writes.get_mut(&id) {
+                        let (concern, timeout_ms) = w.concern.unwrap_or((WriteConcern::Local, 0));
+                        let e = Error::ReplicationTimeout {
+                            concern: concern.to_string(),
+                            timeout_ms,
+                        };
+                        if w.durable {
+                            w.answer(Err(e));
+                        } else {
+                            // Answered once durable here: the error says so.
+                            w.timed_out = Some(e);
+                        }
+                    }
+                    waiting_writes.retain(|_, w| w.reply.is_some());
+                }
+                Event::PolicyAdopted { policy, from } => {
+                    let source = from.map_or_else(|| "admin".to_string(), |p| format!("peer {p}"));
+                    if let Err(e) = audit.append(&node, &source, policy) {
+                        tracing::error!(error = %e, "could not append to the policy audit log");
                     }
                 }
                 Event::RemoteApplied { key, from } => {
@@ -415,6 +516,29 @@ pub fn run(
     }
 }
 
+/// A client write waiting for its answer.
+struct WaitingWrite {
+    token: CausalToken,
+    duplicate: bool,
+    /// Taken when answered.
+    reply: Option<WriteReply>,
+    /// Keys to publish to watchers once durable.
+    changed: Vec<Key>,
+    /// Its write concern beyond `local`, and its timeout.
+    concern: Option<(WriteConcern, u64)>,
+    durable: bool,
+    /// The concern timed out before the write was durable here.
+    timed_out: Option<Error>,
+}
+
+impl WaitingWrite {
+    fn answer(&mut self, result: Result<(), Error>) {
+        if let Some(reply) = self.reply.take() {
+            let _ = reply.send(result.map(|()| (self.token.clone(), self.duplicate)));
+        }
+    }
+}
+
 fn status(replica: &Replica<SledStore>, now: Time, node: &str) -> NodeStatus {
     NodeStatus {
         node: node.to_string(),
@@ -431,6 +555,26 @@ fn status(replica: &Replica<SledStore>, now: Time, node: &str) -> NodeStatus {
                 alive: p.alive,
                 unacked_groups: p.unacked_groups,
                 last_heard_ms_ago: p.last_heard_ms_ago,
+            })
+            .collect(),
+        policy_version: replica.policy().version,
+        policies: replica
+            .policy_status(now)
+            .into_iter()
+            .map(|p| PolicyInfo {
+                keyspace: p.keyspace,
+                regions: p.regions,
+                priority: p.priority.name().to_string(),
+                copies: p
+                    .copies
+                    .into_iter()
+                    .map(|c| CopyInfo {
+                        region: c.region,
+                        holds: c.holds,
+                        lag_groups: c.lag_groups,
+                        lag_ms: c.lag_ms,
+                    })
+                    .collect(),
             })
             .collect(),
     }

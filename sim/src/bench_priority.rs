@@ -47,7 +47,11 @@ pub struct PriorityFigures {
 impl PriorityFigures {
     /// The lines `lattice-sim bench priority` prints.
     pub fn lines(&self) -> Vec<String> {
-        let mode = if self.prioritized { "priorities" } else { "fifo-baseline" };
+        let mode = if self.prioritized {
+            "priorities"
+        } else {
+            "fifo-baseline"
+        };
         Priority::ALL
             .iter()
             .zip(&self.classes)
@@ -69,7 +73,14 @@ impl PriorityFigures {
     }
 }
 
-fn replica(me: &str, region: &str, other: &str, other_region: &str, rate: u64, policy: &PolicySet) -> Result<Replica<MemoryStore>, Error> {
+fn replica(
+    me: &str,
+    region: &str,
+    other: &str,
+    other_region: &str,
+    rate: u64,
+    policy: &PolicySet,
+) -> Result<Replica<MemoryStore>, Error> {
     let mut peer = PeerConfig::new(other, other_region);
     peer.rate_limit = Some(rate);
     let mut c = ReplicaConfig::new(me, region, vec![peer]);
@@ -78,13 +89,24 @@ fn replica(me: &str, region: &str, other: &str, other_region: &str, rate: u64, p
     c.sync_interval_ms = 20;
     c.max_buffer_bytes = 1 << 30;
     let seed = u64::from(me.as_bytes()[0]);
-    Replica::open(c, MemoryStore::new(), Box::new(ChaCha8Rng::seed_from_u64(seed)), Time(0))
+    Replica::open(
+        c,
+        MemoryStore::new(),
+        Box::new(ChaCha8Rng::seed_from_u64(seed)),
+        Time(0),
+    )
 }
 
 /// Runs `secs` seconds of writes from region `eu` to `us` over a link of
 /// `rate` bytes per second with `latency_ms` one way, then up to `drain_secs`
 /// more for the backlog. Deterministic (virtual time, 1 ms steps).
-pub fn priority(rate: u64, secs: u64, drain_secs: u64, latency_ms: u64, prioritized: bool) -> Result<PriorityFigures, Error> {
+pub fn priority(
+    rate: u64,
+    secs: u64,
+    drain_secs: u64,
+    latency_ms: u64,
+    prioritized: bool,
+) -> Result<PriorityFigures, Error> {
     let classes = ["crit/", "norm/", "bulk/"];
     let policies = classes
         .iter()
@@ -160,7 +182,11 @@ pub fn priority(rate: u64, secs: u64, drain_secs: u64, latency_ms: u64, prioriti
     for c in 0..3 {
         let lat = &mut figures[c];
         lat.sort_unstable();
-        let q = |p: f64| lat.get(((lat.len().max(1) - 1) as f64 * p).round() as usize).copied().unwrap_or(0);
+        let q = |p: f64| {
+            lat.get(((lat.len().max(1) - 1) as f64 * p).round() as usize)
+                .copied()
+                .unwrap_or(0)
+        };
         out[c] = ClassFigures {
             writes: writes[c],
             delivered: lat.len(),

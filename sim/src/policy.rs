@@ -81,13 +81,7 @@ pub fn describe(set: &PolicySet) -> String {
 
 /// What a frame from a node in `from` to a node in `to` must not contain.
 /// Returns a description of each leak found.
-pub fn leaks<S: Store>(
-    policy: &PolicySet,
-    sender: &S,
-    from: &RegionId,
-    to: &RegionId,
-    frame: &[u8],
-) -> Vec<String> {
+pub fn leaks<S: Store>(policy: &PolicySet, sender: &S, from: &RegionId, to: &RegionId, frame: &[u8]) -> Vec<String> {
     let Ok(msg) = proto::decode(frame, usize::MAX) else {
         return vec!["the frame does not decode".into()];
     };
@@ -116,7 +110,10 @@ pub fn leaks<S: Store>(
             }
         }
         Message::AeTree {
-            level, parents, digests, ..
+            level,
+            parents,
+            digests,
+            ..
         } => {
             let level = u32::from(*level);
             let mut expect: BTreeMap<u32, u128> = BTreeMap::new();

@@ -354,19 +354,21 @@ impl Sim {
             }
             // Only nodes the write may reach can hold a copy of it.
             let targets = r.targets;
-            let held_elsewhere = (0..self.nodes.len()).filter(|&j| j != i && targets & (1 << j) != 0).any(|j| {
-                let n = &self.nodes[j];
-                let store = n.replica.as_ref().map(|r| r.store()).or(n.parked.as_ref());
-                store.is_some_and(|s| {
-                    let v = s.get_durable(&r.key);
-                    let elems = crate::workload::visible_elems(v.as_ref());
-                    let ctx = v.as_ref().map(Value::context).unwrap_or_default();
-                    r.visible_in(v.as_ref())
-                        && r.removed_elems()
-                            .iter()
-                            .all(|e| !elems.contains(e) && add_dots.get(e).is_none_or(|d| ctx.includes(d)))
-                })
-            });
+            let held_elsewhere = (0..self.nodes.len())
+                .filter(|&j| j != i && targets & (1 << j) != 0)
+                .any(|j| {
+                    let n = &self.nodes[j];
+                    let store = n.replica.as_ref().map(|r| r.store()).or(n.parked.as_ref());
+                    store.is_some_and(|s| {
+                        let v = s.get_durable(&r.key);
+                        let elems = crate::workload::visible_elems(v.as_ref());
+                        let ctx = v.as_ref().map(Value::context).unwrap_or_default();
+                        r.visible_in(v.as_ref())
+                            && r.removed_elems()
+                                .iter()
+                                .all(|e| !elems.contains(e) && add_dots.get(e).is_none_or(|d| ctx.includes(d)))
+                    })
+                });
             if !held_elsewhere {
                 self.records[ri].exempt = true;
             }
@@ -550,7 +552,10 @@ impl Sim {
             (_, _) if denied => {
                 self.violation(
                     "policy",
-                    format!("op {id} on {key} in region {} should have been refused by policy", self.region(i)),
+                    format!(
+                        "op {id} on {key} in region {} should have been refused by policy",
+                        self.region(i)
+                    ),
                 );
                 self.records.push(rec);
             }
@@ -665,7 +670,9 @@ impl Sim {
     /// The leak checker: see [`crate::policy`].
     fn check_leaks(&mut self, from: usize, to: usize, frame: &[u8]) {
         let found = {
-            let Some(r) = self.nodes[from].replica.as_ref() else { return };
+            let Some(r) = self.nodes[from].replica.as_ref() else {
+                return;
+            };
             crate::policy::leaks(&self.cfg.policy, r.store(), &self.region(from), &self.region(to), frame)
         };
         for leak in found.into_iter().take(3) {
@@ -763,7 +770,8 @@ impl Sim {
             for j in i + 1..states.len() {
                 let keys: BTreeSet<&Key> = states[i].keys().chain(states[j].keys()).collect();
                 for k in keys {
-                    if policy.may_exchange(k.as_str(), &regions[i], &regions[j]) && states[i].get(k) != states[j].get(k) {
+                    if policy.may_exchange(k.as_str(), &regions[i], &regions[j]) && states[i].get(k) != states[j].get(k)
+                    {
                         found.push(format!("n{i} and n{j} differ on {k} although their digests agree"));
                     }
                 }
@@ -785,7 +793,14 @@ impl Sim {
             }
         }
         for f in found.into_iter().take(5) {
-            self.violation(if f.contains("holds") { "policy-residency" } else { "convergence" }, f);
+            self.violation(
+                if f.contains("holds") {
+                    "policy-residency"
+                } else {
+                    "convergence"
+                },
+                f,
+            );
         }
         // No acknowledged write lost, at every node it must reach.
         if policy.policies.is_empty() {

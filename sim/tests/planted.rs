@@ -67,14 +67,20 @@ fn the_same_seeds_pass_without_a_planted_bug() {
 
 /// The checks a set of failed runs reported.
 fn checks(t: &SwarmTotals) -> Vec<&'static str> {
-    t.failed.iter().flat_map(|r| r.violations.iter().map(|v| v.check)).collect()
+    t.failed
+        .iter()
+        .flat_map(|r| r.violations.iter().map(|v| v.check))
+        .collect()
 }
 
 #[test]
 fn an_engine_that_ignores_the_policy_is_caught_by_the_leak_checker() {
     let t = swarm_with(PlantedBug::PolicyLeak, 40);
     let c = checks(&t);
-    assert!(c.contains(&"policy-leak"), "the leak checker missed deltas and states sent against policy: {c:?}");
+    assert!(
+        c.contains(&"policy-leak"),
+        "the leak checker missed deltas and states sent against policy: {c:?}"
+    );
 }
 
 #[test]
@@ -82,5 +88,8 @@ fn digests_that_reveal_excluded_keys_are_caught_by_the_leak_checker() {
     // Keys and states still obey the policy here: only the digests leak.
     let t = swarm_with(PlantedBug::DigestLeak, 40);
     let c = checks(&t);
-    assert!(c.contains(&"policy-leak"), "the leak checker missed digests over excluded keys: {c:?}");
+    assert!(
+        c.contains(&"policy-leak"),
+        "the leak checker missed digests over excluded keys: {c:?}"
+    );
 }

@@ -57,6 +57,17 @@ impl Cluster {
     /// Prepares and starts `regions.len()` nodes with `bin` (the latticed
     /// binary), waiting until each answers a status request.
     pub fn start(bin: &Path, regions: &[&str], durability: Durability) -> Result<Cluster> {
+        Cluster::start_with(bin, regions, durability, |_, _| {})
+    }
+
+    /// [`Cluster::start`], with each node's config edited by `edit(i, ..)`
+    /// before the first start (policies, rate limits, ...).
+    pub fn start_with(
+        bin: &Path,
+        regions: &[&str],
+        durability: Durability,
+        edit: impl Fn(usize, &mut Config),
+    ) -> Result<Cluster> {
         let dir = tempfile::tempdir()?;
         let args = DevArgs {
             dir: dir.path().to_path_buf(),
@@ -73,6 +84,9 @@ impl Cluster {
             bin: bin.to_path_buf(),
             children: Vec::new(),
         };
+        for i in 0..c.configs.len() {
+            c.edit_config(i, |cfg| edit(i, cfg))?;
+        }
         for i in 0..c.configs.len() {
             let child = c.spawn(i)?;
             c.children.push(Some(child));

@@ -28,6 +28,8 @@ async fn write(c: &Client, k: &str, op: Op) -> Result<(), ClientError> {
     c.request(RequestBody::Write {
         op_id: Client::new_op_id(),
         ops: vec![(key(k), op)],
+        concern: Default::default(),
+        timeout_ms: 0,
     })
     .await
     .map(|_| ())
@@ -131,6 +133,8 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
                     .request(RequestBody::Write {
                         op_id: Client::new_op_id(),
                         ops,
+                        concern: Default::default(),
+                        timeout_ms: 0,
                     })
                     .await
                 {
@@ -310,6 +314,8 @@ async fn a_long_absent_peer_costs_bounded_memory_and_catches_up() {
             .request(RequestBody::Write {
                 op_id: Client::new_op_id(),
                 ops,
+                concern: Default::default(),
+                timeout_ms: 0,
             })
             .await
             .unwrap();

@@ -121,6 +121,8 @@ async fn a_retried_increment_counts_once_even_after_a_restart() {
     let body = RequestBody::Write {
         op_id: OpId(42),
         ops: vec![(Key::new("hits").unwrap(), Op::CounterAdd(1))],
+        concern: Default::default(),
+        timeout_ms: 0,
     };
     let first = cl.request_to(0, body.clone()).await.unwrap();
     let again = cl.request_to(0, body.clone()).await.unwrap();

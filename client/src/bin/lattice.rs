@@ -3,7 +3,8 @@
 use clap::{Parser, Subcommand};
 use lattice_client::{Client, Error};
 use lattice_core::crdt::{Bytes, Op, ValueView};
-use lattice_core::proto::client::{RequestBody, Response};
+use lattice_core::policy::{audit, Policy, PolicySet};
+use lattice_core::proto::client::{NodeStatus, RequestBody, Response, WriteConcern};
 use lattice_core::Key;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -30,6 +31,15 @@ struct Cli {
     /// Print JSON instead of human-readable output.
     #[arg(long)]
     json: bool,
+    /// Write concern of writes: `local` (durable on the node, the default),
+    /// `regions(N)` (durable in N distinct regions) or `all`.
+    #[arg(long, default_value = "local")]
+    concern: WriteConcern,
+    /// How long a write waits for its concern, milliseconds (0: the node's
+    /// `write_concern_timeout_ms`). On timeout the write stays durable in
+    /// the first region and keeps replicating.
+    #[arg(long, default_value_t = 0)]
+    concern_timeout_ms: u64,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -83,8 +93,48 @@ enum Cmd {
         #[arg(default_value = "")]
         prefix: String,
     },
-    /// Regions, peers and replication lag as the first reachable node sees them.
+    /// Regions, peers, replication lag and per-keyspace copies as the first
+    /// reachable node sees them.
     Status,
+    /// Replication policies.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// The policy audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Put a policy set in force: a TOML file with `version = N` (higher
+    /// than the version in force) and `[[policy]]` tables, each with
+    /// `keyspace`, `regions` ("all", "local" or a list), `priority`
+    /// (critical, normal, bulk) and optional `writers`. The node spreads it
+    /// to every other node; each records it in its audit log.
+    Set {
+        /// The file.
+        file: PathBuf,
+    },
+    /// The policy set in force and where each keyspace's copies are.
+    Show,
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Fetch the node's audit log and verify its blake3 chain; exits
+    /// non-zero if an entry was edited, removed or reordered.
+    Verify,
+    /// Print the node's audit log.
+    Show,
+}
+
+/// The file `lattice policy set` reads.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    version: u64,
+    #[serde(default)]
+    policy: Vec<Policy>,
 }
 
 #[derive(Deserialize)]
@@ -144,6 +194,8 @@ async fn run(cli: Cli) -> Result<(), String> {
         Ok(RequestBody::Write {
             op_id: Client::new_op_id(),
             ops: vec![(key(k)?, op)],
+            concern: cli.concern,
+            timeout_ms: cli.concern_timeout_ms,
         })
     };
     let body = match &cli.cmd {
@@ -163,7 +215,14 @@ async fn run(cli: Cli) -> Result<(), String> {
             Op::SetRemove(elements.iter().map(|e| Bytes::from(e.as_str())).collect()),
         )?,
         Cmd::Del { key: k } => write(k, Op::Delete)?,
-        Cmd::Status => RequestBody::Status,
+        Cmd::Status | Cmd::Policy(PolicyCmd::Show) => RequestBody::Status,
+        Cmd::Policy(PolicyCmd::Set { file }) => {
+            let text = std::fs::read_to_string(file).map_err(|e| format!("reading {}: {e}", file.display()))?;
+            let f: PolicyFile = toml::from_str(&text).map_err(|e| format!("parsing {}: {e}", file.display()))?;
+            let set = PolicySet::new(f.version, f.policy).map_err(|e| format!("{}: {e}", file.display()))?;
+            RequestBody::SetPolicy(set)
+        }
+        Cmd::Audit(_) => RequestBody::Audit,
         Cmd::Watch { prefix } => {
             let mut w = client.watch(0, prefix, None).await.map_err(|e| e.to_string())?;
             while let Some(change) = w.next().await.map_err(|e| e.to_string())? {
@@ -182,6 +241,16 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
     };
     let response = client.request(body).await.map_err(|e: Error| e.to_string())?;
+    if let (Cmd::Audit(AuditCmd::Verify), Response::Audit(entries)) = (&cli.cmd, &response) {
+        audit::verify(entries).map_err(|e| e.to_string())?;
+        let head = entries.last().map_or("(empty)", |e| e.hash.as_str());
+        println!(
+            "ok: {} entries, chain intact, head {head}, policy version {}",
+            entries.len(),
+            entries.last().map_or(0, |e| e.policy.version)
+        );
+        return Ok(());
+    }
     if cli.json {
         println!("{}", serde_json::to_string(&response).map_err(|e| e.to_string())?);
         return Ok(());
@@ -189,13 +258,14 @@ async fn run(cli: Cli) -> Result<(), String> {
     match response {
         Response::Value { value, .. } => println!("{}", show(&value)),
         Response::Written { duplicate, .. } => println!("{}", if duplicate { "ok (already applied)" } else { "ok" }),
+        Response::Status(s) if matches!(cli.cmd, Cmd::Policy(PolicyCmd::Show)) => print_policies(&s),
         Response::Status(s) => {
             println!(
                 "node {} region {} replica {} digest {}",
                 s.node, s.region, s.replica, s.digest
             );
             println!("buffer: {} groups, {} bytes", s.buffer.0, s.buffer.1);
-            for p in s.peers {
+            for p in &s.peers {
                 let heard = p.last_heard_ms_ago.map_or("never".into(), |ms| format!("{ms} ms ago"));
                 println!(
                     "  peer {:<8} region {:<6} {:<5} lag {} groups, heard {}",
@@ -206,10 +276,45 @@ async fn run(cli: Cli) -> Result<(), String> {
                     heard
                 );
             }
+            print_policies(&s);
+        }
+        Response::PolicySet { version } => println!("ok: policy version {version} in force"),
+        Response::Audit(entries) => {
+            for e in entries {
+                println!(
+                    "{} version={} source={:?} node={} at_ms={} hash={}",
+                    e.index, e.policy.version, e.source, e.node, e.at_ms, e.hash
+                );
+            }
         }
         other => println!("{other:?}"),
     }
     Ok(())
+}
+
+fn print_policies(s: &NodeStatus) {
+    println!("policy version {}", s.policy_version);
+    for p in &s.policies {
+        let name = if p.keyspace.is_empty() {
+            "(default)"
+        } else {
+            p.keyspace.as_str()
+        };
+        println!(
+            "  keyspace {name:<12} regions {:<12} priority {}",
+            p.regions, p.priority
+        );
+        for c in &p.copies {
+            if c.holds {
+                println!(
+                    "    {:<8} holds a copy, lag {} groups ({} ms)",
+                    c.region, c.lag_groups, c.lag_ms
+                );
+            } else {
+                println!("    {:<8} no copy (policy)", c.region);
+            }
+        }
+    }
 }
 
 fn main() -> ExitCode {

@@ -75,7 +75,10 @@ pub fn verify(entries: &[AuditEntry]) -> Result<(), Error> {
     for (i, e) in entries.iter().enumerate() {
         let i = i as u64;
         if e.index != i {
-            return Err(broken(i, format!("entry says index {}, it is at position {i}", e.index)));
+            return Err(broken(
+                i,
+                format!("entry says index {}, it is at position {i}", e.index),
+            ));
         }
         let want_prev = prev.map_or(GENESIS, |p| p.hash.as_str());
         if e.prev != want_prev {

@@ -202,7 +202,10 @@ impl Policy {
     fn validate(&self) -> Result<(), String> {
         let check_list = |what: &str, l: &[RegionId]| {
             if l.is_empty() {
-                return Err(format!("keyspace {:?}: {what} must name at least one region", self.keyspace));
+                return Err(format!(
+                    "keyspace {:?}: {what} must name at least one region",
+                    self.keyspace
+                ));
             }
             if l.len() > MAX_POLICY_REGIONS {
                 return Err(format!(
@@ -262,7 +265,10 @@ impl PolicySet {
         policies.sort_by(|a, b| a.keyspace.cmp(&b.keyspace));
         for w in policies.windows(2) {
             if w[0].keyspace == w[1].keyspace {
-                return Err(Error::InvalidPolicy(format!("keyspace {:?} appears twice", w[0].keyspace)));
+                return Err(Error::InvalidPolicy(format!(
+                    "keyspace {:?} appears twice",
+                    w[0].keyspace
+                )));
             }
         }
         for p in &policies {
@@ -402,7 +408,10 @@ mod tests {
         assert!(!set.may_exchange("l/x", &r("us"), &r("eu")));
         assert!(!set.may_exchange("w/x", &r("us"), &r("us")));
         assert!(set.check_write("w/x", &r("us")).is_err());
-        assert!(set.check_read("l/x", &r("ap")).is_ok(), "unrestricted local keys are per region");
+        assert!(
+            set.check_read("l/x", &r("ap")).is_ok(),
+            "unrestricted local keys are per region"
+        );
         match set.check_read("o/x", &r("ap")) {
             Err(Error::PolicyDenied { regions, .. }) => assert_eq!(regions, vec![r("eu"), r("us")]),
             other => panic!("{other:?}"),

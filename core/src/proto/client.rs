@@ -125,6 +125,16 @@ pub enum WriteConcern {
     All,
 }
 
+impl std::fmt::Display for WriteConcern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriteConcern::Local => f.write_str("local"),
+            WriteConcern::Regions(n) => write!(f, "regions({n})"),
+            WriteConcern::All => f.write_str("all"),
+        }
+    }
+}
+
 impl std::str::FromStr for WriteConcern {
     type Err = String;
     /// Parses `local`, `all` or `regions(N)`.
@@ -228,6 +238,7 @@ impl From<&Error> for ClientError {
             | Error::UnknownVersion(_)
             | Error::Malformed(_) => ErrorKind::InvalidRequest,
             Error::PolicyDenied { .. } => ErrorKind::PolicyDenied,
+            Error::ReplicationTimeout { .. } => ErrorKind::ReplicationTimeout,
             Error::InvalidPolicy(_) => ErrorKind::InvalidPolicy,
             Error::Clock(_) | Error::Store(_) | Error::UnknownPeer(_) | Error::AuditBroken { .. } => {
                 ErrorKind::Internal
@@ -275,6 +286,40 @@ pub struct NodeStatus {
     pub buffer: (usize, usize),
     /// Peers.
     pub peers: Vec<PeerInfo>,
+    /// The version of the policy set in force.
+    #[serde(default)]
+    pub policy_version: u64,
+    /// Per keyspace policy (the default policy last): which regions get
+    /// copies from this node and their lag.
+    #[serde(default)]
+    pub policies: Vec<PolicyInfo>,
+}
+
+/// One region's copy of a keyspace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyInfo {
+    /// The region.
+    pub region: RegionId,
+    /// Whether the policy lets this node's writes of the keyspace reach it.
+    pub holds: bool,
+    /// Delta-groups of this node not yet acknowledged there (this
+    /// keyspace's priority class).
+    pub lag_groups: u64,
+    /// Age of the oldest of them, milliseconds.
+    pub lag_ms: u64,
+}
+
+/// A keyspace policy and its copies, as one node sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyInfo {
+    /// The key prefix (`""`: every key no other policy matches).
+    pub keyspace: String,
+    /// `all`, `local` or a region list.
+    pub regions: String,
+    /// `critical`, `normal` or `bulk`.
+    pub priority: String,
+    /// Per known region.
+    pub copies: Vec<CopyInfo>,
 }
 
 /// A node's answer.
@@ -296,6 +341,13 @@ pub enum Response {
     },
     /// Status.
     Status(NodeStatus),
+    /// The answer to `SetPolicy`: the version now in force.
+    PolicySet {
+        /// The version in force.
+        version: u64,
+    },
+    /// The node's policy audit log, oldest first.
+    Audit(Vec<crate::policy::audit::AuditEntry>),
     /// One change of a watch.
     Change(Change),
     /// The request failed.

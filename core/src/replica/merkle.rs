@@ -154,7 +154,8 @@ impl Forest {
         let t = self.by_policy.get(i).copied().unwrap_or(0);
         let depth = self.depth;
         if let Some((_, tree)) = self.trees.get_mut(t) {
-            tree.get_or_insert_with(|| MerkleTree::new(depth)).update(hash, old, new);
+            tree.get_or_insert_with(|| MerkleTree::new(depth))
+                .update(hash, old, new);
         }
     }
 
@@ -170,14 +171,21 @@ impl Forest {
         #[cfg(feature = "planted-bugs")]
         if crate::planted::active(crate::planted::PlantedBug::DigestLeak) {
             // Planted bug: digests cover every key, whatever the policy.
-            return self.trees.iter().filter_map(|(_, t)| t.as_ref()).fold(0, |d, t| d ^ t.digest(level, index));
+            return self
+                .trees
+                .iter()
+                .filter_map(|(_, t)| t.as_ref())
+                .fold(0, |d, t| d ^ t.digest(level, index));
         }
         self.visible_to(region).fold(0, |d, t| d ^ t.digest(level, index))
     }
 
     /// The root over every key held.
     pub(crate) fn root(&self) -> u128 {
-        self.trees.iter().filter_map(|(_, t)| t.as_ref()).fold(0, |d, t| d ^ t.root())
+        self.trees
+            .iter()
+            .filter_map(|(_, t)| t.as_ref())
+            .fold(0, |d, t| d ^ t.root())
     }
 
     /// The inclusive bucket range a leaf covers.

@@ -121,7 +121,12 @@ impl<S: Store> Replica<S> {
         let eligible: Vec<RegionId> = self
             .regions
             .iter()
-            .filter(|r| *r != own && ops.iter().all(|(k, _)| self.cfg.policy.may_exchange(k.as_str(), own, r)))
+            .filter(|r| {
+                *r != own
+                    && ops
+                        .iter()
+                        .all(|(k, _)| self.cfg.policy.may_exchange(k.as_str(), own, r))
+            })
             .cloned()
             .collect();
         let need = match concern {
