@@ -223,8 +223,8 @@ fn sent_dots(sent: &[(usize, Transmit)], node: usize) -> BTreeMap<(Key, Dot), Va
     let mut out = BTreeMap::new();
     for (_, t) in sent.iter().filter(|(f, _)| *f == node) {
         if let Ok(m @ Message::Delta { .. }) = proto::decode(&t.payload, usize::MAX) {
-            for (k, v) in m.entry_lists().into_iter().flatten().cloned() {
-                if let Value::Counter(c) = &v {
+            for (k, v) in m.entry_lists().into_iter().flatten() {
+                if let Value::Counter(c) = v {
                     for (d, _) in c.causal().store().iter_dots() {
                         out.insert((k.clone(), d), v.clone());
                     }

@@ -72,3 +72,31 @@ fn the_benchmarks_complete_a_tiny_run() {
     let f = lattice_sim::bench::repair(2_000, 10, 3).unwrap();
     assert!(f.messages >= 2 && f.bytes < f.full_state_bytes, "{}", f.line());
 }
+
+#[test]
+fn swarm_seeds_draw_policies_and_rate_limits() {
+    let cfgs: Vec<SimConfig> = (0..200).map(SimConfig::swarm).collect();
+    let with_policy = cfgs.iter().filter(|c| !c.policy.policies.is_empty()).count();
+    let limited = cfgs.iter().filter(|c| c.link_rate.is_some()).count();
+    let local = cfgs
+        .iter()
+        .flat_map(|c| &c.policy.policies)
+        .filter(|p| p.regions == lattice_core::policy::Regions::Local)
+        .count();
+    assert!(with_policy > 100 && limited > 20 && local > 50, "{with_policy} {limited} {local}");
+}
+
+#[test]
+fn under_a_rate_limit_critical_stays_fast_while_bulk_lags() {
+    // Virtual time: the figures are deterministic, not timings.
+    let p = lattice_sim::bench_priority::priority(160_000, 5, 60, 50, true).unwrap();
+    let fifo = lattice_sim::bench_priority::priority(160_000, 5, 60, 50, false).unwrap();
+    let [crit, _, bulk] = &p.classes;
+    for c in p.classes.iter().chain(&fifo.classes) {
+        assert_eq!(c.delivered, c.writes, "nothing starves: {:?}", p.lines());
+    }
+    assert!(crit.latency.1 < 1_000, "{:?}", p.lines());
+    assert!(bulk.latency.0 > 3 * crit.latency.1, "{:?}", p.lines());
+    assert!(fifo.classes[0].latency.0 > 5 * crit.latency.0, "{:?}", fifo.lines());
+    assert!(p.sent_per_sec <= 170_000, "the link's limit was not kept: {:?}", p.lines());
+}
