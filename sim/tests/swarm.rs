@@ -83,7 +83,10 @@ fn swarm_seeds_draw_policies_and_rate_limits() {
         .flat_map(|c| &c.policy.policies)
         .filter(|p| p.regions == lattice_core::policy::Regions::Local)
         .count();
-    assert!(with_policy > 100 && limited > 20 && local > 50, "{with_policy} {limited} {local}");
+    assert!(
+        with_policy > 100 && limited > 20 && local > 50,
+        "{with_policy} {limited} {local}"
+    );
 }
 
 #[test]
@@ -98,5 +101,9 @@ fn under_a_rate_limit_critical_stays_fast_while_bulk_lags() {
     assert!(crit.latency.1 < 1_000, "{:?}", p.lines());
     assert!(bulk.latency.0 > 3 * crit.latency.1, "{:?}", p.lines());
     assert!(fifo.classes[0].latency.0 > 5 * crit.latency.0, "{:?}", fifo.lines());
-    assert!(p.sent_per_sec <= 170_000, "the link's limit was not kept: {:?}", p.lines());
+    assert!(
+        p.sent_per_sec <= 170_000,
+        "the link's limit was not kept: {:?}",
+        p.lines()
+    );
 }
