@@ -28,6 +28,7 @@
 //! retry of a timed-out write goes to the same node first, which applies it
 //! once. Every call has a timeout.
 
+pub mod bench;
 mod handles;
 
 pub use handles::{Batch, CounterHandle, MapHandle, MvRegisterHandle, RegisterHandle, SetHandle};

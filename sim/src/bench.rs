@@ -246,3 +246,40 @@ pub fn gossip(nodes: usize, latency_ms: u64, rate: f64, secs: u64, hub_ms: u64) 
     let (median, max) = report.propagation.map_or((0, 0), |(p50, _, max)| (p50, max));
     (report, (per_op, median, max))
 }
+
+/// Convergence after a partition heals (issue #7, section 5): one node per
+/// region, `latency_ms` one way between regions, region 0 cut off from the
+/// others for `partition_ms` while every node takes writes at `rate` per
+/// second (cluster-wide), then the heal. Returns the run and
+/// `(converged ms after the heal, the physical floor in ms, bytes that had
+/// to cross)`. The floor is one round trip plus the differing states at
+/// `link_rate` bytes per second (unlimited: the round trip alone).
+pub fn heal(
+    regions: usize,
+    latency_ms: u64,
+    partition_ms: u64,
+    rate: f64,
+    link_rate: Option<u64>,
+) -> (crate::Report, (Option<u64>, u64, u64)) {
+    let mut c = crate::SimConfig::new(11);
+    c.nodes = regions.max(2);
+    c.regions = regions.max(2);
+    c.rate = rate;
+    c.ops = (rate * partition_ms as f64 / 1_000.0).round() as usize;
+    c.inter_ms = (latency_ms, latency_ms);
+    c.intra_ms = (1, 1);
+    c.faults = crate::FaultMix::none();
+    c.link_rate = link_rate;
+    let others: Vec<usize> = (1..c.nodes).collect();
+    let mut cut = Vec::new();
+    for &o in &others {
+        cut.push((0, o));
+        cut.push((o, 0));
+    }
+    c.script = vec![(0, crate::faults::FaultAction::Block(cut))];
+    let report = crate::Sim::new(c).run();
+    let transfer_ms = link_rate.map_or(0, |r| report.diff_bytes_at_heal * 1_000 / r.max(1));
+    let floor = 2 * latency_ms + transfer_ms;
+    let figures = (report.converged_ms, floor, report.diff_bytes_at_heal);
+    (report, figures)
+}

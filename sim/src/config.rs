@@ -138,6 +138,9 @@ pub struct SimConfig {
     /// Bytes per second each node may send to each peer in another region
     /// (`None`: unlimited).
     pub link_rate: Option<u64>,
+    /// Fault actions at fixed times, on top of the random ones (scenarios
+    /// such as a partition for the whole workload).
+    pub script: Vec<(u64, crate::faults::FaultAction)>,
 }
 
 /// Who gossips with whom.
@@ -177,6 +180,7 @@ impl SimConfig {
             broadcast: false,
             policy: Default::default(),
             link_rate: None,
+            script: Vec::new(),
         }
     }
 

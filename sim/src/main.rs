@@ -73,6 +73,28 @@ enum BenchCmd {
         #[arg(long, default_value_t = 4)]
         depth: u8,
     },
+    /// Convergence after a partition heals: one node per region, region 0
+    /// cut off for --partition-secs while every node takes writes, then the
+    /// heal. Prints the time until all replicas are identical and the
+    /// physical floor (one round trip plus the differing states at
+    /// --link-rate).
+    Heal {
+        /// Regions (one node each).
+        #[arg(long, default_value_t = 3)]
+        regions: usize,
+        /// One-way latency between regions, milliseconds.
+        #[arg(long, default_value_t = 40)]
+        latency_ms: u64,
+        /// Length of the partition, seconds.
+        #[arg(long, default_value_t = 30)]
+        partition_secs: u64,
+        /// Client writes per second, cluster-wide.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// Bytes per second between regions (omit: unlimited).
+        #[arg(long)]
+        link_rate: Option<u64>,
+    },
     /// Priorities on a congested link: 50 writes/s each of 100 B `critical`,
     /// 1 KB `normal` and 4 KB `bulk` values (255 KB/s offered) from region
     /// eu to us over a link limited to `--rate`. Prints each class's
@@ -284,6 +306,24 @@ fn main() -> ExitCode {
             for (kind, (n, _)) in &report.by_kind {
                 println!("  {kind}: {n}");
             }
+            report.violations.is_empty()
+        }
+        Cmd::Bench(BenchCmd::Heal {
+            regions,
+            latency_ms,
+            partition_secs,
+            rate,
+            link_rate,
+        }) => {
+            if !(2..=16).contains(&regions) || rate.is_nan() || rate <= 0.0 || partition_secs == 0 {
+                eprintln!("error: --regions must be 2..=16, --rate positive, --partition-secs at least 1");
+                return ExitCode::from(2);
+            }
+            let (report, (converged, floor, bytes)) =
+                lattice_sim::bench::heal(regions, latency_ms, partition_secs * 1_000, rate, link_rate);
+            let conv = converged.map_or("never".into(), |c| c.to_string());
+            println!("converged_ms={conv} floor_ms={floor} differing_bytes={bytes} writes={}", report.applied);
+            println!("  violations={}", report.violations.len());
             report.violations.is_empty()
         }
         Cmd::Bench(BenchCmd::Priority {

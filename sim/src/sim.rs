@@ -112,6 +112,9 @@ pub struct Report {
     /// Write-to-everywhere latency: p50, p99, max (ms), over writes that
     /// reached every node.
     pub propagation: Option<(u64, u64, u64)>,
+    /// Encoded size of the joined states of every key on which live nodes
+    /// differed when the network healed: what must cross at least once.
+    pub diff_bytes_at_heal: u64,
     /// Hash of the whole event trace: equal for equal seeds.
     pub trace: String,
     /// Broken invariants.
@@ -261,6 +264,9 @@ impl Sim {
             sim.start_node(i, false);
         }
         let w = sim.cfg.workload_ms();
+        for (at, action) in sim.cfg.script.clone() {
+            sim.push(at, Ev::Fault(action));
+        }
         for (at, action) in schedule(&sim.cfg, &mut rng, w) {
             sim.push(at, Ev::Fault(action));
         }
@@ -645,6 +651,7 @@ impl Sim {
 
     fn heal(&mut self) {
         self.net.heal();
+        self.report.diff_bytes_at_heal = self.diff_bytes();
         for i in 0..self.nodes.len() {
             self.nodes[i].paused_until = self.now;
             if self.nodes[i].replica.is_none() {
@@ -653,6 +660,35 @@ impl Sim {
         }
         self.healed_at = Some(self.now);
         self.push(self.now, Ev::Check);
+    }
+
+    fn diff_bytes(&self) -> u64 {
+        use lattice_core::crdt::Crdt;
+        let mut states: Vec<BTreeMap<Key, Value>> = Vec::new();
+        for n in self.nodes.iter().filter_map(|n| n.replica.as_ref()) {
+            let mut m = BTreeMap::new();
+            let _ = n.store().scan_all(&mut |k, v| {
+                m.insert(k.clone(), v.clone());
+            });
+            states.push(m);
+        }
+        let keys: BTreeSet<&Key> = states.iter().flat_map(|s| s.keys()).collect();
+        let mut total = 0;
+        for k in keys {
+            let vs: Vec<Option<&Value>> = states.iter().map(|s| s.get(k)).collect();
+            if vs.windows(2).any(|w| w[0] != w[1]) {
+                let mut joined: Option<Value> = None;
+                for v in vs.into_iter().flatten() {
+                    match &mut joined {
+                        Some(j) => j.join(v),
+                        None => joined = Some(v.clone()),
+                    }
+                }
+                let size = joined.map_or(0, |j| lattice_core::proto::to_bytes(&j).map_or(0, |b| b.len()));
+                total += (size + k.as_str().len()) as u64;
+            }
+        }
+        total
     }
 
     fn region(&self, i: usize) -> lattice_core::proto::RegionId {

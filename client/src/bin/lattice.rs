@@ -102,6 +102,26 @@ enum Cmd {
     /// The policy audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Load generator: C concurrent sessions send one operation at a time
+    /// to the first endpoint for --secs seconds; prints ops/s and latency
+    /// percentiles (`ops_per_sec=... p50_us=... p99_us=... p999_us=...`).
+    Bench {
+        /// Concurrent sessions.
+        #[arg(long, default_value_t = 50)]
+        sessions: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        /// Distinct keys.
+        #[arg(long, default_value_t = 100_000)]
+        keys: usize,
+        /// Value size of `set`, bytes.
+        #[arg(long, default_value_t = 100)]
+        value_size: usize,
+        /// Operation: set, incr, get or mix (50% set, 30% get, 20% incr).
+        #[arg(long, value_enum, default_value = "set")]
+        op: lattice_client::bench::BenchOp,
+    },
 }
 
 #[derive(Subcommand)]
@@ -223,6 +243,27 @@ async fn run(cli: Cli) -> Result<(), String> {
             RequestBody::SetPolicy(set)
         }
         Cmd::Audit(_) => RequestBody::Audit,
+        Cmd::Bench {
+            sessions,
+            secs,
+            keys,
+            value_size,
+            op,
+        } => {
+            let cfg = lattice_client::bench::BenchConfig {
+                sessions: *sessions,
+                duration: std::time::Duration::from_secs(*secs),
+                keys: *keys,
+                value_size: *value_size,
+                op: *op,
+                node: 0,
+            };
+            let report = lattice_client::bench::run(std::sync::Arc::new(client), cfg)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("{}", report.line());
+            return Ok(());
+        }
         Cmd::Watch { prefix } => {
             let mut w = client.watch(0, prefix, None).await.map_err(|e| e.to_string())?;
             while let Some(change) = w.next().await.map_err(|e| e.to_string())? {
