@@ -132,7 +132,11 @@ pub async fn run(client: Arc<Client>, cfg: BenchConfig) -> Result<BenchReport, E
                 };
                 let i = rng.gen_range(0..cfg.keys);
                 // In a mix, counters live above the registers' key range.
-                let i = if cfg.op == BenchOp::Mix && op == BenchOp::Incr { cfg.keys + i } else { i };
+                let i = if cfg.op == BenchOp::Mix && op == BenchOp::Incr {
+                    cfg.keys + i
+                } else {
+                    i
+                };
                 let req = request(op, key(i)?, &value);
                 let t = Instant::now();
                 match client.request_to(cfg.node, req).await {
@@ -147,8 +151,8 @@ pub async fn run(client: Arc<Client>, cfg: BenchConfig) -> Result<BenchReport, E
             Ok::<_, Error>((ok, errors, hist))
         }));
     }
-    let mut total = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-        .map_err(|e| Error::Config(e.to_string()))?;
+    let mut total =
+        hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| Error::Config(e.to_string()))?;
     let (mut ops, mut errors) = (0, 0);
     for t in tasks {
         let (o, e, h) = t.await.map_err(|e| Error::Internal(e.to_string()))??;

@@ -197,6 +197,7 @@ fn bad_frames_are_refused_without_effect() {
         sender: r.id(),
         time: Default::default(),
         policy: Default::default(),
+        hello: false,
     })
     .unwrap();
     assert!(matches!(

@@ -184,7 +184,14 @@ fn audit_verify(data_dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn bench_sled(dir: &std::path::Path, threads: usize, secs: u64, keys: usize, value_size: usize, flush: bool) -> Result<()> {
+fn bench_sled(
+    dir: &std::path::Path,
+    threads: usize,
+    secs: u64,
+    keys: usize,
+    value_size: usize,
+    flush: bool,
+) -> Result<()> {
     use anyhow::Context;
     use rand::{Rng, SeedableRng};
     if threads == 0 || keys == 0 {

@@ -99,6 +99,7 @@ pub fn repair(keys: usize, diff: usize, depth: u8) -> Result<RepairFigures, Erro
         sender: ReplicaId(0xb),
         time: Default::default(),
         policy: Default::default(),
+        hello: false,
     })?;
     a.handle(Time(0), &NodeId("n1".into()), &hb)?;
     a.handle(Time(0), &NodeId("n1".into()), &ack)?;
@@ -145,6 +146,7 @@ pub fn repair(keys: usize, diff: usize, depth: u8) -> Result<RepairFigures, Erro
         sender: a.id(),
         time: Default::default(),
         policy: Default::default(),
+        hello: false,
     })?;
     b.handle(Time(1), &na, &hb_a)?;
     b.repair_with(Time(1), &na)?;

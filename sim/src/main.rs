@@ -322,7 +322,10 @@ fn main() -> ExitCode {
             let (report, (converged, floor, bytes)) =
                 lattice_sim::bench::heal(regions, latency_ms, partition_secs * 1_000, rate, link_rate);
             let conv = converged.map_or("never".into(), |c| c.to_string());
-            println!("converged_ms={conv} floor_ms={floor} differing_bytes={bytes} writes={}", report.applied);
+            println!(
+                "converged_ms={conv} floor_ms={floor} differing_bytes={bytes} writes={}",
+                report.applied
+            );
             println!("  violations={}", report.violations.len());
             report.violations.is_empty()
         }

@@ -39,8 +39,10 @@ fn a_fault_free_run_converges_at_once_and_reports_its_figures() {
 /// Seeds that found bugs while the engine was built (see the commit log):
 /// a stalled timer after a pause (260), anti-entropy leaking unflushed
 /// state (646), deltas joined past a gap (1030, 1265), a restarted node not
-/// repairing a wiped peer (57, 936), lost-with-disk accounting (282, 361).
-const REGRESSION_SEEDS: &[u64] = &[2, 57, 161, 260, 282, 361, 646, 936, 1030, 1265];
+/// repairing a wiped peer (57, 936), lost-with-disk accounting (282, 361),
+/// a rate-limited link whose repair waited forever on a bucket nothing
+/// refilled (555).
+const REGRESSION_SEEDS: &[u64] = &[2, 57, 161, 260, 282, 361, 555, 646, 936, 1030, 1265];
 
 #[test]
 fn regression_seeds_stay_fixed() {

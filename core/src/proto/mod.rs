@@ -170,6 +170,10 @@ pub enum Message {
         time: HlcTimestamp,
         /// The sender's policy set.
         policy: PolicyStamp,
+        /// The sender's first message to the receiver since it started:
+        /// answer with a heartbeat at once, so it learns our incarnation and
+        /// policy without waiting a heartbeat interval.
+        hello: bool,
     },
     /// The joined delta-groups `from..to` of `sender` (less what came from
     /// the receiver and what policy keeps from it).
@@ -254,6 +258,12 @@ impl Message {
             Message::AeDone { .. } => "ae_done",
             Message::Policy(_) => "policy",
         }
+    }
+
+    /// Whether the message carries keys, states or digests of them (every
+    /// kind but heartbeats, acknowledgements and policy sets).
+    pub fn is_state_carrying(&self) -> bool {
+        !matches!(self, Message::Heartbeat { .. } | Message::Ack(_) | Message::Policy(_))
     }
 
     /// Every key and state the message carries, section by section.

@@ -20,6 +20,14 @@ impl<S: Store> Replica<S> {
     /// children: equal roots cost this one message and the answer, and a
     /// difference saves the round trip a root-only opening would take.
     pub(super) fn start_anti_entropy(&mut self, now: Time, peer: &NodeId) -> Result<(), Error> {
+        let Some(p) = self.peers.get(peer) else {
+            return Err(Error::UnknownPeer(peer.0.clone()));
+        };
+        // Not while the peer holds another policy set, nor while its link
+        // is in debt: the repair is retried later.
+        if p.policy_seen != Some(self.policy_stamp) || self.link_budget(peer, now) == Some(0) {
+            return Ok(());
+        }
         self.stats.ae_rounds += 1;
         let round = RoundId {
             initiator: self.id,
@@ -281,8 +289,12 @@ impl<S: Store> Replica<S> {
         want: &[u64],
         reply: bool,
     ) -> Result<(), Error> {
+        let refused_before = self.stats.policy_refused;
         let repaired = self.apply_remote(from, entries)?;
         self.stats.ae_keys_repaired += repaired as u64;
+        let mut round = round;
+        // States refused by policy are not held here: the round proves nothing.
+        round.partial |= self.stats.policy_refused > refused_before;
         if !reply {
             // The round's last states: confirm once they are durable here.
             return self.queue_durable(from, &Message::AeDone { round }, now);
@@ -295,7 +307,6 @@ impl<S: Store> Replica<S> {
             .clone();
         let mut send = Vec::new();
         let limit = self.cfg.max_ae_fanout * 64;
-        let mut round = round;
         round.partial |= want.len() > limit;
         let want: std::collections::BTreeSet<u64> = want.iter().take(limit).copied().collect();
         for &h in &want {

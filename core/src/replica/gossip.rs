@@ -109,7 +109,7 @@ impl<S: Store> Replica<S> {
 
     /// Refills the peer's token bucket; `None` when its link is unlimited,
     /// otherwise the bytes that may be sent now.
-    fn link_budget(&mut self, node: &NodeId, now: Time) -> Option<usize> {
+    pub(super) fn link_budget(&mut self, node: &NodeId, now: Time) -> Option<usize> {
         let p = self.peers.get_mut(node)?;
         let rate = p.cfg.rate_limit?;
         let burst = (rate / 4).max(4_096) as i64;
@@ -135,10 +135,13 @@ impl<S: Store> Replica<S> {
         let Some(p) = self.peers.get(node) else {
             return Ok(false);
         };
-        if !self.is_alive(p, now) || p.last_delta.is_some_and(|t| now.since(t) < sync) {
+        if !self.is_alive(p, now)
+            || p.last_delta.is_some_and(|t| now.since(t) < sync)
+            || p.policy_seen != Some(self.policy_stamp)
+        {
             return Ok(false);
         }
-        if p.min_acked() < front {
+        if p.min_acked() < front || p.awaiting_repair {
             // Groups it may lack were dropped from the buffer (or we do not
             // know what it has, after a restart): deltas past that gap must
             // not be joined there, so repair first; a completed round moves
@@ -204,7 +207,9 @@ impl<S: Store> Replica<S> {
                 let entries: Vec<&(Key, Value)> = entries.collect();
                 let est = per_entry * entries.len();
                 let over = match cap {
-                    Some(credit) => bytes + est > remaining.min(credit),
+                    // The credit may overdraw the bucket: a group larger
+                    // than a burst must still go once its share is earned.
+                    Some(credit) => bytes + est > credit,
                     None => bytes + est > remaining && (bytes > 0 || !sections.is_empty()),
                 };
                 if est > 0 && over {
@@ -293,22 +298,26 @@ impl<S: Store> Replica<S> {
     }
 
     pub(super) fn send_heartbeats(&mut self, now: Time) -> Result<(), Error> {
-        let due: Vec<NodeId> = self
+        let due: Vec<(NodeId, bool)> = self
             .peers
             .values()
             .filter(|p| p.last_sent.is_none_or(|t| now.since(t) >= self.cfg.heartbeat_ms))
-            .map(|p| p.cfg.node.clone())
+            .map(|p| (p.cfg.node.clone(), p.last_sent.is_none()))
             .collect();
-        for node in due {
-            let time = self.hlc.now(self.wall(now));
-            let msg = Message::Heartbeat {
-                sender: self.id,
-                time,
-                policy: self.policy_stamp,
-            };
-            self.queue(&node, &msg, now)?;
+        for (node, hello) in due {
+            self.send_heartbeat(now, &node, hello)?;
         }
         Ok(())
+    }
+
+    pub(super) fn send_heartbeat(&mut self, now: Time, node: &NodeId, hello: bool) -> Result<(), Error> {
+        let msg = Message::Heartbeat {
+            sender: self.id,
+            time: self.hlc.now(self.wall(now)),
+            policy: self.policy_stamp,
+            hello,
+        };
+        self.queue(node, &msg, now)
     }
 
     /// Joins the sections of a `Delta` (bases already checked against our
@@ -418,6 +427,9 @@ impl<S: Store> Replica<S> {
         }
         let next = self.next_seq;
         let Some(p) = self.peers.get_mut(from) else { return };
+        if p.awaiting_repair {
+            return; // may predate the policy in force: only a repair counts
+        }
         for (s, upto) in p.streams.iter_mut().zip(ack.upto) {
             let upto = upto.min(next);
             if upto > s.acked {

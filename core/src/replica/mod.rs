@@ -106,6 +106,14 @@ struct Peer {
     tokens_at: Time,
     /// When we last sent the peer our policy set.
     policy_sent: Option<Time>,
+    /// The policy stamp the peer last told us. State-carrying frames go
+    /// both ways only while it equals ours, so neither side ever sends or
+    /// judges a key under a policy the other does not hold.
+    policy_seen: Option<PolicyStamp>,
+    /// Set when a new policy was adopted: what the peer acknowledged
+    /// before no longer counts, and no delta goes until a repair round
+    /// started after the adoption completes.
+    awaiting_repair: bool,
 }
 
 impl Peer {
@@ -135,6 +143,8 @@ impl Peer {
             tokens,
             tokens_at: now,
             policy_sent: None,
+            policy_seen: None,
+            awaiting_repair: false,
         }
     }
 
@@ -164,6 +174,8 @@ struct ConcernWait {
     need: usize,
     /// The other regions that may hold every key of the write.
     eligible: Vec<RegionId>,
+    /// The priority classes of the write's keys: their streams must carry it.
+    classes: Vec<usize>,
     /// Durable here.
     durable: bool,
     deadline: Time,
@@ -563,11 +575,36 @@ impl<S: Store> Replica<S> {
         };
         if let Some(p) = self.peers.get_mut(from) {
             p.last_heard = Some(now);
+            if let Message::Heartbeat { policy, .. } | Message::Delta { policy, .. } = &msg {
+                p.policy_seen = Some(*policy);
+            }
+        }
+        let same_policy = self.peers.get(from).and_then(|p| p.policy_seen) == Some(self.policy_stamp);
+        if !same_policy && msg.is_state_carrying() {
+            // The peer holds another policy set: nothing it says about keys
+            // is judged (or acknowledged) until the sets agree.
+            if let Message::Delta {
+                sender, time, policy, ..
+            } = &msg
+            {
+                self.observe_clock(now, *time);
+                self.observe_incarnation(now, from, *sender);
+                return self.observe_policy(now, from, *policy);
+            }
+            return Ok(());
         }
         match msg {
-            Message::Heartbeat { sender, time, policy } => {
+            Message::Heartbeat {
+                sender,
+                time,
+                policy,
+                hello,
+            } => {
                 self.observe_clock(now, time);
                 self.observe_incarnation(now, from, sender);
+                if hello {
+                    self.send_heartbeat(now, from, false)?;
+                }
                 self.observe_policy(now, from, policy)
             }
             Message::Delta {
@@ -682,6 +719,7 @@ impl<S: Store> Replica<S> {
                 return;
             }
             p.repair_due = None;
+            p.awaiting_repair = false;
             let through = round.through.min(next);
             for s in p.streams.iter_mut() {
                 if through > s.acked {

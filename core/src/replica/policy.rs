@@ -61,7 +61,24 @@ impl<S: Store> Replica<S> {
         for p in self.peers.values_mut() {
             p.reset_streams(front, now);
             p.policy_sent = None;
+            p.awaiting_repair = true;
         }
+        if let Some(p) = from.as_ref().and_then(|f| self.peers.get_mut(f)) {
+            p.policy_seen = Some(self.policy_stamp);
+        }
+        // Frames built under the old set must not go out under the new one.
+        self.held.clear();
+        self.outbox.retain(|t| {
+            !matches!(
+                t.kind,
+                "delta" | "ae_tree" | "ae_leaves" | "ae_states" | "ae_in_sync" | "ae_done"
+            )
+        });
+        // Which regions count for a pending write concern may have changed:
+        // end them (the writes stay durable here and keep replicating).
+        let pending: Vec<WriteId> = self.concerns.drain(..).map(|c| c.id).collect();
+        self.stats.concern_timeouts += pending.len() as u64;
+        self.events.extend(pending.into_iter().map(Event::WriteConcernTimeout));
         let nodes: Vec<NodeId> = self.peers.keys().cloned().collect();
         for node in &nodes {
             self.schedule_repair(now, node);
@@ -143,18 +160,24 @@ impl<S: Store> Replica<S> {
                 may.join(", ")
             )));
         }
-        if need > 1 && self.concerns.len() >= self.cfg.max_pending_writes {
+        let waits = concern != WriteConcern::Local;
+        if waits && self.concerns.len() >= self.cfg.max_pending_writes {
             self.stats.overloaded += 1;
             return Err(Error::Overloaded("too many writes waiting for their write concern"));
         }
+        let mut classes: Vec<usize> = ops.iter().map(|(k, _)| self.class_of(k)).collect();
+        classes.sort_unstable();
+        classes.dedup();
         let (id, dup) = self.write_once(now, op_id, ops)?;
-        if need > 1 {
+        if waits {
+            // With `need == 1` it is met at local durability, and answered then.
             self.concerns.push(ConcernWait {
                 id,
                 // A retry's original group is somewhere below: wait for all.
                 seq_end: self.next_seq,
                 need,
                 eligible,
+                classes,
                 durable: false,
                 deadline: now.plus(timeout_ms),
             });
@@ -172,7 +195,11 @@ impl<S: Store> Replica<S> {
             }
             let regions: BTreeSet<&RegionId> = peers
                 .values()
-                .filter(|p| p.min_acked() >= c.seq_end && c.eligible.contains(&p.cfg.region))
+                .filter(|p| {
+                    !p.awaiting_repair
+                        && c.eligible.contains(&p.cfg.region)
+                        && c.classes.iter().all(|&k| p.streams[k].acked >= c.seq_end)
+                })
                 .map(|p| &p.cfg.region)
                 .collect();
             if regions.len() + 1 >= c.need {
