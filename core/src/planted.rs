@@ -19,6 +19,8 @@ pub enum PlantedBug {
     PolicyLeak,
     /// Anti-entropy digests cover every key, whatever the policy.
     DigestLeak,
+    /// A write concern counts as met once the write is durable locally.
+    ConcernEarly,
 }
 
 thread_local! {

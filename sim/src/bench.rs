@@ -98,7 +98,7 @@ pub fn repair(keys: usize, diff: usize, depth: u8) -> Result<RepairFigures, Erro
     let hb = proto::encode(&proto::Message::Heartbeat {
         sender: ReplicaId(0xb),
         time: Default::default(),
-        policy: Default::default(),
+        policy: proto::PolicyStamp::of(&Default::default()),
         hello: false,
     })?;
     a.handle(Time(0), &NodeId("n1".into()), &hb)?;
@@ -145,7 +145,7 @@ pub fn repair(keys: usize, diff: usize, depth: u8) -> Result<RepairFigures, Erro
     let hb_a = proto::encode(&proto::Message::Heartbeat {
         sender: a.id(),
         time: Default::default(),
-        policy: Default::default(),
+        policy: proto::PolicyStamp::of(&Default::default()),
         hello: false,
     })?;
     b.handle(Time(1), &na, &hb_a)?;

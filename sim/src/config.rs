@@ -141,6 +141,11 @@ pub struct SimConfig {
     /// Fault actions at fixed times, on top of the random ones (scenarios
     /// such as a partition for the whole workload).
     pub script: Vec<(u64, crate::faults::FaultAction)>,
+    /// A newer policy set put in force at one node at this time (as
+    /// `lattice policy set` does); it spreads by gossip.
+    pub policy_change: Option<(u64, lattice_core::policy::PolicySet)>,
+    /// Share of writes (0..1) sent with write concern `regions(2)`.
+    pub concern_share: f64,
 }
 
 /// Who gossips with whom.
@@ -181,6 +186,8 @@ impl SimConfig {
             policy: Default::default(),
             link_rate: None,
             script: Vec::new(),
+            policy_change: None,
+            concern_share: 0.0,
         }
     }
 
@@ -237,6 +244,16 @@ impl SimConfig {
         c.policy = crate::policy::random_policy(&mut prng, c.regions);
         if prng.gen_bool(0.2) {
             c.link_rate = Some(prng.gen_range(2_000..200_000));
+        }
+        if prng.gen_bool(0.3) {
+            let next = crate::policy::random_policy(&mut prng, c.regions);
+            let at = prng.gen_range(0..c.workload_ms().max(1));
+            if let Ok(v2) = lattice_core::policy::PolicySet::new(2, next.policies) {
+                c.policy_change = Some((at, v2));
+            }
+        }
+        if c.regions >= 2 && prng.gen_bool(0.3) {
+            c.concern_share = prng.gen_range(0.05..0.5);
         }
         c
     }

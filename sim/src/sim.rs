@@ -26,6 +26,7 @@ enum Ev {
     Fault(FaultAction),
     Heal,
     Check,
+    PolicyChange,
 }
 
 impl Ev {
@@ -38,6 +39,7 @@ impl Ev {
             Ev::Fault(_) => 5,
             Ev::Heal => 6,
             Ev::Check => 7,
+            Ev::PolicyChange => 8,
         }
     }
     fn node(&self) -> Option<usize> {
@@ -115,6 +117,8 @@ pub struct Report {
     /// Encoded size of the joined states of every key on which live nodes
     /// differed when the network healed: what must cross at least once.
     pub diff_bytes_at_heal: u64,
+    /// Writes acknowledged with `regions(2)` whose copies were checked.
+    pub concerns_checked: usize,
     /// Hash of the whole event trace: equal for equal seeds.
     pub trace: String,
     /// Broken invariants.
@@ -170,6 +174,10 @@ pub struct Sim {
     workload: Workload,
     records: Vec<OpRecord>,
     pending: BTreeMap<(usize, u64, WriteId), usize>,
+    /// Writes sent with write concern `regions(2)`, until replicated.
+    concerned: BTreeMap<(usize, u64, WriteId), usize>,
+    /// When a disk was last destroyed.
+    last_wipe: Option<u64>,
     unseen: BTreeMap<Key, BTreeSet<usize>>,
     healed_at: Option<u64>,
     done: bool,
@@ -231,13 +239,17 @@ impl Sim {
         let report = Report {
             seed: cfg.seed,
             setup: format!(
-                "nodes={} regions={} faults={} relay={}{}{}",
+                "nodes={} regions={} faults={} relay={}{}{}{}",
                 cfg.nodes,
                 cfg.regions,
                 cfg.faults.describe(),
                 cfg.relay,
                 crate::policy::describe(&cfg.policy),
                 cfg.link_rate.map_or(String::new(), |r| format!(" link_rate={r}B/s")),
+                cfg.policy_change.as_ref().map_or(String::new(), |(at, p)| format!(
+                    " policy_change@{at}ms{}",
+                    crate::policy::describe(p)
+                )),
             ),
             ..Report::default()
         };
@@ -253,6 +265,8 @@ impl Sim {
             workload,
             records: Vec::new(),
             pending: BTreeMap::new(),
+            concerned: BTreeMap::new(),
+            last_wipe: None,
             unseen: BTreeMap::new(),
             healed_at: None,
             done: false,
@@ -264,6 +278,10 @@ impl Sim {
             sim.start_node(i, false);
         }
         let w = sim.cfg.workload_ms();
+        if let Some((at, _)) = &sim.cfg.policy_change {
+            let at = *at;
+            sim.push(at, Ev::PolicyChange);
+        }
         for (at, action) in sim.cfg.script.clone() {
             sim.push(at, Ev::Fault(action));
         }
@@ -333,6 +351,7 @@ impl Sim {
             }
         }
         if wipe {
+            self.last_wipe = Some(self.now);
             self.report.crashes.1 += 1;
             self.exempt_lost_with_disk(i);
             self.nodes[i].parked = Some(MemoryStore::new());
@@ -440,7 +459,7 @@ impl Sim {
             self.trace.update(&(i as u64).to_le_bytes());
             self.trace.update(&t.payload);
             let Some(&to) = self.ids.get(&t.to) else { continue };
-            if !self.cfg.policy.policies.is_empty() {
+            if self.has_policies() {
                 self.check_leaks(i, to, &t.payload);
             }
             let same_region = self.cfg.region_of(i) == self.cfg.region_of(to);
@@ -464,7 +483,15 @@ impl Sim {
             match e {
                 Event::WriteDurable(id) => self.on_durable(i, id),
                 Event::RemoteApplied { key, .. } => self.key_changed(i, &key),
-                Event::WriteReplicated(_) | Event::WriteConcernTimeout(_) | Event::PolicyAdopted { .. } => {}
+                Event::WriteReplicated(id) => self.on_replicated(i, id),
+                Event::WriteConcernTimeout(id) => {
+                    let token = self.nodes[i].token;
+                    self.concerned.remove(&(i, token, id));
+                }
+                // The adopted set survives a restart (latticed keeps it in
+                // its audit log) and, here, a lost disk too (as if the
+                // operator's configuration had been updated).
+                Event::PolicyAdopted { policy, .. } => self.nodes[i].cfg.policy = policy,
             }
         }
         let token = self.nodes[i].token;
@@ -526,7 +553,20 @@ impl Sim {
         let Some(r) = self.nodes[i].replica.as_mut() else {
             return;
         };
-        let result = r.write(Time(self.now), vec![(key.clone(), op.clone())]);
+        let policy = r.policy().clone();
+        let own = crate::policy::region_name(self.cfg.region_of(i));
+        let reach = (0..self.cfg.regions)
+            .map(crate::policy::region_name)
+            .filter(|g| *g != own && policy.may_exchange(key.as_str(), &own, g))
+            .count();
+        let concern = reach >= 1 && self.rng.gen_bool(self.cfg.concern_share.clamp(0.0, 1.0));
+        let result = if concern {
+            let c = lattice_core::proto::client::WriteConcern::Regions(2);
+            r.write_with(Time(self.now), None, vec![(key.clone(), op.clone())], c, 3_000)
+                .map(|(id, _)| id)
+        } else {
+            r.write(Time(self.now), vec![(key.clone(), op.clone())])
+        };
         let r_id = r.id();
         let id = self.records.len();
         let mut rec = OpRecord {
@@ -545,9 +585,10 @@ impl Sim {
             exempt: false,
             seen_by: 0,
             targets: self.targets(i, &key),
+            policy_version: policy.version,
             reached_all_at: None,
         };
-        let denied = self.cfg.policy.check_write(key.as_str(), &self.region(i)).is_err();
+        let denied = policy.check_write(key.as_str(), &self.region(i)).is_err();
         match (result, expect_error) {
             (Err(lattice_core::Error::PolicyDenied { .. }), _) if denied => {
                 if self.read(i, &key) != before {
@@ -591,6 +632,9 @@ impl Sim {
                 }
                 self.report.applied += 1;
                 self.pending.insert((i, token, wid), id);
+                if concern {
+                    self.concerned.insert((i, token, wid), id);
+                }
                 self.records.push(rec);
                 // Propagation is measured for writes with something to see
                 // (dots, a stamp, a counter total): not for removes.
@@ -695,21 +739,84 @@ impl Sim {
         crate::policy::region_name(self.cfg.region_of(i))
     }
 
-    /// The nodes a write of `key` at node `i` must reach.
+    /// Whether any policy is in force during the run.
+    fn has_policies(&self) -> bool {
+        !self.cfg.policy.policies.is_empty() || self.cfg.policy_change.is_some()
+    }
+
+    /// The policy set in force at the end of the run.
+    fn final_policy(&self) -> &lattice_core::policy::PolicySet {
+        self.cfg.policy_change.as_ref().map_or(&self.cfg.policy, |(_, p)| p)
+    }
+
+    /// The nodes a write of `key` at node `i` must reach: those its policy
+    /// at the time and the final one both let it reach.
     fn targets(&self, i: usize, key: &Key) -> u64 {
         let from = self.region(i);
+        let now = self.nodes[i].replica.as_ref().map_or(&self.cfg.policy, |r| r.policy());
         (0..self.nodes.len())
-            .filter(|&j| self.cfg.policy.may_exchange(key.as_str(), &from, &self.region(j)))
+            .filter(|&j| {
+                let to = self.region(j);
+                now.may_exchange(key.as_str(), &from, &to) && self.final_policy().may_exchange(key.as_str(), &from, &to)
+            })
             .fold(0, |m, j| m | (1 << j))
     }
 
-    /// The leak checker: see [`crate::policy`].
+    /// Puts the scripted policy change in force at the first node that is up.
+    fn change_policy(&mut self) {
+        let Some((_, set)) = self.cfg.policy_change.clone() else {
+            return;
+        };
+        let Some(i) = (0..self.nodes.len()).find(|&i| self.nodes[i].replica.is_some()) else {
+            self.push(self.now + 100, Ev::PolicyChange);
+            return;
+        };
+        if let Some(r) = self.nodes[i].replica.as_mut() {
+            if let Err(e) = r.set_policy(Time(self.now), set) {
+                self.violation("policy", format!("node {i} refused a valid policy set: {e}"));
+            }
+        }
+        self.after(i);
+    }
+
+    /// A write acknowledged with `regions(2)` must be durable in two regions.
+    fn on_replicated(&mut self, i: usize, id: WriteId) {
+        let token = self.nodes[i].token;
+        let Some(ri) = self.concerned.remove(&(i, token, id)) else {
+            return;
+        };
+        let r = &self.records[ri];
+        if self.last_wipe.is_some_and(|t| t >= r.issued_at) {
+            // A disk destroyed since the write may have held one of the
+            // copies the acknowledgement counted: nothing to check.
+            return;
+        }
+        let regions: BTreeSet<usize> = (0..self.nodes.len())
+            .filter(|&j| {
+                let n = &self.nodes[j];
+                let store = n.replica.as_ref().map(|r| r.store()).or(n.parked.as_ref());
+                store.is_some_and(|s| r.visible_in(s.get_durable(&r.key).as_ref()))
+            })
+            .map(|j| self.cfg.region_of(j))
+            .collect();
+        self.report.concerns_checked += 1;
+        if regions.len() < 2 {
+            let detail = format!(
+                "op {} ({:?} on {}) was acknowledged with regions(2) but is durable only in {regions:?}",
+                r.id, r.op, r.key
+            );
+            self.violation("write-concern", detail);
+        }
+    }
+
+    /// The leak checker: see [`crate::policy`]. A frame is judged by the
+    /// policy its sender held when it sent it.
     fn check_leaks(&mut self, from: usize, to: usize, frame: &[u8]) {
         let found = {
             let Some(r) = self.nodes[from].replica.as_ref() else {
                 return;
             };
-            crate::policy::leaks(&self.cfg.policy, r.store(), &self.region(from), &self.region(to), frame)
+            crate::policy::leaks(r.policy(), r.store(), &self.region(from), &self.region(to), frame)
         };
         for leak in found.into_iter().take(3) {
             self.violation("policy-leak", format!("n{from} -> n{to}: {leak}"));
@@ -735,7 +842,11 @@ impl Sim {
     fn check(&mut self) {
         let Some(healed) = self.healed_at else { return };
         let differing = self.differing_pairs();
-        let all_up = self.nodes.iter().all(|n| n.replica.is_some());
+        let final_policy = self.final_policy().clone();
+        let all_up = self
+            .nodes
+            .iter()
+            .all(|n| n.replica.as_ref().is_some_and(|r| *r.policy() == final_policy));
         let quiet = self.report.ops >= self.cfg.ops;
         if all_up && quiet && differing == 0 {
             self.report.converged_ms = Some(self.now - healed);
@@ -797,7 +908,8 @@ impl Sim {
             }
             states.push(m);
         }
-        let policy = self.cfg.policy.clone();
+        let policy = self.final_policy().clone();
+        let first = self.cfg.policy.clone();
         let regions: Vec<_> = (0..self.nodes.len()).map(|i| self.region(i)).collect();
         // Every pair of nodes holds the same state for every key the two
         // regions may exchange.
@@ -813,17 +925,21 @@ impl Sim {
                 }
             }
         }
-        // Residency at rest: no node holds a key its region may not, and a
-        // quarantined key only where its region wrote it.
+        // Residency at rest: no node holds a key its region may not (under
+        // either set, when one replaced the other: keys stay where they were
+        // held), and a quarantined key only where its region wrote it.
         for (i, st) in states.iter().enumerate() {
             for k in st.keys() {
-                let p = policy.lookup(k.as_str());
                 let written_here = || {
                     self.records
                         .iter()
                         .any(|r| r.applied && r.key == *k && regions[r.node] == regions[i])
                 };
-                if !p.may_hold(&regions[i]) || (p.regions == lattice_core::policy::Regions::Local && !written_here()) {
+                let allowed = |set: &lattice_core::policy::PolicySet| {
+                    let p = set.lookup(k.as_str());
+                    p.may_hold(&regions[i]) && (p.regions != lattice_core::policy::Regions::Local || written_here())
+                };
+                if !allowed(&first) && !allowed(&policy) {
                     found.push(format!("n{i} in {} holds {k}, which policy keeps from it", regions[i]));
                 }
             }
@@ -839,21 +955,39 @@ impl Sim {
             );
         }
         // No acknowledged write lost, at every node it must reach.
-        if policy.policies.is_empty() {
+        if !self.has_policies() {
             if let Some(first) = states.first() {
                 let found = check::no_lost_writes(&self.records, first);
                 self.report.violations.extend(found);
             }
         } else {
             for (j, st) in states.iter().enumerate() {
-                let mine: Vec<OpRecord> = self
-                    .records
-                    .iter()
-                    .filter(|r| policy.may_exchange(r.key.as_str(), &regions[r.node], &regions[j]))
-                    .cloned()
-                    .collect();
+                // A write must be at j if the set it was written under and
+                // the final one both let it reach j. When the key's policy
+                // changed, any write of it may be there (state travels by
+                // key, so through third regions): counted in the bounds,
+                // not required.
+                let mut mine: Vec<OpRecord> = Vec::new();
+                for r in &self.records {
+                    let (a, b, k) = (&regions[r.node], &regions[j], r.key.as_str());
+                    let at_write = if r.policy_version == policy.version {
+                        &policy
+                    } else {
+                        &first
+                    };
+                    let required = at_write.may_exchange(k, a, b) && policy.may_exchange(k, a, b);
+                    let changed = first.lookup(k) != policy.lookup(k);
+                    if required || changed {
+                        let mut r = r.clone();
+                        r.exempt |= !required;
+                        mine.push(r);
+                    }
+                }
                 let found = check::no_lost_writes(&mine, st);
-                self.report.violations.extend(found);
+                self.report.violations.extend(found.into_iter().map(|mut v| {
+                    v.detail = format!("at n{j}: {}", v.detail);
+                    v
+                }));
             }
         }
     }
@@ -935,6 +1069,7 @@ impl Sim {
                 Ev::Fault(a) => self.fault(a),
                 Ev::Heal => self.heal(),
                 Ev::Check => self.check(),
+                Ev::PolicyChange => self.change_policy(),
             }
         }
         if self.trace_log {

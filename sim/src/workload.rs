@@ -87,6 +87,8 @@ pub struct OpRecord {
     /// Nodes the write must reach (bit per node): those whose region may
     /// exchange the key with the writer's.
     pub targets: u64,
+    /// The version of the policy set the writing node held.
+    pub policy_version: u64,
     /// When every node included it.
     pub reached_all_at: Option<u64>,
 }

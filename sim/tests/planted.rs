@@ -93,3 +93,13 @@ fn digests_that_reveal_excluded_keys_are_caught_by_the_leak_checker() {
         "the leak checker missed digests over excluded keys: {c:?}"
     );
 }
+
+#[test]
+fn a_write_concern_met_too_early_is_caught() {
+    let t = swarm_with(PlantedBug::ConcernEarly, 60);
+    let c = checks(&t);
+    assert!(
+        c.contains(&"write-concern"),
+        "the checker missed regions(2) acknowledged at one region: {c:?}"
+    );
+}

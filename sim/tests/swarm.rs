@@ -109,3 +109,13 @@ fn under_a_rate_limit_critical_stays_fast_while_bulk_lags() {
         p.lines()
     );
 }
+
+#[test]
+fn swarm_runs_change_policies_and_check_write_concerns() {
+    let changes = (0..200)
+        .filter(|&s| SimConfig::swarm(s).policy_change.is_some())
+        .count();
+    assert!(changes > 30, "{changes}");
+    let checked: usize = (0..60).map(|s| run_seed(s).concerns_checked).sum();
+    assert!(checked > 100, "only {checked} regions(2) acknowledgements were checked");
+}

@@ -202,6 +202,11 @@ impl<S: Store> Replica<S> {
                 })
                 .map(|p| &p.cfg.region)
                 .collect();
+            #[cfg(feature = "planted-bugs")]
+            if crate::planted::active(crate::planted::PlantedBug::ConcernEarly) {
+                met.push(c.id);
+                return false;
+            }
             if regions.len() + 1 >= c.need {
                 met.push(c.id);
                 false
