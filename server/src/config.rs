@@ -44,6 +44,10 @@ pub struct Config {
     /// Bearer tokens accepted from clients.
     #[serde(default)]
     pub tokens: Vec<String>,
+    /// Tokens that may also put a new policy set in force
+    /// (`lattice policy set`); they are accepted as client tokens too.
+    #[serde(default)]
+    pub admin_tokens: Vec<String>,
     /// Cluster CA certificate (PEM).
     pub ca: PathBuf,
     /// This node's certificate (PEM).
@@ -132,6 +136,10 @@ pub struct RunArgs {
     /// A client token (repeatable; replaces the file's list).
     #[arg(long = "token", env = "LATTICE_TOKENS", value_delimiter = ',')]
     pub tokens: Vec<String>,
+    /// An admin token, which may also change the policy set (repeatable;
+    /// replaces the file's list).
+    #[arg(long = "admin-token", env = "LATTICE_ADMIN_TOKENS", value_delimiter = ',')]
+    pub admin_tokens: Vec<String>,
     /// Cluster CA certificate.
     #[arg(long, env = "LATTICE_CA")]
     pub ca: Option<PathBuf>,
@@ -209,6 +217,11 @@ impl Config {
                 c.as_ref().map(|c| c.tokens.clone()).unwrap_or_default()
             } else {
                 args.tokens.clone()
+            },
+            admin_tokens: if args.admin_tokens.is_empty() {
+                c.as_ref().map(|c| c.admin_tokens.clone()).unwrap_or_default()
+            } else {
+                args.admin_tokens.clone()
             },
             metrics: args.metrics.or(c.as_ref().and_then(|c| c.metrics)),
             peers: if args.peers.is_empty() {

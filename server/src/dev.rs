@@ -104,6 +104,8 @@ pub fn prepare(args: &DevArgs) -> Result<(Vec<PathBuf>, ClientDefaults)> {
             durability: args.durability,
             group_commit_ms: 2,
             tokens: vec![token.clone()],
+            // The local cluster's one token is also its admin token.
+            admin_tokens: vec![token.clone()],
             ca: certs_dir.join("ca.pem"),
             cert: certs_dir.join(format!("{}.pem", name(i))),
             key: certs_dir.join(format!("{}.key", name(i))),

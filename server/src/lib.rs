@@ -41,7 +41,8 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let mut rc = ReplicaConfig::new(config.node.clone(), config.region.clone(), peers);
     // The policy in force: the newer of the file's and the last one this
     // node adopted (from a peer or an admin), as its audit log records.
-    let mut audit = audit::AuditLog::open(&config.data_dir).context(
+    let head = store.audit_tree().context("opening the audit head")?;
+    let mut audit = audit::AuditLog::open(&config.data_dir, Some(head)).context(
         "the policy audit log (audit.log in the data directory) does not verify: it may have been tampered with",
     )?;
     let from_file = config.policy_set()?;
@@ -115,6 +116,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         engine: engine_tx.clone(),
         peers: config.peers.iter().map(|p| p.name.clone()).collect::<BTreeSet<_>>(),
         tokens: config.tokens.clone(),
+        admin_tokens: config.admin_tokens.clone(),
         metrics: metrics.clone(),
         redial,
         boots: std::sync::Mutex::new(BTreeMap::new()),

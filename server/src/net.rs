@@ -190,6 +190,8 @@ pub struct Inbound {
     pub peers: BTreeSet<String>,
     /// Accepted client tokens.
     pub tokens: Vec<String>,
+    /// Tokens that may also change the policy set.
+    pub admin_tokens: Vec<String>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Per peer: the redial signal of its dial task.
@@ -351,6 +353,7 @@ fn authorized(inbound: &Inbound, token: &str) -> bool {
     let ok = inbound
         .tokens
         .iter()
+        .chain(&inbound.admin_tokens)
         .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
     if !ok {
         inbound.metrics.unauthorized.inc();
@@ -449,6 +452,17 @@ async fn serve(req: ClientRequest, inbound: &Inbound) -> Response {
         }
         RequestBody::Watch { .. } => error(ErrorKind::InvalidRequest, "watch is served on its own stream"),
         RequestBody::SetPolicy(set) => {
+            let admin = inbound
+                .admin_tokens
+                .iter()
+                .any(|t| constant_time_eq(t.as_bytes(), req.token.as_bytes()));
+            if !admin {
+                inbound.metrics.unauthorized.inc();
+                return error(
+                    ErrorKind::Unauthorized,
+                    "changing the policy needs an admin token (admin_tokens in the node's configuration)",
+                );
+            }
             let (tx, rx) = oneshot::channel();
             if inbound.engine.try_send(Input::SetPolicy { set, reply: tx }).is_err() {
                 return overloaded(&inbound.metrics);

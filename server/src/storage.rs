@@ -203,6 +203,11 @@ impl SledStore {
         self.db.open_tree("feed")
     }
 
+    /// The tree that records the head of the policy audit log.
+    pub fn audit_tree(&self) -> Result<sled::Tree, sled::Error> {
+        self.db.open_tree("audit")
+    }
+
     /// Bytes sled uses on disk.
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)

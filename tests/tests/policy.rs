@@ -255,7 +255,12 @@ fn policy_write_concern_regions_2_returns_only_once_a_second_region_has_it_durab
 #[test]
 fn policy_set_spreads_to_every_node_and_the_audit_log_detects_tampering() {
     let _g = serial();
-    let c = cluster(Vec::new());
+    // The client token may not change policies; only the admin token may.
+    let c = Cluster::start_with(bin(), &["eu", "us", "ap"], Durability::Group, |_, cfg| {
+        cfg.policy_version = 1;
+        cfg.admin_tokens = vec!["admin-secret-token".into()];
+    })
+    .unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(c.wait_ready(Duration::from_secs(30))).unwrap();
     let cli = Path::new(env!("CARGO_BIN_EXE_lattice-test-cli"));
@@ -280,10 +285,13 @@ fn policy_set_spreads_to_every_node_and_the_audit_log_detects_tampering() {
         "version = 2\n[[policy]]\nkeyspace = \"eu/\"\nregions = [\"eu\"]\npriority = \"critical\"\n",
     )
     .unwrap();
-    let (ok, out, err) = run(0, &["policy", "set", file.to_str().unwrap()]);
+    let (ok, _, err) = run(0, &["policy", "set", file.to_str().unwrap()]);
+    assert!(!ok && err.contains("admin token"), "{err}");
+    let admin = ["--token", "admin-secret-token", "policy", "set", file.to_str().unwrap()];
+    let (ok, out, err) = run(0, &admin);
     assert!(ok, "{out}{err}");
     // An older or equal version is refused.
-    let (ok, _, err) = run(1, &["policy", "set", file.to_str().unwrap()]);
+    let (ok, _, err) = run(1, &admin);
     assert!(!ok && err.contains("not newer"), "{err}");
     // Every node adopts it from n1 and records it.
     rt.block_on(async {
@@ -339,4 +347,10 @@ fn policy_set_spreads_to_every_node_and_the_audit_log_detects_tampering() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "latticed audit verify missed the edit");
+    // Removing the newest entry instead is caught through the head the
+    // node keeps in sled.
+    let first_line = format!("{}\n", text.lines().next().unwrap());
+    std::fs::write(&log, first_line).unwrap();
+    let (ok, _, err) = run(2, &["audit", "verify"]);
+    assert!(!ok && err.contains("recorded head"), "{err}");
 }
