@@ -34,18 +34,26 @@ measure() { # name, command...
     rate[$name]=$(sed -n 's/.*ops_per_sec=\([0-9.]*\).*/\1/p' <<<"$line")
 }
 
-for mode in sync group async; do
-    "$BIN/latticed" dev --dir "$work/$mode" --base-port 17401 --durability "$mode" >"$work/$mode.log" 2>&1 &
-    pid=$!
+# name, durability, regions
+run_lattice() {
+    local name=$1 mode=$2 regions=$3
+    "$BIN/latticed" dev --dir "$work/$name" --base-port 17401 --durability "$mode" --regions "$regions" \
+        >"$work/$name.log" 2>&1 &
+    local pid=$!
     for _ in $(seq 150); do
-        "$BIN/lattice" --config "$work/$mode/client.toml" status >/dev/null 2>&1 && break
+        "$BIN/lattice" --config "$work/$name/client.toml" status >/dev/null 2>&1 && break
         sleep 0.2
     done
-    measure "lattice_$mode" "$BIN/lattice" --config "$work/$mode/client.toml" bench \
+    measure "$name" "$BIN/lattice" --config "$work/$name/client.toml" bench \
         --sessions "$SESSIONS" --secs "$SECS" --value-size "$VALUE" --keys "$KEYS" --op set
     kill -INT "$pid"
     wait "$pid" || true
+}
+for mode in sync group async; do
+    run_lattice "lattice_$mode" "$mode" eu,us,ap
 done
+# One node alone (no replication sharing the cores), group durability.
+run_lattice lattice_group_1node group eu
 
 measure sled_noflush "$BIN/latticed" bench-sled --dir "$work/sled" --threads "$SESSIONS" --secs "$SECS" \
     --value-size "$VALUE" --keys "$KEYS"
@@ -70,7 +78,7 @@ fi
 
 ratio() { awk -v a="${rate[$1]:-0}" -v b="${rate[$2]:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "n/a" }'; }
 echo "ratios (ops/s): sessions=$SESSIONS value=${VALUE}B keys=$KEYS secs=$SECS"
-for mode in sync group async; do
+for mode in sync group async group_1node; do
     echo "  lattice_$mode / sled_flush = $(ratio "lattice_$mode" sled_flush)" \
         " / sled_noflush = $(ratio "lattice_$mode" sled_noflush)" \
         " / redis_set = $(ratio "lattice_$mode" redis_set)"

@@ -161,16 +161,16 @@ mod tests {
         let log = AuditLog::open(dir.path(), head()).unwrap();
         assert_eq!(log.last_policy().map(|p| p.version), Some(3));
         let path = dir.path().join("audit.log");
-        let full = std::fs::read_to_string(&path).unwrap();
-        // A torn append is cut off at open.
-        std::fs::write(&path, format!("{full}{{\"index\": 3, \"pre")).unwrap();
-        assert_eq!(
+        let version_at_open = || {
             AuditLog::open(dir.path(), head())
                 .unwrap()
                 .last_policy()
-                .map(|p| p.version),
-            Some(3)
-        );
+                .map(|p| p.version)
+        };
+        let full = std::fs::read_to_string(&path).unwrap();
+        // A torn append is cut off at open.
+        std::fs::write(&path, format!("{full}{{\"index\": 3, \"pre")).unwrap();
+        assert_eq!(version_at_open(), Some(3));
         // Removing the newest entry is caught by the recorded head.
         let kept: Vec<&str> = full.lines().take(2).collect();
         std::fs::write(&path, kept.join("\n") + "\n").unwrap();
@@ -179,14 +179,7 @@ mod tests {
             Err(Error::AuditBroken { index: 2, .. })
         ));
         std::fs::write(&path, &full).unwrap();
-        assert_eq!(
-            AuditLog::open(dir.path(), head())
-                .unwrap()
-                .last_policy()
-                .map(|p| p.version),
-            Some(3)
-        );
-        let path = dir.path().join("audit.log");
+        assert_eq!(version_at_open(), Some(3));
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::write(&path, text.replace("\"admin\"", "\"config\"")).unwrap();
         assert!(matches!(

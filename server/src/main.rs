@@ -87,6 +87,25 @@ enum Cmd {
         #[arg(long, default_value_t = 1_000)]
         batch: usize,
     },
+    /// Memory while a peer is down: the real engine and sled store with one
+    /// peer that never answers take --rate writes per second (100-byte
+    /// values over 100,000 keys) for --minutes of engine time, as fast as
+    /// the disk allows; prints RSS and the delta buffer every simulated
+    /// minute. The buffer must stop at --max-buffer-mb.
+    BenchPeerDown {
+        /// A scratch directory (created; its contents are replaced).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Minutes of engine time.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        /// Writes per second of engine time.
+        #[arg(long, default_value_t = 2_000)]
+        rate: u64,
+        /// The delta buffer's limit, MiB.
+        #[arg(long, default_value_t = 64)]
+        max_buffer_mb: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -334,6 +353,59 @@ fn bench_footprint(dir: &std::path::Path, keys: usize, kind: &str, batch: usize)
     Ok(())
 }
 
+fn bench_peer_down(dir: &std::path::Path, minutes: u64, rate: u64, max_buffer_mb: usize) -> Result<()> {
+    use anyhow::Context;
+    use lattice_core::crdt::{Bytes, Op};
+    use lattice_core::replica::{PeerConfig, Replica, ReplicaConfig, Time};
+    use rand::SeedableRng;
+    if rate == 0 || minutes == 0 {
+        anyhow::bail!("--rate and --minutes must be positive");
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    let store = lattice_server::storage::SledStore::open(dir, "up", lattice_server::storage::Durability::Group)?;
+    let mut cfg = ReplicaConfig::new("up", "eu", vec![PeerConfig::new("down", "us")]);
+    cfg.max_buffer_bytes = max_buffer_mb << 20;
+    let rng = Box::new(rand_chacha::ChaCha8Rng::seed_from_u64(1));
+    let mut r = Replica::open(cfg, store, rng, Time(0))?;
+    let value = Bytes(vec![b'v'; 100]);
+    // 10 ms of engine time per batch.
+    let per_batch = (rate / 100).max(1);
+    let mut i = 0u64;
+    println!("minute rss_mb buffer_groups buffer_mb dropped_groups");
+    for tick in 0..minutes * 6_000 {
+        let now = Time(tick * 10);
+        let ops = (0..per_batch)
+            .map(|_| {
+                i += 1;
+                Ok((
+                    lattice_core::Key::new(format!("k{:06}", i % 100_000))?,
+                    Op::LwwSet(value.clone()),
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        r.write(now, ops)?;
+        r.handle_timeout(now)?;
+        r.flush(now)?;
+        while r.poll_event().is_some() {}
+        while r.poll_transmit().is_some() {}
+        if (tick + 1) % 6_000 == 0 {
+            let (groups, bytes) = r.buffer_usage();
+            println!(
+                "{} {} {groups} {} {}",
+                (tick + 1) / 6_000,
+                rss_bytes() >> 20,
+                bytes >> 20,
+                r.stats().buffer_dropped
+            );
+        }
+    }
+    drop(r);
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log, cli.log_format);
@@ -350,6 +422,12 @@ fn main() -> ExitCode {
             flush,
         } => bench_sled(&dir, threads, secs, keys, value_size, flush),
         Cmd::BenchFootprint { dir, keys, kind, batch } => bench_footprint(&dir, keys, &kind, batch),
+        Cmd::BenchPeerDown {
+            dir,
+            minutes,
+            rate,
+            max_buffer_mb,
+        } => bench_peer_down(&dir, minutes, rate, max_buffer_mb),
         Cmd::Run(args) => Config::load(&args).and_then(|config| {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(lattice_server::run(config, lattice_server::shutdown_signal()))
