@@ -181,6 +181,12 @@ fn the_cli_commands_and_json_output() {
             String::from_utf8_lossy(&out.stderr).to_string(),
         )
     };
+    // The load generator, a tiny run.
+    let (ok, out, err) = run(&["bench", "--sessions", "2", "--secs", "1", "--keys", "10", "--op", "mix"]);
+    assert!(
+        ok && out.contains("ops_per_sec=") && out.contains("errors=0"),
+        "{out}{err}"
+    );
     assert_eq!(run(&["incr", "visits", "5"]).1, "ok");
     assert_eq!(run(&["incr", "visits", "-2"]).1, "ok");
     assert_eq!(run(&["get", "visits"]).1, "3");
