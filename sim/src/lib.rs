@@ -27,6 +27,7 @@
 
 pub mod bench;
 pub mod bench_priority;
+pub mod bench_sync;
 pub mod check;
 pub mod config;
 pub mod faults;

@@ -73,6 +73,26 @@ enum BenchCmd {
         #[arg(long, default_value_t = 4)]
         depth: u8,
     },
+    /// Bytes on the wire against Enes et al. (ICDE 2019): 15 nodes, a
+    /// partial mesh (4 neighbours) and a tree, one update per node per second
+    /// for --secs seconds, 1 s sync. Prints Lattice's bytes (every frame),
+    /// a state-based sync's and a classic delta sync's, and the ratios.
+    Sync {
+        /// Topologies (default both).
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "mesh,tree")]
+        topology: Vec<lattice_sim::bench_sync::SyncTopology>,
+        /// Workloads (default all).
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "gset,gcounter,gmap10,gmap100"
+        )]
+        workload: Vec<lattice_sim::bench_sync::SyncWorkload>,
+        /// Updates per node (one per second).
+        #[arg(long, default_value_t = 100)]
+        secs: usize,
+    },
     /// Convergence after a partition heals: one node per region, region 0
     /// cut off for --partition-secs while every node takes writes, then the
     /// heal. Prints the time until all replicas are identical and the
@@ -307,6 +327,24 @@ fn main() -> ExitCode {
                 println!("  {kind}: {n}");
             }
             report.violations.is_empty()
+        }
+        Cmd::Bench(BenchCmd::Sync {
+            topology,
+            workload,
+            secs,
+        }) => {
+            for t in &topology {
+                for w in &workload {
+                    match lattice_sim::bench_sync::sync(*t, *w, secs) {
+                        Ok(f) => println!("{}", f.line()),
+                        Err(e) => {
+                            eprintln!("error: {e}");
+                            return ExitCode::from(1);
+                        }
+                    }
+                }
+            }
+            true
         }
         Cmd::Bench(BenchCmd::Heal {
             regions,

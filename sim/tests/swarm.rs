@@ -73,6 +73,9 @@ fn the_benchmarks_complete_a_tiny_run() {
     assert!(per_op > 0.0 && median <= max, "{per_op} {median} {max}");
     let f = lattice_sim::bench::repair(2_000, 10, 3).unwrap();
     assert!(f.messages >= 2 && f.bytes < f.full_state_bytes, "{}", f.line());
+    use lattice_sim::bench_sync::{sync, SyncTopology, SyncWorkload};
+    let f = sync(SyncTopology::Tree, SyncWorkload::Gset, 3).unwrap();
+    assert!(f.lattice > 0 && f.state > 0 && f.classic_delta > 0, "{}", f.line());
     let (report, (converged, floor, bytes)) = lattice_sim::bench::heal(3, 40, 2_000, 50.0, Some(1_000_000));
     assert!(report.violations.is_empty(), "{:?}", report.violations);
     assert!(
