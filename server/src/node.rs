@@ -9,8 +9,7 @@ use lattice_core::crdt::{Op, Value};
 use lattice_core::policy::audit::AuditEntry;
 use lattice_core::policy::PolicySet;
 use lattice_core::proto::client::{
-    CausalToken, Change, ClientError, CopyInfo, ErrorKind, NodeStatus, OpId, PeerInfo, PolicyInfo, WatchToken,
-    WriteConcern,
+    CausalToken, Change, ClientError, ErrorKind, NodeStatus, OpId, PeerInfo, WatchToken, WriteConcern,
 };
 use lattice_core::proto::{NodeId, RegionId};
 use lattice_core::replica::{Event, Replica, Time, WriteId};
@@ -558,24 +557,6 @@ fn status(replica: &Replica<SledStore>, now: Time, node: &str) -> NodeStatus {
             })
             .collect(),
         policy_version: replica.policy().version,
-        policies: replica
-            .policy_status(now)
-            .into_iter()
-            .map(|p| PolicyInfo {
-                keyspace: p.keyspace,
-                regions: p.regions,
-                priority: p.priority.name().to_string(),
-                copies: p
-                    .copies
-                    .into_iter()
-                    .map(|c| CopyInfo {
-                        region: c.region,
-                        holds: c.holds,
-                        lag_groups: c.lag_groups,
-                        lag_ms: c.lag_ms,
-                    })
-                    .collect(),
-            })
-            .collect(),
+        policies: replica.policy_status(now),
     }
 }

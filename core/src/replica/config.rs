@@ -1,7 +1,7 @@
 //! The replica's public vocabulary: time, configuration, outputs and counters.
 
 use crate::key::Key;
-use crate::policy::{PolicySet, Priority};
+use crate::policy::PolicySet;
 use crate::proto::{self, NodeId, RegionId};
 use std::collections::BTreeMap;
 
@@ -233,32 +233,4 @@ pub struct PeerStatus {
     pub unacked_groups: u64,
     /// How long ago it was last heard from.
     pub last_heard_ms_ago: Option<u64>,
-}
-
-/// One region's copy of a keyspace, for status pages.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RegionCopy {
-    /// The region.
-    pub region: RegionId,
-    /// Whether this node's writes of the keyspace reach it (policy allows).
-    pub holds: bool,
-    /// Most of our delta-groups a live or down peer there has not
-    /// acknowledged in this keyspace's class (0 for this node's region
-    /// without peers).
-    pub lag_groups: u64,
-    /// Age of the oldest of those groups, in milliseconds.
-    pub lag_ms: u64,
-}
-
-/// A policy and where its keys live, as one node sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PolicyStatus {
-    /// The keyspace (`""` for the default policy).
-    pub keyspace: String,
-    /// Its regions rule (`all`, `local`, or a list).
-    pub regions: String,
-    /// Its priority class.
-    pub priority: Priority,
-    /// Per known region.
-    pub copies: Vec<RegionCopy>,
 }

@@ -26,9 +26,7 @@ mod gossip;
 mod merkle;
 mod policy;
 
-pub use config::{
-    Event, PeerConfig, PeerStatus, PolicyStatus, RegionCopy, ReplicaConfig, Stats, Time, Transmit, WriteId,
-};
+pub use config::{Event, PeerConfig, PeerStatus, ReplicaConfig, Stats, Time, Transmit, WriteId};
 pub use merkle::item_hash;
 
 use crate::clock::{Hlc, ReplicaId};

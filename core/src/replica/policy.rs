@@ -2,11 +2,11 @@
 //! peers about it, write concerns, and per-policy status.
 
 use super::merkle::{item_hash, Forest};
-use super::{ConcernWait, Event, PolicyStatus, RegionCopy, Replica, ReplicaConfig, Time, WriteId};
+use super::{ConcernWait, Event, Replica, ReplicaConfig, Time, WriteId};
 use crate::crdt::Op;
 use crate::key::Key;
 use crate::policy::PolicySet;
-use crate::proto::client::{OpId, WriteConcern};
+use crate::proto::client::{CopyInfo, OpId, PolicyInfo, WriteConcern};
 use crate::proto::{Message, NodeId, PolicyStamp, RegionId};
 use crate::store::Store;
 use crate::Error;
@@ -240,7 +240,7 @@ impl<S: Store> Replica<S> {
 
     /// Per policy (and the default policy last), which regions get copies
     /// from this node and how far behind they are.
-    pub fn policy_status(&self, now: Time) -> Vec<PolicyStatus> {
+    pub fn policy_status(&self, now: Time) -> Vec<PolicyInfo> {
         let policy = &self.cfg.policy;
         let indices = (0..policy.policies.len()).map(Some).chain([None]);
         indices
@@ -262,7 +262,7 @@ impl<S: Store> Replica<S> {
                                 .map_or(0, |b| now.since(b.at));
                             lag_ms = lag_ms.max(oldest);
                         }
-                        RegionCopy {
+                        CopyInfo {
                             region: r.clone(),
                             holds,
                             lag_groups,
@@ -270,10 +270,10 @@ impl<S: Store> Replica<S> {
                         }
                     })
                     .collect();
-                PolicyStatus {
+                PolicyInfo {
                     keyspace: p.keyspace.clone(),
                     regions: p.regions.to_string(),
-                    priority: p.priority,
+                    priority: p.priority.name().to_string(),
                     copies,
                 }
             })
