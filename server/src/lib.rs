@@ -6,6 +6,7 @@
 //! replication logic of its own.
 
 pub mod audit;
+pub mod bench;
 pub mod certs;
 pub mod config;
 pub mod dev;
