@@ -327,3 +327,25 @@ fn anti_entropy_cost_follows_the_difference() {
         "{bytes} bytes of anti-entropy for one differing key among {n_keys}"
     );
 }
+
+#[test]
+fn a_peer_reported_reachable_gets_deltas_before_it_is_heard_from() {
+    let mut c = Cluster::new(2);
+    c.run(50, &never);
+    // A partition long enough for each to consider the other down.
+    c.run(6_000, &|_, _, _| true);
+    c.write(0, "k", Op::CounterAdd(1));
+    // Only 0 -> 1 is back: 0 still thinks 1 is down, so nothing goes.
+    let one_way = |from: usize, _: usize, _: &Transmit| from == 1;
+    c.run(100, &one_way);
+    assert!(c.nodes[1].read(&key("k")).unwrap().is_none());
+    // The driver's connection to n1 came up: deltas flow at once.
+    let now = Time(c.now);
+    c.nodes[0].handle_reachable(now, &NodeId("n1".into())).unwrap();
+    c.run(30, &one_way);
+    assert_eq!(c.nodes[1].read(&key("k")).unwrap().unwrap().view(), ValueView::Counter(1));
+    assert!(matches!(
+        c.nodes[0].handle_reachable(now, &NodeId("n9".into())),
+        Err(Error::UnknownPeer(_))
+    ));
+}

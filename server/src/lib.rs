@@ -72,13 +72,13 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let metrics = Arc::new(metrics::Metrics::new());
     let (engine_tx, engine_rx) = std::sync::mpsc::sync_channel(config.engine_queue);
     let mut queues = BTreeMap::new();
-    let mut redial = BTreeMap::new();
+    let mut dial_signals = BTreeMap::new();
     let boot: u64 = rand::random();
     for p in &config.peers {
         let (tx, rx) = mpsc::channel(config.peer_queue);
         queues.insert(NodeId(p.name.clone()), tx);
-        let signal = Arc::new(tokio::sync::Notify::new());
-        redial.insert(p.name.clone(), signal.clone());
+        let signals = Arc::new(net::DialSignals::default());
+        dial_signals.insert(p.name.clone(), signals.clone());
         let peer = NodeId(p.name.clone());
         tokio::spawn(net::dial_peer(
             endpoint.clone(),
@@ -87,7 +87,8 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             p.address,
             rx,
             boot,
-            signal,
+            signals,
+            engine_tx.clone(),
         ));
     }
     let engine = {
@@ -119,7 +120,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         tokens: config.tokens.clone(),
         admin_tokens: config.admin_tokens.clone(),
         metrics: metrics.clone(),
-        redial,
+        dial: dial_signals,
         boots: std::sync::Mutex::new(BTreeMap::new()),
     });
     tokio::spawn(net::accept_loop(endpoint.clone(), inbound));

@@ -84,9 +84,22 @@ pub fn endpoint(listen: SocketAddr, ca_pem: &str, node: &Pem) -> Result<quinn::E
 pub fn peer_client_config(ca_pem: &str, node: &Pem) -> Result<quinn::ClientConfig> {
     let tls = certs::client_tls(ca_pem, Some(node), PEER_ALPN)?;
     let mut c = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).context("QUIC client TLS")?));
-    c.transport_config(transport());
+    let mut t = Arc::try_unwrap(transport()).unwrap_or_default();
+    // Every frame to a peer travels on the connection this node dialled.
+    // After a partition the backlog (all deltas since) goes at once on a
+    // fresh connection: the internet default of a 14.7 KB first window
+    // would take several round trips of slow start to move it.
+    let mut cubic = quinn::congestion::CubicConfig::default();
+    cubic.initial_window(PEER_INITIAL_WINDOW);
+    t.congestion_controller_factory(Arc::new(cubic));
+    c.transport_config(Arc::new(t));
     Ok(c)
 }
+
+/// The congestion window a new connection to a peer starts with. Links
+/// between regions are private, long and wide (40 ms at 1 Gbit/s holds
+/// 5 MB in flight); loss still shrinks the window as usual.
+const PEER_INITIAL_WINDOW: u64 = 512 * 1024;
 
 /// Reads one length-prefixed frame of at most `max` bytes; `None` at the
 /// end of the stream.
@@ -125,11 +138,45 @@ pub enum FrameError {
     Io(String),
 }
 
-/// Keeps a connection to one peer and writes its queued frames, reconnecting
-/// with exponential backoff and jitter. Every stream opens with this
-/// process's boot id; `redial` fires when the peer was seen to restart (its
-/// boot id changed), since a connection to its previous process may not
-/// fail until the idle timeout.
+/// Signals from the accept side to one peer's dial task.
+#[derive(Default)]
+pub struct DialSignals {
+    /// The peer restarted (its boot id changed): a connection to its
+    /// previous process may not fail until the idle timeout, so redial.
+    pub restarted: tokio::sync::Notify,
+    /// The peer just connected to us, so it is reachable again: if the dial
+    /// task is waiting to retry, it retries now.
+    pub reachable: tokio::sync::Notify,
+}
+
+/// Dial attempts overlap: a new one starts every probe interval while older
+/// ones still wait for their handshake, up to this many.
+const MAX_ATTEMPTS: usize = 8;
+/// The longest one attempt waits for its handshake, so a path that became
+/// slow still connects.
+const MAX_HANDSHAKE: Duration = Duration::from_secs(5);
+/// The first retry comes this soon (peers starting together), and the
+/// interval doubles from there up to the probe interval.
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+
+/// How often a lost peer is probed with a new attempt (one Initial datagram,
+/// plus quinn's own resends while it waits): four round trips of its last
+/// connection plus 200 ms, at most 2 s, or 1 s for a peer never reached.
+/// A healed partition is noticed within about one interval, whatever the
+/// older attempts' resend timers have backed off to.
+fn probe_interval(rtt: Option<Duration>) -> Duration {
+    rtt.map_or(Duration::from_secs(1), |rtt| {
+        (rtt * 4 + Duration::from_millis(200)).min(Duration::from_secs(2))
+    })
+}
+
+/// Keeps a connection to one peer and writes its queued frames. While the
+/// peer cannot be reached, overlapping attempts probe it (see
+/// [`probe_interval`]); the first handshake to complete wins and the others
+/// are dropped. Every stream opens with this process's boot id. `signals`
+/// cut a stale connection short (`restarted`) or start an attempt at once
+/// (`reachable`). A new connection is reported to the engine as
+/// [`Input::Reachable`].
 #[allow(clippy::too_many_arguments)]
 pub async fn dial_peer(
     endpoint: quinn::Endpoint,
@@ -138,18 +185,26 @@ pub async fn dial_peer(
     addr: SocketAddr,
     mut queue: mpsc::Receiver<Vec<u8>>,
     boot: u64,
-    redial: Arc<tokio::sync::Notify>,
+    signals: Arc<DialSignals>,
+    engine: SyncSender<Input>,
 ) {
-    let mut backoff = Duration::from_millis(50);
+    let mut rtt = None;
     loop {
-        let attempt = async {
-            let conn = endpoint.connect_with(config.clone(), addr, &peer.0)?.await?;
-            tracing::info!(peer = %peer, %addr, "connected to peer");
+        let Some(conn) = connect(&endpoint, &config, &peer, addr, rtt, &signals, &queue).await else {
+            return; // shutting down
+        };
+        tracing::info!(peer = %peer, %addr, "connected to peer");
+        // Best effort: if the engine is saturated, the peer's next frame
+        // tells it the same.
+        let _ = engine.try_send(Input::Reachable(peer.clone()));
+        // A restart signalled before this connection is not about it.
+        let _ = tokio::time::timeout(Duration::ZERO, signals.restarted.notified()).await;
+        let run = async {
             let mut send = conn.open_uni().await?;
             write_frame(&mut send, &boot.to_be_bytes()).await?;
             let result = tokio::select! {
                 r = send_loop(&mut send, &mut queue) => r,
-                () = redial.notified() => {
+                () = signals.restarted.notified() => {
                     conn.close(code::SHUTDOWN.into(), b"peer restarted: redialling");
                     Err(anyhow::anyhow!("the peer restarted"))
                 }
@@ -159,18 +214,61 @@ pub async fn dial_peer(
                 let _ = send.finish();
                 let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
             }
-            Ok::<_, anyhow::Error>((conn, result))
+            result
         };
-        match attempt.await {
-            Ok((_conn, Ok(()))) => return, // queue closed: shutting down
-            Ok((_, Err(e))) => tracing::warn!(peer = %peer, error = %e, "peer stream failed"),
-            Err(e) => tracing::debug!(peer = %peer, error = %e, "cannot reach peer"),
+        match run.await {
+            Ok(()) => return, // queue closed: shutting down
+            Err(e) => tracing::warn!(peer = %peer, error = %e, "peer stream failed"),
         }
-        let jitter = rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 2);
-        tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        rtt = Some(conn.rtt());
         if queue.is_closed() {
             return;
+        }
+    }
+}
+
+/// Dials until a handshake completes; `None` once the queue is closed.
+async fn connect(
+    endpoint: &quinn::Endpoint,
+    config: &quinn::ClientConfig,
+    peer: &NodeId,
+    addr: SocketAddr,
+    rtt: Option<Duration>,
+    signals: &DialSignals,
+    queue: &mpsc::Receiver<Vec<u8>>,
+) -> Option<quinn::Connection> {
+    let mut attempts = tokio::task::JoinSet::new();
+    let (mut backoff, mut next) = (MIN_BACKOFF, tokio::time::Instant::now());
+    loop {
+        if queue.is_closed() {
+            return None;
+        }
+        if tokio::time::Instant::now() >= next {
+            if attempts.len() < MAX_ATTEMPTS {
+                match endpoint.connect_with(config.clone(), addr, &peer.0) {
+                    Ok(connecting) => {
+                        attempts.spawn(tokio::time::timeout(MAX_HANDSHAKE, connecting));
+                    }
+                    Err(e) => tracing::warn!(peer = %peer, error = %e, "cannot dial peer"),
+                }
+            }
+            let interval = backoff.min(probe_interval(rtt));
+            let jitter = rand::thread_rng().gen_range(0..=interval.as_millis() as u64 / 4);
+            next = tokio::time::Instant::now() + interval + Duration::from_millis(jitter);
+            backoff = backoff.saturating_mul(2);
+        }
+        tokio::select! {
+            Some(joined) = attempts.join_next() => match joined {
+                Ok(Ok(Ok(conn))) => return Some(conn),
+                Ok(Ok(Err(e))) => tracing::debug!(peer = %peer, error = %e, "cannot reach peer"),
+                Ok(Err(_)) => tracing::debug!(peer = %peer, "no handshake within {MAX_HANDSHAKE:?}"),
+                Err(_) => {}
+            },
+            () = tokio::time::sleep_until(next) => {}
+            // The peer reached us, so the path is back: the pending
+            // attempts' Initials were probably lost and their resend timers
+            // have backed off. Probe at once.
+            () = signals.reachable.notified() => next = tokio::time::Instant::now(),
         }
     }
 }
@@ -194,8 +292,8 @@ pub struct Inbound {
     pub admin_tokens: Vec<String>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// Per peer: the redial signal of its dial task.
-    pub redial: std::collections::BTreeMap<String, Arc<tokio::sync::Notify>>,
+    /// Per peer: the signals of its dial task.
+    pub dial: std::collections::BTreeMap<String, Arc<DialSignals>>,
     /// Per peer: the last boot id seen.
     pub boots: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
@@ -240,6 +338,9 @@ async fn handle_connection(conn: quinn::Connection, inbound: Arc<Inbound>) {
                 return;
             };
             let peer = NodeId(name);
+            if let Some(s) = inbound.dial.get(&peer.0) {
+                s.reachable.notify_one();
+            }
             while let Ok(mut recv) = conn.accept_uni().await {
                 let (peer, inbound) = (peer.clone(), inbound.clone());
                 tokio::spawn(async move {
@@ -257,8 +358,8 @@ async fn handle_connection(conn: quinn::Connection, inbound: Arc<Inbound>) {
                                 .and_then(|mut m| m.insert(peer.0.clone(), boot));
                             if previous.is_some_and(|p| p != boot) {
                                 tracing::info!(peer = %peer, "peer restarted: redialling it");
-                                if let Some(n) = inbound.redial.get(&peer.0) {
-                                    n.notify_one();
+                                if let Some(s) = inbound.dial.get(&peer.0) {
+                                    s.restarted.notify_one();
                                 }
                             }
                         }

@@ -28,6 +28,8 @@ pub type ReadReply = oneshot::Sender<Result<Option<Value>, Option<Error>>>;
 
 /// What the engine thread is asked to do.
 pub enum Input {
+    /// This node's connection to a peer just came up.
+    Reachable(NodeId),
     /// A frame from a peer.
     Frame {
         /// The authenticated peer.
@@ -356,6 +358,11 @@ pub fn run(
                             };
                             let _ = reply.send(Err(e));
                         }
+                    }
+                }
+                Input::Reachable(peer) => {
+                    if let Err(e) = replica.handle_reachable(now, &peer) {
+                        tracing::warn!(peer = %peer, error = %e, "reachable: not a peer");
                     }
                 }
                 Input::SetPolicy { set, reply } => {

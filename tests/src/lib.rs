@@ -2,6 +2,8 @@
 //! cluster of `latticed` processes on loopback, talk to it, kill and
 //! restart nodes.
 
+pub mod relay;
+
 use anyhow::{bail, Context, Result};
 use lattice_client::{Client, NodeStatus};
 use lattice_core::proto::client::{RequestBody, Response};
@@ -68,6 +70,18 @@ impl Cluster {
         durability: Durability,
         edit: impl Fn(usize, &mut Config),
     ) -> Result<Cluster> {
+        let mut c = Cluster::prepare(bin, regions, durability)?;
+        for i in 0..c.configs.len() {
+            c.edit_config(i, |cfg| edit(i, cfg))?;
+        }
+        c.start_all()?;
+        Ok(c)
+    }
+
+    /// Writes the certificates and configs of `regions.len()` nodes without
+    /// starting them: edit them with [`Cluster::edit_config`], then call
+    /// [`Cluster::start_all`].
+    pub fn prepare(bin: &Path, regions: &[&str], durability: Durability) -> Result<Cluster> {
         let dir = tempfile::tempdir()?;
         let args = DevArgs {
             dir: dir.path().to_path_buf(),
@@ -77,21 +91,24 @@ impl Cluster {
             prepare_only: true,
         };
         let (configs, defaults) = prepare(&args)?;
-        let mut c = Cluster {
+        let children = configs.iter().map(|_| None).collect();
+        Ok(Cluster {
             dir,
             configs,
             defaults,
             bin: bin.to_path_buf(),
-            children: Vec::new(),
-        };
-        for i in 0..c.configs.len() {
-            c.edit_config(i, |cfg| edit(i, cfg))?;
+            children,
+        })
+    }
+
+    /// Starts every prepared node that is not running.
+    pub fn start_all(&mut self) -> Result<()> {
+        for i in 0..self.configs.len() {
+            if self.children[i].is_none() {
+                self.restart(i)?;
+            }
         }
-        for i in 0..c.configs.len() {
-            let child = c.spawn(i)?;
-            c.children.push(Some(child));
-        }
-        Ok(c)
+        Ok(())
     }
 
     fn spawn(&self, i: usize) -> Result<Child> {
@@ -101,7 +118,10 @@ impl Cluster {
             .arg("run")
             .arg("--config")
             .arg(&self.configs[i])
-            .env("LATTICE_LOG", "info")
+            .env(
+                "LATTICE_LOG",
+                std::env::var("LATTICE_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(f)
             .spawn()

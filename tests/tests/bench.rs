@@ -63,3 +63,20 @@ fn the_node_benchmarks_complete_a_tiny_run() {
     ]);
     assert!(out.lines().count() == 2, "{out}");
 }
+
+#[test]
+fn the_real_cluster_heal_benchmark_completes_a_tiny_run() {
+    let _serial = lattice_tests::serial();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lattice-heal-bench"))
+        .args(["--partition-secs", "2", "--rate", "20", "--latency-ms", "10"])
+        .args(["--latticed", env!("CARGO_BIN_EXE_latticed-test")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("converged_ms="), "{text}");
+}

@@ -554,6 +554,20 @@ impl<S: Store> Replica<S> {
         self.send_deltas(now, false)
     }
 
+    /// The transport reached peer `from` (a handshake to it completed), so
+    /// it is up: deltas to it resume at once instead of after its next
+    /// frame, which would come over its own connection, one round trip
+    /// later after a partition.
+    pub fn handle_reachable(&mut self, now: Time, from: &NodeId) -> Result<(), Error> {
+        self.now = self.now.max(now);
+        let p = self
+            .peers
+            .get_mut(from)
+            .ok_or_else(|| Error::UnknownPeer(from.0.clone()))?;
+        p.last_heard = Some(now);
+        Ok(())
+    }
+
     /// Processes one frame from peer `from`. A frame that does not decode or
     /// validate is refused with an error and changes nothing.
     pub fn handle(&mut self, now: Time, from: &NodeId, frame: &[u8]) -> Result<(), Error> {
