@@ -38,7 +38,9 @@ pub struct Config {
     /// When writes are acknowledged relative to the disk.
     #[serde(default = "default_durability")]
     pub durability: Durability,
-    /// In `group` mode, the longest a write waits for the shared flush.
+    /// In `group` mode, the longest a write waits for the shared flush while
+    /// input keeps queueing (otherwise the flush starts as soon as the
+    /// engine has taken every queued input).
     #[serde(default = "default_group_ms")]
     pub group_commit_ms: u64,
     /// Bearer tokens accepted from clients.
@@ -130,7 +132,8 @@ pub struct RunArgs {
     /// Durability: sync (flush + fsync per batch), group (shared flush + fsync, default), async (acknowledge before flush: a crash can lose acknowledged writes).
     #[arg(long, env = "LATTICE_DURABILITY", value_enum)]
     pub durability: Option<Durability>,
-    /// Group commit window in milliseconds.
+    /// In `group` mode, the longest a write waits for the shared flush while
+    /// input keeps queueing, in milliseconds.
     #[arg(long, env = "LATTICE_GROUP_COMMIT_MS")]
     pub group_commit_ms: Option<u64>,
     /// A client token (repeatable; replaces the file's list).

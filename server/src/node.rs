@@ -244,6 +244,9 @@ impl Default for Clock {
     }
 }
 
+/// Most inputs one engine step takes before it flushes and answers.
+const MAX_STEP_INPUTS: usize = 1_024;
+
 /// Runs the engine until `Shutdown` or until every sender is gone.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
@@ -297,10 +300,14 @@ pub fn run(
             Err(RecvTimeoutError::Disconnected) => stopping = true,
         }
         // Take what else is queued, bounded, so one flush covers a batch.
-        while inputs.len() < 1_024 {
+        let mut drained = false;
+        while inputs.len() < MAX_STEP_INPUTS {
             match rx.try_recv() {
                 Ok(i) => inputs.push(i),
-                Err(_) => break,
+                Err(_) => {
+                    drained = true;
+                    break;
+                }
             }
         }
         metrics.engine_queue.set(inputs.len() as i64);
@@ -414,7 +421,12 @@ pub fn run(
         }
         let due = match durability {
             Durability::Sync | Durability::Async => true,
-            Durability::Group => first_unflushed.is_some_and(|t| t.elapsed() >= group_commit),
+            // Self-clocking: everything that arrived during the last flush
+            // was taken in this step and shares the next one, so waiting
+            // longer would only add latency. Only while input keeps
+            // queueing past a step's limit does the flush wait, up to
+            // `group_commit`, to cover more.
+            Durability::Group => drained || first_unflushed.is_some_and(|t| t.elapsed() >= group_commit),
         };
         if replica.needs_flush() && (due || stopping) {
             let started = Instant::now();

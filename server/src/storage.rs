@@ -13,6 +13,16 @@
 //! | `o` | op id (16 bytes BE) | order number |
 //! | `q` | order number (8 bytes BE) | op id |
 //!
+//! Batching. sled's `apply_batch` writes out its in-memory log buffer on
+//! every call (it rolls the I/O buffer to pin the batch: one `pwrite`, one
+//! `sync_file_range` and a thread-pool wake-up), which made every client
+//! write cost a disk write even in `async` mode. So `apply` only records the
+//! batch's changes in memory, where reads see them, and `flush` joins
+//! everything since the last flush into one `apply_batch`. A joined batch is
+//! as atomic as its parts, and nothing applied is durable before `flush`
+//! either way. The pending changes are bounded by what the engine writes
+//! between two flushes (one engine step, or at most `group_commit_ms`).
+//!
 //! Durability. sled's `flush` writes its buffers and calls
 //! `sync_file_range` on Linux (sled issues #928, #1452), which survives a
 //! process crash but does not flush a volatile disk write cache, so it is
@@ -25,6 +35,7 @@ use lattice_core::proto::{from_bytes, to_bytes, DeltaGroup};
 use lattice_core::store::{Meta, Store, WriteBatch, OP_ID_RETENTION};
 use lattice_core::{Error, Key};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// On-disk format version of this store.
@@ -34,13 +45,16 @@ pub const FORMAT_VERSION: u32 = 1;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
-    /// Flush and fsync before acknowledging each write batch.
+    /// Flush and fsync at the end of every engine step, before the writes
+    /// taken in that step (up to 1,024 inputs) are acknowledged.
     Sync,
-    /// Acknowledge after a shared flush + fsync, at most every
-    /// `group_commit_ms` (the default).
+    /// Acknowledge after a shared flush + fsync (the default): as soon as
+    /// the engine has taken every queued input, or, while input keeps
+    /// queueing, at the latest `group_commit_ms` after the first unflushed
+    /// write.
     Group,
-    /// Acknowledge before the flush; sled flushes in the background every
-    /// 500 ms. A process crash can lose acknowledged writes.
+    /// Acknowledge before the flush; sled writes its log in the background
+    /// every 500 ms. A process crash can lose acknowledged writes.
     Async,
 }
 
@@ -95,6 +109,10 @@ pub struct SledStore {
     tree: sled::Tree,
     dir: PathBuf,
     durability: Durability,
+    /// Changes applied since the last flush, by sled key (`None`: removed).
+    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// sled's log file, opened at the first fsync.
+    log: Option<std::fs::File>,
     /// Order numbers of remembered op ids: oldest and next.
     op_oldest: u64,
     op_next: u64,
@@ -187,6 +205,8 @@ impl SledStore {
             tree,
             dir: dir.to_path_buf(),
             durability,
+            pending: BTreeMap::new(),
+            log: None,
             op_oldest,
             op_next,
         })
@@ -212,14 +232,98 @@ impl SledStore {
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
     }
+
+    /// `f` of the value at sled key `k`, pending changes first.
+    fn read_raw<T>(&self, k: &[u8], f: impl FnOnce(&[u8]) -> Result<T, Error>) -> Result<Option<T>, Error> {
+        match self.pending.get(k) {
+            Some(Some(v)) => f(v).map(Some),
+            Some(None) => Ok(None),
+            None => match self.tree.get(k).map_err(store_err)? {
+                Some(v) => f(&v).map(Some),
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// Calls `f` on every entry with a sled key in `start..end`, in key
+    /// order: sled's entries merged with the pending changes.
+    fn scan_raw(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let mut pending = self.pending.range(start.to_vec()..end.to_vec()).peekable();
+        for r in self.tree.range(start..end) {
+            let (k, v) = r.map_err(store_err)?;
+            // Pending entries before this one, then this one or its
+            // pending replacement.
+            while let Some((pk, pv)) = pending.next_if(|(pk, _)| pk.as_slice() < &k[..]) {
+                if let Some(pv) = pv {
+                    f(pk, pv)?;
+                }
+            }
+            match pending.next_if(|(pk, _)| pk.as_slice() == &k[..]) {
+                Some((_, Some(pv))) => f(&k, pv)?,
+                Some((_, None)) => {}
+                None => f(&k, &v)?,
+            }
+        }
+        for (pk, pv) in pending {
+            if let Some(pv) = pv {
+                f(pk, pv)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn fsync_log(&mut self) -> Result<(), Error> {
+        if self.log.is_none() {
+            let path = self.dir.join("db");
+            if !path.exists() {
+                return Ok(());
+            }
+            self.log = Some(std::fs::File::open(&path).map_err(store_err)?);
+        }
+        match &self.log {
+            Some(f) => f.sync_data().map_err(store_err),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for SledStore {
+    /// Writes pending changes to sled (not durably: that is `flush`'s job),
+    /// so a store dropped without a last flush behaves as before batching.
+    fn drop(&mut self) {
+        if let Err(e) = self.apply_pending() {
+            tracing::warn!(error = %e, "writing pending changes at close failed");
+        }
+    }
+}
+
+impl SledStore {
+    fn apply_pending(&mut self) -> Result<(), Error> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut b = sled::Batch::default();
+        for (k, v) in &self.pending {
+            match v {
+                Some(v) => b.insert(k.as_slice(), v.as_slice()),
+                None => b.remove(k.as_slice()),
+            }
+        }
+        // On failure the changes stay pending (and unacknowledged).
+        self.tree.apply_batch(b).map_err(store_err)?;
+        self.pending.clear();
+        Ok(())
+    }
 }
 
 impl Store for SledStore {
     fn get(&self, key: &Key) -> Result<Option<Value>, Error> {
-        match self.tree.get(value_key(key)).map_err(store_err)? {
-            Some(raw) => Ok(Some(from_bytes(&raw)?)),
-            None => Ok(None),
-        }
+        self.read_raw(&value_key(key), |v| from_bytes(v))
     }
 
     fn scan_buckets(&self, lo: u32, hi: u32) -> Result<Vec<(Key, Value)>, Error> {
@@ -228,99 +332,95 @@ impl Store for SledStore {
             Some(h) => bucket_bound(h),
             None => vec![b'l'],
         };
-        self.tree
-            .range(start..end)
-            .map(|r| {
-                let (k, v) = r.map_err(store_err)?;
-                decode_entry(&k, &v)
-            })
-            .collect()
+        let mut out = Vec::new();
+        self.scan_raw(&start, &end, &mut |k, v| {
+            out.push(decode_entry(k, v)?);
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     fn scan_all(&self, f: &mut dyn FnMut(&Key, &Value)) -> Result<(), Error> {
-        for r in self.tree.scan_prefix(b"k") {
-            let (k, v) = r.map_err(store_err)?;
-            let (key, value) = decode_entry(&k, &v)?;
+        self.scan_raw(b"k", b"l", &mut |k, v| {
+            let (key, value) = decode_entry(k, v)?;
             f(&key, &value);
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     fn meta(&self) -> Result<Option<Meta>, Error> {
-        match self.tree.get(b"mmeta").map_err(store_err)? {
-            Some(raw) => Ok(Some(from_bytes(&raw)?)),
-            None => Ok(None),
-        }
+        self.read_raw(b"mmeta", |v| from_bytes(v))
     }
 
     fn buffer(&self) -> Result<Vec<DeltaGroup>, Error> {
-        self.tree
-            .scan_prefix(b"b")
-            .map(|r| {
-                let (_, v) = r.map_err(store_err)?;
-                from_bytes(&v)
-            })
-            .collect()
+        let mut out = Vec::new();
+        self.scan_raw(b"b", b"c", &mut |_, v| {
+            out.push(from_bytes(v)?);
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     fn has_op(&self, op: OpId) -> Result<bool, Error> {
         let mut k = vec![b'o'];
         k.extend_from_slice(&op.0.to_be_bytes());
-        self.tree.contains_key(k).map_err(store_err)
+        Ok(self.read_raw(&k, |_| Ok(()))?.is_some())
     }
 
     fn apply(&mut self, batch: WriteBatch) -> Result<(), Error> {
-        let mut b = sled::Batch::default();
+        // Encode everything first, so a failure changes nothing.
+        let mut changes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
         for (k, v) in &batch.values {
-            b.insert(value_key(k), to_bytes(v)?);
+            changes.push((value_key(k), Some(to_bytes(v)?)));
         }
         if let Some(below) = batch.buffer_trim_below {
             let end = [&[b'b'][..], &below.to_be_bytes()].concat();
-            for r in self.tree.range(vec![b'b']..end) {
-                let (k, _) = r.map_err(store_err)?;
-                b.remove(k);
-            }
+            self.scan_raw(b"b", &end, &mut |k, _| {
+                changes.push((k.to_vec(), None));
+                Ok(())
+            })?;
         }
         for g in &batch.buffer_append {
-            b.insert([&[b'b'][..], &g.seq.to_be_bytes()].concat(), to_bytes(g)?);
+            changes.push(([&[b'b'][..], &g.seq.to_be_bytes()].concat(), Some(to_bytes(g)?)));
         }
         if let Some(m) = &batch.meta {
-            b.insert(&b"mmeta"[..], to_bytes(m)?);
+            changes.push((b"mmeta".to_vec(), Some(to_bytes(m)?)));
         }
         let mut next = self.op_next;
         let mut oldest = self.op_oldest;
         for op in &batch.op_ids {
-            b.insert([&[b'o'][..], &op.0.to_be_bytes()].concat(), &next.to_be_bytes()[..]);
-            b.insert([&[b'q'][..], &next.to_be_bytes()].concat(), &op.0.to_be_bytes()[..]);
+            changes.push(([&[b'o'][..], &op.0.to_be_bytes()].concat(), Some(next.to_be_bytes().to_vec())));
+            changes.push(([&[b'q'][..], &next.to_be_bytes()].concat(), Some(op.0.to_be_bytes().to_vec())));
             next += 1;
         }
         while next - oldest > OP_ID_RETENTION as u64 {
             let q = [&[b'q'][..], &oldest.to_be_bytes()].concat();
-            if let Some(op) = self.tree.get(&q).map_err(store_err)? {
-                b.remove([&[b'o'][..], &op[..]].concat());
+            // The op id recorded under `q`: pending in this batch, pending
+            // from an earlier one, or in sled.
+            let recorded = match changes.iter().rev().find(|(k, _)| *k == q) {
+                Some((_, v)) => v.clone(),
+                None => self.read_raw(&q, |v| Ok(v.to_vec()))?,
+            };
+            if let Some(op) = recorded {
+                changes.push(([&[b'o'][..], &op[..]].concat(), None));
             }
-            b.remove(q);
+            changes.push((q, None));
             oldest += 1;
         }
-        self.tree.apply_batch(b).map_err(store_err)?;
+        self.pending.extend(changes);
         self.op_next = next;
         self.op_oldest = oldest;
         Ok(())
     }
 
     fn flush(&mut self) -> Result<(), Error> {
+        self.apply_pending()?;
         match self.durability {
             Durability::Async => Ok(()),
             Durability::Sync | Durability::Group => {
                 self.db.flush().map_err(store_err)?;
                 // sled's flush is sync_file_range: make it an fsync.
-                let log = self.dir.join("db");
-                if log.exists() {
-                    std::fs::File::open(&log)
-                        .and_then(|f| f.sync_data())
-                        .map_err(store_err)?;
-                }
-                Ok(())
+                self.fsync_log()
             }
         }
     }
@@ -385,6 +485,81 @@ mod tests {
         let err = SledStore::open(dir.path(), "n2", Durability::Group).err().unwrap();
         assert!(matches!(err, OpenError::WrongNode { .. }), "{err}");
         assert!(err.to_string().contains("belongs to node \"n1\""), "{err}");
+    }
+
+    /// Pending changes (applied, not flushed) must read exactly like sled's:
+    /// random batches, flushes and reopens against the engine's in-memory
+    /// store as the model.
+    #[test]
+    fn pending_changes_read_like_the_in_memory_model() {
+        use lattice_core::crdt::Kind;
+        use lattice_core::store::MemoryStore;
+        use rand::Rng;
+        let kinds = [Kind::Counter, Kind::Set, Kind::Lww, Kind::Map];
+        let keys: Vec<Key> = (0..24).map(|i| Key::new(format!("k{i}")).unwrap()).collect();
+        for seed in 0..30 {
+            let dir = tempfile::tempdir().unwrap();
+            let mut s = SledStore::open(dir.path(), "n1", Durability::Group).unwrap();
+            let mut m = MemoryStore::new();
+            let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let (mut seq, mut ops) = (0u64, Vec::new());
+            for step in 0..150 {
+                match r.gen_range(0..10) {
+                    0 => s.flush().unwrap(),
+                    1 => {
+                        s.flush().unwrap();
+                        drop(s);
+                        s = SledStore::open(dir.path(), "n1", Durability::Group).unwrap();
+                    }
+                    _ => {
+                        let mut b = WriteBatch::default();
+                        for _ in 0..r.gen_range(0..4) {
+                            let k = keys[r.gen_range(0..keys.len())].clone();
+                            b.values.push((k, Value::empty(kinds[r.gen_range(0..kinds.len())])));
+                        }
+                        for _ in 0..r.gen_range(0..3) {
+                            b.buffer_append.push(DeltaGroup {
+                                seq,
+                                origin: None,
+                                entries: vec![(keys[0].clone(), Value::empty(Kind::Counter))],
+                            });
+                            seq += 1;
+                        }
+                        if r.gen_bool(0.2) {
+                            b.buffer_trim_below = Some(r.gen_range(0..=seq));
+                        }
+                        if r.gen_bool(0.3) {
+                            b.meta = Some(Meta {
+                                replica: lattice_core::clock::ReplicaId(r.gen()),
+                                next_seq: seq,
+                            });
+                        }
+                        if r.gen_bool(0.3) {
+                            let op = OpId(r.gen());
+                            ops.push(op);
+                            b.op_ids.push(op);
+                        }
+                        s.apply(b.clone()).unwrap();
+                        m.apply(b).unwrap();
+                    }
+                }
+                let at = format!("seed {seed} step {step}");
+                for k in &keys {
+                    assert_eq!(s.get(k).unwrap(), m.get(k).unwrap(), "{at}: {k}");
+                }
+                assert_eq!(s.scan_buckets(0, u32::MAX).unwrap(), m.scan_buckets(0, u32::MAX).unwrap(), "{at}");
+                let mut all = Vec::new();
+                s.scan_all(&mut |k, v| all.push((k.clone(), v.clone()))).unwrap();
+                assert_eq!(all.len(), m.scan_buckets(0, u32::MAX).unwrap().len(), "{at}");
+                let seqs = |b: Vec<DeltaGroup>| b.into_iter().map(|g| g.seq).collect::<Vec<_>>();
+                assert_eq!(seqs(s.buffer().unwrap()), seqs(m.buffer().unwrap()), "{at}");
+                assert_eq!(s.meta().unwrap(), m.meta().unwrap(), "{at}");
+                for op in &ops {
+                    assert!(s.has_op(*op).unwrap(), "{at}");
+                }
+                assert!(!s.has_op(OpId(u128::MAX)).unwrap());
+            }
+        }
     }
 
     #[test]
