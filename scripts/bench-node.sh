@@ -34,9 +34,9 @@ measure() { # name, command...
     rate[$name]=$(sed -n 's/.*ops_per_sec=\([0-9.]*\).*/\1/p' <<<"$line")
 }
 
-# name, durability, regions
+# name, durability, regions[, sessions]
 run_lattice() {
-    local name=$1 mode=$2 regions=$3
+    local name=$1 mode=$2 regions=$3 sessions=${4:-$SESSIONS}
     "$BIN/latticed" dev --dir "$work/$name" --base-port 17401 --durability "$mode" --regions "$regions" \
         >"$work/$name.log" 2>&1 &
     local pid=$!
@@ -45,7 +45,7 @@ run_lattice() {
         sleep 0.2
     done
     measure "$name" "$BIN/lattice" --config "$work/$name/client.toml" bench \
-        --sessions "$SESSIONS" --secs "$SECS" --value-size "$VALUE" --keys "$KEYS" --op set
+        --sessions "$sessions" --secs "$SECS" --value-size "$VALUE" --keys "$KEYS" --op set
     kill -INT "$pid"
     wait "$pid" || true
 }
@@ -54,6 +54,8 @@ for mode in sync group async; do
 done
 # One node alone (no replication sharing the cores), group durability.
 run_lattice lattice_group_1node group eu
+# Latency without queueing: one session, three nodes, group durability.
+run_lattice lattice_group_1session group eu,us,ap 1
 
 measure sled_noflush "$BIN/latticed" bench-sled --dir "$work/sled" --threads "$SESSIONS" --secs "$SECS" \
     --value-size "$VALUE" --keys "$KEYS"
