@@ -147,6 +147,14 @@ impl CausalContext {
         vv
     }
 
+    /// Number of dots included (saturating).
+    pub fn dot_count(&self) -> u64 {
+        self.0
+            .values()
+            .flatten()
+            .fold(0u64, |n, &(lo, hi)| n.saturating_add(hi.saturating_sub(lo).saturating_add(1)))
+    }
+
     /// Number of stored ranges: a measure of fragmentation.
     pub fn range_count(&self) -> usize {
         self.0.values().map(Vec::len).sum()

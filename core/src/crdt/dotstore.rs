@@ -198,10 +198,61 @@ impl<K: Ord + Clone + Debug, S: DotStore> DotStore for DotMap<K, S> {
 /// A causal CRDT: a dot store and the causal context of everything seen.
 ///
 /// Invariant: every live dot of `store` is in `ctx`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+///
+/// Encoding: `(store, ctx)`, where `ctx` is nil when it holds exactly the
+/// store's live dots. That is every delta of additions (an add's delta is its
+/// new dots, with those dots as context), so a replicated add carries each
+/// dot once instead of twice. Decoding rebuilds the context from the dots;
+/// an explicit context (every older encoding) still decodes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Causal<S> {
     pub(crate) store: S,
     pub(crate) ctx: CausalContext,
+}
+
+impl<S: DotStore> Causal<S> {
+    /// True when the context is exactly the live dots of the store.
+    fn context_is_implied(&self) -> bool {
+        // Cheap rejection first: a context with more dots than the store
+        // has (duplicates counted) cannot be equal (removals, full states).
+        let mut n = 0u64;
+        self.store.for_each_dot(&mut |_| n += 1);
+        if n < self.ctx.dot_count() {
+            return false;
+        }
+        CausalContext::from_dots(dots_of(&self.store)) == self.ctx
+    }
+}
+
+#[derive(Serialize)]
+struct CausalOut<'a, S> {
+    store: &'a S,
+    ctx: Option<&'a CausalContext>,
+}
+
+#[derive(Deserialize)]
+struct CausalIn<S> {
+    store: S,
+    ctx: Option<CausalContext>,
+}
+
+impl<S: DotStore + Serialize> Serialize for Causal<S> {
+    fn serialize<Se: serde::Serializer>(&self, s: Se) -> Result<Se::Ok, Se::Error> {
+        let ctx = (!self.context_is_implied()).then_some(&self.ctx);
+        CausalOut {
+            store: &self.store,
+            ctx,
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de, S: DotStore + Deserialize<'de>> Deserialize<'de> for Causal<S> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let w = CausalIn::<S>::deserialize(d)?;
+        let ctx = w.ctx.unwrap_or_else(|| CausalContext::from_dots(dots_of(&w.store)));
+        Ok(Causal { store: w.store, ctx })
+    }
 }
 
 impl<S: DotStore> Default for Causal<S> {
@@ -258,5 +309,38 @@ impl<S: DotStore> Crdt for Causal<S> {
             store: other.store.unseen_by(&self.ctx),
             ctx,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use crate::clock::ReplicaId;
+    use crate::crdt::{Crdt, OrSet};
+    use crate::proto::{from_bytes, to_bytes};
+
+    #[test]
+    fn an_implied_context_is_left_out_and_rebuilt() {
+        let s = OrSet::<String>::default();
+        let add = s.add(ReplicaId(7), "x".to_string());
+        let bytes = to_bytes(&add).unwrap();
+        // The encoding before the context could be left out: (store, ctx).
+        let explicit = to_bytes(&(&add.0.store, &add.0.ctx)).unwrap();
+        assert!(bytes.len() < explicit.len(), "{} vs {}", bytes.len(), explicit.len());
+        assert_eq!(from_bytes::<OrSet<String>>(&bytes).unwrap(), add);
+        assert_eq!(from_bytes::<OrSet<String>>(&explicit).unwrap(), add);
+
+        // A removal's context is not its (empty) store's dots, nor is a
+        // state's after a removal: both keep it.
+        let mut full = s.clone();
+        full.join(&add);
+        full.join(&full.add(ReplicaId(8), "y".to_string()));
+        let remove = full.remove(&"x".to_string());
+        assert_eq!(from_bytes::<OrSet<String>>(&to_bytes(&remove).unwrap()).unwrap(), remove);
+        full.join(&remove);
+        assert!(!full.contains(&"x".to_string()));
+        let back: OrSet<String> = from_bytes(&to_bytes(&full).unwrap()).unwrap();
+        assert_eq!(back, full);
+        assert!(!back.contains(&"x".to_string()), "a removed element came back");
     }
 }

@@ -26,6 +26,10 @@ use std::fmt::Debug;
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
+#[serde(bound(
+    serialize = "T: Serialize + Clone + Ord + std::fmt::Debug",
+    deserialize = "T: Deserialize<'de> + Clone + Ord + std::fmt::Debug"
+))]
 pub struct MvRegister<T: Ord>(pub(crate) Causal<DotFun<T>>);
 
 impl<T: Ord + Clone + Debug> Default for MvRegister<T> {

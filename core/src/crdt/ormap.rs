@@ -33,6 +33,10 @@ use std::fmt::Debug;
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
+#[serde(bound(
+    serialize = "K: Serialize + Clone + Ord + std::fmt::Debug, V: Serialize + DotStore",
+    deserialize = "K: Deserialize<'de> + Clone + Ord + std::fmt::Debug, V: Deserialize<'de> + DotStore"
+))]
 pub struct OrMap<K: Ord, V>(pub(crate) Causal<DotMap<K, V>>);
 
 impl<K: Ord + Clone + Debug, V: DotStore> Default for OrMap<K, V> {

@@ -29,6 +29,10 @@ use std::fmt::Debug;
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
+#[serde(bound(
+    serialize = "T: Serialize + Clone + Ord + std::fmt::Debug",
+    deserialize = "T: Deserialize<'de> + Clone + Ord + std::fmt::Debug"
+))]
 pub struct OrSet<T: Ord>(pub(crate) Causal<DotMap<T, DotSet>>);
 
 impl<T: Ord + Clone + Debug> Default for OrSet<T> {
