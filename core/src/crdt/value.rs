@@ -88,15 +88,22 @@ impl Field {
 }
 
 /// The dot store of a map field: one variant per [`FieldKind`].
+///
+/// Encoded with one-letter variant tags (rmp-serde writes a variant's name
+/// with every value); the long names still decode.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Nested {
     /// A counter field.
+    #[serde(rename = "c", alias = "Counter")]
     Counter(CounterStore),
     /// A register field.
+    #[serde(rename = "r", alias = "Register")]
     Register(DotFun<Bytes>),
     /// A set field.
+    #[serde(rename = "s", alias = "Set")]
     Set(DotMap<Bytes, DotSet>),
     /// A map field.
+    #[serde(rename = "m", alias = "Map")]
     Map(DotMap<Field, Nested>),
 }
 
@@ -180,24 +187,35 @@ impl DotStore for Nested {
 /// the join keeps **both** as a [`Value::Conflict`] (the product lattice of
 /// the kinds), so no write is silently dropped; an operation then applies to
 /// the part of its own kind, and a delete clears them all.
+///
+/// Encoded with one-letter variant tags (rmp-serde writes a variant's name
+/// with every value); the long names still decode.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Value {
     /// A grow-only counter.
+    #[serde(rename = "g", alias = "GCounter")]
     GCounter(GCounter),
     /// A positive-negative counter (cannot be deleted).
+    #[serde(rename = "p", alias = "PnCounter")]
     PnCounter(PNCounter),
     /// A resettable counter.
+    #[serde(rename = "c", alias = "Counter")]
     Counter(CCounter),
     /// A last-writer-wins register; `None` is a deleted value.
+    #[serde(rename = "l", alias = "Lww")]
     Lww(LwwRegister<Option<Bytes>>),
     /// A multi-value register.
+    #[serde(rename = "v", alias = "MvRegister")]
     MvRegister(MvRegister<Bytes>),
     /// An add-wins set.
+    #[serde(rename = "s", alias = "Set")]
     Set(OrSet<Bytes>),
     /// A map of typed fields.
+    #[serde(rename = "m", alias = "Map")]
     Map(OrMap<Field, Nested>),
     /// Concurrent creations of one key with different kinds: at least two
     /// values, of distinct kinds, in kind order, none a `Conflict`.
+    #[serde(rename = "x", alias = "Conflict")]
     Conflict(Vec<Value>),
 }
 

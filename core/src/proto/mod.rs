@@ -159,9 +159,13 @@ impl PolicyStamp {
 }
 
 /// A message between two nodes.
+///
+/// Encoded with one-letter variant tags (rmp-serde writes a variant's name
+/// with every value); the long names still decode.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
     /// Liveness, sent to a peer that has heard nothing else for a while.
+    #[serde(rename = "h", alias = "Heartbeat")]
     Heartbeat {
         /// The sender's incarnation: a change tells the receiver the sender
         /// lost its state and must be resent and repaired.
@@ -177,6 +181,7 @@ pub enum Message {
     },
     /// The joined delta-groups `from..to` of `sender` (less what came from
     /// the receiver and what policy keeps from it).
+    #[serde(rename = "d", alias = "Delta")]
     Delta {
         /// The sender's incarnation.
         sender: ReplicaId,
@@ -192,9 +197,11 @@ pub enum Message {
         ack: Option<Ack>,
     },
     /// A stand-alone acknowledgement.
+    #[serde(rename = "a", alias = "Ack")]
     Ack(Ack),
     /// Anti-entropy: the sender's digests of the children (at `level`) of
     /// each node in `parents` (at `level - 1`); at level 0, just the root.
+    #[serde(rename = "t", alias = "AeTree")]
     AeTree {
         /// The round.
         round: RoundId,
@@ -208,6 +215,7 @@ pub enum Message {
         digests: Bytes,
     },
     /// Anti-entropy: the sender's items in leaves whose digests differed.
+    #[serde(rename = "l", alias = "AeLeaves")]
     AeLeaves {
         /// The round.
         round: RoundId,
@@ -217,19 +225,23 @@ pub enum Message {
         items: Vec<Bytes>,
     },
     /// Anti-entropy: the root digests are equal.
+    #[serde(rename = "i", alias = "AeInSync")]
     AeInSync {
         /// The round.
         round: RoundId,
     },
     /// Anti-entropy: the states of the round's last `AeStates` are durable
     /// here. Completes the round for its initiator.
+    #[serde(rename = "e", alias = "AeDone")]
     AeDone {
         /// The round.
         round: RoundId,
     },
     /// A policy set, sent to a peer whose stamp is older than ours.
+    #[serde(rename = "p", alias = "Policy")]
     Policy(crate::policy::PolicySet),
     /// Anti-entropy: states of differing keys, and the key hashes wanted back.
+    #[serde(rename = "S", alias = "AeStates")]
     AeStates {
         /// The round.
         round: RoundId,
