@@ -115,9 +115,7 @@ struct Peer {
 }
 
 impl Peer {
-    /// `fresh`: this replica's store was just created, so it holds nothing
-    /// a peer could lack.
-    fn new(cfg: PeerConfig, sent_upto: u64, now: Time, fresh: bool) -> Peer {
+    fn new(cfg: PeerConfig, sent_upto: u64, now: Time) -> Peer {
         let stream = Stream {
             // Unknown until the peer acknowledges: the first delta says the
             // groups below the buffer's front are gone.
@@ -135,12 +133,9 @@ impl Peer {
             last_heard: None,
             ack_unflushed: None,
             ack_ready: None,
-            // After a restart we cannot know what peers lost meanwhile: one
-            // repair round each. A fresh store has nothing to give, and what
-            // the peers hold comes from them: they repair a new incarnation
-            // they knew before (`observe_incarnation`), and a peer that
-            // restarted runs its own round.
-            repair_due: (!fresh).then_some(now),
+            // After a restart (or on a fresh disk) we cannot know what peers
+            // lost meanwhile: one repair round each.
+            repair_due: Some(now),
             repair_min_round: 0,
             incarnation: None,
             tokens,
@@ -241,9 +236,7 @@ impl<S: Store> Replica<S> {
     /// disk) gets a fresh replica id drawn from `rng`, so no dot or sequence
     /// number handed out by an earlier life of this node is ever reused.
     pub fn open(cfg: ReplicaConfig, mut store: S, mut rng: Box<dyn RngCore + Send>, now: Time) -> Result<Self, Error> {
-        let stored = store.meta()?;
-        let fresh = stored.is_none();
-        let meta = match stored {
+        let meta = match store.meta()? {
             Some(m) => m,
             None => {
                 let m = Meta {
@@ -279,7 +272,7 @@ impl<S: Store> Replica<S> {
             .peers
             .iter()
             .filter(|p| p.node != cfg.node)
-            .map(|p| (p.node.clone(), Peer::new(p.clone(), front, now, fresh)))
+            .map(|p| (p.node.clone(), Peer::new(p.clone(), front, now)))
             .collect();
         let first_ae = if cfg.ae_interval_ms == 0 {
             u64::MAX
