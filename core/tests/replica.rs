@@ -343,7 +343,10 @@ fn a_peer_reported_reachable_gets_deltas_before_it_is_heard_from() {
     let now = Time(c.now);
     c.nodes[0].handle_reachable(now, &NodeId("n1".into())).unwrap();
     c.run(30, &one_way);
-    assert_eq!(c.nodes[1].read(&key("k")).unwrap().unwrap().view(), ValueView::Counter(1));
+    assert_eq!(
+        c.nodes[1].read(&key("k")).unwrap().unwrap().view(),
+        ValueView::Counter(1)
+    );
     assert!(matches!(
         c.nodes[0].handle_reachable(now, &NodeId("n9".into())),
         Err(Error::UnknownPeer(_))

@@ -389,8 +389,14 @@ impl Store for SledStore {
         let mut next = self.op_next;
         let mut oldest = self.op_oldest;
         for op in &batch.op_ids {
-            changes.push(([&[b'o'][..], &op.0.to_be_bytes()].concat(), Some(next.to_be_bytes().to_vec())));
-            changes.push(([&[b'q'][..], &next.to_be_bytes()].concat(), Some(op.0.to_be_bytes().to_vec())));
+            changes.push((
+                [&[b'o'][..], &op.0.to_be_bytes()].concat(),
+                Some(next.to_be_bytes().to_vec()),
+            ));
+            changes.push((
+                [&[b'q'][..], &next.to_be_bytes()].concat(),
+                Some(op.0.to_be_bytes().to_vec()),
+            ));
             next += 1;
         }
         while next - oldest > OP_ID_RETENTION as u64 {
@@ -547,7 +553,11 @@ mod tests {
                 for k in &keys {
                     assert_eq!(s.get(k).unwrap(), m.get(k).unwrap(), "{at}: {k}");
                 }
-                assert_eq!(s.scan_buckets(0, u32::MAX).unwrap(), m.scan_buckets(0, u32::MAX).unwrap(), "{at}");
+                assert_eq!(
+                    s.scan_buckets(0, u32::MAX).unwrap(),
+                    m.scan_buckets(0, u32::MAX).unwrap(),
+                    "{at}"
+                );
                 let mut all = Vec::new();
                 s.scan_all(&mut |k, v| all.push((k.clone(), v.clone()))).unwrap();
                 assert_eq!(all.len(), m.scan_buckets(0, u32::MAX).unwrap().len(), "{at}");

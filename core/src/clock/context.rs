@@ -149,10 +149,9 @@ impl CausalContext {
 
     /// Number of dots included (saturating).
     pub fn dot_count(&self) -> u64 {
-        self.0
-            .values()
-            .flatten()
-            .fold(0u64, |n, &(lo, hi)| n.saturating_add(hi.saturating_sub(lo).saturating_add(1)))
+        self.0.values().flatten().fold(0u64, |n, &(lo, hi)| {
+            n.saturating_add(hi.saturating_sub(lo).saturating_add(1))
+        })
     }
 
     /// Number of stored ranges: a measure of fragmentation.

@@ -336,7 +336,10 @@ mod tests {
         full.join(&add);
         full.join(&full.add(ReplicaId(8), "y".to_string()));
         let remove = full.remove(&"x".to_string());
-        assert_eq!(from_bytes::<OrSet<String>>(&to_bytes(&remove).unwrap()).unwrap(), remove);
+        assert_eq!(
+            from_bytes::<OrSet<String>>(&to_bytes(&remove).unwrap()).unwrap(),
+            remove
+        );
         full.join(&remove);
         assert!(!full.contains(&"x".to_string()));
         let back: OrSet<String> = from_bytes(&to_bytes(&full).unwrap()).unwrap();

@@ -103,7 +103,10 @@ async fn write_for(client: &Client, node: usize, rate: u64, secs: u64) -> Result
     while Instant::now() < end {
         tick.tick().await;
         let (ops, inc) = nth_write(node, n)?;
-        client.write(ops).await.with_context(|| format!("write {n} at {}", REGIONS[node]))?;
+        client
+            .write(ops)
+            .await
+            .with_context(|| format!("write {n} at {}", REGIONS[node]))?;
         incs += u64::from(inc);
         n += 1;
     }
@@ -131,7 +134,9 @@ async fn propagation(clients: &[Client], from: usize, to: usize, n: usize) -> Re
     let mut out = Vec::new();
     for i in 0..n {
         let k = key(format!("heal/probe/{from}/{i}"))?;
-        clients[from].write(vec![(k.clone(), Op::LwwSet(b"x".to_vec().into()))]).await?;
+        clients[from]
+            .write(vec![(k.clone(), Op::LwwSet(b"x".to_vec().into()))])
+            .await?;
         let t = Instant::now();
         loop {
             // A fresh read each time: the session token would make the node wait.
@@ -168,7 +173,11 @@ async fn main() -> Result<()> {
     for a in 0..REGIONS.len() {
         let mut row = Vec::new();
         for (b, to) in configs.iter().enumerate() {
-            row.push(if a == b { None } else { Some(Relay::start(to.listen, delay).await?) });
+            row.push(if a == b {
+                None
+            } else {
+                Some(Relay::start(to.listen, delay).await?)
+            });
         }
         relays.push(row);
     }
@@ -207,7 +216,10 @@ async fn main() -> Result<()> {
         }
     };
     cut(true);
-    println!("partition: eu cut off for {} s, {} writes/s at each node", args.partition_secs, args.rate);
+    println!(
+        "partition: eu cut off for {} s, {} writes/s at each node",
+        args.partition_secs, args.rate
+    );
     let (secs, rate) = (args.partition_secs, args.rate);
     let (a, b, c) = tokio::join!(
         write_for(&clients[0], 0, rate, secs),
@@ -249,7 +261,11 @@ async fn main() -> Result<()> {
             break healed.elapsed();
         }
         if healed.elapsed() > Duration::from_secs(args.timeout_secs) {
-            bail!("no convergence {} s after the heal: {d:?}\n{}", args.timeout_secs, cluster.logs());
+            bail!(
+                "no convergence {} s after the heal: {d:?}\n{}",
+                args.timeout_secs,
+                cluster.logs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
@@ -273,7 +289,10 @@ async fn main() -> Result<()> {
             }
         }
         if total != i128::from(incs) {
-            bail!("{} sums its counters to {total}, but {incs} increments were acknowledged", REGIONS[i]);
+            bail!(
+                "{} sums its counters to {total}, but {incs} increments were acknowledged",
+                REGIONS[i]
+            );
         }
     }
     let floor = 2 * args.latency_ms;
