@@ -247,12 +247,7 @@ impl SledStore {
 
     /// Calls `f` on every entry with a sled key in `start..end`, in key
     /// order: sled's entries merged with the pending changes.
-    fn scan_raw(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        f: &mut dyn FnMut(&[u8], &[u8]) -> Result<(), Error>,
-    ) -> Result<(), Error> {
+    fn scan_raw(&self, start: &[u8], end: &[u8], f: &mut RawVisitor<'_>) -> Result<(), Error> {
         let mut pending = self.pending.range(start.to_vec()..end.to_vec()).peekable();
         for r in self.tree.range(start..end) {
             let (k, v) = r.map_err(store_err)?;
@@ -292,6 +287,9 @@ impl SledStore {
     }
 }
 
+/// A visitor of raw (sled key, value) entries.
+type RawVisitor<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), Error> + 'a;
+
 impl Drop for SledStore {
     /// Writes pending changes to sled (not durably: that is `flush`'s job),
     /// so a store dropped without a last flush behaves as before batching.
@@ -323,7 +321,7 @@ impl SledStore {
 
 impl Store for SledStore {
     fn get(&self, key: &Key) -> Result<Option<Value>, Error> {
-        self.read_raw(&value_key(key), |v| from_bytes(v))
+        self.read_raw(&value_key(key), from_bytes)
     }
 
     fn scan_buckets(&self, lo: u32, hi: u32) -> Result<Vec<(Key, Value)>, Error> {
@@ -349,7 +347,7 @@ impl Store for SledStore {
     }
 
     fn meta(&self) -> Result<Option<Meta>, Error> {
-        self.read_raw(b"mmeta", |v| from_bytes(v))
+        self.read_raw(b"mmeta", from_bytes)
     }
 
     fn buffer(&self) -> Result<Vec<DeltaGroup>, Error> {

@@ -10,6 +10,7 @@
 //! dropped, as in a partition.
 
 use anyhow::{Context, Result};
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -85,29 +86,30 @@ async fn run(listen: Arc<UdpSocket>, target: SocketAddr, delay: Duration, state:
         if state.cut.load(Ordering::SeqCst) {
             continue;
         }
-        if !upstreams.contains_key(&from) {
-            let Ok(up) = UdpSocket::bind("127.0.0.1:0").await else {
-                continue;
-            };
-            let up = Arc::new(up);
-            let forward = delay_line(&mut tasks, up.clone(), target);
-            let back = delay_line(&mut tasks, listen.clone(), from);
-            let state = state.clone();
-            tasks.spawn(async move {
-                let mut buf = vec![0u8; 65_536];
-                while let Ok(n) = up.recv(&mut buf).await {
-                    if !state.cut.load(Ordering::SeqCst) {
-                        state.bytes.fetch_add(n as u64, Ordering::Relaxed);
-                        let _ = back.try_send((Instant::now() + delay, buf[..n].to_vec()));
+        let line = match upstreams.entry(from) {
+            Entry::Occupied(e) => e.get().clone(),
+            Entry::Vacant(slot) => {
+                let Ok(up) = UdpSocket::bind("127.0.0.1:0").await else {
+                    continue;
+                };
+                let up = Arc::new(up);
+                let forward = delay_line(&mut tasks, up.clone(), target);
+                let back = delay_line(&mut tasks, listen.clone(), from);
+                let state = state.clone();
+                tasks.spawn(async move {
+                    let mut buf = vec![0u8; 65_536];
+                    while let Ok(n) = up.recv(&mut buf).await {
+                        if !state.cut.load(Ordering::SeqCst) {
+                            state.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                            let _ = back.try_send((Instant::now() + delay, buf[..n].to_vec()));
+                        }
                     }
-                }
-            });
-            upstreams.insert(from, forward);
-        }
-        if let Some(line) = upstreams.get(&from) {
-            state.bytes.fetch_add(n as u64, Ordering::Relaxed);
-            let _ = line.try_send((Instant::now() + delay, buf[..n].to_vec()));
-        }
+                });
+                slot.insert(forward).clone()
+            }
+        };
+        state.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        let _ = line.try_send((Instant::now() + delay, buf[..n].to_vec()));
     }
 }
 
