@@ -146,15 +146,43 @@ pub fn footprint(dir: &std::path::Path, keys: usize, kind: &str, batch: usize) -
     }
     let elapsed = started.elapsed().as_secs_f64();
     let after = rss_bytes();
+    // Baseline in the same run: raw sled holding the same keys and the same
+    // encoded final states, inserted in the same batches with a flush each.
+    let raw_dir = dir.with_extension("raw");
+    if raw_dir.exists() {
+        std::fs::remove_dir_all(&raw_dir).with_context(|| format!("clearing {}", raw_dir.display()))?;
+    }
+    let raw = sled::Config::new().path(&raw_dir).open()?;
+    let mut state_bytes = 0u64;
+    for start in (0..keys).step_by(batch) {
+        let mut b = sled::Batch::default();
+        for i in start..(start + batch).min(keys) {
+            let key = lattice_core::Key::new(format!("key:{i:08}"))?;
+            let value = r.read(&key)?.context("a written key is missing")?;
+            let bytes = lattice_core::proto::to_bytes(&value)?;
+            state_bytes += (key.as_str().len() + bytes.len()) as u64;
+            b.insert(key.as_str().as_bytes(), bytes);
+        }
+        raw.apply_batch(b)?;
+        raw.flush()?;
+    }
+    drop(raw);
     drop(r);
     let disk = dir_bytes(dir);
+    let raw_disk = dir_bytes(&raw_dir);
+    let per_key = |n: u64| n as f64 / keys.max(1) as f64;
     println!(
-        "kind={kind} keys={keys} disk_bytes={disk} disk_per_key={:.1} rss_growth_bytes={} rss_per_key={:.1} secs={elapsed:.1}",
-        disk as f64 / keys.max(1) as f64,
+        "kind={kind} keys={keys} disk_bytes={disk} disk_per_key={:.1} rss_growth_bytes={} rss_per_key={:.1} \
+         state_per_key={:.1} raw_sled_disk_per_key={:.1} disk_vs_raw_sled={:.2} secs={elapsed:.1}",
+        per_key(disk),
         after.saturating_sub(before),
-        after.saturating_sub(before) as f64 / keys.max(1) as f64
+        per_key(after.saturating_sub(before)),
+        per_key(state_bytes),
+        per_key(raw_disk),
+        disk as f64 / raw_disk.max(1) as f64
     );
     let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(&raw_dir);
     Ok(())
 }
 

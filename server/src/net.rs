@@ -172,7 +172,7 @@ fn probe_interval(rtt: Option<Duration>) -> Duration {
 
 /// Keeps a connection to one peer and writes its queued frames. While the
 /// peer cannot be reached, overlapping attempts probe it (see
-/// [`probe_interval`]); the first handshake to complete wins and the others
+/// `probe_interval`); the first handshake to complete wins and the others
 /// are dropped. Every stream opens with this process's boot id. `signals`
 /// cut a stale connection short (`restarted`) or start an attempt at once
 /// (`reachable`). A new connection is reported to the engine as
