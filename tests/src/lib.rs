@@ -186,10 +186,7 @@ impl Cluster {
 
     /// Status of node `i`.
     pub async fn status(&self, i: usize) -> Result<NodeStatus> {
-        match self.client(i)?.request(RequestBody::Status).await? {
-            Response::Status(s) => Ok(s),
-            r => bail!("unexpected answer {r:?}"),
-        }
+        status_of(&self.client(i)?).await
     }
 
     /// Waits until every node answers and sees every peer alive.
@@ -256,6 +253,14 @@ impl Cluster {
             }
         }
         out
+    }
+}
+
+/// The status of the node `client` talks to.
+pub async fn status_of(client: &Client) -> Result<NodeStatus> {
+    match client.request(RequestBody::Status).await? {
+        Response::Status(s) => Ok(s),
+        r => bail!("unexpected answer {r:?}"),
     }
 }
 

@@ -18,7 +18,7 @@ use lattice_core::crdt::{Op, ValueView};
 use lattice_core::Key;
 use lattice_server::storage::Durability;
 use lattice_tests::relay::Relay;
-use lattice_tests::Cluster;
+use lattice_tests::{status_of, Cluster};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -111,21 +111,6 @@ async fn write_for(client: &Client, node: usize, rate: u64, secs: u64) -> Result
         n += 1;
     }
     Ok(incs)
-}
-
-async fn digests(clients: &[Client]) -> Vec<Option<String>> {
-    let mut out = Vec::new();
-    for c in clients {
-        out.push(status(c).await.ok().map(|s| s.digest));
-    }
-    out
-}
-
-async fn status(c: &Client) -> Result<lattice_client::NodeStatus> {
-    match c.request(lattice_core::proto::client::RequestBody::Status).await? {
-        lattice_core::proto::client::Response::Status(s) => Ok(s),
-        r => bail!("unexpected answer {r:?}"),
-    }
 }
 
 /// Milliseconds from a write at node `from` until node `to` reads it, for
@@ -227,8 +212,11 @@ async fn main() -> Result<()> {
         write_for(&clients[2], 2, rate, secs)
     );
     let incs = a? + b? + c?;
-    let before = digests(&clients).await;
-    if before.iter().flatten().collect::<std::collections::BTreeSet<_>>().len() < 2 {
+    let mut before = std::collections::BTreeSet::new();
+    for c in &clients {
+        before.insert(status_of(c).await?.digest);
+    }
+    if before.len() < 2 {
         bail!("the replicas did not differ at the heal: the partition did not hold ({before:?})");
     }
 
@@ -237,25 +225,24 @@ async fn main() -> Result<()> {
 
     let mut reconnected = None;
     let converged = loop {
-        let d = digests(&clients).await;
+        // One status per node per poll: digests, liveness and the trace.
+        let mut statuses = Vec::new();
+        for c in &clients {
+            statuses.push(status_of(c).await.ok());
+        }
+        let d: Vec<Option<&str>> = statuses.iter().map(|s| s.as_ref().map(|s| s.digest.as_str())).collect();
         if args.trace {
             let mut line = format!("{:5} ms", healed.elapsed().as_millis());
-            for c in &clients {
-                if let Ok(s) = status(c).await {
-                    line.push_str(&format!(" | {} {}", s.node, &s.digest[..6]));
-                    for p in &s.peers {
-                        line.push_str(&format!(" {}:{}/{}", p.node, u8::from(p.alive), p.unacked_groups));
-                    }
+            for s in statuses.iter().flatten() {
+                line.push_str(&format!(" | {} {}", s.node, s.digest.get(..6).unwrap_or(&s.digest)));
+                for p in &s.peers {
+                    line.push_str(&format!(" {}:{}/{}", p.node, u8::from(p.alive), p.unacked_groups));
                 }
             }
             eprintln!("{line}");
         }
-        if reconnected.is_none() {
-            if let Ok(s) = status(&clients[0]).await {
-                if s.peers.iter().all(|p| p.alive) {
-                    reconnected = Some(healed.elapsed());
-                }
-            }
+        if reconnected.is_none() && statuses[0].as_ref().is_some_and(|s| s.peers.iter().all(|p| p.alive)) {
+            reconnected = Some(healed.elapsed());
         }
         if d.iter().all(|x| x.is_some() && *x == d[0]) {
             break healed.elapsed();
