@@ -21,6 +21,12 @@ pub struct Meta {
     pub replica: ReplicaId,
     /// The sequence number the next delta group gets.
     pub next_seq: u64,
+    /// Set only by [`Replica::close`](crate::replica::Replica::close), in
+    /// the last batch a life writes: the store then holds every change that
+    /// life made. A store whose flush does not reach the disk (`async`)
+    /// reuses its replica id only after such a close.
+    #[serde(default)]
+    pub clean: bool,
 }
 
 /// One atomic change: values, buffer changes and metadata together, so the
@@ -71,8 +77,21 @@ pub trait Store {
     fn has_op(&self, op: OpId) -> Result<bool, Error>;
     /// Applies a batch atomically (written, not yet durable).
     fn apply(&mut self, batch: WriteBatch) -> Result<(), Error>;
-    /// Makes everything applied so far durable.
+    /// Makes everything applied so far durable, or, where
+    /// [`Store::flush_is_durable`] is false, hands it to the disk to be
+    /// written later.
     fn flush(&mut self) -> Result<(), Error>;
+    /// False when [`Store::flush`] returns before the data is on disk (the
+    /// `async` durability mode): a crash can then lose changes that were
+    /// flushed, and the engine must never hand out their dots or sequence
+    /// numbers again.
+    fn flush_is_durable(&self) -> bool {
+        true
+    }
+    /// Makes everything applied so far durable, whatever the mode.
+    fn sync(&mut self) -> Result<(), Error> {
+        self.flush()
+    }
 }
 
 type Ordered = BTreeMap<(u32, Key), Value>;
@@ -116,23 +135,64 @@ impl Image {
 /// An in-memory store that models durability: batches applied since the
 /// last [`Store::flush`] are lost by [`MemoryStore::crash`]. The simulator
 /// runs every node on one.
+///
+/// In `async` mode ([`MemoryStore::new_async`]) it behaves like sled with
+/// its background log writer: `flush` returns at once and only
+/// [`MemoryStore::sync_disk`] (a timer of the driver's) puts what was
+/// flushed on the disk. Crashes may keep a prefix of what was not yet on
+/// disk ([`MemoryStore::crash_keeping`]), as a log written in order would.
 #[derive(Clone, Debug, Default)]
 pub struct MemoryStore {
     current: Image,
+    /// Applied, not yet flushed.
     pending: Vec<WriteBatch>,
+    /// Flushed, not yet on disk (`async` only).
+    written: Vec<WriteBatch>,
     durable: Image,
+    is_async: bool,
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store whose flush is durable.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Simulates a process crash: what was not flushed is gone.
+    /// An empty store whose flush returns before the data is on disk.
+    pub fn new_async() -> Self {
+        MemoryStore {
+            is_async: true,
+            ..Self::default()
+        }
+    }
+
+    /// Simulates a process crash: what was not on disk is gone.
     pub fn crash(&mut self) {
-        self.pending.clear();
+        self.crash_keeping(0);
+    }
+
+    /// Simulates a crash in the middle of writing: the first `keep` of the
+    /// batches not yet on disk (in the order they were applied) survive,
+    /// the rest is gone.
+    pub fn crash_keeping(&mut self, keep: usize) {
+        let mut batches = std::mem::take(&mut self.written);
+        batches.append(&mut self.pending);
+        for b in batches.iter().take(keep) {
+            self.durable.apply(b);
+        }
         self.current = self.durable.clone();
+    }
+
+    /// Batches not yet on disk (what a crash may lose).
+    pub fn unsynced(&self) -> usize {
+        self.written.len() + self.pending.len()
+    }
+
+    /// The background writer: what was flushed reaches the disk.
+    pub fn sync_disk(&mut self) {
+        for b in self.written.drain(..) {
+            self.durable.apply(&b);
+        }
     }
 
     /// The durable state of a key: what a crash would leave.
@@ -192,9 +252,20 @@ impl Store for MemoryStore {
     }
 
     fn flush(&mut self) -> Result<(), Error> {
-        for b in self.pending.drain(..) {
-            self.durable.apply(&b);
+        self.written.append(&mut self.pending);
+        if !self.is_async {
+            self.sync_disk();
         }
+        Ok(())
+    }
+
+    fn flush_is_durable(&self) -> bool {
+        !self.is_async
+    }
+
+    fn sync(&mut self) -> Result<(), Error> {
+        self.written.append(&mut self.pending);
+        self.sync_disk();
         Ok(())
     }
 }

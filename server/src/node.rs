@@ -527,6 +527,10 @@ pub fn run(
         }
         if stopping && !replica.needs_flush() {
             metrics.record_engine(&replica, now);
+            // A clean close lets an `async` store keep its replica id.
+            if let Err(e) = replica.close(now) {
+                tracing::error!(error = %e, "closing the store failed; the next start takes a new replica id");
+            }
             feed.close();
             tracing::info!("engine stopped");
             return;

@@ -418,15 +418,21 @@ impl Store for SledStore {
     }
 
     fn flush(&mut self) -> Result<(), Error> {
-        self.apply_pending()?;
         match self.durability {
-            Durability::Async => Ok(()),
-            Durability::Sync | Durability::Group => {
-                self.db.flush().map_err(store_err)?;
-                // sled's flush is sync_file_range: make it an fsync.
-                self.fsync_log()
-            }
+            Durability::Async => self.apply_pending(),
+            Durability::Sync | Durability::Group => self.sync(),
         }
+    }
+
+    fn flush_is_durable(&self) -> bool {
+        self.durability != Durability::Async
+    }
+
+    fn sync(&mut self) -> Result<(), Error> {
+        self.apply_pending()?;
+        self.db.flush().map_err(store_err)?;
+        // sled's flush is sync_file_range: make it an fsync.
+        self.fsync_log()
     }
 }
 
@@ -536,6 +542,7 @@ mod tests {
                             b.meta = Some(Meta {
                                 replica: lattice_core::clock::ReplicaId(r.gen()),
                                 next_seq: seq,
+                                clean: false,
                             });
                         }
                         if r.gen_bool(0.3) {

@@ -111,6 +111,7 @@ pub fn repair(keys: usize, diff: usize, depth: u8) -> Result<RepairFigures, Erro
         meta: Some(Meta {
             replica: ReplicaId(0xb),
             next_seq: 0,
+            clean: false,
         }),
         buffer_trim_below: Some(u64::MAX),
         ..WriteBatch::default()

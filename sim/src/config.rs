@@ -146,6 +146,14 @@ pub struct SimConfig {
     pub policy_change: Option<(u64, lattice_core::policy::PolicySet)>,
     /// Share of writes (0..1) sent with write concern `regions(2)`.
     pub concern_share: f64,
+    /// `async` durability: a flush returns at once and the disk gets what
+    /// was flushed only every this many milliseconds (sled's background
+    /// writer), so a crash loses a tail the node already acknowledged and
+    /// sent. `None`: a flush is durable (`sync`/`group`).
+    pub async_disk_ms: Option<u64>,
+    /// A crash keeps a random prefix of the batches not yet on disk (a torn
+    /// log tail) instead of none of them.
+    pub torn_writes: bool,
 }
 
 /// Who gossips with whom.
@@ -188,6 +196,8 @@ impl SimConfig {
             script: Vec::new(),
             policy_change: None,
             concern_share: 0.0,
+            async_disk_ms: None,
+            torn_writes: true,
         }
     }
 
@@ -255,6 +265,12 @@ impl SimConfig {
         if c.regions >= 2 && prng.gen_bool(0.3) {
             c.concern_share = prng.gen_range(0.05..0.5);
         }
+        // Storage faults, from a stream of their own as well.
+        let mut drng = ChaCha8Rng::seed_from_u64(seed ^ 0x4449_534b_0000_0000);
+        if drng.gen_bool(0.4) {
+            c.async_disk_ms = Some(drng.gen_range(5..=800));
+        }
+        c.torn_writes = drng.gen_bool(0.7);
         c
     }
 

@@ -19,9 +19,24 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 #[derive(Debug)]
 enum Ev {
-    Deliver { from: usize, to: usize, payload: Vec<u8> },
-    Timer { node: usize, token: u64 },
-    Flush { node: usize, token: u64 },
+    Deliver {
+        from: usize,
+        to: usize,
+        payload: Vec<u8>,
+    },
+    Timer {
+        node: usize,
+        token: u64,
+    },
+    Flush {
+        node: usize,
+        token: u64,
+    },
+    /// The `async` store's background writer.
+    DiskSync {
+        node: usize,
+        token: u64,
+    },
     Client,
     Fault(FaultAction),
     Heal,
@@ -40,12 +55,13 @@ impl Ev {
             Ev::Heal => 6,
             Ev::Check => 7,
             Ev::PolicyChange => 8,
+            Ev::DiskSync { .. } => 10,
         }
     }
     fn node(&self) -> Option<usize> {
         match self {
             Ev::Deliver { to, .. } => Some(*to),
-            Ev::Timer { node, .. } | Ev::Flush { node, .. } => Some(*node),
+            Ev::Timer { node, .. } | Ev::Flush { node, .. } | Ev::DiskSync { node, .. } => Some(*node),
             _ => None,
         }
     }
@@ -178,6 +194,8 @@ pub struct Sim {
     concerned: BTreeMap<(usize, u64, WriteId), usize>,
     /// When a disk was last destroyed.
     last_wipe: Option<u64>,
+    /// When a node last crashed (or lost its disk).
+    last_crash: Option<u64>,
     unseen: BTreeMap<Key, BTreeSet<usize>>,
     healed_at: Option<u64>,
     done: bool,
@@ -185,6 +203,15 @@ pub struct Sim {
     /// Print every delivered frame, write and crash (`LATTICE_SIM_TRACE=1`).
     trace_log: bool,
     report: Report,
+}
+
+/// An empty store of the run's durability mode.
+fn new_store(cfg: &SimConfig) -> MemoryStore {
+    if cfg.async_disk_ms.is_some() {
+        MemoryStore::new_async()
+    } else {
+        MemoryStore::new()
+    }
 }
 
 fn node_name(i: usize) -> NodeId {
@@ -227,7 +254,7 @@ impl Sim {
             nodes.push(SimNode {
                 cfg: rc,
                 replica: None,
-                parked: Some(MemoryStore::new()),
+                parked: Some(new_store(&cfg)),
                 token: 0,
                 paused_until: 0,
                 skew_ms: 0,
@@ -239,10 +266,12 @@ impl Sim {
         let report = Report {
             seed: cfg.seed,
             setup: format!(
-                "nodes={} regions={} faults={} relay={}{}{}{}",
+                "nodes={} regions={} faults={}{}{} relay={}{}{}{}",
                 cfg.nodes,
                 cfg.regions,
                 cfg.faults.describe(),
+                cfg.async_disk_ms.map_or(String::new(), |ms| format!(",async={ms}ms")),
+                if cfg.torn_writes { ",torn" } else { "" },
                 cfg.relay,
                 crate::policy::describe(&cfg.policy),
                 cfg.link_rate.map_or(String::new(), |r| format!(" link_rate={r}B/s")),
@@ -267,6 +296,7 @@ impl Sim {
             pending: BTreeMap::new(),
             concerned: BTreeMap::new(),
             last_wipe: None,
+            last_crash: None,
             unseen: BTreeMap::new(),
             healed_at: None,
             done: false,
@@ -303,10 +333,9 @@ impl Sim {
     }
 
     fn start_node(&mut self, i: usize, wipe: bool) {
-        let store = if wipe {
-            MemoryStore::new()
-        } else {
-            self.nodes[i].parked.take().unwrap_or_default()
+        let store = match self.nodes[i].parked.take() {
+            Some(s) if !wipe => s,
+            _ => new_store(&self.cfg),
         };
         let n = &mut self.nodes[i];
         n.parked = None;
@@ -319,6 +348,10 @@ impl Sim {
             Ok(mut r) => {
                 r.set_wall_offset(n.skew_ms);
                 n.replica = Some(r);
+                if let Some(ms) = self.cfg.async_disk_ms {
+                    let token = n.token;
+                    self.push(self.now + ms, Ev::DiskSync { node: i, token });
+                }
             }
             Err(e) => {
                 self.violation("restart", format!("node {i} failed to reopen its store: {e}"));
@@ -338,8 +371,15 @@ impl Sim {
             );
         }
         let Some(r) = self.nodes[i].replica.take() else { return };
+        self.last_crash = Some(self.now);
         let mut store = r.into_store();
-        store.crash();
+        // A log written in order keeps a prefix of what was in flight.
+        let keep = if self.cfg.torn_writes {
+            self.rng.gen_range(0..=store.unsynced())
+        } else {
+            0
+        };
+        store.crash_keeping(keep);
         self.nodes[i].parked = Some(store);
         self.pending.retain(|(n, _, _), _| *n != i);
         // What this node had seen may have been lost with its unflushed state.
@@ -353,17 +393,22 @@ impl Sim {
         if wipe {
             self.last_wipe = Some(self.now);
             self.report.crashes.1 += 1;
-            self.exempt_lost_with_disk(i);
-            self.nodes[i].parked = Some(MemoryStore::new());
+            self.exempt_lost_with_disk(i, true);
+            self.nodes[i].parked = Some(new_store(&self.cfg));
         } else {
             self.report.crashes.0 += 1;
+            if self.cfg.async_disk_ms.is_some() {
+                // `async` may lose the acknowledged writes the disk had not
+                // yet received, unless another node holds them.
+                self.exempt_lost_with_disk(i, false);
+            }
         }
     }
 
     /// Acknowledged writes that no node but `i` holds durably are
     /// legitimately lost with `i`'s disk. (Re-evaluated at every wipe, since
     /// a second wipe can destroy the last other copy.)
-    fn exempt_lost_with_disk(&mut self, i: usize) {
+    fn exempt_lost_with_disk(&mut self, i: usize, wiped: bool) {
         // The dots of each element's (single) add, to tell "the remove took
         // effect here" from "the add never arrived here".
         let mut add_dots: BTreeMap<lattice_core::crdt::Bytes, lattice_core::clock::CausalContext> = BTreeMap::new();
@@ -377,15 +422,23 @@ impl Sim {
             if r.acked_at.is_none() || r.exempt {
                 continue;
             }
-            // Only nodes the write may reach can hold a copy of it.
+            // Only nodes the write may reach can hold a copy of it. In
+            // `async` runs every crash re-evaluates this, so the state a
+            // running node holds counts (its own crash would come here);
+            // and the crashed node's own surviving disk counts too.
             let targets = r.targets;
+            let live = self.cfg.async_disk_ms.is_some();
             let held_elsewhere = (0..self.nodes.len())
-                .filter(|&j| j != i && targets & (1 << j) != 0)
+                .filter(|&j| (j != i || (live && !wiped)) && targets & (1 << j) != 0)
                 .any(|j| {
                     let n = &self.nodes[j];
                     let store = n.replica.as_ref().map(|r| r.store()).or(n.parked.as_ref());
                     store.is_some_and(|s| {
-                        let v = s.get_durable(&r.key);
+                        let v = if live {
+                            s.get(&r.key).ok().flatten()
+                        } else {
+                            s.get_durable(&r.key)
+                        };
                         let elems = crate::workload::visible_elems(v.as_ref());
                         let ctx = v.as_ref().map(Value::context).unwrap_or_default();
                         r.visible_in(v.as_ref())
@@ -791,11 +844,24 @@ impl Sim {
             // copies the acknowledgement counted: nothing to check.
             return;
         }
+        // `async`: the peers acknowledged what they applied, not what their
+        // disks hold; any crash since the write may have taken a copy.
+        let live = self.cfg.async_disk_ms.is_some();
+        if live && self.last_crash.is_some_and(|t| t >= r.issued_at) {
+            return;
+        }
         let regions: BTreeSet<usize> = (0..self.nodes.len())
             .filter(|&j| {
                 let n = &self.nodes[j];
                 let store = n.replica.as_ref().map(|r| r.store()).or(n.parked.as_ref());
-                store.is_some_and(|s| r.visible_in(s.get_durable(&r.key).as_ref()))
+                store.is_some_and(|s| {
+                    let v = if live {
+                        s.get(&r.key).ok().flatten()
+                    } else {
+                        s.get_durable(&r.key)
+                    };
+                    r.visible_in(v.as_ref())
+                })
             })
             .map(|j| self.cfg.region_of(j))
             .collect();
@@ -1064,6 +1130,16 @@ impl Sim {
                         }
                     }
                     self.after(node);
+                }
+                Ev::DiskSync { node, token } => {
+                    let n = &mut self.nodes[node];
+                    if n.token != token {
+                        continue;
+                    }
+                    if let (Some(r), Some(ms)) = (n.replica.as_mut(), self.cfg.async_disk_ms) {
+                        r.store_mut().sync_disk();
+                        self.push(self.now + ms, Ev::DiskSync { node, token });
+                    }
                 }
                 Ev::Client => self.client_op(),
                 Ev::Fault(a) => self.fault(a),

@@ -103,3 +103,32 @@ fn a_write_concern_met_too_early_is_caught() {
         "the checker missed regions(2) acknowledged at one region: {c:?}"
     );
 }
+
+/// Each planted bug with a swarm seed that catches it and the checks that
+/// may report it: fixed seeds, so CI proves every one is still caught.
+const CAUGHT_BY: &[(PlantedBug, u64, &[&str])] = &[
+    // Review finding 1: a crashed `async` node reused its dots.
+    (PlantedBug::AsyncReusesId, 94, &["convergence"]),
+    (PlantedBug::AsyncReusesId, 213, &["counter"]),
+];
+
+#[test]
+fn every_planted_bug_is_caught_by_its_listed_seed() {
+    for &(bug, seed, expected) in CAUGHT_BY {
+        planted::set(PlantedBug::None);
+        let clean = run_seed(seed);
+        assert!(
+            clean.violations.is_empty(),
+            "seed {seed} fails without a bug: {:?}",
+            clean.violations
+        );
+        planted::set(bug);
+        let r = run_seed(seed);
+        planted::set(PlantedBug::None);
+        let got: Vec<&str> = r.violations.iter().map(|v| v.check).collect();
+        assert!(
+            got.iter().any(|c| expected.contains(c)),
+            "{bug:?} at seed {seed}: expected one of {expected:?}, got {got:?}"
+        );
+    }
+}

@@ -236,21 +236,50 @@ impl<S: Store> Replica<S> {
     /// disk) gets a fresh replica id drawn from `rng`, so no dot or sequence
     /// number handed out by an earlier life of this node is ever reused.
     pub fn open(cfg: ReplicaConfig, mut store: S, mut rng: Box<dyn RngCore + Send>, now: Time) -> Result<Self, Error> {
-        let meta = match store.meta()? {
-            Some(m) => m,
-            None => {
-                let m = Meta {
+        let (meta, stored) = match store.meta()? {
+            // Every flush reached the disk: the stored context and sequence
+            // number cover everything this id ever sent.
+            Some(m) if store.flush_is_durable() => (m, true),
+            // `async`: reuse the id only after a clean close, and mark the
+            // new life unclean before it writes anything.
+            Some(m) if m.clean => (m, false),
+            #[cfg(feature = "planted-bugs")]
+            Some(m) if crate::planted::active(crate::planted::PlantedBug::AsyncReusesId) => (m, false),
+            // `async` after a crash: the disk may have lost a tail of
+            // writes whose dots and sequence numbers peers already hold.
+            // Handing them out again would make two different writes share
+            // a dot (replicas would diverge for ever), so this life creates
+            // dots under a fresh id; anti-entropy brings the lost tail back
+            // from the peers that have it.
+            Some(m) => {
+                tracing::info!(old = ?m.replica, "async store was not closed cleanly: new replica id");
+                (
+                    Meta {
+                        replica: ReplicaId(rng.next_u64()),
+                        ..m
+                    },
+                    false,
+                )
+            }
+            None => (
+                Meta {
                     replica: ReplicaId(rng.next_u64()),
                     next_seq: 0,
-                };
-                store.apply(WriteBatch {
-                    meta: Some(m.clone()),
-                    ..WriteBatch::default()
-                })?;
-                store.flush()?;
-                m
-            }
+                    clean: false,
+                },
+                false,
+            ),
         };
+        if !stored {
+            store.apply(WriteBatch {
+                meta: Some(Meta {
+                    clean: false,
+                    ..meta.clone()
+                }),
+                ..WriteBatch::default()
+            })?;
+            store.sync()?;
+        }
         let cfg = ReplicaConfig {
             policy: cfg.policy.clone().validated()?,
             ..cfg
@@ -341,9 +370,32 @@ impl<S: Store> Replica<S> {
         &self.store
     }
 
+    /// The store, for a driver's housekeeping that changes no state (the
+    /// simulator's background disk writer).
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
     /// Gives the store back (to reopen it after a simulated crash).
     pub fn into_store(self) -> S {
         self.store
+    }
+
+    /// Shuts down cleanly: makes everything durable whatever the mode and
+    /// records that this life ended with nothing lost, so an `async` store
+    /// reopens under the same replica id. Nothing may be written after it.
+    pub fn close(mut self, now: Time) -> Result<S, Error> {
+        self.flush(now)?;
+        self.store.apply(WriteBatch {
+            meta: Some(Meta {
+                replica: self.id,
+                next_seq: self.next_seq,
+                clean: true,
+            }),
+            ..WriteBatch::default()
+        })?;
+        self.store.sync()?;
+        Ok(self.store)
     }
 
     /// The anti-entropy root digest: equal at two replicas exactly when
@@ -511,6 +563,7 @@ impl<S: Store> Replica<S> {
             batch.meta = Some(Meta {
                 replica: self.id,
                 next_seq: self.next_seq + 1,
+                clean: false,
             });
         }
         self.store.apply(batch)?;
