@@ -197,6 +197,8 @@ pub struct Stats {
     pub ae_keys_repaired: u64,
     /// States too large for any anti-entropy frame, skipped.
     pub ae_oversized: u64,
+    /// Deltas that did not fit a frame (a repair round carried them).
+    pub oversized_deltas: u64,
     /// Buffered groups dropped because the buffer was full.
     pub buffer_dropped: u64,
     /// Remote clocks not merged because too far ahead.

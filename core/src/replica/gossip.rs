@@ -39,23 +39,20 @@ impl<S: Store> Replica<S> {
     }
 
     /// Entries of group `seq` in class `class` that may go to `p` (none
-    /// from `p` itself), and the group's encoded size per entry.
+    /// from `p` itself), each with its encoded size.
     fn entries_for<'a>(
         &'a self,
         seq: u64,
         p: &'a Peer,
         class: usize,
-    ) -> (impl Iterator<Item = &'a (Key, Value)> + 'a, usize) {
+    ) -> impl Iterator<Item = (&'a (Key, Value), usize)> + 'a {
         let front = self.front_seq();
-        let buffered = seq.checked_sub(front).and_then(|i| self.buffer.get(i as usize));
-        let per_entry = buffered.map_or(0, |b| b.bytes / b.group.entries.len().max(1));
-        let iter = buffered
-            .map(|b| &b.group)
-            .filter(|g| g.origin.as_ref() != Some(&p.cfg.node))
+        seq.checked_sub(front)
+            .and_then(|i| self.buffer.get(i as usize))
+            .filter(|b| b.group.origin.as_ref() != Some(&p.cfg.node))
             .into_iter()
-            .flat_map(|g| g.entries.iter())
-            .filter(move |(k, _)| self.class_of(k) == class && self.may_send(&p.cfg, k));
-        (iter, per_entry)
+            .flat_map(|b| b.group.entries.iter().zip(b.sizes.iter().copied()))
+            .filter(move |((k, _), _)| self.class_of(k) == class && self.may_send(&p.cfg, k))
     }
 
     /// Advances each stream's `acked` over groups that carry nothing for
@@ -68,7 +65,7 @@ impl<S: Store> Replica<S> {
             let s = &p.streams[c];
             *a = s.acked;
             // Below the front nothing is known about a group: never skip there.
-            while *a >= front && *a < s.sent_upto && self.entries_for(*a, p, c).0.next().is_none() {
+            while *a >= front && *a < s.sent_upto && self.entries_for(*a, p, c).next().is_none() {
                 *a += 1;
             }
         }
@@ -203,9 +200,8 @@ impl<S: Store> Replica<S> {
             let p = &self.peers[node];
             let (mut acc, mut bytes, mut hi) = (BTreeMap::<Key, Value>::new(), 0usize, start);
             for seq in start..end {
-                let (entries, per_entry) = self.entries_for(seq, p, c);
-                let entries: Vec<&(Key, Value)> = entries.collect();
-                let est = per_entry * entries.len();
+                let entries: Vec<(&(Key, Value), usize)> = self.entries_for(seq, p, c).collect();
+                let est: usize = entries.iter().map(|(_, n)| n).sum();
                 let over = match cap {
                     // The credit may overdraw the bucket: a group larger
                     // than a burst must still go once its share is earned.
@@ -215,7 +211,7 @@ impl<S: Store> Replica<S> {
                 if est > 0 && over {
                     break;
                 }
-                for (k, v) in entries {
+                for ((k, v), _) in entries {
                     match acc.get_mut(k) {
                         Some(mine) => mine.join(v),
                         None => {
@@ -290,7 +286,16 @@ impl<S: Store> Replica<S> {
             sections,
             ack,
         };
-        self.queue(node, &msg, now)?;
+        if let Err(e) = self.queue(node, &msg, now) {
+            // Sizes are exact per entry, so only one group too large for a
+            // frame on its own gets here. Never stall silently: count it,
+            // and let a repair round carry the states (the stream resumes
+            // past the group once a round completes).
+            self.stats.oversized_deltas += 1;
+            tracing::warn!(peer = %node, error = %e, "a delta did not fit a frame: repairing instead");
+            self.schedule_repair(now, node);
+            return Ok(false);
+        }
         if let Some(p) = self.peers.get_mut(node) {
             p.last_delta = Some(now);
         }
