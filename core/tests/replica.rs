@@ -572,3 +572,33 @@ fn mixed_sizes_in_one_batch_never_stall_a_stream() {
     assert_eq!(c.nodes[0].stats().oversized_deltas, 0);
     assert_eq!(c.nodes[0].digest(), c.nodes[1].digest());
 }
+
+/// From the review: anti-entropy skipped a state larger than 3/4 of a frame
+/// and still let the round complete, which moved `acked` past deltas that
+/// never arrived. The round must stay partial (counted), so the peer is not
+/// taken to hold what it lacks.
+#[test]
+fn an_oversized_state_leaves_the_repair_round_partial() {
+    let mut c = cluster_with(2, &|_, c| c.max_message_bytes = 16 << 10);
+    c.run(50, &never);
+    // Two concurrent ~6 KB adds join into a ~12 KB state: over 3/4 of the
+    // 16 KiB frame, though each write was under half a frame.
+    let elems = |p: &str| -> Vec<lattice_core::crdt::Bytes> {
+        (0..60).map(|i| format!("{p}{i:03}{}", "x".repeat(90)).as_str().into()).collect()
+    };
+    c.write(0, "s", Op::SetAdd(elems("a")));
+    c.write(1, "s", Op::SetAdd(elems("b")));
+    c.run(300, &never);
+    assert_eq!(c.nodes[0].digest(), c.nodes[1].digest());
+    // n1 loses its disk: only anti-entropy can bring `s` back.
+    c.nodes[1] = open(1, 2, MemoryStore::new(), 99);
+    c.write(0, "t", Op::CounterAdd(1));
+    c.run(3_000, &never);
+    assert!(c.nodes[0].stats().ae_oversized > 0, "the state was too large for a frame");
+    assert!(c.nodes[1].read(&key("s")).unwrap().is_none());
+    let st = c.nodes[0].peer_status(Time(c.now));
+    assert!(
+        st[0].unacked_groups > 0,
+        "a round that skipped a state must not count as a completed repair"
+    );
+}

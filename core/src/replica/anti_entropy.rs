@@ -238,9 +238,10 @@ impl<S: Store> Replica<S> {
 
     /// Sends one `AeStates` frame: the states that fit its byte budget
     /// (with `want`), the round marked partial if any had to wait. A state
-    /// too large for any frame cannot be repaired by anti-entropy: it is
-    /// counted and skipped without holding the round back (writes refuse to
-    /// build such states, so only a join of two large remote states can).
+    /// too large for any frame cannot be repaired by anti-entropy (writes
+    /// refuse to build such states, so only a join of two large remote
+    /// states can): it is counted and logged, and the round is partial, so
+    /// it never moves `acked` past deltas that did not arrive.
     fn send_states(
         &mut self,
         now: Time,
@@ -259,6 +260,7 @@ impl<S: Store> Replica<S> {
             if size > frame_budget {
                 tracing::warn!(key = %k, size, "state too large for an anti-entropy frame: skipped");
                 self.stats.ae_oversized += 1;
+                round.partial = true;
                 continue;
             }
             if size > budget {
