@@ -65,6 +65,16 @@ pub enum Error {
         /// The limit.
         limit: usize,
     },
+    /// A write would leave a key with a state larger than a value may be.
+    #[error("the write would make {key:?} {size} bytes, over the limit of {limit} bytes for one value")]
+    ValueTooLarge {
+        /// The key.
+        key: String,
+        /// The state's encoded size after the write.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// A message of a protocol version this node does not speak.
     #[error("unknown protocol version {0}")]
     UnknownVersion(u8),

@@ -584,7 +584,9 @@ fn an_oversized_state_leaves_the_repair_round_partial() {
     // Two concurrent ~6 KB adds join into a ~12 KB state: over 3/4 of the
     // 16 KiB frame, though each write was under half a frame.
     let elems = |p: &str| -> Vec<lattice_core::crdt::Bytes> {
-        (0..60).map(|i| format!("{p}{i:03}{}", "x".repeat(90)).as_str().into()).collect()
+        (0..60)
+            .map(|i| format!("{p}{i:03}{}", "x".repeat(90)).as_str().into())
+            .collect()
     };
     c.write(0, "s", Op::SetAdd(elems("a")));
     c.write(1, "s", Op::SetAdd(elems("b")));
@@ -594,11 +596,50 @@ fn an_oversized_state_leaves_the_repair_round_partial() {
     c.nodes[1] = open(1, 2, MemoryStore::new(), 99);
     c.write(0, "t", Op::CounterAdd(1));
     c.run(3_000, &never);
-    assert!(c.nodes[0].stats().ae_oversized > 0, "the state was too large for a frame");
+    assert!(
+        c.nodes[0].stats().ae_oversized > 0,
+        "the state was too large for a frame"
+    );
     assert!(c.nodes[1].read(&key("s")).unwrap().is_none());
     let st = c.nodes[0].peer_status(Time(c.now));
     assert!(
         st[0].unacked_groups > 0,
         "a round that skipped a state must not count as a completed repair"
     );
+}
+
+/// From the review: a value a client could not read back (over the 1 MiB
+/// client frame) was accepted; the read then closed empty and the client
+/// marked a healthy node down. Writes now refuse it with a clear error, and
+/// every accepted state fits a read answer.
+#[test]
+fn a_value_too_large_to_read_back_is_refused_at_write_time() {
+    use lattice_core::proto::client::{encode_client, CausalToken, Response, MAX_CLIENT_FRAME};
+    let mut r = open(0, 1, MemoryStore::new(), 1);
+    let chunk = |i: usize| -> Vec<lattice_core::crdt::Bytes> {
+        (0..100)
+            .map(|j| format!("{i:04}-{j:03}-{}", "y".repeat(1_000)).as_str().into())
+            .collect()
+    };
+    let mut refused = None;
+    for i in 0..20 {
+        match r.write(Time(i as u64), vec![(key("big"), Op::SetAdd(chunk(i)))]) {
+            Ok(_) => r.flush(Time(i as u64)).unwrap(),
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let e = refused.expect("a set grown past the value limit is refused");
+    assert!(matches!(e, Error::ValueTooLarge { .. }), "{e}");
+    assert!(e.to_string().contains("\"big\""), "the error names the key: {e}");
+    // What was accepted reads back in one client answer.
+    let v = r.read(&key("big")).unwrap().unwrap();
+    let frame = encode_client(&Response::Value {
+        token: CausalToken::of(Some(&v)),
+        value: Some(v.view()),
+    })
+    .unwrap();
+    assert!(frame.len() <= MAX_CLIENT_FRAME);
 }

@@ -444,7 +444,17 @@ async fn client_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream,
         }
         Err(FrameError::Io(_)) => return,
     };
-    if let Ok(frame) = encode_client(&response) {
+    // An answer too large for a client frame (only a state grown by remote
+    // merges can be: writes refuse values that could not be read back)
+    // becomes a clear error, never an empty stream the client would take
+    // for a dead node.
+    let frame = encode_client(&response).or_else(|e| {
+        encode_client(&error(
+            ErrorKind::InvalidRequest,
+            format!("the answer is too large for one client frame: {e}"),
+        ))
+    });
+    if let Ok(frame) = frame {
         let _ = write_frame(&mut send, &frame).await;
     }
     let _ = send.finish();
@@ -479,7 +489,17 @@ async fn watch(mut send: quinn::SendStream, prefix: String, from: Option<WatchTo
             Ok(change) => (Response::Change(change), false),
             Err(e) => (Response::Error(e), true),
         };
-        let Ok(frame) = encode_client(&response) else { continue };
+        let (frame, last) = match encode_client(&response) {
+            Ok(f) => (f, last),
+            // Never skip a change silently: the watcher is told, and stops.
+            Err(e) => match encode_client(&error(
+                ErrorKind::InvalidRequest,
+                format!("a change is too large for one client frame: {e}"),
+            )) {
+                Ok(f) => (f, true),
+                Err(_) => break,
+            },
+        };
         if write_frame(&mut send, &frame).await.is_err() || last {
             break;
         }

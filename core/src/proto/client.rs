@@ -18,6 +18,11 @@ pub const CLIENT_ALPN: &[u8] = b"lattice-client/1";
 /// Largest client frame, in bytes.
 pub const MAX_CLIENT_FRAME: usize = 1 << 20;
 
+/// Largest encoded state a key may hold by default: a client frame less
+/// room for the answer around the value (its causal token and framing), so
+/// that every value a node accepts can be read back in one answer.
+pub const MAX_VALUE_BYTES: usize = MAX_CLIENT_FRAME - (64 << 10);
+
 /// A client-chosen id for one write, so a retried write is applied once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct OpId(pub u128);
@@ -234,6 +239,7 @@ impl From<&Error> for ClientError {
             | Error::NestingTooDeep { .. }
             | Error::CounterOverflow
             | Error::MessageTooLarge { .. }
+            | Error::ValueTooLarge { .. }
             | Error::Codec(_)
             | Error::UnknownVersion(_)
             | Error::Malformed(_) => ErrorKind::InvalidRequest,

@@ -79,6 +79,12 @@ pub struct ReplicaConfig {
     pub tree_depth: u8,
     /// Largest frame sent or accepted.
     pub max_message_bytes: usize,
+    /// Largest encoded state a local write may leave a key with: writes
+    /// past it fail with [`Error::ValueTooLarge`](crate::Error::ValueTooLarge).
+    /// The engine also caps it at half a frame, so any state can be
+    /// repaired. The default leaves room in a client's 1 MiB answer frame
+    /// for the answer around the value, so every value can be read back.
+    pub max_value_bytes: usize,
     /// Largest total size of buffered delta-groups; beyond it the oldest are
     /// dropped and lagging peers are repaired by anti-entropy.
     pub max_buffer_bytes: usize,
@@ -113,6 +119,7 @@ impl ReplicaConfig {
             ae_interval_ms: 5_000,
             tree_depth: 4,
             max_message_bytes: proto::DEFAULT_MAX_MESSAGE_BYTES,
+            max_value_bytes: proto::client::MAX_VALUE_BYTES,
             max_buffer_bytes: 64 << 20,
             max_pending_writes: 10_000,
             max_clock_ahead_ms: 60_000,

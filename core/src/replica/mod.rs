@@ -524,11 +524,12 @@ impl<S: Store> Replica<S> {
         for (key, (old, new, delta)) in touched {
             let old_h = old.as_ref().map(|v| item_hash(&key, v)).transpose()?;
             // A state must fit an anti-entropy frame, or it could never be
-            // repaired: that is the largest value a key may hold.
+            // repaired, and a client's answer, or it could never be read.
             let encoded = proto::to_bytes(&new)?;
-            let limit = self.cfg.max_message_bytes / 2;
+            let limit = self.cfg.max_value_bytes.min(self.cfg.max_message_bytes / 2);
             if encoded.len() > limit {
-                return Err(Error::MessageTooLarge {
+                return Err(Error::ValueTooLarge {
+                    key: key.as_str().chars().take(64).collect(),
                     size: encoded.len(),
                     limit,
                 });
