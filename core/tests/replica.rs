@@ -643,3 +643,97 @@ fn a_value_too_large_to_read_back_is_refused_at_write_time() {
     .unwrap();
     assert!(frame.len() <= MAX_CLIENT_FRAME);
 }
+
+/// A frame from peer `from` to node `to` carrying `entries`, as a peer with
+/// a valid certificate but hostile intent could send it.
+fn hostile_delta(c: &Cluster, from: usize, entries: Vec<(Key, Value)>, wall_ms: u64) -> Vec<u8> {
+    use lattice_core::clock::HlcTimestamp;
+    use lattice_core::proto::{PolicyStamp, Section};
+    let msg = Message::Delta {
+        sender: c.nodes[from].id(),
+        base_from: None,
+        time: HlcTimestamp { wall_ms, logical: 0 },
+        policy: PolicyStamp::of(&c.nodes[from].config().policy),
+        sections: vec![Section {
+            class: 1,
+            base: 0,
+            from: 0,
+            to: 0,
+            entries,
+        }],
+        ack: None,
+    };
+    proto::encode(&msg).unwrap()
+}
+
+/// From the review: a peer could send a dot (victim, u64::MAX); `next_dot`
+/// saturated, so the victim's later writes were acknowledged and then
+/// dropped everywhere. Impossible dots and counter totals are refused and
+/// counted, at the victim (it is the only source of its dots) and at every
+/// other node (no counter reaches 2^53), and the victim keeps writing.
+#[test]
+fn impossible_dots_and_counter_totals_from_a_peer_are_refused() {
+    use lattice_core::clock::{CausalContext, ReplicaId};
+    use lattice_core::crdt::{Causal, DotMap, DotSet, GCounter, OrSet};
+    let mut c = Cluster::new(2);
+    c.run(50, &never);
+    let victim = c.nodes[0].id();
+    let set_with = |ctx: CausalContext| -> Value {
+        let causal: Causal<DotMap<lattice_core::crdt::Bytes, DotSet>> = Causal::from_parts(DotMap::default(), ctx);
+        let set: OrSet<lattice_core::crdt::Bytes> = proto::from_bytes(&proto::to_bytes(&causal).unwrap()).unwrap();
+        Value::Set(set)
+    };
+    let at_max = set_with(CausalContext::from_dots([Dot::new(victim, u64::MAX)]));
+    let own_unmade = set_with(CausalContext::from_dots([Dot::new(victim, 3)]));
+    let third = set_with(CausalContext::from_dots([Dot::new(ReplicaId(77), u64::MAX)]));
+    let total = Value::GCounter(GCounter::default().inc(victim, u64::MAX));
+    let now = c.now;
+    for (k, v) in [("s", at_max), ("s2", own_unmade), ("s3", third), ("g", total)] {
+        let frame = hostile_delta(&c, 1, vec![(key(k), v)], now);
+        c.nodes[0].handle(Time(now), &NodeId("n1".into()), &frame).unwrap();
+    }
+    assert_eq!(c.nodes[0].stats().hostile_refused, 4);
+    for k in ["s", "s2", "s3", "g"] {
+        assert!(c.nodes[0].read(&key(k)).unwrap().is_none(), "{k} was refused");
+    }
+    // The victim's own writes to those keys still work and replicate.
+    c.write(0, "s", Op::SetAdd(vec!["x".into()]));
+    c.write(0, "g", Op::GCounterInc(2));
+    c.run(300, &never);
+    assert!(matches!(c.nodes[1].read(&key("s")).unwrap().unwrap().view(), ValueView::Set(s) if s.len() == 1));
+    assert_eq!(counter(&c.nodes[1], "g"), Some(2));
+    assert_eq!(c.nodes[0].digest(), c.nodes[1].digest());
+}
+
+/// From the review: the HLC bound stopped the clock but not the data, so a
+/// peer a day ahead won every concurrent LWW write for a day. A frame with
+/// a stamp beyond the bound is refused whole (not applied, not
+/// acknowledged, counted) and taken once our clock is within the bound.
+#[test]
+fn an_lww_stamp_beyond_the_clock_bound_waits_until_it_is_within_it() {
+    use lattice_core::clock::HlcTimestamp;
+    use lattice_core::crdt::LwwRegister;
+    let mut c = Cluster::new(2);
+    c.run(50, &never);
+    let bound = c.nodes[0].config().max_clock_ahead_ms;
+    let ahead = c.now + bound + 60_000;
+    let reg = LwwRegister::default().set(
+        HlcTimestamp {
+            wall_ms: ahead,
+            logical: 0,
+        },
+        c.nodes[1].id(),
+        Some(lattice_core::crdt::Bytes::from("future")),
+    );
+    let frame = hostile_delta(&c, 1, vec![(key("l"), Value::Lww(reg))], c.now);
+    let err = c.nodes[0]
+        .handle(Time(c.now), &NodeId("n1".into()), &frame)
+        .unwrap_err();
+    assert!(matches!(err, Error::Clock(_)), "{err}");
+    assert_eq!(c.nodes[0].stats().hostile_refused, 1);
+    assert!(c.nodes[0].read(&key("l")).unwrap().is_none());
+    // A minute later the stamp is within the bound.
+    let later = ahead - bound;
+    c.nodes[0].handle(Time(later), &NodeId("n1".into()), &frame).unwrap();
+    assert!(c.nodes[0].read(&key("l")).unwrap().is_some());
+}

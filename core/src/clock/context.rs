@@ -135,6 +135,13 @@ impl CausalContext {
         Dot::new(replica, max.saturating_add(1))
     }
 
+    /// The highest dot counter of each replica in this context.
+    pub fn maxima(&self) -> impl Iterator<Item = (ReplicaId, u64)> + '_ {
+        self.0
+            .iter()
+            .filter_map(|(r, ranges)| ranges.last().map(|&(_, hi)| (*r, hi)))
+    }
+
     /// The largest version vector contained in this context (the prefix
     /// `1..=n` of each replica).
     pub fn version_vector(&self) -> VersionVector {

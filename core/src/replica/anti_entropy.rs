@@ -291,12 +291,12 @@ impl<S: Store> Replica<S> {
         want: &[u64],
         reply: bool,
     ) -> Result<(), Error> {
-        let refused_before = self.stats.policy_refused;
+        let refused_before = self.stats.policy_refused + self.stats.hostile_refused;
         let repaired = self.apply_remote(from, entries)?;
         self.stats.ae_keys_repaired += repaired as u64;
         let mut round = round;
         // States refused by policy are not held here: the round proves nothing.
-        round.partial |= self.stats.policy_refused > refused_before;
+        round.partial |= self.stats.policy_refused + self.stats.hostile_refused > refused_before;
         if !reply {
             // The round's last states: confirm once they are durable here.
             return self.queue_durable(from, &Message::AeDone { round }, now);

@@ -206,6 +206,12 @@ pub struct Stats {
     pub ae_oversized: u64,
     /// Deltas that did not fit a frame (a repair round carried them).
     pub oversized_deltas: u64,
+    /// Remote entries refused as impossible or hostile (a dot of this
+    /// replica it never created, a dot counter past
+    /// [`MAX_DOT_COUNTER`](crate::replica::MAX_DOT_COUNTER), a counter total
+    /// of this replica above its own), and frames held back for an LWW
+    /// stamp further ahead of the wall clock than `max_clock_ahead_ms`.
+    pub hostile_refused: u64,
     /// Buffered groups dropped because the buffer was full.
     pub buffer_dropped: u64,
     /// Remote clocks not merged because too far ahead.

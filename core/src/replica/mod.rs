@@ -41,6 +41,12 @@ use policy::build_forest;
 use rand_core::RngCore;
 use std::collections::{BTreeMap, VecDeque};
 
+/// The largest dot counter a remote value may carry. One key would need
+/// 2^53 writes by one replica to reach it (285 years at a million writes a
+/// second), so only a broken or hostile peer sends more; accepting it would
+/// saturate `next_dot` and freeze the victim's later writes.
+pub const MAX_DOT_COUNTER: u64 = 1 << 53;
+
 /// Most out-of-order delta-intervals held per peer.
 const MAX_REORDER: usize = 32;
 
@@ -950,6 +956,31 @@ impl<S: Store> Replica<S> {
         Ok(())
     }
 
+    /// Why a remote state cannot have come from correct replicas, checked
+    /// before any join: dots of this replica it never created (it is their
+    /// only source), dot counters past [`MAX_DOT_COUNTER`], or counter
+    /// totals of this replica above its own. Such entries are dropped and
+    /// counted; the rest of the frame is applied.
+    fn impossible(&self, remote: &Value, current: Option<&Value>) -> Option<&'static str> {
+        let mine = current.map(Value::context).unwrap_or_default();
+        let my_max = mine.next_dot(self.id).counter - 1;
+        for (r, hi) in remote.context().maxima() {
+            if hi > MAX_DOT_COUNTER {
+                return Some("dot counter past the limit");
+            }
+            if r == self.id && hi > my_max {
+                return Some("a dot of this replica that it never created");
+            }
+        }
+        if let Some((inc, dec)) = remote.counter_entry(self.id) {
+            let (my_inc, my_dec) = current.and_then(|c| c.counter_entry(self.id)).unwrap_or((0, 0));
+            if inc > my_inc || dec > my_dec {
+                return Some("a counter total of this replica above its own");
+            }
+        }
+        None
+    }
+
     /// Applies remote states or deltas: stores only their novel part, and
     /// buffers it for relaying when configured to.
     fn apply_remote(&mut self, from: &NodeId, entries: Vec<(Key, Value)>) -> Result<usize, Error> {
@@ -969,6 +1000,26 @@ impl<S: Store> Replica<S> {
                 continue;
             }
             let current = self.store.get(&key)?;
+            if let Some(why) = self.impossible(&remote, current.as_ref()) {
+                self.stats.hostile_refused += 1;
+                tracing::warn!(key = %key, peer = %from, why, "refused an impossible remote state");
+                continue;
+            }
+            if let Some((stamp, _)) = remote.lww_stamp() {
+                // Not impossible, only early: the whole frame waits (it is
+                // neither applied nor acknowledged, and is sent again) until
+                // our clock is within the bound of the stamp, so the stamp
+                // cannot win every concurrent write meanwhile.
+                let wall = self.wall(self.now);
+                if stamp.wall_ms > wall.saturating_add(self.cfg.max_clock_ahead_ms) {
+                    self.stats.hostile_refused += 1;
+                    return Err(Error::Clock(crate::clock::ClockError::TooFarAhead {
+                        remote_ms: stamp.wall_ms,
+                        ahead_ms: stamp.wall_ms - wall,
+                        limit_ms: self.cfg.max_clock_ahead_ms,
+                    }));
+                }
+            }
             let novel = match &current {
                 Some(c) => c.novel(&remote),
                 None => Some(remote),
