@@ -369,11 +369,19 @@ impl Client {
             let mut reached = false;
             for attempt in 0..3 {
                 match self.request_to(i, body.clone()).await {
-                    Ok(Response::Written { token, .. }) => {
+                    Ok(Response::Written {
+                        token, keys: per_key, ..
+                    }) => {
                         self.mark(i, true);
                         if let Ok(mut s) = self.session.lock() {
                             for k in &keys {
-                                s.note(k, &token);
+                                // Each key's own token when the node sends
+                                // them: a key's read must not wait on the
+                                // dots of another key of the same write.
+                                match per_key.iter().find(|(pk, _)| pk == k) {
+                                    Some((_, t)) => s.note(k, t),
+                                    None => s.note(k, &token),
+                                }
                             }
                         }
                         return Ok(token);

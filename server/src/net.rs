@@ -538,7 +538,11 @@ async fn serve(req: ClientRequest, inbound: &Inbound) -> Response {
                 return overloaded(&inbound.metrics);
             }
             match rx.await {
-                Ok(Ok((token, duplicate))) => Response::Written { token, duplicate },
+                Ok(Ok((keys, duplicate))) => {
+                    let mut token = lattice_core::proto::client::CausalToken::default();
+                    keys.iter().for_each(|(_, t)| token.join(t));
+                    Response::Written { token, keys, duplicate }
+                }
                 Ok(Err(e)) => Response::Error(ClientError::from(&e)),
                 Err(_) => error(ErrorKind::Unavailable, "the node is shutting down"),
             }

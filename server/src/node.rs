@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// Where a write's answer goes: its token and whether it was a retry.
-pub type WriteReply = oneshot::Sender<Result<(CausalToken, bool), Error>>;
+pub type WriteReply = oneshot::Sender<Result<(Vec<(Key, CausalToken)>, bool), Error>>;
 /// Where a read's answer goes (`Err(None)` = not caught up in time).
 pub type ReadReply = oneshot::Sender<Result<Option<Value>, Option<Error>>>;
 
@@ -337,9 +337,13 @@ pub fn run(
                     };
                     match replica.write_with(now, Some(op_id), ops, concern, timeout_ms) {
                         Ok((id, duplicate)) => {
-                            let mut token = CausalToken::default();
+                            let mut token: Vec<(Key, CausalToken)> = Vec::new();
                             for k in &keys {
-                                token.join(&CausalToken::of(replica.read(k).ok().flatten().as_ref()));
+                                let t = CausalToken::of(replica.read(k).ok().flatten().as_ref());
+                                match token.iter_mut().find(|(key, _)| key == k) {
+                                    Some((_, mine)) => mine.join(&t),
+                                    None => token.push((k.clone(), t)),
+                                }
                             }
                             metrics.writes.inc_by(1);
                             let changed = if duplicate { Vec::new() } else { keys };
@@ -540,7 +544,7 @@ pub fn run(
 
 /// A client write waiting for its answer.
 struct WaitingWrite {
-    token: CausalToken,
+    token: Vec<(Key, CausalToken)>,
     duplicate: bool,
     /// Taken when answered.
     reply: Option<WriteReply>,

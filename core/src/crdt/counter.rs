@@ -37,6 +37,11 @@ impl GCounter {
         d
     }
 
+    /// Every replica's total.
+    pub fn entries(&self) -> impl Iterator<Item = (ReplicaId, u64)> + '_ {
+        self.0.iter().map(|(r, n)| (*r, *n))
+    }
+
     /// The entry of one replica.
     pub fn get(&self, replica: ReplicaId) -> u64 {
         self.0.get(&replica).copied().unwrap_or(0)
@@ -103,6 +108,18 @@ impl PNCounter {
                 n: self.n.inc(replica, delta.unsigned_abs()),
             }
         }
+    }
+
+    /// Every replica's running totals (added, subtracted).
+    pub fn entries(&self) -> std::collections::BTreeMap<ReplicaId, (u64, u64)> {
+        let mut out = std::collections::BTreeMap::new();
+        for (r, n) in self.p.entries() {
+            out.entry(r).or_insert((0, 0)).0 = n;
+        }
+        for (r, n) in self.n.entries() {
+            out.entry(r).or_insert((0, 0)).1 = n;
+        }
+        out
     }
 
     /// The running totals (added, subtracted) of one replica.

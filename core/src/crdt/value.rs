@@ -651,6 +651,26 @@ impl Value {
         }
     }
 
+    /// This value's parts, each with its kind: one for a plain value, one
+    /// per kind for a [`Value::Conflict`]. Dots are numbered per part, so
+    /// what a reader has seen must be compared part by part.
+    pub fn kind_parts(&self) -> Vec<(Kind, &Value)> {
+        match self {
+            Value::Conflict(parts) => parts.iter().filter_map(|p| p.kind().map(|k| (k, p))).collect(),
+            v => v.kind().map(|k| (k, v)).into_iter().collect(),
+        }
+    }
+
+    /// Every replica's running totals (added, subtracted) in a G- or
+    /// PN-counter (empty for other kinds and for conflicts).
+    pub fn counter_totals(&self) -> BTreeMap<ReplicaId, (u64, u64)> {
+        match self {
+            Value::GCounter(c) => c.entries().map(|(r, n)| (r, (n, 0))).collect(),
+            Value::PnCounter(c) => c.entries(),
+            _ => BTreeMap::new(),
+        }
+    }
+
     /// The running totals (added, subtracted) of `replica` in a G- or
     /// PN-counter: a write is included when these reach what it wrote.
     pub fn counter_entry(&self, replica: ReplicaId) -> Option<(u64, u64)> {

@@ -5,10 +5,11 @@
 
 use super::{from_bytes, to_bytes, RegionId, PROTOCOL_VERSION};
 use crate::clock::{CausalContext, HlcTimestamp, ReplicaId};
-use crate::crdt::{Op, Value, ValueView};
+use crate::crdt::{Kind, Op, Value, ValueView};
 use crate::key::Key;
 use crate::Error;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// ALPN of node-to-node gossip connections.
 pub const PEER_ALPN: &[u8] = b"lattice-peer/1";
@@ -30,36 +31,88 @@ pub struct OpId(pub u128);
 /// What a reader has seen of one key: every dot (and the LWW stamp) of the
 /// state it was shown. A node answers a read that carries a token only once
 /// its own state includes it (read-your-writes, monotonic reads).
+///
+/// Dots are numbered per key and, inside a [`Value::Conflict`], per part,
+/// and G- and PN-counters have totals instead of dots, so the token records
+/// what was seen per kind of part: a token is included in a state only when
+/// each of its parts is included in the state's part of the same kind.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CausalToken {
-    /// Dots seen.
+    /// Dots seen, all parts together (what tokens of earlier versions
+    /// carried; checked only when `parts` is empty).
     pub context: CausalContext,
     /// LWW stamp seen.
     pub stamp: Option<(HlcTimestamp, ReplicaId)>,
+    /// What was seen of each part, by kind.
+    #[serde(default)]
+    pub parts: BTreeMap<Kind, PartSeen>,
+}
+
+/// What a reader has seen of one part of a value.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartSeen {
+    /// The part's dots.
+    pub dots: CausalContext,
+    /// Each replica's running totals (added, subtracted), for G- and
+    /// PN-counters.
+    pub totals: BTreeMap<ReplicaId, (u64, u64)>,
 }
 
 impl CausalToken {
     /// The token of a state.
     pub fn of(value: Option<&Value>) -> CausalToken {
-        match value {
-            None => CausalToken::default(),
-            Some(v) => CausalToken {
-                context: v.context(),
-                stamp: v.lww_stamp(),
-            },
+        let Some(v) = value else {
+            return CausalToken::default();
+        };
+        let parts = v
+            .kind_parts()
+            .into_iter()
+            .map(|(kind, p)| {
+                let seen = PartSeen {
+                    dots: p.context(),
+                    totals: p.counter_totals(),
+                };
+                (kind, seen)
+            })
+            .collect();
+        CausalToken {
+            context: v.context(),
+            stamp: v.lww_stamp(),
+            parts,
         }
     }
 
     /// Whether a state includes everything this token has seen.
     pub fn is_included_in(&self, value: Option<&Value>) -> bool {
         let theirs = CausalToken::of(value);
-        theirs.context.includes(&self.context) && self.stamp.is_none_or(|s| theirs.stamp.is_some_and(|t| t >= s))
+        let stamp_ok = self.stamp.is_none_or(|s| theirs.stamp.is_some_and(|t| t >= s));
+        if self.parts.is_empty() {
+            return stamp_ok && theirs.context.includes(&self.context);
+        }
+        stamp_ok
+            && self.parts.iter().all(|(kind, mine)| {
+                let empty = PartSeen::default();
+                let other = theirs.parts.get(kind).unwrap_or(&empty);
+                other.dots.includes(&mine.dots)
+                    && mine.totals.iter().all(|(r, &(a, s))| {
+                        let (oa, os) = other.totals.get(r).copied().unwrap_or((0, 0));
+                        oa >= a && os >= s
+                    })
+            })
     }
 
     /// Joins another token into this one.
     pub fn join(&mut self, other: &CausalToken) {
         self.context.join(&other.context);
         self.stamp = self.stamp.max(other.stamp);
+        for (kind, seen) in &other.parts {
+            let mine = self.parts.entry(*kind).or_default();
+            mine.dots.join(&seen.dots);
+            for (r, &(a, s)) in &seen.totals {
+                let t = mine.totals.entry(*r).or_insert((0, 0));
+                *t = (t.0.max(a), t.1.max(s));
+            }
+        }
     }
 }
 
@@ -342,6 +395,10 @@ pub enum Response {
     Written {
         /// The keys' tokens joined.
         token: CausalToken,
+        /// Each key's own token (dots are numbered per key, so a session
+        /// must not wait on one key for the dots of another).
+        #[serde(default)]
+        keys: Vec<(Key, CausalToken)>,
         /// The write had already been applied (a retry).
         duplicate: bool,
     },
