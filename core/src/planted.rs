@@ -24,6 +24,22 @@ pub enum PlantedBug {
     /// An `async` store reopened after a crash keeps its replica id (review
     /// finding 1: dots and sequence numbers peers hold are handed out again).
     AsyncReusesId,
+    /// A relay leaves a large novel part to anti-entropy with no gap marked
+    /// (review finding 2).
+    RelayHole,
+    /// Delta sections are sized by the group's average entry (review
+    /// finding 3).
+    SizeByAverage,
+    /// `stamp_after` raises the stamp only on equality, so a local LWW
+    /// write after reading a future-stamped value loses.
+    StampAfterOnEqual,
+    /// `DotFun::join` adds the other side's dots without checking that this
+    /// side has not already seen (and dropped) them.
+    DotFunNoGuard,
+    /// A partial anti-entropy round counts as a completed repair.
+    PartialRoundCompletes,
+    /// `on_ack` no longer trims the delta buffer.
+    AckNoTrim,
 }
 
 thread_local! {

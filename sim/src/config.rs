@@ -154,6 +154,12 @@ pub struct SimConfig {
     /// A crash keeps a random prefix of the batches not yet on disk (a torn
     /// log tail) instead of none of them.
     pub torn_writes: bool,
+    /// Engine: largest frame (small frames put every size edge in reach).
+    pub max_message_bytes: usize,
+    /// Share of register writes (0..1) whose value is large: a size drawn
+    /// up to `max_message_bytes / 3`, so groups, sections, relayed deltas
+    /// and anti-entropy states meet the frame limits.
+    pub large_values: f64,
 }
 
 /// Who gossips with whom.
@@ -198,6 +204,8 @@ impl SimConfig {
             concern_share: 0.0,
             async_disk_ms: None,
             torn_writes: true,
+            max_message_bytes: lattice_core::proto::DEFAULT_MAX_MESSAGE_BYTES,
+            large_values: 0.0,
         }
     }
 
@@ -271,6 +279,22 @@ impl SimConfig {
             c.async_disk_ms = Some(drng.gen_range(5..=800));
         }
         c.torn_writes = drng.gen_bool(0.7);
+        // Sizes at the frame limits: small frames and large register values
+        // mixed with small ones, in a mesh or a relaying star; now and then
+        // thousands of keys, so repair rounds go partial.
+        let mut srng = ChaCha8Rng::seed_from_u64(seed ^ 0x5349_5a45_0000_0000);
+        if srng.gen_bool(0.35) {
+            c.max_message_bytes = 1 << srng.gen_range(12..=16);
+            c.large_values = srng.gen_range(0.05..0.5);
+            if c.nodes >= 3 && srng.gen_bool(0.4) {
+                c.topology = Topology::Star;
+            }
+        }
+        if srng.gen_bool(0.1) {
+            c.keys = srng.gen_range(200..=2_000);
+            c.ops = srng.gen_range(600..=2_500);
+            c.rate = srng.gen_range(200.0..1_000.0);
+        }
         c
     }
 

@@ -7,7 +7,7 @@ use crate::config::SimConfig;
 use crate::faults::{schedule, FaultAction};
 use crate::net::Network;
 use crate::workload::{OpRecord, Workload};
-use lattice_core::crdt::{Op, Value};
+use lattice_core::crdt::{Op, Value, ValueView};
 use lattice_core::proto::NodeId;
 use lattice_core::replica::{Event, PeerConfig, Replica, ReplicaConfig, Time, WriteId};
 use lattice_core::store::{MemoryStore, Store};
@@ -16,6 +16,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+
+/// How long the cluster idles after converging before buffers are checked.
+const QUIET_MS: u64 = 10_000;
 
 #[derive(Debug)]
 enum Ev {
@@ -196,6 +199,8 @@ pub struct Sim {
     last_wipe: Option<u64>,
     /// When a node last crashed (or lost its disk).
     last_crash: Option<u64>,
+    /// When the replicas converged after the heal (the quiet phase began).
+    quiet_since: Option<u64>,
     unseen: BTreeMap<Key, BTreeSet<usize>>,
     healed_at: Option<u64>,
     done: bool,
@@ -243,6 +248,8 @@ impl Sim {
                 cfg.sync_interval_ms
             };
             rc.ae_interval_ms = cfg.ae_interval_ms;
+            rc.max_message_bytes = cfg.max_message_bytes;
+            rc.check_invariants = true;
             rc.tree_depth = cfg.tree_depth;
             rc.max_buffer_bytes = cfg.max_buffer_bytes;
             rc.relay = cfg.relay || hub;
@@ -297,6 +304,7 @@ impl Sim {
             concerned: BTreeMap::new(),
             last_wipe: None,
             last_crash: None,
+            quiet_since: None,
             unseen: BTreeMap::new(),
             healed_at: None,
             done: false,
@@ -502,6 +510,10 @@ impl Sim {
         }
         let needs_flush = r.needs_flush();
         let timeout = r.poll_timeout();
+        let (groups, bytes) = r.buffer_usage();
+        let limit = r.config().max_buffer_bytes;
+        // The buffer keeps at least its newest group, whatever its size.
+        let over = groups > 1 && bytes > limit;
         for t in sends {
             self.report.messages += 1;
             self.report.bytes += t.payload.len() as u64;
@@ -531,6 +543,9 @@ impl Sim {
                     },
                 );
             }
+        }
+        if over {
+            self.violation("bounds", format!("node {i} buffers {bytes} bytes, over its limit of {limit}"));
         }
         for e in events {
             match e {
@@ -661,6 +676,21 @@ impl Sim {
             }
             (Ok(wid), false) => {
                 let after = self.read(i, &key);
+                // Read-your-writes by value: a register write shows its own
+                // value at once (its stamp or dots must supersede whatever
+                // the node had read, however far ahead that was stamped).
+                let own = match (&rec.op, after.as_ref().map(Value::view)) {
+                    (Op::LwwSet(v), Some(ValueView::Register(Some(got)))) => got == *v,
+                    (Op::MvSet(v), Some(ValueView::Values(got))) => got == vec![v.clone()],
+                    (Op::LwwSet(_) | Op::MvSet(_), _) => false,
+                    _ => true,
+                };
+                if !own {
+                    self.violation(
+                        "read-your-writes",
+                        format!("op {id} ({:?} on {key}) at node {i} is not what a read right after it shows", rec.op),
+                    );
+                }
                 let before_ctx = before.as_ref().map(Value::context).unwrap_or_default();
                 rec.dots = after
                     .as_ref()
@@ -716,7 +746,11 @@ impl Sim {
                 }
                 self.records.push(rec);
             }
-            (Err(lattice_core::Error::Overloaded(_)), false) => self.records.push(rec),
+            // Refused whole with a clear error: large register values can
+            // push a multi-value register (or a map) past the value limit.
+            (Err(lattice_core::Error::Overloaded(_) | lattice_core::Error::ValueTooLarge { .. }), false) => {
+                self.records.push(rec)
+            }
             (Err(e), false) => {
                 self.violation("write", format!("op {id} ({:?} on {key}) failed: {e}", rec.op));
                 self.records.push(rec);
@@ -914,9 +948,35 @@ impl Sim {
             .iter()
             .all(|n| n.replica.as_ref().is_some_and(|r| *r.policy() == final_policy));
         let quiet = self.report.ops >= self.cfg.ops;
+        if let Some(since) = self.quiet_since {
+            // After convergence, a quiet phase: every acknowledgement and
+            // trim has had time to happen, so every delta buffer and
+            // reorder buffer must be empty, and the replicas still equal.
+            if self.now < since + QUIET_MS {
+                self.push(self.now + 100, Ev::Check);
+                return;
+            }
+            if differing != 0 {
+                self.violation("convergence", format!("{differing} pairs of nodes differ again after the quiet phase"));
+            }
+            for (i, n) in self.nodes.iter().enumerate() {
+                let Some(r) = &n.replica else { continue };
+                let (groups, bytes) = r.buffer_usage();
+                let early = r.reorder_usage();
+                if groups > 0 || early > 0 {
+                    let detail = format!(
+                        "node {i} still buffers {groups} delta groups ({bytes} bytes) and {early} early intervals {QUIET_MS}ms after convergence"
+                    );
+                    self.report.violations.push(Violation { check: "quiet-buffers", detail });
+                }
+            }
+            self.finish();
+            return;
+        }
         if all_up && quiet && differing == 0 {
             self.report.converged_ms = Some(self.now - healed);
-            self.finish();
+            self.quiet_since = Some(self.now);
+            self.push(self.now + 100, Ev::Check);
             return;
         }
         if self.now - healed > self.cfg.converge_within_ms {

@@ -139,6 +139,8 @@ pub struct Workload {
     keys: usize,
     weights: Vec<f64>,
     next_unique: u64,
+    /// Share of large register values, and their largest size.
+    large: (f64, usize),
 }
 
 /// The set elements visible in a value (top-level set or a map's `tags`).
@@ -168,7 +170,21 @@ impl Workload {
             keys,
             weights,
             next_unique: 0,
+            large: (cfg.large_values, cfg.max_message_bytes / 3),
         }
+    }
+
+    /// A unique register value, now and then padded to a large size.
+    fn value(&mut self, rng: &mut ChaCha8Rng, node: usize) -> Bytes {
+        let v = self.unique(node);
+        let (share, max) = self.large;
+        if share > 0.0 && rng.gen_bool(share.clamp(0.0, 1.0)) {
+            let mut b = v.as_slice().to_vec();
+            b.push(b'-');
+            b.resize(rng.gen_range(b.len()..max.max(b.len() + 1)), b'x');
+            return Bytes::from(b);
+        }
+        v
     }
 
     fn unique(&mut self, node: usize) -> Bytes {
@@ -228,14 +244,14 @@ impl Workload {
                 if current.is_some() && rng.gen_bool(0.1) {
                     Op::Delete
                 } else {
-                    Op::LwwSet(self.unique(node))
+                    Op::LwwSet(self.value(rng, node))
                 }
             }
             KeyKind::Mv => {
                 if current.is_some() && rng.gen_bool(0.1) {
                     Op::Delete
                 } else {
-                    Op::MvSet(self.unique(node))
+                    Op::MvSet(self.value(rng, node))
                 }
             }
             KeyKind::Set => {

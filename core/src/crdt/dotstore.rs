@@ -111,6 +111,10 @@ impl<T: Clone + Ord + Debug> DotStore for DotFun<T> {
                 None if !ctx.contains(*d) => {
                     self.0.insert(*d, v.clone());
                 }
+                #[cfg(feature = "planted-bugs")]
+                None if crate::planted::active(crate::planted::PlantedBug::DotFunNoGuard) => {
+                    self.0.insert(*d, v.clone());
+                }
                 None => {}
             }
         }

@@ -49,6 +49,13 @@ impl<T: Clone + Ord> LwwRegister<T> {
     /// `stamp`, raised if needed so that a write with it supersedes the
     /// current value (a local write must win over what its writer has read).
     pub fn stamp_after(&self, stamp: HlcTimestamp) -> HlcTimestamp {
+        #[cfg(feature = "planted-bugs")]
+        if crate::planted::active(crate::planted::PlantedBug::StampAfterOnEqual) {
+            return match &self.entry {
+                Some((t, _, _)) if *t == stamp => t.successor(),
+                _ => stamp,
+            };
+        }
         match &self.entry {
             Some((t, _, _)) if *t >= stamp => t.successor(),
             _ => stamp,

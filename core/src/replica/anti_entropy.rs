@@ -111,8 +111,12 @@ impl<S: Store> Replica<S> {
             }
         }
         let mut round = round;
-        if differing.len() > self.cfg.max_ae_fanout {
-            differing.truncate(self.cfg.max_ae_fanout);
+        // The next level's digests (16 bytes for each of a node's FANOUT
+        // children) must fit half a frame, whatever the frame size.
+        let fits = (self.cfg.max_message_bytes / 2 / (FANOUT as usize * 16 + 8)).max(1);
+        let limit = self.cfg.max_ae_fanout.min(fits);
+        if differing.len() > limit {
+            differing.truncate(limit);
             round.partial = true;
         }
         if differing.is_empty() {
@@ -137,11 +141,18 @@ impl<S: Store> Replica<S> {
         let mut items = Vec::with_capacity(differing.len());
         let (budget, mut bytes) = (self.cfg.max_message_bytes / 2, 0);
         for (n, &leaf) in differing.iter().enumerate() {
-            let blob: Vec<u8> = self
+            let mut blob: Vec<u8> = self
                 .leaf_items(from, leaf)?
                 .into_iter()
                 .flat_map(|(k, h)| k.to_le_bytes().into_iter().chain(h.to_le_bytes()))
                 .collect();
+            if blob.len() > budget {
+                // One leaf with more keys than a frame lists: the rest of
+                // it waits for a later round (keys left out only make the
+                // peer send states we may already have).
+                blob.truncate(budget / 16 * 16);
+                round.partial = true;
+            }
             bytes += blob.len() + 8;
             if bytes > budget && n > 0 {
                 // The rest waits for the next round.
@@ -253,6 +264,14 @@ impl<S: Store> Replica<S> {
     ) -> Result<(), Error> {
         let mut round = round;
         let frame_budget = self.cfg.max_message_bytes * 3 / 4;
+        // The hashes wanted take at most a quarter of the frame (9 bytes
+        // each); the rest waits for a later round.
+        let mut want = want;
+        let max_want = (frame_budget / 4 / 9).max(1);
+        if want.len() > max_want {
+            want.truncate(max_want);
+            round.partial = true;
+        }
         let mut budget = frame_budget.saturating_sub(want.len() * 9 + 64);
         let mut batch = Vec::new();
         for (k, v) in entries {

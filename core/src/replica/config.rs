@@ -101,6 +101,12 @@ pub struct ReplicaConfig {
     /// On a rate-limited link, a priority class held back this long is sent
     /// before more urgent ones, so nothing starves.
     pub starvation_ms: u64,
+    /// Check, on every remote state applied, that joining only its novel
+    /// part gives what the whole join gives, both ways round (join is
+    /// commutative), and stop at the first break (the simulator turns it
+    /// on: a broken join stops at the line that broke it). One extra join
+    /// per remote entry.
+    pub check_invariants: bool,
 }
 
 impl ReplicaConfig {
@@ -126,6 +132,7 @@ impl ReplicaConfig {
             max_ae_fanout: 4_096,
             policy: PolicySet::default(),
             starvation_ms: 2_000,
+            check_invariants: false,
         }
     }
 }

@@ -202,6 +202,13 @@ impl<S: Store> Replica<S> {
             for seq in start..end {
                 let entries: Vec<(&(Key, Value), usize)> = self.entries_for(seq, p, c).collect();
                 let est: usize = entries.iter().map(|(_, n)| n).sum();
+                #[cfg(feature = "planted-bugs")]
+                let est = if crate::planted::active(crate::planted::PlantedBug::SizeByAverage) {
+                    let b = &self.buffer[(seq - self.front_seq()) as usize];
+                    b.bytes / b.group.entries.len().max(1) * entries.len()
+                } else {
+                    est
+                };
                 let over = match cap {
                     // The credit may overdraw the bucket: a group larger
                     // than a burst must still go once its share is earned.
@@ -360,6 +367,7 @@ impl<S: Store> Replica<S> {
         sec: Section,
         frame_len: usize,
     ) -> Result<(), Error> {
+        let now = self.now;
         let c = usize::from(sec.class);
         let Some(p) = self.peers.get_mut(from) else {
             return Ok(());
@@ -384,9 +392,9 @@ impl<S: Store> Replica<S> {
         // missing interval retires (a counter would count twice). Intervals
         // that arrive early wait, a bounded number of them, for the gap.
         if sec.from > have {
-            let held: usize = s.reorder.values().map(|(_, _, n)| n).sum();
+            let held: usize = s.reorder.values().map(|e| e.2).sum();
             if s.reorder.len() < super::MAX_REORDER && held + frame_len <= super::MAX_REORDER_BYTES {
-                s.reorder.insert(sec.from, (sec.to, sec.entries, frame_len));
+                s.reorder.insert(sec.from, (sec.to, sec.entries, frame_len, now));
             } else {
                 self.stats.out_of_order += 1;
             }
@@ -404,7 +412,7 @@ impl<S: Store> Replica<S> {
             if start > have {
                 break;
             }
-            let Some((_, (end, held, _))) = s.reorder.pop_first() else {
+            let Some((_, (end, held, _, _))) = s.reorder.pop_first() else {
                 break;
             };
             if end > have {
@@ -444,6 +452,11 @@ impl<S: Store> Replica<S> {
             s.sent_upto = s.sent_upto.max(s.acked);
         }
         self.skip_empty(from);
+        #[cfg(feature = "planted-bugs")]
+        if crate::planted::active(crate::planted::PlantedBug::AckNoTrim) {
+            self.check_concerns(now);
+            return;
+        }
         if let Err(e) = self.gc() {
             tracing::warn!(error = %e, "trimming the delta buffer failed");
         }

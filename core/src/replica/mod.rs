@@ -50,8 +50,9 @@ pub const MAX_DOT_COUNTER: u64 = 1 << 53;
 /// Most out-of-order delta-intervals held per peer.
 const MAX_REORDER: usize = 32;
 
-/// An early delta-interval: its end, its entries and its frame size.
-type Early = (u64, Vec<(Key, Value)>, usize);
+/// An early delta-interval: its end, its entries, its frame size and when
+/// it arrived.
+type Early = (u64, Vec<(Key, Value)>, usize, Time);
 
 /// Most bytes (as received) of early delta-intervals held per peer.
 const MAX_REORDER_BYTES: usize = 16 << 20;
@@ -436,6 +437,15 @@ impl<S: Store> Replica<S> {
         (self.buffer.len(), self.buffer_bytes)
     }
 
+    /// Early delta-intervals held for a gap, over every peer and class.
+    pub fn reorder_usage(&self) -> usize {
+        self.peers
+            .values()
+            .flat_map(|p| p.streams.iter())
+            .map(|s| s.reorder.len())
+            .sum()
+    }
+
     /// Writes waiting for durability.
     pub fn pending_writes(&self) -> usize {
         self.unflushed_writes.len()
@@ -802,6 +812,11 @@ impl<S: Store> Replica<S> {
     /// there (deltas resume from it), and a repair needed before the round
     /// started is done.
     fn repair_done(&mut self, now: Time, from: &NodeId, round: RoundId) {
+        #[cfg(feature = "planted-bugs")]
+        let round = RoundId {
+            partial: round.partial && !crate::planted::active(crate::planted::PlantedBug::PartialRoundCompletes),
+            ..round
+        };
         if round.initiator != self.id || round.epoch != self.epoch || round.partial {
             // A partial round made progress but proves nothing: the repair
             // (if one is due) goes on with the next round.
@@ -844,6 +859,7 @@ impl<S: Store> Replica<S> {
     pub fn handle_timeout(&mut self, now: Time) -> Result<(), Error> {
         self.now = self.now.max(now);
         self.expire_concerns(now);
+        self.expire_early(now);
         if now >= self.next_tick {
             self.next_tick = now.plus(self.cfg.sync_interval_ms.max(1));
             self.send_deltas(now, true)?;
@@ -876,6 +892,20 @@ impl<S: Store> Replica<S> {
             }
         }
         Ok(())
+    }
+
+    /// Drops early delta-intervals that waited two retransmission periods:
+    /// by then the sender has resent from what we acknowledged (which
+    /// rebuilds them) or repairs us, so holding them only keeps memory.
+    fn expire_early(&mut self, now: Time) {
+        let limit = self.cfg.retransmit_ms.saturating_mul(2);
+        let mut dropped = 0;
+        for s in self.peers.values_mut().flat_map(|p| p.streams.iter_mut()) {
+            let before = s.reorder.len();
+            s.reorder.retain(|_, e| now.since(e.3) < limit);
+            dropped += before - s.reorder.len();
+        }
+        self.stats.out_of_order += dropped as u64;
     }
 
     /// When [`Replica::handle_timeout`] should next be called.
@@ -1020,6 +1050,7 @@ impl<S: Store> Replica<S> {
                     }));
                 }
             }
+            let whole = self.cfg.check_invariants.then(|| remote.clone());
             let novel = match &current {
                 Some(c) => c.novel(&remote),
                 None => Some(remote),
@@ -1031,6 +1062,15 @@ impl<S: Store> Replica<S> {
             let mut next = current.clone().unwrap_or_else(|| novel.clone());
             next.join(&novel);
             debug_assert!(next.is_well_formed(), "a remote join broke a CRDT invariant on {key:?}");
+            if let Some(mut whole) = whole {
+                if let Some(c) = &current {
+                    whole.join(c);
+                }
+                assert!(
+                    whole == next,
+                    "joining the novel part of {key:?} differs from the whole join: {next:?} vs {whole:?}"
+                );
+            }
             if current.as_ref() == Some(&next) {
                 self.stats.redundant_entries += 1;
                 continue;
@@ -1055,6 +1095,14 @@ impl<S: Store> Replica<S> {
         // marked, and a later small delta whose context covered the skipped
         // dots reached the next peer with contiguous sequence numbers.)
         let mut groups = Vec::new();
+        #[cfg(feature = "planted-bugs")]
+        let novel_entries = if crate::planted::active(crate::planted::PlantedBug::RelayHole)
+            && entry_sizes(&novel_entries)?.1 > self.cfg.max_message_bytes / 2
+        {
+            Vec::new()
+        } else {
+            novel_entries
+        };
         if self.cfg.relay {
             let (sizes, _) = entry_sizes(&novel_entries)?;
             let limit = self.cfg.max_message_bytes / 2;
