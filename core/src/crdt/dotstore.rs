@@ -171,6 +171,7 @@ impl<K: Ord + Clone + Debug, S: DotStore> DotStore for DotMap<K, S> {
         }
     }
     fn join(&mut self, ctx: &CausalContext, other: &Self, other_ctx: &CausalContext) {
+        crate::work::visit(self.0.len() + other.0.len());
         for (k, mine) in self.0.iter_mut() {
             match other.0.get(k) {
                 Some(theirs) => mine.join(ctx, theirs, other_ctx),
