@@ -118,6 +118,24 @@ fn main() {
     assert_eq!(merged, direct);
     let (_, none_ms) = timed(|| assert!(merged.novel(&b).is_none()));
     row("remote merge: novel of a seen state", &[("novel", none_ms)]);
+
+    // A remote state that removed every other element, whose dots run
+    // opposite to the element order (added last to first).
+    let mut rev = elems('r', n);
+    rev.reverse();
+    let (_, a, _, _) = write(None, &Op::SetAdd(rev.clone()), 1);
+    let odd: Vec<Bytes> = rev.into_iter().step_by(2).collect();
+    let (_, b, _, _) = write(Some(&a), &Op::SetRemove(odd), 2);
+    let (novel, novel_ms) = timed(|| a.novel(&b).unwrap());
+    let (_, njoin_ms) = timed(|| {
+        let mut m = a.clone();
+        m.join(&novel);
+        assert_eq!(m, b);
+    });
+    row(
+        "remote merge: n/2 scattered removals",
+        &[("novel", novel_ms), ("join", njoin_ms)],
+    );
 }
 
 fn one_view_of(prefix: char, n: usize) -> lattice_core::crdt::ValueView {

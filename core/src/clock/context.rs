@@ -102,6 +102,7 @@ impl CausalContext {
             nlo = nlo.min(ranges[start].0);
             nhi = nhi.max(ranges[end - 1].1);
         }
+        crate::work::visit(ranges.len() - end);
         ranges.splice(start..end, std::iter::once((nlo, nhi)));
     }
 

@@ -298,11 +298,16 @@ impl<S: DotStore> Crdt for Causal<S> {
         // (b) dots live here that `other` has seen and dropped: removals.
         let mut ctx = other.ctx.difference(&self.ctx);
         let other_live = dots_of(&other.store);
+        // Collected, then added in one sorted batch: the store yields dots in
+        // key order, not dot order, and inserting scattered dots one by one
+        // shifts the context's range list each time (quadratic).
+        let mut removed = Vec::new();
         self.store.for_each_dot(&mut |d| {
             if other.ctx.contains(d) && !other_live.contains(&d) {
-                ctx.insert(d);
+                removed.push(d);
             }
         });
+        ctx.extend(removed);
         if ctx.is_empty() {
             return None;
         }

@@ -160,3 +160,19 @@ fn merging_large_states_visits_linearly_many_entries() {
     m.join(&novel);
     assert!(m.novel(&b).is_none());
 }
+
+#[test]
+fn scattered_removals_merge_in_linearly_many_steps() {
+    // Dots run opposite to the element order: elements added last to first.
+    let mut rev = elems(b'r', N);
+    rev.reverse();
+    let mut a = Value::Set(OrSet::default());
+    a.join(&Value::apply(Some(&a), &Op::SetAdd(rev.clone()), stamp(1)).unwrap());
+    let odd: Vec<Bytes> = rev.into_iter().step_by(2).collect();
+    let mut b = a.clone();
+    b.join(&Value::apply(Some(&b), &Op::SetRemove(odd), stamp(2)).unwrap());
+    let (novel, visits) = visits_of(|| a.novel(&b).unwrap());
+    assert!(visits <= BOUND, "{visits} entries visited for {} removals", N / 2);
+    a.join(&novel);
+    assert_eq!(a, b);
+}
