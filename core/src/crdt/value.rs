@@ -178,6 +178,14 @@ impl DotStore for Nested {
             Nested::Map(s) => Nested::Map(s.unseen_by(ctx)),
         }
     }
+    fn retain_unseen_by(&mut self, ctx: &CausalContext) {
+        match self {
+            Nested::Counter(s) => s.retain_unseen_by(ctx),
+            Nested::Register(s) => s.retain_unseen_by(ctx),
+            Nested::Set(s) => s.retain_unseen_by(ctx),
+            Nested::Map(s) => s.retain_unseen_by(ctx),
+        }
+    }
 }
 
 /// The value stored under a key: any CRDT type.
