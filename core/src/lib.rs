@@ -43,5 +43,6 @@ pub mod policy;
 pub mod proto;
 pub mod replica;
 pub mod store;
+mod work;
 
 pub use key::{Key, KeyHash, MAX_KEY_LEN};

@@ -27,6 +27,11 @@ pub trait DotStore: Clone + PartialEq + Debug {
     fn join(&mut self, ctx: &CausalContext, other: &Self, other_ctx: &CausalContext);
     /// The part of `self` whose dots are not in `ctx`.
     fn unseen_by(&self, ctx: &CausalContext) -> Self;
+    /// Keeps only the dots not in `ctx`, in place: [`DotStore::unseen_by`]
+    /// without building a copy when nothing or little is dropped.
+    fn retain_unseen_by(&mut self, ctx: &CausalContext) {
+        *self = self.unseen_by(ctx);
+    }
 }
 
 /// Collects the live dots of a store.
@@ -68,6 +73,9 @@ impl DotStore for DotSet {
     }
     fn unseen_by(&self, ctx: &CausalContext) -> Self {
         DotSet(self.0.iter().copied().filter(|d| !ctx.contains(*d)).collect())
+    }
+    fn retain_unseen_by(&mut self, ctx: &CausalContext) {
+        self.0.retain(|d| !ctx.contains(*d));
     }
 }
 
@@ -128,6 +136,9 @@ impl<T: Clone + Ord + Debug> DotStore for DotFun<T> {
                 .collect(),
         )
     }
+    fn retain_unseen_by(&mut self, ctx: &CausalContext) {
+        self.0.retain(|d, _| !ctx.contains(*d));
+    }
 }
 
 /// A map from keys to nested dot stores (the store of [`OrSet`](super::OrSet)
@@ -174,17 +185,47 @@ impl<K: Ord + Clone + Debug, S: DotStore> DotStore for DotMap<K, S> {
             s.for_each_dot(f);
         }
     }
+    /// One ordered walk over both maps, in place: O(n + m) entries visited
+    /// for n keys here and m there, plus O(m log n) to insert a few new keys
+    /// (or O(n + m) to merge many in at once).
     fn join(&mut self, ctx: &CausalContext, other: &Self, other_ctx: &CausalContext) {
+        crate::work::visit(self.0.len() + other.0.len());
+        // Keys only `other` has, with what `self` has not seen of them, in order.
+        let mut fresh: Vec<(K, S)> = Vec::new();
+        let mut add_fresh = |k: &K, theirs: &S| {
+            let s = theirs.unseen_by(ctx);
+            if !s.is_empty() {
+                fresh.push((k.clone(), s));
+            }
+        };
+        let mut emptied = false;
+        let mut theirs = other.0.iter().peekable();
         for (k, mine) in self.0.iter_mut() {
-            match other.0.get(k) {
-                Some(theirs) => mine.join(ctx, theirs, other_ctx),
-                None => *mine = mine.unseen_by(other_ctx),
+            while let Some((tk, ts)) = theirs.next_if(|(tk, _)| *tk < k) {
+                add_fresh(tk, ts);
             }
+            match theirs.next_if(|(tk, _)| *tk == k) {
+                Some((_, ts)) => mine.join(ctx, ts, other_ctx),
+                None => mine.retain_unseen_by(other_ctx),
+            }
+            emptied |= mine.is_empty();
         }
-        for (k, theirs) in &other.0 {
-            if !self.0.contains_key(k) {
-                self.0.insert(k.clone(), theirs.unseen_by(ctx));
+        theirs.for_each(|(tk, ts)| add_fresh(tk, ts));
+        if emptied {
+            self.0.retain(|_, s| !s.is_empty());
+        }
+        if fresh.len() < self.0.len() / 8 {
+            for (k, s) in fresh {
+                self.0.insert(k, s);
             }
+        } else {
+            // Sorted and disjoint from `self`: a linear merge.
+            self.0.append(&mut fresh.into_iter().collect());
+        }
+    }
+    fn retain_unseen_by(&mut self, ctx: &CausalContext) {
+        for s in self.0.values_mut() {
+            s.retain_unseen_by(ctx);
         }
         self.0.retain(|_, s| !s.is_empty());
     }
@@ -301,11 +342,16 @@ impl<S: DotStore> Crdt for Causal<S> {
         // (b) dots live here that `other` has seen and dropped: removals.
         let mut ctx = other.ctx.difference(&self.ctx);
         let other_live = dots_of(&other.store);
+        // Collected, then added in one sorted batch: the store yields dots in
+        // key order, not dot order, and inserting scattered dots one by one
+        // shifts the context's range list each time (quadratic).
+        let mut removed = Vec::new();
         self.store.for_each_dot(&mut |d| {
             if other.ctx.contains(d) && !other_live.contains(&d) {
-                ctx.insert(d);
+                removed.push(d);
             }
         });
+        ctx.extend(removed);
         if ctx.is_empty() {
             return None;
         }
@@ -319,9 +365,61 @@ impl<S: DotStore> Crdt for Causal<S> {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use crate::clock::ReplicaId;
+    use super::{DotMap, DotSet, DotStore};
+    use crate::clock::{CausalContext, Dot, ReplicaId};
     use crate::crdt::{Crdt, OrSet};
     use crate::proto::{from_bytes, to_bytes};
+    use proptest::prelude::*;
+
+    /// `DotMap::join` as it was before the ordered walk: the reference.
+    fn dotmap_join_reference(
+        this: &mut DotMap<u8, DotSet>,
+        ctx: &CausalContext,
+        other: &DotMap<u8, DotSet>,
+        other_ctx: &CausalContext,
+    ) {
+        for (k, mine) in this.0.iter_mut() {
+            match other.0.get(k) {
+                Some(theirs) => mine.join(ctx, theirs, other_ctx),
+                None => *mine = mine.unseen_by(other_ctx),
+            }
+        }
+        for (k, theirs) in &other.0 {
+            if !this.0.contains_key(k) {
+                this.0.insert(*k, theirs.unseen_by(ctx));
+            }
+        }
+        this.0.retain(|_, s| !s.is_empty());
+    }
+
+    /// A set store of up to 64 elements and a context that covers it and
+    /// some more: small and large against each other take both of the
+    /// join's ways of adding new keys.
+    fn state() -> impl Strategy<Value = (DotMap<u8, DotSet>, CausalContext)> {
+        let dot = (0u64..2, 1u64..80).prop_map(|(r, c)| Dot::new(ReplicaId(r), c));
+        let elem = proptest::collection::btree_set(dot.clone(), 1..3).prop_map(DotSet);
+        (
+            proptest::collection::btree_map(0u8..96, elem, 0..64),
+            proptest::collection::vec(dot, 0..40),
+        )
+            .prop_map(|(m, extra)| {
+                let store = DotMap(m);
+                let mut ctx = CausalContext::from_dots(super::dots_of(&store));
+                ctx.extend(extra);
+                (store, ctx)
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn dotmap_join_equals_the_reference((a, actx) in state(), (b, bctx) in state()) {
+            let mut got = a.clone();
+            got.join(&actx, &b, &bctx);
+            let mut want = a;
+            dotmap_join_reference(&mut want, &actx, &b, &bctx);
+            prop_assert_eq!(got, want);
+        }
+    }
 
     #[test]
     fn an_implied_context_is_left_out_and_rebuilt() {

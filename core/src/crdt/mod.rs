@@ -17,6 +17,8 @@ mod bytes;
 mod ccounter;
 mod counter;
 mod dotstore;
+#[cfg(test)]
+mod large_ops_tests;
 mod lww;
 mod mvreg;
 mod ormap;

@@ -4,7 +4,7 @@
 use super::ccounter::{counter_add, counter_value};
 use super::mvreg::{clear, mv_write};
 use super::ormap::{map_remove, map_update};
-use super::orset::{set_add, set_remove};
+use super::orset::{set_add_all, set_remove_all};
 use super::{
     Bytes, CCounter, Causal, CounterStore, Crdt, DotFun, DotMap, DotSet, DotStore, GCounter, LwwRegister, MvRegister,
     OrMap, OrSet, PNCounter,
@@ -178,6 +178,14 @@ impl DotStore for Nested {
             Nested::Map(s) => Nested::Map(s.unseen_by(ctx)),
         }
     }
+    fn retain_unseen_by(&mut self, ctx: &CausalContext) {
+        match self {
+            Nested::Counter(s) => s.retain_unseen_by(ctx),
+            Nested::Register(s) => s.retain_unseen_by(ctx),
+            Nested::Set(s) => s.retain_unseen_by(ctx),
+            Nested::Map(s) => s.retain_unseen_by(ctx),
+        }
+    }
 }
 
 /// The value stored under a key: any CRDT type.
@@ -286,11 +294,6 @@ pub struct WriteStamp {
     pub time: HlcTimestamp,
 }
 
-fn causal_join<S: DotStore>(a: &mut Causal<S>, b: Causal<S>) -> Causal<S> {
-    a.join(&b);
-    b
-}
-
 /// Applies a nested op to a field store, returning the field's delta.
 fn apply_nested(
     field: &Field,
@@ -336,28 +339,17 @@ fn apply_nested(
             }
         }
         (Nested::Set(s), Op::SetAdd(elems)) => {
-            let mut acc = Causal::<DotMap<Bytes, DotSet>>::default();
-            let mut view = Causal {
-                store: s.clone(),
-                ctx: ctx.clone(),
-            };
-            for e in elems {
-                let d = set_add(&view.store, &view.ctx, r, e.clone());
-                acc.join(&causal_join(&mut view, d));
-            }
+            let d = set_add_all(s, ctx, r, elems);
             Causal {
-                store: Nested::Set(acc.store),
-                ctx: acc.ctx,
+                store: Nested::Set(d.store),
+                ctx: d.ctx,
             }
         }
         (Nested::Set(s), Op::SetRemove(elems)) => {
-            let mut acc = Causal::<DotMap<Bytes, DotSet>>::default();
-            for e in elems {
-                acc.join(&set_remove(s, e));
-            }
+            let d = set_remove_all(s, elems);
             Causal {
-                store: Nested::Set(acc.store),
-                ctx: acc.ctx,
+                store: Nested::Set(d.store),
+                ctx: d.ctx,
             }
         }
         (
@@ -507,23 +499,10 @@ impl Value {
             (Value::Counter(c), Op::CounterAdd(n)) => Value::Counter(c.try_add(r, *n).ok_or(Error::CounterOverflow)?),
             (Value::Lww(reg), Op::LwwSet(v)) => Value::Lww(reg.set(reg.stamp_after(stamp.time), r, Some(v.clone()))),
             (Value::MvRegister(reg), Op::MvSet(v)) => Value::MvRegister(reg.write(r, v.clone())),
-            (Value::Set(s), Op::SetAdd(elems)) => {
-                let mut view = s.clone();
-                let mut acc = OrSet::default();
-                for e in elems {
-                    let d = view.add(r, e.clone());
-                    view.join(&d);
-                    acc.join(&d);
-                }
-                Value::Set(acc)
-            }
-            (Value::Set(s), Op::SetRemove(elems)) => {
-                let mut acc = OrSet::default();
-                for e in elems {
-                    acc.join(&s.remove(e));
-                }
-                Value::Set(acc)
-            }
+            // One pass over the elements, O(n log n): folding one add at a
+            // time joined each into the whole set, O(n^2) (issue 14).
+            (Value::Set(s), Op::SetAdd(elems)) => Value::Set(OrSet(set_add_all(&s.0.store, &s.0.ctx, r, elems))),
+            (Value::Set(s), Op::SetRemove(elems)) => Value::Set(OrSet(set_remove_all(&s.0.store, elems))),
             (Value::Map(m), Op::MapApply { field, op }) => {
                 let d = map_update(&m.0.store, &m.0.ctx, field.clone(), |cur, c| {
                     let cur = if cur.is_empty() {
