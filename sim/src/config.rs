@@ -288,6 +288,12 @@ impl SimConfig {
             c.large_values = srng.gen_range(0.05..0.5);
             if c.nodes >= 3 && srng.gen_bool(0.4) {
                 c.topology = Topology::Star;
+                // A leaf knows only the hub and its region: no regions(2)
+                // there, and no policies (a key the hub's region may not
+                // hold could never pass between two leaves).
+                c.concern_share = 0.0;
+                c.policy = Default::default();
+                c.policy_change = None;
             }
         }
         if srng.gen_bool(0.1) {

@@ -336,7 +336,7 @@ impl<S: Store> Replica<S> {
         } else {
             cfg.ae_interval_ms / 2 + rng.next_u64() % cfg.ae_interval_ms.max(1)
         };
-        Ok(Replica {
+        let mut replica = Replica {
             hlc: Hlc::new(cfg.max_clock_ahead_ms),
             id: meta.replica,
             next_seq: meta.next_seq,
@@ -364,7 +364,11 @@ impl<S: Store> Replica<S> {
             cfg,
             store,
             rng,
-        })
+        };
+        // A crash between a group's batch and the trim that followed it
+        // (a torn log tail) can leave the stored buffer over its limit.
+        replica.enforce_buffer_limit()?;
+        Ok(replica)
     }
 
     /// Sets the wall clock as an offset from `now`. Timers run on `now`
