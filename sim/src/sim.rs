@@ -529,6 +529,10 @@ impl Sim {
         let limit = r.config().max_buffer_bytes;
         // The buffer keeps at least its newest group, whatever its size.
         let over = groups > 1 && bytes > limit;
+        // Sections are sized exactly and every group fits half a frame: a
+        // delta that does not fit a frame means the sizing is wrong (the
+        // engine recovers by a repair, which would hide it).
+        let oversized = r.stats().oversized_deltas;
         for t in sends {
             self.report.messages += 1;
             self.report.bytes += t.payload.len() as u64;
@@ -563,6 +567,12 @@ impl Sim {
             self.violation(
                 "bounds",
                 format!("node {i} buffers {bytes} bytes, over its limit of {limit}"),
+            );
+        }
+        if oversized > 0 && !self.report.violations.iter().any(|v| v.check == "frame-size") {
+            self.violation(
+                "frame-size",
+                format!("node {i} built {oversized} deltas too large for a frame"),
             );
         }
         for e in events {
