@@ -2,6 +2,7 @@
 //! cluster of `latticed` processes on loopback, talk to it, kill and
 //! restart nodes.
 
+pub mod chaos;
 pub mod relay;
 
 use anyhow::{bail, Context, Result};
@@ -166,6 +167,30 @@ impl Cluster {
             )?;
             c.wait()?;
         }
+        Ok(())
+    }
+
+    /// Freezes node `i` with SIGSTOP: its process stays, its sockets stay
+    /// bound, and nothing it was sent is answered until [`Cluster::resume`].
+    pub fn pause(&self, i: usize) -> Result<()> {
+        self.signal(i, nix::sys::signal::Signal::SIGSTOP)
+    }
+
+    /// Thaws node `i` (SIGCONT) after [`Cluster::pause`].
+    pub fn resume(&self, i: usize) -> Result<()> {
+        self.signal(i, nix::sys::signal::Signal::SIGCONT)
+    }
+
+    /// Whether node `i` has a process (started and not killed or stopped).
+    pub fn is_running(&self, i: usize) -> bool {
+        self.children[i].is_some()
+    }
+
+    fn signal(&self, i: usize, sig: nix::sys::signal::Signal) -> Result<()> {
+        let c = self.children[i]
+            .as_ref()
+            .with_context(|| format!("node {} is not running", i + 1))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig)?;
         Ok(())
     }
 

@@ -7,8 +7,10 @@
 //! the peer after `delay` from a socket of its own, and the peer's answers
 //! come back the same way, after `delay` too. Datagrams keep their order.
 //! While [`Relay::set_cut`] is on, every datagram in either direction is
-//! dropped, as in a partition.
+//! dropped, as in a partition. A [`Mesh`] puts one relay on every peer link
+//! of a cluster.
 
+use crate::Cluster;
 use anyhow::{Context, Result};
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -110,6 +112,76 @@ async fn run(listen: Arc<UdpSocket>, target: SocketAddr, delay: Duration, state:
         };
         state.bytes.fetch_add(n as u64, Ordering::Relaxed);
         let _ = line.try_send((Instant::now() + delay, buf[..n].to_vec()));
+    }
+}
+
+/// A relay on every peer link of a [`Cluster`]: `relays[a][b]` carries
+/// node `a`'s dialling path to node `b` (and `b`'s answers back), so cutting
+/// both `[a][b]` and `[b][a]` partitions the pair. Clients still reach every
+/// node directly.
+pub struct Mesh {
+    relays: Vec<Vec<Option<Relay>>>,
+}
+
+impl Mesh {
+    /// Starts the relays and points every node's `[[peers]]` address at
+    /// them. Call between [`Cluster::prepare`] and [`Cluster::start_all`]
+    /// (the configs are rewritten).
+    pub async fn install(cluster: &Cluster, delay: Duration) -> Result<Mesh> {
+        let n = cluster.configs.len();
+        let configs: Vec<_> = (0..n).map(|i| cluster.config(i)).collect::<Result<_>>()?;
+        let mut relays = Vec::new();
+        for a in 0..n {
+            let mut row = Vec::new();
+            for (b, to) in configs.iter().enumerate() {
+                row.push(if a == b {
+                    None
+                } else {
+                    Some(Relay::start(to.listen, delay).await?)
+                });
+            }
+            relays.push(row);
+        }
+        for (a, row) in relays.iter().enumerate() {
+            cluster.edit_config(a, |cfg| {
+                for peer in &mut cfg.peers {
+                    if let Some(b) = configs.iter().position(|c| c.node == peer.name) {
+                        if let Some(r) = &row[b] {
+                            peer.address = r.addr();
+                        }
+                    }
+                }
+            })?;
+        }
+        Ok(Mesh { relays })
+    }
+
+    /// Cuts (or heals) the link between nodes `a` and `b`, both ways.
+    pub fn cut(&self, a: usize, b: usize, cut: bool) {
+        for (x, y) in [(a, b), (b, a)] {
+            if let Some(r) = &self.relays[x][y] {
+                r.set_cut(cut);
+            }
+        }
+    }
+
+    /// Cuts (or heals) every link of node `a`.
+    pub fn isolate(&self, a: usize, cut: bool) {
+        for b in 0..self.relays.len() {
+            self.cut(a, b, cut);
+        }
+    }
+
+    /// Heals every link.
+    pub fn heal(&self) {
+        for r in self.relays.iter().flatten().flatten() {
+            r.set_cut(false);
+        }
+    }
+
+    /// UDP payload bytes relayed so far, every link and direction.
+    pub fn bytes(&self) -> u64 {
+        self.relays.iter().flatten().flatten().map(Relay::bytes).sum()
     }
 }
 

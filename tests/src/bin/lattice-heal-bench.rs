@@ -17,7 +17,7 @@ use lattice_client::Client;
 use lattice_core::crdt::{Op, ValueView};
 use lattice_core::Key;
 use lattice_server::storage::Durability;
-use lattice_tests::relay::Relay;
+use lattice_tests::relay::Mesh;
 use lattice_tests::{status_of, Cluster};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -152,31 +152,8 @@ async fn main() -> Result<()> {
     let bin = latticed(args.latticed)?;
     let delay = Duration::from_millis(args.latency_ms);
     let mut cluster = Cluster::prepare(&bin, &REGIONS, Durability::Group)?;
-    let configs: Vec<_> = (0..REGIONS.len()).map(|i| cluster.config(i)).collect::<Result<_>>()?;
-    // relays[a][b]: node a's dialling path to node b.
-    let mut relays: Vec<Vec<Option<Relay>>> = Vec::new();
-    for a in 0..REGIONS.len() {
-        let mut row = Vec::new();
-        for (b, to) in configs.iter().enumerate() {
-            row.push(if a == b {
-                None
-            } else {
-                Some(Relay::start(to.listen, delay).await?)
-            });
-        }
-        relays.push(row);
-    }
-    for (a, row) in relays.iter().enumerate() {
-        cluster.edit_config(a, |cfg| {
-            for peer in &mut cfg.peers {
-                if let Some(b) = configs.iter().position(|c| c.node == peer.name) {
-                    if let Some(r) = &row[b] {
-                        peer.address = r.addr();
-                    }
-                }
-            }
-        })?;
-    }
+    // Every peer link through a delaying relay.
+    let mesh = Mesh::install(&cluster, delay).await?;
     cluster.start_all()?;
     cluster.wait_ready(Duration::from_secs(60)).await?;
     let clients: Vec<Client> = (0..REGIONS.len()).map(|i| cluster.client(i)).collect::<Result<_>>()?;
@@ -189,17 +166,8 @@ async fn main() -> Result<()> {
         args.latency_ms
     );
 
-    let cut = |on: bool| {
-        for (a, row) in relays.iter().enumerate() {
-            for (b, r) in row.iter().enumerate() {
-                if a == 0 || b == 0 {
-                    if let Some(r) = r {
-                        r.set_cut(on);
-                    }
-                }
-            }
-        }
-    };
+    // Region 0 cut off from both others.
+    let cut = |on: bool| mesh.isolate(0, on);
     cut(true);
     println!(
         "partition: eu cut off for {} s, {} writes/s at each node",
@@ -288,7 +256,7 @@ async fn main() -> Result<()> {
         "heal: reconnected_ms={:.0} converged_ms={ms:.0} floor_ms={floor} ratio={:.1} increments={incs} relayed_bytes={}",
         reconnected.map_or(f64::NAN, |r| r.as_secs_f64() * 1e3),
         ms / floor as f64,
-        relays.iter().flatten().flatten().map(Relay::bytes).sum::<u64>()
+        mesh.bytes()
     );
     Ok(())
 }
