@@ -78,6 +78,7 @@ fn key(i: usize) -> Result<Key, Error> {
 
 fn request(op: BenchOp, k: Key, value: &Bytes) -> RequestBody {
     let write = |o: Op| RequestBody::Write {
+        retry: false,
         op_id: Client::new_op_id(),
         ops: vec![(k.clone(), o)],
         concern: Default::default(),

@@ -108,6 +108,10 @@ pub enum Error {
     /// A policy set was refused (invalid, or not newer than the one in force).
     #[error("invalid policy: {0}")]
     InvalidPolicy(String),
+    /// A retried write reached a node that crashed in `async` mode since:
+    /// the write may or may not have been applied. Read the key first.
+    #[error("{0}")]
+    OutcomeUnknown(String),
 }
 
 impl Error {
@@ -129,6 +133,7 @@ impl Error {
             ErrorKind::Unavailable => Error::Unavailable(message),
             ErrorKind::WatchLost => Error::WatchLost(message),
             ErrorKind::Internal => Error::Internal(message),
+            ErrorKind::OutcomeUnknown => Error::OutcomeUnknown(message),
         }
     }
 
@@ -359,6 +364,7 @@ impl Client {
         let keys: Vec<lattice_core::Key> = ops.iter().map(|(k, _)| k.clone()).collect();
         let body = RequestBody::Write {
             op_id,
+            retry: false,
             ops,
             concern,
             timeout_ms: wait.as_millis().min(u128::from(u64::MAX)) as u64,
@@ -368,7 +374,14 @@ impl Client {
             // Whether this node may have received the write.
             let mut reached = false;
             for attempt in 0..3 {
-                match self.request_to(i, body.clone()).await {
+                let mut body = body.clone();
+                if let RequestBody::Write { retry, .. } = &mut body {
+                    // A node that crashed in `async` mode since the first
+                    // attempt answers OutcomeUnknown rather than applying
+                    // it a second time.
+                    *retry = attempt > 0;
+                }
+                match self.request_to(i, body).await {
                     Ok(Response::Written {
                         token, keys: per_key, ..
                     }) => {

@@ -75,6 +75,10 @@ pub enum Error {
         /// The limit.
         limit: usize,
     },
+    /// A retried write whose first attempt this node may have applied and
+    /// then lost its record of (an `async` crash).
+    #[error("the write's outcome is unknown: this node crashed in async mode since its first attempt may have been applied; read the key before writing again")]
+    OutcomeUnknown,
     /// A message of a protocol version this node does not speak.
     #[error("unknown protocol version {0}")]
     UnknownVersion(u8),

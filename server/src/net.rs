@@ -522,6 +522,7 @@ async fn serve(req: ClientRequest, inbound: &Inbound) -> Response {
     match req.body {
         RequestBody::Write {
             op_id,
+            retry,
             ops,
             concern,
             timeout_ms,
@@ -529,6 +530,7 @@ async fn serve(req: ClientRequest, inbound: &Inbound) -> Response {
             let (tx, rx) = oneshot::channel();
             let input = Input::Write {
                 op_id,
+                retry,
                 ops,
                 concern,
                 timeout_ms,

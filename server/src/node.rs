@@ -42,6 +42,8 @@ pub enum Input {
     Write {
         /// Client operation id.
         op_id: OpId,
+        /// The client resends a write whose answer it did not get.
+        retry: bool,
         /// Operations.
         ops: Vec<(Key, Op)>,
         /// How many regions must hold it before the answer.
@@ -324,11 +326,16 @@ pub fn run(
                 }
                 Input::Write {
                     op_id,
+                    retry,
                     ops,
                     concern,
                     timeout_ms,
                     reply,
                 } => {
+                    if retry && replica.retry_outcome_unknown(now, op_id).unwrap_or(true) {
+                        let _ = reply.send(Err(Error::OutcomeUnknown));
+                        continue;
+                    }
                     let keys: Vec<Key> = ops.iter().map(|(k, _)| k.clone()).collect();
                     let timeout_ms = if timeout_ms == 0 {
                         concern_ms

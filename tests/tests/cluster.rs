@@ -26,6 +26,7 @@ fn key(s: &str) -> Key {
 
 async fn write(c: &Client, k: &str, op: Op) -> Result<(), ClientError> {
     c.request(RequestBody::Write {
+        retry: false,
         op_id: Client::new_op_id(),
         ops: vec![(key(k), op)],
         concern: Default::default(),
@@ -131,6 +132,7 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
                 ];
                 match client
                     .request(RequestBody::Write {
+                        retry: false,
                         op_id: Client::new_op_id(),
                         ops,
                         concern: Default::default(),
@@ -312,6 +314,7 @@ async fn a_long_absent_peer_costs_bounded_memory_and_catches_up() {
             .collect();
         client
             .request(RequestBody::Write {
+                retry: false,
                 op_id: Client::new_op_id(),
                 ops,
                 concern: Default::default(),

@@ -119,6 +119,7 @@ async fn a_retried_increment_counts_once_even_after_a_restart() {
     let cl = client(&c, &[0]).await;
     // The same request sent again, as after a response lost in transit.
     let body = RequestBody::Write {
+        retry: false,
         op_id: OpId(42),
         ops: vec![(Key::new("hits").unwrap(), Op::CounterAdd(1))],
         concern: Default::default(),

@@ -212,6 +212,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     let client = Client::new(endpoints, token, &ca).map_err(|e| e.to_string())?;
     let write = |k: &str, op: Op| -> Result<RequestBody, String> {
         Ok(RequestBody::Write {
+            retry: false,
             op_id: Client::new_op_id(),
             ops: vec![(key(k)?, op)],
             concern: cli.concern,

@@ -142,6 +142,11 @@ pub enum RequestBody {
     Write {
         /// Identifies the write across retries.
         op_id: OpId,
+        /// Set when the client resends a write whose answer it did not
+        /// get: a node that may have lost its record of op ids in a crash
+        /// then answers `OutcomeUnknown` instead of applying it again.
+        #[serde(default)]
+        retry: bool,
         /// The operations.
         ops: Vec<(Key, Op)>,
         /// When to answer: once durable here (`Local`), or once durable in
@@ -266,6 +271,11 @@ pub enum ErrorKind {
     ReplicationTimeout,
     /// A policy set was refused (invalid, or not newer than the one in force).
     InvalidPolicy,
+    /// A retried write reached a node that crashed in `async` mode since
+    /// the first attempt may have been applied: the first attempt may or
+    /// may not have taken effect, and applying it again could count it
+    /// twice. Read the key to find out.
+    OutcomeUnknown,
 }
 
 /// A failed request.
@@ -299,6 +309,7 @@ impl From<&Error> for ClientError {
             Error::PolicyDenied { .. } => ErrorKind::PolicyDenied,
             Error::ReplicationTimeout { .. } => ErrorKind::ReplicationTimeout,
             Error::InvalidPolicy(_) => ErrorKind::InvalidPolicy,
+            Error::OutcomeUnknown => ErrorKind::OutcomeUnknown,
             Error::Clock(_) | Error::Store(_) | Error::UnknownPeer(_) | Error::AuditBroken { .. } => {
                 ErrorKind::Internal
             }

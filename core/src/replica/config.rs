@@ -107,6 +107,10 @@ pub struct ReplicaConfig {
     /// on: a broken join stops at the line that broke it). One extra join
     /// per remote entry.
     pub check_invariants: bool,
+    /// After an unclean restart in `async` mode, how long retried writes
+    /// with an unknown op id are answered `OutcomeUnknown` (the SDK retries
+    /// within seconds).
+    pub retry_window_ms: u64,
 }
 
 impl ReplicaConfig {
@@ -133,6 +137,7 @@ impl ReplicaConfig {
             policy: PolicySet::default(),
             starvation_ms: 2_000,
             check_invariants: false,
+            retry_window_ms: 60_000,
         }
     }
 }

@@ -251,6 +251,9 @@ pub struct Replica<S: Store> {
     wall_offset_ms: i64,
     /// The latest `now` an input brought (to stamp buffered groups).
     now: Time,
+    /// Until then, op ids of the previous life may be missing (it crashed
+    /// in `async` mode).
+    op_ids_lost_until: Option<Time>,
     stats: Stats,
 }
 
@@ -259,6 +262,9 @@ impl<S: Store> Replica<S> {
     /// disk) gets a fresh replica id drawn from `rng`, so no dot or sequence
     /// number handed out by an earlier life of this node is ever reused.
     pub fn open(cfg: ReplicaConfig, mut store: S, mut rng: Box<dyn RngCore + Send>, now: Time) -> Result<Self, Error> {
+        // Op ids recorded by an `async` life that crashed may be lost with
+        // its tail: retries arriving soon after are answered OutcomeUnknown.
+        let mut op_ids_lost = false;
         let (meta, stored) = match store.meta()? {
             // Every flush reached the disk: the stored context and sequence
             // number cover everything this id ever sent.
@@ -276,6 +282,7 @@ impl<S: Store> Replica<S> {
             // from the peers that have it.
             Some(m) => {
                 tracing::info!(old = ?m.replica, "async store was not closed cleanly: new replica id");
+                op_ids_lost = true;
                 (
                     Meta {
                         replica: ReplicaId(rng.next_u64()),
@@ -336,7 +343,9 @@ impl<S: Store> Replica<S> {
         } else {
             cfg.ae_interval_ms / 2 + rng.next_u64() % cfg.ae_interval_ms.max(1)
         };
+        let op_ids_lost_until = op_ids_lost.then(|| now.plus(cfg.retry_window_ms));
         let mut replica = Replica {
+            op_ids_lost_until,
             hlc: Hlc::new(cfg.max_clock_ahead_ms),
             id: meta.replica,
             next_seq: meta.next_seq,
@@ -475,6 +484,19 @@ impl<S: Store> Replica<S> {
     /// operation, or when too many writes wait for durability.
     pub fn write(&mut self, now: Time, ops: Vec<(Key, Op)>) -> Result<WriteId, Error> {
         self.write_once(now, None, ops).map(|(id, _)| id)
+    }
+
+    /// Whether a retry carrying `op` must be answered
+    /// [`Error::OutcomeUnknown`]: the op id is not known here, and this
+    /// node crashed in `async` mode less than `retry_window_ms` ago, so its
+    /// previous life may have applied the write (and sent it on) and then
+    /// lost the record. A retry after that window, or of a known id, is
+    /// handled as usual.
+    pub fn retry_outcome_unknown(&self, now: Time, op: OpId) -> Result<bool, Error> {
+        match self.op_ids_lost_until {
+            Some(until) if now < until => Ok(!self.store.has_op(op)?),
+            _ => Ok(false),
+        }
     }
 
     /// [`Replica::write`] with a client operation id: a retry of an id this
