@@ -25,6 +25,13 @@ fn mismatch(key: &str, want: &str, got: &Option<ValueView>) -> Error {
 }
 
 /// A counter (resettable PN-counter): every increment counts, across regions.
+///
+/// Deleting the key (or removing a counter field of a map) resets what the
+/// deleting node had seen. An increment made concurrently elsewhere
+/// survives carrying its node's whole running total, including the part the
+/// delete had seen: with 5 counted at node A, a delete at B concurrent with
+/// `incr(3)` at A leaves 8, not 3. Each node keeps one running total per
+/// counter, which is what keeps the state bounded.
 pub struct CounterHandle<'a> {
     pub(crate) client: &'a Client,
     pub(crate) key: String,
@@ -174,7 +181,9 @@ impl MapHandle<'_> {
         self.apply(Field::new(name, FieldKind::Set), Op::SetAdd(vec![enc(v)?]))
             .await
     }
-    /// Removes a field (an update concurrent with it keeps the field).
+    /// Removes a field (an update concurrent with it keeps the field; for a
+    /// counter field, with its node's whole running total: see
+    /// [`CounterHandle`]).
     pub async fn remove(&self, field: Field) -> Result<(), Error> {
         self.client
             .write(vec![(key(&self.key)?, Op::MapRemove(field))])
