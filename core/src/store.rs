@@ -27,6 +27,11 @@ pub struct Meta {
     /// reuses its replica id only after such a close.
     #[serde(default)]
     pub clean: bool,
+    /// Written by a life whose flushes did not reach the disk (`async`):
+    /// unless `clean`, the next life must take a fresh replica id, whatever
+    /// its own mode.
+    #[serde(default)]
+    pub async_life: bool,
 }
 
 /// One atomic change: values, buffer changes and metadata together, so the
@@ -164,6 +169,12 @@ impl MemoryStore {
             is_async: true,
             ..Self::default()
         }
+    }
+
+    /// Switches the durability mode, as a node restarted with another
+    /// `durability` setting does (between lives only).
+    pub fn set_async(&mut self, on: bool) {
+        self.is_async = on;
     }
 
     /// Simulates a process crash: what was not on disk is gone.

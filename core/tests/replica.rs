@@ -737,3 +737,104 @@ fn an_lww_stamp_beyond_the_clock_bound_waits_until_it_is_within_it() {
     c.nodes[0].handle(Time(later), &NodeId("n1".into()), &frame).unwrap();
     assert!(c.nodes[0].read(&key("l")).unwrap().is_some());
 }
+
+/// Found by review: the id was reused whenever *this* life's flush was
+/// durable, so an `async` node that crashed and was restarted in `group`
+/// mode handed out a lost dot again, and the replicas never converged. What
+/// counts is how the previous life ran.
+#[test]
+fn an_async_crash_restarted_in_a_durable_mode_still_takes_a_new_id() {
+    let mut c = Cluster {
+        nodes: (0..2)
+            .map(|i| open(i, 2, MemoryStore::new_async(), i as u64 + 1))
+            .collect(),
+        now: 0,
+        sent: Vec::new(),
+    };
+    c.run(50, &never);
+    let before = c.nodes[0].id();
+    c.write(0, "s", Op::SetAdd(vec!["e1".into()]));
+    c.run(50, &never);
+    let r = std::mem::replace(&mut c.nodes[0], open(0, 2, MemoryStore::new(), 77));
+    let mut s = r.into_store();
+    s.crash();
+    s.set_async(false);
+    c.nodes[0] = Replica::open(cfg(0, 2), s, Box::new(ChaCha8Rng::seed_from_u64(9)), Time(c.now)).unwrap();
+    assert_ne!(c.nodes[0].id(), before);
+    c.write(0, "s", Op::SetAdd(vec!["e2".into()]));
+    c.run(3_000, &never);
+    for n in &c.nodes {
+        assert!(matches!(n.read(&key("s")).unwrap().unwrap().view(), ValueView::Set(s) if s.len() == 2));
+    }
+    assert_eq!(c.nodes[0].digest(), c.nodes[1].digest());
+    // A durable life that crashes keeps its id: nothing it sent was lost.
+    let id = c.nodes[0].id();
+    let r = std::mem::replace(&mut c.nodes[0], open(0, 2, MemoryStore::new(), 78));
+    let mut s = r.into_store();
+    s.crash();
+    let again = Replica::open(cfg(0, 2), s, Box::new(ChaCha8Rng::seed_from_u64(10)), Time(c.now)).unwrap();
+    assert_eq!(again.id(), id);
+}
+
+/// A crash between a group's batch and the trim that followed it (a torn
+/// log tail) used to reopen with a buffer over its limit.
+#[test]
+fn a_torn_crash_between_a_group_and_its_trim_reopens_within_the_buffer_limit() {
+    let mut c = cfg(0, 2);
+    c.max_buffer_bytes = 100;
+    let mut r = Replica::open(
+        c.clone(),
+        MemoryStore::new(),
+        Box::new(ChaCha8Rng::seed_from_u64(1)),
+        Time(0),
+    )
+    .unwrap();
+    // No peer acknowledges: each group stays buffered until the limit.
+    r.write(Time(1), vec![(key("a"), Op::LwwSet(vec![1; 60].into()))])
+        .unwrap();
+    r.write(Time(2), vec![(key("b"), Op::LwwSet(vec![2; 60].into()))])
+        .unwrap();
+    assert_eq!(r.buffer_usage().0, 1, "the second group pushed the first out");
+    let mut s = r.into_store();
+    // Batches since open: group a, group b, the trim. Keep both groups only.
+    s.crash_keeping(2);
+    let r = Replica::open(c, s, Box::new(ChaCha8Rng::seed_from_u64(2)), Time(3)).unwrap();
+    let (groups, bytes) = r.buffer_usage();
+    assert!(groups == 1 || bytes <= 100, "{groups} groups, {bytes} bytes");
+}
+
+/// After an unclean `async` restart, a retried write with an op id the node
+/// does not know may have been applied by its previous life: the driver
+/// must answer OutcomeUnknown (for `retry_window_ms`), never apply it again.
+#[test]
+fn retries_after_an_unclean_async_restart_are_outcome_unknown_for_a_while() {
+    use lattice_core::proto::client::OpId;
+    let mut r = open(0, 1, MemoryStore::new_async(), 1);
+    r.write_once(Time(1), Some(OpId(7)), vec![(key("k"), Op::CounterAdd(1))])
+        .unwrap();
+    r.flush(Time(1)).unwrap();
+    r.store_mut().sync_disk();
+    assert!(!r.retry_outcome_unknown(Time(2), OpId(8)).unwrap(), "no crash yet");
+    let mut s = r.into_store();
+    s.crash();
+    let r = Replica::open(cfg(0, 1), s, Box::new(ChaCha8Rng::seed_from_u64(3)), Time(10)).unwrap();
+    let window = r.config().retry_window_ms;
+    assert!(
+        r.retry_outcome_unknown(Time(11), OpId(8)).unwrap(),
+        "an unknown id right after the crash"
+    );
+    assert!(
+        !r.retry_outcome_unknown(Time(11), OpId(7)).unwrap(),
+        "a known id is a duplicate"
+    );
+    assert!(
+        !r.retry_outcome_unknown(Time(10 + window), OpId(8)).unwrap(),
+        "after the window"
+    );
+    let s = r.close(Time(20)).unwrap();
+    let r = Replica::open(cfg(0, 1), s, Box::new(ChaCha8Rng::seed_from_u64(4)), Time(30)).unwrap();
+    assert!(
+        !r.retry_outcome_unknown(Time(31), OpId(8)).unwrap(),
+        "after a clean close"
+    );
+}

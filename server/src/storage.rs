@@ -543,6 +543,7 @@ mod tests {
                                 replica: lattice_core::clock::ReplicaId(r.gen()),
                                 next_seq: seq,
                                 clean: false,
+                                async_life: false,
                             });
                         }
                         if r.gen_bool(0.3) {

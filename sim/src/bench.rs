@@ -112,6 +112,7 @@ pub fn repair(keys: usize, diff: usize, depth: u8) -> Result<RepairFigures, Erro
             replica: ReplicaId(0xb),
             next_seq: 0,
             clean: false,
+            async_life: false,
         }),
         buffer_trim_below: Some(u64::MAX),
         ..WriteBatch::default()

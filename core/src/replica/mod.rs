@@ -265,16 +265,22 @@ impl<S: Store> Replica<S> {
         // Op ids recorded by an `async` life that crashed may be lost with
         // its tail: retries arriving soon after are answered OutcomeUnknown.
         let mut op_ids_lost = false;
+        // Whether this life's flushes reach the disk. What decides whether
+        // the id may be reused is how the *previous* life ran (recorded in
+        // its meta), not the mode of this one: an `async` crash restarted
+        // in `group` mode must not reuse dots either.
+        let async_life = !store.flush_is_durable();
         let (meta, stored) = match store.meta()? {
-            // Every flush reached the disk: the stored context and sequence
-            // number cover everything this id ever sent.
-            Some(m) if store.flush_is_durable() => (m, true),
-            // `async`: reuse the id only after a clean close, and mark the
-            // new life unclean before it writes anything.
-            Some(m) if m.clean => (m, false),
+            // A clean close, or a life whose every flush reached the disk:
+            // the stored contexts and sequence number cover everything this
+            // id ever sent. Rewritten only when a flag must change.
+            Some(m) if m.clean || !m.async_life => {
+                let unchanged = !m.clean && m.async_life == async_life;
+                (m, unchanged)
+            }
             #[cfg(feature = "planted-bugs")]
             Some(m) if crate::planted::active(crate::planted::PlantedBug::AsyncReusesId) => (m, false),
-            // `async` after a crash: the disk may have lost a tail of
+            // An `async` life that crashed: the disk may have lost a tail of
             // writes whose dots and sequence numbers peers already hold.
             // Handing them out again would make two different writes share
             // a dot (replicas would diverge for ever), so this life creates
@@ -296,16 +302,20 @@ impl<S: Store> Replica<S> {
                     replica: ReplicaId(rng.next_u64()),
                     next_seq: 0,
                     clean: false,
+                    async_life,
                 },
                 false,
             ),
         };
+        let meta = Meta {
+            clean: false,
+            async_life,
+            ..meta
+        };
         if !stored {
+            // Before this life writes anything: it is unclean until closed.
             store.apply(WriteBatch {
-                meta: Some(Meta {
-                    clean: false,
-                    ..meta.clone()
-                }),
+                meta: Some(meta.clone()),
                 ..WriteBatch::default()
             })?;
             store.sync()?;
@@ -432,6 +442,7 @@ impl<S: Store> Replica<S> {
                 replica: self.id,
                 next_seq: self.next_seq,
                 clean: true,
+                async_life: !self.store.flush_is_durable(),
             }),
             ..WriteBatch::default()
         })?;
@@ -631,6 +642,7 @@ impl<S: Store> Replica<S> {
                 replica: self.id,
                 next_seq: self.next_seq + groups.len() as u64,
                 clean: false,
+                async_life: !self.store.flush_is_durable(),
             });
         }
         self.store.apply(batch)?;
