@@ -166,6 +166,11 @@ impl CausalContext {
         Dot::new(replica, max.saturating_add(1))
     }
 
+    /// Each replica's ranges of dots, in order.
+    pub(crate) fn ranges(&self) -> impl Iterator<Item = (ReplicaId, &[(u64, u64)])> + '_ {
+        self.0.iter().map(|(r, v)| (*r, v.as_slice()))
+    }
+
     /// The highest dot counter of each replica in this context.
     pub fn maxima(&self) -> impl Iterator<Item = (ReplicaId, u64)> + '_ {
         self.0

@@ -14,6 +14,7 @@
 //!   what was seen, and a dot that was seen but is no longer present is gone.
 
 mod bytes;
+pub(crate) mod canon;
 mod ccounter;
 mod counter;
 mod dotstore;

@@ -13,20 +13,18 @@ pub(crate) const FANOUT: u32 = 16;
 const BITS_PER_LEVEL: u32 = 4;
 
 /// The hash of one `(key, state)` pair, as the anti-entropy trees XOR them
-/// (public so the simulator can recompute digests independently).
+/// (public so the simulator can recompute digests independently). It hashes
+/// the value itself, not its encoding (`crdt::canon`): an encoding change
+/// must not make equal states look different between two versions.
 pub fn item_hash(key: &Key, value: &Value) -> Result<u128, Error> {
-    Ok(item_hash_of(key, &crate::proto::to_bytes(value)?))
-}
-
-/// [`item_hash`] of an already encoded state.
-pub(crate) fn item_hash_of(key: &Key, encoded: &[u8]) -> u128 {
+    use crate::crdt::canon::Canon;
     let mut h = blake3::Hasher::new();
     h.update(&(key.as_str().len() as u64).to_le_bytes());
     h.update(key.as_str().as_bytes());
-    h.update(encoded);
+    value.canon(&mut h);
     let mut b = [0u8; 16];
     b.copy_from_slice(&h.finalize().as_bytes()[..16]);
-    u128::from_le_bytes(b)
+    Ok(u128::from_le_bytes(b))
 }
 
 /// Digests of every node of the tree, level by level.

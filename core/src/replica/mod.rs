@@ -36,7 +36,7 @@ use crate::proto::client::OpId;
 use crate::proto::{self, Ack, DeltaGroup, Message, NodeId, PolicyStamp, RegionId, RoundId, CLASSES};
 use crate::store::{Meta, Store, WriteBatch};
 use crate::Error;
-use merkle::{item_hash_of, Forest};
+use merkle::Forest;
 use policy::build_forest;
 use rand_core::RngCore;
 use std::collections::{BTreeMap, VecDeque};
@@ -588,7 +588,7 @@ impl<S: Store> Replica<S> {
                 });
             }
             let policy = self.cfg.policy.lookup_index(key.as_str());
-            hashes.push((policy, key.hash(), old_h, Some(item_hash_of(&key, &encoded))));
+            hashes.push((policy, key.hash(), old_h, Some(item_hash(&key, &new)?)));
             values.push((key.clone(), new));
             entries.push((key, delta));
         }
