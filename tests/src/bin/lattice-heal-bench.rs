@@ -1,6 +1,6 @@
 //! Convergence after a partition heals, on a real cluster (issue #7,
 //! section 5): three `latticed` processes in three regions on loopback,
-//! every peer link through a [`Relay`] that adds `--latency-ms` one way.
+//! every peer link through a relay ([`Mesh`]) that adds `--latency-ms` one way.
 //! Region 0 is cut off for `--partition-secs` while every node takes
 //! writes, then the links heal; the run prints the time until every node
 //! reports the same anti-entropy digest, against the floor of one round
