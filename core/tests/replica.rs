@@ -48,6 +48,18 @@ impl Cluster {
         }
     }
 
+    /// `n` nodes on `async` stores (a flush returns before the disk has
+    /// anything; `sync_disk` or a clean close puts it there).
+    fn new_async(n: usize) -> Self {
+        Cluster {
+            nodes: (0..n)
+                .map(|i| open(i, n, MemoryStore::new_async(), i as u64 + 1))
+                .collect(),
+            now: 0,
+            sent: Vec::new(),
+        }
+    }
+
     fn index(to: &NodeId) -> usize {
         to.0[1..].parse().unwrap()
     }
@@ -291,13 +303,7 @@ fn crash_and_reopen(c: &mut Cluster, i: usize, keep: usize, seed: u64) {
 /// kept different values for ever.
 #[test]
 fn an_async_crash_never_reuses_a_dot_and_replicas_converge() {
-    let mut c = Cluster {
-        nodes: (0..2)
-            .map(|i| open(i, 2, MemoryStore::new_async(), i as u64 + 1))
-            .collect(),
-        now: 0,
-        sent: Vec::new(),
-    };
+    let mut c = Cluster::new_async(2);
     c.run(50, &never);
     let before = c.nodes[0].id();
     c.write(0, "s", Op::SetAdd(vec!["e1".into()]));
@@ -352,13 +358,7 @@ fn a_clean_async_close_keeps_the_replica_id_and_a_crash_after_it_does_not() {
 /// different content and the cluster converges on every flushed write.
 #[test]
 fn torn_async_crashes_never_reuse_a_dot() {
-    let mut c = Cluster {
-        nodes: (0..2)
-            .map(|i| open(i, 2, MemoryStore::new_async(), i as u64 + 1))
-            .collect(),
-        now: 0,
-        sent: Vec::new(),
-    };
+    let mut c = Cluster::new_async(2);
     c.run(50, &never);
     let mut seen: BTreeMap<(Key, Dot), PnPair> = BTreeMap::new();
     let mut total = 0;
@@ -744,13 +744,7 @@ fn an_lww_stamp_beyond_the_clock_bound_waits_until_it_is_within_it() {
 /// counts is how the previous life ran.
 #[test]
 fn an_async_crash_restarted_in_a_durable_mode_still_takes_a_new_id() {
-    let mut c = Cluster {
-        nodes: (0..2)
-            .map(|i| open(i, 2, MemoryStore::new_async(), i as u64 + 1))
-            .collect(),
-        now: 0,
-        sent: Vec::new(),
-    };
+    let mut c = Cluster::new_async(2);
     c.run(50, &never);
     let before = c.nodes[0].id();
     c.write(0, "s", Op::SetAdd(vec!["e1".into()]));
