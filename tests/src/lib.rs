@@ -289,6 +289,20 @@ pub async fn status_of(client: &Client) -> Result<NodeStatus> {
     }
 }
 
+/// A key's value as the node `client` talks to holds it now (no token, no
+/// wait).
+pub async fn read_value(client: &Client, key: &lattice_core::Key) -> Result<Option<lattice_core::crdt::ValueView>> {
+    let body = RequestBody::Read {
+        key: key.clone(),
+        after: None,
+        wait_ms: 0,
+    };
+    match client.request(body).await? {
+        Response::Value { value, .. } => Ok(value),
+        r => bail!("unexpected answer {r:?}"),
+    }
+}
+
 fn now_ms() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -37,18 +37,7 @@ async fn write(c: &Client, k: &str, op: Op) -> Result<(), ClientError> {
 }
 
 async fn read(c: &Client, k: &str) -> Option<ValueView> {
-    match c
-        .request(RequestBody::Read {
-            key: key(k),
-            after: None,
-            wait_ms: 0,
-        })
-        .await
-        .unwrap()
-    {
-        Response::Value { value, .. } => value,
-        r => panic!("{r:?}"),
-    }
+    lattice_tests::read_value(c, &key(k)).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

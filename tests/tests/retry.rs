@@ -26,21 +26,7 @@ fn bin() -> &'static Path {
 }
 
 async fn read(c: &Client, k: &Key) -> Option<ValueView> {
-    match c
-        .request_to(
-            0,
-            RequestBody::Read {
-                key: k.clone(),
-                after: None,
-                wait_ms: 0,
-            },
-        )
-        .await
-        .unwrap()
-    {
-        Response::Value { value, .. } => value,
-        r => panic!("{r:?}"),
-    }
+    lattice_tests::read_value(c, k).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
