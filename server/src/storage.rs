@@ -497,6 +497,22 @@ mod tests {
         assert!(err.to_string().contains("belongs to node \"n1\""), "{err}");
     }
 
+    /// Reopens a store just dropped: sled's background flusher can hold the
+    /// directory's lock for a moment after the drop, so wait for it (up to
+    /// 5 s) instead of failing on `WouldBlock`.
+    fn reopen(dir: &Path) -> SledStore {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match SledStore::open(dir, "n1", Durability::Group) {
+                Ok(s) => return s,
+                Err(e) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        }
+    }
+
     /// Pending changes (applied, not flushed) must read exactly like sled's:
     /// random batches, flushes and reopens against the engine's in-memory
     /// store as the model.
@@ -519,7 +535,7 @@ mod tests {
                     1 => {
                         s.flush().unwrap();
                         drop(s);
-                        s = SledStore::open(dir.path(), "n1", Durability::Group).unwrap();
+                        s = reopen(dir.path());
                     }
                     _ => {
                         let mut b = WriteBatch::default();
