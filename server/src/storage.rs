@@ -451,7 +451,7 @@ mod tests {
     fn state_buffer_and_meta_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let (id, digest) = {
-            let store = SledStore::open(dir.path(), "n1", Durability::Sync).unwrap();
+            let store = open_as(dir.path(), "n1", Durability::Sync);
             let mut r = Replica::open(ReplicaConfig::new("n1", "eu", vec![]), store, rng(), Time(0)).unwrap();
             for i in 0..50 {
                 r.write(
@@ -469,7 +469,7 @@ mod tests {
             r.flush(Time(61)).unwrap();
             (r.id(), r.digest())
         };
-        let store = SledStore::open(dir.path(), "n1", Durability::Sync).unwrap();
+        let store = open_as(dir.path(), "n1", Durability::Sync);
         assert!(store.has_op(OpId(7)).unwrap());
         let mut r = Replica::open(ReplicaConfig::new("n1", "eu", vec![]), store, rng(), Time(100)).unwrap();
         assert_eq!(r.id(), id);
@@ -491,8 +491,16 @@ mod tests {
     #[test]
     fn a_data_dir_of_another_node_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        drop(SledStore::open(dir.path(), "n1", Durability::Group).unwrap());
-        let err = SledStore::open(dir.path(), "n2", Durability::Group).err().unwrap();
+        drop(open_as(dir.path(), "n1", Durability::Group));
+        // Past the lock a just-dropped store may still hold, the node check.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let err = loop {
+            let e = SledStore::open(dir.path(), "n2", Durability::Group).err().unwrap();
+            if !e.to_string().contains("could not acquire lock") || std::time::Instant::now() >= deadline {
+                break e;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
         assert!(matches!(err, OpenError::WrongNode { .. }), "{err}");
         assert!(err.to_string().contains("belongs to node \"n1\""), "{err}");
     }
@@ -501,9 +509,15 @@ mod tests {
     /// directory's lock for a moment after the drop, so wait for it (up to
     /// 5 s) instead of failing on `WouldBlock`.
     fn reopen(dir: &Path) -> SledStore {
+        open_as(dir, "n1", Durability::Group)
+    }
+
+    /// [`SledStore::open`], waiting for the lock a just-dropped store's
+    /// background thread may still hold.
+    fn open_as(dir: &Path, node: &str, mode: Durability) -> SledStore {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
-            match SledStore::open(dir, "n1", Durability::Group) {
+            match SledStore::open(dir, node, mode) {
                 Ok(s) => return s,
                 Err(e) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(10));
@@ -525,7 +539,7 @@ mod tests {
         let keys: Vec<Key> = (0..24).map(|i| Key::new(format!("k{i}")).unwrap()).collect();
         for seed in 0..30 {
             let dir = tempfile::tempdir().unwrap();
-            let mut s = SledStore::open(dir.path(), "n1", Durability::Group).unwrap();
+            let mut s = open_as(dir.path(), "n1", Durability::Group);
             let mut m = MemoryStore::new();
             let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
             let (mut seq, mut ops) = (0u64, Vec::new());
@@ -597,7 +611,7 @@ mod tests {
     #[test]
     fn bucket_scans_see_exactly_their_keys() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = SledStore::open(dir.path(), "n1", Durability::Async).unwrap();
+        let mut s = open_as(dir.path(), "n1", Durability::Async);
         let keys: Vec<Key> = (0..300).map(|i| Key::new(format!("key-{i}")).unwrap()).collect();
         let v = Value::empty(lattice_core::crdt::Kind::Counter);
         s.apply(WriteBatch {
