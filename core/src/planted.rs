@@ -40,6 +40,9 @@ pub enum PlantedBug {
     PartialRoundCompletes,
     /// `on_ack` no longer trims the delta buffer.
     AckNoTrim,
+    /// The pieces of a state split for anti-entropy carry the whole
+    /// context, so a piece removes the values that other pieces hold.
+    SplitWholeContext,
 }
 
 thread_local! {

@@ -24,6 +24,7 @@ mod lww;
 mod mvreg;
 mod ormap;
 mod orset;
+mod split;
 mod value;
 
 pub use bytes::Bytes;

@@ -15,6 +15,9 @@ use crate::store::Store;
 use crate::Error;
 use std::collections::BTreeSet;
 
+/// At most this many `AeStates` frames answer one anti-entropy step.
+pub(crate) const AE_STATE_FRAMES: usize = 8;
+
 impl<S: Store> Replica<S> {
     /// Starts a round with `peer` by sending the digests of the root's
     /// children: equal roots cost this one message and the answer, and a
@@ -112,9 +115,16 @@ impl<S: Store> Replica<S> {
         }
         let mut round = round;
         // The next level's digests (16 bytes for each of a node's FANOUT
-        // children) must fit half a frame, whatever the frame size.
-        let fits = (self.cfg.max_message_bytes / 2 / (FANOUT as usize * 16 + 8)).max(1);
-        let limit = self.cfg.max_ae_fanout.min(fits);
+        // children) must fit half a frame, whatever the frame size. At the
+        // leaves, what must fit is their items (the byte budget below): a
+        // leaf holds a few keys, and a wiped peer differs in every leaf, so
+        // a digest-sized limit there would repair a handful of keys a round.
+        let limit = if level < depth {
+            let fits = (self.cfg.max_message_bytes / 2 / (FANOUT as usize * 16 + 8)).max(1);
+            self.cfg.max_ae_fanout.min(fits)
+        } else {
+            self.cfg.max_ae_fanout
+        };
         if differing.len() > limit {
             differing.truncate(limit);
             round.partial = true;
@@ -247,12 +257,19 @@ impl<S: Store> Replica<S> {
         self.send_states(now, from, round, send, want, true)
     }
 
-    /// Sends one `AeStates` frame: the states that fit its byte budget
-    /// (with `want`), the round marked partial if any had to wait. A state
-    /// too large for any frame cannot be repaired by anti-entropy (writes
-    /// refuse to build such states, so only a join of two large remote
-    /// states can): it is counted and logged, and the round is partial, so
-    /// it never moves `acked` past deltas that did not arrive.
+    /// Sends the states of one anti-entropy answer (with `want` in the
+    /// first frame): up to [`AE_STATE_FRAMES`] `AeStates` frames of at most
+    /// 3/4 of a frame each. What does not fit waits for the next round,
+    /// which follows soon because the round is then marked partial (see
+    /// `repair_done`). A state larger than a frame travels in pieces of a
+    /// join-decomposition ([`Value::split`]); each round starts from
+    /// another piece, so every piece arrives within a few rounds. A piece
+    /// that fits no frame on its own (writes refuse to build one, so only a
+    /// hostile or misconfigured peer can cause it) is counted and logged.
+    ///
+    /// Frames after the first are sent as the round's last states (no
+    /// answer but an `AeDone`), and all frames of a multi-frame answer mark
+    /// the round partial: it never moves `acked` before every frame landed.
     fn send_states(
         &mut self,
         now: Time,
@@ -264,41 +281,106 @@ impl<S: Store> Replica<S> {
     ) -> Result<(), Error> {
         let mut round = round;
         let frame_budget = self.cfg.max_message_bytes * 3 / 4;
-        // The hashes wanted take at most a quarter of the frame (9 bytes
-        // each); the rest waits for a later round.
+        // The hashes wanted take at most a quarter of the first frame (9
+        // bytes each); the rest waits for a later round.
         let mut want = want;
         let max_want = (frame_budget / 4 / 9).max(1);
         if want.len() > max_want {
             want.truncate(max_want);
             round.partial = true;
         }
+        // Frames after the first only while the link's rate budget lasts:
+        // the first always goes (as every answer does), the rest must not
+        // put a slow link into a debt that holds back later rounds.
+        let mut extra_bytes = self.link_budget(to, now).unwrap_or(usize::MAX);
+        let mut frames: Vec<Vec<(Key, Value)>> = vec![Vec::new()];
         let mut budget = frame_budget.saturating_sub(want.len() * 9 + 64);
-        let mut batch = Vec::new();
+        let fresh = frame_budget.saturating_sub(64);
         for (k, v) in entries {
             let size = crate::proto::to_bytes(&v)?.len() + k.as_str().len() + 8;
-            if size > frame_budget {
-                tracing::warn!(key = %k, size, "state too large for an anti-entropy frame: skipped");
-                self.stats.ae_oversized += 1;
-                round.partial = true;
+            if size <= frame_budget {
+                if size > budget && frames.len() < AE_STATE_FRAMES && extra_bytes >= fresh {
+                    frames.push(Vec::new());
+                    budget = fresh;
+                    extra_bytes -= fresh;
+                }
+                if size <= budget {
+                    budget -= size;
+                    if let Some(f) = frames.last_mut() {
+                        f.push((k, v));
+                    }
+                } else {
+                    // Waits, whole, for a round with room.
+                    round.partial = true;
+                }
                 continue;
             }
-            if size > budget {
-                round.partial = true;
-                continue;
+            // Larger than any frame (a join of large concurrent states).
+            round.partial = true;
+            let pieces = self.state_pieces(&k, &v, round)?;
+            for (part, size) in pieces {
+                if size > budget && frames.len() < AE_STATE_FRAMES && extra_bytes >= fresh {
+                    frames.push(Vec::new());
+                    budget = fresh;
+                    extra_bytes -= fresh;
+                }
+                if size <= budget {
+                    budget -= size;
+                    if let Some(f) = frames.last_mut() {
+                        // One entry per key and frame (decoding refuses a
+                        // repeated key): pieces that share a frame travel
+                        // joined.
+                        match f.last_mut() {
+                            Some((last, acc)) if *last == k => crate::crdt::Crdt::join(acc, &part),
+                            _ => f.push((k.clone(), part)),
+                        }
+                    }
+                }
             }
-            budget -= size;
-            batch.push((k, v));
         }
-        self.queue_durable(
-            to,
-            &Message::AeStates {
+        if frames.len() > 1 {
+            round.partial = true;
+        }
+        let mut want = Some(want);
+        for (i, batch) in frames.into_iter().enumerate() {
+            if i > 0 && batch.is_empty() {
+                continue;
+            }
+            let msg = Message::AeStates {
                 round,
                 entries: batch,
-                want,
-                reply,
-            },
-            now,
-        )
+                want: want.take().unwrap_or_default(),
+                reply: reply && i == 0,
+            };
+            self.queue_durable(to, &msg, now)?;
+        }
+        Ok(())
+    }
+
+    /// The pieces of `v` (see [`Value::split`]), each with its size in a
+    /// frame, joined into groups of about a quarter frame, starting from a
+    /// group chosen by the round. Pieces that fit no frame are left out,
+    /// counted and logged.
+    fn state_pieces(&mut self, k: &Key, v: &Value, round: RoundId) -> Result<Vec<(Value, usize)>, Error> {
+        let frame_budget = self.cfg.max_message_bytes * 3 / 4;
+        let overhead = k.as_str().len() + 8;
+        let mut out = Vec::new();
+        for p in v.split(frame_budget / 4) {
+            let size = crate::proto::to_bytes(&p)?.len() + overhead;
+            if size > frame_budget {
+                tracing::warn!(key = %k, size, "a piece of a state too large for an anti-entropy frame: skipped");
+                self.stats.ae_oversized += 1;
+                continue;
+            }
+            out.push((p, size));
+        }
+        // Rounds with one peer are not consecutive numbers (they alternate
+        // with other peers' rounds): mix the number before taking it modulo.
+        if !out.is_empty() {
+            let start = (round.seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % out.len();
+            out.rotate_left(start);
+        }
+        Ok(out)
     }
 
     pub(super) fn on_ae_states(

@@ -855,9 +855,23 @@ impl<S: Store> Replica<S> {
             partial: round.partial && !crate::planted::active(crate::planted::PlantedBug::PartialRoundCompletes),
             ..round
         };
-        if round.initiator != self.id || round.epoch != self.epoch || round.partial {
-            // A partial round made progress but proves nothing: the repair
-            // (if one is due) goes on with the next round.
+        if round.initiator != self.id || round.epoch != self.epoch {
+            return;
+        }
+        if round.partial {
+            // A partial round made progress but proves nothing. What it
+            // left out (states beyond one frame, leaves beyond the fanout)
+            // goes in the next round, soon rather than at the next regular
+            // round: a node that missed much converges at the speed of its
+            // link, not at one frame per anti-entropy interval. Paced, so a
+            // difference that rounds cannot fix costs a bounded rate.
+            let pace = self.cfg.sync_interval_ms;
+            if let Some(p) = self.peers.get_mut(from) {
+                let next = now.plus(pace);
+                if p.repair_due.is_none_or(|t| t > next) {
+                    p.repair_due = Some(next);
+                }
+            }
             return;
         }
         let next = self.next_seq;
@@ -969,6 +983,34 @@ impl<S: Store> Replica<S> {
 
     fn is_alive(&self, p: &Peer, now: Time) -> bool {
         p.last_heard.is_some_and(|t| now.since(t) <= self.cfg.peer_timeout_ms)
+    }
+
+    /// Where each peer's delta streams stand, for diagnosing a stuck
+    /// buffer (the simulator prints it with a quiet-phase violation).
+    pub fn stream_summary(&self, now: Time) -> String {
+        let mut out = format!(
+            "front={} durable={} next={}",
+            self.front_seq(),
+            self.durable_seq,
+            self.next_seq
+        );
+        for p in self.peers.values() {
+            let acked: Vec<String> = p
+                .streams
+                .iter()
+                .map(|s| format!("{}/{}", s.acked, s.sent_upto))
+                .collect();
+            out.push_str(&format!(
+                "; {} alive={} acked/sent={} awaiting_repair={} repair_due={:?} budget={}",
+                p.cfg.node.0,
+                self.is_alive(p, now),
+                acked.join(","),
+                p.awaiting_repair,
+                p.repair_due.map(|t| t.0 as i64 - now.0 as i64),
+                p.tokens,
+            ));
+        }
+        out
     }
 
     /// Which peers this node believes are up.
