@@ -128,6 +128,30 @@ pub fn no_lost_writes(records: &[OpRecord], final_state: &BTreeMap<Key, Value>) 
                         out.push(v("mv", format!("{key}: value {x:?} was never written")));
                     }
                 }
+                // An acknowledged value stays until a write that had seen it
+                // (an overwrite or a delete, acknowledged or not) replaced
+                // it: a merge never drops a concurrent value.
+                let live: Vec<lattice_core::clock::Dot> = match value {
+                    Some(Value::MvRegister(r)) => r.causal().store().iter_dots().map(|(d, _)| d).collect(),
+                    _ => Vec::new(),
+                };
+                for r in recs.iter().filter(|r| r.acked_at.is_some() && !r.exempt) {
+                    if !matches!(r.op, Op::MvSet(_)) || r.dots.is_empty() {
+                        continue;
+                    }
+                    let replaced = recs
+                        .iter()
+                        .any(|o| o.id != r.id && o.applied && o.observed.includes(&r.dots));
+                    if !replaced && !live.iter().any(|d| r.dots.contains(*d)) {
+                        out.push(v(
+                            "lost-value",
+                            format!(
+                                "{key}: the value of acknowledged op {} ({:?} at node {}) is gone, though no write saw it",
+                                r.id, r.op, r.node
+                            ),
+                        ));
+                    }
+                }
             }
             (_, Some(ValueView::Conflict(_))) => out.push(v(
                 "kind",

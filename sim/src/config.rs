@@ -109,7 +109,9 @@ pub struct SimConfig {
     /// Group-commit delay: a node flushes this long after its first
     /// unflushed change.
     pub flush_ms: u64,
-    /// After the heal, how long the cluster has to converge.
+    /// After the heal, how long the cluster has to converge, before the
+    /// time its links need to carry the difference at the heal (see
+    /// [`SimConfig::transfer_ms`]) is added.
     pub converge_within_ms: u64,
     /// Engine: sync interval.
     pub sync_interval_ms: u64,
@@ -288,6 +290,9 @@ impl SimConfig {
             c.large_values = srng.gen_range(0.05..0.5);
             if c.nodes >= 3 && srng.gen_bool(0.4) {
                 c.topology = Topology::Star;
+                // Leaves hear each other only through the hub: without
+                // relaying, their writes would pass by anti-entropy alone.
+                c.relay = true;
                 // A leaf knows only the hub and its region: no regions(2)
                 // there, and no policies (a key the hub's region may not
                 // hold could never pass between two leaves).
@@ -301,7 +306,28 @@ impl SimConfig {
             c.ops = srng.gen_range(600..=2_500);
             c.rate = srng.gen_range(200.0..1_000.0);
         }
+        // Now and then tens of thousands of keys (the key space a repair
+        // round must search), from a stream of its own.
+        let mut krng = ChaCha8Rng::seed_from_u64(seed ^ 0x4b45_5953_0000_0000);
+        if krng.gen_bool(0.01) {
+            c.keys = krng.gen_range(5_000..=20_000);
+            c.key_skew = 0.0;
+            c.ops = krng.gen_range(10_000..=20_000);
+            c.rate = krng.gen_range(1_000.0..3_000.0);
+        }
         c
+    }
+
+    /// The liveness allowance for moving `bytes` of difference: four times
+    /// what one link carries in that time at its slowest, the lower of its
+    /// rate limit and the delta path's (3/4 of a frame per sync interval).
+    /// A run whose offered load exceeds what its links carry ends with a
+    /// backlog; the allowance lets it drain at a bounded, stated speed.
+    pub fn transfer_ms(&self, bytes: u64) -> u64 {
+        let sync = self.sync_interval_ms.max(self.hub_sync_interval_ms).max(1);
+        let delta_path = (self.max_message_bytes as u64 * 3 / 4) * 1_000 / sync;
+        let per_s = self.link_rate.map_or(delta_path, |r| r.min(delta_path)).max(1);
+        4 * bytes.saturating_mul(1_000) / per_s
     }
 
     /// The region of node `i`.

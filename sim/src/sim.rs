@@ -103,6 +103,16 @@ struct SimNode {
     skew_ms: i64,
     timer_at: Option<u64>,
     flush_scheduled: bool,
+    /// When the node last started (its current life).
+    life_start: u64,
+    /// When it last lost its disk.
+    wiped_at: Option<u64>,
+    /// Per key, the value a client last read here in this life (for the
+    /// monotonic-reads check).
+    last_read: BTreeMap<Key, Value>,
+    /// Per key, the records of writes made here (for read-your-writes on
+    /// every later read).
+    writes: BTreeMap<Key, Vec<usize>>,
 }
 
 /// The outcome of one run.
@@ -203,6 +213,8 @@ pub struct Sim {
     quiet_since: Option<u64>,
     unseen: BTreeMap<Key, BTreeSet<usize>>,
     healed_at: Option<u64>,
+    /// How long after the heal the replicas have to converge.
+    converge_deadline_ms: u64,
     done: bool,
     trace: blake3::Hasher,
     /// Print every delivered frame, write and crash (`LATTICE_SIM_TRACE=1`).
@@ -267,15 +279,24 @@ impl Sim {
                 skew_ms: 0,
                 timer_at: None,
                 flush_scheduled: false,
+                life_start: 0,
+                wiped_at: None,
+                last_read: BTreeMap::new(),
+                writes: BTreeMap::new(),
             });
         }
         let workload = Workload::new(&cfg);
         let report = Report {
             seed: cfg.seed,
             setup: format!(
-                "nodes={} regions={} faults={}{}{} relay={}{}{}{}{}",
+                "nodes={} regions={} ops={} rate={:.0}/s sync={}ms ae={}ms buffer={}B faults={}{}{} relay={}{}{}{}{}",
                 cfg.nodes,
                 cfg.regions,
+                cfg.ops,
+                cfg.rate,
+                cfg.sync_interval_ms,
+                cfg.ae_interval_ms,
+                cfg.max_buffer_bytes,
                 cfg.faults.describe(),
                 cfg.async_disk_ms.map_or(String::new(), |ms| format!(",async={ms}ms")),
                 if cfg.torn_writes { ",torn" } else { "" },
@@ -322,6 +343,7 @@ impl Sim {
             quiet_since: None,
             unseen: BTreeMap::new(),
             healed_at: None,
+            converge_deadline_ms: 0,
             done: false,
             trace: blake3::Hasher::new(),
             trace_log: std::env::var_os("LATTICE_SIM_TRACE").is_some(),
@@ -362,6 +384,11 @@ impl Sim {
         };
         let n = &mut self.nodes[i];
         n.parked = None;
+        n.life_start = self.now;
+        n.last_read.clear();
+        if wipe {
+            n.wiped_at = Some(self.now);
+        }
         n.token += 1;
         n.timer_at = None;
         n.flush_scheduled = false;
@@ -415,6 +442,7 @@ impl Sim {
         }
         if wipe {
             self.last_wipe = Some(self.now);
+            self.nodes[i].wiped_at = Some(self.now);
             self.report.crashes.1 += 1;
             self.exempt_lost_with_disk(i, true);
             self.nodes[i].parked = Some(new_store(&self.cfg));
@@ -604,6 +632,52 @@ impl Sim {
         }
     }
 
+    /// Session guarantees on a client's read of `key` at node `i`:
+    /// - read-your-writes on every later read: each write acknowledged here
+    ///   shows, in this life, and after restarts too unless the node runs
+    ///   `async` (which may lose its last acknowledged writes) or lost its
+    ///   disk since the acknowledgement;
+    /// - monotonic reads: within a life, a read includes the one before it
+    ///   (skipped while policies run: a policy change may take a key away
+    ///   from a region).
+    fn check_session(&mut self, i: usize, key: &Key, read: Option<&Value>) {
+        let n = &self.nodes[i];
+        let durable = self.cfg.async_disk_ms.is_none();
+        for &ri in n.writes.get(key).map(Vec::as_slice).unwrap_or(&[]) {
+            let r = &self.records[ri];
+            let Some(acked) = r.acked_at else { continue };
+            let this_life = acked >= n.life_start;
+            let survives = durable && n.wiped_at.is_none_or(|w| w < acked);
+            if r.exempt || !(this_life || survives) {
+                continue;
+            }
+            if !r.visible_in(read) {
+                let detail = format!(
+                    "node {i} acknowledged op {} ({:?} on {key}) at {acked} ms, but a read there at {} ms does not show it",
+                    r.id, r.op, self.now
+                );
+                self.violation("read-your-writes", detail);
+                return;
+            }
+        }
+        if !self.has_policies() {
+            if let Some(prev) = n.last_read.get(key) {
+                let grown = read.is_some_and(|now| {
+                    let mut j = now.clone();
+                    lattice_core::crdt::Crdt::join(&mut j, prev);
+                    j == *now
+                });
+                if !grown {
+                    let detail = format!("a read of {key} at node {i} does not include the read before it there");
+                    self.violation("monotonic-reads", detail);
+                }
+            }
+        }
+        if let Some(v) = read {
+            self.nodes[i].last_read.insert(key.clone(), v.clone());
+        }
+    }
+
     fn on_durable(&mut self, i: usize, id: WriteId) {
         let token = self.nodes[i].token;
         let Some(ri) = self.pending.remove(&(i, token, id)) else {
@@ -645,6 +719,7 @@ impl Sim {
             self.workload.next(&mut self.rng, i, read)
         };
         let before = self.read(i, &key);
+        self.check_session(i, &key, before.as_ref());
         let token = self.nodes[i].token;
         let Some(r) = self.nodes[i].replica.as_mut() else {
             return;
@@ -676,6 +751,7 @@ impl Sim {
             expect_error,
             acked_at: None,
             dots: Default::default(),
+            observed: Default::default(),
             lww_stamp: None,
             counter_entry: None,
             exempt: false,
@@ -723,6 +799,7 @@ impl Sim {
                     );
                 }
                 let before_ctx = before.as_ref().map(Value::context).unwrap_or_default();
+                rec.observed = before_ctx.clone();
                 rec.dots = after
                     .as_ref()
                     .map(Value::context)
@@ -749,6 +826,7 @@ impl Sim {
                 if concern {
                     self.concerned.insert((i, token, wid), id);
                 }
+                self.nodes[i].writes.entry(key.clone()).or_default().push(id);
                 self.records.push(rec);
                 // Propagation is measured for writes with something to see
                 // (dots, a stamp, a counter total): not for removes.
@@ -814,6 +892,7 @@ impl Sim {
     fn heal(&mut self) {
         self.net.heal();
         self.report.diff_bytes_at_heal = self.diff_bytes();
+        self.converge_deadline_ms = self.cfg.converge_within_ms + self.cfg.transfer_ms(self.report.diff_bytes_at_heal);
         for i in 0..self.nodes.len() {
             self.nodes[i].paused_until = self.now;
             if self.nodes[i].replica.is_none() {
@@ -989,7 +1068,17 @@ impl Sim {
             // After convergence, a quiet phase: every acknowledgement and
             // trim has had time to happen, so every delta buffer and
             // reorder buffer must be empty, and the replicas still equal.
-            if self.now < since + QUIET_MS {
+            // On a rate-limited link, a repair round waits until the link's
+            // debt (at most about a frame or two of answers) is paid off.
+            // The quiet phase lasts QUIET_MS, longer only while a buffer is
+            // not yet empty on a link that may still be paying off debt.
+            let quiet_ms = QUIET_MS + self.cfg.transfer_ms(2 * self.cfg.max_message_bytes as u64);
+            let drained = self
+                .nodes
+                .iter()
+                .filter_map(|n| n.replica.as_ref())
+                .all(|r| r.buffer_usage().0 == 0 && r.reorder_usage() == 0);
+            if self.now < since + QUIET_MS || (!drained && self.now < since + quiet_ms) {
                 self.push(self.now + 100, Ev::Check);
                 return;
             }
@@ -1005,7 +1094,9 @@ impl Sim {
                 let early = r.reorder_usage();
                 if groups > 0 || early > 0 {
                     let detail = format!(
-                        "node {i} still buffers {groups} delta groups ({bytes} bytes) and {early} early intervals {QUIET_MS}ms after convergence"
+                        "node {i} still buffers {groups} delta groups ({bytes} bytes) and {early} early intervals {}ms after convergence ({})",
+                        self.now - since,
+                        r.stream_summary(Time(self.now))
                     );
                     self.report.violations.push(Violation {
                         check: "quiet-buffers",
@@ -1022,10 +1113,12 @@ impl Sim {
             self.push(self.now + 100, Ev::Check);
             return;
         }
-        if self.now - healed > self.cfg.converge_within_ms {
+        if self.now - healed > self.converge_deadline_ms {
             let detail = format!(
-                "replicas still differ {}ms after the heal ({differing} pairs of nodes differ){}",
+                "replicas still differ {}ms after the heal (bound {}ms for {} bytes of difference; {differing} pairs of nodes differ){}",
                 self.now - healed,
+                self.converge_deadline_ms,
+                self.report.diff_bytes_at_heal,
                 self.describe_divergence()
             );
             self.violation("convergence", detail);
@@ -1193,7 +1286,9 @@ impl Sim {
                 Ev::Deliver { from, to, payload } => {
                     if self.trace_log {
                         if let Ok(m) = lattice_core::proto::decode(&payload, usize::MAX) {
-                            if !matches!(m, lattice_core::proto::Message::Heartbeat { .. }) {
+                            if std::env::var_os("LATTICE_SIM_TRACE_HB").is_some()
+                                || !matches!(m, lattice_core::proto::Message::Heartbeat { .. })
+                            {
                                 eprintln!("{} n{from}->n{to} {:?}", self.now, m);
                             }
                         }

@@ -74,6 +74,9 @@ pub struct OpRecord {
     pub acked_at: Option<u64>,
     /// Dots the write created.
     pub dots: CausalContext,
+    /// What the writing node had seen of the key when it wrote (the dots a
+    /// register write replaces).
+    pub observed: CausalContext,
     /// LWW stamp the write got.
     pub lww_stamp: Option<(HlcTimestamp, ReplicaId)>,
     /// For G- and PN-counters: the writer and its running totals after

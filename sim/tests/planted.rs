@@ -111,11 +111,11 @@ fn a_write_concern_met_too_early_is_caught() {
 /// may report it: fixed seeds, so CI proves every one is still caught.
 const CAUGHT_BY: &[(PlantedBug, u64, &[&str])] = &[
     // Review finding 1: a crashed `async` node reused its dots.
-    (PlantedBug::AsyncReusesId, 16, &["convergence"]),
     (PlantedBug::AsyncReusesId, 29, &["convergence"]),
+    (PlantedBug::AsyncReusesId, 51, &["convergence"]),
     // Review finding 2: a relay left a hole nobody saw.
-    (PlantedBug::RelayHole, 16, &["convergence"]),
-    (PlantedBug::RelayHole, 20, &["convergence"]),
+    (PlantedBug::RelayHole, 92, &["convergence"]),
+    (PlantedBug::RelayHole, 204, &["convergence"]),
     // Review finding 3: sections sized by the average entry.
     (PlantedBug::SizeByAverage, 292, &["frame-size"]),
     // The mutants the swarm used to miss.
@@ -124,6 +124,9 @@ const CAUGHT_BY: &[(PlantedBug, u64, &[&str])] = &[
     (PlantedBug::PartialRoundCompletes, 36, &["convergence"]),
     (PlantedBug::PartialRoundCompletes, 111, &["write-concern"]),
     (PlantedBug::AckNoTrim, 0, &["quiet-buffers"]),
+    // Anti-entropy pieces of an oversized state that claim the whole
+    // context: a piece removes the values the other pieces carry.
+    (PlantedBug::SplitWholeContext, 285, &["lost-value"]),
 ];
 
 #[test]
@@ -167,6 +170,7 @@ fn scan_for_catching_seeds() {
         PlantedBug::DotFunNoGuard,
         PlantedBug::PartialRoundCompletes,
         PlantedBug::AckNoTrim,
+        PlantedBug::SplitWholeContext,
         PlantedBug::JoinDropsDot,
         PlantedBug::BufferForgetsUnacked,
         PlantedBug::AckBeforeDurable,

@@ -41,8 +41,13 @@ fn a_fault_free_run_converges_at_once_and_reports_its_figures() {
 /// state (646), deltas joined past a gap (1030, 1265), a restarted node not
 /// repairing a wiped peer (57, 936), lost-with-disk accounting (282, 361),
 /// a rate-limited link whose repair waited forever on a bucket nothing
-/// refilled (555).
-const REGRESSION_SEEDS: &[u64] = &[2, 57, 161, 260, 282, 361, 555, 646, 936, 1030, 1265];
+/// refilled (555), a merged state larger than a frame that anti-entropy
+/// skipped for ever (1091), repair rounds limited to a few leaves each, so a
+/// wiped leaf of a star stayed behind (4426, 1749), buffers not yet trimmed
+/// on a rate-limited link still paying off its debt (5216, 8607).
+const REGRESSION_SEEDS: &[u64] = &[
+    2, 57, 161, 260, 282, 361, 555, 646, 936, 1030, 1265, 1091, 1749, 4426, 5216, 8607,
+];
 
 #[test]
 fn regression_seeds_stay_fixed() {
