@@ -177,7 +177,10 @@ impl NetLimits {
 fn check_tokens(setting: &str, tokens: &[String]) -> Result<()> {
     for (i, t) in tokens.iter().enumerate() {
         if t.is_empty() {
-            bail!("{setting}: entry {} is empty (a trailing comma in a list?); an empty token is never accepted", i + 1);
+            bail!(
+                "{setting}: entry {} is empty (a trailing comma in a list?); an empty token is never accepted",
+                i + 1
+            );
         }
         if t.len() < MIN_TOKEN_BYTES {
             bail!(
@@ -187,7 +190,11 @@ fn check_tokens(setting: &str, tokens: &[String]) -> Result<()> {
             );
         }
         if t.len() > MAX_TOKEN_BYTES {
-            bail!("{setting}: entry {} has {} bytes, more than {MAX_TOKEN_BYTES}", i + 1, t.len());
+            bail!(
+                "{setting}: entry {} has {} bytes, more than {MAX_TOKEN_BYTES}",
+                i + 1,
+                t.len()
+            );
         }
     }
     Ok(())
@@ -495,7 +502,10 @@ address = "127.0.0.1:7402"
         let e = format!("{:#}", load(&[], &["0123456789abcdef", ""]).unwrap_err());
         assert!(e.contains("empty"), "{e}");
         let e = format!("{:#}", load(&["short"], &[]).unwrap_err());
-        assert!(e.contains("tokens") && !e.contains("short"), "the token itself is not printed: {e}");
+        assert!(
+            e.contains("tokens") && !e.contains("short"),
+            "the token itself is not printed: {e}"
+        );
         assert!(load(&[&"x".repeat(MAX_TOKEN_BYTES + 1)], &[]).is_err());
         assert!(load(&["0123456789abcdef"], &["fedcba9876543210"]).is_ok());
         assert!(load(&[], &[]).is_ok(), "no token at all starts (with a warning)");

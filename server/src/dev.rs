@@ -1,8 +1,8 @@
 //! `latticed dev`: a local cluster of real processes on loopback.
 
-use crate::{certs, files};
 use crate::config::{Config, PeerEntry};
 use crate::storage::Durability;
+use crate::{certs, files};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use rand::Rng;

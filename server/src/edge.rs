@@ -161,10 +161,7 @@ impl ReadBudget {
             .ok()?
             .ok()?;
         self.record();
-        Some(BudgetShare {
-            permit,
-            budget: self,
-        })
+        Some(BudgetShare { permit, budget: self })
     }
 
     fn record(&self) {
@@ -258,7 +255,13 @@ mod tests {
             let head = &frame[..frame.len().min(TOKEN_PREFIX_MAX)];
             assert_eq!(token_of(head), Some(token.as_bytes()), "{n}-byte token");
             // Cut before the token ends: not found, never a shorter token.
-            let header = 2 + if n < 32 { 1 } else if n < 256 { 2 } else { 3 };
+            let header = 2 + if n < 32 {
+                1
+            } else if n < 256 {
+                2
+            } else {
+                3
+            };
             if n > 0 {
                 assert_eq!(token_of(&frame[..header + n - 1]), None, "{n}-byte token cut short");
             }
@@ -302,7 +305,10 @@ mod tests {
         assert!(matches!(adm.admit(two, false), Decision::Retry));
         a.established();
         b.established();
-        assert!(matches!(adm.admit(one, true), Decision::Refuse("max_connections_per_ip")));
+        assert!(matches!(
+            adm.admit(one, true),
+            Decision::Refuse("max_connections_per_ip")
+        ));
         let _c = slot(adm.admit(two, true));
         assert!(matches!(adm.admit(two, true), Decision::Refuse("max_connections")));
         drop(a);

@@ -61,6 +61,7 @@ pub fn replace_secret(path: &Path, contents: &[u8]) -> Result<()> {
 }
 
 #[cfg(all(test, unix))]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;

@@ -204,14 +204,24 @@ fn certs_cmd(cmd: CertsCmd) -> Result<()> {
             certs::write_pem(&out, "ca", &certs::new_ca(&cluster)?)?;
             println!("wrote {0}/ca.pem and {0}/ca.key (keep ca.key secret)", out.display());
         }
-        CertsCmd::Node { ca_dir, name, out, days } => {
+        CertsCmd::Node {
+            ca_dir,
+            name,
+            out,
+            days,
+        } => {
             let ca = certs::read_pem(&ca_dir, "ca")?;
             let pem = certs::new_node_cert_for(&ca, &name, days)?;
             certs::write_pem(&out, &name, &pem)?;
             println!("wrote {0}/{name}.pem and {0}/{name}.key", out.display());
             show(&pem.cert)?;
         }
-        CertsCmd::Renew { ca_dir, name, out, days } => {
+        CertsCmd::Renew {
+            ca_dir,
+            name,
+            out,
+            days,
+        } => {
             let ca = certs::read_pem(&ca_dir, "ca")?;
             let old = certs::read_pem(&out, &name).context("reading the certificate to renew")?;
             let old = certs::info_of(certs::certs_from_pem(&old.cert)?.first().context("no certificate")?)?;
@@ -220,9 +230,15 @@ fn certs_cmd(cmd: CertsCmd) -> Result<()> {
             }
             let pem = certs::new_node_cert_for(&ca, &name, days)?;
             certs::replace_pem(&out, &name, &pem)?;
-            println!("renewed {0}/{name}.pem and {0}/{name}.key; restart {name} to use them", out.display());
+            println!(
+                "renewed {0}/{name}.pem and {0}/{name}.key; restart {name} to use them",
+                out.display()
+            );
             show(&pem.cert)?;
-            println!("old serial {} (revoke it with revoked_serials once no node uses it)", old.serial);
+            println!(
+                "old serial {} (revoke it with revoked_serials once no node uses it)",
+                old.serial
+            );
         }
         CertsCmd::Show { cert } => {
             let text = std::fs::read_to_string(&cert).with_context(|| format!("reading {}", cert.display()))?;

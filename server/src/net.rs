@@ -485,75 +485,75 @@ async fn peer_connection(conn: quinn::Connection, inbound: Arc<Inbound>) {
     }
     let first_frame = Duration::from_millis(inbound.limits.first_frame_ms);
     while let Ok(mut recv) = conn.accept_uni().await {
-                let (peer, inbound) = (peer.clone(), inbound.clone());
-                tokio::spawn(async move {
-                    // The first frame is the peer's boot id: a new one means
-                    // it restarted, and our own connection to it is stale.
-                    let boot = match tokio::time::timeout(first_frame, read_frame(&mut recv, 8)).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            inbound.metrics.frames_timed_out.inc();
-                            let _ = recv.stop(code::TIMEOUT.into());
-                            return;
-                        }
-                    };
-                    match boot {
-                        Ok(Some(b)) if b.len() == 8 => {
-                            let mut id = [0u8; 8];
-                            id.copy_from_slice(&b);
-                            let boot = u64::from_be_bytes(id);
-                            let previous = inbound
-                                .boots
-                                .lock()
-                                .ok()
-                                .and_then(|mut m| m.insert(peer.0.clone(), boot));
-                            if previous.is_some_and(|p| p != boot) {
-                                tracing::info!(peer = %peer, "peer restarted: redialling it");
-                                if let Some(s) = inbound.dial.get(&peer.0) {
-                                    s.restarted.notify_one();
-                                }
-                            }
-                        }
-                        _ => {
-                            let _ = recv.stop(code::MALFORMED.into());
-                            return;
+        let (peer, inbound) = (peer.clone(), inbound.clone());
+        tokio::spawn(async move {
+            // The first frame is the peer's boot id: a new one means
+            // it restarted, and our own connection to it is stale.
+            let boot = match tokio::time::timeout(first_frame, read_frame(&mut recv, 8)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    inbound.metrics.frames_timed_out.inc();
+                    let _ = recv.stop(code::TIMEOUT.into());
+                    return;
+                }
+            };
+            match boot {
+                Ok(Some(b)) if b.len() == 8 => {
+                    let mut id = [0u8; 8];
+                    id.copy_from_slice(&b);
+                    let boot = u64::from_be_bytes(id);
+                    let previous = inbound
+                        .boots
+                        .lock()
+                        .ok()
+                        .and_then(|mut m| m.insert(peer.0.clone(), boot));
+                    if previous.is_some_and(|p| p != boot) {
+                        tracing::info!(peer = %peer, "peer restarted: redialling it");
+                        if let Some(s) = inbound.dial.get(&peer.0) {
+                            s.restarted.notify_one();
                         }
                     }
-                    loop {
-                        match read_frame_within(&mut recv, DEFAULT_MAX_MESSAGE_BYTES, PEER_FRAME_TIMEOUT).await {
-                            Ok(Some(bytes)) => {
-                                if inbound
-                                    .engine
-                                    .try_send(Input::Frame {
-                                        from: peer.clone(),
-                                        bytes,
-                                    })
-                                    .is_err()
-                                {
-                                    // The engine is saturated: drop; the peer retransmits.
-                                    inbound.metrics.peer_frames_dropped.inc();
-                                }
-                            }
-                            Ok(None) => return,
-                            Err(FrameError::TooLarge(n)) => {
-                                tracing::warn!(peer = %peer, bytes = n, "oversized frame: closing the stream");
-                                inbound.metrics.peer_frames_rejected.inc();
-                                let _ = recv.stop(code::FRAME_TOO_LARGE.into());
-                                return;
-                            }
-                            Err(FrameError::TimedOut) => {
-                                tracing::warn!(peer = %peer, "a frame did not complete in {PEER_FRAME_TIMEOUT:?}: closing the stream");
-                                inbound.metrics.frames_timed_out.inc();
-                                let _ = recv.stop(code::TIMEOUT.into());
-                                return;
-                            }
-                            Err(e) => {
-                                tracing::debug!(peer = %peer, error = %e, "peer stream ended");
-                                return;
-                            }
+                }
+                _ => {
+                    let _ = recv.stop(code::MALFORMED.into());
+                    return;
+                }
+            }
+            loop {
+                match read_frame_within(&mut recv, DEFAULT_MAX_MESSAGE_BYTES, PEER_FRAME_TIMEOUT).await {
+                    Ok(Some(bytes)) => {
+                        if inbound
+                            .engine
+                            .try_send(Input::Frame {
+                                from: peer.clone(),
+                                bytes,
+                            })
+                            .is_err()
+                        {
+                            // The engine is saturated: drop; the peer retransmits.
+                            inbound.metrics.peer_frames_dropped.inc();
                         }
                     }
-                });
+                    Ok(None) => return,
+                    Err(FrameError::TooLarge(n)) => {
+                        tracing::warn!(peer = %peer, bytes = n, "oversized frame: closing the stream");
+                        inbound.metrics.peer_frames_rejected.inc();
+                        let _ = recv.stop(code::FRAME_TOO_LARGE.into());
+                        return;
+                    }
+                    Err(FrameError::TimedOut) => {
+                        tracing::warn!(peer = %peer, "a frame did not complete in {PEER_FRAME_TIMEOUT:?}: closing the stream");
+                        inbound.metrics.frames_timed_out.inc();
+                        let _ = recv.stop(code::TIMEOUT.into());
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(peer = %peer, error = %e, "peer stream ended");
+                        return;
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -764,7 +764,10 @@ async fn client_stream(
     if let Ok(frame) = frame {
         // A client that does not read its answer does not hold it forever.
         let within = Duration::from_millis(inbound.limits.frame_ms);
-        if tokio::time::timeout(within, write_frame(&mut send, &frame)).await.is_err() {
+        if tokio::time::timeout(within, write_frame(&mut send, &frame))
+            .await
+            .is_err()
+        {
             inbound.metrics.frames_timed_out.inc();
             let _ = send.reset(code::TIMEOUT.into());
             return;

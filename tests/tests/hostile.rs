@@ -11,7 +11,9 @@
 #![allow(clippy::await_holding_lock)]
 
 use lattice_client::{Client, Endpoint, Error as ClientError, ErrorKind};
-use lattice_core::proto::client::{decode_client, encode_client, ClientRequest, RequestBody, Response, CLIENT_ALPN, PEER_ALPN};
+use lattice_core::proto::client::{
+    decode_client, encode_client, ClientRequest, RequestBody, Response, CLIENT_ALPN, PEER_ALPN,
+};
 use lattice_core::Key;
 use lattice_server::certs;
 use lattice_server::config::Config;
@@ -57,7 +59,10 @@ async fn dial(e: &quinn::Endpoint, c: &Cluster) -> Option<quinn::Connection> {
 
 async fn dial_to(e: quinn::Endpoint, addr: SocketAddr) -> Option<quinn::Connection> {
     let connecting = e.connect(addr, "n1").ok()?;
-    tokio::time::timeout(Duration::from_secs(3), connecting).await.ok()?.ok()
+    tokio::time::timeout(Duration::from_secs(3), connecting)
+        .await
+        .ok()?
+        .ok()
 }
 
 /// A normal read on a fresh client from 127.0.0.1 answers within 1 s.
@@ -98,7 +103,9 @@ fn rss_under(c: &Cluster, what: &str, baseline: u64, allowance: u64) {
 fn metrics(c: &Cluster, token: Option<&str>) -> (u16, String) {
     let addr = c.config(0).unwrap().metrics.unwrap();
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n{auth}\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
@@ -159,17 +166,26 @@ async fn hostile_connection_flood_is_bounded_per_address_and_tokenless_connectio
     let mut attackers = Vec::new();
     for (ip, n) in [("127.0.0.2", 64), ("127.0.0.3", 32), ("127.0.0.4", 32)] {
         let e = raw(&c, ip, None, CLIENT_ALPN);
-        let dials = (0..n).map(|_| dial_to(e.clone(), c.defaults.endpoints[0])).collect::<Vec<_>>();
+        let dials = (0..n)
+            .map(|_| dial_to(e.clone(), c.defaults.endpoints[0]))
+            .collect::<Vec<_>>();
         let conns: Vec<_> = futures_join_all(dials).await.into_iter().flatten().collect();
         println!("{ip}: {} of {n} connections accepted", conns.len());
-        assert!(conns.len() <= 16, "{ip}: {} connections, over max_connections_per_ip", conns.len());
+        assert!(
+            conns.len() <= 16,
+            "{ip}: {} connections, over max_connections_per_ip",
+            conns.len()
+        );
         attackers.push((e, conns));
     }
     let total: usize = attackers.iter().map(|(_, c)| c.len()).sum();
     assert!(total <= 40, "{total} connections, over max_connections");
     let (_, m) = metrics(&c, None);
     assert!(counter(&m, "lattice_connections_refused_total") > 0.0, "{m}");
-    assert!(counter(&m, "lattice_connections_retried_total") > 0.0, "Retry under load:\n{m}");
+    assert!(
+        counter(&m, "lattice_connections_retried_total") > 0.0,
+        "Retry under load:\n{m}"
+    );
     // Without a token they are closed after auth_ms.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     for (_, conns) in &attackers {
@@ -232,7 +248,11 @@ async fn hostile_slow_frames_are_reset_at_their_deadline() {
     println!("60 slow streams reset within {:?}", start.elapsed());
     let (_, m) = metrics(&c, None);
     assert!(counter(&m, "lattice_frames_timed_out_total") >= 60.0, "{m}");
-    assert_eq!(counter(&m, "lattice_read_budget_bytes"), 0.0, "the budget came back:\n{m}");
+    assert_eq!(
+        counter(&m, "lattice_read_budget_bytes"),
+        0.0,
+        "the budget came back:\n{m}"
+    );
     read_answers_within_a_second(&c).await;
     rss_under(&c, "slow frames", baseline, 32 * MIB);
 }
@@ -252,7 +272,8 @@ async fn hostile_stream_flood_without_a_token_costs_no_memory() {
             let mut pushed = 0usize;
             let mut streams = Vec::new();
             for s in 0..256 {
-                let Ok(Ok((mut send, recv))) = tokio::time::timeout(Duration::from_secs(1), conn.open_bi()).await else {
+                let Ok(Ok((mut send, recv))) = tokio::time::timeout(Duration::from_secs(1), conn.open_bi()).await
+                else {
                     break;
                 };
                 let head = if (k + s) % 2 == 0 {
@@ -350,7 +371,10 @@ async fn hostile_token_holders_share_a_bounded_read_budget() {
         }
     }
     println!("held streams after frame_ms: {reset} reset, {overloaded} answered Overloaded");
-    assert!(reset + overloaded >= budget >> 20, "the streams holding the budget were let go");
+    assert!(
+        reset + overloaded >= budget >> 20,
+        "the streams holding the budget were let go"
+    );
     let (_, m) = metrics(&c, None);
     assert_eq!(counter(&m, "lattice_read_budget_bytes"), 0.0, "{m}");
     rss_under(&c, "token holders", baseline, 64 * MIB);
@@ -480,7 +504,10 @@ fn hostile_empty_and_short_tokens_stop_the_node_at_startup() {
     let _g = serial();
     let c = Cluster::prepare(bin(), &["eu"], Durability::Group).unwrap();
     let (ok, err) = run_with_env(&c, &[("LATTICE_ADMIN_TOKENS", "s3cret,")]);
-    assert!(!ok && err.contains("admin_tokens") && err.contains("at least 16"), "{err}");
+    assert!(
+        !ok && err.contains("admin_tokens") && err.contains("at least 16"),
+        "{err}"
+    );
     assert!(!err.contains("s3cret"), "the token is not printed: {err}");
     let (ok, err) = run_with_env(&c, &[("LATTICE_TOKENS", "0123456789abcdef0123,")]);
     assert!(!ok && err.contains("empty"), "{err}");
@@ -539,8 +566,14 @@ async fn hostile_a_node_key_cannot_pass_for_another_node() {
     let as_n1 = Client::new(vec![Endpoint::named("n1", addr)], c.defaults.token.clone(), &ca).unwrap();
     assert!(as_n1.request(RequestBody::Status).await.is_ok());
     // A production certificate (no localhost) is refused under a bare address.
-    let info = certs::info_of(&certs::certs_from_pem(&std::fs::read_to_string(c.config(0).unwrap().cert).unwrap()).unwrap()[0]).unwrap();
-    assert!(info.dns.contains(&"localhost".to_string()), "dev certificates keep localhost");
+    let info = certs::info_of(
+        &certs::certs_from_pem(&std::fs::read_to_string(c.config(0).unwrap().cert).unwrap()).unwrap()[0],
+    )
+    .unwrap();
+    assert!(
+        info.dns.contains(&"localhost".to_string()),
+        "dev certificates keep localhost"
+    );
     let prod = certs::new_node_cert(&certs::read_pem(&c.dir.path().join("certs"), "ca").unwrap(), "n1").unwrap();
     let prod = certs::info_of(&certs::certs_from_pem(&prod.cert).unwrap()[0]).unwrap();
     assert_eq!(prod.dns, vec!["n1".to_string()]);
@@ -552,8 +585,11 @@ async fn hostile_a_revoked_peer_certificate_is_refused() {
     let mut c = Cluster::prepare(bin(), &["eu", "us"], Durability::Group).unwrap();
     let certs_dir = c.dir.path().join("certs");
     let n2 = certs::read_pem(&certs_dir, "n2").unwrap();
-    let serial = certs::info_of(&certs::certs_from_pem(&n2.cert).unwrap()[0]).unwrap().serial;
-    c.edit_config(0, |cfg| cfg.revoked_serials = vec![serial.clone()]).unwrap();
+    let serial = certs::info_of(&certs::certs_from_pem(&n2.cert).unwrap()[0])
+        .unwrap()
+        .serial;
+    c.edit_config(0, |cfg| cfg.revoked_serials = vec![serial.clone()])
+        .unwrap();
     c.start_all().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while c.status(0).await.is_err() {
@@ -563,7 +599,9 @@ async fn hostile_a_revoked_peer_certificate_is_refused() {
     // n2's own key, on the peer protocol: closed as revoked.
     let e = raw(&c, "127.0.0.1", Some(&n2), PEER_ALPN);
     let conn = dial(&e, &c).await.expect("the handshake itself completes");
-    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .unwrap();
     assert!(reason.to_string().contains("revoked"), "{reason}");
     // And n1 never counts n2 as alive, though n2 runs and dials it.
     tokio::time::sleep(Duration::from_secs(2)).await;
