@@ -410,12 +410,16 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, inbound: Arc<Inbound>) {
                 }
                 continue;
             }
-            Decision::Retry => {
-                // Already retried and still unvalidated: quinn refuses
-                // such tokens itself; never hold state for it.
-                incoming.ignore();
-                continue;
-            }
+            // A Retry is not allowed for this packet (it already carried a
+            // token): decide on the limits alone.
+            Decision::Retry => match inbound.admission.admit(addr, true) {
+                Decision::Accept(slot) => slot,
+                _ => {
+                    inbound.metrics.connections_refused.inc();
+                    incoming.refuse();
+                    continue;
+                }
+            },
             Decision::Refuse(limit) => {
                 inbound.metrics.connections_refused.inc();
                 tracing::debug!(remote = %addr, limit, "connection refused");
