@@ -96,7 +96,7 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub revoked_serials: Vec<String>,
     /// Limits of the network edge (the `[limits]` table).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "NetLimits::is_default")]
     pub limits: NetLimits,
 }
 
@@ -152,6 +152,10 @@ impl Default for NetLimits {
 }
 
 impl NetLimits {
+    fn is_default(&self) -> bool {
+        *self == NetLimits::default()
+    }
+
     fn validate(&self) -> Result<()> {
         if self.max_connections == 0 || self.max_connections_per_ip == 0 {
             bail!("[limits] max_connections and max_connections_per_ip must be positive");

@@ -26,8 +26,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The node under attack: this build's, or the binary named by
+/// `LATTICE_HOSTILE_BIN` (to run the same attacks against another build).
 fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_latticed-test"))
+    static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var_os("LATTICE_HOSTILE_BIN")
+            .map(Into::into)
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_latticed-test").into())
+    })
 }
 
 const MIB: u64 = 1024;
