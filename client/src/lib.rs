@@ -753,3 +753,20 @@ async fn read_response(recv: &mut quinn::RecvStream) -> Result<Option<Response>,
         .map(Some)
         .map_err(|e| Error::Protocol(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_carry_the_node_name_they_expect() {
+        let e: Endpoint = "eu-1@127.0.0.1:7401".parse().unwrap();
+        assert_eq!(e, Endpoint::named("eu-1", SocketAddr::from(([127, 0, 0, 1], 7401))));
+        assert_eq!(e.to_string(), "eu-1@127.0.0.1:7401");
+        let bare: Endpoint = "127.0.0.1:7401".parse().unwrap();
+        assert_eq!(bare.name, None);
+        assert_eq!(bare.to_string(), "127.0.0.1:7401");
+        assert!("@127.0.0.1:7401".parse::<Endpoint>().is_err());
+        assert!("eu-1@nowhere".parse::<Endpoint>().is_err());
+    }
+}

@@ -629,3 +629,49 @@ async fn hostile_a_revoked_peer_certificate_is_refused() {
     assert!(counter(&m, "lattice_connections_revoked_total") > 0.0, "{m}");
     c.stop(1).unwrap();
 }
+
+/// Runs `latticed` with `args`; its exit and output.
+fn latticed(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(bin()).args(args).output().unwrap();
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[test]
+fn certs_commands_keep_keys_private_never_overwrite_them_and_renew() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("certs");
+    let o = out.to_str().unwrap();
+    let mode = |p: &str| std::fs::metadata(out.join(p)).unwrap().permissions().mode() & 0o777;
+    assert!(latticed(&["certs", "ca", "--out", o]).0);
+    let (ok, text) = latticed(&["certs", "node", "--ca-dir", o, "--name", "eu-1", "--out", o]);
+    assert!(ok, "{text}");
+    assert!(text.contains("dns [eu-1]") && text.contains("expires in 36"), "{text}");
+    assert_eq!((mode("."), mode("ca.key"), mode("eu-1.key")), (0o700, 0o600, 0o600));
+    let old = certs::read_pem(&out, "eu-1").unwrap();
+    // A second `node` for the same name does not overwrite its key.
+    let (ok, text) = latticed(&["certs", "node", "--ca-dir", o, "--name", "eu-1", "--out", o]);
+    assert!(!ok, "{text}");
+    assert_eq!(certs::read_pem(&out, "eu-1").unwrap().key, old.key);
+    assert!(!latticed(&["certs", "node", "--ca-dir", o, "--name", "eu-1", "--out", o, "--days", "400"]).0);
+    // Renewal: a new key and certificate, the old serial printed to revoke.
+    let old_serial = certs::info_of(&certs::certs_from_pem(&old.cert).unwrap()[0])
+        .unwrap()
+        .serial;
+    let (ok, text) = latticed(&[
+        "certs", "renew", "--ca-dir", o, "--name", "eu-1", "--out", o, "--days", "30",
+    ]);
+    assert!(ok, "{text}");
+    assert!(text.contains(&format!("old serial {old_serial}")), "{text}");
+    let new = certs::read_pem(&out, "eu-1").unwrap();
+    assert_ne!(new.key, old.key);
+    assert_eq!(mode("eu-1.key"), 0o600);
+    let (ok, text) = latticed(&["certs", "show", out.join("eu-1.pem").to_str().unwrap()]);
+    assert!(
+        ok && (text.contains("expires in 29 days") || text.contains("expires in 30 days")),
+        "{text}"
+    );
+    assert!(!text.contains(&old_serial));
+}
