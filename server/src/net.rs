@@ -51,6 +51,11 @@ const CLIENT_FRAME_WINDOW: u32 = MAX_CLIENT_FRAME as u32 + 4;
 /// request, however large, fits, and a connection without a token holds at
 /// most this much of the node's memory in QUIC buffers.
 const UNAUTHENTICATED_WINDOW: u32 = CLIENT_FRAME_WINDOW + (64 << 10);
+/// Requests in flight on a client connection that showed a valid token.
+const CLIENT_STREAMS: u32 = 256;
+/// Requests in flight on a connection before it showed a token (its first
+/// requests; the rest wait a round trip for the token to be seen).
+const UNAUTHENTICATED_STREAMS: u32 = 16;
 /// The connection window of a client that showed a valid token.
 const CLIENT_WINDOW: u32 = 4 * CLIENT_FRAME_WINDOW;
 /// The connection window of an authenticated peer: a few full frames.
@@ -64,7 +69,7 @@ pub fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     // Clients issue one request per bidirectional stream: this bounds the
     // requests in flight per connection.
-    t.max_concurrent_bidi_streams(256u32.into());
+    t.max_concurrent_bidi_streams(CLIENT_STREAMS.into());
     // Peers use one long-lived unidirectional stream per direction.
     t.max_concurrent_uni_streams(4u32.into());
     // A stream may hold one full frame in flight, a connection a few.
@@ -81,13 +86,14 @@ pub fn transport() -> Arc<quinn::TransportConfig> {
 /// The transport of accepted connections. The ALPN (client or peer) is
 /// known only after the handshake, so the receive windows start at what a
 /// client without a token may hold (one request frame per stream, a little
-/// more per connection) and are raised once it shows a token, or proves to
-/// be a peer. A peer's stream window stays one client frame, so a 4 MiB
+/// more per connection, 16 streams) and are raised once it shows a token,
+/// or proves to be a peer. A peer's stream window stays one client frame, so a 4 MiB
 /// peer frame takes a few round trips of credit.
 fn accepted_transport() -> Arc<quinn::TransportConfig> {
     let mut t = Arc::try_unwrap(transport()).unwrap_or_default();
     t.stream_receive_window(CLIENT_FRAME_WINDOW.into());
     t.receive_window(UNAUTHENTICATED_WINDOW.into());
+    t.max_concurrent_bidi_streams(UNAUTHENTICATED_STREAMS.into());
     Arc::new(t)
 }
 
@@ -582,6 +588,7 @@ impl ClientSession {
     fn authenticate(&self) {
         if !self.authenticated.swap(true, std::sync::atomic::Ordering::Relaxed) {
             self.conn.set_receive_window(CLIENT_WINDOW.into());
+            self.conn.set_max_concurrent_bi_streams(CLIENT_STREAMS.into());
             self.shown.notify_one();
         }
     }
