@@ -20,9 +20,10 @@ async fn main() -> Result<(), Error> {
     let ca = std::fs::read_to_string(dir.join("certs/ca.pem"))
         .map_err(|e| Error::Config(format!("run `latticed dev` first: {e}")))?;
     let token = std::fs::read_to_string(dir.join("token")).map_err(|e| Error::Config(e.to_string()))?;
-    // Home region first; the others are failover targets.
+    // Home region first; the others are failover targets. Each endpoint
+    // names its node: that node's certificate must carry the name.
     let client = Client::builder()
-        .endpoints(["127.0.0.1:7401", "127.0.0.1:7402", "127.0.0.1:7403"])
+        .endpoints(["n1@127.0.0.1:7401", "n2@127.0.0.1:7402", "n3@127.0.0.1:7403"])
         .token(token.trim())
         .ca_cert(&ca)
         .connect()

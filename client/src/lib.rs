@@ -8,7 +8,7 @@
 //! # async fn demo() -> Result<(), lattice_client::Error> {
 //! let ca = std::fs::read_to_string(".lattice-dev/certs/ca.pem").unwrap_or_default();
 //! let client = lattice_client::Client::builder()
-//!     .endpoints(["127.0.0.1:7401", "127.0.0.1:7402"])
+//!     .endpoints(["n1@127.0.0.1:7401", "n2@127.0.0.1:7402"])
 //!     .token("dev-token")
 //!     .ca_cert(&ca)
 //!     .connect()
@@ -20,6 +20,12 @@
 //! # let _ = visits;
 //! # Ok(()) }
 //! ```
+//!
+//! Each endpoint names the node it expects (`NAME@HOST:PORT`, see
+//! [`Endpoint`]): the node's certificate must carry that name, so the key of
+//! one node cannot pass for another. A bare `HOST:PORT` is checked against
+//! [`ClientBuilder::server_name`] (default `localhost`, which only the
+//! certificates of `latticed dev` carry).
 //!
 //! Sessions: the client remembers, per key, the causal token of what it
 //! wrote and read, and a read waits (up to `read_wait`) until the node it
@@ -150,10 +156,69 @@ impl Error {
     }
 }
 
+/// A node to talk to: its address and the name its certificate must carry.
+/// Written `NAME@HOST:PORT` (e.g. `eu-1@10.0.0.5:7401`), or `HOST:PORT`
+/// to check the client's default name (`localhost` unless
+/// [`ClientBuilder::server_name`] says otherwise).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The node name its certificate must carry (`None`: the default).
+    pub name: Option<String>,
+    /// Its QUIC address.
+    pub addr: SocketAddr,
+}
+
+impl Endpoint {
+    /// The node `name` at `addr`.
+    pub fn named(name: impl Into<String>, addr: SocketAddr) -> Endpoint {
+        Endpoint {
+            name: Some(name.into()),
+            addr,
+        }
+    }
+}
+
+impl From<SocketAddr> for Endpoint {
+    fn from(addr: SocketAddr) -> Endpoint {
+        Endpoint { name: None, addr }
+    }
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = Error;
+
+    /// Parses `NAME@HOST:PORT` or `HOST:PORT`; a host name is resolved.
+    fn from_str(s: &str) -> Result<Endpoint, Error> {
+        use std::net::ToSocketAddrs;
+        let (name, host) = match s.split_once('@') {
+            Some((n, h)) if !n.is_empty() => (Some(n.to_string()), h),
+            Some(_) => return Err(Error::Config(format!("endpoint {s:?}: empty node name before '@'"))),
+            None => (None, s),
+        };
+        let addr = host
+            .to_socket_addrs()
+            .map_err(|e| Error::Config(format!("endpoint {s:?}: {e}")))?
+            .next()
+            .ok_or_else(|| Error::Config(format!("endpoint {s:?} resolves to nothing")))?;
+        Ok(Endpoint { name, addr })
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.name {
+            Some(n) => write!(f, "{n}@{}", self.addr),
+            None => write!(f, "{}", self.addr),
+        }
+    }
+}
+
 /// A connection to a Lattice cluster.
 pub struct Client {
     endpoint: quinn::Endpoint,
     nodes: Vec<SocketAddr>,
+    /// Per node: the name its certificate must carry (`None`: `server_name`).
+    names: Vec<Option<String>>,
     server_name: String,
     token: String,
     timeout: Duration,
@@ -194,7 +259,8 @@ pub struct ClientBuilder {
 }
 
 impl ClientBuilder {
-    /// Node addresses (`host:port`), home node first.
+    /// Nodes as `NAME@HOST:PORT` (or `HOST:PORT`, see [`Endpoint`]), home
+    /// node first.
     pub fn endpoints<I: IntoIterator<Item = S>, S: Into<String>>(mut self, e: I) -> Self {
         self.endpoints = e.into_iter().map(Into::into).collect();
         self
@@ -209,7 +275,8 @@ impl ClientBuilder {
         self.ca = Some(pem.to_string());
         self
     }
-    /// The TLS name to check node certificates against (default `localhost`).
+    /// The name to check the certificate of an endpoint given without one
+    /// against (default `localhost`, which only dev certificates carry).
     pub fn server_name(mut self, n: impl Into<String>) -> Self {
         self.server_name = Some(n.into());
         self
@@ -230,13 +297,7 @@ impl ClientBuilder {
         let nodes = self
             .endpoints
             .iter()
-            .map(|e| {
-                use std::net::ToSocketAddrs;
-                e.to_socket_addrs()
-                    .map_err(|err| Error::Config(format!("endpoint {e:?}: {err}")))?
-                    .next()
-                    .ok_or_else(|| Error::Config(format!("endpoint {e:?} resolves to nothing")))
-            })
+            .map(|e| e.parse::<Endpoint>())
             .collect::<Result<Vec<_>, _>>()?;
         let token = self.token.ok_or_else(|| Error::Config("no token".into()))?;
         let ca = self.ca.ok_or_else(|| Error::Config("no CA certificate".into()))?;
@@ -277,12 +338,20 @@ fn client_config(ca_pem: &str) -> Result<quinn::ClientConfig, Error> {
 }
 
 impl Client {
-    /// A client for `nodes` (tried in order), authenticating with `token`,
+    /// A client for `nodes` (tried in order; [`Endpoint`]s, or bare
+    /// addresses checked against `localhost`), authenticating with `token`,
     /// trusting the cluster CA in `ca_pem`. Nodes are dialled lazily.
-    pub fn new(nodes: Vec<SocketAddr>, token: impl Into<String>, ca_pem: &str) -> Result<Client, Error> {
+    pub fn new<E: Into<Endpoint>>(nodes: Vec<E>, token: impl Into<String>, ca_pem: &str) -> Result<Client, Error> {
         if nodes.is_empty() {
             return Err(Error::Config("no node address".into()));
         }
+        let (names, nodes): (Vec<Option<String>>, Vec<SocketAddr>) = nodes
+            .into_iter()
+            .map(|e| {
+                let e = e.into();
+                (e.name, e.addr)
+            })
+            .unzip();
         let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))
             .map_err(|e| Error::Config(format!("opening a UDP socket: {e}")))?;
         endpoint.set_default_client_config(client_config(ca_pem)?);
@@ -290,6 +359,7 @@ impl Client {
         Ok(Client {
             endpoint,
             nodes,
+            names,
             server_name: "localhost".into(),
             token: token.into(),
             timeout: Duration::from_secs(10),
@@ -461,8 +531,8 @@ impl Client {
         Err(last.unwrap_or_else(|| Error::Unavailable("no node".into())))
     }
 
-    /// The TLS name node certificates are checked against (default
-    /// `localhost`, which dev certificates carry).
+    /// The name the certificate of an endpoint given without one is checked
+    /// against (default `localhost`, which only dev certificates carry).
     pub fn with_server_name(mut self, name: impl Into<String>) -> Self {
         self.server_name = name.into();
         self
@@ -481,9 +551,10 @@ impl Client {
                 return Ok(c.clone());
             }
         }
+        let name = self.names[i].as_deref().unwrap_or(&self.server_name);
         let c = self
             .endpoint
-            .connect(self.nodes[i], &self.server_name)
+            .connect(self.nodes[i], name)
             .map_err(|e| Error::Unreachable(format!("{}: {e}", self.nodes[i])))?;
         let c = tokio::time::timeout(self.timeout.min(Duration::from_secs(3)), c)
             .await
@@ -681,4 +752,21 @@ async fn read_response(recv: &mut quinn::RecvStream) -> Result<Option<Response>,
     decode_client::<Response>(&buf)
         .map(Some)
         .map_err(|e| Error::Protocol(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_carry_the_node_name_they_expect() {
+        let e: Endpoint = "eu-1@127.0.0.1:7401".parse().unwrap();
+        assert_eq!(e, Endpoint::named("eu-1", SocketAddr::from(([127, 0, 0, 1], 7401))));
+        assert_eq!(e.to_string(), "eu-1@127.0.0.1:7401");
+        let bare: Endpoint = "127.0.0.1:7401".parse().unwrap();
+        assert_eq!(bare.name, None);
+        assert_eq!(bare.to_string(), "127.0.0.1:7401");
+        assert!("@127.0.0.1:7401".parse::<Endpoint>().is_err());
+        assert!("eu-1@nowhere".parse::<Endpoint>().is_err());
+    }
 }

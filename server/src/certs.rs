@@ -4,7 +4,12 @@
 //! One cluster CA signs a certificate per node (CN and DNS name = the node
 //! name, OU `node`) and, optionally, per client (OU `client`). Peers must
 //! present a node certificate from the cluster CA; clients authenticate with
-//! a bearer token or a client certificate.
+//! a bearer token. A node certificate names only its node (dev
+//! certificates also name `localhost`), so the key of one node cannot pass
+//! for another: peers and the SDK check each node against its own name.
+//! Node and client certificates are valid for at most a year
+//! ([`MAX_LEAF_DAYS`], renewed with `latticed certs renew`), the CA for ten;
+//! serials (random, 128 bits) can be revoked with `revoked_serials`.
 
 use anyhow::{bail, Context, Result};
 use lattice_core::proto::client::{CLIENT_ALPN, PEER_ALPN};
@@ -19,6 +24,16 @@ use std::sync::Arc;
 pub const NODE_OU: &str = "node";
 /// Organizational unit of client certificates.
 pub const CLIENT_OU: &str = "client";
+
+/// Longest validity of a node or client certificate, days.
+pub const MAX_LEAF_DAYS: u32 = 365;
+/// Validity of a cluster CA, days. Replacing a CA means handing every node
+/// and client a new trust anchor, so it lives longer than the certificates
+/// it signs; its key should stay offline.
+pub const CA_DAYS: u32 = 3_650;
+/// Certificates start to be valid this long before their creation, so a
+/// node whose clock is a little behind accepts them.
+const BACKDATE_SECS: i64 = 3_600;
 
 /// A certificate and its key, PEM encoded.
 pub struct Pem {
@@ -43,10 +58,31 @@ pub fn check_node_name(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Sets a certificate's validity (`days` from now, backdated by an hour)
+/// and a random 128-bit serial (positive, as RFC 5280 wants).
+fn stamp(p: &mut CertificateParams, days: u32) -> Result<()> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("the system clock is before 1970")?
+        .as_secs() as i64;
+    let at = |secs: i64| {
+        x509_parser::time::ASN1Time::from_timestamp(secs)
+            .map(|t| t.to_datetime())
+            .map_err(|e| anyhow::anyhow!("certificate date: {e}"))
+    };
+    p.not_before = at(now - BACKDATE_SECS)?;
+    p.not_after = at(now + i64::from(days) * 86_400)?;
+    let mut serial: [u8; 16] = rand::random();
+    serial[0] = (serial[0] & 0x7f) | 0x40; // positive, and always 16 bytes long
+    p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+    Ok(())
+}
+
 /// Creates a new cluster CA.
 pub fn new_ca(cluster: &str) -> Result<Pem> {
     let key = KeyPair::generate()?;
     let mut p = CertificateParams::new(Vec::<String>::new())?;
+    stamp(&mut p, CA_DAYS)?;
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     p.distinguished_name
         .push(DnType::CommonName, format!("Lattice cluster CA {cluster}"));
@@ -62,11 +98,15 @@ pub fn new_ca(cluster: &str) -> Result<Pem> {
     })
 }
 
-fn leaf(ca: &Pem, cn: &str, ou: &str, dns: Vec<String>) -> Result<Pem> {
+fn leaf(ca: &Pem, cn: &str, ou: &str, dns: Vec<String>, days: u32) -> Result<Pem> {
+    if days == 0 || days > MAX_LEAF_DAYS {
+        bail!("certificates are issued for 1 to {MAX_LEAF_DAYS} days, not {days}");
+    }
     let ca_key = KeyPair::from_pem(&ca.key).context("reading the CA key")?;
     let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key).context("reading the CA certificate")?;
     let key = KeyPair::generate()?;
     let mut p = CertificateParams::new(dns)?;
+    stamp(&mut p, days)?;
     p.distinguished_name.push(DnType::CommonName, cn);
     p.distinguished_name.push(DnType::OrganizationalUnitName, ou);
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
@@ -77,31 +117,147 @@ fn leaf(ca: &Pem, cn: &str, ou: &str, dns: Vec<String>) -> Result<Pem> {
     })
 }
 
-/// A node certificate: usable as TLS server and client, named `node`
-/// (also valid for `localhost` so clients can dial 127.0.0.1 by name).
-pub fn new_node_cert(ca: &Pem, node: &str) -> Result<Pem> {
+/// A node certificate for `days` (at most [`MAX_LEAF_DAYS`]): usable as
+/// TLS server and client, naming only `node`, so it cannot stand in for
+/// another node.
+pub fn new_node_cert_for(ca: &Pem, node: &str, days: u32) -> Result<Pem> {
     check_node_name(node)?;
-    leaf(ca, node, NODE_OU, vec![node.to_string(), "localhost".to_string()])
+    leaf(ca, node, NODE_OU, vec![node.to_string()], days)
 }
 
-/// A client certificate named `client`.
+/// [`new_node_cert_for`] for a year.
+pub fn new_node_cert(ca: &Pem, node: &str) -> Result<Pem> {
+    new_node_cert_for(ca, node, MAX_LEAF_DAYS)
+}
+
+/// A node certificate of a `latticed dev` cluster: also valid for
+/// `localhost`, so a client given a bare `127.0.0.1:PORT` still connects.
+/// Never use one outside loopback: any dev node's key passes for any other.
+pub fn new_dev_node_cert(ca: &Pem, node: &str) -> Result<Pem> {
+    check_node_name(node)?;
+    leaf(
+        ca,
+        node,
+        NODE_OU,
+        vec![node.to_string(), "localhost".to_string()],
+        MAX_LEAF_DAYS,
+    )
+}
+
+/// A client certificate named `client`, valid for a year.
 pub fn new_client_cert(ca: &Pem, client: &str) -> Result<Pem> {
-    leaf(ca, client, CLIENT_OU, Vec::new())
+    leaf(ca, client, CLIENT_OU, Vec::new(), MAX_LEAF_DAYS)
 }
 
-/// Writes `name.pem` and `name.key` (mode 0600) into `dir`.
+/// Writes `name.pem` and `name.key` into `dir` (created 0700). The key is
+/// created 0600 and never overwritten: an existing one is an error.
 pub fn write_pem(dir: &Path, name: &str, pem: &Pem) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let cert = dir.join(format!("{name}.pem"));
-    std::fs::write(&cert, &pem.cert).with_context(|| format!("writing {}", cert.display()))?;
+    crate::files::private_dir(dir)?;
     let key = dir.join(format!("{name}.key"));
-    std::fs::write(&key, &pem.key).with_context(|| format!("writing {}", key.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+    crate::files::create_secret(&key, pem.key.as_bytes())?;
+    let cert = dir.join(format!("{name}.pem"));
+    crate::files::replace_secret(&cert, pem.cert.as_bytes())
+}
+
+/// Replaces `name.pem` and `name.key` in `dir` (renewal): each goes to a
+/// fresh 0600 file first, then is renamed into place, key first.
+pub fn replace_pem(dir: &Path, name: &str, pem: &Pem) -> Result<()> {
+    crate::files::private_dir(dir)?;
+    crate::files::replace_secret(&dir.join(format!("{name}.key")), pem.key.as_bytes())?;
+    crate::files::replace_secret(&dir.join(format!("{name}.pem")), pem.cert.as_bytes())
+}
+
+/// What `latticed certs` prints about a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// Common name.
+    pub cn: String,
+    /// Organizational unit (`node`, `client` or empty for the CA).
+    pub ou: String,
+    /// Serial, as [`normalize_serial`] spells it.
+    pub serial: String,
+    /// Last second of validity, Unix time.
+    pub not_after: i64,
+    /// DNS names.
+    pub dns: Vec<String>,
+}
+
+/// Name, serial, expiry and DNS names of a DER certificate.
+pub fn info_of(der: &[u8]) -> Result<CertInfo> {
+    let (cn, ou) = subject_of(der)?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| anyhow::anyhow!("parsing a certificate: {e}"))?;
+    let dns = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(CertInfo {
+        cn,
+        ou,
+        serial: serial_hex(cert.raw_serial()),
+        not_after: cert.validity().not_after.timestamp(),
+        dns,
+    })
+}
+
+fn serial_hex(raw: &[u8]) -> String {
+    let start = raw.iter().position(|&b| b != 0).unwrap_or(raw.len());
+    raw[start..].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A serial in the one form the deny-list compares: lowercase hex without
+/// separators or leading zero bytes (`0A:1b` and `0a1b` are the same).
+pub fn normalize_serial(s: &str) -> Result<String> {
+    let hex: String = s.chars().filter(|c| *c != ':' && !c.is_whitespace()).collect();
+    if hex.is_empty() || hex.len() > 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        bail!("a serial is 1 to 32 bytes of hex");
     }
-    Ok(())
+    let hex = if hex.len() % 2 == 1 { format!("0{hex}") } else { hex };
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .context("a serial is hex")?;
+    Ok(serial_hex(&bytes))
+}
+
+/// Serials a node refuses (the `revoked_serials` setting).
+#[derive(Debug, Clone, Default)]
+pub struct DenyList(std::collections::BTreeSet<String>);
+
+impl DenyList {
+    /// The deny-list of these serials (each as [`normalize_serial`] accepts).
+    pub fn new(serials: &[String]) -> Result<DenyList> {
+        serials
+            .iter()
+            .map(|s| normalize_serial(s))
+            .collect::<Result<_>>()
+            .map(DenyList)
+    }
+
+    /// The revoked serial in `chain`'s first certificate, if it is revoked
+    /// (or cannot be parsed).
+    pub fn revoked(&self, chain: &[CertificateDer<'_>]) -> Option<String> {
+        let first = chain.first()?;
+        match x509_parser::parse_x509_certificate(first) {
+            Ok((_, cert)) => {
+                let serial = serial_hex(cert.raw_serial());
+                self.0.contains(&serial).then_some(serial)
+            }
+            Err(_) => Some("unparsable".into()),
+        }
+    }
 }
 
 /// Reads `name.pem` and `name.key` from `dir`.
@@ -218,5 +374,41 @@ mod tests {
         assert!(server_tls(&ca.cert, &n1).is_ok());
         assert!(client_tls(&ca.cert, Some(&n1), PEER_ALPN).is_ok());
         assert!(new_node_cert(&ca, "Bad Name").is_err());
+    }
+
+    #[test]
+    fn a_node_certificate_names_its_node_only_and_lives_a_year() {
+        let ca = new_ca("test").unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let info = info_of(&certs_from_pem(&new_node_cert(&ca, "n1").unwrap().cert).unwrap()[0]).unwrap();
+        assert_eq!(info.dns, vec!["n1".to_string()], "no localhost outside dev");
+        assert!(info.not_after <= now + 366 * 86_400, "valid for at most a year");
+        assert_eq!(info.serial.len(), 32, "a random 128-bit serial");
+        let dev = info_of(&certs_from_pem(&new_dev_node_cert(&ca, "n1").unwrap().cert).unwrap()[0]).unwrap();
+        assert_eq!(dev.dns, vec!["n1".to_string(), "localhost".to_string()]);
+        assert_ne!(dev.serial, info.serial);
+        let ca_info = info_of(&certs_from_pem(&ca.cert).unwrap()[0]).unwrap();
+        assert!(ca_info.not_after <= now + i64::from(CA_DAYS + 1) * 86_400);
+        assert!(new_node_cert_for(&ca, "n1", MAX_LEAF_DAYS + 1).is_err());
+    }
+
+    #[test]
+    fn the_deny_list_matches_serials_however_spelled() {
+        let ca = new_ca("test").unwrap();
+        let chain = certs_from_pem(&new_node_cert(&ca, "n1").unwrap().cert).unwrap();
+        let serial = info_of(&chain[0]).unwrap().serial;
+        let colons: Vec<String> = (0..serial.len())
+            .step_by(2)
+            .map(|i| serial[i..i + 2].to_uppercase())
+            .collect();
+        let spelled = format!("00:{}", colons.join(":"));
+        assert_eq!(normalize_serial(&spelled).unwrap(), serial);
+        assert_eq!(DenyList::new(&[spelled]).unwrap().revoked(&chain), Some(serial));
+        assert_eq!(DenyList::new(&["0102".into()]).unwrap().revoked(&chain), None);
+        assert!(normalize_serial("xyz").is_err());
+        assert!(normalize_serial("").is_err());
     }
 }

@@ -85,6 +85,123 @@ pub struct Config {
     /// Default time a write with a write concern waits for other regions.
     #[serde(default = "default_concern_ms")]
     pub write_concern_timeout_ms: u64,
+    /// Bearer token required on `/metrics` and `/status`
+    /// (`Authorization: Bearer TOKEN`). Without one the HTTP listener must
+    /// bind a loopback address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_token: Option<String>,
+    /// Serial numbers (hex, as `latticed certs` prints them) of revoked
+    /// certificates: a peer or client presenting one is refused, and a peer
+    /// answering with one is not sent anything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_serials: Vec<String>,
+    /// Limits of the network edge (the `[limits]` table).
+    #[serde(default, skip_serializing_if = "NetLimits::is_default")]
+    pub limits: NetLimits,
+}
+
+/// Shortest accepted client, admin or metrics token, in bytes: a token is a
+/// password an attacker may guess online.
+pub const MIN_TOKEN_BYTES: usize = 16;
+/// Longest accepted token, in bytes (the node reads at most this much of a
+/// request before it checks the token).
+pub const MAX_TOKEN_BYTES: usize = 1_024;
+
+/// What the network edge lets a connection hold before it has shown a token
+/// (the `[limits]` table of the config file; every field has a default).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetLimits {
+    /// Connections open or in their handshake, in all.
+    pub max_connections: usize,
+    /// Connections open or in their handshake from one source address (an
+    /// IPv6 source counts by its /64).
+    pub max_connections_per_ip: usize,
+    /// Above this many handshakes in progress, a new connection from an
+    /// address not yet validated gets a QUIC Retry first (it must prove it
+    /// receives at its source address; costs it one round trip).
+    pub retry_above_handshakes: usize,
+    /// A client stream's request must start (its length prefix arrive)
+    /// within this many milliseconds of the stream opening; the same holds
+    /// for a peer stream's first frame.
+    pub first_frame_ms: u64,
+    /// A client frame, once its length prefix arrived, must be complete
+    /// within this many milliseconds.
+    pub frame_ms: u64,
+    /// A client connection that has not sent a request with a valid token
+    /// within this many milliseconds of its handshake is closed.
+    pub auth_ms: u64,
+    /// Bytes of client request bodies being read at once, all connections
+    /// together. A request waits for its share (up to `frame_ms`), then
+    /// gets `Overloaded`.
+    pub read_budget_bytes: usize,
+}
+
+impl Default for NetLimits {
+    fn default() -> Self {
+        NetLimits {
+            max_connections: 2_048,
+            max_connections_per_ip: 64,
+            retry_above_handshakes: 64,
+            first_frame_ms: 5_000,
+            frame_ms: 10_000,
+            auth_ms: 5_000,
+            read_budget_bytes: 64 << 20,
+        }
+    }
+}
+
+impl NetLimits {
+    fn is_default(&self) -> bool {
+        *self == NetLimits::default()
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.max_connections == 0 || self.max_connections_per_ip == 0 {
+            bail!("[limits] max_connections and max_connections_per_ip must be positive");
+        }
+        if self.first_frame_ms == 0 || self.frame_ms == 0 || self.auth_ms == 0 {
+            bail!("[limits] first_frame_ms, frame_ms and auth_ms must be positive");
+        }
+        if self.read_budget_bytes < lattice_core::proto::client::MAX_CLIENT_FRAME + 4 {
+            bail!(
+                "[limits] read_budget_bytes must hold at least one client frame ({} bytes)",
+                lattice_core::proto::client::MAX_CLIENT_FRAME + 4
+            );
+        }
+        if self.read_budget_bytes > u32::MAX as usize {
+            bail!("[limits] read_budget_bytes must be under 4 GiB");
+        }
+        Ok(())
+    }
+}
+
+/// Refuses empty, short and overlong tokens, naming the setting (never the
+/// token itself, which would end up in logs).
+fn check_tokens(setting: &str, tokens: &[String]) -> Result<()> {
+    for (i, t) in tokens.iter().enumerate() {
+        if t.is_empty() {
+            bail!(
+                "{setting}: entry {} is empty (a trailing comma in a list?); an empty token is never accepted",
+                i + 1
+            );
+        }
+        if t.len() < MIN_TOKEN_BYTES {
+            bail!(
+                "{setting}: entry {} has {} bytes; tokens need at least {MIN_TOKEN_BYTES} (e.g. `openssl rand -hex 16`)",
+                i + 1,
+                t.len()
+            );
+        }
+        if t.len() > MAX_TOKEN_BYTES {
+            bail!(
+                "{setting}: entry {} has {} bytes, more than {MAX_TOKEN_BYTES}",
+                i + 1,
+                t.len()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn default_concern_ms() -> u64 {
@@ -158,6 +275,13 @@ pub struct RunArgs {
     /// A peer as NAME=REGION@HOST:PORT (repeatable; replaces the file's list).
     #[arg(long = "peer", env = "LATTICE_PEERS", value_delimiter = ',')]
     pub peers: Vec<String>,
+    /// Bearer token required on /metrics and /status (required when the
+    /// HTTP address is not loopback).
+    #[arg(long, env = "LATTICE_METRICS_TOKEN")]
+    pub metrics_token: Option<String>,
+    /// A revoked certificate serial, hex (repeatable; replaces the file's list).
+    #[arg(long = "revoked-serial", env = "LATTICE_REVOKED_SERIALS", value_delimiter = ',')]
+    pub revoked_serials: Vec<String>,
 }
 
 fn parse_peer(s: &str) -> Result<PeerEntry> {
@@ -239,6 +363,16 @@ impl Config {
             policy_version: c.as_ref().map_or(0, |c| c.policy_version),
             policy: c.as_ref().map(|c| c.policy.clone()).unwrap_or_default(),
             write_concern_timeout_ms: c.as_ref().map_or(default_concern_ms(), |c| c.write_concern_timeout_ms),
+            metrics_token: args
+                .metrics_token
+                .clone()
+                .or(c.as_ref().and_then(|c| c.metrics_token.clone())),
+            revoked_serials: if args.revoked_serials.is_empty() {
+                c.as_ref().map(|c| c.revoked_serials.clone()).unwrap_or_default()
+            } else {
+                args.revoked_serials.clone()
+            },
+            limits: c.as_ref().map(|c| c.limits.clone()).unwrap_or_default(),
         };
         config.validate()?;
         Ok(config)
@@ -263,6 +397,23 @@ impl Config {
         if self.peers.iter().any(|p| p.rate_limit.is_some_and(|r| r < 1_024)) {
             bail!("a peer's rate_limit must be at least 1024 bytes per second");
         }
+        check_tokens("tokens (LATTICE_TOKENS, --token)", &self.tokens)?;
+        check_tokens("admin_tokens (LATTICE_ADMIN_TOKENS, --admin-token)", &self.admin_tokens)?;
+        if let Some(t) = &self.metrics_token {
+            check_tokens("metrics_token (LATTICE_METRICS_TOKEN)", std::slice::from_ref(t))?;
+        }
+        if let Some(addr) = self.metrics {
+            if !addr.ip().is_loopback() && self.metrics_token.is_none() {
+                bail!(
+                    "metrics address {addr} is not loopback: /metrics and /status would be open to the network; \
+                     set metrics_token (LATTICE_METRICS_TOKEN) or bind 127.0.0.1"
+                );
+            }
+        }
+        for s in &self.revoked_serials {
+            crate::certs::normalize_serial(s).with_context(|| format!("revoked_serials entry {s:?}"))?;
+        }
+        self.limits.validate()?;
         let mut names = std::collections::BTreeSet::new();
         for p in &self.peers {
             crate::certs::check_node_name(&p.name)?;
@@ -295,7 +446,7 @@ data_dir = "data/n1"
 ca = "ca.pem"
 cert = "n1.pem"
 key = "n1.key"
-tokens = ["a"]
+tokens = ["0123456789abcdef"]
 [[peers]]
 name = "n2"
 region = "us"
@@ -324,5 +475,81 @@ address = "127.0.0.1:7402"
             ..RunArgs::default()
         };
         assert!(format!("{:#}", Config::load(&unknown).unwrap_err()).contains("bogus"));
+    }
+
+    fn base(dir: &Path) -> PathBuf {
+        let path = dir.join("n1.toml");
+        std::fs::write(
+            &path,
+            "node = \"n1\"\nregion = \"eu\"\nlisten = \"127.0.0.1:7401\"\ndata_dir = \"d\"\n\
+             ca = \"ca.pem\"\ncert = \"n1.pem\"\nkey = \"n1.key\"\n",
+        )
+        .unwrap();
+        path
+    }
+
+    #[test]
+    fn empty_and_short_tokens_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = base(dir.path());
+        let load = |tokens: &[&str], admin: &[&str]| {
+            Config::load(&RunArgs {
+                config: Some(path.clone()),
+                tokens: tokens.iter().map(|t| t.to_string()).collect(),
+                admin_tokens: admin.iter().map(|t| t.to_string()).collect(),
+                ..RunArgs::default()
+            })
+        };
+        // LATTICE_ADMIN_TOKENS="s3cret," splits into a short and an empty token.
+        let e = format!("{:#}", load(&[], &["s3cret", ""]).unwrap_err());
+        assert!(e.contains("admin_tokens") && e.contains("at least 16"), "{e}");
+        let e = format!("{:#}", load(&[], &["0123456789abcdef", ""]).unwrap_err());
+        assert!(e.contains("empty"), "{e}");
+        let e = format!("{:#}", load(&["short"], &[]).unwrap_err());
+        assert!(
+            e.contains("tokens") && !e.contains("short"),
+            "the token itself is not printed: {e}"
+        );
+        assert!(load(&[&"x".repeat(MAX_TOKEN_BYTES + 1)], &[]).is_err());
+        assert!(load(&["0123456789abcdef"], &["fedcba9876543210"]).is_ok());
+        assert!(load(&[], &[]).is_ok(), "no token at all starts (with a warning)");
+    }
+
+    #[test]
+    fn an_open_metrics_address_needs_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = base(dir.path());
+        let load = |metrics: &str, token: Option<&str>| {
+            Config::load(&RunArgs {
+                config: Some(path.clone()),
+                metrics: Some(metrics.parse().unwrap()),
+                metrics_token: token.map(str::to_string),
+                ..RunArgs::default()
+            })
+        };
+        assert!(load("127.0.0.1:7501", None).is_ok());
+        let e = format!("{:#}", load("0.0.0.0:7501", None).unwrap_err());
+        assert!(e.contains("metrics_token"), "{e}");
+        assert!(load("0.0.0.0:7501", Some("0123456789abcdef0123")).is_ok());
+        assert!(load("0.0.0.0:7501", Some("short")).is_err());
+    }
+
+    #[test]
+    fn limits_table_is_optional_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = base(dir.path());
+        let c = Config::load(&RunArgs {
+            config: Some(path.clone()),
+            ..RunArgs::default()
+        })
+        .unwrap();
+        assert_eq!(c.limits, NetLimits::default());
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("{text}[limits]\nmax_connections_per_ip = 0\n")).unwrap();
+        assert!(Config::load(&RunArgs {
+            config: Some(path),
+            ..RunArgs::default()
+        })
+        .is_err());
     }
 }

@@ -1,8 +1,8 @@
 //! `latticed dev`: a local cluster of real processes on loopback.
 
-use crate::certs;
 use crate::config::{Config, PeerEntry};
 use crate::storage::Durability;
+use crate::{certs, files};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use rand::Rng;
@@ -44,6 +44,11 @@ pub struct ClientDefaults {
     pub ca: PathBuf,
     /// Region of each endpoint, in the same order.
     pub regions: Vec<String>,
+    /// Node name of each endpoint, in the same order: the name its
+    /// certificate must carry. Files from before names existed have none,
+    /// and then the CLI checks `localhost`, which only dev certificates carry.
+    #[serde(default)]
+    pub names: Vec<String>,
 }
 
 /// Writes (or reuses) certificates, a token and one config per node.
@@ -60,12 +65,17 @@ pub fn prepare(args: &DevArgs) -> Result<(Vec<PathBuf>, ClientDefaults)> {
     let ca = certs::read_pem(&certs_dir, "ca")?;
     let token_path = dir.join("token");
     let token = match std::fs::read_to_string(&token_path) {
-        Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
-        _ => {
+        Ok(t) if t.trim().len() >= crate::config::MIN_TOKEN_BYTES => t.trim().to_string(),
+        Ok(_) => bail!(
+            "{} holds an empty or short token (under {} bytes): delete it to get a new one",
+            token_path.display(),
+            crate::config::MIN_TOKEN_BYTES
+        ),
+        Err(_) => {
             let t: String = (0..32)
                 .map(|_| format!("{:x}", rand::thread_rng().gen_range(0..16u8)))
                 .collect();
-            std::fs::write(&token_path, &t).with_context(|| format!("writing {}", token_path.display()))?;
+            files::create_secret(&token_path, t.as_bytes())?;
             t
         }
     };
@@ -79,7 +89,7 @@ pub fn prepare(args: &DevArgs) -> Result<(Vec<PathBuf>, ClientDefaults)> {
     let mut endpoints = Vec::new();
     for i in 0..n {
         if !certs_dir.join(format!("{}.pem", name(i))).exists() {
-            certs::write_pem(&certs_dir, &name(i), &certs::new_node_cert(&ca, &name(i))?)?;
+            certs::write_pem(&certs_dir, &name(i), &certs::new_dev_node_cert(&ca, &name(i))?)?;
         }
         let peers = (0..n)
             .filter(|&j| j != i)
@@ -118,10 +128,14 @@ pub fn prepare(args: &DevArgs) -> Result<(Vec<PathBuf>, ClientDefaults)> {
             policy_version: 0,
             policy: Vec::new(),
             write_concern_timeout_ms: 10_000,
+            metrics_token: None,
+            revoked_serials: Vec::new(),
+            limits: Default::default(),
         };
         config.validate()?;
         let path = dir.join(format!("{}.toml", name(i)));
-        std::fs::write(&path, toml::to_string(&config)?).with_context(|| format!("writing {}", path.display()))?;
+        // It holds the token.
+        files::replace_secret(&path, toml::to_string(&config)?.as_bytes())?;
         paths.push(path);
         endpoints.push(addr(i)?);
     }
@@ -130,14 +144,15 @@ pub fn prepare(args: &DevArgs) -> Result<(Vec<PathBuf>, ClientDefaults)> {
         token,
         ca: certs_dir.join("ca.pem"),
         regions: args.regions.clone(),
+        names: (0..n).map(name).collect(),
     };
     let client = dir.join("client.toml");
-    std::fs::write(&client, toml::to_string(&defaults)?).with_context(|| format!("writing {}", client.display()))?;
+    files::replace_secret(&client, toml::to_string(&defaults)?.as_bytes())?;
     Ok((paths, defaults))
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
-    std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+    files::private_dir(p)?;
     p.canonicalize().with_context(|| format!("resolving {}", p.display()))
 }
 

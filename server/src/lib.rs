@@ -10,6 +10,8 @@ pub mod bench;
 pub mod certs;
 pub mod config;
 pub mod dev;
+pub mod edge;
+pub mod files;
 pub mod metrics;
 pub mod net;
 pub mod node;
@@ -67,7 +69,15 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         cert: std::fs::read_to_string(&config.cert).with_context(|| format!("reading {}", config.cert.display()))?,
         key: std::fs::read_to_string(&config.key).with_context(|| format!("reading {}", config.key.display()))?,
     };
-    let endpoint = net::endpoint(config.listen, &ca, &identity)?;
+    if config.tokens.is_empty() && config.admin_tokens.is_empty() {
+        tracing::warn!("no client or admin tokens are configured: every client request will be refused (set tokens or LATTICE_TOKENS)");
+    }
+    let deny = Arc::new(certs::DenyList::new(&config.revoked_serials)?);
+    let own = certs::certs_from_pem(&identity.cert)?;
+    if let Some(serial) = deny.revoked(&own) {
+        anyhow::bail!("this node's own certificate (serial {serial}) is in revoked_serials: renew it first");
+    }
+    let endpoint = net::endpoint(config.listen, &ca, &identity, &config.limits)?;
     let dial = net::peer_client_config(&ca, &identity)?;
     let metrics = Arc::new(metrics::Metrics::new());
     let (engine_tx, engine_rx) = std::sync::mpsc::sync_channel(config.engine_queue);
@@ -89,6 +99,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             boot,
             signals,
             engine_tx.clone(),
+            deny.clone(),
         ));
     }
     let engine = {
@@ -122,6 +133,10 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         metrics: metrics.clone(),
         dial: dial_signals,
         boots: std::sync::Mutex::new(BTreeMap::new()),
+        limits: config.limits.clone(),
+        admission: edge::Admission::new(config.limits.clone(), metrics.clone()),
+        budget: edge::ReadBudget::new(config.limits.read_budget_bytes, metrics.clone()),
+        deny,
     });
     tokio::spawn(net::accept_loop(endpoint.clone(), inbound));
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -129,12 +144,15 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
-        let (m, e) = (metrics.clone(), engine_tx.clone());
+        let status = metrics::StatusCache::default();
+        let refresh = tokio::spawn(status.clone().refresh(engine_tx.clone()));
+        let (m, token) = (metrics.clone(), config.metrics_token.clone());
         tokio::spawn(async move {
-            let stop = async {
+            let stop = async move {
                 let _ = http_stopped.await;
+                refresh.abort();
             };
-            if let Err(e) = metrics::serve(listener, m, e, stop).await {
+            if let Err(e) = metrics::serve(listener, m, status, token, stop).await {
                 tracing::error!(error = %e, "the HTTP listener failed");
             }
         });

@@ -1,6 +1,6 @@
 //! `latticed`: the regional Lattice node.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use lattice_server::config::{Config, RunArgs};
 use lattice_server::{certs, dev};
@@ -129,7 +129,9 @@ enum CertsCmd {
         #[arg(long, default_value = "lattice")]
         cluster: String,
     },
-    /// Create a node certificate signed by the CA: DIR/NAME.pem, DIR/NAME.key.
+    /// Create a node certificate signed by the CA: DIR/NAME.pem, DIR/NAME.key
+    /// (never overwritten; see `renew`). It names only the node: clients
+    /// name the node in each endpoint (NAME@HOST:PORT).
     Node {
         /// Directory with ca.pem and ca.key.
         #[arg(long)]
@@ -140,6 +142,33 @@ enum CertsCmd {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
+        /// Days of validity (at most 365).
+        #[arg(long, default_value_t = certs::MAX_LEAF_DAYS)]
+        days: u32,
+    },
+    /// Replace a node certificate and key before they expire: a new key and
+    /// certificate for the same name, written next to the old ones and
+    /// renamed over them. Restart the node to use them; once every node
+    /// runs its new certificate, revoke the old serial (printed) with
+    /// `revoked_serials` if the old key may have leaked.
+    Renew {
+        /// Directory with ca.pem and ca.key.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Node name.
+        #[arg(long)]
+        name: String,
+        /// Directory with NAME.pem and NAME.key.
+        #[arg(long)]
+        out: PathBuf,
+        /// Days of validity (at most 365).
+        #[arg(long, default_value_t = certs::MAX_LEAF_DAYS)]
+        days: u32,
+    },
+    /// Print a certificate's name, serial, DNS names and expiry.
+    Show {
+        /// The certificate (PEM).
+        cert: PathBuf,
     },
     /// Create a client certificate signed by the CA.
     Client {
@@ -175,16 +204,71 @@ fn certs_cmd(cmd: CertsCmd) -> Result<()> {
             certs::write_pem(&out, "ca", &certs::new_ca(&cluster)?)?;
             println!("wrote {0}/ca.pem and {0}/ca.key (keep ca.key secret)", out.display());
         }
-        CertsCmd::Node { ca_dir, name, out } => {
+        CertsCmd::Node {
+            ca_dir,
+            name,
+            out,
+            days,
+        } => {
             let ca = certs::read_pem(&ca_dir, "ca")?;
-            certs::write_pem(&out, &name, &certs::new_node_cert(&ca, &name)?)?;
+            let pem = certs::new_node_cert_for(&ca, &name, days)?;
+            certs::write_pem(&out, &name, &pem)?;
             println!("wrote {0}/{name}.pem and {0}/{name}.key", out.display());
+            show(&pem.cert)?;
+        }
+        CertsCmd::Renew {
+            ca_dir,
+            name,
+            out,
+            days,
+        } => {
+            let ca = certs::read_pem(&ca_dir, "ca")?;
+            let old = certs::read_pem(&out, &name).context("reading the certificate to renew")?;
+            let old = certs::info_of(certs::certs_from_pem(&old.cert)?.first().context("no certificate")?)?;
+            if old.cn != name || old.ou != certs::NODE_OU {
+                anyhow::bail!("{}/{name}.pem is not the node certificate of {name}", out.display());
+            }
+            let pem = certs::new_node_cert_for(&ca, &name, days)?;
+            certs::replace_pem(&out, &name, &pem)?;
+            println!(
+                "renewed {0}/{name}.pem and {0}/{name}.key; restart {name} to use them",
+                out.display()
+            );
+            show(&pem.cert)?;
+            println!(
+                "old serial {} (revoke it with revoked_serials once no node uses it)",
+                old.serial
+            );
+        }
+        CertsCmd::Show { cert } => {
+            let text = std::fs::read_to_string(&cert).with_context(|| format!("reading {}", cert.display()))?;
+            show(&text)?;
         }
         CertsCmd::Client { ca_dir, name, out } => {
             let ca = certs::read_pem(&ca_dir, "ca")?;
             certs::write_pem(&out, &name, &certs::new_client_cert(&ca, &name)?)?;
             println!("wrote {0}/{name}.pem and {0}/{name}.key", out.display());
         }
+    }
+    Ok(())
+}
+
+fn show(pem: &str) -> Result<()> {
+    for der in certs::certs_from_pem(pem)? {
+        let i = certs::info_of(&der)?;
+        let days = (i.not_after
+            - std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64))
+            / 86_400;
+        println!(
+            "name {} role {} serial {} dns [{}] expires in {days} days (unix {})",
+            i.cn,
+            if i.ou.is_empty() { "ca" } else { &i.ou },
+            i.serial,
+            i.dns.join(", "),
+            i.not_after
+        );
     }
     Ok(())
 }

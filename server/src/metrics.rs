@@ -4,10 +4,11 @@
 use crate::node::Input;
 use crate::storage::SledStore;
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
+use lattice_core::proto::client::NodeStatus;
 use lattice_core::replica::{Replica, Time};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -15,7 +16,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::mpsc::SyncSender;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 type PeerGauge = Family<Vec<(String, String)>, Gauge>;
@@ -55,6 +56,23 @@ pub struct Metrics {
     pub concern_timeouts: Counter,
     /// Inputs taken by the engine in its last turn.
     pub engine_queue: Gauge,
+    /// Connections open or in their handshake.
+    pub connections_open: Gauge,
+    /// Connection attempts refused by `max_connections` or
+    /// `max_connections_per_ip`.
+    pub connections_refused: Counter,
+    /// Connection attempts asked to validate their address (QUIC Retry).
+    pub connections_retried: Counter,
+    /// Connections closed for a revoked certificate.
+    pub connections_revoked: Counter,
+    /// Client connections closed for showing no valid token in time.
+    pub connections_unauthenticated: Counter,
+    /// Client and peer streams whose frame did not arrive in time.
+    pub frames_timed_out: Counter,
+    /// Unidirectional streams refused on client connections.
+    pub client_uni_refused: Counter,
+    /// Bytes of client request bodies being read (the read budget in use).
+    pub read_budget_bytes: Gauge,
     policy_refused: Gauge,
     policy_version: Gauge,
     policy_adopted: Gauge,
@@ -119,6 +137,35 @@ impl Metrics {
                 "Writes durable here whose write concern was not met in time"
             ),
             engine_queue: gauge!("engine_batch", "Inputs the engine took in its last turn"),
+            connections_open: gauge!("connections_open", "Connections open or in their handshake"),
+            connections_refused: counter!(
+                "connections_refused",
+                "Connection attempts refused by max_connections or max_connections_per_ip"
+            ),
+            connections_retried: counter!(
+                "connections_retried",
+                "Connection attempts asked to validate their address (QUIC Retry)"
+            ),
+            connections_revoked: counter!(
+                "connections_revoked",
+                "Connections refused for a certificate serial in revoked_serials"
+            ),
+            connections_unauthenticated: counter!(
+                "connections_unauthenticated",
+                "Client connections closed for showing no valid token within auth_ms"
+            ),
+            frames_timed_out: counter!(
+                "frames_timed_out",
+                "Streams reset because a frame did not arrive within first_frame_ms or frame_ms"
+            ),
+            client_uni_refused: counter!(
+                "client_uni_streams_refused",
+                "Unidirectional streams stopped on client connections"
+            ),
+            read_budget_bytes: gauge!(
+                "read_budget_bytes",
+                "Bytes of client request bodies being read (read_budget_bytes in use)"
+            ),
             policy_refused: gauge!(
                 "policy_refused_entries",
                 "Keys from peers refused because policy keeps them from this region (since start)"
@@ -207,39 +254,107 @@ impl Default for Metrics {
 #[derive(Clone)]
 struct Http {
     metrics: Arc<Metrics>,
-    engine: SyncSender<Input>,
+    status: StatusCache,
+    token: Option<Arc<str>>,
 }
 
-async fn metrics(State(h): State<Http>) -> impl IntoResponse {
+impl Http {
+    /// Whether the request carries the bearer token (always, without one).
+    fn allowed(&self, headers: &HeaderMap) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        crate::net::constant_time_eq(presented.as_bytes(), token.as_bytes())
+    }
+}
+
+fn unauthorized() -> axum::response::Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        "a bearer token (metrics_token) is required\n",
+    )
+        .into_response()
+}
+
+async fn metrics(State(h): State<Http>, headers: HeaderMap) -> axum::response::Response {
+    if !h.allowed(&headers) {
+        return unauthorized();
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         h.metrics.render(),
     )
+        .into_response()
 }
 
-async fn status(State(h): State<Http>) -> impl IntoResponse {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    if h.engine.try_send(Input::Status { reply: tx }).is_err() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "engine busy").into_response();
+async fn status(State(h): State<Http>, headers: HeaderMap) -> axum::response::Response {
+    if !h.allowed(&headers) {
+        return unauthorized();
     }
-    match tokio::time::timeout(Duration::from_secs(2), rx).await {
-        Ok(Ok(s)) => Json(s).into_response(),
-        _ => (StatusCode::SERVICE_UNAVAILABLE, "engine did not answer").into_response(),
+    let cached = h.status.0.read().ok().and_then(|s| s.clone());
+    match cached {
+        Some(s) => Json(s).into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "no status yet\n").into_response(),
+    }
+}
+
+/// The last status the engine gave, refreshed every [`STATUS_REFRESH`]:
+/// HTTP requests read this copy, so however many arrive they cost the
+/// engine one status a period.
+#[derive(Clone, Default)]
+pub struct StatusCache(Arc<RwLock<Option<NodeStatus>>>);
+
+/// How often the status served over HTTP is refreshed.
+pub const STATUS_REFRESH: Duration = Duration::from_secs(1);
+
+impl StatusCache {
+    /// Asks the engine for its status every [`STATUS_REFRESH`] until the
+    /// engine goes away.
+    pub async fn refresh(self, engine: SyncSender<Input>) {
+        let mut tick = tokio::time::interval(STATUS_REFRESH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            match engine.try_send(Input::Status { reply: tx }) {
+                Ok(()) => {}
+                // Busy: keep the last copy and try again next period.
+                Err(std::sync::mpsc::TrySendError::Full(_)) => continue,
+                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return,
+            }
+            if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(2), rx).await {
+                if let Ok(mut c) = self.0.write() {
+                    *c = Some(s);
+                }
+            }
+        }
     }
 }
 
 /// Serves `/metrics`, `/healthz` and `/status` on `listener` until
-/// `shutdown` resolves.
+/// `shutdown` resolves. With `token`, `/metrics` and `/status` need
+/// `Authorization: Bearer TOKEN` (`/healthz` says only "ok").
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
-    engine: SyncSender<Input>,
+    status: StatusCache,
+    token: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(self::metrics))
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/status", get(status))
-        .with_state(Http { metrics, engine });
+        .route("/status", get(self::status))
+        .with_state(Http {
+            metrics,
+            status,
+            token: token.map(Arc::from),
+        });
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }

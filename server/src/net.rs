@@ -2,7 +2,12 @@
 //! client traffic. Frames are a 4-byte big-endian length then the frame; the
 //! length is checked against the limit before anything is read.
 
-use crate::certs::{self, Pem, NODE_OU};
+use crate::certs::{self, DenyList, Pem, NODE_OU};
+use crate::config::NetLimits;
+use crate::edge::{
+    read_exact_by, token_of, Admission, BudgetShare, Decision, ReadBudget, ReadError, HANDSHAKE_TIMEOUT,
+    TOKEN_PREFIX_MAX,
+};
 use crate::metrics::Metrics;
 use crate::node::Input;
 use anyhow::{Context, Result};
@@ -30,14 +35,41 @@ pub mod code {
     pub const FRAME_TOO_LARGE: u32 = 2;
     /// A frame could not be decoded.
     pub const MALFORMED: u32 = 3;
+    /// The other side's certificate is revoked.
+    pub const REVOKED: u32 = 4;
+    /// A frame did not arrive in time.
+    pub const TIMEOUT: u32 = 5;
+    /// Not allowed here (a unidirectional stream on a client connection).
+    pub const REFUSED: u32 = 6;
+    /// No request with a valid token arrived in time.
+    pub const UNAUTHENTICATED: u32 = 7;
 }
+
+/// One client frame with its length prefix.
+const CLIENT_FRAME_WINDOW: u32 = MAX_CLIENT_FRAME as u32 + 4;
+/// The connection window a client has before it shows a token: its first
+/// request, however large, fits, and a connection without a token holds at
+/// most this much of the node's memory in QUIC buffers.
+const UNAUTHENTICATED_WINDOW: u32 = CLIENT_FRAME_WINDOW + (64 << 10);
+/// Requests in flight on a client connection that showed a valid token.
+const CLIENT_STREAMS: u32 = 256;
+/// Requests in flight on a connection before it showed a token (its first
+/// requests; the rest wait a round trip for the token to be seen).
+const UNAUTHENTICATED_STREAMS: u32 = 16;
+/// The connection window of a client that showed a valid token.
+const CLIENT_WINDOW: u32 = 4 * CLIENT_FRAME_WINDOW;
+/// The connection window of an authenticated peer: a few full frames.
+const PEER_WINDOW: u32 = 4 * (DEFAULT_MAX_MESSAGE_BYTES as u32 + 4);
+/// A peer frame, once started, must be complete within this time (peer
+/// links may be slow and rate-limited, and peers hold a certificate).
+const PEER_FRAME_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Deliberate transport limits (quinn's defaults are for the open web).
 pub fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     // Clients issue one request per bidirectional stream: this bounds the
     // requests in flight per connection.
-    t.max_concurrent_bidi_streams(256u32.into());
+    t.max_concurrent_bidi_streams(CLIENT_STREAMS.into());
     // Peers use one long-lived unidirectional stream per direction.
     t.max_concurrent_uni_streams(4u32.into());
     // A stream may hold one full frame in flight, a connection a few.
@@ -51,14 +83,29 @@ pub fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// The transport of accepted connections. The ALPN (client or peer) is
+/// known only after the handshake, so the receive windows start at what a
+/// client without a token may hold (one request frame per stream, a little
+/// more per connection, 16 streams) and are raised once it shows a token,
+/// or proves to be a peer. A peer's stream window stays one client frame, so a 4 MiB
+/// peer frame takes a few round trips of credit.
+fn accepted_transport() -> Arc<quinn::TransportConfig> {
+    let mut t = Arc::try_unwrap(transport()).unwrap_or_default();
+    t.stream_receive_window(CLIENT_FRAME_WINDOW.into());
+    t.receive_window(UNAUTHENTICATED_WINDOW.into());
+    t.max_concurrent_bidi_streams(UNAUTHENTICATED_STREAMS.into());
+    Arc::new(t)
+}
+
 /// Builds the node's endpoint (server side, both ALPNs).
-pub fn endpoint(listen: SocketAddr, ca_pem: &str, node: &Pem) -> Result<quinn::Endpoint> {
+pub fn endpoint(listen: SocketAddr, ca_pem: &str, node: &Pem, limits: &NetLimits) -> Result<quinn::Endpoint> {
     let tls = certs::server_tls(ca_pem, node)?;
     let crypto = QuicServerConfig::try_from(tls).context("QUIC server TLS")?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(transport());
-    // At most this many connections being set up or open.
-    server.max_incoming(4_096);
+    server.transport_config(accepted_transport());
+    // Attempts not yet decided on; `accept_loop` decides at once, and
+    // `Admission` bounds the connections it accepts.
+    server.max_incoming(limits.max_connections);
     // The stateless-reset key is derived from the node's private key, so it
     // survives a restart: packets of connections from before a crash get a
     // valid reset at once, and peers redial instead of waiting for the idle
@@ -121,6 +168,32 @@ pub async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Opti
     Ok(Some(buf))
 }
 
+/// [`read_frame`], where a frame, once its length prefix arrived, must be
+/// complete within `within` (the wait for the prefix is not bounded: a
+/// peer's stream idles between frames).
+pub async fn read_frame_within(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+    within: Duration,
+) -> Result<Option<Vec<u8>>, FrameError> {
+    let mut len = [0u8; 4];
+    match recv.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(FrameError::Io(e.to_string())),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut buf = vec![0u8; len];
+    match read_exact_by(recv, &mut buf, tokio::time::Instant::now() + within).await {
+        Ok(()) => Ok(Some(buf)),
+        Err(ReadError::TimedOut) => Err(FrameError::TimedOut),
+        Err(ReadError::Stream(e)) => Err(FrameError::Io(e)),
+    }
+}
+
 /// Writes one length-prefixed frame.
 pub async fn write_frame(send: &mut quinn::SendStream, frame: &[u8]) -> Result<(), quinn::WriteError> {
     send.write_all(&(frame.len() as u32).to_be_bytes()).await?;
@@ -136,6 +209,9 @@ pub enum FrameError {
     /// The stream failed.
     #[error("stream: {0}")]
     Io(String),
+    /// The frame did not arrive in time.
+    #[error("the frame did not arrive in time")]
+    TimedOut,
 }
 
 /// Signals from the accept side to one peer's dial task.
@@ -187,12 +263,21 @@ pub async fn dial_peer(
     boot: u64,
     signals: Arc<DialSignals>,
     engine: SyncSender<Input>,
+    deny: Arc<DenyList>,
 ) {
     let mut rtt = None;
     loop {
         let Some(conn) = connect(&endpoint, &config, &peer, addr, rtt, &signals, &queue).await else {
             return; // shutting down
         };
+        if let Some(serial) = revoked(&conn, &deny) {
+            // Nothing is sent to a node whose certificate was revoked: its
+            // key may be in someone else's hands.
+            tracing::error!(peer = %peer, %serial, "the peer's certificate is revoked: not sending to it");
+            conn.close(code::REVOKED.into(), b"certificate revoked");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            continue;
+        }
         tracing::info!(peer = %peer, %addr, "connected to peer");
         // Best effort: if the engine is saturated, the peer's next frame
         // tells it the same.
@@ -280,6 +365,15 @@ async fn send_loop(send: &mut quinn::SendStream, queue: &mut mpsc::Receiver<Vec<
     Ok(())
 }
 
+/// The revoked serial of the certificate `conn`'s other side presented.
+fn revoked(conn: &quinn::Connection, deny: &DenyList) -> Option<String> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    deny.revoked(&chain)
+}
+
 /// Shared state of the accept loop.
 pub struct Inbound {
     /// The engine's queue.
@@ -296,17 +390,60 @@ pub struct Inbound {
     pub dial: std::collections::BTreeMap<String, Arc<DialSignals>>,
     /// Per peer: the last boot id seen.
     pub boots: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Limits of the network edge.
+    pub limits: NetLimits,
+    /// Connections counted against `limits`.
+    pub admission: Arc<Admission>,
+    /// Bytes of client request bodies being read.
+    pub budget: ReadBudget,
+    /// Revoked certificate serials.
+    pub deny: Arc<DenyList>,
 }
 
-/// Accepts connections until the endpoint closes.
+/// Accepts connections until the endpoint closes: an address that is not
+/// validated gets a Retry while many handshakes are in progress; over
+/// `max_connections` or `max_connections_per_ip` an attempt is refused
+/// before any handshake state exists.
 pub async fn accept_loop(endpoint: quinn::Endpoint, inbound: Arc<Inbound>) {
     while let Some(incoming) = endpoint.accept().await {
+        let addr = incoming.remote_address();
+        let mut slot = match inbound.admission.admit(addr, incoming.remote_address_validated()) {
+            Decision::Accept(slot) => slot,
+            Decision::Retry if incoming.may_retry() => {
+                inbound.metrics.connections_retried.inc();
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().ignore();
+                }
+                continue;
+            }
+            // A Retry is not allowed for this packet (it already carried a
+            // token): decide on the limits alone.
+            Decision::Retry => match inbound.admission.admit(addr, true) {
+                Decision::Accept(slot) => slot,
+                _ => {
+                    inbound.metrics.connections_refused.inc();
+                    incoming.refuse();
+                    continue;
+                }
+            },
+            Decision::Refuse(limit) => {
+                inbound.metrics.connections_refused.inc();
+                tracing::debug!(remote = %addr, limit, "connection refused");
+                incoming.refuse();
+                continue;
+            }
+        };
         let inbound = inbound.clone();
         tokio::spawn(async move {
-            match incoming.await {
-                Ok(conn) => handle_connection(conn, inbound).await,
-                Err(e) => tracing::debug!(error = %e, "handshake failed"),
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+                Ok(Ok(conn)) => {
+                    slot.established();
+                    handle_connection(conn, inbound).await;
+                }
+                Ok(Err(e)) => tracing::debug!(error = %e, "handshake failed"),
+                Err(_) => tracing::debug!(remote = %addr, "no handshake within {HANDSHAKE_TIMEOUT:?}"),
             }
+            drop(slot);
         });
     }
 }
@@ -329,83 +466,104 @@ fn peer_name(conn: &quinn::Connection, peers: &BTreeSet<String>) -> Option<Strin
     (ou == NODE_OU && peers.contains(&cn)).then_some(cn)
 }
 
+/// Serves one connection until it closes.
 async fn handle_connection(conn: quinn::Connection, inbound: Arc<Inbound>) {
+    if let Some(serial) = revoked(&conn, &inbound.deny) {
+        tracing::warn!(remote = %conn.remote_address(), %serial, "refused a revoked certificate");
+        inbound.metrics.connections_revoked.inc();
+        conn.close(code::REVOKED.into(), b"certificate revoked");
+        return;
+    }
     match alpn(&conn).as_deref() {
-        Some(p) if p == PEER_ALPN => {
-            let Some(name) = peer_name(&conn, &inbound.peers) else {
-                tracing::warn!(remote = %conn.remote_address(), "refused a peer without a node certificate of this cluster");
-                conn.close(code::NOT_A_PEER.into(), b"not a node of this cluster");
-                return;
-            };
-            let peer = NodeId(name);
-            if let Some(s) = inbound.dial.get(&peer.0) {
-                s.reachable.notify_one();
-            }
-            while let Ok(mut recv) = conn.accept_uni().await {
-                let (peer, inbound) = (peer.clone(), inbound.clone());
-                tokio::spawn(async move {
-                    // The first frame is the peer's boot id: a new one means
-                    // it restarted, and our own connection to it is stale.
-                    match read_frame(&mut recv, 8).await {
-                        Ok(Some(b)) if b.len() == 8 => {
-                            let mut id = [0u8; 8];
-                            id.copy_from_slice(&b);
-                            let boot = u64::from_be_bytes(id);
-                            let previous = inbound
-                                .boots
-                                .lock()
-                                .ok()
-                                .and_then(|mut m| m.insert(peer.0.clone(), boot));
-                            if previous.is_some_and(|p| p != boot) {
-                                tracing::info!(peer = %peer, "peer restarted: redialling it");
-                                if let Some(s) = inbound.dial.get(&peer.0) {
-                                    s.restarted.notify_one();
-                                }
-                            }
-                        }
-                        _ => {
-                            let _ = recv.stop(code::MALFORMED.into());
-                            return;
-                        }
-                    }
-                    loop {
-                        match read_frame(&mut recv, DEFAULT_MAX_MESSAGE_BYTES).await {
-                            Ok(Some(bytes)) => {
-                                if inbound
-                                    .engine
-                                    .try_send(Input::Frame {
-                                        from: peer.clone(),
-                                        bytes,
-                                    })
-                                    .is_err()
-                                {
-                                    // The engine is saturated: drop; the peer retransmits.
-                                    inbound.metrics.peer_frames_dropped.inc();
-                                }
-                            }
-                            Ok(None) => return,
-                            Err(FrameError::TooLarge(n)) => {
-                                tracing::warn!(peer = %peer, bytes = n, "oversized frame: closing the stream");
-                                inbound.metrics.peer_frames_rejected.inc();
-                                let _ = recv.stop(code::FRAME_TOO_LARGE.into());
-                                return;
-                            }
-                            Err(e) => {
-                                tracing::debug!(peer = %peer, error = %e, "peer stream ended");
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        }
-        Some(p) if p == CLIENT_ALPN => {
-            while let Ok((send, recv)) = conn.accept_bi().await {
-                let inbound = inbound.clone();
-                tokio::spawn(async move { client_stream(send, recv, inbound).await });
-            }
-        }
+        Some(p) if p == PEER_ALPN => peer_connection(conn, inbound).await,
+        Some(p) if p == CLIENT_ALPN => client_connection(conn, inbound).await,
         _ => conn.close(code::NOT_A_PEER.into(), b"unknown protocol"),
+    }
+}
+
+/// Receives a peer's frames: one task per unidirectional stream.
+async fn peer_connection(conn: quinn::Connection, inbound: Arc<Inbound>) {
+    let Some(name) = peer_name(&conn, &inbound.peers) else {
+        tracing::warn!(remote = %conn.remote_address(), "refused a peer without a node certificate of this cluster");
+        conn.close(code::NOT_A_PEER.into(), b"not a node of this cluster");
+        return;
+    };
+    conn.set_receive_window(PEER_WINDOW.into());
+    let peer = NodeId(name);
+    if let Some(s) = inbound.dial.get(&peer.0) {
+        s.reachable.notify_one();
+    }
+    let first_frame = Duration::from_millis(inbound.limits.first_frame_ms);
+    while let Ok(mut recv) = conn.accept_uni().await {
+        let (peer, inbound) = (peer.clone(), inbound.clone());
+        tokio::spawn(async move {
+            // The first frame is the peer's boot id: a new one means
+            // it restarted, and our own connection to it is stale.
+            let boot = match tokio::time::timeout(first_frame, read_frame(&mut recv, 8)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    inbound.metrics.frames_timed_out.inc();
+                    let _ = recv.stop(code::TIMEOUT.into());
+                    return;
+                }
+            };
+            match boot {
+                Ok(Some(b)) if b.len() == 8 => {
+                    let mut id = [0u8; 8];
+                    id.copy_from_slice(&b);
+                    let boot = u64::from_be_bytes(id);
+                    let previous = inbound
+                        .boots
+                        .lock()
+                        .ok()
+                        .and_then(|mut m| m.insert(peer.0.clone(), boot));
+                    if previous.is_some_and(|p| p != boot) {
+                        tracing::info!(peer = %peer, "peer restarted: redialling it");
+                        if let Some(s) = inbound.dial.get(&peer.0) {
+                            s.restarted.notify_one();
+                        }
+                    }
+                }
+                _ => {
+                    let _ = recv.stop(code::MALFORMED.into());
+                    return;
+                }
+            }
+            loop {
+                match read_frame_within(&mut recv, DEFAULT_MAX_MESSAGE_BYTES, PEER_FRAME_TIMEOUT).await {
+                    Ok(Some(bytes)) => {
+                        if inbound
+                            .engine
+                            .try_send(Input::Frame {
+                                from: peer.clone(),
+                                bytes,
+                            })
+                            .is_err()
+                        {
+                            // The engine is saturated: drop; the peer retransmits.
+                            inbound.metrics.peer_frames_dropped.inc();
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(FrameError::TooLarge(n)) => {
+                        tracing::warn!(peer = %peer, bytes = n, "oversized frame: closing the stream");
+                        inbound.metrics.peer_frames_rejected.inc();
+                        let _ = recv.stop(code::FRAME_TOO_LARGE.into());
+                        return;
+                    }
+                    Err(FrameError::TimedOut) => {
+                        tracing::warn!(peer = %peer, "a frame did not complete in {PEER_FRAME_TIMEOUT:?}: closing the stream");
+                        inbound.metrics.frames_timed_out.inc();
+                        let _ = recv.stop(code::TIMEOUT.into());
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(peer = %peer, error = %e, "peer stream ended");
+                        return;
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -417,32 +575,192 @@ fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
     })
 }
 
-/// One client request per bidirectional stream.
-async fn client_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, inbound: Arc<Inbound>) {
-    let response = match read_frame(&mut recv, MAX_CLIENT_FRAME).await {
-        Ok(Some(frame)) => match decode_client::<ClientRequest>(&frame) {
-            Ok(ClientRequest {
-                token,
-                body: RequestBody::Watch { prefix, from },
-            }) => {
-                if !authorized(&inbound, &token) {
-                    error(ErrorKind::Unauthorized, "unknown client token")
-                } else {
-                    return watch(send, prefix, from, &inbound).await;
+/// What a client connection has shown so far.
+struct ClientSession {
+    conn: quinn::Connection,
+    authenticated: std::sync::atomic::AtomicBool,
+    shown: tokio::sync::Notify,
+}
+
+impl ClientSession {
+    /// A request with a valid token arrived: the connection stays, and gets
+    /// the full window.
+    fn authenticate(&self) {
+        if !self.authenticated.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            self.conn.set_receive_window(CLIENT_WINDOW.into());
+            self.conn.set_max_concurrent_bi_streams(CLIENT_STREAMS.into());
+            self.shown.notify_one();
+        }
+    }
+}
+
+/// Serves a client connection: one request per bidirectional stream.
+/// Unidirectional streams are refused (clients have no use for them), and
+/// the connection is closed if no request with a valid token arrives within
+/// `auth_ms`.
+async fn client_connection(conn: quinn::Connection, inbound: Arc<Inbound>) {
+    // No new ones; the few the handshake already allowed are stopped as
+    // they come, so QUIC buffers nothing for them.
+    conn.set_max_concurrent_uni_streams(0u32.into());
+    let refuse_uni = {
+        let (conn, metrics) = (conn.clone(), inbound.metrics.clone());
+        async move {
+            while let Ok(mut recv) = conn.accept_uni().await {
+                metrics.client_uni_refused.inc();
+                let _ = recv.stop(code::REFUSED.into());
+            }
+        }
+    };
+    let session = Arc::new(ClientSession {
+        conn: conn.clone(),
+        authenticated: false.into(),
+        shown: tokio::sync::Notify::new(),
+    });
+    let deadline = {
+        let (session, inbound) = (session.clone(), inbound.clone());
+        async move {
+            let auth = Duration::from_millis(inbound.limits.auth_ms);
+            tokio::select! {
+                () = session.shown.notified() => {}
+                () = tokio::time::sleep(auth) => {
+                    if !session.authenticated.load(std::sync::atomic::Ordering::Relaxed) {
+                        inbound.metrics.connections_unauthenticated.inc();
+                        session.conn.close(code::UNAUTHENTICATED.into(), b"no request with a valid token in time");
+                    }
                 }
             }
-            Ok(req) => serve(req, &inbound).await,
-            Err(e) => error(ErrorKind::InvalidRequest, format!("undecodable request: {e}")),
-        },
-        Ok(None) => return,
-        Err(FrameError::TooLarge(n)) => {
-            let _ = recv.stop(code::FRAME_TOO_LARGE.into());
+        }
+    };
+    let streams = async {
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let (inbound, session) = (inbound.clone(), session.clone());
+            tokio::spawn(async move { client_stream(send, recv, inbound, session).await });
+        }
+    };
+    // `streams` ends with the connection; the others with it.
+    tokio::select! {
+        () = streams => {}
+        () = async { tokio::join!(refuse_uni, deadline); std::future::pending::<()>().await } => {}
+    }
+}
+
+/// How reading a request ended, short of a request.
+enum Refusal {
+    /// The stream ended or failed: nothing to answer.
+    Gone,
+    /// The request did not arrive in time: the stream is reset.
+    TimedOut,
+    /// Answer this, and stop reading the request.
+    Answer(Response, u32),
+}
+
+/// Reads one request frame: its length prefix within `first_frame_ms`,
+/// then the rest within `frame_ms`. A frame longer than
+/// [`TOKEN_PREFIX_MAX`] has its token checked on its first bytes, before
+/// its body takes a share of the read budget and is read.
+async fn read_request<'a>(
+    recv: &mut quinn::RecvStream,
+    inbound: &'a Inbound,
+    session: &ClientSession,
+) -> Result<(Vec<u8>, Option<BudgetShare<'a>>), Refusal> {
+    let limits = &inbound.limits;
+    let started = tokio::time::Instant::now();
+    let mut len = [0u8; 4];
+    match tokio::time::timeout_at(
+        started + Duration::from_millis(limits.first_frame_ms),
+        recv.read_exact(&mut len),
+    )
+    .await
+    {
+        Err(_) => return Err(Refusal::TimedOut),
+        Ok(Err(_)) => return Err(Refusal::Gone),
+        Ok(Ok(())) => {}
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_CLIENT_FRAME {
+        return Err(Refusal::Answer(
             error(
                 ErrorKind::InvalidRequest,
-                format!("request of {n} bytes is over the limit of {MAX_CLIENT_FRAME}"),
-            )
+                format!("request of {len} bytes is over the limit of {MAX_CLIENT_FRAME}"),
+            ),
+            code::FRAME_TOO_LARGE,
+        ));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(limits.frame_ms);
+    let read = |e: ReadError| match e {
+        ReadError::TimedOut => Refusal::TimedOut,
+        ReadError::Stream(_) => Refusal::Gone,
+    };
+    let mut frame = vec![0u8; len.min(TOKEN_PREFIX_MAX)];
+    read_exact_by(recv, &mut frame, deadline).await.map_err(read)?;
+    if len == frame.len() {
+        return Ok((frame, None)); // small: decoded, then its token checked
+    }
+    let Some(token) = token_of(&frame) else {
+        return Err(Refusal::Answer(
+            error(ErrorKind::InvalidRequest, "undecodable request"),
+            code::MALFORMED,
+        ));
+    };
+    if !authorized(inbound, token) {
+        return Err(Refusal::Answer(
+            error(ErrorKind::Unauthorized, "unknown client token"),
+            code::MALFORMED,
+        ));
+    }
+    session.authenticate();
+    let head = frame.len();
+    let Some(share) = inbound.budget.take(len - head, deadline).await else {
+        inbound.metrics.overloaded.inc();
+        return Err(Refusal::Answer(
+            error(ErrorKind::Overloaded, "the node is reading too many requests at once"),
+            code::REFUSED,
+        ));
+    };
+    frame.resize(len, 0);
+    read_exact_by(recv, &mut frame[head..], deadline).await.map_err(read)?;
+    Ok((frame, Some(share)))
+}
+
+/// One client request per bidirectional stream.
+async fn client_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    inbound: Arc<Inbound>,
+    session: Arc<ClientSession>,
+) {
+    let response = match read_request(&mut recv, &inbound, &session).await {
+        Ok((frame, share)) => {
+            let request = decode_client::<ClientRequest>(&frame);
+            // The decoded request is the engine's to bound from here.
+            drop((frame, share));
+            match request {
+                Ok(ClientRequest {
+                    token,
+                    body: RequestBody::Watch { prefix, from },
+                }) => {
+                    if !authorized(&inbound, token.as_bytes()) {
+                        error(ErrorKind::Unauthorized, "unknown client token")
+                    } else {
+                        session.authenticate();
+                        return watch(send, prefix, from, &inbound).await;
+                    }
+                }
+                Ok(req) => serve(req, &inbound, &session).await,
+                Err(e) => error(ErrorKind::InvalidRequest, format!("undecodable request: {e}")),
+            }
         }
-        Err(FrameError::Io(_)) => return,
+        Err(Refusal::Gone) => return,
+        Err(Refusal::TimedOut) => {
+            inbound.metrics.frames_timed_out.inc();
+            let _ = recv.stop(code::TIMEOUT.into());
+            let _ = send.reset(code::TIMEOUT.into());
+            return;
+        }
+        Err(Refusal::Answer(response, stop)) => {
+            let _ = recv.stop(stop.into());
+            response
+        }
     };
     // An answer too large for a client frame (only a state grown by remote
     // merges can be: writes refuse values that could not be read back)
@@ -455,17 +773,26 @@ async fn client_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream,
         ))
     });
     if let Ok(frame) = frame {
-        let _ = write_frame(&mut send, &frame).await;
+        // A client that does not read its answer does not hold it forever.
+        let within = Duration::from_millis(inbound.limits.frame_ms);
+        if tokio::time::timeout(within, write_frame(&mut send, &frame))
+            .await
+            .is_err()
+        {
+            inbound.metrics.frames_timed_out.inc();
+            let _ = send.reset(code::TIMEOUT.into());
+            return;
+        }
     }
     let _ = send.finish();
 }
 
-fn authorized(inbound: &Inbound, token: &str) -> bool {
+fn authorized(inbound: &Inbound, token: &[u8]) -> bool {
     let ok = inbound
         .tokens
         .iter()
         .chain(&inbound.admin_tokens)
-        .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
+        .any(|t| constant_time_eq(t.as_bytes(), token));
     if !ok {
         inbound.metrics.unauthorized.inc();
     }
@@ -509,12 +836,13 @@ async fn watch(mut send: quinn::SendStream, prefix: String, from: Option<WatchTo
     let _ = send.finish();
 }
 
-async fn serve(req: ClientRequest, inbound: &Inbound) -> Response {
+async fn serve(req: ClientRequest, inbound: &Inbound, session: &ClientSession) -> Response {
     let span = tracing::debug_span!("client_request");
     let _g = span.enter();
-    if !authorized(inbound, &req.token) {
+    if !authorized(inbound, req.token.as_bytes()) {
         return error(ErrorKind::Unauthorized, "unknown client token");
     }
+    session.authenticate();
     let overloaded = |m: &Metrics| {
         m.overloaded.inc();
         error(ErrorKind::Overloaded, "the node's request queue is full")
@@ -633,6 +961,7 @@ async fn serve(req: ClientRequest, inbound: &Inbound) -> Response {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Compares secrets without an early exit on the first differing byte.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

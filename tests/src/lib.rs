@@ -6,7 +6,7 @@ pub mod chaos;
 pub mod relay;
 
 use anyhow::{bail, Context, Result};
-use lattice_client::{Client, NodeStatus};
+use lattice_client::{Client, Endpoint, NodeStatus};
 use lattice_core::proto::client::{RequestBody, Response};
 use lattice_server::config::Config;
 use lattice_server::dev::{prepare, ClientDefaults, DevArgs};
@@ -134,19 +134,38 @@ impl Cluster {
         Config::from_file(&self.configs[i])
     }
 
+    /// Node `i` as an endpoint that names it (its certificate must).
+    pub fn endpoint(&self, i: usize) -> Endpoint {
+        Endpoint::named(format!("n{}", i + 1), self.defaults.endpoints[i])
+    }
+
     /// A client for node `i` only.
     pub fn client(&self, i: usize) -> Result<Client> {
         let ca = std::fs::read_to_string(&self.defaults.ca)?;
-        Ok(
-            Client::new(vec![self.defaults.endpoints[i]], self.defaults.token.clone(), &ca)?
-                .with_timeout(Duration::from_secs(5)),
-        )
+        Ok(Client::new(vec![self.endpoint(i)], self.defaults.token.clone(), &ca)?.with_timeout(Duration::from_secs(5)))
     }
 
     /// A client with a wrong token.
     pub fn client_with_token(&self, i: usize, token: &str) -> Result<Client> {
         let ca = std::fs::read_to_string(&self.defaults.ca)?;
-        Ok(Client::new(vec![self.defaults.endpoints[i]], token, &ca)?)
+        Ok(Client::new(vec![self.endpoint(i)], token, &ca)?)
+    }
+
+    /// The process id of node `i`, if it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.children[i].as_ref().map(Child::id)
+    }
+
+    /// The resident memory of node `i` in KiB (`VmRSS` in
+    /// `/proc/PID/status`).
+    pub fn rss_kib(&self, i: usize) -> Result<u64> {
+        let pid = self.pid(i).with_context(|| format!("node {} is not running", i + 1))?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmRSS in /proc/PID/status")
     }
 
     /// `kill -9` node `i`.

@@ -1,7 +1,7 @@
 //! `lattice`: the command-line client.
 
 use clap::{Parser, Subcommand};
-use lattice_client::{Client, Error};
+use lattice_client::{Client, Endpoint, Error};
 use lattice_core::crdt::{Bytes, Op, ValueView};
 use lattice_core::policy::{audit, Policy, PolicySet};
 use lattice_core::proto::client::{NodeStatus, RequestBody, Response, WriteConcern};
@@ -16,9 +16,11 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(name = "lattice", version, about)]
 struct Cli {
-    /// A node's QUIC address (repeatable; tried in order).
+    /// A node as NAME@HOST:PORT: its certificate must name NAME
+    /// (repeatable; tried in order). A bare HOST:PORT takes the name the
+    /// defaults file gives that address, else `localhost` (dev only).
     #[arg(long = "endpoint", env = "LATTICE_ENDPOINTS", value_delimiter = ',')]
-    endpoints: Vec<SocketAddr>,
+    endpoints: Vec<Endpoint>,
     /// Client token.
     #[arg(long, env = "LATTICE_TOKEN")]
     token: Option<String>,
@@ -162,6 +164,17 @@ struct Defaults {
     endpoints: Vec<SocketAddr>,
     token: String,
     ca: PathBuf,
+    /// Node name of each endpoint (absent in files from before names).
+    #[serde(default)]
+    names: Vec<String>,
+}
+
+impl Defaults {
+    /// The node name the file gives `addr`.
+    fn name_of(&self, addr: SocketAddr) -> Option<String> {
+        let i = self.endpoints.iter().position(|e| *e == addr)?;
+        self.names.get(i).cloned()
+    }
 }
 
 fn text(b: &Bytes) -> String {
@@ -188,10 +201,26 @@ async fn run(cli: Cli) -> Result<(), String> {
     let file: Option<Defaults> = std::fs::read_to_string(&cli.config)
         .ok()
         .and_then(|t| toml::from_str(&t).ok());
-    let endpoints = if cli.endpoints.is_empty() {
-        file.as_ref().map(|d| d.endpoints.clone()).unwrap_or_default()
+    let endpoints: Vec<Endpoint> = if cli.endpoints.is_empty() {
+        file.as_ref()
+            .map(|d| {
+                d.endpoints
+                    .iter()
+                    .map(|&addr| Endpoint {
+                        name: d.name_of(addr),
+                        addr,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     } else {
-        cli.endpoints.clone()
+        cli.endpoints
+            .iter()
+            .map(|e| Endpoint {
+                name: e.name.clone().or_else(|| file.as_ref().and_then(|d| d.name_of(e.addr))),
+                addr: e.addr,
+            })
+            .collect()
     };
     let token = cli
         .token
@@ -206,7 +235,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         .or_else(|| file.as_ref().map(|d| d.ca.clone()))
         .ok_or("no CA certificate: pass --ca")?;
     if endpoints.is_empty() {
-        return Err("no endpoint: pass --endpoint HOST:PORT or run `latticed dev` first".into());
+        return Err("no endpoint: pass --endpoint NAME@HOST:PORT or run `latticed dev` first".into());
     }
     let ca = std::fs::read_to_string(&ca_path).map_err(|e| format!("reading {}: {e}", ca_path.display()))?;
     let client = Client::new(endpoints, token, &ca).map_err(|e| e.to_string())?;
