@@ -61,11 +61,12 @@ pub struct Config {
     /// The other nodes.
     #[serde(default)]
     pub peers: Vec<PeerEntry>,
-    /// Frames queued per peer before new ones are dropped (anti-entropy
-    /// repairs what a full queue drops).
+    /// No longer used: the frames queued per peer are bounded by bytes
+    /// (`memory.peer_queue_bytes`). Accepted so that older files still load.
     #[serde(default = "default_peer_queue")]
     pub peer_queue: usize,
-    /// Requests queued for the engine before clients get `Overloaded`.
+    /// Inputs of each class (client requests, peer frames) queued for the
+    /// engine; the byte budgets in `[memory]` bound them by size.
     #[serde(default = "default_engine_queue")]
     pub engine_queue: usize,
     /// Anti-entropy interval, milliseconds.
@@ -85,6 +86,9 @@ pub struct Config {
     /// Default time a write with a write concern waits for other regions.
     #[serde(default = "default_concern_ms")]
     pub write_concern_timeout_ms: u64,
+    /// Byte budgets of queues, the watch feed and waiting reads (`[memory]`).
+    #[serde(default)]
+    pub memory: crate::limits::MemoryConfig,
 }
 
 fn default_concern_ms() -> u64 {
@@ -239,6 +243,7 @@ impl Config {
             policy_version: c.as_ref().map_or(0, |c| c.policy_version),
             policy: c.as_ref().map(|c| c.policy.clone()).unwrap_or_default(),
             write_concern_timeout_ms: c.as_ref().map_or(default_concern_ms(), |c| c.write_concern_timeout_ms),
+            memory: c.as_ref().map(|c| c.memory.clone()).unwrap_or_default(),
         };
         config.validate()?;
         Ok(config)
@@ -257,6 +262,7 @@ impl Config {
             bail!("queue sizes must be positive");
         }
         self.policy_set()?;
+        self.memory.validate()?;
         if self.write_concern_timeout_ms == 0 || self.write_concern_timeout_ms > 3_600_000 {
             bail!("write_concern_timeout_ms must be between 1 and 3600000");
         }

@@ -118,6 +118,7 @@ pub fn prepare(args: &DevArgs) -> Result<(Vec<PathBuf>, ClientDefaults)> {
             policy_version: 0,
             policy: Vec::new(),
             write_concern_timeout_ms: 10_000,
+            memory: Default::default(),
         };
         config.validate()?;
         let path = dir.join(format!("{}.toml", name(i)));

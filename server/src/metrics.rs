@@ -14,7 +14,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use std::sync::mpsc::SyncSender;
+use crate::queue::EngineTx;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -207,7 +207,7 @@ impl Default for Metrics {
 #[derive(Clone)]
 struct Http {
     metrics: Arc<Metrics>,
-    engine: SyncSender<Input>,
+    engine: EngineTx,
 }
 
 async fn metrics(State(h): State<Http>) -> impl IntoResponse {
@@ -233,7 +233,7 @@ async fn status(State(h): State<Http>) -> impl IntoResponse {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
-    engine: SyncSender<Input>,
+    engine: EngineTx,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new()

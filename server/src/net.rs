@@ -4,7 +4,9 @@
 
 use crate::certs::{self, Pem, NODE_OU};
 use crate::metrics::Metrics;
-use crate::node::Input;
+use crate::feed::{watch_queue, Notice, WatchItem, WatchRx};
+use crate::node::{Input, WatchFrame};
+use crate::queue::{EngineTx, PeerRx};
 use anyhow::{Context, Result};
 use lattice_core::proto::client::{
     decode_client, encode_client, ClientError, ClientRequest, ErrorKind, RequestBody, Response, WatchToken,
@@ -15,10 +17,9 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rand::Rng;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 /// Application error codes on QUIC connections and streams.
 pub mod code {
@@ -183,10 +184,10 @@ pub async fn dial_peer(
     config: quinn::ClientConfig,
     peer: NodeId,
     addr: SocketAddr,
-    mut queue: mpsc::Receiver<Vec<u8>>,
+    mut queue: PeerRx,
     boot: u64,
     signals: Arc<DialSignals>,
-    engine: SyncSender<Input>,
+    engine: EngineTx,
 ) {
     let mut rtt = None;
     loop {
@@ -235,7 +236,7 @@ async fn connect(
     addr: SocketAddr,
     rtt: Option<Duration>,
     signals: &DialSignals,
-    queue: &mpsc::Receiver<Vec<u8>>,
+    queue: &PeerRx,
 ) -> Option<quinn::Connection> {
     let mut attempts = tokio::task::JoinSet::new();
     let (mut backoff, mut next) = (MIN_BACKOFF, tokio::time::Instant::now());
@@ -273,7 +274,7 @@ async fn connect(
     }
 }
 
-async fn send_loop(send: &mut quinn::SendStream, queue: &mut mpsc::Receiver<Vec<u8>>) -> Result<()> {
+async fn send_loop(send: &mut quinn::SendStream, queue: &mut PeerRx) -> Result<()> {
     while let Some(frame) = queue.recv().await {
         write_frame(send, &frame).await?;
     }
@@ -283,7 +284,7 @@ async fn send_loop(send: &mut quinn::SendStream, queue: &mut mpsc::Receiver<Vec<
 /// Shared state of the accept loop.
 pub struct Inbound {
     /// The engine's queue.
-    pub engine: SyncSender<Input>,
+    pub engine: EngineTx,
     /// Configured peer names.
     pub peers: BTreeSet<String>,
     /// Accepted client tokens.
@@ -400,9 +401,11 @@ async fn handle_connection(conn: quinn::Connection, inbound: Arc<Inbound>) {
             }
         }
         Some(p) if p == CLIENT_ALPN => {
+            // Watchers and waiting reads are capped per connection.
+            let id = conn.stable_id() as u64;
             while let Ok((send, recv)) = conn.accept_bi().await {
                 let inbound = inbound.clone();
-                tokio::spawn(async move { client_stream(send, recv, inbound).await });
+                tokio::spawn(async move { client_stream(send, recv, id, inbound).await });
             }
         }
         _ => conn.close(code::NOT_A_PEER.into(), b"unknown protocol"),
@@ -418,7 +421,7 @@ fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
 }
 
 /// One client request per bidirectional stream.
-async fn client_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, inbound: Arc<Inbound>) {
+async fn client_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, conn: u64, inbound: Arc<Inbound>) {
     let response = match read_frame(&mut recv, MAX_CLIENT_FRAME).await {
         Ok(Some(frame)) => match decode_client::<ClientRequest>(&frame) {
             Ok(ClientRequest {
@@ -428,10 +431,10 @@ async fn client_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream,
                 if !authorized(&inbound, &token) {
                     error(ErrorKind::Unauthorized, "unknown client token")
                 } else {
-                    return watch(send, prefix, from, &inbound).await;
+                    return watch(send, prefix, from, conn, &inbound).await;
                 }
             }
-            Ok(req) => serve(req, &inbound).await,
+            Ok(req) => serve(req, Request { bytes: frame.len(), conn }, &inbound).await,
             Err(e) => error(ErrorKind::InvalidRequest, format!("undecodable request: {e}")),
         },
         Ok(None) => return,
@@ -473,10 +476,14 @@ fn authorized(inbound: &Inbound, token: &str) -> bool {
 }
 
 /// Streams a change feed on one bidirectional stream, a frame per change,
-/// until the client goes away or falls too far behind.
-async fn watch(mut send: quinn::SendStream, prefix: String, from: Option<WatchToken>, inbound: &Inbound) {
-    let (tx, mut rx) = mpsc::channel(1_024);
-    if inbound.engine.try_send(Input::Watch { prefix, from, tx }).is_err() {
+/// until the client goes away (a reset or a closed connection is noticed
+/// at once, and the engine drops the watcher), falls too far behind (a
+/// `WatchLagged` error ends the feed), or the node stops. Each change's
+/// value is read from the engine when the change is about to be sent: the
+/// watcher sees the key's latest value (see [`crate::feed`]).
+async fn watch(mut send: quinn::SendStream, prefix: String, from: Option<WatchToken>, conn: u64, inbound: &Inbound) {
+    let (tx, mut rx) = watch_queue();
+    if inbound.engine.try_send_sized(Input::Watch { prefix, from, conn, tx }, 0).is_err() {
         inbound.metrics.overloaded.inc();
         if let Ok(f) = encode_client(&error(ErrorKind::Overloaded, "the node's request queue is full")) {
             let _ = write_frame(&mut send, &f).await;
@@ -484,23 +491,24 @@ async fn watch(mut send: quinn::SendStream, prefix: String, from: Option<WatchTo
         let _ = send.finish();
         return;
     }
-    while let Some(item) = rx.recv().await {
-        let (response, last) = match item {
-            Ok(change) => (Response::Change(change), false),
-            Err(e) => (Response::Error(e), true),
+    let mut stopped = std::pin::pin!(send.stopped());
+    loop {
+        let batch = tokio::select! {
+            b = next_batch(&mut rx) => b,
+            // The client reset the stream or its connection closed.
+            _ = &mut stopped => return,
         };
-        let (frame, last) = match encode_client(&response) {
-            Ok(f) => (f, last),
-            // Never skip a change silently: the watcher is told, and stops.
-            Err(e) => match encode_client(&error(
-                ErrorKind::InvalidRequest,
-                format!("a change is too large for one client frame: {e}"),
-            )) {
-                Ok(f) => (f, true),
-                Err(_) => break,
-            },
+        let Some((notices, end)) = batch else { break };
+        let (frames, ended) = tokio::select! {
+            f = change_frames(notices, end, inbound) => f,
+            _ = &mut stopped => return,
         };
-        if write_frame(&mut send, &frame).await.is_err() || last {
+        for f in &frames {
+            if write_frame(&mut send, &f.bytes).await.is_err() {
+                return;
+            }
+        }
+        if ended {
             break;
         }
     }
@@ -509,7 +517,69 @@ async fn watch(mut send: quinn::SendStream, prefix: String, from: Option<WatchTo
     let _ = send.finish();
 }
 
-async fn serve(req: ClientRequest, inbound: &Inbound) -> Response {
+/// Notices queued for a watcher, at most [`WATCH_NOTICES`], waiting for the
+/// first; the error that ends the feed, if it is among them. `None` once
+/// the engine dropped the watcher and everything was taken.
+async fn next_batch(rx: &mut WatchRx) -> Option<(Vec<Notice>, Option<ClientError>)> {
+    let mut notices = Vec::new();
+    let mut item: Option<WatchItem> = Some(rx.recv().await?);
+    while let Some(i) = item.take() {
+        match i {
+            Ok(n) => notices.push(n),
+            Err(e) => return Some((notices, Some(e))),
+        }
+        if notices.len() < WATCH_NOTICES {
+            item = rx.try_recv();
+        }
+    }
+    Some((notices, None))
+}
+
+/// Changes a watch stream asks the engine about at once.
+const WATCH_NOTICES: usize = 64;
+
+/// The frames of `notices` with their keys' current values, then `end`'s
+/// error frame; and whether the feed ends.
+async fn change_frames(mut notices: Vec<Notice>, end: Option<ClientError>, inbound: &Inbound) -> (Vec<WatchFrame>, bool) {
+    let mut frames = Vec::new();
+    while !notices.is_empty() {
+        let (tx, rx) = oneshot::channel();
+        let input = Input::ReadValues {
+            notices: notices.clone(),
+            reply: tx,
+        };
+        if inbound.engine.try_send(input).is_err() {
+            // The engine is saturated: wait for room rather than drop a change.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        let Ok(got) = rx.await else { return (frames, true) };
+        let ended = got.iter().any(|f| f.last);
+        notices.drain(..got.len().min(notices.len()));
+        frames.extend(got);
+        if ended {
+            return (frames, true);
+        }
+    }
+    match end.map(|e| encode_client(&Response::Error(e))) {
+        Some(Ok(bytes)) => {
+            frames.push(WatchFrame { bytes, last: true });
+            (frames, true)
+        }
+        Some(Err(_)) => (frames, true),
+        None => (frames, false),
+    }
+}
+
+/// What the transport knows of a request besides its body.
+struct Request {
+    /// Its frame's length (what it is charged in the engine queue).
+    bytes: usize,
+    /// Its connection.
+    conn: u64,
+}
+
+async fn serve(req: ClientRequest, meta: Request, inbound: &Inbound) -> Response {
     let span = tracing::debug_span!("client_request");
     let _g = span.enter();
     if !authorized(inbound, &req.token) {
@@ -536,7 +606,7 @@ async fn serve(req: ClientRequest, inbound: &Inbound) -> Response {
                 timeout_ms,
                 reply: tx,
             };
-            if inbound.engine.try_send(input).is_err() {
+            if inbound.engine.try_send_sized(input, meta.bytes).is_err() {
                 return overloaded(&inbound.metrics);
             }
             match rx.await {
@@ -554,12 +624,16 @@ async fn serve(req: ClientRequest, inbound: &Inbound) -> Response {
             let deadline = Instant::now() + Duration::from_millis(wait_ms.min(30_000));
             if inbound
                 .engine
-                .try_send(Input::Read {
-                    key,
-                    after,
-                    deadline,
-                    reply: tx,
-                })
+                .try_send_sized(
+                    Input::Read {
+                        key,
+                        after,
+                        deadline,
+                        conn: meta.conn,
+                        reply: tx,
+                    },
+                    meta.bytes,
+                )
                 .is_err()
             {
                 return overloaded(&inbound.metrics);
@@ -591,7 +665,11 @@ async fn serve(req: ClientRequest, inbound: &Inbound) -> Response {
                 );
             }
             let (tx, rx) = oneshot::channel();
-            if inbound.engine.try_send(Input::SetPolicy { set, reply: tx }).is_err() {
+            if inbound
+                .engine
+                .try_send_sized(Input::SetPolicy { set, reply: tx }, meta.bytes)
+                .is_err()
+            {
                 return overloaded(&inbound.metrics);
             }
             match rx.await {
