@@ -55,6 +55,16 @@ pub struct Metrics {
     pub concern_timeouts: Counter,
     /// Inputs taken by the engine in its last turn.
     pub engine_queue: Gauge,
+    /// Watchers subscribed to the change feed.
+    pub watchers: Gauge,
+    /// Reads waiting for a causal token.
+    pub waiting_reads: Gauge,
+    /// Bytes of change notices the feed retains.
+    pub feed_bytes: Gauge,
+    /// Bytes of client requests queued for the engine.
+    pub engine_client_bytes: Gauge,
+    /// Bytes of peer frames queued for the engine.
+    pub engine_peer_bytes: Gauge,
     policy_refused: Gauge,
     policy_version: Gauge,
     policy_adopted: Gauge,
@@ -119,6 +129,11 @@ impl Metrics {
                 "Writes durable here whose write concern was not met in time"
             ),
             engine_queue: gauge!("engine_batch", "Inputs the engine took in its last turn"),
+            watchers: gauge!("watchers", "Watchers subscribed to the change feed"),
+            waiting_reads: gauge!("waiting_reads", "Reads waiting for a causal token"),
+            feed_bytes: gauge!("feed_retained_bytes", "Bytes of change notices the feed retains"),
+            engine_client_bytes: gauge!("engine_client_queue_bytes", "Bytes of client requests queued for the engine"),
+            engine_peer_bytes: gauge!("engine_peer_queue_bytes", "Bytes of peer frames queued for the engine"),
             policy_refused: gauge!(
                 "policy_refused_entries",
                 "Keys from peers refused because policy keeps them from this region (since start)"

@@ -453,6 +453,12 @@ pub fn run(
             // Watchers whose client went away, even if nothing they watch
             // changes again.
             feed.prune();
+            metrics.watchers.set(feed.watchers() as i64);
+            metrics.waiting_reads.set(waits.len() as i64);
+            metrics.feed_bytes.set(feed.retained_bytes() as i64);
+            let (peer_bytes, client_bytes) = rx.queued_bytes();
+            metrics.engine_peer_bytes.set(peer_bytes as i64);
+            metrics.engine_client_bytes.set(client_bytes as i64);
             last_stats = Instant::now();
         }
         if stopping && !replica.needs_flush() {

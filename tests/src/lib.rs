@@ -194,6 +194,37 @@ impl Cluster {
         Ok(())
     }
 
+    /// The process id of node `i`, if it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.children[i].as_ref().map(Child::id)
+    }
+
+    /// Node `i`'s resident set size in KiB (`VmRSS` in /proc/PID/status).
+    pub fn rss_kib(&self, i: usize) -> Result<u64> {
+        let pid = self.pid(i).with_context(|| format!("node {} is not running", i + 1))?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmRSS line")
+    }
+
+    /// The value of metric `name` (e.g. `lattice_watchers`) on node `i`'s
+    /// HTTP endpoint.
+    pub fn metric(&self, i: usize, name: &str) -> Result<f64> {
+        use std::io::{Read, Write};
+        let addr = self.config(i)?.metrics.context("no metrics address")?;
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .with_context(|| format!("no metric {name} in:\n{body}"))
+    }
+
     /// Rewrites node `i`'s config (the node must be stopped).
     pub fn edit_config(&self, i: usize, f: impl FnOnce(&mut Config)) -> Result<()> {
         let mut c = self.config(i)?;
