@@ -407,7 +407,10 @@ mod tests {
         let log = AuditLog::open(dir.path(), head()).unwrap();
         assert_eq!(log.last_policy().map(|p| p.version), Some(40));
         let served = log.entries().unwrap();
-        assert_eq!(lattice_core::policy::audit::verify_served(&served).map(|f| f > 0), Ok(true));
+        assert_eq!(
+            lattice_core::policy::audit::verify_served(&served).map(|f| f > 0),
+            Ok(true)
+        );
         assert_eq!(verify_dir(dir.path(), |_| {}).unwrap(), 40);
         // A crash after the base was recorded, before the rename: finished at open.
         let tree = db.open_tree("audit").unwrap();

@@ -9,10 +9,10 @@
 //! two changes of one key in quick succession may both show the second
 //! value. What it never misses is that the key changed.
 
-use lattice_core::MAX_KEY_LEN;
 use lattice_core::proto::client::{ClientError, ErrorKind, WatchToken};
 use lattice_core::proto::RegionId;
 use lattice_core::Key;
+use lattice_core::MAX_KEY_LEN;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -338,9 +338,7 @@ impl Feed {
         if on_conn >= self.limits.max_watchers_per_conn {
             tx.end(client_error(
                 ErrorKind::Overloaded,
-                format!(
-                    "this connection already has {on_conn} watchers (watch_max_per_connection): end one first"
-                ),
+                format!("this connection already has {on_conn} watchers (watch_max_per_connection): end one first"),
             ));
             return;
         }

@@ -2,6 +2,7 @@
 //! `/metrics`, `/healthz` and `/status` (axum).
 
 use crate::node::Input;
+use crate::queue::EngineTx;
 use crate::storage::SledStore;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -14,7 +15,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use crate::queue::EngineTx;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -132,7 +132,10 @@ impl Metrics {
             watchers: gauge!("watchers", "Watchers subscribed to the change feed"),
             waiting_reads: gauge!("waiting_reads", "Reads waiting for a causal token"),
             feed_bytes: gauge!("feed_retained_bytes", "Bytes of change notices the feed retains"),
-            engine_client_bytes: gauge!("engine_client_queue_bytes", "Bytes of client requests queued for the engine"),
+            engine_client_bytes: gauge!(
+                "engine_client_queue_bytes",
+                "Bytes of client requests queued for the engine"
+            ),
             engine_peer_bytes: gauge!("engine_peer_queue_bytes", "Bytes of peer frames queued for the engine"),
             policy_refused: gauge!(
                 "policy_refused_entries",

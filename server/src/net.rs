@@ -3,8 +3,8 @@
 //! length is checked against the limit before anything is read.
 
 use crate::certs::{self, Pem, NODE_OU};
-use crate::metrics::Metrics;
 use crate::feed::{watch_queue, Notice, WatchItem, WatchRx};
+use crate::metrics::Metrics;
 use crate::node::{Input, WatchFrame};
 use crate::queue::{EngineTx, PeerRx};
 use anyhow::{Context, Result};
@@ -434,7 +434,17 @@ async fn client_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream,
                     return watch(send, prefix, from, conn, &inbound).await;
                 }
             }
-            Ok(req) => serve(req, Request { bytes: frame.len(), conn }, &inbound).await,
+            Ok(req) => {
+                serve(
+                    req,
+                    Request {
+                        bytes: frame.len(),
+                        conn,
+                    },
+                    &inbound,
+                )
+                .await
+            }
             Err(e) => error(ErrorKind::InvalidRequest, format!("undecodable request: {e}")),
         },
         Ok(None) => return,
@@ -483,7 +493,11 @@ fn authorized(inbound: &Inbound, token: &str) -> bool {
 /// watcher sees the key's latest value (see [`crate::feed`]).
 async fn watch(mut send: quinn::SendStream, prefix: String, from: Option<WatchToken>, conn: u64, inbound: &Inbound) {
     let (tx, mut rx) = watch_queue();
-    if inbound.engine.try_send_sized(Input::Watch { prefix, from, conn, tx }, 0).is_err() {
+    if inbound
+        .engine
+        .try_send_sized(Input::Watch { prefix, from, conn, tx }, 0)
+        .is_err()
+    {
         inbound.metrics.overloaded.inc();
         if let Ok(f) = encode_client(&error(ErrorKind::Overloaded, "the node's request queue is full")) {
             let _ = write_frame(&mut send, &f).await;
@@ -540,7 +554,11 @@ const WATCH_NOTICES: usize = 64;
 
 /// The frames of `notices` with their keys' current values, then `end`'s
 /// error frame; and whether the feed ends.
-async fn change_frames(mut notices: Vec<Notice>, end: Option<ClientError>, inbound: &Inbound) -> (Vec<WatchFrame>, bool) {
+async fn change_frames(
+    mut notices: Vec<Notice>,
+    end: Option<ClientError>,
+    inbound: &Inbound,
+) -> (Vec<WatchFrame>, bool) {
     let mut frames = Vec::new();
     while !notices.is_empty() {
         let (tx, rx) = oneshot::channel();

@@ -340,7 +340,9 @@ pub fn run(
                         }
                         Some(token) => {
                             let ahead = replica.config().max_clock_ahead_ms;
-                            wait_for(&replica, &mut waits, &clock, ahead, &metrics, key, token, deadline, conn, reply);
+                            wait_for(
+                                &replica, &mut waits, &clock, ahead, &metrics, key, token, deadline, conn, reply,
+                            );
                         }
                     }
                 }

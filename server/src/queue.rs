@@ -105,9 +105,9 @@ impl Drop for EngineTx {
 impl EngineTx {
     /// Queues `input`, charged `payload` bytes (a client request's frame
     /// length; a peer frame is charged its own length at least) plus
-    /// [`INPUT_OVERHEAD`]. A shutdown is always taken. Gives the input
-    /// back if its class's budget is used up.
-    pub fn try_send_sized(&self, input: Input, payload: usize) -> Result<(), Input> {
+    /// [`INPUT_OVERHEAD`]. A shutdown is always taken. Refused (and
+    /// dropped) if its class's budget is used up.
+    pub fn try_send_sized(&self, input: Input, payload: usize) -> Result<(), QueueFull> {
         let mut s = lock(&self.0);
         let limits = self.0.limits;
         match &input {
@@ -115,7 +115,7 @@ impl EngineTx {
             Input::Frame { bytes, .. } => {
                 let cost = payload.max(bytes.len()) + INPUT_OVERHEAD;
                 if s.peer.bytes + cost > limits.peer_bytes || s.peer.items.len() >= limits.items {
-                    return Err(input);
+                    return Err(QueueFull);
                 }
                 s.peer.bytes += cost;
                 s.peer.items.push_back((input, cost));
@@ -129,7 +129,7 @@ impl EngineTx {
                 };
                 let cost = payload + INPUT_OVERHEAD;
                 if class.bytes + cost > limit || class.items.len() >= limits.items {
-                    return Err(input);
+                    return Err(QueueFull);
                 }
                 class.bytes += cost;
                 class.items.push_back((input, cost));
@@ -141,10 +141,14 @@ impl EngineTx {
     }
 
     /// [`EngineTx::try_send_sized`] for inputs with no payload of their own.
-    pub fn try_send(&self, input: Input) -> Result<(), Input> {
+    pub fn try_send(&self, input: Input) -> Result<(), QueueFull> {
         self.try_send_sized(input, 0)
     }
 }
+
+/// The input's class has used up its budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueFull;
 
 /// Why no input was taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

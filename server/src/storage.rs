@@ -29,11 +29,11 @@
 //! not power-loss safe. In `sync` and `group` modes this store therefore
 //! also `fsync`s sled's log file after the flush.
 //!
-//! Blobs. sled 0.34 stores a log message larger than
-//! `segment_size / MINIMUM_ITEMS_PER_SEGMENT - SEG_HEADER_LEN` (512 KiB / 4
-//! - 20 bytes, just under 128 KiB; `pagecache/logger.rs`,
-//! `reserve_inner`) in its own file, `DIR/blobs/<lsn>`, written by
-//! `write_blob` (`pagecache/blob_io.rs`) with `write_all` and never synced,
+//! Blobs. sled 0.34 stores a log message larger than its segment size
+//! over `MINIMUM_ITEMS_PER_SEGMENT`, less the segment header (512 KiB / 4,
+//! less 20 bytes: just under 128 KiB; `pagecache/logger.rs`,
+//! `reserve_inner`), in a file of its own, `DIR/blobs/<lsn>`, written by
+//! `write_blob` (`pagecache/blob_io.rs`) with `write_all` and never synced;
 //! nor is the `blobs` directory. A message is a page: one value's update,
 //! or a consolidated leaf of up to 17 entries, so values far below 128 KiB
 //! can end up in a blob too, and keeping values small does not avoid them.
@@ -180,7 +180,10 @@ impl SledStore {
                 path: dir.to_path_buf(),
                 source: sled::Error::Io(e),
             };
-            for d in [Some(dir), dir.parent(), Some(&dir.join("blobs"))].into_iter().flatten() {
+            for d in [Some(dir), dir.parent(), Some(&dir.join("blobs"))]
+                .into_iter()
+                .flatten()
+            {
                 if d.as_os_str().is_empty() {
                     continue;
                 }

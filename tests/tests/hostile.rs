@@ -54,7 +54,10 @@ fn assert_rss(c: &Cluster, base_kib: u64, bound_mib: u64, what: &str) -> u64 {
     let now = c.rss_kib(0).unwrap();
     let grown = now.saturating_sub(base_kib) / 1024;
     eprintln!("{what}: RSS {} MiB (+{grown} MiB, bound +{bound_mib} MiB)", now / 1024);
-    assert!(grown < bound_mib, "after {what}: RSS grew by {grown} MiB, bound {bound_mib} MiB");
+    assert!(
+        grown < bound_mib,
+        "after {what}: RSS grew by {grown} MiB, bound {bound_mib} MiB"
+    );
     now
 }
 
@@ -111,7 +114,11 @@ fn hostile_watchers_that_never_read() {
         assert_rss(&c, base, 150, "20 never-reading watchers and 60 × 512 KiB changes");
         // A watcher that reads still sees every change, with the value.
         let mut w = watches.pop().unwrap();
-        let first = tokio::time::timeout(Duration::from_secs(5), w.next()).await.unwrap().unwrap().unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         assert_eq!(first.key.as_str(), "big/0");
         assert!(first.value.is_some());
     });
@@ -160,7 +167,10 @@ fn hostile_subscribe_reset_loop() {
         }
         wait_watchers(&c, 64.0).await;
         let mut extra = client.watch(0, "", None).await.unwrap();
-        match tokio::time::timeout(Duration::from_secs(2), extra.next()).await.unwrap() {
+        match tokio::time::timeout(Duration::from_secs(2), extra.next())
+            .await
+            .unwrap()
+        {
             Err(Error::Overloaded(m)) => assert!(m.contains("watch_max_per_connection"), "{m}"),
             r => panic!("expected Overloaded for the 65th watcher, got {r:?}"),
         }
