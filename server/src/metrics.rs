@@ -162,7 +162,7 @@ impl Metrics {
                 "peer_lag_milliseconds",
                 "Milliseconds since the peer was last heard from"
             ),
-            peer_queue: peer_gauge!("peer_queue_depth", "Frames waiting in the send queue of a peer"),
+            peer_queue: peer_gauge!("peer_queue_bytes", "Bytes of frames waiting in the send queue of a peer"),
             registry: Mutex::new(Registry::default()),
         };
         if let Ok(mut g) = m.registry.lock() {
@@ -197,7 +197,7 @@ impl Metrics {
         }
     }
 
-    /// Records the depth of a peer's send queue.
+    /// Records the bytes queued to send to a peer.
     pub fn record_queue(&self, peer: &str, depth: usize) {
         self.peer_queue
             .get_or_create(&vec![("peer".to_string(), peer.to_string())])
