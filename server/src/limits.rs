@@ -28,6 +28,9 @@ pub struct MemoryConfig {
     /// Bytes of notices queued for one watcher; past it the watcher gets
     /// `WatchLagged` and resumes from its last change.
     pub watch_queue_bytes: usize,
+    /// Bytes of values read for watchers and not yet written to their
+    /// streams, across all watchers; a watcher waits for its share (2 MiB).
+    pub watch_values_bytes: usize,
     /// Watchers on the node.
     pub watch_max_watchers: usize,
     /// Watchers on one client connection.
@@ -47,6 +50,7 @@ impl Default for MemoryConfig {
             peer_queue_bytes: 32 << 20,
             watch_retained_bytes: f.retained_bytes,
             watch_queue_bytes: f.queue_bytes,
+            watch_values_bytes: 64 << 20,
             watch_max_watchers: f.max_watchers,
             watch_max_per_connection: f.max_watchers_per_conn,
             max_waiting_reads: w.total,
@@ -94,6 +98,12 @@ impl MemoryConfig {
         }
         if self.engine_peer_queue_bytes < frame || self.peer_queue_bytes < frame {
             bail!("memory.engine_peer_queue_bytes and memory.peer_queue_bytes must be at least {frame} (one largest peer frame)");
+        }
+        if self.watch_values_bytes < 2 * crate::node::WATCH_BATCH_BYTES {
+            bail!(
+                "memory.watch_values_bytes must be at least {} (one watcher's share)",
+                2 * crate::node::WATCH_BATCH_BYTES
+            );
         }
         if self.watch_queue_bytes < 4_096 || self.watch_retained_bytes < 4_096 {
             bail!("memory.watch_queue_bytes and memory.watch_retained_bytes must be at least 4096");

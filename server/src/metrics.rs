@@ -162,7 +162,10 @@ impl Metrics {
                 "peer_lag_milliseconds",
                 "Milliseconds since the peer was last heard from"
             ),
-            peer_queue: peer_gauge!("peer_queue_bytes", "Bytes of frames waiting in the send queue of a peer"),
+            peer_queue: peer_gauge!(
+                "peer_queue_bytes",
+                "Bytes of frames waiting in the send queue of a peer"
+            ),
             registry: Mutex::new(Registry::default()),
         };
         if let Ok(mut g) = m.registry.lock() {

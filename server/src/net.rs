@@ -5,7 +5,7 @@
 use crate::certs::{self, Pem, NODE_OU};
 use crate::feed::{watch_queue, Notice, WatchItem, WatchRx};
 use crate::metrics::Metrics;
-use crate::node::{Input, WatchFrame};
+use crate::node::{Input, WatchFrame, WATCH_BATCH_BYTES};
 use crate::queue::{EngineTx, PeerRx};
 use anyhow::{Context, Result};
 use lattice_core::proto::client::{
@@ -285,6 +285,11 @@ async fn send_loop(send: &mut quinn::SendStream, queue: &mut PeerRx) -> Result<(
 pub struct Inbound {
     /// The engine's queue.
     pub engine: EngineTx,
+    /// Values in flight from the engine to watch streams, in KiB
+    /// (`memory.watch_values_bytes`).
+    pub watch_budget: tokio::sync::Semaphore,
+    /// The budget's size, in KiB.
+    pub watch_budget_kib: usize,
     /// Configured peer names.
     pub peers: BTreeSet<String>,
     /// Accepted client tokens.
@@ -512,17 +517,30 @@ async fn watch(mut send: quinn::SendStream, prefix: String, from: Option<WatchTo
             // The client reset the stream or its connection closed.
             _ = &mut stopped => return,
         };
-        let Some((notices, end)) = batch else { break };
-        let (frames, ended) = tokio::select! {
-            f = change_frames(notices, end, inbound) => f,
-            _ = &mut stopped => return,
-        };
-        for f in &frames {
-            if write_frame(&mut send, &f.bytes).await.is_err() {
+        let Some((mut notices, end)) = batch else { break };
+        // One engine answer (at most about 1 MiB of frames) at a time,
+        // written before the next is asked for, under the node-wide budget
+        // of values in flight to watchers.
+        while !notices.is_empty() {
+            let got = tokio::select! {
+                g = change_frames(&mut notices, inbound) => g,
+                _ = &mut stopped => return,
+            };
+            let Some((frames, _permit)) = got else { return };
+            for f in &frames {
+                if write_frame(&mut send, &f.bytes).await.is_err() {
+                    return;
+                }
+            }
+            if frames.iter().any(|f| f.last) {
+                let _ = send.finish();
                 return;
             }
         }
-        if ended {
+        if let Some(e) = end {
+            if let Ok(f) = encode_client(&Response::Error(e)) {
+                let _ = write_frame(&mut send, &f).await;
+            }
             break;
         }
     }
@@ -552,15 +570,18 @@ async fn next_batch(rx: &mut WatchRx) -> Option<(Vec<Notice>, Option<ClientError
 /// Changes a watch stream asks the engine about at once.
 const WATCH_NOTICES: usize = 64;
 
-/// The frames of `notices` with their keys' current values, then `end`'s
-/// error frame; and whether the feed ends.
-async fn change_frames(
-    mut notices: Vec<Notice>,
-    end: Option<ClientError>,
-    inbound: &Inbound,
-) -> (Vec<WatchFrame>, bool) {
-    let mut frames = Vec::new();
-    while !notices.is_empty() {
+/// The frames of the first of `notices` with their keys' current values
+/// (one engine answer: at most about 1 MiB, at least one change), removed
+/// from `notices`, and the share of the watch budget they hold until
+/// written. `None` if the engine stopped.
+async fn change_frames<'a>(
+    notices: &mut Vec<Notice>,
+    inbound: &'a Inbound,
+) -> Option<(Vec<WatchFrame>, tokio::sync::SemaphorePermit<'a>)> {
+    // An answer holds up to WATCH_BATCH_BYTES plus one value.
+    let want = (2 * WATCH_BATCH_BYTES / 1024).min(inbound.watch_budget_kib) as u32;
+    let permit = inbound.watch_budget.acquire_many(want).await.ok()?;
+    loop {
         let (tx, rx) = oneshot::channel();
         let input = Input::ReadValues {
             notices: notices.clone(),
@@ -571,21 +592,9 @@ async fn change_frames(
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         }
-        let Ok(got) = rx.await else { return (frames, true) };
-        let ended = got.iter().any(|f| f.last);
-        notices.drain(..got.len().min(notices.len()));
-        frames.extend(got);
-        if ended {
-            return (frames, true);
-        }
-    }
-    match end.map(|e| encode_client(&Response::Error(e))) {
-        Some(Ok(bytes)) => {
-            frames.push(WatchFrame { bytes, last: true });
-            (frames, true)
-        }
-        Some(Err(_)) => (frames, true),
-        None => (frames, false),
+        let frames = rx.await.ok()?;
+        notices.drain(..frames.len().min(notices.len()));
+        return Some((frames, permit));
     }
 }
 
