@@ -87,7 +87,7 @@ pub struct Config {
     #[serde(default = "default_concern_ms")]
     pub write_concern_timeout_ms: u64,
     /// Byte budgets of queues, the watch feed and waiting reads (`[memory]`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::limits::MemoryConfig::is_default")]
     pub memory: crate::limits::MemoryConfig,
 }
 

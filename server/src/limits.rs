@@ -60,6 +60,11 @@ impl Default for MemoryConfig {
 }
 
 impl MemoryConfig {
+    /// All defaults (a written config then leaves the table out).
+    pub fn is_default(&self) -> bool {
+        *self == MemoryConfig::default()
+    }
+
     /// The engine queue's budgets (`items`: the configured `engine_queue`).
     pub fn queue(&self, items: usize) -> QueueLimits {
         QueueLimits {

@@ -18,8 +18,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_latticed-test"))
+/// The node binary: this build's, or `LATTICE_HOSTILE_BIN` (to measure
+/// another build, e.g. an older one, under the same attacks).
+fn bin() -> std::path::PathBuf {
+    std::env::var_os("LATTICE_HOSTILE_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_BIN_EXE_latticed-test")).to_path_buf())
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -31,7 +35,7 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 async fn one_node() -> Cluster {
-    let c = Cluster::start(bin(), &["eu"], Durability::Group).unwrap();
+    let c = Cluster::start(&bin(), &["eu"], Durability::Group).unwrap();
     c.wait_ready(Duration::from_secs(20)).await.unwrap();
     c
 }
@@ -320,7 +324,7 @@ fn hostile_client_flood_does_not_starve_peers() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let _g = serial();
     rt().block_on(async {
-        let c = Cluster::start_with(bin(), &["eu", "us"], Durability::Group, |_, cfg| cfg.engine_queue = 16).unwrap();
+        let c = Cluster::start_with(&bin(), &["eu", "us"], Durability::Group, |_, cfg| cfg.engine_queue = 16).unwrap();
         c.wait_ready(Duration::from_secs(20)).await.unwrap();
         let base = c.rss_kib(1).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
