@@ -86,6 +86,10 @@ pub enum Error {
     /// A watch cannot resume: read again and watch anew.
     #[error("watch lost: {0}")]
     WatchLost(String),
+    /// The watcher fell too far behind and the node cut it off: resume
+    /// from [`Watch::last_token`] ([`Follow`] does so by itself).
+    #[error("watch lagged: {0}")]
+    WatchLagged(String),
     /// The node failed internally.
     #[error("server error: {0}")]
     Internal(String),
@@ -138,6 +142,7 @@ impl Error {
             ErrorKind::NotCaughtUp => Error::NotCaughtUp(message),
             ErrorKind::Unavailable => Error::Unavailable(message),
             ErrorKind::WatchLost => Error::WatchLost(message),
+            ErrorKind::WatchLagged => Error::WatchLagged(message),
             ErrorKind::Internal => Error::Internal(message),
             ErrorKind::OutcomeUnknown => Error::OutcomeUnknown(message),
         }
@@ -718,7 +723,9 @@ impl Follow<'_> {
                     self.last = Some(c.token);
                     return Ok(c);
                 }
-                Ok(None) | Err(Error::Unavailable(_)) | Err(Error::Unreachable(_)) => {
+                // Lagged: the node cut this watcher off; resuming from the
+                // last change picks up what it still retains.
+                Ok(None) | Err(Error::Unavailable(_)) | Err(Error::Unreachable(_)) | Err(Error::WatchLagged(_)) => {
                     self.watch = None;
                     if waited >= Duration::from_secs(30) {
                         return Err(Error::Unavailable("the watched node did not come back".into()));

@@ -75,6 +75,16 @@ pub enum Error {
         /// The limit.
         limit: usize,
     },
+    /// A read's causal token carries a timestamp further ahead of this
+    /// node's clock than the allowed clock skew: no state will include it
+    /// in time, so the read is refused instead of waiting.
+    #[error("the token's timestamp ({wall_ms} ms) is more than the allowed clock skew ahead of this node's clock ({now_ms} ms): a token from the future is refused")]
+    TokenFromFuture {
+        /// The token's wall time.
+        wall_ms: u64,
+        /// This node's wall time.
+        now_ms: u64,
+    },
     /// A retried write whose first attempt this node may have applied and
     /// then lost its record of (an `async` crash).
     #[error("the write's outcome is unknown: this node crashed in async mode since its first attempt may have been applied; read the key before writing again")]

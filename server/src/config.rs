@@ -61,11 +61,12 @@ pub struct Config {
     /// The other nodes.
     #[serde(default)]
     pub peers: Vec<PeerEntry>,
-    /// Frames queued per peer before new ones are dropped (anti-entropy
-    /// repairs what a full queue drops).
+    /// No longer used: the frames queued per peer are bounded by bytes
+    /// (`memory.peer_queue_bytes`). Accepted so that older files still load.
     #[serde(default = "default_peer_queue")]
     pub peer_queue: usize,
-    /// Requests queued for the engine before clients get `Overloaded`.
+    /// Inputs of each class (client requests, peer frames) queued for the
+    /// engine; the byte budgets in `[memory]` bound them by size.
     #[serde(default = "default_engine_queue")]
     pub engine_queue: usize,
     /// Anti-entropy interval, milliseconds.
@@ -98,6 +99,9 @@ pub struct Config {
     /// Limits of the network edge (the `[limits]` table).
     #[serde(default, skip_serializing_if = "NetLimits::is_default")]
     pub limits: NetLimits,
+    /// Byte budgets of queues, the watch feed and waiting reads (`[memory]`).
+    #[serde(default, skip_serializing_if = "crate::limits::MemoryConfig::is_default")]
+    pub memory: crate::limits::MemoryConfig,
 }
 
 /// Shortest accepted client, admin or metrics token, in bytes: a token is a
@@ -373,6 +377,7 @@ impl Config {
                 args.revoked_serials.clone()
             },
             limits: c.as_ref().map(|c| c.limits.clone()).unwrap_or_default(),
+            memory: c.as_ref().map(|c| c.memory.clone()).unwrap_or_default(),
         };
         config.validate()?;
         Ok(config)
@@ -391,6 +396,7 @@ impl Config {
             bail!("queue sizes must be positive");
         }
         self.policy_set()?;
+        self.memory.validate()?;
         if self.write_concern_timeout_ms == 0 || self.write_concern_timeout_ms > 3_600_000 {
             bail!("write_concern_timeout_ms must be between 1 and 3600000");
         }

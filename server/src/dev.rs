@@ -131,6 +131,7 @@ pub fn prepare(args: &DevArgs) -> Result<(Vec<PathBuf>, ClientDefaults)> {
             metrics_token: None,
             revoked_serials: Vec::new(),
             limits: Default::default(),
+            memory: Default::default(),
         };
         config.validate()?;
         let path = dir.join(format!("{}.toml", name(i)));

@@ -12,10 +12,14 @@ pub mod config;
 pub mod dev;
 pub mod edge;
 pub mod files;
+pub mod feed;
+pub mod limits;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod queue;
 pub mod storage;
+pub mod waits;
 
 use anyhow::{Context, Result};
 use config::Config;
@@ -25,13 +29,15 @@ use rand::SeedableRng;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
 
 /// Runs a node until `shutdown` resolves, then stops gracefully: stop
 /// accepting, flush, close connections.
 pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
     let store = storage::SledStore::open(&config.data_dir, &config.node, config.durability)?;
-    let feed = node::Feed::open(Some(store.feed_tree().context("opening the watch feed")?));
+    let feed = feed::Feed::open(
+        Some(store.feed_tree().context("opening the watch feed")?),
+        config.memory.feed(),
+    );
     let peers: Vec<PeerConfig> = config
         .peers
         .iter()
@@ -80,12 +86,12 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let endpoint = net::endpoint(config.listen, &ca, &identity, &config.limits)?;
     let dial = net::peer_client_config(&ca, &identity)?;
     let metrics = Arc::new(metrics::Metrics::new());
-    let (engine_tx, engine_rx) = std::sync::mpsc::sync_channel(config.engine_queue);
+    let (engine_tx, engine_rx) = queue::engine_queue(config.memory.queue(config.engine_queue));
     let mut queues = BTreeMap::new();
     let mut dial_signals = BTreeMap::new();
     let boot: u64 = rand::random();
     for p in &config.peers {
-        let (tx, rx) = mpsc::channel(config.peer_queue);
+        let (tx, rx) = queue::peer_queue(config.memory.peer_queue_bytes);
         queues.insert(NodeId(p.name.clone()), tx);
         let signals = Arc::new(net::DialSignals::default());
         dial_signals.insert(p.name.clone(), signals.clone());
@@ -106,6 +112,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         let (metrics, node) = (metrics.clone(), config.node.clone());
         let (durability, group) = (config.durability, Duration::from_millis(config.group_commit_ms));
         let concern_ms = config.write_concern_timeout_ms;
+        let waits = config.memory.waits();
         std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
@@ -121,12 +128,15 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
                     feed,
                     audit,
                     concern_ms,
+                    waits,
                 )
             })
             .context("starting the engine thread")?
     };
     let inbound = Arc::new(net::Inbound {
         engine: engine_tx.clone(),
+        watch_budget: tokio::sync::Semaphore::new(config.memory.watch_values_bytes / 1024),
+        watch_budget_kib: config.memory.watch_values_bytes / 1024,
         peers: config.peers.iter().map(|p| p.name.clone()).collect::<BTreeSet<_>>(),
         tokens: config.tokens.clone(),
         admin_tokens: config.admin_tokens.clone(),
@@ -161,7 +171,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     shutdown.await;
     tracing::info!("shutting down: no new connections, flushing");
     endpoint.set_server_config(None);
-    let _ = engine_tx.send(node::Input::Shutdown);
+    let _ = engine_tx.try_send(node::Input::Shutdown);
     drop(engine_tx);
     let _ = tokio::task::spawn_blocking(move || engine.join()).await;
     let _ = http_stop.send(());

@@ -274,16 +274,14 @@ fn show(pem: &str) -> Result<()> {
 }
 
 fn audit_verify(data_dir: &std::path::Path) -> Result<()> {
-    let path = data_dir.join("audit.log");
-    let entries = lattice_server::audit::read_entries(&path)?;
-    for e in &entries {
+    // Archived parts (audit.<first index>.log) first, then audit.log.
+    let n = lattice_server::audit::verify_dir(data_dir, |e| {
         println!(
             "{} version={} source={:?} node={} at_ms={} hash={}",
             e.index, e.policy.version, e.source, e.node, e.at_ms, e.hash
         );
-    }
-    lattice_core::policy::audit::verify(&entries)?;
-    println!("ok: {} entries, chain intact", entries.len());
+    })?;
+    println!("ok: {n} entries, chain intact");
     Ok(())
 }
 

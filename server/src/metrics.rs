@@ -2,6 +2,7 @@
 //! `/metrics`, `/healthz` and `/status` (axum).
 
 use crate::node::Input;
+use crate::queue::EngineTx;
 use crate::storage::SledStore;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -15,7 +16,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -73,6 +73,16 @@ pub struct Metrics {
     pub client_uni_refused: Counter,
     /// Bytes of client request bodies being read (the read budget in use).
     pub read_budget_bytes: Gauge,
+    /// Watchers subscribed to the change feed.
+    pub watchers: Gauge,
+    /// Reads waiting for a causal token.
+    pub waiting_reads: Gauge,
+    /// Bytes of change notices the feed retains.
+    pub feed_bytes: Gauge,
+    /// Bytes of client requests queued for the engine.
+    pub engine_client_bytes: Gauge,
+    /// Bytes of peer frames queued for the engine.
+    pub engine_peer_bytes: Gauge,
     policy_refused: Gauge,
     policy_version: Gauge,
     policy_adopted: Gauge,
@@ -166,6 +176,14 @@ impl Metrics {
                 "read_budget_bytes",
                 "Bytes of client request bodies being read (read_budget_bytes in use)"
             ),
+            watchers: gauge!("watchers", "Watchers subscribed to the change feed"),
+            waiting_reads: gauge!("waiting_reads", "Reads waiting for a causal token"),
+            feed_bytes: gauge!("feed_retained_bytes", "Bytes of change notices the feed retains"),
+            engine_client_bytes: gauge!(
+                "engine_client_queue_bytes",
+                "Bytes of client requests queued for the engine"
+            ),
+            engine_peer_bytes: gauge!("engine_peer_queue_bytes", "Bytes of peer frames queued for the engine"),
             policy_refused: gauge!(
                 "policy_refused_entries",
                 "Keys from peers refused because policy keeps them from this region (since start)"
@@ -191,7 +209,10 @@ impl Metrics {
                 "peer_lag_milliseconds",
                 "Milliseconds since the peer was last heard from"
             ),
-            peer_queue: peer_gauge!("peer_queue_depth", "Frames waiting in the send queue of a peer"),
+            peer_queue: peer_gauge!(
+                "peer_queue_bytes",
+                "Bytes of frames waiting in the send queue of a peer"
+            ),
             registry: Mutex::new(Registry::default()),
         };
         if let Ok(mut g) = m.registry.lock() {
@@ -226,7 +247,7 @@ impl Metrics {
         }
     }
 
-    /// Records the depth of a peer's send queue.
+    /// Records the bytes queued to send to a peer.
     pub fn record_queue(&self, peer: &str, depth: usize) {
         self.peer_queue
             .get_or_create(&vec![("peer".to_string(), peer.to_string())])
@@ -316,22 +337,25 @@ pub const STATUS_REFRESH: Duration = Duration::from_secs(1);
 impl StatusCache {
     /// Asks the engine for its status every [`STATUS_REFRESH`] until the
     /// engine goes away.
-    pub async fn refresh(self, engine: SyncSender<Input>) {
+    pub async fn refresh(self, engine: EngineTx) {
         let mut tick = tokio::time::interval(STATUS_REFRESH);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             let (tx, rx) = tokio::sync::oneshot::channel();
-            match engine.try_send(Input::Status { reply: tx }) {
-                Ok(()) => {}
+            if engine.try_send(Input::Status { reply: tx }).is_err() {
                 // Busy: keep the last copy and try again next period.
-                Err(std::sync::mpsc::TrySendError::Full(_)) => continue,
-                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return,
+                continue;
             }
-            if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(2), rx).await {
-                if let Ok(mut c) = self.0.write() {
-                    *c = Some(s);
+            match tokio::time::timeout(Duration::from_secs(2), rx).await {
+                Ok(Ok(s)) => {
+                    if let Ok(mut c) = self.0.write() {
+                        *c = Some(s);
+                    }
                 }
+                // The engine dropped the request unanswered: it has stopped.
+                Ok(Err(_)) => return,
+                Err(_) => {}
             }
         }
     }

@@ -8,8 +8,10 @@ use crate::edge::{
     read_exact_by, token_of, Admission, BudgetShare, Decision, ReadBudget, ReadError, HANDSHAKE_TIMEOUT,
     TOKEN_PREFIX_MAX,
 };
+use crate::feed::{watch_queue, Notice, WatchItem, WatchRx};
 use crate::metrics::Metrics;
-use crate::node::Input;
+use crate::node::{Input, WatchFrame, WATCH_BATCH_BYTES};
+use crate::queue::{EngineTx, PeerRx};
 use anyhow::{Context, Result};
 use lattice_core::proto::client::{
     decode_client, encode_client, ClientError, ClientRequest, ErrorKind, RequestBody, Response, WatchToken,
@@ -20,10 +22,9 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rand::Rng;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 /// Application error codes on QUIC connections and streams.
 pub mod code {
@@ -259,10 +260,10 @@ pub async fn dial_peer(
     config: quinn::ClientConfig,
     peer: NodeId,
     addr: SocketAddr,
-    mut queue: mpsc::Receiver<Vec<u8>>,
+    mut queue: PeerRx,
     boot: u64,
     signals: Arc<DialSignals>,
-    engine: SyncSender<Input>,
+    engine: EngineTx,
     deny: Arc<DenyList>,
 ) {
     let mut rtt = None;
@@ -320,7 +321,7 @@ async fn connect(
     addr: SocketAddr,
     rtt: Option<Duration>,
     signals: &DialSignals,
-    queue: &mpsc::Receiver<Vec<u8>>,
+    queue: &PeerRx,
 ) -> Option<quinn::Connection> {
     let mut attempts = tokio::task::JoinSet::new();
     let (mut backoff, mut next) = (MIN_BACKOFF, tokio::time::Instant::now());
@@ -358,7 +359,7 @@ async fn connect(
     }
 }
 
-async fn send_loop(send: &mut quinn::SendStream, queue: &mut mpsc::Receiver<Vec<u8>>) -> Result<()> {
+async fn send_loop(send: &mut quinn::SendStream, queue: &mut PeerRx) -> Result<()> {
     while let Some(frame) = queue.recv().await {
         write_frame(send, &frame).await?;
     }
@@ -377,7 +378,12 @@ fn revoked(conn: &quinn::Connection, deny: &DenyList) -> Option<String> {
 /// Shared state of the accept loop.
 pub struct Inbound {
     /// The engine's queue.
-    pub engine: SyncSender<Input>,
+    pub engine: EngineTx,
+    /// Values in flight from the engine to watch streams, in KiB
+    /// (`memory.watch_values_bytes`).
+    pub watch_budget: tokio::sync::Semaphore,
+    /// The budget's size, in KiB.
+    pub watch_budget_kib: usize,
     /// Configured peer names.
     pub peers: BTreeSet<String>,
     /// Accepted client tokens.
@@ -631,10 +637,12 @@ async fn client_connection(conn: quinn::Connection, inbound: Arc<Inbound>) {
             }
         }
     };
+    // Watchers and waiting reads are capped per connection.
+    let id = conn.stable_id() as u64;
     let streams = async {
         while let Ok((send, recv)) = conn.accept_bi().await {
             let (inbound, session) = (inbound.clone(), session.clone());
-            tokio::spawn(async move { client_stream(send, recv, inbound, session).await });
+            tokio::spawn(async move { client_stream(send, recv, id, inbound, session).await });
         }
     };
     // `streams` ends with the connection; the others with it.
@@ -726,13 +734,16 @@ async fn read_request<'a>(
 async fn client_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    conn: u64,
     inbound: Arc<Inbound>,
     session: Arc<ClientSession>,
 ) {
     let response = match read_request(&mut recv, &inbound, &session).await {
         Ok((frame, share)) => {
             let request = decode_client::<ClientRequest>(&frame);
-            // The decoded request is the engine's to bound from here.
+            let bytes = frame.len();
+            // The decoded request is the engine's to bound from here (the
+            // engine queue charges it its frame's length).
             drop((frame, share));
             match request {
                 Ok(ClientRequest {
@@ -743,10 +754,10 @@ async fn client_stream(
                         error(ErrorKind::Unauthorized, "unknown client token")
                     } else {
                         session.authenticate();
-                        return watch(send, prefix, from, &inbound).await;
+                        return watch(send, prefix, from, conn, &inbound).await;
                     }
                 }
-                Ok(req) => serve(req, &inbound, &session).await,
+                Ok(req) => serve(req, Request { bytes, conn }, &inbound, &session).await,
                 Err(e) => error(ErrorKind::InvalidRequest, format!("undecodable request: {e}")),
             }
         }
@@ -800,10 +811,18 @@ fn authorized(inbound: &Inbound, token: &[u8]) -> bool {
 }
 
 /// Streams a change feed on one bidirectional stream, a frame per change,
-/// until the client goes away or falls too far behind.
-async fn watch(mut send: quinn::SendStream, prefix: String, from: Option<WatchToken>, inbound: &Inbound) {
-    let (tx, mut rx) = mpsc::channel(1_024);
-    if inbound.engine.try_send(Input::Watch { prefix, from, tx }).is_err() {
+/// until the client goes away (a reset or a closed connection is noticed
+/// at once, and the engine drops the watcher), falls too far behind (a
+/// `WatchLagged` error ends the feed), or the node stops. Each change's
+/// value is read from the engine when the change is about to be sent: the
+/// watcher sees the key's latest value (see [`crate::feed`]).
+async fn watch(mut send: quinn::SendStream, prefix: String, from: Option<WatchToken>, conn: u64, inbound: &Inbound) {
+    let (tx, mut rx) = watch_queue();
+    if inbound
+        .engine
+        .try_send_sized(Input::Watch { prefix, from, conn, tx }, 0)
+        .is_err()
+    {
         inbound.metrics.overloaded.inc();
         if let Ok(f) = encode_client(&error(ErrorKind::Overloaded, "the node's request queue is full")) {
             let _ = write_frame(&mut send, &f).await;
@@ -811,23 +830,37 @@ async fn watch(mut send: quinn::SendStream, prefix: String, from: Option<WatchTo
         let _ = send.finish();
         return;
     }
-    while let Some(item) = rx.recv().await {
-        let (response, last) = match item {
-            Ok(change) => (Response::Change(change), false),
-            Err(e) => (Response::Error(e), true),
+    let mut stopped = std::pin::pin!(send.stopped());
+    loop {
+        let batch = tokio::select! {
+            b = next_batch(&mut rx) => b,
+            // The client reset the stream or its connection closed.
+            _ = &mut stopped => return,
         };
-        let (frame, last) = match encode_client(&response) {
-            Ok(f) => (f, last),
-            // Never skip a change silently: the watcher is told, and stops.
-            Err(e) => match encode_client(&error(
-                ErrorKind::InvalidRequest,
-                format!("a change is too large for one client frame: {e}"),
-            )) {
-                Ok(f) => (f, true),
-                Err(_) => break,
-            },
-        };
-        if write_frame(&mut send, &frame).await.is_err() || last {
+        let Some((mut notices, end)) = batch else { break };
+        // One engine answer (at most about 1 MiB of frames) at a time,
+        // written before the next is asked for, under the node-wide budget
+        // of values in flight to watchers.
+        while !notices.is_empty() {
+            let got = tokio::select! {
+                g = change_frames(&mut notices, inbound) => g,
+                _ = &mut stopped => return,
+            };
+            let Some((frames, _permit)) = got else { return };
+            for f in &frames {
+                if write_frame(&mut send, &f.bytes).await.is_err() {
+                    return;
+                }
+            }
+            if frames.iter().any(|f| f.last) {
+                let _ = send.finish();
+                return;
+            }
+        }
+        if let Some(e) = end {
+            if let Ok(f) = encode_client(&Response::Error(e)) {
+                let _ = write_frame(&mut send, &f).await;
+            }
             break;
         }
     }
@@ -836,7 +869,64 @@ async fn watch(mut send: quinn::SendStream, prefix: String, from: Option<WatchTo
     let _ = send.finish();
 }
 
-async fn serve(req: ClientRequest, inbound: &Inbound, session: &ClientSession) -> Response {
+/// Notices queued for a watcher, at most [`WATCH_NOTICES`], waiting for the
+/// first; the error that ends the feed, if it is among them. `None` once
+/// the engine dropped the watcher and everything was taken.
+async fn next_batch(rx: &mut WatchRx) -> Option<(Vec<Notice>, Option<ClientError>)> {
+    let mut notices = Vec::new();
+    let mut item: Option<WatchItem> = Some(rx.recv().await?);
+    while let Some(i) = item.take() {
+        match i {
+            Ok(n) => notices.push(n),
+            Err(e) => return Some((notices, Some(e))),
+        }
+        if notices.len() < WATCH_NOTICES {
+            item = rx.try_recv();
+        }
+    }
+    Some((notices, None))
+}
+
+/// Changes a watch stream asks the engine about at once.
+const WATCH_NOTICES: usize = 64;
+
+/// The frames of the first of `notices` with their keys' current values
+/// (one engine answer: at most about 1 MiB, at least one change), removed
+/// from `notices`, and the share of the watch budget they hold until
+/// written. `None` if the engine stopped.
+async fn change_frames<'a>(
+    notices: &mut Vec<Notice>,
+    inbound: &'a Inbound,
+) -> Option<(Vec<WatchFrame>, tokio::sync::SemaphorePermit<'a>)> {
+    // An answer holds up to WATCH_BATCH_BYTES plus one value.
+    let want = (2 * WATCH_BATCH_BYTES / 1024).min(inbound.watch_budget_kib) as u32;
+    let permit = inbound.watch_budget.acquire_many(want).await.ok()?;
+    loop {
+        let (tx, rx) = oneshot::channel();
+        let input = Input::ReadValues {
+            notices: notices.clone(),
+            reply: tx,
+        };
+        if inbound.engine.try_send(input).is_err() {
+            // The engine is saturated: wait for room rather than drop a change.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        let frames = rx.await.ok()?;
+        notices.drain(..frames.len().min(notices.len()));
+        return Some((frames, permit));
+    }
+}
+
+/// What the transport knows of a request besides its body.
+struct Request {
+    /// Its frame's length (what it is charged in the engine queue).
+    bytes: usize,
+    /// Its connection.
+    conn: u64,
+}
+
+async fn serve(req: ClientRequest, meta: Request, inbound: &Inbound, session: &ClientSession) -> Response {
     let span = tracing::debug_span!("client_request");
     let _g = span.enter();
     if !authorized(inbound, req.token.as_bytes()) {
@@ -864,7 +954,7 @@ async fn serve(req: ClientRequest, inbound: &Inbound, session: &ClientSession) -
                 timeout_ms,
                 reply: tx,
             };
-            if inbound.engine.try_send(input).is_err() {
+            if inbound.engine.try_send_sized(input, meta.bytes).is_err() {
                 return overloaded(&inbound.metrics);
             }
             match rx.await {
@@ -882,12 +972,16 @@ async fn serve(req: ClientRequest, inbound: &Inbound, session: &ClientSession) -
             let deadline = Instant::now() + Duration::from_millis(wait_ms.min(30_000));
             if inbound
                 .engine
-                .try_send(Input::Read {
-                    key,
-                    after,
-                    deadline,
-                    reply: tx,
-                })
+                .try_send_sized(
+                    Input::Read {
+                        key,
+                        after,
+                        deadline,
+                        conn: meta.conn,
+                        reply: tx,
+                    },
+                    meta.bytes,
+                )
                 .is_err()
             {
                 return overloaded(&inbound.metrics);
@@ -919,7 +1013,11 @@ async fn serve(req: ClientRequest, inbound: &Inbound, session: &ClientSession) -
                 );
             }
             let (tx, rx) = oneshot::channel();
-            if inbound.engine.try_send(Input::SetPolicy { set, reply: tx }).is_err() {
+            if inbound
+                .engine
+                .try_send_sized(Input::SetPolicy { set, reply: tx }, meta.bytes)
+                .is_err()
+            {
                 return overloaded(&inbound.metrics);
             }
             match rx.await {

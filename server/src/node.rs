@@ -3,23 +3,25 @@
 //! flush (the durability mode), hands frames to the per-peer queues and
 //! answers clients once their writes are durable.
 
+use crate::feed::{Feed, Notice, WatchTx};
 use crate::metrics::Metrics;
+use crate::queue::{EngineRx, PeerTx, RecvError};
 use crate::storage::{Durability, SledStore};
+use crate::waits::{Refused, WaitLimits, Waits};
 use lattice_core::crdt::{Op, Value};
 use lattice_core::policy::audit::AuditEntry;
 use lattice_core::policy::PolicySet;
 use lattice_core::proto::client::{
-    CausalToken, Change, ClientError, ErrorKind, NodeStatus, OpId, PeerInfo, WatchToken, WriteConcern,
+    encode_client, CausalToken, Change, ClientError, ErrorKind, NodeStatus, OpId, PeerInfo, Response, WatchToken,
+    WriteConcern,
 };
 use lattice_core::proto::{NodeId, RegionId};
 use lattice_core::replica::{Event, Replica, Time, WriteId};
 use lattice_core::{Error, Key};
-use std::collections::BTreeMap;
-use std::collections::VecDeque;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 /// Where a write's answer goes: its token and whether it was a retry.
 pub type WriteReply = oneshot::Sender<Result<(Vec<(Key, CausalToken)>, bool), Error>>;
@@ -74,6 +76,9 @@ pub enum Input {
         after: Option<CausalToken>,
         /// The longest wait.
         deadline: Instant,
+        /// The client connection it came on (waiting reads are capped per
+        /// connection).
+        conn: u64,
         /// Where the answer goes.
         reply: ReadReply,
     },
@@ -83,8 +88,22 @@ pub enum Input {
         prefix: String,
         /// Resume point.
         from: Option<WatchToken>,
-        /// Where changes go; a full queue ends the feed (the client resumes).
-        tx: mpsc::Sender<Result<Change, ClientError>>,
+        /// The client connection it came on (watchers are capped per
+        /// connection).
+        conn: u64,
+        /// Where notices go; a full queue ends the feed (the client resumes).
+        tx: WatchTx,
+    },
+    /// A watcher's stream task asks for the frames of the changes it is
+    /// about to send, each with its key's current value. The answer covers
+    /// a prefix of `notices`, at most about [`WATCH_BATCH_BYTES`] (at least
+    /// one); the task asks again for the rest.
+    ReadValues {
+        /// The changes, in feed order.
+        notices: Vec<Notice>,
+        /// Their encoded frames; `last` is set on an error frame that ends
+        /// the feed.
+        reply: oneshot::Sender<Vec<WatchFrame>>,
     },
     /// Status request.
     Status {
@@ -95,123 +114,15 @@ pub enum Input {
     Shutdown,
 }
 
-/// Changes retained for watches to resume from.
-pub const WATCH_RETAINED: usize = 16_384;
+/// Most bytes of value frames one [`Input::ReadValues`] answer carries.
+pub const WATCH_BATCH_BYTES: usize = 1 << 20;
 
-/// The change feed: a bounded ring of recent changes (kept in memory and in
-/// sled) and the subscribers.
-pub struct Feed {
-    epoch: u64,
-    next: u64,
-    ring: VecDeque<Change>,
-    subscribers: Vec<(String, mpsc::Sender<Result<Change, ClientError>>)>,
-    tree: Option<sled::Tree>,
-}
-
-impl Feed {
-    /// Loads the feed. After a clean shutdown the epoch and the retained
-    /// changes carry over, so watchers resume across the restart; after a
-    /// crash the newest changes may be missing from the feed, so a new epoch
-    /// makes old tokens fail loudly (`WatchLost`) instead of skipping them.
-    pub fn open(tree: Option<sled::Tree>) -> Feed {
-        let mut f = Feed {
-            epoch: rand::random(),
-            next: 0,
-            ring: VecDeque::new(),
-            subscribers: Vec::new(),
-            tree: None,
-        };
-        let Some(t) = tree else { return f };
-        let clean = t.remove(b"clean").ok().flatten().is_some();
-        let epoch = t
-            .get(b"epoch")
-            .ok()
-            .flatten()
-            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes));
-        match (clean, epoch) {
-            (true, Some(e)) => {
-                f.epoch = e;
-                for (_, v) in t.scan_prefix(b"c").flatten() {
-                    if let Ok(c) = lattice_core::proto::from_bytes::<Change>(&v) {
-                        f.next = c.token.seq + 1;
-                        f.ring.push_back(c);
-                    }
-                }
-            }
-            _ => {
-                // A fresh epoch: nothing retained can be trusted to be complete.
-                let old: Vec<sled::IVec> = t.scan_prefix(b"c").keys().flatten().collect();
-                for k in old {
-                    let _ = t.remove(k);
-                }
-                let _ = t.insert(b"epoch", &f.epoch.to_be_bytes()[..]);
-            }
-        }
-        f.tree = Some(t);
-        f
-    }
-
-    /// Marks a clean shutdown (after the last flush).
-    pub fn close(&self) {
-        if let Some(t) = &self.tree {
-            let _ = t.insert(b"clean", &[1u8][..]);
-            let _ = t.flush();
-        }
-    }
-
-    fn publish(&mut self, key: Key, value: Option<&Value>, origin: RegionId) {
-        let change = Change {
-            key,
-            value: value.map(Value::view),
-            origin,
-            token: WatchToken {
-                epoch: self.epoch,
-                seq: self.next,
-            },
-        };
-        self.next += 1;
-        // A subscriber that cannot keep up is cut off; it resumes from its
-        // last token while the ring still holds it.
-        self.subscribers.retain(|(prefix, tx)| {
-            !change.key.as_str().starts_with(prefix.as_str()) || tx.try_send(Ok(change.clone())).is_ok()
-        });
-        if let Some(t) = &self.tree {
-            let key = [&b"c"[..], &change.token.seq.to_be_bytes()].concat();
-            if let Ok(bytes) = lattice_core::proto::to_bytes(&change) {
-                let _ = t.insert(key, bytes);
-            }
-        }
-        if self.ring.len() == WATCH_RETAINED {
-            if let (Some(old), Some(t)) = (self.ring.pop_front(), &self.tree) {
-                let _ = t.remove([&b"c"[..], &old.token.seq.to_be_bytes()].concat());
-            }
-        }
-        self.ring.push_back(change);
-    }
-
-    fn subscribe(&mut self, prefix: String, from: Option<WatchToken>, tx: mpsc::Sender<Result<Change, ClientError>>) {
-        if let Some(t) = from {
-            let oldest = self.ring.front().map_or(self.next, |c| c.token.seq);
-            if t.epoch != self.epoch || t.seq + 1 < oldest || t.seq >= self.next {
-                let _ = tx.try_send(Err(ClientError {
-                    kind: ErrorKind::WatchLost,
-                    message: "cannot resume from this token (node restarted or change no longer retained): read again and watch anew".into(),
-                    regions: Vec::new(),
-                }));
-                return;
-            }
-            for c in self
-                .ring
-                .iter()
-                .filter(|c| c.token.seq > t.seq && c.key.as_str().starts_with(prefix.as_str()))
-            {
-                if tx.try_send(Ok(c.clone())).is_err() {
-                    return;
-                }
-            }
-        }
-        self.subscribers.push((prefix, tx));
-    }
+/// One encoded frame of a watch stream.
+pub struct WatchFrame {
+    /// A `Response::Change`, or the `Response::Error` that ends the feed.
+    pub bytes: Vec<u8>,
+    /// This frame ends the feed.
+    pub last: bool,
 }
 
 /// The node's clock: monotonic milliseconds since start, and the wall clock
@@ -235,6 +146,11 @@ impl Clock {
     fn now(&self) -> Time {
         Time(self.start.elapsed().as_millis() as u64)
     }
+    /// Wall-clock milliseconds since the Unix epoch, as the replica's
+    /// hybrid clock reads them.
+    fn wall_ms(&self) -> u64 {
+        (self.wall_offset_ms.max(0) as u64).saturating_add(self.now().0)
+    }
     fn at(&self, t: Time) -> Instant {
         self.start + Duration::from_millis(t.0)
     }
@@ -256,13 +172,14 @@ pub fn run(
     clock: Clock,
     durability: Durability,
     group_commit: Duration,
-    rx: Receiver<Input>,
-    peers: BTreeMap<NodeId, mpsc::Sender<Vec<u8>>>,
+    rx: EngineRx,
+    peers: BTreeMap<NodeId, PeerTx>,
     metrics: Arc<Metrics>,
     node: String,
     feed: Feed,
     audit: crate::audit::AuditLog,
     concern_ms: u64,
+    wait_limits: WaitLimits,
 ) {
     replica.set_wall_offset(clock.wall_offset_ms);
     let mut audit = audit;
@@ -275,7 +192,9 @@ pub fn run(
         .map(|p| (p.node.clone(), p.region.clone()))
         .collect();
     let own_region = replica.config().region.clone();
-    let mut waiting_reads: Vec<(Key, CausalToken, Instant, ReadReply)> = Vec::new();
+    let mut waits: Waits<ReadReply> = Waits::new(wait_limits);
+    // Keys changed this turn that reads are waiting on.
+    let mut touched: BTreeSet<Key> = BTreeSet::new();
     let mut first_unflushed: Option<Instant> = None;
     let mut stopping = false;
     let mut last_stats = Instant::now();
@@ -289,8 +208,8 @@ pub fn run(
         if let Some(t) = first_unflushed {
             wake = wake.min(t + group_commit);
         }
-        for (_, _, d, _) in &waiting_reads {
-            wake = wake.min(*d);
+        if let Some(d) = waits.next_deadline() {
+            wake = wake.min(d);
         }
         let timeout = wake
             .saturating_duration_since(Instant::now())
@@ -298,15 +217,16 @@ pub fn run(
         let mut inputs = Vec::new();
         match rx.recv_timeout(timeout) {
             Ok(i) => inputs.push(i),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => stopping = true,
+            Err(RecvError::Timeout) => {}
+            Err(RecvError::Disconnected) => stopping = true,
         }
-        // Take what else is queued, bounded, so one flush covers a batch.
+        // Take what else is queued, bounded, so one flush covers a batch;
+        // the queue hands out peer frames and client requests in turn.
         let mut drained = false;
         while inputs.len() < MAX_STEP_INPUTS {
             match rx.try_recv() {
-                Ok(i) => inputs.push(i),
-                Err(_) => {
+                Some(i) => inputs.push(i),
+                None => {
                     drained = true;
                     break;
                 }
@@ -350,6 +270,9 @@ pub fn run(
                                 match token.iter_mut().find(|(key, _)| key == k) {
                                     Some((_, mine)) => mine.join(&t),
                                     None => token.push((k.clone(), t)),
+                                }
+                                if waits.waits_on(k) {
+                                    touched.insert(k.clone());
                                 }
                             }
                             metrics.writes.inc_by(1);
@@ -402,6 +325,7 @@ pub fn run(
                     key,
                     after,
                     deadline,
+                    conn,
                     reply,
                 } => {
                     metrics.reads.inc_by(1);
@@ -414,10 +338,18 @@ pub fn run(
                         None => {
                             let _ = reply.send(replica.read(&key).map_err(Some));
                         }
-                        Some(token) => waiting_reads.push((key, token, deadline, reply)),
+                        Some(token) => {
+                            let ahead = replica.config().max_clock_ahead_ms;
+                            wait_for(
+                                &replica, &mut waits, &clock, ahead, &metrics, key, token, deadline, conn, reply,
+                            );
+                        }
                     }
                 }
-                Input::Watch { prefix, from, tx } => feed.subscribe(prefix, from, tx),
+                Input::Watch { prefix, from, conn, tx } => feed.subscribe(prefix, from, conn, tx),
+                Input::ReadValues { notices, reply } => {
+                    let _ = reply.send(watch_frames(&replica, notices));
+                }
                 Input::Status { reply } => {
                     let _ = reply.send(status(&replica, now, &node));
                 }
@@ -454,7 +386,7 @@ pub fn run(
             let Some(q) = peers.get(&t.to) else { continue };
             metrics.peer_frames_out.inc_by(1);
             metrics.peer_bytes_out.inc_by(t.payload.len() as u64);
-            if q.try_send(t.payload).is_err() {
+            if !q.try_send(t.payload) {
                 // A slow or absent peer: drop, retransmission and
                 // anti-entropy repair it; memory stays bounded.
                 metrics.peer_frames_dropped.inc_by(1);
@@ -466,8 +398,7 @@ pub fn run(
                     if let Some(w) = waiting_writes.get_mut(&id) {
                         w.durable = true;
                         for k in std::mem::take(&mut w.changed) {
-                            let v = replica.read(&k).ok().flatten();
-                            feed.publish(k, v.as_ref(), own_region.clone());
+                            feed.publish(k, own_region.clone());
                         }
                         if w.concern.is_none() {
                             w.answer(Ok(()));
@@ -507,33 +438,29 @@ pub fn run(
                 }
                 Event::RemoteApplied { key, from } => {
                     metrics.remote_updates.inc_by(1);
-                    let v = replica.read(&key).ok().flatten();
+                    if waits.waits_on(&key) {
+                        touched.insert(key.clone());
+                    }
                     let origin = regions.get(&from).cloned().unwrap_or_else(|| RegionId(from.0.clone()));
-                    feed.publish(key, v.as_ref(), origin);
+                    feed.publish(key, origin);
                 }
             }
         }
-        // Reads waiting for a token: answer when included, or at the deadline.
-        let mut i = 0;
-        while i < waiting_reads.len() {
-            let (key, token, deadline, _) = &waiting_reads[i];
-            let value = replica.read(key);
-            let ready = match &value {
-                Ok(v) => token.is_included_in(v.as_ref()),
-                Err(_) => true,
-            };
-            if ready || Instant::now() >= *deadline {
-                let (_, _, _, reply) = waiting_reads.swap_remove(i);
-                let _ = reply.send(if ready { value.map_err(Some) } else { Err(None) });
-            } else {
-                i += 1;
-            }
-        }
+        answer_reads(&replica, &mut waits, &mut touched);
         if last_stats.elapsed() >= Duration::from_millis(200) {
             metrics.record_engine(&replica, now);
             for (peer, q) in &peers {
-                metrics.record_queue(&peer.0, q.max_capacity() - q.capacity());
+                metrics.record_queue(&peer.0, q.queued_bytes());
             }
+            // Watchers whose client went away, even if nothing they watch
+            // changes again.
+            feed.prune();
+            metrics.watchers.set(feed.watchers() as i64);
+            metrics.waiting_reads.set(waits.len() as i64);
+            metrics.feed_bytes.set(feed.retained_bytes() as i64);
+            let (peer_bytes, client_bytes) = rx.queued_bytes();
+            metrics.engine_peer_bytes.set(peer_bytes as i64);
+            metrics.engine_client_bytes.set(client_bytes as i64);
             last_stats = Instant::now();
         }
         if stopping && !replica.needs_flush() {
@@ -547,6 +474,113 @@ pub fn run(
             return;
         }
     }
+}
+
+/// A read with a token: answered now if the state includes it, refused if
+/// the token is from the future or a limit is reached, otherwise waiting.
+#[allow(clippy::too_many_arguments)]
+fn wait_for(
+    replica: &Replica<SledStore>,
+    waits: &mut Waits<ReadReply>,
+    clock: &Clock,
+    max_ahead_ms: u64,
+    metrics: &Metrics,
+    key: Key,
+    token: CausalToken,
+    deadline: Instant,
+    conn: u64,
+    reply: ReadReply,
+) {
+    // No clock here will reach a timestamp further ahead than the allowed
+    // skew within a read's wait: refuse it rather than hold a slot.
+    let now_ms = clock.wall_ms();
+    if let Some(wall_ms) = token.wall_ms().filter(|w| *w > now_ms.saturating_add(max_ahead_ms)) {
+        let _ = reply.send(Err(Some(Error::TokenFromFuture { wall_ms, now_ms })));
+        return;
+    }
+    match replica.read(&key) {
+        Ok(v) if token.is_included_in(v.as_ref()) => {
+            let _ = reply.send(Ok(v));
+        }
+        Err(e) => {
+            let _ = reply.send(Err(Some(e)));
+        }
+        Ok(_) => {
+            if let Err((refused, reply)) = waits.add(key, token, deadline, conn, reply) {
+                metrics.overloaded.inc();
+                let why = match refused {
+                    Refused::Total(_) => "too many reads are waiting for their causal token on this node (max_waiting_reads): retry later or elsewhere",
+                    Refused::PerConn(_) => "too many reads of this connection are waiting for their causal token (max_waiting_reads_per_connection)",
+                };
+                let _ = reply.send(Err(Some(Error::Overloaded(why))));
+            }
+        }
+    }
+}
+
+/// Re-checks the waiting reads of the keys that changed this turn (and
+/// only those), then answers the reads whose deadline passed.
+fn answer_reads(replica: &Replica<SledStore>, waits: &mut Waits<ReadReply>, touched: &mut BTreeSet<Key>) {
+    for key in std::mem::take(touched) {
+        match replica.read(&key) {
+            Ok(v) => {
+                for reply in waits.ready(&key, |t| t.is_included_in(v.as_ref())) {
+                    let _ = reply.send(Ok(v.clone()));
+                }
+            }
+            Err(e) => {
+                for reply in waits.ready(&key, |_| true) {
+                    let _ = reply.send(Err(Some(e.clone())));
+                }
+            }
+        }
+    }
+    for reply in waits.expired(Instant::now()) {
+        let _ = reply.send(Err(None));
+    }
+}
+
+/// The frames of `notices`, each with its key's value as it is now, up to
+/// about [`WATCH_BATCH_BYTES`] (at least one frame).
+fn watch_frames(replica: &Replica<SledStore>, notices: Vec<Notice>) -> Vec<WatchFrame> {
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    for n in notices {
+        if bytes >= WATCH_BATCH_BYTES {
+            break;
+        }
+        let (response, last) = match replica.read(&n.key) {
+            Ok(v) => (
+                Response::Change(Change {
+                    key: n.key,
+                    value: v.as_ref().map(Value::view),
+                    origin: n.origin,
+                    token: n.token,
+                }),
+                false,
+            ),
+            Err(e) => (Response::Error(ClientError::from(&e)), true),
+        };
+        // Never skip a change silently: the watcher is told, and stops.
+        let frame = match encode_client(&response) {
+            Ok(bytes) => WatchFrame { bytes, last },
+            Err(e) => match encode_client(&Response::Error(ClientError {
+                kind: ErrorKind::InvalidRequest,
+                message: format!("a change is too large for one client frame: {e}"),
+                regions: Vec::new(),
+            })) {
+                Ok(bytes) => WatchFrame { bytes, last: true },
+                Err(_) => break,
+            },
+        };
+        bytes += frame.bytes.len();
+        let last = frame.last;
+        out.push(frame);
+        if last {
+            break;
+        }
+    }
+    out
 }
 
 /// A client write waiting for its answer.

@@ -28,6 +28,21 @@
 //! process crash but does not flush a volatile disk write cache, so it is
 //! not power-loss safe. In `sync` and `group` modes this store therefore
 //! also `fsync`s sled's log file after the flush.
+//!
+//! Blobs. sled 0.34 stores a log message larger than its segment size
+//! over `MINIMUM_ITEMS_PER_SEGMENT`, less the segment header (512 KiB / 4,
+//! less 20 bytes: just under 128 KiB; `pagecache/logger.rs`,
+//! `reserve_inner`), in a file of its own, `DIR/blobs/<lsn>`, written by
+//! `write_blob` (`pagecache/blob_io.rs`) with `write_all` and never synced;
+//! nor is the `blobs` directory. A message is a page: one value's update,
+//! or a consolidated leaf of up to 17 entries, so values far below 128 KiB
+//! can end up in a blob too, and keeping values small does not avoid them.
+//! So the durable flush also `fsync`s every blob file created since the
+//! last one, and the `blobs` directory, before the log's `fsync`: an
+//! acknowledged write never points at a blob a power loss can take away.
+//! A blob sled writes between two flushes (a consolidation) is synced by
+//! the next one. The data directory itself (and its parent) is synced
+//! when it is created.
 
 use lattice_core::crdt::Value;
 use lattice_core::proto::client::OpId;
@@ -116,6 +131,10 @@ pub struct SledStore {
     /// Order numbers of remembered op ids: oldest and next.
     op_oldest: u64,
     op_next: u64,
+    /// The newest blob file (by its lsn name) already fsynced.
+    blobs_synced: Option<u64>,
+    /// Blob files fsynced since open.
+    blob_syncs: u64,
 }
 
 fn store_err(e: impl std::fmt::Display) -> Error {
@@ -148,11 +167,29 @@ impl SledStore {
             path: dir.to_path_buf(),
             source,
         };
+        let created = !dir.exists();
         let db = sled::Config::new()
             .path(dir)
             .flush_every_ms(Some(500))
             .open()
             .map_err(sled_err)?;
+        if created {
+            // A new directory's entry (and sled's files in it) must survive
+            // a power loss as well as the data written into them.
+            let io = |e: std::io::Error| OpenError::Sled {
+                path: dir.to_path_buf(),
+                source: sled::Error::Io(e),
+            };
+            for d in [Some(dir), dir.parent(), Some(&dir.join("blobs"))]
+                .into_iter()
+                .flatten()
+            {
+                if d.as_os_str().is_empty() {
+                    continue;
+                }
+                sync_dir(d).map_err(io)?;
+            }
+        }
         let tree = db.open_tree("lattice").map_err(sled_err)?;
         match tree.get(b"iidentity").map_err(sled_err)? {
             Some(raw) => {
@@ -209,7 +246,49 @@ impl SledStore {
             log: None,
             op_oldest,
             op_next,
+            blobs_synced: None,
+            blob_syncs: 0,
         })
+    }
+
+    /// Blob files fsynced since open (see the module documentation).
+    pub fn blob_syncs(&self) -> u64 {
+        self.blob_syncs
+    }
+
+    /// fsyncs the blob files sled created since the last call, then the
+    /// `blobs` directory. Blob names are their log sequence numbers, which
+    /// only grow, so the newest synced name is all there is to remember.
+    fn fsync_blobs(&mut self) -> Result<(), Error> {
+        let dir = self.dir.join("blobs");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(store_err(e)),
+        };
+        let mut newest = self.blobs_synced;
+        for entry in entries {
+            let entry = entry.map_err(store_err)?;
+            let Some(lsn) = entry.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else {
+                continue;
+            };
+            if self.blobs_synced.is_some_and(|s| lsn <= s) {
+                continue;
+            }
+            match std::fs::File::open(entry.path()) {
+                Ok(f) => f.sync_all().map_err(store_err)?,
+                // Collected by sled since it was listed: nothing to keep.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(store_err(e)),
+            }
+            self.blob_syncs += 1;
+            newest = newest.max(Some(lsn));
+        }
+        if newest != self.blobs_synced {
+            sync_dir(&dir).map_err(store_err)?;
+            self.blobs_synced = newest;
+        }
+        Ok(())
     }
 
     /// The durability mode.
@@ -285,6 +364,11 @@ impl SledStore {
             None => Ok(()),
         }
     }
+}
+
+/// fsyncs a directory, so the entries created or renamed in it persist.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// A visitor of raw (sled key, value) entries.
@@ -431,6 +515,8 @@ impl Store for SledStore {
     fn sync(&mut self) -> Result<(), Error> {
         self.apply_pending()?;
         self.db.flush().map_err(store_err)?;
+        // Blobs first, so the log never durably points at a missing one.
+        self.fsync_blobs()?;
         // sled's flush is sync_file_range: make it an fsync.
         self.fsync_log()
     }
@@ -486,6 +572,24 @@ mod tests {
             r.read(&Key::new("x").unwrap()).unwrap().unwrap().view().to_string(),
             "1"
         );
+    }
+
+    #[test]
+    fn blob_files_of_large_values_are_fsynced_before_the_flush_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_as(&dir.path().join("d"), "n1", Durability::Group);
+        let mut r = Replica::open(ReplicaConfig::new("n1", "eu", vec![]), store, rng(), Time(0)).unwrap();
+        // 200 KiB: over sled's ~128 KiB blob threshold.
+        let big = "x".repeat(200 << 10);
+        r.write(
+            Time(1),
+            vec![(Key::new("big").unwrap(), Op::LwwSet(big.into_bytes().into()))],
+        )
+        .unwrap();
+        r.flush(Time(2)).unwrap();
+        let blobs = std::fs::read_dir(dir.path().join("d").join("blobs")).unwrap().count();
+        assert!(blobs >= 1, "sled put the value in a blob file, as its source says");
+        assert!(r.store().blob_syncs() >= 1, "and the flush fsynced it");
     }
 
     #[test]

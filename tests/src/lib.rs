@@ -213,6 +213,21 @@ impl Cluster {
         Ok(())
     }
 
+    /// The value of metric `name` (e.g. `lattice_watchers`) on node `i`'s
+    /// HTTP endpoint.
+    pub fn metric(&self, i: usize, name: &str) -> Result<f64> {
+        use std::io::{Read, Write};
+        let addr = self.config(i)?.metrics.context("no metrics address")?;
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .with_context(|| format!("no metric {name} in:\n{body}"))
+    }
+
     /// Rewrites node `i`'s config (the node must be stopped).
     pub fn edit_config(&self, i: usize, f: impl FnOnce(&mut Config)) -> Result<()> {
         let mut c = self.config(i)?;

@@ -70,10 +70,23 @@ impl AuditEntry {
 /// the entry before, each hash and policy digest recomputed, and versions
 /// never going back. Returns the first broken entry.
 pub fn verify(entries: &[AuditEntry]) -> Result<(), Error> {
+    verify_from(None, entries)
+}
+
+/// [`verify`] for entries that follow `base` (the last entry of an archived
+/// part of the log; `None`: they start the log). `base` itself is checked
+/// too, except for its own `prev`.
+pub fn verify_from(base: Option<&AuditEntry>, entries: &[AuditEntry]) -> Result<(), Error> {
     let broken = |index: u64, reason: String| Error::AuditBroken { index, reason };
-    let mut prev: Option<&AuditEntry> = None;
+    if let Some(b) = base {
+        if b.hash != b.compute_hash() {
+            return Err(broken(b.index, "its contents do not match its hash".into()));
+        }
+    }
+    let mut prev: Option<&AuditEntry> = base;
+    let first = base.map_or(0, |b| b.index + 1);
     for (i, e) in entries.iter().enumerate() {
-        let i = i as u64;
+        let i = first + i as u64;
         if e.index != i {
             return Err(broken(
                 i,
@@ -102,6 +115,17 @@ pub fn verify(entries: &[AuditEntry]) -> Result<(), Error> {
         prev = Some(e);
     }
     Ok(())
+}
+
+/// Checks what a node returns for its log: from entry 0, or, once older
+/// entries are archived on the node, from the entry before the current
+/// part (which the node sends first). Returns the index of the first entry
+/// that was checked against its predecessor's hash.
+pub fn verify_served(entries: &[AuditEntry]) -> Result<u64, Error> {
+    match entries.split_first() {
+        Some((first, rest)) if first.index > 0 => verify_from(Some(first), rest).map(|()| first.index),
+        _ => verify(entries).map(|()| 0),
+    }
 }
 
 #[cfg(test)]

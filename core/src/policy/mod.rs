@@ -38,6 +38,11 @@ use std::fmt;
 /// Most policies in one set.
 pub const MAX_POLICIES: usize = 256;
 
+/// Largest policy set, in bytes of its strings plus a fixed charge per
+/// policy and region: every adopted set is kept in full in the audit log,
+/// so a set's size bounds the log's growth per adoption.
+pub const MAX_POLICY_SET_BYTES: usize = 64 << 10;
+
 /// Most regions one policy may name.
 pub const MAX_POLICY_REGIONS: usize = 64;
 
@@ -199,6 +204,16 @@ impl Policy {
         }
     }
 
+    /// What this policy counts towards [`MAX_POLICY_SET_BYTES`].
+    fn size_bytes(&self) -> usize {
+        let list = |l: &[RegionId]| l.iter().map(|r| r.0.len() + 8).sum::<usize>();
+        let regions = match &self.regions {
+            Regions::Only(l) => list(l),
+            _ => 0,
+        };
+        32 + self.keyspace.len() + regions + self.writers.as_deref().map_or(0, list)
+    }
+
     fn validate(&self) -> Result<(), String> {
         let check_list = |what: &str, l: &[RegionId]| {
             if l.is_empty() {
@@ -260,6 +275,12 @@ impl PolicySet {
             return Err(Error::InvalidPolicy(format!(
                 "{} policies, at most {MAX_POLICIES}",
                 policies.len()
+            )));
+        }
+        let bytes: usize = policies.iter().map(Policy::size_bytes).sum();
+        if bytes > MAX_POLICY_SET_BYTES {
+            return Err(Error::InvalidPolicy(format!(
+                "the set is {bytes} bytes, at most {MAX_POLICY_SET_BYTES}"
             )));
         }
         policies.sort_by(|a, b| a.keyspace.cmp(&b.keyspace));
@@ -425,6 +446,10 @@ mod tests {
             Policy::new("a", Regions::Local, Priority::Normal),
         ];
         assert!(PolicySet::new(1, dup).is_err());
+        // A set is capped in bytes, not only in policies.
+        let long = |i: usize| Policy::new(format!("{i:0>1000}"), Regions::All, Priority::Normal);
+        let big: Vec<Policy> = (0..100).map(long).collect();
+        assert!(matches!(PolicySet::new(1, big), Err(Error::InvalidPolicy(m)) if m.contains("bytes")));
         assert!(PolicySet::new(1, vec![Policy::new("a", Regions::Only(vec![]), Priority::Normal)]).is_err());
         let bad_writer = Policy::new("a", Regions::Only(vec![r("eu")]), Priority::Normal).writers(vec![r("us")]);
         assert!(PolicySet::new(1, vec![bad_writer]).is_err());

@@ -101,6 +101,12 @@ impl CausalToken {
             })
     }
 
+    /// The latest wall-clock time this token carries (its LWW stamp's), in
+    /// milliseconds: a node whose clock is far behind it cannot include it.
+    pub fn wall_ms(&self) -> Option<u64> {
+        self.stamp.as_ref().map(|(t, _)| t.wall_ms)
+    }
+
     /// Joins another token into this one.
     pub fn join(&mut self, other: &CausalToken) {
         self.context.join(&other.context);
@@ -262,6 +268,10 @@ pub enum ErrorKind {
     /// A watch cannot resume from its token (the node restarted or the
     /// change is no longer retained): read the keys again and watch anew.
     WatchLost,
+    /// The watcher fell further behind than the node queues for one
+    /// watcher and was cut off: resume from the last change received (or,
+    /// if that fails with `WatchLost`, read the keys again).
+    WatchLagged,
     /// The key's replication policy does not allow this region to serve
     /// the request; `regions` names the regions that may.
     PolicyDenied,
@@ -305,7 +315,8 @@ impl From<&Error> for ClientError {
             | Error::ValueTooLarge { .. }
             | Error::Codec(_)
             | Error::UnknownVersion(_)
-            | Error::Malformed(_) => ErrorKind::InvalidRequest,
+            | Error::Malformed(_)
+            | Error::TokenFromFuture { .. } => ErrorKind::InvalidRequest,
             Error::PolicyDenied { .. } => ErrorKind::PolicyDenied,
             Error::ReplicationTimeout { .. } => ErrorKind::ReplicationTimeout,
             Error::InvalidPolicy(_) => ErrorKind::InvalidPolicy,

@@ -1,0 +1,464 @@
+//! The change feed: a ring of recent change notices (key, origin, watch
+//! token; never values), kept in memory and in sled and bounded by bytes,
+//! and the watchers subscribed to it, each with a queue bounded by bytes.
+//!
+//! Values are not kept: a watcher's stream task reads a changed key's value
+//! from the engine when it is about to send the change (see
+//! [`crate::node::Input::ReadValues`]). So a watcher sees the *latest* value
+//! of a changed key at send time, not the value right after that change;
+//! two changes of one key in quick succession may both show the second
+//! value. What it never misses is that the key changed.
+
+use lattice_core::proto::client::{ClientError, ErrorKind, WatchToken};
+use lattice_core::proto::RegionId;
+use lattice_core::Key;
+use lattice_core::MAX_KEY_LEN;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// One change as the ring and the watchers' queues carry it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notice {
+    /// The key that changed.
+    pub key: Key,
+    /// The region the change came from (this node's for local writes).
+    pub origin: RegionId,
+    /// Resume after this change with this token.
+    pub token: WatchToken,
+}
+
+impl Notice {
+    /// Bytes this notice is charged for in the ring and in a queue: its
+    /// strings plus the fixed part and the containers' overhead.
+    pub fn cost(&self) -> usize {
+        self.key.as_str().len() + self.origin.0.len() + NOTICE_OVERHEAD
+    }
+}
+
+/// Fixed bytes charged per notice (token, string headers, deque slot).
+const NOTICE_OVERHEAD: usize = 96;
+
+/// What a watcher's stream task receives: a notice, or the reason its feed
+/// ends (it fell behind, or it could not resume).
+pub type WatchItem = Result<Notice, ClientError>;
+
+/// The feed's limits (`watch_*` in the node's configuration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FeedLimits {
+    /// Bytes of notices retained for watchers to resume from.
+    pub retained_bytes: usize,
+    /// Bytes of notices queued for one watcher; past it the watcher is
+    /// told it lagged and its feed ends (it resumes from its last token).
+    pub queue_bytes: usize,
+    /// Watchers on the node.
+    pub max_watchers: usize,
+    /// Watchers on one client connection.
+    pub max_watchers_per_conn: usize,
+    /// Longest watch prefix, in bytes.
+    pub max_prefix_bytes: usize,
+}
+
+impl Default for FeedLimits {
+    fn default() -> Self {
+        FeedLimits {
+            retained_bytes: 8 << 20,
+            queue_bytes: 1 << 20,
+            max_watchers: 4_096,
+            max_watchers_per_conn: 64,
+            max_prefix_bytes: MAX_KEY_LEN,
+        }
+    }
+}
+
+/// The receiving end of a watcher's queue, held by its stream task.
+pub struct WatchRx {
+    rx: mpsc::UnboundedReceiver<WatchItem>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl WatchRx {
+    /// The next item; `None` once the engine dropped the watcher.
+    pub async fn recv(&mut self) -> Option<WatchItem> {
+        let item = self.rx.recv().await?;
+        if let Ok(n) = &item {
+            self.queued.fetch_sub(n.cost(), Ordering::Relaxed);
+        }
+        Some(item)
+    }
+
+    /// The next item if one is queued.
+    pub fn try_recv(&mut self) -> Option<WatchItem> {
+        let item = self.rx.try_recv().ok()?;
+        if let Ok(n) = &item {
+            self.queued.fetch_sub(n.cost(), Ordering::Relaxed);
+        }
+        Some(item)
+    }
+}
+
+/// The engine's end of a watcher's queue.
+pub struct WatchTx {
+    tx: mpsc::UnboundedSender<WatchItem>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// A new watcher queue: the engine's end and the stream task's end. Its
+/// bytes are counted on both sides, so the engine's limit holds however
+/// slowly the stream task drains it.
+pub fn watch_queue() -> (WatchTx, WatchRx) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    (
+        WatchTx {
+            tx,
+            queued: queued.clone(),
+        },
+        WatchRx { rx, queued },
+    )
+}
+
+impl WatchTx {
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Queues `n` if it fits in `limit` bytes. Returns false if it did not
+    /// (the caller ends the feed) or the stream task is gone.
+    fn offer(&self, n: &Notice, limit: usize) -> bool {
+        let cost = n.cost();
+        if self.queued.load(Ordering::Relaxed) + cost > limit {
+            return false;
+        }
+        self.queued.fetch_add(cost, Ordering::Relaxed);
+        self.tx.send(Ok(n.clone())).is_ok()
+    }
+
+    /// Ends the feed with `e` (always delivered: one item past the limit).
+    fn end(&self, e: ClientError) {
+        let _ = self.tx.send(Err(e));
+    }
+}
+
+fn client_error(kind: ErrorKind, message: String) -> ClientError {
+    ClientError {
+        kind,
+        message,
+        regions: Vec::new(),
+    }
+}
+
+fn lagged(limit: usize) -> ClientError {
+    client_error(
+        ErrorKind::WatchLagged,
+        format!(
+            "this watcher fell more than {limit} bytes of changes behind and was cut off: resume from the last change received (or read the keys again if that fails)"
+        ),
+    )
+}
+
+struct Subscriber {
+    prefix: String,
+    conn: u64,
+    tx: WatchTx,
+}
+
+/// The change feed: a ring of recent notices and the subscribers.
+pub struct Feed {
+    epoch: u64,
+    next: u64,
+    ring: VecDeque<Notice>,
+    ring_bytes: usize,
+    subscribers: Vec<Subscriber>,
+    tree: Option<sled::Tree>,
+    limits: FeedLimits,
+}
+
+impl Feed {
+    /// Loads the feed. After a clean shutdown the epoch and the retained
+    /// notices carry over, so watchers resume across the restart; after a
+    /// crash the newest changes may be missing from the feed, so a new epoch
+    /// makes old tokens fail loudly (`WatchLost`) instead of skipping them.
+    /// Records of an older format (whole changes with values) do not decode
+    /// as notices and are dropped.
+    pub fn open(tree: Option<sled::Tree>, limits: FeedLimits) -> Feed {
+        let mut f = Feed {
+            epoch: rand::random(),
+            next: 0,
+            ring: VecDeque::new(),
+            ring_bytes: 0,
+            subscribers: Vec::new(),
+            tree: None,
+            limits,
+        };
+        let Some(t) = tree else { return f };
+        let clean = t.remove(b"clean").ok().flatten().is_some();
+        let epoch = t
+            .get(b"epoch")
+            .ok()
+            .flatten()
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes));
+        f.tree = Some(t.clone());
+        match (clean, epoch) {
+            (true, Some(e)) => {
+                f.epoch = e;
+                for (k, v) in t.scan_prefix(b"c").flatten() {
+                    match lattice_core::proto::from_bytes::<Notice>(&v) {
+                        Ok(n) => {
+                            f.next = n.token.seq + 1;
+                            f.retain(n);
+                        }
+                        Err(_) => {
+                            let _ = t.remove(k);
+                        }
+                    }
+                }
+            }
+            _ => {
+                // A fresh epoch: nothing retained can be trusted to be complete.
+                let old: Vec<sled::IVec> = t.scan_prefix(b"c").keys().flatten().collect();
+                for k in old {
+                    let _ = t.remove(k);
+                }
+                let _ = t.insert(b"epoch", &f.epoch.to_be_bytes()[..]);
+            }
+        }
+        f
+    }
+
+    /// Marks a clean shutdown (after the last flush).
+    pub fn close(&self) {
+        if let Some(t) = &self.tree {
+            let _ = t.insert(b"clean", &[1u8][..]);
+            let _ = t.flush();
+        }
+    }
+
+    /// Bytes of notices retained.
+    pub fn retained_bytes(&self) -> usize {
+        self.ring_bytes
+    }
+
+    /// Notices retained.
+    pub fn retained(&self) -> usize {
+        self.ring.len()
+    }
+
+    /// Subscribed watchers (closed ones included until the next prune).
+    pub fn watchers(&self) -> usize {
+        self.subscribers.len()
+    }
+
+    fn ring_key(seq: u64) -> Vec<u8> {
+        [&b"c"[..], &seq.to_be_bytes()].concat()
+    }
+
+    /// Appends to the ring, dropping the oldest notices past the limit.
+    fn retain(&mut self, n: Notice) {
+        self.ring_bytes += n.cost();
+        self.ring.push_back(n);
+        while self.ring_bytes > self.limits.retained_bytes && self.ring.len() > 1 {
+            let Some(old) = self.ring.pop_front() else { break };
+            self.ring_bytes -= old.cost();
+            if let Some(t) = &self.tree {
+                let _ = t.remove(Self::ring_key(old.token.seq));
+            }
+        }
+    }
+
+    /// Records that `key` changed and tells the watchers whose prefix
+    /// matches it. A watcher whose queue is full is cut off with a
+    /// `WatchLagged` error; one whose stream task is gone is dropped.
+    pub fn publish(&mut self, key: Key, origin: RegionId) {
+        let n = Notice {
+            key,
+            origin,
+            token: WatchToken {
+                epoch: self.epoch,
+                seq: self.next,
+            },
+        };
+        self.next += 1;
+        let limit = self.limits.queue_bytes;
+        self.subscribers.retain(|s| {
+            if s.tx.is_closed() {
+                return false;
+            }
+            if !n.key.as_str().starts_with(s.prefix.as_str()) || s.tx.offer(&n, limit) {
+                return true;
+            }
+            s.tx.end(lagged(limit));
+            false
+        });
+        if let Some(t) = &self.tree {
+            if let Ok(bytes) = lattice_core::proto::to_bytes(&n) {
+                let _ = t.insert(Self::ring_key(n.token.seq), bytes);
+            }
+        }
+        self.retain(n);
+    }
+
+    /// Drops the subscribers whose stream task ended (the client reset the
+    /// stream or closed the connection). Called every engine turn that has
+    /// time for it and before a new subscription is counted.
+    pub fn prune(&mut self) {
+        self.subscribers.retain(|s| !s.tx.is_closed());
+    }
+
+    /// Subscribes a watcher of `prefix` on connection `conn`: replays the
+    /// retained notices after `from` (as far as its queue allows), then
+    /// follows live changes. Refusals and a lost resume point end the
+    /// feed with an error.
+    pub fn subscribe(&mut self, prefix: String, from: Option<WatchToken>, conn: u64, tx: WatchTx) {
+        if prefix.len() > self.limits.max_prefix_bytes {
+            tx.end(client_error(
+                ErrorKind::InvalidRequest,
+                format!(
+                    "a watch prefix of {} bytes is longer than the limit of {} (the longest key)",
+                    prefix.len(),
+                    self.limits.max_prefix_bytes
+                ),
+            ));
+            return;
+        }
+        self.prune();
+        if self.subscribers.len() >= self.limits.max_watchers {
+            tx.end(client_error(
+                ErrorKind::Overloaded,
+                format!(
+                    "this node already serves {} watchers (watch_max_watchers): try another node or later",
+                    self.subscribers.len()
+                ),
+            ));
+            return;
+        }
+        let on_conn = self.subscribers.iter().filter(|s| s.conn == conn).count();
+        if on_conn >= self.limits.max_watchers_per_conn {
+            tx.end(client_error(
+                ErrorKind::Overloaded,
+                format!("this connection already has {on_conn} watchers (watch_max_per_connection): end one first"),
+            ));
+            return;
+        }
+        if let Some(t) = from {
+            let oldest = self.ring.front().map_or(self.next, |n| n.token.seq);
+            if t.epoch != self.epoch || t.seq + 1 < oldest || t.seq >= self.next {
+                tx.end(client_error(
+                    ErrorKind::WatchLost,
+                    "cannot resume from this token (node restarted or change no longer retained): read again and watch anew".into(),
+                ));
+                return;
+            }
+            let limit = self.limits.queue_bytes;
+            for n in self
+                .ring
+                .iter()
+                .filter(|n| n.token.seq > t.seq && n.key.as_str().starts_with(prefix.as_str()))
+            {
+                if !tx.offer(n, limit) {
+                    tx.end(lagged(limit));
+                    return;
+                }
+            }
+        }
+        self.subscribers.push(Subscriber { prefix, conn, tx });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> FeedLimits {
+        FeedLimits {
+            retained_bytes: 10 * (NOTICE_OVERHEAD + 4),
+            queue_bytes: 3 * (NOTICE_OVERHEAD + 4),
+            max_watchers: 4,
+            max_watchers_per_conn: 2,
+            max_prefix_bytes: 8,
+        }
+    }
+
+    fn key(i: usize) -> Key {
+        Key::new(format!("k{i:03}")).unwrap()
+    }
+
+    fn region() -> RegionId {
+        RegionId(String::new())
+    }
+
+    #[test]
+    fn the_ring_is_bounded_by_bytes_and_keeps_no_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let mut feed = Feed::open(Some(db.open_tree("feed").unwrap()), limits());
+        for i in 0..1_000 {
+            feed.publish(key(i), region());
+        }
+        assert_eq!(feed.retained(), 10);
+        assert!(feed.retained_bytes() <= limits().retained_bytes);
+        let on_disk = db.open_tree("feed").unwrap().scan_prefix(b"c").count();
+        assert_eq!(on_disk, 10, "sled keeps exactly the ring");
+    }
+
+    #[test]
+    fn a_watcher_that_never_reads_is_cut_off_with_lagged() {
+        let mut feed = Feed::open(None, limits());
+        let (tx, mut rx) = watch_queue();
+        feed.subscribe(String::new(), None, 1, tx);
+        for i in 0..100 {
+            feed.publish(key(i), region());
+        }
+        assert_eq!(feed.watchers(), 0);
+        let mut got = Vec::new();
+        while let Some(item) = rx.try_recv() {
+            got.push(item);
+        }
+        assert_eq!(got.len(), 4, "three notices fit, then the lagged signal");
+        assert!(matches!(got.last(), Some(Err(e)) if e.kind == ErrorKind::WatchLagged));
+    }
+
+    #[test]
+    fn closed_watchers_are_pruned_and_counts_and_prefixes_are_capped() {
+        let mut feed = Feed::open(None, limits());
+        for _ in 0..1_000 {
+            let (tx, rx) = watch_queue();
+            feed.subscribe("never/".into(), None, 1, tx);
+            drop(rx); // the client reset the stream
+        }
+        feed.prune();
+        assert_eq!(feed.watchers(), 0);
+        let refused = |mut rx: WatchRx| match rx.try_recv() {
+            Some(Err(e)) => e.kind,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        let mut keep = Vec::new();
+        for _ in 0..2 {
+            let (tx, rx) = watch_queue();
+            feed.subscribe(String::new(), None, 0, tx);
+            keep.push(rx);
+        }
+        let (tx, rx) = watch_queue();
+        feed.subscribe(String::new(), None, 0, tx);
+        assert_eq!(refused(rx), ErrorKind::Overloaded, "the per-connection cap");
+        for conn in 1..3 {
+            let (tx, rx) = watch_queue();
+            feed.subscribe(String::new(), None, conn, tx);
+            keep.push(rx);
+        }
+        assert_eq!(feed.watchers(), 4);
+        let (tx, rx) = watch_queue();
+        feed.subscribe(String::new(), None, 3, tx);
+        assert_eq!(refused(rx), ErrorKind::Overloaded, "the global cap");
+        // A watcher that goes away frees its slot.
+        drop(keep.pop());
+        let (tx, _rx) = watch_queue();
+        feed.subscribe(String::new(), None, 3, tx);
+        assert_eq!(feed.watchers(), 4);
+        let (tx, rx) = watch_queue();
+        feed.subscribe("123456789".into(), None, 9, tx);
+        assert_eq!(refused(rx), ErrorKind::InvalidRequest, "the prefix cap");
+    }
+}

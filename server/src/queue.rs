@@ -1,0 +1,335 @@
+//! The engine's input queue and the per-peer frame queues, bounded by bytes
+//! (a count limit on 4 MiB frames is no limit).
+//!
+//! The engine queue has two classes with separate budgets: peer traffic
+//! (frames, reachability) and client requests. The engine takes from them
+//! in turn, so a flood of client requests can neither use up the peers'
+//! budget nor delay their frames by more than one client input each.
+
+use crate::node::Input;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Bytes charged for an input on top of its payload (the channel slot, the
+/// reply channel, the request's own fields).
+pub const INPUT_OVERHEAD: usize = 256;
+
+/// Budgets of the engine queue (`engine_queue*` in the configuration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Bytes of client requests queued; past it clients get `Overloaded`.
+    pub client_bytes: usize,
+    /// Bytes of peer frames queued; past it frames are dropped (the peer
+    /// retransmits, anti-entropy repairs).
+    pub peer_bytes: usize,
+    /// Inputs of either class queued (a floor on the cost of tiny inputs).
+    pub items: usize,
+}
+
+impl Default for QueueLimits {
+    fn default() -> Self {
+        QueueLimits {
+            client_bytes: 32 << 20,
+            peer_bytes: 64 << 20,
+            items: 8_192,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Class {
+    items: VecDeque<(Input, usize)>,
+    bytes: usize,
+}
+
+struct State {
+    peer: Class,
+    client: Class,
+    control: VecDeque<Input>,
+    senders: usize,
+    /// Whose turn it is when both classes have input.
+    peer_next: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    ready: Condvar,
+    limits: QueueLimits,
+}
+
+/// The sending side (cloneable).
+pub struct EngineTx(Arc<Shared>);
+
+/// The engine's side.
+pub struct EngineRx(Arc<Shared>);
+
+/// A new engine queue.
+pub fn engine_queue(limits: QueueLimits) -> (EngineTx, EngineRx) {
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            peer: Class::default(),
+            client: Class::default(),
+            control: VecDeque::new(),
+            senders: 1,
+            peer_next: true,
+        }),
+        ready: Condvar::new(),
+        limits,
+    });
+    (EngineTx(shared.clone()), EngineRx(shared))
+}
+
+fn lock(s: &Shared) -> std::sync::MutexGuard<'_, State> {
+    // A panic while holding the lock leaves the queues consistent (every
+    // update is a single push or pop), so the state stays usable.
+    s.state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Clone for EngineTx {
+    fn clone(&self) -> Self {
+        lock(&self.0).senders += 1;
+        EngineTx(self.0.clone())
+    }
+}
+
+impl Drop for EngineTx {
+    fn drop(&mut self) {
+        lock(&self.0).senders -= 1;
+        self.0.ready.notify_all();
+    }
+}
+
+impl EngineTx {
+    /// Queues `input`, charged `payload` bytes (a client request's frame
+    /// length; a peer frame is charged its own length at least) plus
+    /// [`INPUT_OVERHEAD`]. A shutdown is always taken. Refused (and
+    /// dropped) if its class's budget is used up.
+    pub fn try_send_sized(&self, input: Input, payload: usize) -> Result<(), QueueFull> {
+        let mut s = lock(&self.0);
+        let limits = self.0.limits;
+        match &input {
+            Input::Shutdown => s.control.push_back(input),
+            Input::Frame { bytes, .. } => {
+                let cost = payload.max(bytes.len()) + INPUT_OVERHEAD;
+                if s.peer.bytes + cost > limits.peer_bytes || s.peer.items.len() >= limits.items {
+                    return Err(QueueFull);
+                }
+                s.peer.bytes += cost;
+                s.peer.items.push_back((input, cost));
+            }
+            _ => {
+                let peer = matches!(input, Input::Reachable(_));
+                let (class, limit) = if peer {
+                    (&mut s.peer, limits.peer_bytes)
+                } else {
+                    (&mut s.client, limits.client_bytes)
+                };
+                let cost = payload + INPUT_OVERHEAD;
+                if class.bytes + cost > limit || class.items.len() >= limits.items {
+                    return Err(QueueFull);
+                }
+                class.bytes += cost;
+                class.items.push_back((input, cost));
+            }
+        }
+        drop(s);
+        self.0.ready.notify_one();
+        Ok(())
+    }
+
+    /// [`EngineTx::try_send_sized`] for inputs with no payload of their own.
+    pub fn try_send(&self, input: Input) -> Result<(), QueueFull> {
+        self.try_send_sized(input, 0)
+    }
+}
+
+/// The input's class has used up its budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueFull;
+
+/// Why no input was taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecvError {
+    /// Nothing arrived in time.
+    Timeout,
+    /// Every sender is gone and the queue is empty.
+    Disconnected,
+}
+
+impl State {
+    fn pop(&mut self) -> Option<Input> {
+        if let Some(i) = self.control.pop_front() {
+            return Some(i);
+        }
+        let take_peer = match (self.peer.items.is_empty(), self.client.items.is_empty()) {
+            (true, true) => return None,
+            (false, true) => true,
+            (true, false) => false,
+            (false, false) => self.peer_next,
+        };
+        self.peer_next = !take_peer;
+        let class = if take_peer { &mut self.peer } else { &mut self.client };
+        let (input, cost) = class.items.pop_front()?;
+        class.bytes -= cost;
+        Some(input)
+    }
+}
+
+impl EngineRx {
+    /// The next input, waiting up to `timeout`.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Input, RecvError> {
+        let deadline = Instant::now() + timeout;
+        let mut s = lock(&self.0);
+        loop {
+            if let Some(i) = s.pop() {
+                return Ok(i);
+            }
+            if s.senders == 0 {
+                return Err(RecvError::Disconnected);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(RecvError::Timeout);
+            }
+            s = self
+                .0
+                .ready
+                .wait_timeout(s, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    /// The next input if one is queued: peers and clients in turn.
+    pub fn try_recv(&self) -> Option<Input> {
+        lock(&self.0).pop()
+    }
+
+    /// Bytes queued: (peers, clients).
+    pub fn queued_bytes(&self) -> (usize, usize) {
+        let s = lock(&self.0);
+        (s.peer.bytes, s.client.bytes)
+    }
+}
+
+/// The engine's end of one peer's frame queue, bounded by bytes.
+#[derive(Clone)]
+pub struct PeerTx {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    queued: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+/// The dial task's end of one peer's frame queue.
+pub struct PeerRx {
+    rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// A frame queue to one peer holding at most `limit` bytes of frames.
+pub fn peer_queue(limit: usize) -> (PeerTx, PeerRx) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    (
+        PeerTx {
+            tx,
+            queued: queued.clone(),
+            limit,
+        },
+        PeerRx { rx, queued },
+    )
+}
+
+impl PeerTx {
+    /// Queues a frame if it fits; false if it was dropped.
+    pub fn try_send(&self, frame: Vec<u8>) -> bool {
+        let cost = frame.len();
+        if self.queued.load(Ordering::Relaxed) + cost > self.limit {
+            return false;
+        }
+        self.queued.fetch_add(cost, Ordering::Relaxed);
+        self.tx.send(frame).is_ok()
+    }
+
+    /// Bytes queued.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+}
+
+impl PeerRx {
+    /// The next frame; `None` once the engine is gone.
+    pub async fn recv(&mut self) -> Option<Vec<u8>> {
+        let f = self.rx.recv().await?;
+        self.queued.fetch_sub(f.len(), Ordering::Relaxed);
+        Some(f)
+    }
+
+    /// The engine is gone (shutting down).
+    pub fn is_closed(&self) -> bool {
+        self.rx.is_closed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lattice_core::proto::NodeId;
+
+    fn frame(n: usize) -> Input {
+        Input::Frame {
+            from: NodeId("p".into()),
+            bytes: vec![0; n],
+        }
+    }
+
+    fn status() -> Input {
+        Input::Status {
+            reply: tokio::sync::oneshot::channel().0,
+        }
+    }
+
+    #[test]
+    fn budgets_are_bytes_per_class_and_the_engine_alternates() {
+        let limits = QueueLimits {
+            client_bytes: 4 << 20,
+            peer_bytes: 8 << 20,
+            items: 1_000,
+        };
+        let (tx, rx) = engine_queue(limits);
+        // Four 1 MiB client requests fill the client budget ...
+        let mut taken = 0;
+        while tx.try_send_sized(status(), 1 << 20).is_ok() {
+            taken += 1;
+        }
+        assert_eq!(taken, 3, "3 MiB plus overheads fit in 4 MiB, a fourth does not");
+        // ... and peers still get in, up to their own budget.
+        assert!(tx.try_send(frame(3 << 20)).is_ok());
+        assert!(tx.try_send(frame(3 << 20)).is_ok());
+        assert!(tx.try_send(frame(3 << 20)).is_err());
+        let order: Vec<bool> = std::iter::from_fn(|| rx.try_recv())
+            .map(|i| matches!(i, Input::Frame { .. }))
+            .collect();
+        assert_eq!(order, vec![true, false, true, false, false]);
+        assert_eq!(rx.queued_bytes(), (0, 0));
+        assert!(tx.try_send(Input::Shutdown).is_ok());
+        drop(tx);
+        assert!(matches!(rx.recv_timeout(Duration::ZERO), Ok(Input::Shutdown)));
+        assert_eq!(rx.recv_timeout(Duration::ZERO).err(), Some(RecvError::Disconnected));
+    }
+
+    #[test]
+    fn a_peer_queue_is_bounded_by_bytes() {
+        let (tx, mut rx) = peer_queue(5 << 20);
+        assert!(tx.try_send(vec![0; 3 << 20]));
+        assert!(!tx.try_send(vec![0; 3 << 20]));
+        assert!(tx.try_send(vec![0; 2 << 20]));
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        assert_eq!(rt.block_on(rx.recv()).map(|f| f.len()), Some(3 << 20));
+        assert!(tx.try_send(vec![0; 3 << 20]));
+        assert_eq!(tx.queued_bytes(), 5 << 20);
+    }
+}

@@ -1,0 +1,201 @@
+//! Reads waiting for a causal token: indexed by key and by deadline, so a
+//! change re-checks only the reads of the key that changed and a turn finds
+//! expired reads without touching the others. Bounded per connection and in
+//! total.
+
+use lattice_core::proto::client::CausalToken;
+use lattice_core::Key;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+
+/// Limits on waiting reads (`max_waiting_reads*` in the configuration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WaitLimits {
+    /// Waiting reads on the node.
+    pub total: usize,
+    /// Waiting reads from one client connection.
+    pub per_conn: usize,
+}
+
+impl Default for WaitLimits {
+    fn default() -> Self {
+        WaitLimits {
+            total: 10_000,
+            per_conn: 128,
+        }
+    }
+}
+
+/// Why a read cannot wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The node holds `total` waiting reads already.
+    Total(usize),
+    /// The connection holds `per_conn` waiting reads already.
+    PerConn(usize),
+}
+
+struct Waiter<R> {
+    key: Key,
+    token: CausalToken,
+    deadline: Instant,
+    conn: u64,
+    reply: R,
+}
+
+/// The waiting reads; `R` is where each one's answer goes.
+pub struct Waits<R> {
+    limits: WaitLimits,
+    next_id: u64,
+    waiters: BTreeMap<u64, Waiter<R>>,
+    by_key: BTreeMap<Key, BTreeSet<u64>>,
+    by_deadline: BTreeSet<(Instant, u64)>,
+    per_conn: BTreeMap<u64, usize>,
+}
+
+impl<R> Waits<R> {
+    /// No waiting reads.
+    pub fn new(limits: WaitLimits) -> Self {
+        Waits {
+            limits,
+            next_id: 0,
+            waiters: BTreeMap::new(),
+            by_key: BTreeMap::new(),
+            by_deadline: BTreeSet::new(),
+            per_conn: BTreeMap::new(),
+        }
+    }
+
+    /// Waiting reads.
+    pub fn len(&self) -> usize {
+        self.waiters.len()
+    }
+
+    /// No read is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.waiters.is_empty()
+    }
+
+    /// The earliest deadline.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.by_deadline.first().map(|(d, _)| *d)
+    }
+
+    /// Adds a read, unless a limit refuses it (the reply comes back).
+    pub fn add(
+        &mut self,
+        key: Key,
+        token: CausalToken,
+        deadline: Instant,
+        conn: u64,
+        reply: R,
+    ) -> Result<(), (Refused, R)> {
+        if self.waiters.len() >= self.limits.total {
+            return Err((Refused::Total(self.limits.total), reply));
+        }
+        let on_conn = self.per_conn.get(&conn).copied().unwrap_or(0);
+        if on_conn >= self.limits.per_conn {
+            return Err((Refused::PerConn(self.limits.per_conn), reply));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.per_conn.insert(conn, on_conn + 1);
+        self.by_key.entry(key.clone()).or_default().insert(id);
+        self.by_deadline.insert((deadline, id));
+        self.waiters.insert(
+            id,
+            Waiter {
+                key,
+                token,
+                deadline,
+                conn,
+                reply,
+            },
+        );
+        Ok(())
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Waiter<R>> {
+        let w = self.waiters.remove(&id)?;
+        if let Some(ids) = self.by_key.get_mut(&w.key) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                self.by_key.remove(&w.key);
+            }
+        }
+        self.by_deadline.remove(&(w.deadline, id));
+        if let Some(n) = self.per_conn.get_mut(&w.conn) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_conn.remove(&w.conn);
+            }
+        }
+        Some(w)
+    }
+
+    /// Whether any read waits on `key`.
+    pub fn waits_on(&self, key: &Key) -> bool {
+        self.by_key.contains_key(key)
+    }
+
+    /// The reads of `key` whose token `included` accepts, removed.
+    pub fn ready(&mut self, key: &Key, included: impl Fn(&CausalToken) -> bool) -> Vec<R> {
+        let ids: Vec<u64> = match self.by_key.get(key) {
+            Some(ids) => ids.iter().copied().collect(),
+            None => return Vec::new(),
+        };
+        let ready: Vec<u64> = ids
+            .into_iter()
+            .filter(|id| self.waiters.get(id).is_some_and(|w| included(&w.token)))
+            .collect();
+        ready
+            .into_iter()
+            .filter_map(|id| self.remove(id).map(|w| w.reply))
+            .collect()
+    }
+
+    /// The reads whose deadline passed by `now`, removed.
+    pub fn expired(&mut self, now: Instant) -> Vec<R> {
+        let mut out = Vec::new();
+        while let Some(&(d, id)) = self.by_deadline.first() {
+            if d > now {
+                break;
+            }
+            match self.remove(id) {
+                Some(w) => out.push(w.reply),
+                None => {
+                    self.by_deadline.pop_first();
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn reads_are_capped_indexed_by_key_and_expire_in_order() {
+        let mut w: Waits<u32> = Waits::new(WaitLimits { total: 3, per_conn: 2 });
+        let now = Instant::now();
+        let (a, b) = (Key::new("a").unwrap(), Key::new("b").unwrap());
+        let t = CausalToken::default();
+        w.add(a.clone(), t.clone(), now + Duration::from_secs(2), 1, 1).unwrap();
+        w.add(b.clone(), t.clone(), now + Duration::from_secs(1), 1, 2).unwrap();
+        assert_eq!(w.add(a.clone(), t.clone(), now, 1, 3), Err((Refused::PerConn(2), 3)));
+        w.add(a.clone(), t.clone(), now + Duration::from_secs(3), 2, 4).unwrap();
+        assert_eq!(w.add(a.clone(), t.clone(), now, 3, 5), Err((Refused::Total(3), 5)));
+        assert_eq!(w.next_deadline(), Some(now + Duration::from_secs(1)));
+        assert_eq!(w.ready(&a, |_| false), Vec::<u32>::new());
+        assert_eq!(w.ready(&a, |_| true), vec![1, 4]);
+        assert!(!w.waits_on(&a));
+        assert_eq!(w.expired(now), Vec::<u32>::new());
+        assert_eq!(w.expired(now + Duration::from_secs(5)), vec![2]);
+        assert!(w.is_empty());
+        // Freed slots are reusable.
+        w.add(a, t, now, 1, 6).unwrap();
+    }
+}
