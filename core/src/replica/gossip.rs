@@ -109,9 +109,7 @@ impl<S: Store> Replica<S> {
     pub(super) fn link_budget(&mut self, node: &NodeId, now: Time) -> Option<usize> {
         let p = self.peers.get_mut(node)?;
         let rate = p.cfg.rate_limit?;
-        let burst = (rate / 4).max(4_096) as i64;
-        let add = (u128::from(rate) * u128::from(now.since(p.tokens_at)) / 1_000).min(burst as u128) as i64;
-        p.tokens = p.tokens.saturating_add(add).min(burst);
+        p.tokens = refill(p.tokens, rate, now.since(p.tokens_at));
         p.tokens_at = now;
         Some(p.tokens.max(0) as usize)
     }
@@ -517,5 +515,35 @@ impl<S: Store> Replica<S> {
             self.dirty = true;
         }
         Ok(())
+    }
+}
+
+/// A link's token balance after `elapsed_ms` at `rate` bytes/s: up to a
+/// burst of a quarter second (at least 4 KiB), from wherever it stood. A
+/// debt is paid off at the link's rate however rarely this is called
+/// (capping the refill itself at a burst kept a link that was asked once a
+/// second, by the repair rounds of a peer that gets no deltas, in debt for
+/// many seconds: swarm seed 6147).
+fn refill(tokens: i64, rate: u64, elapsed_ms: u64) -> i64 {
+    let burst = i128::from((rate / 4).max(4_096).min(i64::MAX as u64));
+    let add = u128::from(rate) * u128::from(elapsed_ms) / 1_000;
+    let add = add.min(u128::from(u64::MAX)) as i128;
+    (i128::from(tokens) + add).min(burst) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refill;
+
+    #[test]
+    fn a_debt_is_paid_off_at_the_link_rate_however_rarely_asked() {
+        // 52 KB of debt at 12.6 KB/s: one call a second pays 12.6 KB each.
+        assert_eq!(refill(-52_000, 12_600, 1_000), -39_400);
+        assert_eq!(refill(-52_000, 12_600, 5_000), 4_096);
+        // Never above the burst, however long it waited.
+        assert_eq!(refill(0, 1_000_000, 60_000), 250_000);
+        assert_eq!(refill(4_096, 8_000, 10), 4_096);
+        // No overflow at the extremes.
+        assert_eq!(refill(i64::MIN, u64::MAX, u64::MAX), (u64::MAX / 4) as i64);
     }
 }
