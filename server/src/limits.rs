@@ -1,6 +1,6 @@
 //! The `[memory]` section of the node's configuration: byte budgets of the
 //! engine and per-peer queues, the watch feed and the waiting reads. Each
-//! limit's behaviour when reached is stated in `docs/security-memory.md`.
+//! limit's behaviour when reached is stated in `SECURITY.md` ("Memory with a token").
 
 use crate::feed::FeedLimits;
 use crate::queue::QueueLimits;
