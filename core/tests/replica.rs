@@ -640,6 +640,74 @@ fn an_oversized_state_travels_in_pieces_and_the_repair_completes() {
     assert_eq!(st[0].unacked_groups, 0, "a later complete round finished the repair");
 }
 
+/// States that span more than the 8 frames of one answer reach a wiped
+/// peer: pieces start from another place each round (without the rotation
+/// the same first pieces went every round and the peer never converged),
+/// and the answer's extra frames carry more of them. A set whose context is
+/// fragmented (every other element removed) and a counter of 2,000 replicas,
+/// over 1 KiB frames. (From the attack on the change: both mutants passed
+/// every other test.)
+#[test]
+fn states_spanning_many_frames_reach_a_wiped_peer() {
+    use lattice_core::clock::{HlcTimestamp, ReplicaId};
+    use lattice_core::crdt::WriteStamp;
+    fn ap(v: &mut Option<Value>, op: Op, r: u64) {
+        let st = WriteStamp {
+            replica: ReplicaId(r),
+            time: HlcTimestamp::default(),
+        };
+        let d = Value::apply(v.as_ref(), &op, st).unwrap();
+        match v {
+            Some(c) => lattice_core::crdt::Crdt::join(c, &d),
+            None => *v = Some(d),
+        }
+    }
+    let elem = |i: u64| -> lattice_core::crdt::Bytes { format!("{i}").as_str().into() };
+    let mut set = None;
+    ap(&mut set, Op::SetAdd((0..2_000).map(elem).collect()), 7);
+    ap(&mut set, Op::SetRemove((0..2_000).step_by(2).map(elem).collect()), 7);
+    let mut counter = None;
+    for r in 0..2_000u64 {
+        ap(
+            &mut counter,
+            Op::CounterAdd(1),
+            r.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+        );
+    }
+    for (name, v) in [("set", set.unwrap()), ("counter", counter.unwrap())] {
+        let frame = 1024;
+        let mut c = cluster_with(2, &|_, c| c.max_message_bytes = frame);
+        c.run(50, &never);
+        // Hand the state to n0 in pieces, as if a peer had sent it so.
+        for p in v.split(frame / 8) {
+            let f = hostile_delta(&c, 1, vec![(key("x"), p)], c.now);
+            c.nodes[0].handle(Time(c.now), &NodeId("n1".into()), &f).unwrap();
+        }
+        c.run(50, &never);
+        assert_eq!(
+            c.nodes[0].read(&key("x")).unwrap().as_ref(),
+            Some(&v),
+            "{name}: n0 holds it"
+        );
+        assert!(
+            lattice_core::proto::to_bytes(&v).unwrap().len() > 8 * frame,
+            "{name}: more than 8 frames"
+        );
+        c.nodes[1] = open_with(1, 2, 99, &|_, c| c.max_message_bytes = frame);
+        c.write(0, "t", Op::CounterAdd(1));
+        let mut waited = 0;
+        while c.nodes[0].digest() != c.nodes[1].digest() && waited < 15_000 {
+            c.run(100, &never);
+            waited += 100;
+        }
+        assert_eq!(
+            c.nodes[1].read(&key("x")).unwrap().as_ref(),
+            Some(&v),
+            "{name}: not repaired within {waited} ms"
+        );
+    }
+}
+
 /// A wiped peer differs in every leaf of the tree: rounds limited to the
 /// handful of leaves whose digests fit half a small frame repaired about
 /// four keys each (swarm seed 4426: a leaf of a star still lacked most keys
