@@ -754,7 +754,7 @@ async fn client_stream(
                         error(ErrorKind::Unauthorized, "unknown client token")
                     } else {
                         session.authenticate();
-                        return watch(send, prefix, from, conn, &inbound).await;
+                        return watch(send, prefix, from, Request { bytes, conn }, &inbound).await;
                     }
                 }
                 Ok(req) => serve(req, Request { bytes, conn }, &inbound, &session).await,
@@ -816,11 +816,32 @@ fn authorized(inbound: &Inbound, token: &[u8]) -> bool {
 /// `WatchLagged` error ends the feed), or the node stops. Each change's
 /// value is read from the engine when the change is about to be sent: the
 /// watcher sees the key's latest value (see [`crate::feed`]).
-async fn watch(mut send: quinn::SendStream, prefix: String, from: Option<WatchToken>, conn: u64, inbound: &Inbound) {
+async fn watch(
+    mut send: quinn::SendStream,
+    prefix: String,
+    from: Option<WatchToken>,
+    meta: Request,
+    inbound: &Inbound,
+) {
+    // Refused here, before it is queued: the engine queue charges a request
+    // its frame's length, and a prefix longer than any key can match nothing.
+    if prefix.len() > lattice_core::MAX_KEY_LEN {
+        let message = format!(
+            "a watch prefix of {} bytes is longer than the limit of {} (the longest key)",
+            prefix.len(),
+            lattice_core::MAX_KEY_LEN
+        );
+        if let Ok(f) = encode_client(&error(ErrorKind::InvalidRequest, message)) {
+            let _ = write_frame(&mut send, &f).await;
+        }
+        let _ = send.finish();
+        return;
+    }
     let (tx, mut rx) = watch_queue();
+    let conn = meta.conn;
     if inbound
         .engine
-        .try_send_sized(Input::Watch { prefix, from, conn, tx }, 0)
+        .try_send_sized(Input::Watch { prefix, from, conn, tx }, meta.bytes)
         .is_err()
     {
         inbound.metrics.overloaded.inc();
