@@ -351,3 +351,23 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// The node binary for a benchmark binary: `arg` if given, else
+/// `latticed-test` or `latticed` beside the running executable.
+pub fn node_binary(arg: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(p) = arg {
+        return Ok(p);
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("no directory for this binary")?;
+    for name in ["latticed-test", "latticed"] {
+        let p = dir.join(name);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "no latticed binary beside {}: build it (`cargo build --release -p lattice-tests --bins`) or pass --latticed",
+        exe.display()
+    )
+}

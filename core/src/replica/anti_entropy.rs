@@ -298,42 +298,31 @@ impl<S: Store> Replica<S> {
         let fresh = frame_budget.saturating_sub(64);
         for (k, v) in entries {
             let size = crate::proto::to_bytes(&v)?.len() + k.as_str().len() + 8;
-            if size <= frame_budget {
+            let parts = if size <= frame_budget {
+                vec![(v, size)]
+            } else {
+                // Larger than any frame (a join of large concurrent states).
+                round.partial = true;
+                self.state_pieces(&k, &v, round)?
+            };
+            for (part, size) in parts {
                 if size > budget && frames.len() < AE_STATE_FRAMES && extra_bytes >= fresh {
                     frames.push(Vec::new());
                     budget = fresh;
                     extra_bytes -= fresh;
                 }
-                if size <= budget {
-                    budget -= size;
-                    if let Some(f) = frames.last_mut() {
-                        f.push((k, v));
-                    }
-                } else {
-                    // Waits, whole, for a round with room.
+                if size > budget {
+                    // Waits for a round with room.
                     round.partial = true;
+                    continue;
                 }
-                continue;
-            }
-            // Larger than any frame (a join of large concurrent states).
-            round.partial = true;
-            let pieces = self.state_pieces(&k, &v, round)?;
-            for (part, size) in pieces {
-                if size > budget && frames.len() < AE_STATE_FRAMES && extra_bytes >= fresh {
-                    frames.push(Vec::new());
-                    budget = fresh;
-                    extra_bytes -= fresh;
-                }
-                if size <= budget {
-                    budget -= size;
-                    if let Some(f) = frames.last_mut() {
-                        // One entry per key and frame (decoding refuses a
-                        // repeated key): pieces that share a frame travel
-                        // joined.
-                        match f.last_mut() {
-                            Some((last, acc)) if *last == k => crate::crdt::Crdt::join(acc, &part),
-                            _ => f.push((k.clone(), part)),
-                        }
+                budget -= size;
+                if let Some(f) = frames.last_mut() {
+                    // One entry per key and frame (decoding refuses a
+                    // repeated key): pieces that share a frame travel joined.
+                    match f.last_mut() {
+                        Some((last, acc)) if *last == k => crate::crdt::Crdt::join(acc, &part),
+                        _ => f.push((k.clone(), part)),
                     }
                 }
             }

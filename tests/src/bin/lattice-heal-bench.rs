@@ -48,24 +48,6 @@ struct Args {
 
 const REGIONS: [&str; 3] = ["eu", "us", "ap"];
 
-fn latticed(arg: Option<PathBuf>) -> Result<PathBuf> {
-    if let Some(p) = arg {
-        return Ok(p);
-    }
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("no directory for this binary")?;
-    for name in ["latticed-test", "latticed"] {
-        let p = dir.join(name);
-        if p.exists() {
-            return Ok(p);
-        }
-    }
-    bail!(
-        "no latticed binary beside {}: build it (`cargo build --release -p lattice-tests --bins`) or pass --latticed",
-        exe.display()
-    )
-}
-
 fn key(s: String) -> Result<Key> {
     Key::new(s).map_err(|e| anyhow::anyhow!("{e}"))
 }
@@ -149,7 +131,7 @@ async fn propagation(clients: &[Client], from: usize, to: usize, n: usize) -> Re
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let bin = latticed(args.latticed)?;
+    let bin = lattice_tests::node_binary(args.latticed)?;
     let delay = Duration::from_millis(args.latency_ms);
     let mut cluster = Cluster::prepare(&bin, &REGIONS, Durability::Group)?;
     // Every peer link through a delaying relay.

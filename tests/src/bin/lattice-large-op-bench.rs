@@ -9,7 +9,7 @@
 //! `cargo build --release -p lattice-tests --bins && target/release/lattice-large-op-bench`
 //! (needs the `latticed-test` binary built beside it, or `--latticed PATH`).
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Parser;
 use lattice_client::Client;
 use lattice_core::crdt::{Bytes, Op};
@@ -41,21 +41,6 @@ struct Args {
 }
 
 const REGIONS: [&str; 3] = ["eu", "us", "ap"];
-
-fn latticed(arg: Option<PathBuf>) -> Result<PathBuf> {
-    if let Some(p) = arg {
-        return Ok(p);
-    }
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("no directory for this binary")?;
-    for name in ["latticed-test", "latticed"] {
-        let p = dir.join(name);
-        if p.exists() {
-            return Ok(p);
-        }
-    }
-    bail!("no latticed-test or latticed beside {}; pass --latticed", exe.display())
-}
 
 fn key(s: &str) -> Result<Key> {
     Key::new(s).map_err(|e| anyhow::anyhow!("{e}"))
@@ -141,7 +126,7 @@ async fn set_len(client: &Client) -> Result<usize> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let bin = latticed(args.latticed)?;
+    let bin = lattice_tests::node_binary(args.latticed)?;
     let mut cluster = Cluster::prepare(&bin, &REGIONS, Durability::Group)?;
     cluster.start_all()?;
     cluster.wait_ready(Duration::from_secs(60)).await?;
