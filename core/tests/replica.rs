@@ -740,6 +740,64 @@ fn a_wiped_peer_with_many_keys_is_repaired_in_few_rounds() {
     );
 }
 
+/// Seed 6147: on a slow link, partial repair rounds followed each other
+/// one sync interval apart, faster than the link carried their answers;
+/// the answers queued behind each other (221 KB, 17 s of that link), and
+/// the hub could start no round of its own until the queue drained. Rounds
+/// are now paced to the link: what a node sends a wiped peer over any ten
+/// seconds stays within what the link carries in that time.
+#[test]
+fn repair_rounds_on_a_slow_link_keep_to_its_rate() {
+    const RATE: u64 = 8_000;
+    let tweak = |_: usize, c: &mut ReplicaConfig| {
+        c.max_message_bytes = 4 << 10;
+        for p in c.peers.iter_mut() {
+            p.rate_limit = Some(RATE);
+        }
+    };
+    let mut c = cluster_with(2, &tweak);
+    c.run(50, &never);
+    for chunk in 0..200 {
+        let ops: Vec<(Key, Op)> = (0..5)
+            .map(|i| (key(&format!("k{}", chunk * 5 + i)), Op::LwwSet(vec![b'v'; 300].into())))
+            .collect();
+        c.nodes[0].write(Time(c.now), ops).unwrap();
+        c.run(300, &never);
+    }
+    c.run(60_000, &never);
+    assert_eq!(c.nodes[0].digest(), c.nodes[1].digest());
+    c.nodes[1] = open_with(1, 2, 99, &tweak);
+    // Bytes from n0 to n1 in each 100 ms step until the repair is done.
+    let mut steps: Vec<u64> = Vec::new();
+    while c.nodes[0].digest() != c.nodes[1].digest() && steps.len() < 3_000 {
+        let before = c.sent.len();
+        c.run(100, &never);
+        steps.push(
+            c.sent[before..]
+                .iter()
+                .filter(|(from, _)| *from == 0)
+                .map(|(_, t)| t.payload.len() as u64)
+                .sum(),
+        );
+    }
+    assert_eq!(
+        c.nodes[0].digest(),
+        c.nodes[1].digest(),
+        "not repaired in {} ms",
+        steps.len() * 100
+    );
+    // The link's rate over ten seconds, plus its initial burst and a frame
+    // or two already on their way.
+    let bound = RATE * 10 + 4_096 + 2 * (4 << 10);
+    let worst = steps.windows(100).map(|w| w.iter().sum::<u64>()).max();
+    if let Some(worst) = worst {
+        assert!(
+            worst <= bound,
+            "{worst} bytes in 10 s on a {RATE} B/s link (bound {bound})"
+        );
+    }
+}
+
 /// From the review: a value a client could not read back (over the 1 MiB
 /// client frame) was accepted; the read then closed empty and the client
 /// marked a healthy node down. Writes now refuse it with a clear error, and

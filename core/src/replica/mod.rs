@@ -865,12 +865,18 @@ impl<S: Store> Replica<S> {
             // round: a node that missed much converges at the speed of its
             // link, not at one frame per anti-entropy interval. Paced, so a
             // difference that rounds cannot fix costs a bounded rate.
-            let pace = self.cfg.sync_interval_ms;
+            let mut pace = self.cfg.sync_interval_ms;
             if let Some(p) = self.peers.get_mut(from) {
-                let next = now.plus(pace);
-                if p.repair_due.is_none_or(|t| t > next) {
-                    p.repair_due = Some(next);
+                // On a rate-limited link, one round's answers (leaves and
+                // states, up to about two frames) at the link's rate: faster
+                // rounds would only queue behind each other.
+                if let Some(rate) = p.cfg.rate_limit.filter(|r| *r > 0) {
+                    let round_bytes = 2 * self.cfg.max_message_bytes as u64;
+                    pace = pace.max(round_bytes.saturating_mul(1000) / rate);
                 }
+                // Replaces the timeout set when the round started: this
+                // round is over.
+                p.repair_due = Some(now.plus(pace));
             }
             return;
         }
