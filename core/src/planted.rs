@@ -21,8 +21,9 @@ pub enum PlantedBug {
     DigestLeak,
     /// A write concern counts as met once the write is durable locally.
     ConcernEarly,
-    /// An `async` store reopened after a crash keeps its replica id (review
-    /// finding 1: dots and sequence numbers peers hold are handed out again).
+    /// A store reopened after a crash keeps its replica id (review finding
+    /// 1, and lying disks: dots and sequence numbers peers hold are handed
+    /// out again).
     AsyncReusesId,
     /// A relay leaves a large novel part to anti-entropy with no gap marked
     /// (review finding 2).

@@ -17,19 +17,20 @@ use std::collections::{BTreeMap, VecDeque};
 /// The engine's own durable metadata.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Meta {
-    /// The replica identity dots are created under.
+    /// The replica identity the current life creates dots under (a fresh
+    /// one each life, see [`Replica::open`](crate::replica::Replica::open)).
     pub replica: ReplicaId,
     /// The sequence number the next delta group gets.
     pub next_seq: u64,
     /// Set only by [`Replica::close`](crate::replica::Replica::close), in
     /// the last batch a life writes: the store then holds every change that
-    /// life made. A store whose flush does not reach the disk (`async`)
-    /// reuses its replica id only after such a close.
+    /// life made, its client op ids included, so the next life answers
+    /// retries from them without an `OutcomeUnknown` window.
     #[serde(default)]
     pub clean: bool,
-    /// Written by a life whose flushes did not reach the disk (`async`):
-    /// unless `clean`, the next life must take a fresh replica id, whatever
-    /// its own mode.
+    /// Written by a life whose flushes did not reach the disk (`async`).
+    /// Kept in the on-disk format; nothing decides on it any more, since
+    /// every life takes a fresh replica id.
     #[serde(default)]
     pub async_life: bool,
 }
@@ -155,6 +156,9 @@ pub struct MemoryStore {
     written: Vec<WriteBatch>,
     durable: Image,
     is_async: bool,
+    /// A disk whose flush lies: it reports flushes as durable
+    /// ([`Store::flush_is_durable`]) but behaves as `async` does.
+    lying: bool,
 }
 
 impl MemoryStore {
@@ -167,6 +171,18 @@ impl MemoryStore {
     pub fn new_async() -> Self {
         MemoryStore {
             is_async: true,
+            ..Self::default()
+        }
+    }
+
+    /// An empty store on a disk that lies: `flush` and `sync` report
+    /// success and the store claims its flushes are durable, but the data
+    /// reaches the disk only at [`MemoryStore::sync_disk`], as with a write
+    /// cache that ignores flush requests.
+    pub fn new_lying() -> Self {
+        MemoryStore {
+            is_async: true,
+            lying: true,
             ..Self::default()
         }
     }
@@ -271,12 +287,14 @@ impl Store for MemoryStore {
     }
 
     fn flush_is_durable(&self) -> bool {
-        !self.is_async
+        !self.is_async || self.lying
     }
 
     fn sync(&mut self) -> Result<(), Error> {
         self.written.append(&mut self.pending);
-        self.sync_disk();
+        if !self.lying {
+            self.sync_disk();
+        }
         Ok(())
     }
 }

@@ -220,15 +220,20 @@ fn bad_frames_are_refused_without_effect() {
     assert_eq!(r.stats().rejected, 5);
 }
 
+/// Every life creates its dots under a fresh replica id, whatever its disk
+/// kept: a restart on its own disk as well as on an empty one.
 #[test]
-fn a_lost_disk_comes_back_under_a_new_replica_id() {
+fn every_life_takes_a_fresh_replica_id() {
     let r = open(0, 1, MemoryStore::new(), 1);
     let first = r.id();
     let store = r.into_store();
     let again = Replica::open(cfg(0, 1), store, Box::new(ChaCha8Rng::seed_from_u64(99)), Time(5)).unwrap();
-    assert_eq!(again.id(), first, "a restart on its own disk keeps its identity");
+    assert_ne!(again.id(), first, "a restart on its own disk");
+    let closed = again.close(Time(6)).unwrap();
+    let third = Replica::open(cfg(0, 1), closed, Box::new(ChaCha8Rng::seed_from_u64(98)), Time(7)).unwrap();
+    assert_ne!(third.id(), first, "a restart after a clean close");
     let wiped = open(0, 1, MemoryStore::new(), 2);
-    assert_ne!(wiped.id(), first, "an empty store gets a fresh identity");
+    assert_ne!(wiped.id(), first, "an empty store");
 }
 
 /// Every counter dot in every delta a node ever sent, with the running
@@ -268,7 +273,8 @@ fn a_crash_never_makes_a_node_reuse_a_dot_it_sent() {
         c.nodes[0] = Replica::open(
             cfg(0, 2),
             store,
-            Box::new(ChaCha8Rng::seed_from_u64(round)),
+            // Seeds no other node's id was drawn from.
+            Box::new(ChaCha8Rng::seed_from_u64(100 + round)),
             Time(c.now),
         )
         .unwrap();
@@ -334,23 +340,53 @@ fn an_async_crash_never_reuses_a_dot_and_replicas_converge() {
     assert_eq!(c.nodes[0].digest(), c.nodes[1].digest());
 }
 
-/// A clean close in `async` mode keeps the replica id (and so no version
-/// vector grows with every graceful restart); the next life is unclean
-/// until it closes again.
+/// A clean close in `async` mode puts everything on the disk, client op ids
+/// included, and the next life reads it all back.
 #[test]
-fn a_clean_async_close_keeps_the_replica_id_and_a_crash_after_it_does_not() {
+fn a_clean_async_close_keeps_every_write() {
     let mut r = open(0, 1, MemoryStore::new_async(), 1);
-    let id = r.id();
     r.write(Time(1), vec![(key("k"), Op::CounterAdd(1))]).unwrap();
     let store = r.close(Time(2)).unwrap();
     assert_eq!(store.unsynced(), 0, "close syncs whatever the mode");
     let r = Replica::open(cfg(0, 1), store, Box::new(ChaCha8Rng::seed_from_u64(5)), Time(3)).unwrap();
-    assert_eq!(r.id(), id);
     assert_eq!(r.read(&key("k")).unwrap().unwrap().view(), ValueView::Counter(1));
-    let mut store = r.into_store();
-    store.crash();
-    let r = Replica::open(cfg(0, 1), store, Box::new(ChaCha8Rng::seed_from_u64(6)), Time(4)).unwrap();
-    assert_ne!(r.id(), id, "a crash after the clean life's start is detected");
+}
+
+/// A disk whose flush lies (it reports durability, the engine runs as in
+/// `sync` mode, but the data reaches the disk later) loses a tail the node
+/// already acknowledged and sent. A restart that reused the id handed the
+/// same dots out again and the replicas diverged for ever (the swarm found
+/// 27 seeds in 1,000 once it modelled such disks). Every life now takes a
+/// fresh id: the lost tail comes back from the peer, and the replicas
+/// converge on both lives' writes.
+#[test]
+fn a_lying_flush_never_makes_replicas_diverge() {
+    let mut c = Cluster::new(2);
+    c.nodes[0] = open(0, 2, MemoryStore::new_lying(), 1);
+    c.run(50, &never);
+    assert!(
+        lattice_core::store::Store::flush_is_durable(c.nodes[0].store()),
+        "the disk claims durability"
+    );
+    // The disk writes now and then: the life's start is on it.
+    c.nodes[0].store_mut().sync_disk();
+    c.write(0, "s", Op::SetAdd(vec!["e1".into()]));
+    c.write(0, "n", Op::CounterAdd(5));
+    c.run(50, &never);
+    assert!(c.nodes[0].store().unsynced() > 0, "nothing reached the disk");
+    assert_eq!(counter(&c.nodes[1], "n"), Some(5), "the peer has the lost tail");
+    crash_and_reopen(&mut c, 0, 0, 42);
+    c.write(0, "s", Op::SetAdd(vec!["e2".into()]));
+    c.write(0, "n", Op::CounterAdd(7));
+    c.run(3_000, &never);
+    for n in &c.nodes {
+        assert!(
+            matches!(n.read(&key("s")).unwrap().unwrap().view(), ValueView::Set(s) if s.len() == 2),
+            "both lives' elements"
+        );
+        assert_eq!(counter(n, "n"), Some(12), "both lives' increments");
+    }
+    assert_eq!(c.nodes[0].digest(), c.nodes[1].digest());
 }
 
 /// A crash that keeps a prefix of the batches not yet on disk (a torn log
@@ -951,13 +987,6 @@ fn an_async_crash_restarted_in_a_durable_mode_still_takes_a_new_id() {
         assert!(matches!(n.read(&key("s")).unwrap().unwrap().view(), ValueView::Set(s) if s.len() == 2));
     }
     assert_eq!(c.nodes[0].digest(), c.nodes[1].digest());
-    // A durable life that crashes keeps its id: nothing it sent was lost.
-    let id = c.nodes[0].id();
-    let r = std::mem::replace(&mut c.nodes[0], open(0, 2, MemoryStore::new(), 78));
-    let mut s = r.into_store();
-    s.crash();
-    let again = Replica::open(cfg(0, 2), s, Box::new(ChaCha8Rng::seed_from_u64(10)), Time(c.now)).unwrap();
-    assert_eq!(again.id(), id);
 }
 
 /// A crash between a group's batch and the trim that followed it (a torn

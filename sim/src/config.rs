@@ -156,6 +156,10 @@ pub struct SimConfig {
     /// A crash keeps a random prefix of the batches not yet on disk (a torn
     /// log tail) instead of none of them.
     pub torn_writes: bool,
+    /// With `async_disk_ms`: the disk lies, claiming every flush durable
+    /// (the engine then runs as in `sync` mode) while it writes only every
+    /// `async_disk_ms`, as a write cache that ignores flushes does.
+    pub lying_flush: bool,
     /// Engine: largest frame (small frames put every size edge in reach).
     pub max_message_bytes: usize,
     /// Share of register writes (0..1) whose value is large: a size drawn
@@ -206,6 +210,7 @@ impl SimConfig {
             concern_share: 0.0,
             async_disk_ms: None,
             torn_writes: true,
+            lying_flush: false,
             max_message_bytes: lattice_core::proto::DEFAULT_MAX_MESSAGE_BYTES,
             large_values: 0.0,
         }
@@ -281,6 +286,9 @@ impl SimConfig {
             c.async_disk_ms = Some(drng.gen_range(5..=800));
         }
         c.torn_writes = drng.gen_bool(0.7);
+        if c.async_disk_ms.is_some() {
+            c.lying_flush = drng.gen_bool(0.4);
+        }
         // Sizes at the frame limits: small frames and large register values
         // mixed with small ones, in a mesh or a relaying star; now and then
         // thousands of keys, so repair rounds go partial.

@@ -224,7 +224,9 @@ pub struct Sim {
 
 /// An empty store of the run's durability mode.
 fn new_store(cfg: &SimConfig) -> MemoryStore {
-    if cfg.async_disk_ms.is_some() {
+    if cfg.async_disk_ms.is_some() && cfg.lying_flush {
+        MemoryStore::new_lying()
+    } else if cfg.async_disk_ms.is_some() {
         MemoryStore::new_async()
     } else {
         MemoryStore::new()
@@ -289,7 +291,7 @@ impl Sim {
         let report = Report {
             seed: cfg.seed,
             setup: format!(
-                "nodes={} regions={} ops={} rate={:.0}/s sync={}ms ae={}ms buffer={}B faults={}{}{} relay={}{}{}{}{}",
+                "nodes={} regions={} ops={} rate={:.0}/s sync={}ms ae={}ms buffer={}B faults={}{}{}{} relay={}{}{}{}{}",
                 cfg.nodes,
                 cfg.regions,
                 cfg.ops,
@@ -300,6 +302,7 @@ impl Sim {
                 cfg.faults.describe(),
                 cfg.async_disk_ms.map_or(String::new(), |ms| format!(",async={ms}ms")),
                 if cfg.torn_writes { ",torn" } else { "" },
+                if cfg.lying_flush { ",lying" } else { "" },
                 cfg.relay,
                 if cfg.max_message_bytes < lattice_core::proto::DEFAULT_MAX_MESSAGE_BYTES {
                     format!(

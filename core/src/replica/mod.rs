@@ -258,48 +258,35 @@ pub struct Replica<S: Store> {
 }
 
 impl<S: Store> Replica<S> {
-    /// Opens a replica on `store`. A store without metadata (new, or a lost
-    /// disk) gets a fresh replica id drawn from `rng`, so no dot or sequence
-    /// number handed out by an earlier life of this node is ever reused.
+    /// Opens a replica on `store`. Every life creates its dots under a
+    /// fresh replica id drawn from `rng`, so no dot or sequence number
+    /// handed out by an earlier life is ever handed out again, whatever the
+    /// disk kept of that life: an `async` tail lost in a crash, a flush
+    /// that lied, a restore from an older image, a lost disk. (Reusing the
+    /// id after a clean close is safe only on a disk that keeps what it
+    /// acknowledged; a lying disk can lose the very batch that marked the
+    /// next life unclean.) The price is one more entry in the contexts of
+    /// keys written after each restart.
     pub fn open(cfg: ReplicaConfig, mut store: S, mut rng: Box<dyn RngCore + Send>, now: Time) -> Result<Self, Error> {
-        // Op ids recorded by an `async` life that crashed may be lost with
-        // its tail: retries arriving soon after are answered OutcomeUnknown.
-        let mut op_ids_lost = false;
-        // Whether this life's flushes reach the disk. What decides whether
-        // the id may be reused is how the *previous* life ran (recorded in
-        // its meta), not the mode of this one: an `async` crash restarted
-        // in `group` mode must not reuse dots either.
         let async_life = !store.flush_is_durable();
-        let (meta, stored) = match store.meta()? {
-            // A clean close, or a life whose every flush reached the disk:
-            // the stored contexts and sequence number cover everything this
-            // id ever sent. Rewritten only when a flag must change.
-            Some(m) if m.clean || !m.async_life => {
-                let unchanged = !m.clean && m.async_life == async_life;
-                (m, unchanged)
-            }
+        let fresh = ReplicaId(rng.next_u64());
+        let (meta, op_ids_lost) = match store.meta()? {
+            // A clean close: every op id that life recorded is on disk.
+            Some(m) if m.clean => (Meta { replica: fresh, ..m }, false),
             #[cfg(feature = "planted-bugs")]
             Some(m) if crate::planted::active(crate::planted::PlantedBug::AsyncReusesId) => (m, false),
-            // An `async` life that crashed: the disk may have lost a tail of
-            // writes whose dots and sequence numbers peers already hold.
-            // Handing them out again would make two different writes share
-            // a dot (replicas would diverge for ever), so this life creates
-            // dots under a fresh id; anti-entropy brings the lost tail back
-            // from the peers that have it.
+            // A crash: the disk may have lost a tail of writes whose dots,
+            // sequence numbers and op ids peers and clients already hold.
+            // Anti-entropy brings the lost states back from the peers that
+            // have them; retries of lost op ids arriving soon after are
+            // answered OutcomeUnknown.
             Some(m) => {
-                tracing::info!(old = ?m.replica, "async store was not closed cleanly: new replica id");
-                op_ids_lost = true;
-                (
-                    Meta {
-                        replica: ReplicaId(rng.next_u64()),
-                        ..m
-                    },
-                    false,
-                )
+                tracing::info!(old = ?m.replica, new = ?fresh, "store was not closed cleanly");
+                (Meta { replica: fresh, ..m }, true)
             }
             None => (
                 Meta {
-                    replica: ReplicaId(rng.next_u64()),
+                    replica: fresh,
                     next_seq: 0,
                     clean: false,
                     async_life,
@@ -312,14 +299,12 @@ impl<S: Store> Replica<S> {
             async_life,
             ..meta
         };
-        if !stored {
-            // Before this life writes anything: it is unclean until closed.
-            store.apply(WriteBatch {
-                meta: Some(meta.clone()),
-                ..WriteBatch::default()
-            })?;
-            store.sync()?;
-        }
+        // Before this life writes anything: it is unclean until closed.
+        store.apply(WriteBatch {
+            meta: Some(meta.clone()),
+            ..WriteBatch::default()
+        })?;
+        store.sync()?;
         let cfg = ReplicaConfig {
             policy: cfg.policy.clone().validated()?,
             ..cfg
