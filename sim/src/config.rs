@@ -23,6 +23,10 @@ pub struct FaultMix {
     pub clock_skew: bool,
     /// Nodes that stop processing for a while (GC pause, overload).
     pub pauses: bool,
+    /// Restarts from an older copy of the disk (a restored backup, a
+    /// snapshot of the volume): the node crashes and its disk is replaced
+    /// by the image it had some time before.
+    pub rollback: bool,
     /// Message loss probability (0..1) while faults run.
     pub loss: f64,
     /// Message duplication probability (0..1) while faults run.
@@ -46,6 +50,7 @@ impl FaultMix {
             disk_loss: true,
             clock_skew: true,
             pauses: true,
+            rollback: true,
             loss: 0.05,
             duplication: 0.05,
         }
@@ -63,6 +68,7 @@ impl FaultMix {
             (self.disk_loss, "diskloss"),
             (self.clock_skew, "skew"),
             (self.pauses, "pause"),
+            (self.rollback, "rollback"),
         ] {
             if on {
                 v.push(name.to_string());
@@ -254,6 +260,7 @@ impl SimConfig {
             disk_loss: on(),
             clock_skew: on(),
             pauses: on(),
+            rollback: false,
             loss: 0.0,
             duplication: 0.0,
         };
@@ -289,6 +296,7 @@ impl SimConfig {
         if c.async_disk_ms.is_some() {
             c.lying_flush = drng.gen_bool(0.4);
         }
+        c.faults.rollback = drng.gen_bool(0.25);
         // Sizes at the frame limits: small frames and large register values
         // mixed with small ones, in a mesh or a relaying star; now and then
         // thousands of keys, so repair rounds go partial.

@@ -22,6 +22,10 @@ pub enum FaultAction {
     Skew(usize, i64),
     /// Stop a node from processing anything for a while (ms).
     Pause(usize, u64),
+    /// Keep a copy of what a node's disk holds now.
+    Snapshot(usize),
+    /// Crash a node and put back the disk copy its last `Snapshot` took.
+    Rollback(usize),
 }
 
 fn both_ways(a: &[usize], b: &[usize]) -> Vec<(usize, usize)> {
@@ -127,6 +131,15 @@ pub fn schedule(cfg: &SimConfig, rng: &mut ChaCha8Rng, w: u64) -> Vec<(u64, Faul
         for _ in 0..episodes {
             let at = rng.gen_range(0..w);
             out.push((at, FaultAction::Pause(rng.gen_range(0..n), rng.gen_range(50..3_000))));
+        }
+    }
+    if f.rollback {
+        for _ in 0..episodes {
+            let (s, e) = window(rng, 3_000);
+            let i = rng.gen_range(0..n);
+            out.push((rng.gen_range(0..=s), FaultAction::Snapshot(i)));
+            out.push((s, FaultAction::Rollback(i)));
+            out.push((e, FaultAction::Restart(i)));
         }
     }
     out

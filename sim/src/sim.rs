@@ -98,6 +98,8 @@ struct SimNode {
     replica: Option<Replica<MemoryStore>>,
     /// The store while the node is down.
     parked: Option<MemoryStore>,
+    /// A copy of its disk taken earlier, for a rollback.
+    snapshot: Option<MemoryStore>,
     token: u64,
     paused_until: u64,
     skew_ms: i64,
@@ -138,6 +140,8 @@ pub struct Report {
     pub acked: usize,
     /// Crashes, disk losses.
     pub crashes: (u64, u64),
+    /// Restarts from an older disk image (counted among disk losses too).
+    pub rollbacks: u64,
     /// Time from the heal until all replicas were identical.
     pub converged_ms: Option<u64>,
     /// Write-to-everywhere latency: p50, p99, max (ms), over writes that
@@ -169,7 +173,7 @@ impl Report {
             .map_or("n/a".into(), |(a, b, c)| format!("{a}/{b}/{c}"));
         let conv = self.converged_ms.map_or("never".into(), |c| format!("{c}ms"));
         format!(
-            "seed={} {}\nevents={} ops={} applied={} acked={} crashes={} disk_losses={}\nmessages={} bytes={} msgs_per_write={:.2} bytes_per_write={:.0}\npropagation_ms p50/p99/max={} converged_after_heal={}\ntrace={}\nverdict={}",
+            "seed={} {}\nevents={} ops={} applied={} acked={} crashes={} disk_losses={} rollbacks={}\nmessages={} bytes={} msgs_per_write={:.2} bytes_per_write={:.0}\npropagation_ms p50/p99/max={} converged_after_heal={}\ntrace={}\nverdict={}",
             self.seed,
             self.setup,
             self.events,
@@ -178,6 +182,7 @@ impl Report {
             self.acked,
             self.crashes.0,
             self.crashes.1,
+            self.rollbacks,
             self.messages,
             self.bytes,
             per(self.messages),
@@ -276,6 +281,7 @@ impl Sim {
                 cfg: rc,
                 replica: None,
                 parked: Some(new_store(&cfg)),
+                snapshot: None,
                 token: 0,
                 paused_until: 0,
                 skew_ms: 0,
@@ -889,6 +895,29 @@ impl Sim {
                 }
             }
             FaultAction::Pause(i, ms) => self.nodes[i].paused_until = self.nodes[i].paused_until.max(self.now + ms),
+            FaultAction::Snapshot(i) => {
+                let n = &mut self.nodes[i];
+                let store = n.replica.as_ref().map(|r| r.store()).or(n.parked.as_ref());
+                // What the disk holds: a crash's view of the store.
+                n.snapshot = store.map(|s| {
+                    let mut disk = s.clone();
+                    disk.crash();
+                    disk
+                });
+            }
+            FaultAction::Rollback(i) => {
+                let Some(image) = self.nodes[i].snapshot.take() else {
+                    return;
+                };
+                // Writes since the image are gone from this node's disk, as
+                // with a lost disk (the accounting treats it as one).
+                self.stop_node(i, true);
+                if self.trace_log {
+                    eprintln!("{} ROLLBACK n{i}", self.now);
+                }
+                self.report.rollbacks += 1;
+                self.nodes[i].parked = Some(image);
+            }
         }
     }
 
