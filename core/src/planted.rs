@@ -44,6 +44,10 @@ pub enum PlantedBug {
     /// The pieces of a state split for anti-entropy carry the whole
     /// context, so a piece removes the values that other pieces hold.
     SplitWholeContext,
+    /// Remote values are no longer checked for what no honest peer sends
+    /// (dots of this replica it never made, counter totals above its own,
+    /// stamps beyond the clock bound).
+    HostileAccepted,
 }
 
 thread_local! {

@@ -27,6 +27,10 @@ pub struct FaultMix {
     /// snapshot of the volume): the node crashes and its disk is replaced
     /// by the image it had some time before.
     pub rollback: bool,
+    /// Authenticated peers that send hostile values now and then: dots of
+    /// the receiver it never created or past the dot limit, counter totals
+    /// of the receiver above its own, LWW stamps a day ahead.
+    pub hostile: bool,
     /// Message loss probability (0..1) while faults run.
     pub loss: f64,
     /// Message duplication probability (0..1) while faults run.
@@ -51,6 +55,7 @@ impl FaultMix {
             clock_skew: true,
             pauses: true,
             rollback: true,
+            hostile: true,
             loss: 0.05,
             duplication: 0.05,
         }
@@ -69,6 +74,7 @@ impl FaultMix {
             (self.clock_skew, "skew"),
             (self.pauses, "pause"),
             (self.rollback, "rollback"),
+            (self.hostile, "hostile"),
         ] {
             if on {
                 v.push(name.to_string());
@@ -261,6 +267,7 @@ impl SimConfig {
             clock_skew: on(),
             pauses: on(),
             rollback: false,
+            hostile: false,
             loss: 0.0,
             duplication: 0.0,
         };
@@ -297,6 +304,8 @@ impl SimConfig {
             c.lying_flush = drng.gen_bool(0.4);
         }
         c.faults.rollback = drng.gen_bool(0.25);
+        let mut hrng = ChaCha8Rng::seed_from_u64(seed ^ 0x484f_5354_0000_0000);
+        c.faults.hostile = hrng.gen_bool(0.3);
         // Sizes at the frame limits: small frames and large register values
         // mixed with small ones, in a mesh or a relaying star; now and then
         // thousands of keys, so repair rounds go partial.

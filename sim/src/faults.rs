@@ -26,6 +26,16 @@ pub enum FaultAction {
     Snapshot(usize),
     /// Crash a node and put back the disk copy its last `Snapshot` took.
     Rollback(usize),
+    /// Peer `from` sends node `to` a hostile value of the given kind (see
+    /// `Sim::inject_hostile`), which `to` must refuse.
+    Hostile {
+        /// The hostile peer.
+        from: usize,
+        /// The node it sends to.
+        to: usize,
+        /// Which hostile value (below [`HOSTILE_KINDS`]).
+        kind: u8,
+    },
 }
 
 fn both_ways(a: &[usize], b: &[usize]) -> Vec<(usize, usize)> {
@@ -142,5 +152,17 @@ pub fn schedule(cfg: &SimConfig, rng: &mut ChaCha8Rng, w: u64) -> Vec<(u64, Faul
             out.push((e, FaultAction::Restart(i)));
         }
     }
+    if f.hostile && n >= 2 {
+        for _ in 0..episodes * 3 {
+            let at = rng.gen_range(0..w);
+            let from = rng.gen_range(0..n);
+            let to = (from + rng.gen_range(1..n)) % n;
+            let kind = rng.gen_range(0..HOSTILE_KINDS);
+            out.push((at, FaultAction::Hostile { from, to, kind }));
+        }
+    }
     out
 }
+
+/// How many kinds of hostile value `FaultAction::Hostile` sends.
+pub const HOSTILE_KINDS: u8 = 4;

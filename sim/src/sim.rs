@@ -142,6 +142,8 @@ pub struct Report {
     pub crashes: (u64, u64),
     /// Restarts from an older disk image (counted among disk losses too).
     pub rollbacks: u64,
+    /// Hostile values peers sent (each must be refused).
+    pub hostile_sent: u64,
     /// Time from the heal until all replicas were identical.
     pub converged_ms: Option<u64>,
     /// Write-to-everywhere latency: p50, p99, max (ms), over writes that
@@ -173,7 +175,7 @@ impl Report {
             .map_or("n/a".into(), |(a, b, c)| format!("{a}/{b}/{c}"));
         let conv = self.converged_ms.map_or("never".into(), |c| format!("{c}ms"));
         format!(
-            "seed={} {}\nevents={} ops={} applied={} acked={} crashes={} disk_losses={} rollbacks={}\nmessages={} bytes={} msgs_per_write={:.2} bytes_per_write={:.0}\npropagation_ms p50/p99/max={} converged_after_heal={}\ntrace={}\nverdict={}",
+            "seed={} {}\nevents={} ops={} applied={} acked={} crashes={} disk_losses={} rollbacks={} hostile={}\nmessages={} bytes={} msgs_per_write={:.2} bytes_per_write={:.0}\npropagation_ms p50/p99/max={} converged_after_heal={}\ntrace={}\nverdict={}",
             self.seed,
             self.setup,
             self.events,
@@ -183,6 +185,7 @@ impl Report {
             self.crashes.0,
             self.crashes.1,
             self.rollbacks,
+            self.hostile_sent,
             self.messages,
             self.bytes,
             per(self.messages),
@@ -895,6 +898,7 @@ impl Sim {
                 }
             }
             FaultAction::Pause(i, ms) => self.nodes[i].paused_until = self.nodes[i].paused_until.max(self.now + ms),
+            FaultAction::Hostile { from, to, kind } => self.inject_hostile(from, to, kind),
             FaultAction::Snapshot(i) => {
                 let n = &mut self.nodes[i];
                 let store = n.replica.as_ref().map(|r| r.store()).or(n.parked.as_ref());
@@ -906,6 +910,11 @@ impl Sim {
                 });
             }
             FaultAction::Rollback(i) => {
+                // Only a running node (the accounting of a lost disk runs
+                // as it stops).
+                if self.nodes[i].replica.is_none() {
+                    return;
+                }
                 let Some(image) = self.nodes[i].snapshot.take() else {
                     return;
                 };
@@ -919,6 +928,119 @@ impl Sim {
                 self.nodes[i].parked = Some(image);
             }
         }
+    }
+
+    /// Peer `from`, authenticated but hostile, sends `to` a value that
+    /// only a broken or malicious peer could: `to` must refuse it (count it
+    /// in `hostile_refused`, or refuse the frame for a stamp too far
+    /// ahead). What `to` cannot tell from honest traffic (dots of a third
+    /// replica a little ahead) is not sent: SECURITY.md says what a node
+    /// with a certificate can do.
+    fn inject_hostile(&mut self, from: usize, to: usize, kind: u8) {
+        use lattice_core::clock::{CausalContext, Dot, HlcTimestamp};
+        use lattice_core::crdt::{Bytes, Causal, DotMap, DotSet, GCounter, LwwRegister, OrSet};
+        use lattice_core::proto::{Message, PolicyStamp, Section};
+        let (Some(sender), Some(policy)) = (
+            self.nodes[from].replica.as_ref().map(|r| r.id()),
+            self.nodes[from]
+                .replica
+                .as_ref()
+                .map(|r| PolicyStamp::of(&r.config().policy)),
+        ) else {
+            return;
+        };
+        let (now, skew) = (self.now, self.nodes[to].skew_ms);
+        let Some(r) = self.nodes[to].replica.as_mut() else {
+            return;
+        };
+        if !r.config().peers.iter().any(|p| p.node == node_name(from)) {
+            return;
+        }
+        let victim = r.id();
+        let set_with = |ctx: CausalContext| -> Option<Value> {
+            let causal: Causal<DotMap<Bytes, DotSet>> = Causal::from_parts(DotMap::default(), ctx);
+            let bytes = lattice_core::proto::to_bytes(&causal).ok()?;
+            lattice_core::proto::from_bytes::<OrSet<Bytes>>(&bytes)
+                .ok()
+                .map(Value::Set)
+        };
+        let key = |p: &str| Key::new(format!("{p}0")).ok();
+        let wall = now.saturating_add_signed(skew);
+        let entry = match kind {
+            // A dot of the receiver past the dot limit: accepted, its next
+            // dot for the key would saturate and its writes vanish.
+            0 => key("s").zip(set_with(CausalContext::from_dots([Dot::new(victim, u64::MAX)]))),
+            // A dot of the receiver it never created.
+            1 => {
+                let k = key("s");
+                let next = k
+                    .as_ref()
+                    .and_then(|k| r.read(k).ok().flatten())
+                    .map_or(1, |v| v.context().next_dot(victim).counter);
+                k.zip(set_with(CausalContext::from_dots([Dot::new(victim, next + 5)])))
+            }
+            // A counter total of the receiver above its own.
+            2 => key("g").map(|k| (k, Value::GCounter(GCounter::default().inc(victim, 1 << 40)))),
+            // An LWW stamp a day past the receiver's clock bound.
+            _ => key("l").map(|k| {
+                let stamp = HlcTimestamp {
+                    wall_ms: wall + r.config().max_clock_ahead_ms + 86_400_000,
+                    logical: 0,
+                };
+                (
+                    k,
+                    Value::Lww(LwwRegister::default().set(stamp, sender, Some(Bytes::from("hostile")))),
+                )
+            }),
+        };
+        let Some(entry) = entry else { return };
+        let msg = Message::Delta {
+            sender,
+            base_from: None,
+            time: HlcTimestamp {
+                wall_ms: wall,
+                logical: 0,
+            },
+            policy,
+            sections: vec![Section {
+                class: 1,
+                base: 0,
+                from: 0,
+                to: 0,
+                entries: vec![entry.clone()],
+            }],
+            ack: None,
+        };
+        let Ok(frame) = lattice_core::proto::encode(&msg) else {
+            return;
+        };
+        // Whether the node's state already holds the hostile value.
+        let holds = |r: &Replica<MemoryStore>| {
+            r.read(&entry.0).ok().flatten().is_some_and(|v| {
+                let mut joined = v.clone();
+                lattice_core::crdt::Crdt::join(&mut joined, &entry.1);
+                joined == v
+            })
+        };
+        let held_before = holds(r);
+        let result = r.handle(Time(now), &node_name(from), &frame);
+        // Refused as hostile, or before that by residency or a policy
+        // mismatch: either way, not in the state.
+        let refused = held_before || !holds(r);
+        if self.trace_log {
+            eprintln!("{now} HOSTILE n{from}->n{to} kind={kind} refused={refused} {result:?}");
+        }
+        self.report.hostile_sent += 1;
+        if !refused {
+            self.violation(
+                "hostile",
+                format!(
+                    "node {to} accepted a hostile value from node {from}: {:?} ({result:?})",
+                    entry
+                ),
+            );
+        }
+        self.after(to);
     }
 
     fn heal(&mut self) {

@@ -129,6 +129,8 @@ const CAUGHT_BY: &[(PlantedBug, u64, &[&str])] = &[
     // Anti-entropy pieces of an oversized state that claim the whole
     // context: a piece removes the values the other pieces carry.
     (PlantedBug::SplitWholeContext, 285, &["lost-value"]),
+    // Hostile values from an authenticated peer no longer refused.
+    (PlantedBug::HostileAccepted, 2, &["hostile"]),
 ];
 
 #[test]
@@ -176,6 +178,7 @@ fn scan_for_catching_seeds() {
         PlantedBug::PartialRoundCompletes,
         PlantedBug::AckNoTrim,
         PlantedBug::SplitWholeContext,
+        PlantedBug::HostileAccepted,
         PlantedBug::JoinDropsDot,
         PlantedBug::BufferForgetsUnacked,
         PlantedBug::AckBeforeDurable,

@@ -1063,6 +1063,10 @@ impl<S: Store> Replica<S> {
     /// totals of this replica above its own. Such entries are dropped and
     /// counted; the rest of the frame is applied.
     fn impossible(&self, remote: &Value, current: Option<&Value>) -> Option<&'static str> {
+        #[cfg(feature = "planted-bugs")]
+        if crate::planted::active(crate::planted::PlantedBug::HostileAccepted) {
+            return None;
+        }
         let mine = current.map(Value::context).unwrap_or_default();
         let my_max = mine.next_dot(self.id).counter - 1;
         for (r, hi) in remote.context().maxima() {
@@ -1112,6 +1116,12 @@ impl<S: Store> Replica<S> {
                 // our clock is within the bound of the stamp, so the stamp
                 // cannot win every concurrent write meanwhile.
                 let wall = self.wall(self.now);
+                #[cfg(feature = "planted-bugs")]
+                let wall = if crate::planted::active(crate::planted::PlantedBug::HostileAccepted) {
+                    u64::MAX / 2
+                } else {
+                    wall
+                };
                 if stamp.wall_ms > wall.saturating_add(self.cfg.max_clock_ahead_ms) {
                     self.stats.hostile_refused += 1;
                     return Err(Error::Clock(crate::clock::ClockError::TooFarAhead {
