@@ -381,3 +381,140 @@ fn hostile_client_flood_does_not_starve_peers() {
         assert_rss_on(&c, 1, base, 300, "a client flood of 256 KiB writes");
     });
 }
+
+/// The peak resident memory (`VmHWM`) of node `i`, in KiB.
+fn peak_kib(c: &Cluster, i: usize) -> u64 {
+    let pid = c.pid(i).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A policy set whose audit entry is near the largest a node writes
+/// (64 KiB of keyspace strings of control characters, 6 bytes each in JSON).
+fn large_policy_set(version: u64) -> lattice_core::policy::PolicySet {
+    use lattice_core::policy::{Policy, PolicySet, Priority, Regions, MAX_POLICY_SET_BYTES};
+    let n = (MAX_POLICY_SET_BYTES - 1_000) / (900 + 32);
+    let policies = (0..n)
+        .map(|i| Policy::new(format!("{i:\u{1}>900}"), Regions::All, Priority::Normal))
+        .collect();
+    PolicySet::new(version, policies).unwrap()
+}
+
+/// A data directory whose `audit.log` is past the 64 MiB read limit (what
+/// a node that never archived, or whose archiving failed, leaves; written
+/// here by the node's own append code). Before, such a node refused to
+/// start ("larger than 67108864 bytes"); now it streams the part, starts
+/// with its peak memory far below the part's size, archives it, and the
+/// archive still chains. An edit in the middle of the part still keeps the
+/// node from starting.
+#[test]
+fn hostile_audit_log_past_the_read_limit_at_start() {
+    use lattice_server::audit::{archived_parts, AuditLog, MAX_AUDIT_BYTES};
+    let _g = serial();
+    rt().block_on(async {
+        let mut c = one_node().await;
+        c.stop(0).unwrap();
+        let cfg = c.config(0).unwrap();
+        let path = cfg.data_dir.join("audit.log");
+        {
+            let store = lattice_server::storage::SledStore::open(&cfg.data_dir, &cfg.node, Durability::Group).unwrap();
+            let head = store.audit_tree().unwrap();
+            let mut log = AuditLog::open(&cfg.data_dir, Some(head))
+                .unwrap()
+                .with_checkpoint(u64::MAX);
+            let mut v = 0;
+            while std::fs::metadata(&path).map_or(0, |m| m.len()) <= MAX_AUDIT_BYTES + (1 << 20) {
+                v += 1;
+                log.append(&cfg.node, "admin", large_policy_set(v)).unwrap();
+            }
+        }
+        let size = std::fs::metadata(&path).unwrap().len();
+        // A keyspace's \u0001 becomes \u0002: still JSON, no longer the entry hashed.
+        let edit = |chunk: &mut [u8]| {
+            let at = chunk.windows(6).position(|w| w == b"\\u0001").unwrap() + 5;
+            chunk[at] = b'2';
+        };
+        // One byte changed in the middle: the node must not start.
+        let original = {
+            use std::io::{Read, Seek, SeekFrom, Write};
+            let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+            let mut chunk = vec![0; 4096];
+            f.seek(SeekFrom::Start(size / 2)).unwrap();
+            f.read_exact(&mut chunk).unwrap();
+            let original = chunk.clone();
+            edit(&mut chunk);
+            f.seek(SeekFrom::Start(size / 2)).unwrap();
+            f.write_all(&chunk).unwrap();
+            original
+        };
+        c.restart(0).unwrap();
+        assert!(
+            c.wait_ready(Duration::from_secs(5)).await.is_err(),
+            "a tampered log must keep the node closed"
+        );
+        assert!(c.logs().contains("does not verify"), "{}", c.logs());
+        c.kill(0).unwrap();
+        {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.seek(SeekFrom::Start(size / 2)).unwrap();
+            f.write_all(&original).unwrap();
+        }
+        let started = Instant::now();
+        c.restart(0).unwrap();
+        c.wait_ready(Duration::from_secs(30)).await.unwrap();
+        let peak = peak_kib(&c, 0) / 1024;
+        eprintln!(
+            "audit.log of {} MiB at start: ready in {:?}, peak RSS {peak} MiB",
+            size >> 20,
+            started.elapsed()
+        );
+        assert!(
+            peak < 48,
+            "the node's peak RSS was {peak} MiB for a {} MiB log",
+            size >> 20
+        );
+        assert_responsive(&c, "an oversized audit log at start").await;
+        assert_eq!(archived_parts(&cfg.data_dir).unwrap().len(), 1, "archived at start");
+        // What the node serves verifies from the archived base.
+        let served = match c.client(0).unwrap().request(RequestBody::Audit).await.unwrap() {
+            Response::Audit(entries) => entries,
+            r => panic!("{r:?}"),
+        };
+        assert!(lattice_core::policy::audit::verify_served(&served).unwrap() > 0);
+        // And the whole directory verifies as one chain, streamed.
+        c.stop(0).unwrap();
+        let verify = |what: &str| {
+            let out = std::process::Command::new(bin())
+                .args(["audit", "verify", "--data-dir"])
+                .arg(&cfg.data_dir)
+                .output()
+                .unwrap();
+            let said = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .last()
+                .unwrap_or("")
+                .to_string();
+            eprintln!(
+                "latticed audit verify ({what}): {said} {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            out.status.success()
+        };
+        assert!(verify("as left"));
+        let archive = archived_parts(&cfg.data_dir).unwrap().remove(0);
+        {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut f = std::fs::OpenOptions::new().write(true).open(&archive).unwrap();
+            f.seek(SeekFrom::Start(size / 2)).unwrap();
+            let mut tampered = original.clone();
+            edit(&mut tampered);
+            f.write_all(&tampered).unwrap();
+        }
+        assert!(!verify("an archived entry edited"));
+    });
+}
