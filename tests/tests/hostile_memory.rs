@@ -518,3 +518,83 @@ fn hostile_audit_log_past_the_read_limit_at_start() {
         assert!(!verify("an archived entry edited"));
     });
 }
+
+/// A client fills the node's waiting-read capacity (128 here) with reads
+/// for a token 20 s ahead, then goes away: its reads are dropped at once
+/// (the stream tasks see the streams stopped, the engine prunes replies
+/// nobody waits for), so the gauge falls to 0 within a second and a new
+/// client can use the whole capacity. Before, the departed client's reads
+/// held every slot until their deadline and the new client got
+/// `Overloaded`.
+#[test]
+fn hostile_waiting_reads_of_a_client_that_left() {
+    let _g = serial();
+    rt().block_on(async {
+        let c = Cluster::start_with(&bin(), &["eu"], Durability::Group, |_, cfg| {
+            cfg.memory.max_waiting_reads = 128;
+        })
+        .unwrap();
+        c.wait_ready(Duration::from_secs(20)).await.unwrap();
+        let reads = |client: Arc<Client>, wait_ms: u64| {
+            let token = token_at(wall_now_ms() + 20_000);
+            (0..128)
+                .map(|i| {
+                    let (client, token) = (client.clone(), token.clone());
+                    tokio::spawn(async move {
+                        client
+                            .request(RequestBody::Read {
+                                key: Key::new(format!("w/{}", i % 10)).unwrap(),
+                                after: Some(token),
+                                wait_ms,
+                            })
+                            .await
+                    })
+                })
+                .collect::<Vec<_>>()
+        };
+        let gauge_reaches = |want: f64, within: Duration| {
+            let c = &c;
+            async move {
+                let started = Instant::now();
+                loop {
+                    let now = c.metric(0, "lattice_waiting_reads").unwrap();
+                    if now == want {
+                        return Some(started.elapsed());
+                    }
+                    if started.elapsed() > within {
+                        eprintln!("lattice_waiting_reads is {now}, not {want}, after {within:?}");
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+            }
+        };
+        let leaving = Arc::new(c.client(0).unwrap());
+        let tasks = reads(leaving.clone(), 20_000);
+        assert!(
+            gauge_reaches(128.0, Duration::from_secs(5)).await.is_some(),
+            "the reads wait"
+        );
+        tasks.iter().for_each(|t| t.abort());
+        drop((tasks, leaving));
+        let freed = gauge_reaches(0.0, Duration::from_secs(1)).await;
+        eprintln!("128 waiting reads of a client that left: dropped in {freed:?}");
+        assert!(
+            freed.is_some(),
+            "the reads of a client that left are dropped within 1 s"
+        );
+        // A new client has the whole capacity: every read waits its 1 s.
+        let (mut waited, mut refused) = (0, 0);
+        for t in reads(Arc::new(c.client(0).unwrap()), 1_000) {
+            match t.await.unwrap() {
+                Ok(Response::Error(e)) if e.kind == ErrorKind::NotCaughtUp => waited += 1,
+                Err(Error::NotCaughtUp(_)) => waited += 1,
+                Ok(Response::Error(e)) if e.kind == ErrorKind::Overloaded => refused += 1,
+                Err(Error::Overloaded(_)) => refused += 1,
+                r => panic!("unexpected answer {r:?}"),
+            }
+        }
+        assert_eq!((waited, refused), (128, 0));
+        assert_responsive(&c, "a departed client's waiting reads").await;
+    });
+}
