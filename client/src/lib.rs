@@ -36,8 +36,10 @@
 
 pub mod bench;
 mod handles;
+mod revocation;
 
 pub use handles::{Batch, CounterHandle, MapHandle, MvRegisterHandle, RegisterHandle, SetHandle};
+pub use revocation::normalize_serial;
 
 use lattice_core::proto::client::{
     decode_client, encode_client, ClientRequest, RequestBody, Response, CLIENT_ALPN, MAX_CLIENT_FRAME,
@@ -225,6 +227,8 @@ pub struct Client {
     /// Per node: the name its certificate must carry (`None`: `server_name`).
     names: Vec<Option<String>>,
     server_name: String,
+    /// The cluster CA, kept to rebuild the TLS configuration.
+    ca_pem: String,
     token: String,
     timeout: Duration,
     read_wait: Duration,
@@ -261,6 +265,7 @@ pub struct ClientBuilder {
     server_name: Option<String>,
     timeout: Option<Duration>,
     read_wait: Option<Duration>,
+    revoked_serials: Vec<String>,
 }
 
 impl ClientBuilder {
@@ -286,6 +291,12 @@ impl ClientBuilder {
         self.server_name = Some(n.into());
         self
     }
+    /// Certificate serials to refuse, as the nodes' `revoked_serials`
+    /// (see [`Client::with_revoked_serials`]).
+    pub fn revoked_serials<I: IntoIterator<Item = S>, S: Into<String>>(mut self, s: I) -> Self {
+        self.revoked_serials = s.into_iter().map(Into::into).collect();
+        self
+    }
     /// Timeout of each call (default 10 s).
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = Some(t);
@@ -306,7 +317,7 @@ impl ClientBuilder {
             .collect::<Result<Vec<_>, _>>()?;
         let token = self.token.ok_or_else(|| Error::Config("no token".into()))?;
         let ca = self.ca.ok_or_else(|| Error::Config("no CA certificate".into()))?;
-        let mut c = Client::new(nodes, token, &ca)?;
+        let mut c = Client::new(nodes, token, &ca)?.with_revoked_serials(&self.revoked_serials)?;
         if let Some(n) = self.server_name {
             c.server_name = n;
         }
@@ -317,7 +328,7 @@ impl ClientBuilder {
     }
 }
 
-fn client_config(ca_pem: &str) -> Result<quinn::ClientConfig, Error> {
+fn client_config(ca_pem: &str, revoked: &std::collections::BTreeSet<String>) -> Result<quinn::ClientConfig, Error> {
     let mut roots = rustls::RootCertStore::empty();
     let mut any = false;
     for item in rustls::pki_types::pem::PemObject::pem_slice_iter(ca_pem.as_bytes()) {
@@ -332,11 +343,22 @@ fn client_config(ca_pem: &str) -> Result<quinn::ClientConfig, Error> {
         return Err(Error::Config("no certificate in the CA file".into()));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::Config(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let mut tls = if revoked.is_empty() {
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        // The same webpki checks, then the deny-list.
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let verifier = revocation::RevocationVerifier::new(webpki, revoked.clone());
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth()
+    };
     tls.alpn_protocols = vec![CLIENT_ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| Error::Config(e.to_string()))?;
     Ok(quinn::ClientConfig::new(Arc::new(crypto)))
@@ -359,13 +381,14 @@ impl Client {
             .unzip();
         let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))
             .map_err(|e| Error::Config(format!("opening a UDP socket: {e}")))?;
-        endpoint.set_default_client_config(client_config(ca_pem)?);
+        endpoint.set_default_client_config(client_config(ca_pem, &Default::default())?);
         let n = nodes.len();
         Ok(Client {
             endpoint,
             nodes,
             names,
             server_name: "localhost".into(),
+            ca_pem: ca_pem.to_string(),
             token: token.into(),
             timeout: Duration::from_secs(10),
             read_wait: Duration::from_secs(2),
@@ -541,6 +564,26 @@ impl Client {
     pub fn with_server_name(mut self, name: impl Into<String>) -> Self {
         self.server_name = name.into();
         self
+    }
+
+    /// Refuses nodes whose certificate serial is in `serials` (hex as
+    /// `latticed certs show` prints it, any case, colons allowed: the
+    /// nodes' own `revoked_serials`). Checked on every handshake after the
+    /// certificate verified against the CA and the node's name; a listed
+    /// node fails with [`Error::Unreachable`] saying its certificate is
+    /// revoked, and the client tries the other nodes. Connections already
+    /// open are closed, so the next call dials again under the list.
+    pub fn with_revoked_serials<S: AsRef<str>>(mut self, serials: &[S]) -> Result<Client, Error> {
+        let revoked = serials
+            .iter()
+            .map(|s| normalize_serial(s.as_ref()).map_err(Error::Config))
+            .collect::<Result<std::collections::BTreeSet<_>, _>>()?;
+        self.endpoint
+            .set_default_client_config(client_config(&self.ca_pem, &revoked)?);
+        for c in self.conns.get_mut().iter_mut().filter_map(Option::take) {
+            c.close(0u32.into(), b"revocation list changed");
+        }
+        Ok(self)
     }
 
     /// The timeout of each call.

@@ -10,18 +10,25 @@ use lattice_core::Error;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// Largest audit log part read back (beyond it the node refuses to start
-/// rather than read an unbounded file into memory). The node never writes
-/// a part this large: it archives the part at [`CHECKPOINT_BYTES`], and an
-/// entry is at most a policy set of
-/// [`MAX_POLICY_SET_BYTES`](lattice_core::policy::MAX_POLICY_SET_BYTES)
-/// plus its JSON escaping and fields.
+/// Largest audit log part read into memory whole: what the node serves to
+/// `lattice audit verify` (the current part, which the node keeps under
+/// [`CHECKPOINT_BYTES`] plus one entry). Opening and `latticed audit
+/// verify` never read a part whole: they stream it one entry at a time, so
+/// a part of any size (left by an older version, or grown while archiving
+/// failed) neither keeps the node from starting nor fills its memory.
 pub const MAX_AUDIT_BYTES: u64 = 64 << 20;
 
 /// Size past which `audit.log` is archived (renamed to
-/// `audit.<first index>.log`) before the next append, so the part read at
-/// start stays far below [`MAX_AUDIT_BYTES`] however many sets are adopted.
+/// `audit.<first index>.log`): before an append that would pass it, and at
+/// open for a part found already past it. So the part read at start and
+/// served stays far below [`MAX_AUDIT_BYTES`] however many sets are
+/// adopted.
 pub const CHECKPOINT_BYTES: u64 = 4 << 20;
+
+/// Longest line read as one entry. An entry is under 512 KiB of JSON even
+/// if every byte of a set's strings needs a 6-byte escape, so a longer
+/// line is not one a node wrote: it is refused rather than buffered.
+pub const MAX_ENTRY_BYTES: u64 = 1 << 20;
 
 /// The log and its newest entry.
 pub struct AuditLog {
@@ -30,6 +37,8 @@ pub struct AuditLog {
     last: Option<AuditEntry>,
     /// The last entry of the archived parts: the current part follows it.
     base: Option<AuditEntry>,
+    /// The index of the current part's first entry (`None`: it is empty).
+    first: Option<u64>,
     /// Bytes in the current part.
     size: u64,
     checkpoint: u64,
@@ -39,37 +48,103 @@ pub struct AuditLog {
     head: Option<sled::Tree>,
 }
 
-/// Reads and parses every entry of the file at `path` (absent: none). A
-/// last line without its newline is a write torn by a crash: it is left
-/// out (and [`AuditLog::open`] cuts it off).
-pub fn read_entries(path: &Path) -> Result<Vec<AuditEntry>, Error> {
+/// What one pass over a part found: the few entries the checks at open
+/// need, never the whole part.
+#[derive(Default)]
+struct Part {
+    first: Option<AuditEntry>,
+    before_last: Option<AuditEntry>,
+    last: Option<AuditEntry>,
+    /// Bytes up to the end of the last complete line.
+    complete: u64,
+}
+
+impl Part {
+    fn of(entries: &[AuditEntry]) -> Part {
+        let n = entries.len();
+        Part {
+            first: entries.first().cloned(),
+            before_last: n.checked_sub(2).map(|i| entries[i].clone()),
+            last: entries.last().cloned(),
+            complete: 0,
+        }
+    }
+}
+
+/// Reads the part at `path` (absent: empty) one line at a time, checks
+/// each entry against the one before it in the part (the first only
+/// against its own hash: what it follows is the caller's to check), and
+/// calls `each` on it. Holds one line (at most [`MAX_ENTRY_BYTES`]) and
+/// three entries, whatever the part's size. A last line without its
+/// newline is a write torn by a crash: it is left out, and
+/// [`Part::complete`] says where it starts.
+fn scan(path: &Path, mut each: impl FnMut(&AuditEntry) -> Result<(), Error>) -> Result<Part, Error> {
+    use std::io::{BufRead, Read};
     let io = |e: std::io::Error| Error::Store(format!("{}: {e}", path.display()));
-    let text = match std::fs::metadata(path) {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Part::default()),
+        Err(e) => return Err(io(e)),
+    };
+    let mut reader = std::io::BufReader::with_capacity(64 << 10, file);
+    let mut part = Part::default();
+    let mut line = Vec::new();
+    for number in 1u64.. {
+        line.clear();
+        let got = (&mut reader)
+            .take(MAX_ENTRY_BYTES + 1)
+            .read_until(b'\n', &mut line)
+            .map_err(io)? as u64;
+        if line.last() != Some(&b'\n') {
+            if got > MAX_ENTRY_BYTES {
+                return Err(Error::AuditBroken {
+                    index: part.last.as_ref().map_or(0, |e| e.index + 1),
+                    reason: format!("line {number} is longer than {MAX_ENTRY_BYTES} bytes"),
+                });
+            }
+            break; // the end, or a torn last line
+        }
+        part.complete += got;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let e: AuditEntry = serde_json::from_slice(&line).map_err(|e| Error::AuditBroken {
+            index: number - 1,
+            reason: format!("line {number} does not parse: {e}"),
+        })?;
+        match &part.last {
+            Some(prev) => audit::verify_next(Some(prev), &e)?,
+            None => audit::verify_entry(&e)?,
+        }
+        each(&e)?;
+        if part.first.is_none() {
+            part.first = Some(e.clone());
+        }
+        part.before_last = part.last.replace(e);
+    }
+    Ok(part)
+}
+
+/// Reads and parses every entry of the part at `path` (absent: none),
+/// checking each against the one before it. For the part the node serves:
+/// a part larger than [`MAX_AUDIT_BYTES`] is refused rather than read into
+/// memory. A last line without its newline is left out.
+pub fn read_entries(path: &Path) -> Result<Vec<AuditEntry>, Error> {
+    match std::fs::metadata(path) {
         Ok(m) if m.len() > MAX_AUDIT_BYTES => {
             return Err(Error::Store(format!(
                 "{} is larger than {MAX_AUDIT_BYTES} bytes",
                 path.display()
             )))
         }
-        Ok(_) => std::fs::read_to_string(path).map_err(io)?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io(e)),
-    };
-    let complete = match text.rfind('\n') {
-        Some(i) => &text[..=i],
-        None => "",
-    };
-    complete
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| Error::AuditBroken {
-                index: i as u64,
-                reason: format!("line {} does not parse: {e}", i + 1),
-            })
-        })
-        .collect()
+        _ => {}
+    }
+    let mut entries = Vec::new();
+    scan(path, |e| {
+        entries.push(e.clone());
+        Ok(())
+    })?;
+    Ok(entries)
 }
 
 /// The archived parts of the log in `data_dir`, oldest first.
@@ -88,18 +163,26 @@ pub fn archived_parts(data_dir: &Path) -> Result<Vec<PathBuf>, Error> {
 }
 
 /// Verifies every part of the log in `data_dir`, archived ones first, as
-/// one chain; calls `each` on every entry. Returns how many there are.
+/// one chain, streaming each part (so any size verifies in bounded
+/// memory); calls `each` on every entry. Returns how many there are.
 pub fn verify_dir(data_dir: &Path, mut each: impl FnMut(&AuditEntry)) -> Result<u64, Error> {
     let mut base: Option<AuditEntry> = None;
     let mut n = 0;
     let mut parts = archived_parts(data_dir)?;
     parts.push(data_dir.join("audit.log"));
     for p in parts {
-        let entries = read_entries(&p)?;
-        audit::verify_from(base.as_ref(), &entries)?;
-        entries.iter().for_each(&mut each);
-        n += entries.len() as u64;
-        if let Some(last) = entries.into_iter().last() {
+        let mut at_start = true;
+        let part = scan(&p, |e| {
+            if at_start {
+                // Each part's first entry follows the last of the part before.
+                audit::verify_next(base.as_ref(), e)?;
+                at_start = false;
+            }
+            n += 1;
+            each(e);
+            Ok(())
+        })?;
+        if let Some(last) = part.last {
             base = Some(last);
         }
     }
@@ -122,48 +205,64 @@ fn sync_dir(dir: &Path) -> Result<(), Error> {
 
 impl AuditLog {
     /// Opens the log in `data_dir`, verifying the whole current part (from
-    /// the archived base) and, with `head`, that nothing was cut off its
-    /// end. Crash states are finished rather than refused: a torn last line
-    /// is cut off, an entry the file holds one past the recorded head (a
-    /// crash between the file's fsync and the head's flush) rolls the head
-    /// forward, and an archive begun but not renamed is renamed.
+    /// the archived base) one entry at a time and, with `head`, that
+    /// nothing was cut off its end. Crash states are finished rather than
+    /// refused: a torn last line is cut off, an entry the file holds one
+    /// past the recorded head (a crash between the file's fsync and the
+    /// head's flush) rolls the head forward, and an archive begun but not
+    /// renamed is renamed. A part found past [`CHECKPOINT_BYTES`] (any
+    /// size: from an older version, or grown while archiving failed) is
+    /// archived at once, so what is served stays small.
     pub fn open(data_dir: &Path, head: Option<sled::Tree>) -> Result<AuditLog, Error> {
         let path = data_dir.join("audit.log");
-        // Cut a torn last line (a crash in the middle of an append).
-        if let Ok(text) = std::fs::read(&path) {
-            if !text.is_empty() && !text.ends_with(b"\n") {
-                let keep = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-                let f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(|e| Error::Store(format!("{}: {e}", path.display())))?;
-                f.set_len(keep as u64)
-                    .map_err(|e| Error::Store(format!("{}: {e}", path.display())))?;
-                tracing::warn!(path = %path.display(), "cut a torn last line off the audit log");
-            }
-        }
+        let io = |e: std::io::Error| Error::Store(format!("{}: {e}", path.display()));
         let mut log = AuditLog {
-            path,
+            path: path.clone(),
             dir: data_dir.to_path_buf(),
             last: None,
             base: None,
+            first: None,
             size: 0,
             checkpoint: CHECKPOINT_BYTES,
             head,
         };
         log.base = log.recorded_base()?;
-        let mut entries = read_entries(&log.path)?;
-        if let (Some(b), Some(first), Some(last)) = (&log.base, entries.first(), entries.last()) {
+        let mut part = scan(&path, |_| Ok(()))?;
+        let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+        if len > part.complete {
+            // A torn last line (a crash in the middle of an append).
+            let f = std::fs::OpenOptions::new().write(true).open(&path).map_err(io)?;
+            f.set_len(part.complete).map_err(io)?;
+            tracing::warn!(path = %path.display(), "cut a torn last line off the audit log");
+        }
+        if let (Some(b), Some(first), Some(last)) = (&log.base, &part.first, &part.last) {
             if first.index < b.index + 1 && last.hash == b.hash {
                 // A crash after the base was recorded, before the rename.
                 log.archive(first.index)?;
-                entries.clear();
+                part = Part::default();
             }
         }
-        audit::verify_from(log.base.as_ref(), &entries)?;
-        log.check_head(&entries, true)?;
-        log.size = std::fs::metadata(&log.path).map_or(0, |m| m.len());
-        log.last = entries.into_iter().last().or_else(|| log.base.clone());
+        if let Some(b) = &log.base {
+            audit::verify_entry(b)?;
+        }
+        if let Some(first) = &part.first {
+            audit::verify_next(log.base.as_ref(), first)?;
+        }
+        log.check_head(&part, true)?;
+        log.size = part.complete;
+        log.first = part.first.map(|e| e.index);
+        log.last = part.last.or_else(|| log.base.clone());
+        if log.size > log.checkpoint && log.first.is_some() {
+            let size = log.size;
+            match log.checkpoint() {
+                Ok(()) => tracing::warn!(
+                    bytes = size,
+                    "the audit log was past its checkpoint size at start: archived it"
+                ),
+                // Still a verified log: start, and try again at the next append.
+                Err(e) => tracing::error!(error = %e, "could not archive the oversized audit log"),
+            }
+        }
         Ok(log)
     }
 
@@ -187,7 +286,7 @@ impl AuditLog {
     /// Checks the recorded head against the current part; with
     /// `roll_forward`, exactly one entry past the head is accepted and
     /// recorded (its append reached the file but not sled).
-    fn check_head(&self, entries: &[AuditEntry], roll_forward: bool) -> Result<(), Error> {
+    fn check_head(&self, part: &Part, roll_forward: bool) -> Result<(), Error> {
         let Some(t) = &self.head else { return Ok(()) };
         let Some(raw) = t.get(HEAD).map_err(store_err)? else {
             return Ok(());
@@ -195,13 +294,14 @@ impl AuditLog {
         let text = String::from_utf8_lossy(&raw).into_owned();
         let (index, hash) = text.split_once(' ').unwrap_or(("0", ""));
         let index: u64 = index.parse().unwrap_or(0);
-        let newest = entries.last().or(self.base.as_ref());
+        let newest = part.last.as_ref().or(self.base.as_ref());
+        // Only the newest entry and the one before can match a head that
+        // passes, so those are all a part keeps.
         let at = |i: u64| {
-            if self.base.as_ref().is_some_and(|b| b.index == i) {
-                return self.base.as_ref();
-            }
-            let first = entries.first()?.index;
-            entries.get(i.checked_sub(first)? as usize)
+            [self.base.as_ref(), part.before_last.as_ref(), part.last.as_ref()]
+                .into_iter()
+                .flatten()
+                .find(|e| e.index == i)
         };
         let found = at(index).map(|e| e.hash.as_str());
         let newest_index = newest.map(|e| e.index);
@@ -248,7 +348,7 @@ impl AuditLog {
     /// first, so that a crash at any point leaves a state `open` accepts.
     fn checkpoint(&mut self) -> Result<(), Error> {
         let Some(last) = self.last.clone() else { return Ok(()) };
-        let first = read_entries(&self.path)?.first().map_or(last.index, |e| e.index);
+        let first = self.first.unwrap_or(last.index);
         if let Some(t) = &self.head {
             let json = serde_json::to_vec(&last).map_err(|e| Error::Codec(e.to_string()))?;
             t.insert(BASE, json).map_err(store_err)?;
@@ -256,6 +356,7 @@ impl AuditLog {
         }
         self.archive(first)?;
         self.base = Some(last);
+        self.first = None;
         self.size = 0;
         Ok(())
     }
@@ -291,6 +392,7 @@ impl AuditLog {
             sync_dir(&self.dir)?;
         }
         self.size += line.len() as u64;
+        self.first.get_or_insert(entry.index);
         self.record_head(&entry)?;
         self.last = Some(entry);
         Ok(())
@@ -304,7 +406,7 @@ impl AuditLog {
     pub fn entries(&self) -> Result<Vec<AuditEntry>, Error> {
         let entries = read_entries(&self.path)?;
         audit::verify_from(self.base.as_ref(), &entries)?;
-        self.check_head(&entries, false)?;
+        self.check_head(&Part::of(&entries), false)?;
         Ok(self.base.iter().cloned().chain(entries).collect())
     }
 }
@@ -421,5 +523,117 @@ mod tests {
         assert_eq!(log.last_policy().map(|p| p.version), Some(40));
         assert!(!dir.path().join("audit.log").exists());
         assert_eq!(verify_dir(dir.path(), |_| {}).unwrap(), 40);
+    }
+
+    /// A set whose entry is close to the largest JSON line a node writes:
+    /// 64 KiB of keyspace strings of control characters (6 bytes each).
+    fn escaped(v: u64) -> PolicySet {
+        use lattice_core::policy::MAX_POLICY_SET_BYTES;
+        let n = (MAX_POLICY_SET_BYTES - 1_000) / (900 + 32);
+        let policies = (0..n)
+            .map(|i| Policy::new(format!("{i:\u{1}>900}"), Regions::All, Priority::Normal))
+            .collect();
+        PolicySet::new(v, policies).unwrap()
+    }
+
+    fn vm_hwm_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .unwrap_or("VmHWM: 0 kB");
+        line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0)
+    }
+
+    #[test]
+    fn a_log_past_the_read_limit_opens_is_archived_and_still_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let head = || Some(db.open_tree("audit").unwrap());
+        // What an older version (no archiving) or failed archiving leaves:
+        // one part past the read limit, written by the real append.
+        let mut log = AuditLog::open(dir.path(), head()).unwrap().with_checkpoint(u64::MAX);
+        let path = dir.path().join("audit.log");
+        let mut v = 0;
+        while std::fs::metadata(&path).map_or(0, |m| m.len()) <= MAX_AUDIT_BYTES + (1 << 20) {
+            v += 1;
+            log.append("n1", "admin", escaped(v)).unwrap();
+        }
+        drop(log);
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(size > MAX_AUDIT_BYTES, "{size}");
+        // Tampering in the middle of the big part still keeps the node closed.
+        let flip = |path: &Path| {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+            let mut chunk = vec![0; 4096];
+            f.seek(SeekFrom::Start(size / 2)).unwrap();
+            f.read_exact(&mut chunk).unwrap();
+            let at = chunk.iter().position(|&b| b == b'"').unwrap() + 1;
+            let hit = at + chunk[at..].iter().position(u8::is_ascii_alphanumeric).unwrap();
+            chunk[hit] = if chunk[hit] == b'0' { b'1' } else { b'0' };
+            f.seek(SeekFrom::Start(size / 2)).unwrap();
+            f.write_all(&chunk).unwrap();
+            f.sync_all().unwrap();
+        };
+        let mut tampered = vec![0; 4096];
+        {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut f = std::fs::File::open(&path).unwrap();
+            f.seek(SeekFrom::Start(size / 2)).unwrap();
+            f.read_exact(&mut tampered).unwrap();
+        }
+        flip(&path);
+        assert!(matches!(
+            AuditLog::open(dir.path(), head()),
+            Err(Error::AuditBroken { .. })
+        ));
+        {
+            use std::io::{Seek, SeekFrom};
+            let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.seek(SeekFrom::Start(size / 2)).unwrap();
+            f.write_all(&tampered).unwrap();
+        }
+        // Streamed: opening reads far less than the part into memory (the
+        // test has not read it either, so the peak is still the baseline).
+        let before = vm_hwm_kib();
+        let log = AuditLog::open(dir.path(), head()).unwrap();
+        let grown = vm_hwm_kib().saturating_sub(before);
+        eprintln!("audit.log of {size} bytes, {v} entries: opening grew the peak RSS by {grown} KiB");
+        assert!(grown < 24 << 10, "opening grew the peak RSS by {grown} KiB");
+        assert_eq!(log.last_policy().map(|p| p.version), Some(v));
+        // Archived at open: the part served is small and chains to it.
+        assert_eq!(archived_parts(dir.path()).unwrap().len(), 1);
+        assert!(!path.exists() || std::fs::metadata(&path).unwrap().len() == 0);
+        let served = log.entries().unwrap();
+        assert_eq!(served.len(), 1, "the base only");
+        drop(log);
+        let mut log = AuditLog::open(dir.path(), head()).unwrap();
+        log.append("n1", "admin", escaped(v + 1)).unwrap();
+        let served = log.entries().unwrap();
+        assert_eq!(lattice_core::policy::audit::verify_served(&served), Ok(v - 1));
+        assert_eq!(verify_dir(dir.path(), |_| {}).unwrap(), v + 1);
+        // The archive is still checked, streamed, by `latticed audit verify`.
+        let archive = archived_parts(dir.path()).unwrap().remove(0);
+        let text = std::fs::read(&archive).unwrap();
+        let mut edited = text.clone();
+        let last_line = edited[..edited.len() - 1].iter().rposition(|&b| b == b'\n').unwrap();
+        edited.truncate(last_line + 1);
+        std::fs::write(&archive, &edited).unwrap();
+        assert!(
+            verify_dir(dir.path(), |_| {}).is_err(),
+            "an archive's last entry removed"
+        );
+    }
+
+    #[test]
+    fn an_overlong_line_is_refused_without_being_buffered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        std::fs::write(&path, vec![b'x'; (MAX_ENTRY_BYTES + 10) as usize]).unwrap();
+        assert!(matches!(
+            AuditLog::open(dir.path(), None),
+            Err(Error::AuditBroken { index: 0, .. })
+        ));
     }
 }

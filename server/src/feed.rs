@@ -461,4 +461,51 @@ mod tests {
         feed.subscribe("123456789".into(), None, 9, tx);
         assert_eq!(refused(rx), ErrorKind::InvalidRequest, "the prefix cap");
     }
+
+    /// Keys near the longest allowed: the ring, its sled mirror and a
+    /// watcher's queue must each hold about `limit / (key + overhead)`
+    /// notices, not `limit / overhead` (what charging a notice without its
+    /// key's length would let in: 10× more memory at 1 KiB keys).
+    #[test]
+    fn long_keys_are_charged_their_length_in_the_ring_and_the_queues() {
+        let long = |i: usize| Key::new(format!("{i:0>width$}", width = MAX_KEY_LEN)).unwrap();
+        let per = MAX_KEY_LEN + NOTICE_OVERHEAD;
+        let limits = FeedLimits {
+            retained_bytes: 64 << 10,
+            queue_bytes: 16 << 10,
+            ..FeedLimits::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let mut feed = Feed::open(Some(db.open_tree("feed").unwrap()), limits);
+        let (tx, mut rx) = watch_queue();
+        feed.subscribe(String::new(), None, 1, tx);
+        for i in 0..1_000 {
+            feed.publish(long(i), region());
+        }
+        // The ring: what its notices really hold, not what they were charged.
+        let held: usize = feed.ring.iter().map(|n| n.key.as_str().len() + NOTICE_OVERHEAD).sum();
+        assert!(held <= limits.retained_bytes, "the ring holds {held} bytes");
+        assert_eq!(feed.retained(), limits.retained_bytes / per);
+        let on_disk: usize = db
+            .open_tree("feed")
+            .unwrap()
+            .scan_prefix(b"c")
+            .values()
+            .map(|v| v.unwrap().len())
+            .sum();
+        assert!(
+            on_disk <= limits.retained_bytes,
+            "sled holds {on_disk} bytes of notices"
+        );
+        // The watcher that never read: cut off after its queue's worth.
+        let mut notices = 0;
+        let mut last = None;
+        while let Some(item) = rx.try_recv() {
+            notices += usize::from(item.is_ok());
+            last = Some(item);
+        }
+        assert_eq!(notices, limits.queue_bytes / per);
+        assert!(matches!(last, Some(Err(e)) if e.kind == ErrorKind::WatchLagged));
+    }
 }

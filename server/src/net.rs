@@ -757,7 +757,17 @@ async fn client_stream(
                         return watch(send, prefix, from, Request { bytes, conn }, &inbound).await;
                     }
                 }
-                Ok(req) => serve(req, Request { bytes, conn }, &inbound, &session).await,
+                Ok(req) => {
+                    // A client that goes away (resets the stream or closes
+                    // the connection) gives up its answer: dropping the
+                    // request drops its reply channel, and the engine then
+                    // drops what waits on it (a waiting read and its slot).
+                    let gone = send.stopped();
+                    tokio::select! {
+                        r = serve(req, Request { bytes, conn }, &inbound, &session) => r,
+                        _ = gone => return,
+                    }
+                }
                 Err(e) => error(ErrorKind::InvalidRequest, format!("undecodable request: {e}")),
             }
         }

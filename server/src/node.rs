@@ -455,6 +455,9 @@ pub fn run(
             // Watchers whose client went away, even if nothing they watch
             // changes again.
             feed.prune();
+            // And reads whose client went away (the stream task dropped
+            // its reply channel), rather than at their deadline.
+            waits.prune(|r| r.is_closed());
             metrics.watchers.set(feed.watchers() as i64);
             metrics.waiting_reads.set(waits.len() as i64);
             metrics.feed_bytes.set(feed.retained_bytes() as i64);
@@ -506,7 +509,15 @@ fn wait_for(
             let _ = reply.send(Err(Some(e)));
         }
         Ok(_) => {
-            if let Err((refused, reply)) = waits.add(key, token, deadline, conn, reply) {
+            // At a limit, reads whose client went away since the last
+            // prune give their slots up first.
+            let added = waits
+                .add(key.clone(), token.clone(), deadline, conn, reply)
+                .or_else(|(_, reply)| {
+                    waits.prune(|r| r.is_closed());
+                    waits.add(key, token, deadline, conn, reply)
+                });
+            if let Err((refused, reply)) = added {
                 metrics.overloaded.inc();
                 let why = match refused {
                     Refused::Total(_) => "too many reads are waiting for their causal token on this node (max_waiting_reads): retry later or elsewhere",

@@ -133,6 +133,19 @@ impl<R> Waits<R> {
         Some(w)
     }
 
+    /// Drops the reads whose client went away (`gone` says so of a reply:
+    /// its receiver was dropped), freeing their slots at once rather than
+    /// at their deadline. Returns how many were dropped.
+    pub fn prune(&mut self, gone: impl Fn(&R) -> bool) -> usize {
+        let ids: Vec<u64> = self
+            .waiters
+            .iter()
+            .filter(|(_, w)| gone(&w.reply))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.iter().filter(|id| self.remove(**id).is_some()).count()
+    }
+
     /// Whether any read waits on `key`.
     pub fn waits_on(&self, key: &Key) -> bool {
         self.by_key.contains_key(key)
@@ -197,5 +210,27 @@ mod tests {
         assert!(w.is_empty());
         // Freed slots are reusable.
         w.add(a, t, now, 1, 6).unwrap();
+    }
+
+    #[test]
+    fn reads_whose_client_went_away_are_dropped_and_free_their_slots() {
+        let mut w: Waits<u32> = Waits::new(WaitLimits { total: 3, per_conn: 2 });
+        let now = Instant::now();
+        let (a, b) = (Key::new("a").unwrap(), Key::new("b").unwrap());
+        let t = CausalToken::default();
+        let later = now + Duration::from_secs(60);
+        w.add(a.clone(), t.clone(), later, 1, 1).unwrap();
+        w.add(b.clone(), t.clone(), later, 1, 2).unwrap();
+        w.add(a.clone(), t.clone(), later, 2, 3).unwrap();
+        assert_eq!(w.add(a.clone(), t.clone(), later, 3, 4), Err((Refused::Total(3), 4)));
+        // Connection 1's client is gone: its two reads go, long before
+        // their deadline, from every index.
+        assert_eq!(w.prune(|r| *r <= 2), 2);
+        assert_eq!(w.len(), 1);
+        assert!(!w.waits_on(&b));
+        assert_eq!(w.next_deadline(), Some(later));
+        w.add(a.clone(), t.clone(), later, 1, 5).unwrap();
+        w.add(b, t, later, 1, 6).unwrap();
+        assert_eq!(w.ready(&a, |_| true), vec![3, 5]);
     }
 }

@@ -254,3 +254,79 @@ async fn watch_sees_remote_writes_and_resumes_after_the_node_restarts() {
         r => panic!("expected WatchLost after a crash, got {r:?}"),
     }
 }
+
+/// A node whose certificate serial is revoked gets no client's token: the
+/// SDK (and the CLI, by flag or defaults file) refuses it in the handshake,
+/// after the CA and name checks, with an error naming revocation. An empty
+/// or non-matching list changes nothing, and the CA and name checks still
+/// apply when a list is set.
+#[test]
+fn a_node_whose_serial_is_revoked_is_refused_by_the_sdk_and_the_cli() {
+    let _g = serial();
+    let c = Cluster::start(bin(), &["eu"], Durability::Group).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(c.wait_ready(Duration::from_secs(30))).unwrap();
+    let pem = std::fs::read_to_string(c.config(0).unwrap().cert).unwrap();
+    let der = lattice_server::certs::certs_from_pem(&pem).unwrap().remove(0);
+    let serial = lattice_server::certs::info_of(&der).unwrap().serial;
+    // As `certs show` prints it or in capitals with colons: the same serial.
+    let spelled: String = serial
+        .to_uppercase()
+        .as_bytes()
+        .chunks(2)
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect::<Vec<_>>()
+        .join(":");
+    let ca = std::fs::read_to_string(&c.defaults.ca).unwrap();
+    let status = |endpoint: lattice_client::Endpoint, revoked: Vec<String>| {
+        let ca = ca.clone();
+        let token = c.defaults.token.clone();
+        rt.block_on(async move {
+            let client = Client::new(vec![endpoint], token, &ca)?
+                .with_revoked_serials(&revoked)?
+                .with_timeout(Duration::from_secs(5));
+            client.request(RequestBody::Status).await
+        })
+    };
+    assert!(matches!(status(c.endpoint(0), vec![]), Ok(Response::Status(_))));
+    assert!(matches!(
+        status(c.endpoint(0), vec!["0102".into()]),
+        Ok(Response::Status(_))
+    ));
+    for listed in [serial.clone(), spelled] {
+        match status(c.endpoint(0), vec!["0102".into(), listed]) {
+            Err(Error::Unreachable(m)) => assert!(m.contains("revoked") && m.contains(&serial), "{m}"),
+            r => panic!("a revoked node was not refused: {r:?}"),
+        }
+    }
+    // With a list, the name check still holds.
+    let wrong = lattice_client::Endpoint::named("n9", c.defaults.endpoints[0]);
+    match status(wrong, vec!["0102".into()]) {
+        Err(Error::Unreachable(m)) => assert!(!m.contains("revoked"), "{m}"),
+        r => panic!("a node under another name was not refused: {r:?}"),
+    }
+    assert!(matches!(
+        Client::new(vec![c.endpoint(0)], "t", &ca).and_then(|c| c.with_revoked_serials(&["xyz"])),
+        Err(Error::Config(_))
+    ));
+    // The CLI: by flag, and from the defaults file.
+    let cli = Path::new(env!("CARGO_BIN_EXE_lattice-test-cli"));
+    let config = c.dir.path().join("client.toml");
+    let run = |config: &Path, args: &[&str]| {
+        let out = std::process::Command::new(cli)
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    assert!(run(&config, &["get", "k"]).0);
+    let (ok, err) = run(&config, &["--revoked-serial", &serial, "get", "k"]);
+    assert!(!ok && err.contains("revoked"), "{err}");
+    let revoking = c.dir.path().join("client-revoking.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&revoking, format!("{text}\nrevoked_serials = [\"{serial}\"]\n")).unwrap();
+    let (ok, err) = run(&revoking, &["get", "k"]);
+    assert!(!ok && err.contains("revoked"), "{err}");
+}

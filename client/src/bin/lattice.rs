@@ -27,6 +27,11 @@ struct Cli {
     /// Cluster CA certificate (PEM).
     #[arg(long, env = "LATTICE_CA")]
     ca: Option<PathBuf>,
+    /// Refuse nodes whose certificate has this serial (hex as `latticed
+    /// certs show` prints it; repeatable, or comma-separated). Added to
+    /// `revoked_serials` in the defaults file.
+    #[arg(long = "revoked-serial", env = "LATTICE_REVOKED_SERIALS", value_delimiter = ',')]
+    revoked_serials: Vec<String>,
     /// Defaults file.
     #[arg(long, env = "LATTICE_CLIENT_CONFIG", default_value = ".lattice-dev/client.toml")]
     config: PathBuf,
@@ -167,6 +172,9 @@ struct Defaults {
     /// Node name of each endpoint (absent in files from before names).
     #[serde(default)]
     names: Vec<String>,
+    /// Certificate serials to refuse (the nodes' `revoked_serials`).
+    #[serde(default)]
+    revoked_serials: Vec<String>,
 }
 
 impl Defaults {
@@ -238,7 +246,14 @@ async fn run(cli: Cli) -> Result<(), String> {
         return Err("no endpoint: pass --endpoint NAME@HOST:PORT or run `latticed dev` first".into());
     }
     let ca = std::fs::read_to_string(&ca_path).map_err(|e| format!("reading {}: {e}", ca_path.display()))?;
-    let client = Client::new(endpoints, token, &ca).map_err(|e| e.to_string())?;
+    let revoked: Vec<&String> = cli
+        .revoked_serials
+        .iter()
+        .chain(file.iter().flat_map(|d| &d.revoked_serials))
+        .collect();
+    let client = Client::new(endpoints, token, &ca)
+        .and_then(|c| c.with_revoked_serials(&revoked))
+        .map_err(|e| e.to_string())?;
     let write = |k: &str, op: Op| -> Result<RequestBody, String> {
         Ok(RequestBody::Write {
             retry: false,

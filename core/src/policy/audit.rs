@@ -77,42 +77,55 @@ pub fn verify(entries: &[AuditEntry]) -> Result<(), Error> {
 /// part of the log; `None`: they start the log). `base` itself is checked
 /// too, except for its own `prev`.
 pub fn verify_from(base: Option<&AuditEntry>, entries: &[AuditEntry]) -> Result<(), Error> {
-    let broken = |index: u64, reason: String| Error::AuditBroken { index, reason };
     if let Some(b) = base {
-        if b.hash != b.compute_hash() {
-            return Err(broken(b.index, "its contents do not match its hash".into()));
-        }
+        verify_entry(b)?;
     }
     let mut prev: Option<&AuditEntry> = base;
-    let first = base.map_or(0, |b| b.index + 1);
-    for (i, e) in entries.iter().enumerate() {
-        let i = first + i as u64;
-        if e.index != i {
-            return Err(broken(
-                i,
-                format!("entry says index {}, it is at position {i}", e.index),
-            ));
-        }
-        let want_prev = prev.map_or(GENESIS, |p| p.hash.as_str());
-        if e.prev != want_prev {
-            return Err(broken(i, "its prev is not the hash of the entry before".into()));
-        }
-        if e.hash != e.compute_hash() {
-            return Err(broken(i, "its contents do not match its hash".into()));
-        }
-        let digest = blake3::Hash::from(e.policy.digest()).to_hex().to_string();
-        if e.policy_digest != digest {
-            return Err(broken(i, "its policy does not match its policy digest".into()));
-        }
-        if let Some(p) = prev {
-            if e.policy.version < p.policy.version {
-                return Err(broken(
-                    i,
-                    format!("version {} follows version {}", e.policy.version, p.policy.version),
-                ));
-            }
-        }
+    for e in entries {
+        verify_next(prev, e)?;
         prev = Some(e);
+    }
+    Ok(())
+}
+
+/// Checks `e` on its own: its hash and its policy digest recomputed. What
+/// [`verify_next`] checks of an entry whose predecessor is not at hand
+/// (the first entry of a part read on its own).
+pub fn verify_entry(e: &AuditEntry) -> Result<(), Error> {
+    let broken = |reason: &str| Error::AuditBroken {
+        index: e.index,
+        reason: reason.into(),
+    };
+    if e.hash != e.compute_hash() {
+        return Err(broken("its contents do not match its hash"));
+    }
+    let digest = blake3::Hash::from(e.policy.digest()).to_hex().to_string();
+    if e.policy_digest != digest {
+        return Err(broken("its policy does not match its policy digest"));
+    }
+    Ok(())
+}
+
+/// Checks that `e` follows `prev` (`None`: it starts the log): its index,
+/// its `prev` hash, its own hash and digest, and a version that does not go
+/// back. One step of [`verify_from`], for a log read one entry at a time.
+pub fn verify_next(prev: Option<&AuditEntry>, e: &AuditEntry) -> Result<(), Error> {
+    let i = prev.map_or(0, |p| p.index + 1);
+    let broken = |reason: String| Error::AuditBroken { index: i, reason };
+    if e.index != i {
+        return Err(broken(format!("entry says index {}, it is at position {i}", e.index)));
+    }
+    if e.prev != prev.map_or(GENESIS, |p| p.hash.as_str()) {
+        return Err(broken("its prev is not the hash of the entry before".into()));
+    }
+    verify_entry(e)?;
+    if let Some(p) = prev {
+        if e.policy.version < p.policy.version {
+            return Err(broken(format!(
+                "version {} follows version {}",
+                e.policy.version, p.policy.version
+            )));
+        }
     }
     Ok(())
 }

@@ -1,0 +1,136 @@
+//! Refusing nodes whose certificate serial is revoked: a TLS server
+//! certificate verifier that runs rustls' normal webpki checks (chain to the
+//! cluster CA, validity, the endpoint's node name) and then refuses an
+//! end-entity certificate whose serial is in the client's deny-list, the
+//! list a node keeps as `revoked_serials`.
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+/// A serial in the one form the deny-list compares: lowercase hex without
+/// separators or leading zero bytes (`0A:1b` and `0a1b` are the same). The
+/// same rule as `latticed`'s `revoked_serials`, so a list copied from a
+/// node's configuration means the same here.
+pub fn normalize_serial(s: &str) -> Result<String, String> {
+    let hex: String = s.chars().filter(|c| *c != ':' && !c.is_whitespace()).collect();
+    if hex.is_empty() || hex.len() > 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!("revoked serial {s:?}: a serial is 1 to 32 bytes of hex"));
+    }
+    let hex = if hex.len() % 2 == 1 { format!("0{hex}") } else { hex };
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("revoked serial {s:?}: {e}"))?;
+    Ok(serial_hex(&bytes))
+}
+
+fn serial_hex(raw: &[u8]) -> String {
+    let start = raw.iter().position(|&b| b != 0).unwrap_or(raw.len());
+    raw[start..].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Why a node's certificate was refused after it verified.
+struct Revoked(String);
+
+impl std::fmt::Display for Revoked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the node's certificate (serial {}) is revoked (in revoked_serials)",
+            self.0
+        )
+    }
+}
+
+// rustls and quinn report an `OtherError` by its `Debug`: the message is
+// what the caller sees.
+impl std::fmt::Debug for Revoked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::error::Error for Revoked {}
+
+/// rustls' webpki verifier, then the deny-list.
+#[derive(Debug)]
+pub(crate) struct RevocationVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    revoked: BTreeSet<String>,
+}
+
+impl RevocationVerifier {
+    pub(crate) fn new(inner: Arc<WebPkiServerVerifier>, revoked: BTreeSet<String>) -> RevocationVerifier {
+        RevocationVerifier { inner, revoked }
+    }
+
+    /// The listed serial of `cert`, if it is listed (or cannot be parsed).
+    fn revoked(&self, cert: &CertificateDer<'_>) -> Option<String> {
+        match x509_parser::parse_x509_certificate(cert) {
+            Ok((_, c)) => Some(serial_hex(c.raw_serial())).filter(|s| self.revoked.contains(s)),
+            Err(_) => Some("unparsable".into()),
+        }
+    }
+}
+
+impl ServerCertVerifier for RevocationVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        if let Some(serial) = self.revoked(end_entity) {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(Revoked(serial))),
+            )));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serials_are_compared_in_one_form() {
+        assert_eq!(normalize_serial("0A:1b").unwrap(), "0a1b");
+        assert_eq!(normalize_serial("00:0a:1b").unwrap(), "0a1b");
+        assert_eq!(normalize_serial("a1b").unwrap(), "0a1b");
+        assert!(normalize_serial("").is_err());
+        assert!(normalize_serial("xyz").is_err());
+    }
+}
