@@ -43,6 +43,12 @@ pub enum PlantedBug {
     /// The pieces of a state split for anti-entropy carry the whole
     /// context, so a piece removes the values that other pieces hold.
     SplitWholeContext,
+    /// Peer frames are decoded without verifying their integrity check, so
+    /// a bit flipped in transit is merged.
+    FrameCheckIgnored,
+    /// Stored records are decoded without verifying their integrity check,
+    /// so a bit flipped on disk is read back as a value.
+    RecordCheckIgnored,
 }
 
 thread_local! {
