@@ -27,6 +27,13 @@ pub struct FaultMix {
     pub loss: f64,
     /// Message duplication probability (0..1) while faults run.
     pub duplication: f64,
+    /// Probability (0..1) that a delivered frame has one random bit
+    /// flipped while faults run: it must be refused, never merged.
+    pub bit_flips: f64,
+    /// Bit rot: a crashed node may find one stored record with a flipped
+    /// bit when it restarts; the open must refuse it, and the node comes
+    /// back empty, as after a lost disk.
+    pub bit_rot: bool,
 }
 
 impl FaultMix {
@@ -48,6 +55,8 @@ impl FaultMix {
             pauses: true,
             loss: 0.05,
             duplication: 0.05,
+            bit_flips: 0.01,
+            bit_rot: true,
         }
     }
 
@@ -63,6 +72,7 @@ impl FaultMix {
             (self.disk_loss, "diskloss"),
             (self.clock_skew, "skew"),
             (self.pauses, "pause"),
+            (self.bit_rot, "rot"),
         ] {
             if on {
                 v.push(name.to_string());
@@ -73,6 +83,9 @@ impl FaultMix {
         }
         if self.duplication > 0.0 {
             v.push(format!("dup={:.2}", self.duplication));
+        }
+        if self.bit_flips > 0.0 {
+            v.push(format!("flip={:.3}", self.bit_flips));
         }
         if v.is_empty() {
             "none".into()
@@ -251,6 +264,8 @@ impl SimConfig {
             pauses: on(),
             loss: 0.0,
             duplication: 0.0,
+            bit_flips: 0.0,
+            bit_rot: false,
         };
         if rng.gen_bool(0.5) {
             c.faults.loss = rng.gen_range(0.0..0.3);
@@ -281,6 +296,12 @@ impl SimConfig {
             c.async_disk_ms = Some(drng.gen_range(5..=800));
         }
         c.torn_writes = drng.gen_bool(0.7);
+        // Corruption on the wire and on the disk, from its own stream too.
+        let mut crng = ChaCha8Rng::seed_from_u64(seed ^ 0x464c_4950_0000_0000);
+        if crng.gen_bool(0.3) {
+            c.faults.bit_flips = crng.gen_range(0.001..0.05);
+        }
+        c.faults.bit_rot = c.faults.crashes && crng.gen_bool(0.4);
         // Sizes at the frame limits: small frames and large register values
         // mixed with small ones, in a mesh or a relaying star; now and then
         // thousands of keys, so repair rounds go partial.
