@@ -89,6 +89,22 @@ pub enum Error {
     /// then lost its record of (an `async` crash).
     #[error("the write's outcome is unknown: this node crashed in async mode since its first attempt may have been applied; read the key before writing again")]
     OutcomeUnknown,
+    /// A peer frame whose integrity check does not match its contents: it
+    /// was corrupted on the way. Refused whole, like a lost frame (the
+    /// protocol repairs loss).
+    #[error("a frame of {len} bytes fails its integrity check: it was corrupted in transit and is dropped")]
+    CorruptFrame {
+        /// The frame's length.
+        len: usize,
+    },
+    /// A stored record whose integrity check does not match its bytes: the
+    /// disk (or something below the store) changed it. Its value is never
+    /// returned.
+    #[error("the stored record of key {key:?} fails its integrity check: the data on disk is corrupt")]
+    Corrupt {
+        /// The key whose record is corrupt.
+        key: String,
+    },
     /// A message of a protocol version this node does not speak.
     #[error("unknown protocol version {0}")]
     UnknownVersion(u8),

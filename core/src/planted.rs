@@ -48,6 +48,12 @@ pub enum PlantedBug {
     /// (dots of this replica it never made, counter totals above its own,
     /// stamps beyond the clock bound).
     HostileAccepted,
+    /// Peer frames are decoded without verifying their integrity check, so
+    /// a bit flipped in transit is merged.
+    FrameCheckIgnored,
+    /// Stored records are decoded without verifying their integrity check,
+    /// so a bit flipped on disk is read back as a value.
+    RecordCheckIgnored,
 }
 
 thread_local! {

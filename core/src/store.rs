@@ -4,6 +4,13 @@
 //! only after [`Store::flush`]: the engine acknowledges writes, acknowledges
 //! peers and sends deltas only for what is durable. Keys are ordered by
 //! `(key hash bucket, key)`, so one anti-entropy leaf is one range scan.
+//!
+//! Every stored state is a *record* ([`seal_record`]): an 8-byte integrity
+//! check (blake3 over the key and the body, truncated) followed by the
+//! MessagePack body. [`open_record`] verifies it on every read and refuses a
+//! record whose bytes changed on disk with `Error::Corrupt { key }`, so a
+//! flipped bit is never read back (or replicated) as a value. The check
+//! names the key, so a record that landed under another key fails too.
 
 use crate::clock::ReplicaId;
 use crate::crdt::Value;
@@ -13,6 +20,51 @@ use crate::proto::DeltaGroup;
 use crate::Error;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+/// Bytes of the integrity check that begins every stored record.
+pub const RECORD_CHECK_BYTES: usize = 8;
+
+fn record_check(key: &Key, body: &[u8]) -> [u8; RECORD_CHECK_BYTES] {
+    let mut h = blake3::Hasher::new();
+    h.update(&(key.as_str().len() as u64).to_le_bytes());
+    h.update(key.as_str().as_bytes());
+    h.update(body);
+    let mut out = [0; RECORD_CHECK_BYTES];
+    out.copy_from_slice(&h.finalize().as_bytes()[..RECORD_CHECK_BYTES]);
+    out
+}
+
+/// Encodes `key`'s state as a stored record: its integrity check, then its
+/// MessagePack body.
+pub fn seal_record(key: &Key, value: &Value) -> Result<Vec<u8>, Error> {
+    let mut out = vec![0; RECORD_CHECK_BYTES];
+    rmp_serde::encode::write(&mut out, value).map_err(|e| Error::Codec(e.to_string()))?;
+    let check = record_check(key, &out[RECORD_CHECK_BYTES..]);
+    out[..RECORD_CHECK_BYTES].copy_from_slice(&check);
+    Ok(out)
+}
+
+/// Decodes a record of `key` written by [`seal_record`]. A record whose
+/// check does not match its bytes is refused with `Error::Corrupt`, naming
+/// the key; its value is never returned.
+pub fn open_record(key: &Key, record: &[u8]) -> Result<Value, Error> {
+    let corrupt = || Error::Corrupt {
+        key: key.as_str().chars().take(256).collect(),
+    };
+    if record.len() < RECORD_CHECK_BYTES {
+        return Err(corrupt());
+    }
+    let (check, body) = record.split_at(RECORD_CHECK_BYTES);
+    #[cfg(feature = "planted-bugs")]
+    let ignored = crate::planted::active(crate::planted::PlantedBug::RecordCheckIgnored);
+    #[cfg(not(feature = "planted-bugs"))]
+    let ignored = false;
+    if !ignored && check != record_check(key, body) {
+        return Err(corrupt());
+    }
+    crate::proto::from_bytes(body)
+}
 
 /// The engine's own durable metadata.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,7 +152,16 @@ pub trait Store {
     }
 }
 
-type Ordered = BTreeMap<(u32, Key), Value>;
+/// Sealed records by (bucket, key). Shared between the images: a record's
+/// bytes are written once.
+type Ordered = BTreeMap<(u32, Key), Arc<[u8]>>;
+
+/// A batch as the store keeps it: states as sealed records.
+#[derive(Clone, Debug)]
+struct Sealed {
+    values: Vec<(Key, Arc<[u8]>)>,
+    rest: WriteBatch,
+}
 
 #[derive(Clone, Debug, Default)]
 struct Image {
@@ -112,10 +173,11 @@ struct Image {
 }
 
 impl Image {
-    fn apply(&mut self, batch: &WriteBatch) {
-        for (k, v) in &batch.values {
+    fn apply(&mut self, sealed: &Sealed) {
+        for (k, v) in &sealed.values {
             self.values.insert((k.hash().bucket(), k.clone()), v.clone());
         }
+        let batch = &sealed.rest;
         if let Some(below) = batch.buffer_trim_below {
             while self.buffer.front().is_some_and(|g| g.seq < below) {
                 self.buffer.pop_front();
@@ -147,13 +209,16 @@ impl Image {
 /// [`MemoryStore::sync_disk`] (a timer of the driver's) puts what was
 /// flushed on the disk. Crashes may keep a prefix of what was not yet on
 /// disk ([`MemoryStore::crash_keeping`]), as a log written in order would.
+///
+/// States are kept as sealed records ([`seal_record`]) and verified on every
+/// read, like sled's; [`MemoryStore::rot`] flips a bit of one on the disk.
 #[derive(Clone, Debug, Default)]
 pub struct MemoryStore {
     current: Image,
     /// Applied, not yet flushed.
-    pending: Vec<WriteBatch>,
+    pending: Vec<Sealed>,
     /// Flushed, not yet on disk (`async` only).
-    written: Vec<WriteBatch>,
+    written: Vec<Sealed>,
     durable: Image,
     is_async: bool,
     /// A disk whose flush lies: it reports flushes as durable
@@ -222,9 +287,32 @@ impl MemoryStore {
         }
     }
 
-    /// The durable state of a key: what a crash would leave.
+    /// The durable state of a key: what a crash would leave (`None` also
+    /// when its record is corrupt: the disk no longer holds the value).
     pub fn get_durable(&self, key: &Key) -> Option<Value> {
-        self.durable.values.get(&(key.hash().bucket(), key.clone())).cloned()
+        let r = self.durable.values.get(&(key.hash().bucket(), key.clone()))?;
+        open_record(key, r).ok()
+    }
+
+    /// Bit rot while the process is down: flips bit `bit` (modulo the
+    /// record's length in bits) of the `pick`-th (modulo their number)
+    /// stored record on the disk, and returns its key. Only for a crashed
+    /// store (nothing unsynced): the next life reads what the disk holds.
+    /// `None` when there is no record, or the store still has unsynced
+    /// batches.
+    pub fn rot(&mut self, pick: u64, bit: u64) -> Option<Key> {
+        if self.unsynced() > 0 || self.durable.values.is_empty() {
+            return None;
+        }
+        let n = self.durable.values.len() as u64;
+        let (slot, bytes) = self.durable.values.iter_mut().nth((pick % n) as usize)?;
+        let mut flipped = bytes.to_vec();
+        let bit = bit % (flipped.len() as u64 * 8);
+        flipped[(bit / 8) as usize] ^= 1 << (bit % 8);
+        *bytes = flipped.into();
+        let key = slot.1.clone();
+        self.current = self.durable.clone();
+        Some(key)
     }
 
     /// Number of keys.
@@ -240,22 +328,24 @@ impl MemoryStore {
 
 impl Store for MemoryStore {
     fn get(&self, key: &Key) -> Result<Option<Value>, Error> {
-        Ok(self.current.values.get(&(key.hash().bucket(), key.clone())).cloned())
+        match self.current.values.get(&(key.hash().bucket(), key.clone())) {
+            Some(r) => open_record(key, r).map(Some),
+            None => Ok(None),
+        }
     }
 
     fn scan_buckets(&self, lo: u32, hi: u32) -> Result<Vec<(Key, Value)>, Error> {
-        Ok(self
-            .current
+        self.current
             .values
             .range((lo, Key::min())..)
             .take_while(|((b, _), _)| *b <= hi)
-            .map(|((_, k), v)| (k.clone(), v.clone()))
-            .collect())
+            .map(|((_, k), r)| Ok((k.clone(), open_record(k, r)?)))
+            .collect()
     }
 
     fn scan_all(&self, f: &mut dyn FnMut(&Key, &Value)) -> Result<(), Error> {
-        for ((_, k), v) in &self.current.values {
-            f(k, v);
+        for ((_, k), r) in &self.current.values {
+            f(k, &open_record(k, r)?);
         }
         Ok(())
     }
@@ -272,9 +362,18 @@ impl Store for MemoryStore {
         Ok(self.current.ops.contains(&op))
     }
 
-    fn apply(&mut self, batch: WriteBatch) -> Result<(), Error> {
-        self.current.apply(&batch);
-        self.pending.push(batch);
+    fn apply(&mut self, mut batch: WriteBatch) -> Result<(), Error> {
+        // Seal everything first, so a failure changes nothing.
+        let values = std::mem::take(&mut batch.values)
+            .into_iter()
+            .map(|(k, v)| {
+                let r: Arc<[u8]> = seal_record(&k, &v)?.into();
+                Ok((k, r))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let sealed = Sealed { values, rest: batch };
+        self.current.apply(&sealed);
+        self.pending.push(sealed);
         Ok(())
     }
 

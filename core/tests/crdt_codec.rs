@@ -12,7 +12,7 @@ use lattice_core::crdt::{
     Bytes, CCounter, Causal, Crdt, DotMap, DotSet, DotStore, Field, FieldKind, GCounter, LwwRegister, MvRegister, Op,
     OrMap, OrSet, PNCounter, Value, WriteStamp,
 };
-use lattice_core::proto::{self, Ack, Message, PolicyStamp, Section, PROTOCOL_VERSION};
+use lattice_core::proto::{self, Ack, Message, PolicyStamp, Section, FRAME_CHECK_BYTES, PEER_PROTOCOL_VERSION};
 use lattice_core::{Error, Key};
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -328,7 +328,7 @@ proptest! {
         for m in messages(&s) {
             roundtrip(&m)?;
             let frame = proto::encode(&m).unwrap();
-            prop_assert_eq!(frame[0], PROTOCOL_VERSION);
+            prop_assert_eq!(frame[0], PEER_PROTOCOL_VERSION);
             prop_assert_eq!(proto::decode(&frame, LIMIT).unwrap(), m);
         }
     }
@@ -360,7 +360,30 @@ proptest! {
         }
     }
 
-    /// Random byte flips give an error or a value; a value that `decode`
+    /// Any single flipped bit in a frame, anywhere, is refused: as
+    /// `CorruptFrame` (counted by the engine), or as `UnknownVersion` when
+    /// it hits the version byte.
+    #[test]
+    fn a_frame_with_one_flipped_bit_is_refused(
+        s in script(),
+        which in prop_oneof![3 => Just(0usize), 1 => Just(1usize)],
+        bit in any::<Index>(),
+    ) {
+        let msgs = messages(&s);
+        let mut frame = proto::encode(&msgs[which]).unwrap();
+        let bit = bit.index(frame.len() * 8);
+        frame[bit / 8] ^= 1 << (bit % 8);
+        let r = proto::decode(&frame, LIMIT);
+        if bit < 8 {
+            prop_assert_eq!(r, Err(Error::UnknownVersion(frame[0])));
+        } else {
+            prop_assert_eq!(r, Err(Error::CorruptFrame { len: frame.len() }));
+        }
+    }
+
+    /// Random byte flips in a body that still carries a valid check (as a
+    /// bug in a sender, or memory corruption before the check was made,
+    /// would produce) give an error or a value; a value that `decode`
     /// accepts is well-formed, re-encodes, and joins like any other.
     #[test]
     fn corrupted_frames_never_panic(
@@ -370,11 +393,12 @@ proptest! {
     ) {
         let msgs = messages(&s);
         let original = &msgs[which];
-        let mut frame = proto::encode(original).unwrap();
+        let mut body = proto::encode(original).unwrap()[1 + FRAME_CHECK_BYTES..].to_vec();
         for (i, x) in &flips {
-            let i = i.index(frame.len() - 1) + 1; // the version byte has its own test
-            frame[i] ^= x;
+            let i = i.index(body.len());
+            body[i] ^= x;
         }
+        let frame = proto::seal(&body);
         if let Ok(m) = proto::decode(&frame, LIMIT) {
             let lists = m.entry_lists();
             if lists.is_empty() {
@@ -492,16 +516,18 @@ fn every_prefix_of_a_rich_frame_is_an_error() {
     }
     assert!(matches!(proto::decode(&[], LIMIT), Err(Error::Codec(_))));
     assert!(matches!(
-        proto::decode(&[PROTOCOL_VERSION], LIMIT),
-        Err(Error::Codec(_))
+        proto::decode(&[PEER_PROTOCOL_VERSION], LIMIT),
+        Err(Error::CorruptFrame { len: 1 })
     ));
+    // A correctly checked but empty body is a codec error.
+    assert!(matches!(proto::decode(&proto::seal(&[]), LIMIT), Err(Error::Codec(_))));
 }
 
 #[test]
 fn a_wrong_version_byte_is_unknown_version() {
     let mut frame = proto::encode(&rich_message()).unwrap();
     for v in 0..=u8::MAX {
-        if v == PROTOCOL_VERSION {
+        if v == PEER_PROTOCOL_VERSION {
             continue;
         }
         frame[0] = v;
@@ -509,9 +535,11 @@ fn a_wrong_version_byte_is_unknown_version() {
     }
     // Even a one-byte frame.
     assert_eq!(
-        proto::decode(&[PROTOCOL_VERSION + 1], LIMIT),
-        Err(Error::UnknownVersion(PROTOCOL_VERSION + 1))
+        proto::decode(&[PEER_PROTOCOL_VERSION + 1], LIMIT),
+        Err(Error::UnknownVersion(PEER_PROTOCOL_VERSION + 1))
     );
+    // A version-1 frame (before the integrity check) is refused as such.
+    assert_eq!(proto::decode(&[1, 0x91, 0xc0], LIMIT), Err(Error::UnknownVersion(1)));
 }
 
 #[test]
@@ -536,7 +564,7 @@ fn an_oversize_frame_is_message_too_large() {
             limit: LIMIT
         })
     );
-    junk[0] = PROTOCOL_VERSION;
+    junk[0] = PEER_PROTOCOL_VERSION;
     assert_eq!(
         proto::decode(&junk, LIMIT),
         Err(Error::MessageTooLarge {
@@ -555,7 +583,11 @@ fn trailing_bytes_are_refused() {
     }))
     .unwrap();
     frame.push(0xc0);
-    assert!(matches!(proto::decode(&frame, LIMIT), Err(Error::Codec(_))));
+    // Appended after the check was made: the check fails first.
+    assert!(matches!(proto::decode(&frame, LIMIT), Err(Error::CorruptFrame { .. })));
+    // Covered by the check: the codec refuses them.
+    let sealed = proto::seal(&frame[1 + FRAME_CHECK_BYTES..]);
+    assert!(matches!(proto::decode(&sealed, LIMIT), Err(Error::Codec(_))));
     let mut bytes = proto::to_bytes(&GCounter::default().inc(ReplicaId(1), 3)).unwrap();
     bytes.push(0);
     assert!(matches!(proto::from_bytes::<GCounter>(&bytes), Err(Error::Codec(_))));

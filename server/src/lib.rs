@@ -69,7 +69,18 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     rc.max_buffer_bytes = config.max_buffer_bytes;
     // Randomness comes from the OS here, in the driver, never in the core.
     let rng = Box::new(rand_chacha::ChaCha8Rng::from_entropy());
-    let replica = Replica::open(rc, store, rng, Time(0)).context("opening the replica")?;
+    let replica = match Replica::open(rc, store, rng, Time(0)) {
+        Ok(r) => r,
+        Err(lattice_core::Error::Corrupt { key }) => anyhow::bail!(
+            "refusing to start: the stored record of key {key:?} in the data dir {} fails its integrity check \
+             (the disk changed it). This node will not read or replicate corrupt data. To recover, stop this node, \
+             move the data dir aside (or delete it) and start again: the node comes back empty under a new replica \
+             id and anti-entropy refills it from its peers (writes only this node held are lost). Or restore the \
+             data dir from a backup. Check the disk (SMART, dmesg) before reusing it.",
+            config.data_dir.display()
+        ),
+        Err(e) => return Err(anyhow::Error::new(e).context("opening the replica")),
+    };
     let ca = std::fs::read_to_string(&config.ca).with_context(|| format!("reading {}", config.ca.display()))?;
     let identity = certs::Pem {
         cert: std::fs::read_to_string(&config.cert).with_context(|| format!("reading {}", config.cert.display()))?,

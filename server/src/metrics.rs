@@ -44,6 +44,8 @@ pub struct Metrics {
     pub peer_frames_dropped: Counter,
     /// Peer frames refused (decode or validation).
     pub peer_frames_rejected: Counter,
+    /// Of those, frames whose integrity check failed (corrupted in transit).
+    pub peer_frames_corrupt: Counter,
     /// Keys changed by remote state (merges).
     pub remote_updates: Counter,
     /// Store flushes.
@@ -135,6 +137,10 @@ impl Metrics {
             peer_bytes_out: counter!("peer_bytes_sent", "Bytes queued to peers"),
             peer_frames_dropped: counter!("peer_frames_dropped", "Frames dropped because a peer queue was full"),
             peer_frames_rejected: counter!("peer_frames_rejected", "Peer frames refused by the codec or validation"),
+            peer_frames_corrupt: counter!(
+                "peer_frames_corrupt",
+                "Peer frames whose integrity check failed (corrupted in transit), dropped like lost frames"
+            ),
             remote_updates: counter!("merges", "Keys changed by merging remote state"),
             flushes: counter!("flushes", "Store flushes"),
             flush_micros: counter!("flush_microseconds", "Time spent flushing the store"),

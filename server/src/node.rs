@@ -241,6 +241,12 @@ pub fn run(
                     metrics.peer_bytes_in.inc_by(bytes.len() as u64);
                     if let Err(e) = replica.handle(now, &from, &bytes) {
                         metrics.peer_frames_rejected.inc_by(1);
+                        if matches!(e, Error::CorruptFrame { .. }) {
+                            // Dropped like a lost frame: retransmission and
+                            // anti-entropy repair it. Many of these point at
+                            // faulty hardware on one of the two hosts.
+                            metrics.peer_frames_corrupt.inc_by(1);
+                        }
                         tracing::warn!(peer = %from, error = %e, "refused a peer frame");
                     }
                 }

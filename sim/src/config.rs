@@ -35,6 +35,13 @@ pub struct FaultMix {
     pub loss: f64,
     /// Message duplication probability (0..1) while faults run.
     pub duplication: f64,
+    /// Probability (0..1) that a delivered frame has one random bit
+    /// flipped while faults run: it must be refused, never merged.
+    pub bit_flips: f64,
+    /// Bit rot: a crashed node may find one stored record with a flipped
+    /// bit when it restarts; the open must refuse it, and the node comes
+    /// back empty, as after a lost disk.
+    pub bit_rot: bool,
 }
 
 impl FaultMix {
@@ -58,6 +65,8 @@ impl FaultMix {
             hostile: true,
             loss: 0.05,
             duplication: 0.05,
+            bit_flips: 0.01,
+            bit_rot: true,
         }
     }
 
@@ -75,6 +84,7 @@ impl FaultMix {
             (self.pauses, "pause"),
             (self.rollback, "rollback"),
             (self.hostile, "hostile"),
+            (self.bit_rot, "rot"),
         ] {
             if on {
                 v.push(name.to_string());
@@ -85,6 +95,9 @@ impl FaultMix {
         }
         if self.duplication > 0.0 {
             v.push(format!("dup={:.2}", self.duplication));
+        }
+        if self.bit_flips > 0.0 {
+            v.push(format!("flip={:.3}", self.bit_flips));
         }
         if v.is_empty() {
             "none".into()
@@ -270,6 +283,8 @@ impl SimConfig {
             hostile: false,
             loss: 0.0,
             duplication: 0.0,
+            bit_flips: 0.0,
+            bit_rot: false,
         };
         if rng.gen_bool(0.5) {
             c.faults.loss = rng.gen_range(0.0..0.3);
@@ -306,6 +321,12 @@ impl SimConfig {
         c.faults.rollback = drng.gen_bool(0.25);
         let mut hrng = ChaCha8Rng::seed_from_u64(seed ^ 0x484f_5354_0000_0000);
         c.faults.hostile = hrng.gen_bool(0.3);
+        // Corruption on the wire and on the disk, from its own stream too.
+        let mut crng = ChaCha8Rng::seed_from_u64(seed ^ 0x464c_4950_0000_0000);
+        if crng.gen_bool(0.3) {
+            c.faults.bit_flips = crng.gen_range(0.001..0.05);
+        }
+        c.faults.bit_rot = c.faults.crashes && crng.gen_bool(0.4);
         // Sizes at the frame limits: small frames and large register values
         // mixed with small ones, in a mesh or a relaying star; now and then
         // thousands of keys, so repair rounds go partial.

@@ -160,7 +160,7 @@ struct RunArgs {
     /// Client operations per second (virtual).
     #[arg(long, default_value_t = 200.0)]
     rate: f64,
-    /// Faults: `all`, `none`, or a comma list of part,oneway,isolate,flap,crash,diskloss,skew,pause.
+    /// Faults: `all`, `none`, or a comma list of part,oneway,isolate,flap,crash,diskloss,skew,pause,rot,flip.
     #[arg(long, default_value = "all")]
     faults: String,
     /// Message loss probability while faults run.
@@ -200,9 +200,11 @@ fn parse_faults(s: &str) -> Result<FaultMix, String> {
             "diskloss" => f.disk_loss = true,
             "skew" => f.clock_skew = true,
             "pause" => f.pauses = true,
+            "rot" => f.bit_rot = true,
+            "flip" => f.bit_flips = 0.01,
             other => {
                 return Err(format!(
-                "unknown fault {other:?} (expected all, none, or part,oneway,isolate,flap,crash,diskloss,skew,pause)"
+                "unknown fault {other:?} (expected all, none, or part,oneway,isolate,flap,crash,diskloss,skew,pause,rot,flip)"
             ))
             }
         }

@@ -15,16 +15,31 @@ pub struct Network {
     pub loss: f64,
     /// Probability a message is delivered twice.
     pub duplication: f64,
+    /// Probability a delivered message has one bit flipped.
+    pub bit_flips: f64,
 }
 
 impl Network {
     /// A network with no link down and the given loss and duplication.
-    pub fn new(loss: f64, duplication: f64) -> Self {
+    pub fn new(loss: f64, duplication: f64, bit_flips: f64) -> Self {
         Network {
             blocked: BTreeMap::new(),
             loss,
             duplication,
+            bit_flips,
         }
+    }
+
+    /// Flips one random bit of `payload` with probability `bit_flips`
+    /// (drawn from `rng`, the corruption stream, so runs without flips
+    /// draw nothing). Returns whether it did.
+    pub fn maybe_flip(&self, rng: &mut ChaCha8Rng, payload: &mut [u8]) -> bool {
+        if self.bit_flips <= 0.0 || payload.is_empty() || !rng.gen_bool(self.bit_flips.min(1.0)) {
+            return false;
+        }
+        let bit = rng.gen_range(0..payload.len() * 8);
+        payload[bit / 8] ^= 1 << (bit % 8);
+        true
     }
 
     /// Takes the directed link down (once more).
@@ -52,6 +67,7 @@ impl Network {
         self.blocked.clear();
         self.loss = 0.0;
         self.duplication = 0.0;
+        self.bit_flips = 0.0;
     }
 
     /// Delivery delays for one message: empty if lost, two if duplicated.

@@ -26,6 +26,8 @@ enum Ev {
         from: usize,
         to: usize,
         payload: Vec<u8>,
+        /// A bit of the payload was flipped on the way.
+        flipped: bool,
     },
     Timer {
         node: usize,
@@ -109,6 +111,9 @@ struct SimNode {
     life_start: u64,
     /// When it last lost its disk.
     wiped_at: Option<u64>,
+    /// The key whose stored record rotted while the node was down: its
+    /// next open must refuse the store.
+    rotted: Option<Key>,
     /// Per key, the value a client last read here in this life (for the
     /// monotonic-reads check).
     last_read: BTreeMap<Key, Value>,
@@ -138,12 +143,18 @@ pub struct Report {
     pub applied: usize,
     /// Writes acknowledged (durable).
     pub acked: usize,
-    /// Crashes, disk losses.
+    /// Crashes, disk losses (including stores refused for bit rot).
     pub crashes: (u64, u64),
     /// Restarts from an older disk image (counted among disk losses too).
     pub rollbacks: u64,
     /// Hostile values peers sent (each must be refused).
     pub hostile_sent: u64,
+    /// Frames delivered with a flipped bit, and how many of them the
+    /// receiver refused (must be all).
+    pub flipped_frames: (u64, u64),
+    /// Stored records rotted while their node was down, and how many
+    /// reopens refused them (must be all).
+    pub rotted_records: (u64, u64),
     /// Time from the heal until all replicas were identical.
     pub converged_ms: Option<u64>,
     /// Write-to-everywhere latency: p50, p99, max (ms), over writes that
@@ -175,7 +186,7 @@ impl Report {
             .map_or("n/a".into(), |(a, b, c)| format!("{a}/{b}/{c}"));
         let conv = self.converged_ms.map_or("never".into(), |c| format!("{c}ms"));
         format!(
-            "seed={} {}\nevents={} ops={} applied={} acked={} crashes={} disk_losses={} rollbacks={} hostile={}\nmessages={} bytes={} msgs_per_write={:.2} bytes_per_write={:.0}\npropagation_ms p50/p99/max={} converged_after_heal={}\ntrace={}\nverdict={}",
+            "seed={} {}\nevents={} ops={} applied={} acked={} crashes={} disk_losses={} rollbacks={} hostile={} flipped_frames={}/{} refused, rotted_records={}/{} refused\nmessages={} bytes={} msgs_per_write={:.2} bytes_per_write={:.0}\npropagation_ms p50/p99/max={} converged_after_heal={}\ntrace={}\nverdict={}",
             self.seed,
             self.setup,
             self.events,
@@ -186,6 +197,10 @@ impl Report {
             self.crashes.1,
             self.rollbacks,
             self.hostile_sent,
+            self.flipped_frames.1,
+            self.flipped_frames.0,
+            self.rotted_records.1,
+            self.rotted_records.0,
             self.messages,
             self.bytes,
             per(self.messages),
@@ -202,6 +217,9 @@ impl Report {
 pub struct Sim {
     cfg: SimConfig,
     rng: ChaCha8Rng,
+    /// Draws bit flips and bit rot: a stream of its own, so runs without
+    /// corruption faults replay exactly as before they existed.
+    corrupt_rng: ChaCha8Rng,
     queue: BinaryHeap<Reverse<Scheduled>>,
     seq: u64,
     now: u64,
@@ -219,6 +237,8 @@ pub struct Sim {
     last_crash: Option<u64>,
     /// When the replicas converged after the heal (the quiet phase began).
     quiet_since: Option<u64>,
+    /// The most bytes any node buffered when the quiet phase began.
+    quiet_backlog: u64,
     unseen: BTreeMap<Key, BTreeSet<usize>>,
     healed_at: Option<u64>,
     /// How long after the heal the replicas have to converge.
@@ -292,6 +312,7 @@ impl Sim {
                 flush_scheduled: false,
                 life_start: 0,
                 wiped_at: None,
+                rotted: None,
                 last_read: BTreeMap::new(),
                 writes: BTreeMap::new(),
             });
@@ -338,7 +359,8 @@ impl Sim {
             ..Report::default()
         };
         let mut sim = Sim {
-            net: Network::new(cfg.faults.loss, cfg.faults.duplication),
+            net: Network::new(cfg.faults.loss, cfg.faults.duplication, cfg.faults.bit_flips),
+            corrupt_rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x524f_5400_0000_0000),
             rng: ChaCha8Rng::seed_from_u64(rng.gen()),
             cfg,
             queue: BinaryHeap::new(),
@@ -353,6 +375,7 @@ impl Sim {
             last_wipe: None,
             last_crash: None,
             quiet_since: None,
+            quiet_backlog: 0,
             unseen: BTreeMap::new(),
             healed_at: None,
             converge_deadline_ms: 0,
@@ -406,14 +429,33 @@ impl Sim {
         n.flush_scheduled = false;
         let seed = self.cfg.seed ^ ((i as u64) << 40) ^ (n.token << 20);
         let rng = Box::new(ChaCha8Rng::seed_from_u64(seed));
+        let rotted = n.rotted.take();
         match Replica::open(n.cfg.clone(), store, rng, Time(self.now)) {
             Ok(mut r) => {
+                if let Some(key) = rotted {
+                    self.violation(
+                        "bit-rot",
+                        format!("node {i} reopened a store whose record of {key} has a flipped bit"),
+                    );
+                }
+                let n = &mut self.nodes[i];
                 r.set_wall_offset(n.skew_ms);
                 n.replica = Some(r);
                 if let Some(ms) = self.cfg.async_disk_ms {
                     let token = n.token;
                     self.push(self.now + ms, Ev::DiskSync { node: i, token });
                 }
+            }
+            Err(lattice_core::Error::Corrupt { key }) if rotted.as_ref().is_some_and(|k| k.as_str() == key) => {
+                // What an operator does when latticed refuses to start: wipe
+                // the data dir and start fresh (a lost disk).
+                self.report.rotted_records.1 += 1;
+                if self.trace_log {
+                    eprintln!("{} ROT n{i} refused {key}: wiping", self.now);
+                }
+                self.lose_disk(i);
+                self.start_node(i, true);
+                return;
             }
             Err(e) => {
                 self.violation("restart", format!("node {i} failed to reopen its store: {e}"));
@@ -453,11 +495,7 @@ impl Sim {
             }
         }
         if wipe {
-            self.last_wipe = Some(self.now);
-            self.nodes[i].wiped_at = Some(self.now);
-            self.report.crashes.1 += 1;
-            self.exempt_lost_with_disk(i, true);
-            self.nodes[i].parked = Some(new_store(&self.cfg));
+            self.lose_disk(i);
         } else {
             self.report.crashes.0 += 1;
             if self.cfg.async_disk_ms.is_some() {
@@ -465,6 +503,33 @@ impl Sim {
                 // yet received, unless another node holds them.
                 self.exempt_lost_with_disk(i, false);
             }
+            if self.cfg.faults.bit_rot && self.corrupt_rng.gen_bool(0.5) {
+                self.rot(i);
+            }
+        }
+    }
+
+    /// Node `i` (down) loses its disk: whatever only it held is exempt.
+    fn lose_disk(&mut self, i: usize) {
+        self.last_wipe = Some(self.now);
+        self.nodes[i].wiped_at = Some(self.now);
+        self.report.crashes.1 += 1;
+        self.exempt_lost_with_disk(i, true);
+        self.nodes[i].parked = Some(new_store(&self.cfg));
+    }
+
+    /// Flips one bit of one record on the disk of node `i` (down).
+    fn rot(&mut self, i: usize) {
+        let (pick, bit) = (self.corrupt_rng.gen(), self.corrupt_rng.gen());
+        let Some(store) = self.nodes[i].parked.as_mut() else {
+            return;
+        };
+        if let Some(key) = store.rot(pick, bit) {
+            if self.trace_log {
+                eprintln!("{} ROT n{i} flipped a bit of {key}", self.now);
+            }
+            self.report.rotted_records.0 += 1;
+            self.nodes[i].rotted = Some(key);
         }
     }
 
@@ -593,12 +658,15 @@ impl Sim {
                 self.cfg.inter_ms
             };
             for d in self.net.delays(&mut self.rng, i, to, base) {
+                let mut payload = t.payload.clone();
+                let flipped = self.net.maybe_flip(&mut self.corrupt_rng, &mut payload);
                 self.push(
                     now + d,
                     Ev::Deliver {
                         from: i,
                         to,
-                        payload: t.payload.clone(),
+                        payload,
+                        flipped,
                     },
                 );
             }
@@ -1225,8 +1293,15 @@ impl Sim {
             // On a rate-limited link, a repair round waits until the link's
             // debt (at most about a frame or two of answers) is paid off.
             // The quiet phase lasts QUIET_MS, longer only while a buffer is
-            // not yet empty on a link that may still be paying off debt.
-            let quiet_ms = QUIET_MS + self.cfg.transfer_ms(2 * self.cfg.max_message_bytes as u64);
+            // not yet empty on a link that may still be paying off debt, or
+            // still carrying the groups buffered when the phase began (a
+            // node wiped late, e.g. for bit rot, is repaired by
+            // anti-entropy while the deltas it missed still queue behind a
+            // slow link's budget: swarm seed 6147).
+            let quiet_ms = QUIET_MS
+                + self
+                    .cfg
+                    .transfer_ms(2 * self.cfg.max_message_bytes as u64 + self.quiet_backlog);
             let drained = self
                 .nodes
                 .iter()
@@ -1264,6 +1339,13 @@ impl Sim {
         if all_up && quiet && differing == 0 {
             self.report.converged_ms = Some(self.now - healed);
             self.quiet_since = Some(self.now);
+            self.quiet_backlog = self
+                .nodes
+                .iter()
+                .filter_map(|n| n.replica.as_ref())
+                .map(|r| r.buffer_usage().1 as u64)
+                .max()
+                .unwrap_or(0);
             self.push(self.now + 100, Ev::Check);
             return;
         }
@@ -1437,7 +1519,12 @@ impl Sim {
             self.trace.update(&s.at.to_le_bytes());
             self.trace.update(&[s.ev.code()]);
             match s.ev {
-                Ev::Deliver { from, to, payload } => {
+                Ev::Deliver {
+                    from,
+                    to,
+                    payload,
+                    flipped,
+                } => {
                     if self.trace_log {
                         if let Ok(m) = lattice_core::proto::decode(&payload, usize::MAX) {
                             if std::env::var_os("LATTICE_SIM_TRACE_HB").is_some()
@@ -1449,9 +1536,27 @@ impl Sim {
                     }
                     let name = node_name(from);
                     if let Some(r) = self.nodes[to].replica.as_mut() {
-                        // Refused frames are the engine's business; the
-                        // simulator only sends well-formed ones.
-                        if let Err(e) = r.handle(Time(self.now), &name, &payload) {
+                        let corrupt_before = r.stats().corrupt_frames;
+                        let result = r.handle(Time(self.now), &name, &payload);
+                        let counted = r.stats().corrupt_frames - corrupt_before;
+                        if flipped {
+                            // A flipped frame is refused, and counted as
+                            // corrupt unless the flip hit the version byte.
+                            self.report.flipped_frames.0 += 1;
+                            match result {
+                                Err(lattice_core::Error::CorruptFrame { .. }) if counted == 1 => {
+                                    self.report.flipped_frames.1 += 1
+                                }
+                                Err(lattice_core::Error::UnknownVersion(_)) if counted == 0 => {
+                                    self.report.flipped_frames.1 += 1
+                                }
+                                other => self.violation(
+                                    "bit-flip",
+                                    format!("node {to} took a frame from {from} with a flipped bit: {other:?} (counted {counted})"),
+                                ),
+                            }
+                        } else if let Err(e) = result {
+                            // The simulator only sends well-formed frames.
                             self.violation("codec", format!("node {to} refused a frame from {from}: {e}"));
                         }
                         self.after(to);

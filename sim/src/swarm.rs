@@ -51,6 +51,11 @@ pub struct SwarmTotals {
     pub acked: u64,
     /// Slowest convergence after a heal.
     pub max_converge_ms: u64,
+    /// Frames delivered with a flipped bit, and how many were refused.
+    pub flipped_frames: (u64, u64),
+    /// Stored records rotted while their node was down, and how many
+    /// reopens refused them.
+    pub rotted_records: (u64, u64),
 }
 
 impl SwarmTotals {
@@ -62,6 +67,10 @@ impl SwarmTotals {
         self.bytes += r.bytes;
         self.acked += r.acked as u64;
         self.max_converge_ms = self.max_converge_ms.max(r.converged_ms.unwrap_or(0));
+        self.flipped_frames.0 += r.flipped_frames.0;
+        self.flipped_frames.1 += r.flipped_frames.1;
+        self.rotted_records.0 += r.rotted_records.0;
+        self.rotted_records.1 += r.rotted_records.1;
         if !r.violations.is_empty() {
             self.failed.push(r);
         }
@@ -70,14 +79,18 @@ impl SwarmTotals {
     /// The closing line.
     pub fn last_line(&self) -> String {
         format!(
-            "seeds={} violations={} events={} messages={} bytes={} acked_writes={} max_converge_ms={}",
+            "seeds={} violations={} events={} messages={} bytes={} acked_writes={} max_converge_ms={} flipped_frames={}/{} refused rotted_records={}/{} refused",
             self.seeds,
             self.failed.len(),
             self.events,
             self.messages,
             self.bytes,
             self.acked,
-            self.max_converge_ms
+            self.max_converge_ms,
+            self.flipped_frames.1,
+            self.flipped_frames.0,
+            self.rotted_records.1,
+            self.rotted_records.0
         )
     }
 }

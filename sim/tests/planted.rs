@@ -131,6 +131,15 @@ const CAUGHT_BY: &[(PlantedBug, u64, &[&str])] = &[
     (PlantedBug::SplitWholeContext, 285, &["lost-value"]),
     // Hostile values from an authenticated peer no longer refused.
     (PlantedBug::HostileAccepted, 2, &["hostile"]),
+    // Issue 13: a frame with a flipped bit decoded without its check (the
+    // swarm checks that every flipped frame is refused; a corrupt value
+    // that gets through may also stop an engine invariant).
+    (PlantedBug::FrameCheckIgnored, 4, &["bit-flip"]),
+    (PlantedBug::FrameCheckIgnored, 7, &["bit-flip"]),
+    // Issue 13: a record rotted on disk read without its check: the reopen
+    // takes the flipped value, or fails on bytes that no longer decode.
+    (PlantedBug::RecordCheckIgnored, 12, &["restart", "bit-rot"]),
+    (PlantedBug::RecordCheckIgnored, 16, &["bit-rot"]),
 ];
 
 #[test]
@@ -182,6 +191,8 @@ fn scan_for_catching_seeds() {
         PlantedBug::JoinDropsDot,
         PlantedBug::BufferForgetsUnacked,
         PlantedBug::AckBeforeDurable,
+        PlantedBug::FrameCheckIgnored,
+        PlantedBug::RecordCheckIgnored,
     ] {
         if only.as_ref().is_some_and(|b| *b != format!("{bug:?}")) {
             continue;

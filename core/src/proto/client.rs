@@ -315,15 +315,18 @@ impl From<&Error> for ClientError {
             | Error::ValueTooLarge { .. }
             | Error::Codec(_)
             | Error::UnknownVersion(_)
+            | Error::CorruptFrame { .. }
             | Error::Malformed(_)
             | Error::TokenFromFuture { .. } => ErrorKind::InvalidRequest,
             Error::PolicyDenied { .. } => ErrorKind::PolicyDenied,
             Error::ReplicationTimeout { .. } => ErrorKind::ReplicationTimeout,
             Error::InvalidPolicy(_) => ErrorKind::InvalidPolicy,
             Error::OutcomeUnknown => ErrorKind::OutcomeUnknown,
-            Error::Clock(_) | Error::Store(_) | Error::UnknownPeer(_) | Error::AuditBroken { .. } => {
-                ErrorKind::Internal
-            }
+            Error::Clock(_)
+            | Error::Store(_)
+            | Error::Corrupt { .. }
+            | Error::UnknownPeer(_)
+            | Error::AuditBroken { .. } => ErrorKind::Internal,
         };
         let regions = match e {
             Error::PolicyDenied { regions, .. } => regions.clone(),

@@ -200,6 +200,9 @@ pub struct Stats {
     pub received: (u64, u64),
     /// Frames refused by the codec or validation.
     pub rejected: u64,
+    /// Of those, frames whose integrity check failed (corrupted in
+    /// transit); dropped like lost frames.
+    pub corrupt_frames: u64,
     /// Local writes accepted.
     pub writes: u64,
     /// Writes refused with `Overloaded`.

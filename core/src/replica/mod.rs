@@ -699,6 +699,9 @@ impl<S: Store> Replica<S> {
             Ok(m) => m,
             Err(e) => {
                 self.stats.rejected += 1;
+                if matches!(e, Error::CorruptFrame { .. }) {
+                    self.stats.corrupt_frames += 1;
+                }
                 return Err(e);
             }
         };
