@@ -237,8 +237,6 @@ pub struct Sim {
     last_crash: Option<u64>,
     /// When the replicas converged after the heal (the quiet phase began).
     quiet_since: Option<u64>,
-    /// The most bytes any node buffered when the quiet phase began.
-    quiet_backlog: u64,
     unseen: BTreeMap<Key, BTreeSet<usize>>,
     healed_at: Option<u64>,
     /// How long after the heal the replicas have to converge.
@@ -375,7 +373,6 @@ impl Sim {
             last_wipe: None,
             last_crash: None,
             quiet_since: None,
-            quiet_backlog: 0,
             unseen: BTreeMap::new(),
             healed_at: None,
             converge_deadline_ms: 0,
@@ -1298,10 +1295,7 @@ impl Sim {
             // node wiped late, e.g. for bit rot, is repaired by
             // anti-entropy while the deltas it missed still queue behind a
             // slow link's budget: swarm seed 6147).
-            let quiet_ms = QUIET_MS
-                + self
-                    .cfg
-                    .transfer_ms(2 * self.cfg.max_message_bytes as u64 + self.quiet_backlog);
+            let quiet_ms = QUIET_MS + self.cfg.transfer_ms(2 * self.cfg.max_message_bytes as u64);
             let drained = self
                 .nodes
                 .iter()
@@ -1339,13 +1333,6 @@ impl Sim {
         if all_up && quiet && differing == 0 {
             self.report.converged_ms = Some(self.now - healed);
             self.quiet_since = Some(self.now);
-            self.quiet_backlog = self
-                .nodes
-                .iter()
-                .filter_map(|n| n.replica.as_ref())
-                .map(|r| r.buffer_usage().1 as u64)
-                .max()
-                .unwrap_or(0);
             self.push(self.now + 100, Ev::Check);
             return;
         }

@@ -27,8 +27,8 @@ impl<S: Store> Replica<S> {
             return Err(Error::UnknownPeer(peer.0.clone()));
         };
         // Not while the peer holds another policy set, nor while its link
-        // is in debt: the repair is retried later.
-        if p.policy_seen != Some(self.policy_stamp) || self.link_budget(peer, now) == Some(0) {
+        // owes more than a frame: the repair is retried later.
+        if p.policy_seen != Some(self.policy_stamp) || self.link_deep_in_debt(peer, now) {
             return Ok(());
         }
         self.stats.ae_rounds += 1;

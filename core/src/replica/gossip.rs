@@ -114,6 +114,18 @@ impl<S: Store> Replica<S> {
         Some(p.tokens.max(0) as usize)
     }
 
+    /// Whether the link to `node` owes more than one frame: deltas keep a
+    /// busy link's bucket near zero, so "no tokens left" would keep a
+    /// repair round (cheap, and able to make a whole backlog unneeded)
+    /// from ever starting behind them.
+    pub(super) fn link_deep_in_debt(&mut self, node: &NodeId, now: Time) -> bool {
+        let frame = self.cfg.max_message_bytes as i64;
+        self.link_budget(node, now);
+        self.peers
+            .get(node)
+            .is_some_and(|p| p.cfg.rate_limit.is_some() && p.tokens < -frame)
+    }
+
     /// Returns whether a `Delta` was queued (carrying `ack`). Classes go in
     /// priority order, except that one held back longer than
     /// `starvation_ms` goes first with a quarter of the budget; on a
