@@ -62,7 +62,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// On-disk format version of this store. Version 2 sealed the states with
-/// an integrity check; a version-1 directory is refused (`WrongFormat`).
+/// an integrity check; a version-1 directory is migrated at open (its states
+/// sealed one by one, then the version raised), any other is refused
+/// (`WrongFormat`).
 pub const FORMAT_VERSION: u32 = 2;
 
 /// When a write is acknowledged relative to the disk.
@@ -171,6 +173,42 @@ fn decode_entry(k: &[u8], v: &[u8]) -> Result<(Key, Value), Error> {
     Ok((key, value))
 }
 
+/// Seals every state of a format-1 directory (written before records had
+/// an integrity check), then raises its version. A crash midway leaves the
+/// version at 1 and the next open finishes: a record already sealed is
+/// recognised by its check. States that do not decode are refused as
+/// corrupt, as any unreadable record is.
+fn migrate_v1(db: &sled::Db, tree: &sled::Tree, mut id: Identity, dir: &Path) -> Result<(), OpenError> {
+    let sled_err = |source| OpenError::Sled {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let corrupt = |reason: String| OpenError::Corrupt {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let mut sealed = 0u64;
+    for item in tree.scan_prefix(b"k") {
+        let (k, v) = item.map_err(sled_err)?;
+        let name = std::str::from_utf8(k.get(5..).unwrap_or_default()).map_err(|e| corrupt(e.to_string()))?;
+        let key = Key::new(name).map_err(|e| corrupt(e.to_string()))?;
+        if open_record(&key, &v).is_ok() {
+            continue; // sealed by an interrupted migration
+        }
+        let value: Value = from_bytes(&v).map_err(|e| corrupt(format!("state of {key}: {e}")))?;
+        let record = seal_record(&key, &value).map_err(|e| corrupt(e.to_string()))?;
+        tree.insert(k, record).map_err(sled_err)?;
+        sealed += 1;
+    }
+    db.flush().map_err(sled_err)?;
+    id.format = FORMAT_VERSION;
+    let raw = to_bytes(&id).map_err(|e| corrupt(e.to_string()))?;
+    tree.insert(b"iidentity", raw).map_err(sled_err)?;
+    db.flush().map_err(sled_err)?;
+    tracing::info!(dir = %dir.display(), sealed, "data dir migrated from format 1 to 2");
+    Ok(())
+}
+
 impl SledStore {
     /// Opens (or creates) the store of node `node` in `dir`.
     pub fn open(dir: &Path, node: &str, durability: Durability) -> Result<SledStore, OpenError> {
@@ -208,7 +246,7 @@ impl SledStore {
                     path: dir.to_path_buf(),
                     reason: e.to_string(),
                 })?;
-                if id.format != FORMAT_VERSION {
+                if id.format != FORMAT_VERSION && id.format != 1 {
                     return Err(OpenError::WrongFormat {
                         path: dir.to_path_buf(),
                         found: id.format,
@@ -220,6 +258,9 @@ impl SledStore {
                         found: id.node,
                         expected: node.to_string(),
                     });
+                }
+                if id.format == 1 {
+                    migrate_v1(&db, &tree, id, dir)?;
                 }
             }
             None => {
@@ -568,8 +609,9 @@ mod tests {
         };
         let store = open_as(dir.path(), "n1", Durability::Sync);
         assert!(store.has_op(OpId(7)).unwrap());
-        let mut r = Replica::open(ReplicaConfig::new("n1", "eu", vec![]), store, rng(), Time(100)).unwrap();
-        assert_eq!(r.id(), id);
+        let again = Box::new(rand_chacha::ChaCha8Rng::seed_from_u64(2));
+        let mut r = Replica::open(ReplicaConfig::new("n1", "eu", vec![]), store, again, Time(100)).unwrap();
+        assert_ne!(r.id(), id, "every life takes a fresh replica id");
         assert_eq!(r.digest(), digest);
         let (_, dup) = r
             .write_once(
@@ -616,6 +658,50 @@ mod tests {
         let store = open_as(dir.path(), "n1", Durability::Sync);
         let opened = Replica::open(ReplicaConfig::new("n1", "eu", vec![]), store, rng(), Time(3));
         assert_eq!(opened.err(), Some(Error::Corrupt { key: "fruit".into() }));
+    }
+
+    /// A data dir written before records were sealed (format 1) is
+    /// migrated at open, also when an earlier migration was cut short
+    /// (some records sealed, the version still 1); its states read back.
+    #[test]
+    fn a_format_1_data_dir_is_migrated_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys: Vec<Key> = (0..40).map(|i| Key::new(format!("k{i}")).unwrap()).collect();
+        let digest = {
+            let store = open_as(dir.path(), "n1", Durability::Sync);
+            let mut r = Replica::open(ReplicaConfig::new("n1", "eu", vec![]), store, rng(), Time(0)).unwrap();
+            for (i, k) in keys.iter().enumerate() {
+                r.write(Time(1), vec![(k.clone(), Op::CounterAdd(i as i64 + 1))])
+                    .unwrap();
+            }
+            r.flush(Time(2)).unwrap();
+            r.digest()
+        };
+        {
+            // Back to format 1: plain states, except the first ten, as a
+            // migration that crashed midway leaves them.
+            let store = open_as(dir.path(), "n1", Durability::Sync);
+            for k in &keys[10..] {
+                let v = store.get(k).unwrap().unwrap();
+                store.tree.insert(value_key(k), to_bytes(&v).unwrap()).unwrap();
+            }
+            let id = Identity {
+                node: "n1".into(),
+                format: 1,
+            };
+            store.tree.insert(b"iidentity", to_bytes(&id).unwrap()).unwrap();
+            store.db.flush().unwrap();
+            assert!(
+                store.get(&keys[20]).is_err(),
+                "a format-1 record does not pass as sealed"
+            );
+        }
+        let store = open_as(dir.path(), "n1", Durability::Sync);
+        let raw = store.tree.get(b"iidentity").unwrap().unwrap();
+        assert_eq!(from_bytes::<Identity>(&raw).unwrap().format, FORMAT_VERSION);
+        let r = Replica::open(ReplicaConfig::new("n1", "eu", vec![]), store, rng(), Time(3)).unwrap();
+        assert_eq!(r.digest(), digest);
+        assert_eq!(r.read(&keys[39]).unwrap().unwrap().view().to_string(), "40");
     }
 
     #[test]
