@@ -286,8 +286,12 @@ fn every_life_takes_a_fresh_replica_id() {
     let store = r.into_store();
     let again = Replica::open(cfg(0, 1), store, Box::new(ChaCha8Rng::seed_from_u64(99)), Time(5)).unwrap();
     assert_ne!(again.id(), first, "a restart on its own disk");
+    let second = again.id();
     let closed = again.close(Time(6)).unwrap();
     let third = Replica::open(cfg(0, 1), closed, Box::new(ChaCha8Rng::seed_from_u64(98)), Time(7)).unwrap();
+    // Against the life that closed cleanly, not the first one: a clean
+    // close that kept its id would still differ from `first`.
+    assert_ne!(third.id(), second, "a restart after a clean close");
     assert_ne!(third.id(), first, "a restart after a clean close");
     let wiped = open(0, 1, MemoryStore::new(), 2);
     assert_ne!(wiped.id(), first, "an empty store");
