@@ -1105,10 +1105,52 @@ fn retries_after_an_unclean_async_restart_are_outcome_unknown_for_a_while() {
         !r.retry_outcome_unknown(Time(10 + window), OpId(8)).unwrap(),
         "after the window"
     );
+    // Even after a clean close: a disk whose flush lies may have lost the
+    // batch that marked the life after it unclean (found by review).
     let s = r.close(Time(20)).unwrap();
     let r = Replica::open(cfg(0, 1), s, Box::new(ChaCha8Rng::seed_from_u64(4)), Time(30)).unwrap();
     assert!(
-        !r.retry_outcome_unknown(Time(31), OpId(8)).unwrap(),
-        "after a clean close"
+        r.retry_outcome_unknown(Time(31), OpId(8)).unwrap(),
+        "after a clean close too"
+    );
+}
+
+/// Found by review: on a lying disk, a clean close, then a life whose
+/// opening batch (the one that marks it unclean) never reaches the disk.
+/// That life acknowledges an op id and crashes; the next life read
+/// `clean: true` from the disk, opened no OutcomeUnknown window, and a
+/// retry of the lost op id was applied a second time (the counter ended at
+/// 2 on both nodes). Every restart now opens the window.
+#[test]
+fn a_lying_disk_that_lost_the_unclean_mark_never_applies_a_retry_twice() {
+    use lattice_core::proto::client::OpId;
+    let mut c = Cluster::new(2);
+    c.nodes[0] = open(0, 2, MemoryStore::new_lying(), 1);
+    c.run(50, &never);
+    c.nodes[0].store_mut().sync_disk();
+    // A clean close that reaches the disk.
+    let r = std::mem::replace(&mut c.nodes[0], open(0, 2, MemoryStore::new(), 9));
+    let mut s = r.close(Time(c.now)).unwrap();
+    s.sync_disk();
+    c.nodes[0] = Replica::open(cfg(0, 2), s, Box::new(ChaCha8Rng::seed_from_u64(5)), Time(c.now)).unwrap();
+    // Life 2: nothing it writes reaches the disk, its opening batch included.
+    c.nodes[0]
+        .write_once(Time(c.now), Some(OpId(7)), vec![(key("n"), Op::CounterAdd(1))])
+        .unwrap();
+    c.run(50, &never);
+    assert_eq!(counter(&c.nodes[1], "n"), Some(1), "the peer has life 2's write");
+    crash_and_reopen(&mut c, 0, 0, 43);
+    let now = Time(c.now + 1);
+    let unknown = c.nodes[0].retry_outcome_unknown(now, OpId(7)).unwrap();
+    if !unknown {
+        c.nodes[0]
+            .write_once(now, Some(OpId(7)), vec![(key("n"), Op::CounterAdd(1))])
+            .unwrap();
+    }
+    c.run(3_000, &never);
+    assert_eq!(
+        counter(&c.nodes[1], "n"),
+        Some(1),
+        "a retried op id applied twice (retry window opened: {unknown})"
     );
 }

@@ -32,6 +32,9 @@ impl<S: Store> Replica<S> {
             return Ok(());
         }
         self.stats.ae_rounds += 1;
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.rx_at_round = p.rx_bytes;
+        }
         let round = RoundId {
             initiator: self.id,
             epoch: self.epoch,

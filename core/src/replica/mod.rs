@@ -103,6 +103,10 @@ struct Peer {
     repair_due: Option<Time>,
     /// Only a round numbered at least this completes the repair.
     repair_min_round: u64,
+    /// Bytes of frames received from the peer, and their count when our
+    /// last round with it started (what a round brought, to pace the next).
+    rx_bytes: u64,
+    rx_at_round: u64,
     /// The peer's replica id, once heard.
     incarnation: Option<ReplicaId>,
     /// Rate-limited links: bytes that may be sent now (negative: debt).
@@ -144,6 +148,8 @@ impl Peer {
             // lost meanwhile: one repair round each.
             repair_due: Some(now),
             repair_min_round: 0,
+            rx_bytes: 0,
+            rx_at_round: 0,
             incarnation: None,
             tokens,
             tokens_at: now,
@@ -270,9 +276,13 @@ impl<S: Store> Replica<S> {
     pub fn open(cfg: ReplicaConfig, mut store: S, mut rng: Box<dyn RngCore + Send>, now: Time) -> Result<Self, Error> {
         let async_life = !store.flush_is_durable();
         let fresh = ReplicaId(rng.next_u64());
+        // Op ids are trusted no more than dots: a lying disk can lose the
+        // batch that marked a life unclean, so even a store that reads as
+        // cleanly closed may lack op ids that life acknowledged (and sent).
+        // After every restart, retries of unknown op ids answer
+        // OutcomeUnknown for `retry_window_ms`.
         let (meta, op_ids_lost) = match store.meta()? {
-            // A clean close: every op id that life recorded is on disk.
-            Some(m) if m.clean => (Meta { replica: fresh, ..m }, false),
+            Some(m) if m.clean => (Meta { replica: fresh, ..m }, true),
             #[cfg(feature = "planted-bugs")]
             Some(m) if crate::planted::active(crate::planted::PlantedBug::AsyncReusesId) => (m, false),
             // A crash: the disk may have lost a tail of writes whose dots,
@@ -707,6 +717,7 @@ impl<S: Store> Replica<S> {
         };
         if let Some(p) = self.peers.get_mut(from) {
             p.last_heard = Some(now);
+            p.rx_bytes += frame.len() as u64;
             if let Message::Heartbeat { policy, .. } | Message::Delta { policy, .. } = &msg {
                 p.policy_seen = Some(*policy);
             }
@@ -855,11 +866,13 @@ impl<S: Store> Replica<S> {
             // difference that rounds cannot fix costs a bounded rate.
             let mut pace = self.cfg.sync_interval_ms;
             if let Some(p) = self.peers.get_mut(from) {
-                // On a rate-limited link, one round's answers (leaves and
-                // states, up to about two frames) at the link's rate: faster
-                // rounds would only queue behind each other.
+                // On a rate-limited link, the time the link took to carry
+                // what the peer sent us during the round (its answers, and
+                // deltas sharing the link): faster rounds would only queue
+                // behind each other. (The peer's rate towards us is taken
+                // to be ours towards it.)
                 if let Some(rate) = p.cfg.rate_limit.filter(|r| *r > 0) {
-                    let round_bytes = 2 * self.cfg.max_message_bytes as u64;
+                    let round_bytes = p.rx_bytes.saturating_sub(p.rx_at_round);
                     pace = pace.max(round_bytes.saturating_mul(1000) / rate);
                 }
                 // Replaces the timeout set when the round started: this
