@@ -100,8 +100,9 @@ struct SimNode {
     replica: Option<Replica<MemoryStore>>,
     /// The store while the node is down.
     parked: Option<MemoryStore>,
-    /// A copy of its disk taken earlier, for a rollback.
-    snapshot: Option<MemoryStore>,
+    /// A copy of its disk taken earlier, for a rollback, with the key of a
+    /// record that had rotted on it (a copy of a down node's disk).
+    snapshot: Option<(MemoryStore, Option<Key>)>,
     token: u64,
     paused_until: u64,
     skew_ms: i64,
@@ -967,11 +968,13 @@ impl Sim {
             FaultAction::Snapshot(i) => {
                 let n = &mut self.nodes[i];
                 let store = n.replica.as_ref().map(|r| r.store()).or(n.parked.as_ref());
-                // What the disk holds: a crash's view of the store.
+                // What the disk holds: a crash's view of the store (a down
+                // node's disk may hold a rotted record: the copy does too).
+                let rotted = n.replica.is_none().then(|| n.rotted.clone()).flatten();
                 n.snapshot = store.map(|s| {
                     let mut disk = s.clone();
                     disk.crash();
-                    disk
+                    (disk, rotted)
                 });
             }
             FaultAction::Rollback(i) => {
@@ -990,7 +993,9 @@ impl Sim {
                     eprintln!("{} ROLLBACK n{i}", self.now);
                 }
                 self.report.rollbacks += 1;
+                let (image, rotted) = image;
                 self.nodes[i].parked = Some(image);
+                self.nodes[i].rotted = rotted;
             }
         }
     }
