@@ -282,16 +282,16 @@ impl<S: Store> Replica<S> {
         // After every restart, retries of unknown op ids answer
         // OutcomeUnknown for `retry_window_ms`.
         let (meta, op_ids_lost) = match store.meta()? {
-            Some(m) if m.clean => (Meta { replica: fresh, ..m }, true),
             #[cfg(feature = "planted-bugs")]
-            Some(m) if crate::planted::active(crate::planted::PlantedBug::AsyncReusesId) => (m, false),
-            // A crash: the disk may have lost a tail of writes whose dots,
-            // sequence numbers and op ids peers and clients already hold.
-            // Anti-entropy brings the lost states back from the peers that
-            // have them; retries of lost op ids arriving soon after are
-            // answered OutcomeUnknown.
+            Some(m) if !m.clean && crate::planted::active(crate::planted::PlantedBug::AsyncReusesId) => (m, false),
+            // After a crash the disk may also have lost a tail of writes
+            // whose dots, sequence numbers and op ids peers and clients
+            // already hold; anti-entropy brings the lost states back from
+            // the peers that have them.
             Some(m) => {
-                tracing::info!(old = ?m.replica, new = ?fresh, "store was not closed cleanly");
+                if !m.clean {
+                    tracing::info!(old = ?m.replica, new = ?fresh, "store was not closed cleanly");
+                }
                 (Meta { replica: fresh, ..m }, true)
             }
             None => (
