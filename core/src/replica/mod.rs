@@ -772,6 +772,10 @@ impl<S: Store> Replica<S> {
             }
             Message::Policy(set) => self.on_policy(now, from, set),
             Message::Ack(a) => {
+                // A peer with nothing to send acknowledges often enough
+                // that it never needs a heartbeat: its acks must tell us
+                // of its new life too, or we keep streaming to the old one.
+                self.observe_incarnation(now, from, a.from);
                 self.on_ack(now, from, a);
                 Ok(())
             }
