@@ -42,7 +42,7 @@ pub use handles::{Batch, CounterHandle, MapHandle, MvRegisterHandle, RegisterHan
 pub use revocation::normalize_serial;
 
 use lattice_core::proto::client::{
-    decode_client, encode_client, ClientRequest, RequestBody, Response, CLIENT_ALPN, MAX_CLIENT_FRAME,
+    decode_answer, encode_client, ClientRequest, RequestBody, Response, CLIENT_ALPN, MAX_ANSWER_FRAME,
 };
 use quinn::crypto::rustls::QuicClientConfig;
 use std::net::SocketAddr;
@@ -618,7 +618,12 @@ impl Client {
             token: self.token.clone(),
             body,
         };
-        let frame = encode_client(&req).map_err(|e| Error::Protocol(e.to_string()))?;
+        let frame = encode_client(&req).map_err(|e| match e {
+            lattice_core::Error::MessageTooLarge { size, limit } => Error::InvalidRequest(format!(
+                "the request encodes to {size} bytes, over the limit of {limit} for one request (split a large write into several)"
+            )),
+            e => Error::Protocol(e.to_string()),
+        })?;
         let conn = self.connection(i).await?;
         let unavailable = |e: &dyn std::fmt::Display| Error::Unavailable(e.to_string());
         let (mut send, recv) = conn.open_bi().await.map_err(|e| unavailable(&e))?;
@@ -792,14 +797,16 @@ async fn read_response(recv: &mut quinn::RecvStream) -> Result<Option<Response>,
         Err(e) => return Err(Error::Unavailable(e.to_string())),
     }
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_CLIENT_FRAME {
-        return Err(Error::Protocol(format!("frame of {len} bytes is over the limit")));
+    if len > MAX_ANSWER_FRAME {
+        return Err(Error::Protocol(format!(
+            "an answer of {len} bytes is over the limit of {MAX_ANSWER_FRAME}"
+        )));
     }
     let mut buf = vec![0u8; len];
     recv.read_exact(&mut buf)
         .await
         .map_err(|e| Error::Unavailable(e.to_string()))?;
-    decode_client::<Response>(&buf)
+    decode_answer(&buf)
         .map(Some)
         .map_err(|e| Error::Protocol(e.to_string()))
 }

@@ -895,13 +895,13 @@ fn repair_rounds_on_a_slow_link_keep_to_its_rate() {
     }
 }
 
-/// From the review: a value a client could not read back (over the 1 MiB
-/// client frame) was accepted; the read then closed empty and the client
-/// marked a healthy node down. Writes now refuse it with a clear error, and
-/// every accepted state fits a read answer.
+/// From the review: a value a client could not read back (over the client
+/// frame) was accepted; the read then closed empty and the client marked a
+/// healthy node down. Writes now refuse it with a clear error, and every
+/// accepted state fits a read answer.
 #[test]
 fn a_value_too_large_to_read_back_is_refused_at_write_time() {
-    use lattice_core::proto::client::{encode_client, CausalToken, Response, MAX_CLIENT_FRAME};
+    use lattice_core::proto::client::{encode_answer, CausalToken, Response, MAX_ANSWER_FRAME};
     let mut r = open(0, 1, MemoryStore::new(), 1);
     let chunk = |i: usize| -> Vec<lattice_core::crdt::Bytes> {
         (0..100)
@@ -909,7 +909,7 @@ fn a_value_too_large_to_read_back_is_refused_at_write_time() {
             .collect()
     };
     let mut refused = None;
-    for i in 0..20 {
+    for i in 0..60 {
         match r.write(Time(i as u64), vec![(key("big"), Op::SetAdd(chunk(i)))]) {
             Ok(_) => r.flush(Time(i as u64)).unwrap(),
             Err(e) => {
@@ -923,12 +923,16 @@ fn a_value_too_large_to_read_back_is_refused_at_write_time() {
     assert!(e.to_string().contains("\"big\""), "the error names the key: {e}");
     // What was accepted reads back in one client answer.
     let v = r.read(&key("big")).unwrap().unwrap();
-    let frame = encode_client(&Response::Value {
+    let frame = encode_answer(&Response::Value {
         token: CausalToken::of(Some(&v)),
         value: Some(v.view()),
     })
     .unwrap();
-    assert!(frame.len() <= MAX_CLIENT_FRAME);
+    assert!(frame.len() <= MAX_ANSWER_FRAME);
+    assert!(
+        frame.len() > MAX_ANSWER_FRAME * 9 / 10,
+        "the set grew close to the limit"
+    );
 }
 
 /// A frame from peer `from` to node `to` carrying `entries`, as a peer with

@@ -148,6 +148,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         engine: engine_tx.clone(),
         watch_budget: tokio::sync::Semaphore::new(config.memory.watch_values_bytes / 1024),
         watch_budget_kib: config.memory.watch_values_bytes / 1024,
+        answer_budget: tokio::sync::Semaphore::new(config.memory.answer_bytes / 1024),
         peers: config.peers.iter().map(|p| p.name.clone()).collect::<BTreeSet<_>>(),
         tokens: config.tokens.clone(),
         admin_tokens: config.admin_tokens.clone(),

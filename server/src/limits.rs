@@ -31,6 +31,9 @@ pub struct MemoryConfig {
     /// Bytes of values read for watchers and not yet written to their
     /// streams, across all watchers; a watcher waits for its share (2 MiB).
     pub watch_values_bytes: usize,
+    /// Bytes of answers encoded and not yet written to their clients, all
+    /// clients together; past it a read is answered `Overloaded`.
+    pub answer_bytes: usize,
     /// Watchers on the node.
     pub watch_max_watchers: usize,
     /// Watchers on one client connection.
@@ -51,6 +54,7 @@ impl Default for MemoryConfig {
             watch_retained_bytes: f.retained_bytes,
             watch_queue_bytes: f.queue_bytes,
             watch_values_bytes: 64 << 20,
+            answer_bytes: 64 << 20,
             watch_max_watchers: f.max_watchers,
             watch_max_per_connection: f.max_watchers_per_conn,
             max_waiting_reads: w.total,
@@ -109,6 +113,10 @@ impl MemoryConfig {
                 "memory.watch_values_bytes must be at least {} (one watcher's share)",
                 2 * crate::node::WATCH_BATCH_BYTES
             );
+        }
+        let answer = lattice_core::proto::client::MAX_ANSWER_FRAME;
+        if self.answer_bytes < answer || self.answer_bytes > (u32::MAX as usize) * 1024 {
+            bail!("memory.answer_bytes must be at least {answer} (one largest answer) and under 4 TiB");
         }
         if self.watch_queue_bytes < 4_096 || self.watch_retained_bytes < 4_096 {
             bail!("memory.watch_queue_bytes and memory.watch_retained_bytes must be at least 4096");

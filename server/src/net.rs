@@ -14,7 +14,7 @@ use crate::node::{Input, WatchFrame, WATCH_BATCH_BYTES};
 use crate::queue::{EngineTx, PeerRx};
 use anyhow::{Context, Result};
 use lattice_core::proto::client::{
-    decode_client, encode_client, ClientError, ClientRequest, ErrorKind, RequestBody, Response, WatchToken,
+    decode_client, encode_answer, ClientError, ClientRequest, ErrorKind, RequestBody, Response, WatchToken,
     CLIENT_ALPN, MAX_CLIENT_FRAME, PEER_ALPN,
 };
 use lattice_core::proto::{NodeId, DEFAULT_MAX_MESSAGE_BYTES};
@@ -384,6 +384,9 @@ pub struct Inbound {
     pub watch_budget: tokio::sync::Semaphore,
     /// The budget's size, in KiB.
     pub watch_budget_kib: usize,
+    /// Answers encoded and not yet written to their clients, in KiB
+    /// (`memory.answer_bytes`).
+    pub answer_budget: tokio::sync::Semaphore,
     /// Configured peer names.
     pub peers: BTreeSet<String>,
     /// Accepted client tokens.
@@ -787,12 +790,24 @@ async fn client_stream(
     // merges can be: writes refuse values that could not be read back)
     // becomes a clear error, never an empty stream the client would take
     // for a dead node.
-    let frame = encode_client(&response).or_else(|e| {
-        encode_client(&error(
+    let frame = encode_answer(&response).or_else(|e| {
+        encode_answer(&error(
             ErrorKind::InvalidRequest,
             format!("the answer is too large for one client frame: {e}"),
         ))
     });
+    // Answers waiting for slow clients hold the node's memory under one
+    // budget: past it the read is refused (the client retries), never queued.
+    let kib = frame.as_ref().map_or(0, |f| f.len().div_ceil(1024)) as u32;
+    let Ok(_permit) = inbound.answer_budget.try_acquire_many(kib) else {
+        inbound.metrics.overloaded.inc();
+        let message = "answers not yet read by their clients fill the node's answer budget";
+        if let Ok(f) = encode_answer(&error(ErrorKind::Overloaded, message)) {
+            let _ = write_frame(&mut send, &f).await;
+        }
+        let _ = send.finish();
+        return;
+    };
     if let Ok(frame) = frame {
         // A client that does not read its answer does not hold it forever.
         let within = Duration::from_millis(inbound.limits.frame_ms);
@@ -841,7 +856,7 @@ async fn watch(
             prefix.len(),
             lattice_core::MAX_KEY_LEN
         );
-        if let Ok(f) = encode_client(&error(ErrorKind::InvalidRequest, message)) {
+        if let Ok(f) = encode_answer(&error(ErrorKind::InvalidRequest, message)) {
             let _ = write_frame(&mut send, &f).await;
         }
         let _ = send.finish();
@@ -855,7 +870,7 @@ async fn watch(
         .is_err()
     {
         inbound.metrics.overloaded.inc();
-        if let Ok(f) = encode_client(&error(ErrorKind::Overloaded, "the node's request queue is full")) {
+        if let Ok(f) = encode_answer(&error(ErrorKind::Overloaded, "the node's request queue is full")) {
             let _ = write_frame(&mut send, &f).await;
         }
         let _ = send.finish();
@@ -889,7 +904,7 @@ async fn watch(
             }
         }
         if let Some(e) = end {
-            if let Ok(f) = encode_client(&Response::Error(e)) {
+            if let Ok(f) = encode_answer(&Response::Error(e)) {
                 let _ = write_frame(&mut send, &f).await;
             }
             break;
@@ -1065,7 +1080,7 @@ async fn serve(req: ClientRequest, meta: Request, inbound: &Inbound, session: &C
             match rx.await {
                 Ok(Ok(entries)) => {
                     let r = Response::Audit(entries);
-                    match lattice_core::proto::client::encode_client(&r) {
+                    match lattice_core::proto::client::encode_answer(&r) {
                         Ok(_) => r,
                         Err(_) => error(
                             ErrorKind::Internal,

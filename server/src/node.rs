@@ -12,7 +12,7 @@ use lattice_core::crdt::{Op, Value};
 use lattice_core::policy::audit::AuditEntry;
 use lattice_core::policy::PolicySet;
 use lattice_core::proto::client::{
-    encode_client, CausalToken, Change, ClientError, ErrorKind, NodeStatus, OpId, PeerInfo, Response, WatchToken,
+    encode_answer, CausalToken, Change, ClientError, ErrorKind, NodeStatus, OpId, PeerInfo, Response, WatchToken,
     WriteConcern,
 };
 use lattice_core::proto::{NodeId, RegionId};
@@ -579,9 +579,9 @@ fn watch_frames(replica: &Replica<SledStore>, notices: Vec<Notice>) -> Vec<Watch
             Err(e) => (Response::Error(ClientError::from(&e)), true),
         };
         // Never skip a change silently: the watcher is told, and stops.
-        let frame = match encode_client(&response) {
+        let frame = match encode_answer(&response) {
             Ok(bytes) => WatchFrame { bytes, last },
-            Err(e) => match encode_client(&Response::Error(ClientError {
+            Err(e) => match encode_answer(&Response::Error(ClientError {
                 kind: ErrorKind::InvalidRequest,
                 message: format!("a change is too large for one client frame: {e}"),
                 regions: Vec::new(),

@@ -333,7 +333,7 @@ impl Sim {
                 if cfg.torn_writes { ",torn" } else { "" },
                 if cfg.lying_flush { ",lying" } else { "" },
                 cfg.relay,
-                if cfg.max_message_bytes < lattice_core::proto::DEFAULT_MAX_MESSAGE_BYTES {
+                if cfg.max_message_bytes < crate::config::DEFAULT_FRAME {
                     format!(
                         " frame={}B large={:.2}{} keys={}",
                         cfg.max_message_bytes,

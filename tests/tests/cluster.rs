@@ -6,7 +6,7 @@
 
 use lattice_client::{Client, Error as ClientError, ErrorKind};
 use lattice_core::crdt::{Bytes, Field, FieldKind, NestedView, Op, ValueView};
-use lattice_core::proto::client::{decode_client, ClientRequest, RequestBody, Response, CLIENT_ALPN, PEER_ALPN};
+use lattice_core::proto::client::{decode_answer, ClientRequest, RequestBody, Response, CLIENT_ALPN, PEER_ALPN};
 use lattice_core::Key;
 use lattice_server::certs;
 use lattice_server::storage::Durability;
@@ -243,7 +243,7 @@ async fn garbage_and_oversized_frames_get_errors_and_the_node_keeps_serving() {
         recv.read_exact(&mut len).await.unwrap();
         let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
         recv.read_exact(&mut body).await.unwrap();
-        match decode_client::<Response>(&body).unwrap() {
+        match decode_answer(&body).unwrap() {
             Response::Error(e) => assert_eq!(e.kind, ErrorKind::InvalidRequest, "{}", e.message),
             r => panic!("{r:?}"),
         }

@@ -12,7 +12,7 @@
 
 use lattice_client::{Client, Endpoint, Error as ClientError, ErrorKind};
 use lattice_core::proto::client::{
-    decode_client, encode_client, ClientRequest, RequestBody, Response, CLIENT_ALPN, PEER_ALPN,
+    decode_answer, encode_client, ClientRequest, RequestBody, Response, CLIENT_ALPN, PEER_ALPN,
 };
 use lattice_core::Key;
 use lattice_server::certs;
@@ -155,7 +155,7 @@ async fn answer(recv: &mut quinn::RecvStream) -> Result<Response, String> {
     recv.read_exact(&mut len).await.map_err(|e| e.to_string())?;
     let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
     recv.read_exact(&mut body).await.map_err(|e| e.to_string())?;
-    decode_client(&body).map_err(|e| e.to_string())
+    decode_answer(&body).map_err(|e| e.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -677,4 +677,62 @@ fn certs_commands_keep_keys_private_never_overwrite_them_and_renew() {
         "{text}"
     );
     assert!(!text.contains(&old_serial));
+}
+
+/// Reads of a value of about 3.7 MB on 200 streams whose answers are never
+/// read: each answer waits (up to `frame_ms`) for a client that does not
+/// read it, and nothing bounded them (200 answers would hold some 750 MB).
+/// The node now holds at most `[memory] answer_bytes` (64 MiB) of answers
+/// not yet read; the other reads are refused `Overloaded`, and other
+/// clients are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_unread_large_answers_stay_within_their_budget() {
+    let _g = serial();
+    let c = node(|_| {}).await;
+    let client = c.client(0).unwrap();
+    let big = Key::new("big/set").unwrap();
+    for i in 0..4 {
+        let elements = (0..900).map(|j| format!("{i}-{j:03}-{}", "z".repeat(1_000)).as_str().into());
+        client
+            .write(vec![(big.clone(), lattice_core::crdt::Op::SetAdd(elements.collect()))])
+            .await
+            .unwrap();
+    }
+    let baseline = c.rss_kib(0).unwrap();
+    let e = raw(&c, "127.0.0.3", None, CLIENT_ALPN);
+    let conn = dial(&e, &c).await.unwrap();
+    let token = c.defaults.token.clone();
+    let read = request(
+        &token,
+        RequestBody::Read {
+            key: big.clone(),
+            after: None,
+            wait_ms: 0,
+        },
+    );
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        send.write_all(&read).await.unwrap();
+        let _ = send.finish();
+        held.push((send, recv));
+    }
+    // Until the engine has answered them all (the refusals stop growing).
+    let mut last = -1.0;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = counter(&metrics(&c, None).1, "lattice_client_overloaded_total");
+        if now == last && now > 0.0 {
+            break;
+        }
+        last = now;
+    }
+    println!("{last} of 200 reads refused Overloaded");
+    rss_under(&c, "200 unread answers of 3.7 MB", baseline, 200 * MIB);
+    assert!(
+        last >= 150.0,
+        "about 17 answers of 3.7 MB fit in 64 MiB: {last} refused"
+    );
+    read_answers_within_a_second(&c).await;
+    drop(held);
 }

@@ -279,10 +279,11 @@ fn hostile_many_waiting_reads() {
     });
 }
 
-/// Values over the limit are refused before they are stored, and 60
-/// writes of 900 KiB values (the largest allowed) to distinct keys keep
-/// the node within a stated bound: before, the feed kept each whole value
-/// in memory and in sled as well as the store.
+/// Requests over the request frame are refused before they are read, a
+/// value grown past the value limit is refused before it is stored, and 60
+/// writes of 900 KiB values (near the largest request) to distinct keys
+/// keep the node within a stated bound: before, the feed kept each whole
+/// value in memory and in sled as well as the store.
 #[test]
 fn hostile_oversized_values() {
     let _g = serial();
@@ -290,10 +291,39 @@ fn hostile_oversized_values() {
         let c = one_node().await;
         let base = c.rss_kib(0).unwrap();
         let client = c.client(0).unwrap();
-        match write(&client, "too/big", 1_000_000, 1).await {
-            Ok(Response::Error(e)) => assert_eq!(e.kind, ErrorKind::InvalidRequest, "{}", e.message),
-            Err(Error::InvalidRequest(_)) => {}
-            r => panic!("expected a refusal of a 1,000,000-byte value, got {r:?}"),
+        match write(&client, "too/big", 1_100_000, 1).await {
+            Err(Error::InvalidRequest(m)) => assert!(m.contains("over the limit"), "{m}"),
+            r => panic!("expected a refusal of a 1,100,000-byte request, got {r:?}"),
+        }
+        // A set grown by requests that each fit, up to the value limit.
+        let mut refused = None;
+        for i in 0..8 {
+            let elements = (0..900).map(|j| format!("{i}-{j:03}-{}", "z".repeat(1_000)).as_str().into());
+            let r = client
+                .request(RequestBody::Write {
+                    op_id: Client::new_op_id(),
+                    retry: false,
+                    ops: vec![(Key::new("too/big/set").unwrap(), Op::SetAdd(elements.collect()))],
+                    concern: WriteConcern::Local,
+                    timeout_ms: 0,
+                })
+                .await;
+            match r {
+                Ok(Response::Written { .. }) => {}
+                Err(Error::InvalidRequest(m)) => {
+                    refused = Some((i, m));
+                    break;
+                }
+                r => panic!("set add {i}: {r:?}"),
+            }
+        }
+        let (i, m) = refused.expect("a set grown past the value limit is refused");
+        assert!(i >= 4, "four adds of ~0.9 MB fit under the limit of 4 MiB");
+        assert!(m.contains("\"too/big/set\"") && m.contains("limit"), "{m}");
+        // What was accepted (about 4 MB) reads back in one answer.
+        match client.read(&Key::new("too/big/set").unwrap()).await.unwrap() {
+            Some(lattice_core::crdt::ValueView::Set(s)) => assert_eq!(s.len(), 900 * i),
+            v => panic!("{v:?}"),
         }
         let started = Instant::now();
         for i in 0..60 {

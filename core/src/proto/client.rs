@@ -16,13 +16,21 @@ pub const PEER_ALPN: &[u8] = b"lattice-peer/1";
 /// ALPN of client connections.
 pub const CLIENT_ALPN: &[u8] = b"lattice-client/1";
 
-/// Largest client frame, in bytes.
+/// Largest request frame (client to node), in bytes. A node reads at most
+/// this much of one request, so it is also what one client stream can make
+/// a node hold before the token is checked.
 pub const MAX_CLIENT_FRAME: usize = 1 << 20;
 
-/// Largest encoded state a key may hold by default: a client frame less
+/// Largest answer frame (node to client), in bytes: an answer carries at
+/// most one value and its causal token, so it is sized by the value limit.
+/// A node holds an answer until the client has read it, under its answer
+/// budget (`[memory] answer_bytes`).
+pub const MAX_ANSWER_FRAME: usize = 4 << 20;
+
+/// Largest encoded state a key may hold by default: an answer frame less
 /// room for the answer around the value (its causal token and framing), so
 /// that every value a node accepts can be read back in one answer.
-pub const MAX_VALUE_BYTES: usize = MAX_CLIENT_FRAME - (64 << 10);
+pub const MAX_VALUE_BYTES: usize = MAX_ANSWER_FRAME - (64 << 10);
 
 /// A client-chosen id for one write, so a retried write is applied once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -442,21 +450,33 @@ pub enum Response {
     Error(ClientError),
 }
 
-/// Encodes a client frame (request or response).
+/// Encodes a request frame (at most [`MAX_CLIENT_FRAME`] bytes).
 pub fn encode_client<T: Serialize>(msg: &T) -> Result<Vec<u8>, Error> {
+    encode_within(msg, MAX_CLIENT_FRAME)
+}
+
+/// Encodes an answer frame (at most [`MAX_ANSWER_FRAME`] bytes).
+pub fn encode_answer(msg: &Response) -> Result<Vec<u8>, Error> {
+    encode_within(msg, MAX_ANSWER_FRAME)
+}
+
+fn encode_within<T: Serialize>(msg: &T, limit: usize) -> Result<Vec<u8>, Error> {
     let mut out = vec![PROTOCOL_VERSION];
     out.extend(to_bytes(msg)?);
-    if out.len() > MAX_CLIENT_FRAME {
-        return Err(Error::MessageTooLarge {
-            size: out.len(),
-            limit: MAX_CLIENT_FRAME,
-        });
+    if out.len() > limit {
+        return Err(Error::MessageTooLarge { size: out.len(), limit });
     }
     Ok(out)
 }
 
-/// Decodes a client frame, checking size, version and depth.
+/// Decodes a request frame, checking size, version and depth.
 pub fn decode_client<T: serde::de::DeserializeOwned>(frame: &[u8]) -> Result<T, Error> {
     let body = super::frame_body(frame, MAX_CLIENT_FRAME)?;
+    from_bytes(body)
+}
+
+/// Decodes an answer frame, checking size, version and depth.
+pub fn decode_answer(frame: &[u8]) -> Result<Response, Error> {
+    let body = super::frame_body(frame, MAX_ANSWER_FRAME)?;
     from_bytes(body)
 }

@@ -30,8 +30,11 @@ pub const PEER_PROTOCOL_VERSION: u8 = 2;
 /// Bytes of the integrity check after a peer frame's version byte.
 pub const FRAME_CHECK_BYTES: usize = 8;
 
-/// Default largest frame accepted, in bytes.
-pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 << 20;
+/// Default largest peer frame accepted, in bytes. A key's state may take at
+/// most half a frame, so this admits every value a client may write
+/// ([`client::MAX_VALUE_BYTES`]).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 8 << 20;
+const _: () = assert!(client::MAX_VALUE_BYTES <= DEFAULT_MAX_MESSAGE_BYTES / 2);
 
 /// Deepest nesting of MessagePack containers accepted by the decoder.
 pub const MAX_DECODE_DEPTH: usize = 128;

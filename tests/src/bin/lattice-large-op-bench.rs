@@ -25,9 +25,10 @@ use std::time::{Duration, Instant};
 #[derive(Parser, Debug)]
 #[command(about = "One large set add on a real 3-region cluster, with other clients' read latencies")]
 struct Args {
-    /// Elements in the one set add (8-byte elements; the set's state must
-    /// stay under the value limit of 1 MiB less 64 KiB, about 45,000).
-    #[arg(long, default_value_t = 20_000)]
+    /// Elements in the one set add (8-byte elements; the request must fit
+    /// one request frame of 1 MiB, about 110,000 elements, and the set's
+    /// state the value limit of 4 MiB less 64 KiB, about 160,000).
+    #[arg(long, default_value_t = 100_000)]
     elements: usize,
     /// Reader tasks per node.
     #[arg(long, default_value_t = 2)]
