@@ -484,6 +484,35 @@ mod tests {
         ));
     }
 
+    /// A crash after an archive's base was recorded, before the rename,
+    /// is finished at open by archiving the part without re-reading it
+    /// against the base: so the part's first entry, which nothing after it
+    /// vouches for, must be checked against its own hash as it is read (an
+    /// edit of it was archived unnoticed when that check was removed).
+    #[test]
+    fn an_edited_first_entry_is_refused_even_when_open_finishes_an_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let head = || Some(db.open_tree("audit").unwrap());
+        let mut log = AuditLog::open(dir.path(), head()).unwrap();
+        log.append("n1", "config", PolicySet::default()).unwrap();
+        log.append("n1", "admin", PolicySet::new(2, vec![]).unwrap()).unwrap();
+        log.append("n1", "admin", PolicySet::new(3, vec![]).unwrap()).unwrap();
+        let last = log.last.clone().unwrap();
+        drop(log);
+        let tree = db.open_tree("audit").unwrap();
+        tree.insert(BASE, serde_json::to_vec(&last).unwrap()).unwrap();
+        let path = dir.path().join("audit.log");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.matches("\"config\"").count(), 1);
+        std::fs::write(&path, text.replace("\"config\"", "\"confix\"")).unwrap();
+        assert!(matches!(
+            AuditLog::open(dir.path(), head()),
+            Err(Error::AuditBroken { index: 0, .. })
+        ));
+        assert!(path.exists(), "the edited part was not archived");
+    }
+
     #[test]
     fn the_log_is_archived_at_its_checkpoint_and_still_verifies() {
         use lattice_core::policy::MAX_POLICY_SET_BYTES;

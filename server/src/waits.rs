@@ -115,6 +115,26 @@ impl<R> Waits<R> {
         Ok(())
     }
 
+    /// [`Waits::add`], but at a limit the reads whose client went away
+    /// (`gone`) give their slots up first: a client that left is not
+    /// noticed before the next periodic prune otherwise, and its reads
+    /// would refuse a live client's meanwhile.
+    pub fn add_or_prune(
+        &mut self,
+        key: Key,
+        token: CausalToken,
+        deadline: Instant,
+        conn: u64,
+        reply: R,
+        gone: impl Fn(&R) -> bool,
+    ) -> Result<(), (Refused, R)> {
+        self.add(key.clone(), token.clone(), deadline, conn, reply)
+            .or_else(|(_, reply)| {
+                self.prune(gone);
+                self.add(key, token, deadline, conn, reply)
+            })
+    }
+
     fn remove(&mut self, id: u64) -> Option<Waiter<R>> {
         let w = self.waiters.remove(&id)?;
         if let Some(ids) = self.by_key.get_mut(&w.key) {
@@ -232,5 +252,23 @@ mod tests {
         w.add(a.clone(), t.clone(), later, 1, 5).unwrap();
         w.add(b, t, later, 1, 6).unwrap();
         assert_eq!(w.ready(&a, |_| true), vec![3, 5]);
+    }
+
+    #[test]
+    fn at_a_limit_the_reads_of_clients_that_left_give_their_slots_up_first() {
+        let mut w: Waits<u32> = Waits::new(WaitLimits { total: 2, per_conn: 2 });
+        let later = Instant::now() + Duration::from_secs(60);
+        let (a, t) = (Key::new("a").unwrap(), CausalToken::default());
+        w.add(a.clone(), t.clone(), later, 1, 1).unwrap();
+        w.add(a.clone(), t.clone(), later, 2, 2).unwrap();
+        // Nobody left: still refused, and nothing was dropped.
+        assert_eq!(
+            w.add_or_prune(a.clone(), t.clone(), later, 3, 3, |_| false),
+            Err((Refused::Total(2), 3))
+        );
+        assert_eq!(w.len(), 2);
+        // The client of read 1 left: its slot goes to the new read.
+        w.add_or_prune(a.clone(), t.clone(), later, 3, 4, |r| *r == 1).unwrap();
+        assert_eq!(w.ready(&a, |_| true), vec![2, 4]);
     }
 }
