@@ -119,11 +119,13 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             deny.clone(),
         ));
     }
+    let reads = Arc::new(node::Reads::new(&replica));
     let engine = {
         let (metrics, node) = (metrics.clone(), config.node.clone());
         let (durability, group) = (config.durability, Duration::from_millis(config.group_commit_ms));
         let concern_ms = config.write_concern_timeout_ms;
         let waits = config.memory.waits();
+        let reads = reads.clone();
         std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
@@ -140,6 +142,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
                     audit,
                     concern_ms,
                     waits,
+                    reads,
                 )
             })
             .context("starting the engine thread")?
@@ -149,6 +152,8 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         watch_budget: tokio::sync::Semaphore::new(config.memory.watch_values_bytes / 1024),
         watch_budget_kib: config.memory.watch_values_bytes / 1024,
         answer_budget: tokio::sync::Semaphore::new(config.memory.answer_bytes / 1024),
+        reads,
+        direct_reads: tokio::sync::Semaphore::new(net::DIRECT_READS),
         peers: config.peers.iter().map(|p| p.name.clone()).collect::<BTreeSet<_>>(),
         tokens: config.tokens.clone(),
         admin_tokens: config.admin_tokens.clone(),

@@ -6,7 +6,7 @@
 use crate::feed::{Feed, Notice, WatchTx};
 use crate::metrics::Metrics;
 use crate::queue::{EngineRx, PeerTx, RecvError};
-use crate::storage::{Durability, SledStore};
+use crate::storage::{Durability, SledStore, StoreReader};
 use crate::waits::{Refused, WaitLimits, Waits};
 use lattice_core::crdt::{Op, Value};
 use lattice_core::policy::audit::AuditEntry;
@@ -162,6 +162,50 @@ impl Default for Clock {
     }
 }
 
+/// What serves reads beside the engine: the store as of the last flush and
+/// the policy in force, published by the engine after each step. A read
+/// then waits for nobody: not for a large operation the engine is applying
+/// (a 100,000-element add holds it for about a second), nor for a merge.
+pub struct Reads {
+    store: StoreReader,
+    policy: std::sync::RwLock<Arc<PolicySet>>,
+    region: RegionId,
+}
+
+impl Reads {
+    /// Reads of `replica`'s store, under its policy as it is now.
+    pub fn new(replica: &Replica<SledStore>) -> Reads {
+        Reads {
+            store: replica.store().reader(),
+            policy: std::sync::RwLock::new(Arc::new(replica.policy().clone())),
+            region: replica.config().region.clone(),
+        }
+    }
+
+    /// `key` as of the last flush, if the policy lets this region read it.
+    /// Every write acknowledged before the read started is in it (writes
+    /// are acknowledged after their flush).
+    pub fn read(&self, key: &Key) -> Result<Option<Value>, Error> {
+        let policy = self
+            .policy
+            .read()
+            .map(|p| p.clone())
+            .map_err(|_| Error::Store("policy lock poisoned".into()))?;
+        policy.check_read(key.as_str(), &self.region)?;
+        self.store.get(key)
+    }
+
+    /// Publishes the engine's policy, if it changed.
+    fn publish(&self, now: &PolicySet) {
+        let stale = self.policy.read().map_or(true, |p| p.version != now.version);
+        if stale {
+            if let Ok(mut p) = self.policy.write() {
+                *p = Arc::new(now.clone());
+            }
+        }
+    }
+}
+
 /// Most inputs one engine step takes before it flushes and answers.
 const MAX_STEP_INPUTS: usize = 1_024;
 
@@ -180,6 +224,7 @@ pub fn run(
     audit: crate::audit::AuditLog,
     concern_ms: u64,
     wait_limits: WaitLimits,
+    reads: Arc<Reads>,
 ) {
     replica.set_wall_offset(clock.wall_offset_ms);
     let mut audit = audit;
@@ -453,6 +498,7 @@ pub fn run(
             }
         }
         answer_reads(&replica, &mut waits, &mut touched);
+        reads.publish(replica.policy());
         if last_stats.elapsed() >= Duration::from_millis(200) {
             metrics.record_engine(&replica, now);
             for (peer, q) in &peers {
@@ -517,12 +563,7 @@ fn wait_for(
         Ok(_) => {
             // At a limit, reads whose client went away since the last
             // prune give their slots up first.
-            let added = waits
-                .add(key.clone(), token.clone(), deadline, conn, reply)
-                .or_else(|(_, reply)| {
-                    waits.prune(|r| r.is_closed());
-                    waits.add(key, token, deadline, conn, reply)
-                });
+            let added = waits.add_or_prune(key, token, deadline, conn, reply, |r| r.is_closed());
             if let Err((refused, reply)) = added {
                 metrics.overloaded.inc();
                 let why = match refused {

@@ -148,6 +148,25 @@ pub struct SledStore {
     blob_syncs: u64,
 }
 
+/// Reads the values the last flush put in sled, from any thread, so that a
+/// read need not wait for the engine (which may be busy with a large
+/// operation for a second). It sees the engine's changes once flushed:
+/// every acknowledged write, never one still pending.
+#[derive(Clone)]
+pub struct StoreReader {
+    tree: sled::Tree,
+}
+
+impl StoreReader {
+    /// The value of `key` as of the last flush.
+    pub fn get(&self, key: &Key) -> Result<Option<Value>, Error> {
+        match self.tree.get(value_key(key)).map_err(store_err)? {
+            Some(v) => open_record(key, &v).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
 fn store_err(e: impl std::fmt::Display) -> Error {
     Error::Store(e.to_string())
 }
@@ -210,6 +229,13 @@ fn migrate_v1(db: &sled::Db, tree: &sled::Tree, mut id: Identity, dir: &Path) ->
 }
 
 impl SledStore {
+    /// A reader of what this store has flushed, for other threads.
+    pub fn reader(&self) -> StoreReader {
+        StoreReader {
+            tree: self.tree.clone(),
+        }
+    }
+
     /// Opens (or creates) the store of node `node` in `dir`.
     pub fn open(dir: &Path, node: &str, durability: Durability) -> Result<SledStore, OpenError> {
         let sled_err = |source| OpenError::Sled {

@@ -728,7 +728,10 @@ async fn hostile_unread_large_answers_stay_within_their_budget() {
         last = now;
     }
     println!("{last} of 200 reads refused Overloaded");
-    rss_under(&c, "200 unread answers of 3.7 MB", baseline, 200 * MIB);
+    // The answers (64 MiB), reads decoding beside the engine (4 × at most
+    // 16 MiB), QUIC's send buffer of the connection (32 MiB), and the
+    // allocator's slack.
+    rss_under(&c, "200 unread answers of 3.7 MB", baseline, 250 * MIB);
     assert!(
         last >= 150.0,
         "about 17 answers of 3.7 MB fit in 64 MiB: {last} refused"

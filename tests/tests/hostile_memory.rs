@@ -710,3 +710,88 @@ fn blob_files_are_fsynced_before_the_log_on_a_real_node() {
         eprintln!("{} blob files, each fsynced before the log's fdatasync", blobs.len());
     });
 }
+
+/// Reads `key` on node `i` in a loop until `stop`, noting each read's
+/// latency with the time it was sent.
+fn probe_reads(
+    c: &Cluster,
+    i: usize,
+    key: &Key,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<(Instant, Duration)>> {
+    let client = c.client(i).unwrap();
+    let key = key.clone();
+    tokio::spawn(async move {
+        let mut out = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let sent = Instant::now();
+            read_value(&client, &key).await.unwrap();
+            out.push((sent, sent.elapsed()));
+        }
+        out
+    })
+}
+
+/// The slowest read of `lat` sent in `from..to`, and how many there were.
+fn slowest(lat: &[(Instant, Duration)], from: Instant, to: Instant) -> (Duration, usize) {
+    let during: Vec<Duration> = lat
+        .iter()
+        .filter(|(s, _)| *s >= from && *s < to)
+        .map(|(_, d)| *d)
+        .collect();
+    (during.iter().copied().max().unwrap_or_default(), during.len())
+}
+
+/// One client adds 60,000 elements to a set in one command while others
+/// read a small key on both nodes. Before, every read went through the
+/// engine and waited for the whole add on the writer's node, and for the
+/// whole merge on its peer (a 20,000-element add once kept every region
+/// from answering a read for minutes). Reads are now served beside the
+/// engine, from the store as of its last flush: the add and its merge delay
+/// none of them by more than a fraction of the add.
+#[test]
+fn hostile_a_huge_set_add_does_not_stall_reads() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let _g = serial();
+    rt().block_on(async {
+        let c = Cluster::start(&bin(), &["eu", "us"], Durability::Group).unwrap();
+        c.wait_ready(Duration::from_secs(20)).await.unwrap();
+        let writer = c.client(0).unwrap();
+        let probe = Key::new("probe").unwrap();
+        writer.write(vec![(probe.clone(), Op::CounterAdd(1))]).await.unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..2).map(|i| probe_reads(&c, i, &probe, stop.clone())).collect();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let big = Key::new("huge/set").unwrap();
+        let elements = (0..60_000).map(|i| format!("e{i:07}").as_str().into()).collect();
+        let started = Instant::now();
+        writer.write(vec![(big.clone(), Op::SetAdd(elements))]).await.unwrap();
+        let add = started.elapsed();
+        let peer = c.client(1).unwrap();
+        loop {
+            match read_value(&peer, &big).await.unwrap() {
+                Some(lattice_core::crdt::ValueView::Set(s)) if s.len() == 60_000 => break,
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "the set never reached node 2"
+            );
+        }
+        let replicated = started.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        for (i, r) in readers.into_iter().enumerate() {
+            let lat = r.await.unwrap();
+            let (max, n) = slowest(&lat, started, started + replicated);
+            eprintln!(
+                "node {i}: {n} reads during the add ({add:?}) and its replication ({replicated:?}), slowest {max:?}"
+            );
+            assert!(n >= 10, "node {i}: only {n} reads during the add");
+            assert!(
+                max < add / 3,
+                "node {i}: a read waited {max:?} during an add of {add:?}"
+            );
+        }
+        assert_responsive_on(&c, 1, "a huge set add").await;
+    });
+}
