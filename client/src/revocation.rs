@@ -4,6 +4,7 @@
 //! end-entity certificate whose serial is in the client's deny-list, the
 //! list a node keeps as `revoked_serials`.
 
+use lattice_core::serial::serial_hex;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -11,27 +12,9 @@ use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-/// A serial in the one form the deny-list compares: lowercase hex without
-/// separators or leading zero bytes (`0A:1b` and `0a1b` are the same). The
-/// same rule as `latticed`'s `revoked_serials`, so a list copied from a
-/// node's configuration means the same here.
+/// A serial as the deny-list compares it (see [`lattice_core::serial`]).
 pub fn normalize_serial(s: &str) -> Result<String, String> {
-    let hex: String = s.chars().filter(|c| *c != ':' && !c.is_whitespace()).collect();
-    if hex.is_empty() || hex.len() > 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(format!("revoked serial {s:?}: a serial is 1 to 32 bytes of hex"));
-    }
-    let hex = if hex.len() % 2 == 1 { format!("0{hex}") } else { hex };
-    let bytes: Vec<u8> = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("revoked serial {s:?}: {e}"))?;
-    Ok(serial_hex(&bytes))
-}
-
-fn serial_hex(raw: &[u8]) -> String {
-    let start = raw.iter().position(|&b| b != 0).unwrap_or(raw.len());
-    raw[start..].iter().map(|b| format!("{b:02x}")).collect()
+    lattice_core::serial::normalize_serial(s).map_err(|e| format!("revoked serial {s:?}: {e}"))
 }
 
 /// Why a node's certificate was refused after it verified.

@@ -42,6 +42,7 @@ mod key;
 pub mod policy;
 pub mod proto;
 pub mod replica;
+pub mod serial;
 pub mod store;
 mod work;
 

@@ -211,26 +211,7 @@ pub fn info_of(der: &[u8]) -> Result<CertInfo> {
     })
 }
 
-fn serial_hex(raw: &[u8]) -> String {
-    let start = raw.iter().position(|&b| b != 0).unwrap_or(raw.len());
-    raw[start..].iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A serial in the one form the deny-list compares: lowercase hex without
-/// separators or leading zero bytes (`0A:1b` and `0a1b` are the same).
-pub fn normalize_serial(s: &str) -> Result<String> {
-    let hex: String = s.chars().filter(|c| *c != ':' && !c.is_whitespace()).collect();
-    if hex.is_empty() || hex.len() > 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-        bail!("a serial is 1 to 32 bytes of hex");
-    }
-    let hex = if hex.len() % 2 == 1 { format!("0{hex}") } else { hex };
-    let bytes = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
-        .collect::<Result<Vec<u8>, _>>()
-        .context("a serial is hex")?;
-    Ok(serial_hex(&bytes))
-}
+pub use lattice_core::serial::{normalize_serial, serial_hex};
 
 /// Serials a node refuses (the `revoked_serials` setting).
 #[derive(Debug, Clone, Default)]
@@ -241,7 +222,7 @@ impl DenyList {
     pub fn new(serials: &[String]) -> Result<DenyList> {
         serials
             .iter()
-            .map(|s| normalize_serial(s))
+            .map(|s| normalize_serial(s).map_err(anyhow::Error::new))
             .collect::<Result<_>>()
             .map(DenyList)
     }
