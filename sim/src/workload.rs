@@ -141,6 +141,12 @@ pub struct Workload {
     broadcast: bool,
     keys: usize,
     weights: Vec<f64>,
+    /// The sum of `weights`, summed once (the same sum `pick_key` used to
+    /// compute on every call, so the draws are bit for bit the same).
+    total: f64,
+    /// Every weight is 1: a key is the integer part of the draw, found
+    /// without a walk over 10^5 weights.
+    uniform: bool,
     next_unique: u64,
     /// Share of large register values, and their largest size.
     large: (f64, usize),
@@ -167,11 +173,14 @@ impl Workload {
     /// A workload for `cfg`.
     pub fn new(cfg: &SimConfig) -> Self {
         let keys = cfg.keys.max(1);
-        let weights = (0..keys).map(|i| 1.0 / ((i + 1) as f64).powf(cfg.key_skew)).collect();
+        let weights: Vec<f64> = (0..keys).map(|i| 1.0 / ((i + 1) as f64).powf(cfg.key_skew)).collect();
+        let total = weights.iter().sum();
         Workload {
             broadcast: cfg.broadcast,
             keys,
+            uniform: weights.iter().all(|w| *w == 1.0),
             weights,
+            total,
             next_unique: 0,
             large: (cfg.large_values, cfg.max_message_bytes / 3),
         }
@@ -196,8 +205,12 @@ impl Workload {
     }
 
     fn pick_key(&self, rng: &mut ChaCha8Rng) -> usize {
-        let total: f64 = self.weights.iter().sum();
-        let mut x = rng.gen_range(0.0..total);
+        let mut x = rng.gen_range(0.0..self.total);
+        if self.uniform {
+            // Subtracting 1.0 at a time is exact, so the walk below would
+            // stop at the integer part.
+            return (x as usize).min(self.keys - 1);
+        }
         for (i, w) in self.weights.iter().enumerate() {
             if x < *w {
                 return i;
