@@ -211,6 +211,7 @@ mod tests {
             targets: 0,
             policy_version: 0,
             reached_all_at: None,
+            batch: (id, 1),
         };
         (rec, after)
     }

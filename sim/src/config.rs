@@ -10,6 +10,14 @@ use rand_chacha::ChaCha8Rng;
 /// keeping it keeps every recorded seed's run as it was).
 pub const DEFAULT_FRAME: usize = 4 << 20;
 
+/// Share of swarm seeds (among those not in the 5,000..=20,000 key
+/// profile) whose key space is 20,000..=100,000 keys per type.
+pub const HUGE_KEYS_SHARE: f64 = 0.004;
+
+/// The expected number of mixed batches in a swarm run is kept under this
+/// (the batch share shrinks in runs of many ops).
+pub const MAX_BATCHES: f64 = 600.0;
+
 /// Which faults a run injects while the workload runs.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct FaultMix {
@@ -197,6 +205,11 @@ pub struct SimConfig {
     /// up to `max_message_bytes / 3`, so groups, sections, relayed deltas
     /// and anti-entropy states meet the frame limits.
     pub large_values: f64,
+    /// Share of client writes (0..1) sent as one multi-key batch of mixed
+    /// sizes: the usual op, 2..=9 small counters and registers and one
+    /// large value (up to what half a frame leaves beside them) in keys of
+    /// other types, so other policies and priority classes.
+    pub batches: f64,
 }
 
 /// Who gossips with whom.
@@ -244,6 +257,7 @@ impl SimConfig {
             lying_flush: false,
             max_message_bytes: DEFAULT_FRAME,
             large_values: 0.0,
+            batches: 0.0,
         }
     }
 
@@ -359,13 +373,40 @@ impl SimConfig {
             c.rate = srng.gen_range(200.0..1_000.0);
         }
         // Now and then tens of thousands of keys (the key space a repair
-        // round must search), from a stream of its own.
+        // round must search), from a stream of its own; rarer still, up to
+        // 10^5 keys per type (drawn only by seeds the first profile left
+        // alone, so those kept their runs).
         let mut krng = ChaCha8Rng::seed_from_u64(seed ^ 0x4b45_5953_0000_0000);
         if krng.gen_bool(0.01) {
             c.keys = krng.gen_range(5_000..=20_000);
             c.key_skew = 0.0;
             c.ops = krng.gen_range(10_000..=20_000);
             c.rate = krng.gen_range(1_000.0..3_000.0);
+        } else if krng.gen_bool(HUGE_KEYS_SHARE) {
+            c.keys = if krng.gen_bool(0.5) {
+                100_000
+            } else {
+                krng.gen_range(20_000..100_000)
+            };
+            c.key_skew = 0.0;
+            c.ops = krng.gen_range(10_000..=20_000);
+            c.rate = krng.gen_range(1_000.0..3_000.0);
+        }
+        // Multi-key batches of mixed sizes in a share of the seeds, from a
+        // stream of their own: the shape that once broke section sizing
+        // (one 7 KB `bulk` value beside nine small `crit` counters in 16 KiB
+        // frames). Half of them in small frames, so the large value is at
+        // a frame's edge.
+        let mut brng = ChaCha8Rng::seed_from_u64(seed ^ 0x4241_5443_4800_0000);
+        if brng.gen_bool(0.25) {
+            c.batches = brng.gen_range(0.1..0.6);
+            if c.max_message_bytes == DEFAULT_FRAME && brng.gen_bool(0.5) {
+                c.max_message_bytes = 1 << brng.gen_range(13..=16);
+            }
+            // About `MAX_BATCHES` batches a run at most: their large values
+            // are most of its bytes, and in the 10^4-op profiles a share of
+            // a third made one seed carry 600 MB and take a minute.
+            c.batches = c.batches.min(MAX_BATCHES / c.ops.max(1) as f64);
         }
         c
     }

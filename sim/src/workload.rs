@@ -94,6 +94,10 @@ pub struct OpRecord {
     pub policy_version: u64,
     /// When every node included it.
     pub reached_all_at: Option<u64>,
+    /// The client write this op was part of, as (id of its first record,
+    /// number of ops): `(id, 1)` for a single op. A write is atomic: the
+    /// records of one batch are applied, acknowledged or refused together.
+    pub batch: (usize, usize),
 }
 
 impl OpRecord {
@@ -141,9 +145,44 @@ pub struct Workload {
     broadcast: bool,
     keys: usize,
     weights: Vec<f64>,
+    /// The sum of `weights`, summed once (the same sum `pick_key` used to
+    /// compute on every call, so the draws are bit for bit the same).
+    total: f64,
+    /// Every weight is 1: a key is the integer part of the draw, found
+    /// without a walk over 10^5 weights.
+    uniform: bool,
     next_unique: u64,
     /// Share of large register values, and their largest size.
     large: (f64, usize),
+    /// Largest frame: a batch's deltas together must fit half of one.
+    frame: usize,
+}
+
+/// One operation of a client write.
+#[derive(Clone, Debug)]
+pub struct Planned {
+    /// Key.
+    pub key: Key,
+    /// Type of the key.
+    pub kind: KeyKind,
+    /// The operation.
+    pub op: Op,
+    /// Deliberately of the wrong type: the write must be refused.
+    pub expect_error: bool,
+}
+
+/// The largest value a mixed batch carries when frames are the default
+/// 4 MiB: several KB is the shape of interest, megabytes only slow the run.
+const BATCH_LARGE_CAP: usize = 16 << 10;
+
+/// Bytes of payload (register values, set elements) an op carries.
+pub fn op_payload(op: &Op) -> usize {
+    match op {
+        Op::LwwSet(b) | Op::MvSet(b) => b.as_slice().len(),
+        Op::SetAdd(e) | Op::SetRemove(e) => e.iter().map(|b| b.as_slice().len()).sum(),
+        Op::MapApply { op, .. } => op_payload(op),
+        _ => 0,
+    }
 }
 
 /// The set elements visible in a value (top-level set or a map's `tags`).
@@ -167,13 +206,17 @@ impl Workload {
     /// A workload for `cfg`.
     pub fn new(cfg: &SimConfig) -> Self {
         let keys = cfg.keys.max(1);
-        let weights = (0..keys).map(|i| 1.0 / ((i + 1) as f64).powf(cfg.key_skew)).collect();
+        let weights: Vec<f64> = (0..keys).map(|i| 1.0 / ((i + 1) as f64).powf(cfg.key_skew)).collect();
+        let total = weights.iter().sum();
         Workload {
             broadcast: cfg.broadcast,
             keys,
+            uniform: weights.iter().all(|w| *w == 1.0),
             weights,
+            total,
             next_unique: 0,
             large: (cfg.large_values, cfg.max_message_bytes / 3),
+            frame: cfg.max_message_bytes,
         }
     }
 
@@ -196,8 +239,12 @@ impl Workload {
     }
 
     fn pick_key(&self, rng: &mut ChaCha8Rng) -> usize {
-        let total: f64 = self.weights.iter().sum();
-        let mut x = rng.gen_range(0.0..total);
+        let mut x = rng.gen_range(0.0..self.total);
+        if self.uniform {
+            // Subtracting 1.0 at a time is exact, so the walk below would
+            // stop at the integer part.
+            return (x as usize).min(self.keys - 1);
+        }
         for (i, w) in self.weights.iter().enumerate() {
             if x < *w {
                 return i;
@@ -296,6 +343,117 @@ impl Workload {
             }
         };
         (key, kind, op, false)
+    }
+
+    /// The other ops of a mixed batch around `first` (the op drawn as
+    /// usual): one large value (an LWW or multi-value register, or a set
+    /// element) of a size up to what half a frame leaves beside the rest,
+    /// and 2..=9 small counters and registers, each in a key of its own,
+    /// of other types (and so other policies and priority classes). Draws
+    /// from `rng`, a stream of its own, so the usual ops stay as they were.
+    /// Keys `may_write` refuses are left out, as a client that knows the
+    /// policy would (only `first` may then make the policy refuse the
+    /// whole batch).
+    pub fn batch_extras(
+        &mut self,
+        rng: &mut ChaCha8Rng,
+        node: usize,
+        first: &Planned,
+        read: impl Fn(&Key) -> Option<Value>,
+        may_write: impl Fn(&Key) -> bool,
+    ) -> Vec<Planned> {
+        let mut out: Vec<Planned> = Vec::new();
+        let small = rng.gen_range(2..=9usize);
+        let taken =
+            |out: &[Planned], key: &Key| *key == first.key || out.iter().any(|p| p.key == *key) || !may_write(key);
+        // Small ones first, so the large one can take what half a frame
+        // leaves (the review's shape: one 7 KB value and nine counters
+        // in 16 KiB frames).
+        for _ in 0..small {
+            let kind = [
+                KeyKind::GCounter,
+                KeyKind::PnCounter,
+                KeyKind::Counter,
+                KeyKind::Lww,
+                KeyKind::Mv,
+                KeyKind::Map,
+            ][rng.gen_range(0..6)];
+            let key = self.key_of(kind, rng);
+            if taken(&out, &key) {
+                continue;
+            }
+            let op = match kind {
+                KeyKind::GCounter => Op::GCounterInc(rng.gen_range(1..=10)),
+                KeyKind::PnCounter => Op::PnCounterAdd(rng.gen_range(1..=10)),
+                KeyKind::Counter => Op::CounterAdd(rng.gen_range(1..=10)),
+                KeyKind::Lww => Op::LwwSet(self.unique(node)),
+                KeyKind::Mv => Op::MvSet(self.unique(node)),
+                _ => Op::MapApply {
+                    field: Field::new("hits", FieldKind::Counter),
+                    op: Box::new(Op::CounterAdd(rng.gen_range(1..=5))),
+                },
+            };
+            out.push(Planned {
+                key,
+                kind,
+                op,
+                expect_error: false,
+            });
+        }
+        let kind = match rng.gen_range(0..20) {
+            0..=11 => KeyKind::Lww,
+            12..=16 => KeyKind::Set,
+            _ => KeyKind::Mv,
+        };
+        let key = self.key_of(kind, rng);
+        if taken(&out, &key) {
+            return out;
+        }
+        // Room beside the other ops: their payloads and, per entry, a
+        // generous allowance for its key, dots and stamp.
+        let others: usize = out.iter().map(|p| op_payload(&p.op)).sum::<usize>() + op_payload(&first.op);
+        let room = (self.frame / 2).saturating_sub(others + 96 * (out.len() + 2) + 256);
+        let cap = room.min(BATCH_LARGE_CAP);
+        let base = self.unique(node);
+        let size = if cap <= base.as_slice().len() + 1 {
+            base.as_slice().len()
+        } else if rng.gen_bool(0.3) {
+            // At the edge: the last few hundred bytes below the room.
+            rng.gen_range(cap.saturating_sub(400).max(base.as_slice().len() + 1)..=cap)
+        } else {
+            rng.gen_range(cap / 4..=cap).max(base.as_slice().len() + 1)
+        };
+        let mut b = base.as_slice().to_vec();
+        b.push(b'-');
+        b.resize(size.max(b.len()), b'x');
+        let large = Bytes::from(b);
+        let op = match kind {
+            KeyKind::Lww => Op::LwwSet(large),
+            KeyKind::Mv => Op::MvSet(large),
+            _ => {
+                // A set holds every large element added: past the value
+                // limit the write is refused whole, which is checked too;
+                // drop one now and then to make room.
+                let elems = visible_elems(read(&key).as_ref());
+                if !elems.is_empty() && rng.gen_bool(0.2) {
+                    Op::SetRemove(vec![elems[rng.gen_range(0..elems.len())].clone()])
+                } else {
+                    Op::SetAdd(vec![large])
+                }
+            }
+        };
+        out.push(Planned {
+            key,
+            kind,
+            op,
+            expect_error: false,
+        });
+        out
+    }
+
+    fn key_of(&self, kind: KeyKind, rng: &mut ChaCha8Rng) -> Key {
+        let i = self.pick_key(rng);
+        Key::new(format!("{}{i}", kind.prefix())).unwrap_or_else(|_| unreachable_key())
     }
 }
 
