@@ -1187,3 +1187,78 @@ fn a_peer_that_restarted_is_recognised_by_its_acks_alone() {
         ValueView::Counter(6)
     );
 }
+
+/// Node 1 writes five keys, node 0 acknowledges them from an `async` store
+/// and crashes before its disk has any of them; it comes back under a new
+/// id and node 1 hears it, but nothing of node 1's reaches it (its answer
+/// to node 0's hello is lost). Returns the last ack node 0's first life
+/// sent, which covers node 1's writes.
+fn restart_that_missed_its_peers_heartbeat(c: &mut Cluster) -> Vec<u8> {
+    c.run(50, &never);
+    for i in 0..5 {
+        c.write(1, &format!("k{i}"), Op::CounterAdd(1));
+    }
+    let before = c.sent.len();
+    c.run(100, &never);
+    let stale = c.sent[before..]
+        .iter()
+        .rev()
+        .find(|(from, t)| *from == 0 && t.kind == "ack")
+        .map(|(_, t)| t.payload.clone())
+        .expect("node 0 acknowledged node 1's writes");
+    crash_and_reopen(c, 0, 0, 77);
+    let one_way = |from: usize, _: usize, _: &Transmit| from == 1;
+    c.run(500, &one_way);
+    assert!(
+        c.nodes[1].peer_status(Time(c.now))[0].unacked_groups > 0,
+        "the new life acknowledged nothing"
+    );
+    stale
+}
+
+fn lost_writes_are_back(c: &Cluster) {
+    for i in 0..5 {
+        assert_eq!(
+            c.nodes[0].read(&key(&format!("k{i}"))).unwrap().map(|v| v.view()),
+            Some(ValueView::Counter(1)),
+            "k{i} never came back to node 0"
+        );
+    }
+    assert_eq!(c.nodes[0].digest(), c.nodes[1].digest());
+    assert_eq!(c.nodes[1].peer_status(Time(c.now))[0].unacked_groups, 0);
+}
+
+/// Found while attacking the acks that tell of a new life: a restarted node
+/// ignores state-carrying frames from a peer whose policy stamp it has not
+/// seen, and only heartbeats and deltas carry the stamp. Its peer, with
+/// nothing left in its buffer to send (the lost life had acknowledged it
+/// all), repaired it with anti-entropy rounds only, often enough never to
+/// send a heartbeat: every round was ignored, for ever, and the writes the
+/// restarted node lost never came back. A heartbeat now asks for one back
+/// (`hello`) while the peer's stamp is unknown.
+#[test]
+fn a_restarted_node_that_missed_its_peers_heartbeat_still_takes_its_repair() {
+    let mut c = Cluster::new_async(2);
+    restart_that_missed_its_peers_heartbeat(&mut c);
+    c.run(3_000, &never);
+    lost_writes_are_back(&c);
+}
+
+/// An ack names its sender's life, and now tells of a new life too. An old
+/// life's ack that arrives late (the simulator delivers frames in flight
+/// when a node crashed after it restarted) makes the old life current
+/// again for a moment: the streams are reset, repairs scheduled with every
+/// peer, and the ack counts for its class. The new life's next frame makes
+/// it current again, and nothing it must hold is lost on the way.
+#[test]
+fn a_late_ack_from_a_peers_earlier_life_loses_nothing() {
+    let mut c = Cluster::new_async(2);
+    let stale = restart_that_missed_its_peers_heartbeat(&mut c);
+    for _ in 0..3 {
+        c.nodes[1].handle(Time(c.now), &NodeId("n0".into()), &stale).unwrap();
+        c.run(100, &never);
+    }
+    c.run(3_000, &never);
+    lost_writes_are_back(&c);
+    assert_eq!(c.nodes[1].buffer_usage().0, 0);
+}

@@ -195,9 +195,11 @@ impl Reads {
         self.store.get(key)
     }
 
-    /// Publishes the engine's policy, if it changed.
+    /// Publishes the engine's policy, if it changed. Compared whole, not
+    /// by version: a set of the same version with a higher digest replaces
+    /// the one in force (conflicting publications converge on it).
     fn publish(&self, now: &PolicySet) {
-        let stale = self.policy.read().map_or(true, |p| p.version != now.version);
+        let stale = self.policy.read().map_or(true, |p| **p != *now);
         if stale {
             if let Ok(mut p) = self.policy.write() {
                 *p = Arc::new(now.clone());
@@ -367,6 +369,10 @@ pub fn run(
                         ))),
                         Err(e) => Err(e),
                     };
+                    // In force for the reads beside the engine before the
+                    // admin hears it is: a read sent after the answer must
+                    // not be served under the set it replaced.
+                    reads.publish(replica.policy());
                     let _ = reply.send(result);
                 }
                 Input::Audit { reply } => {
@@ -684,5 +690,58 @@ fn status(replica: &Replica<SledStore>, now: Time, node: &str) -> NodeStatus {
             .collect(),
         policy_version: replica.policy().version,
         policies: replica.policy_status(now),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lattice_core::policy::{Policy, Priority, Regions};
+    use lattice_core::replica::ReplicaConfig;
+    use rand::SeedableRng;
+
+    /// Conflicting publications of one version converge on the set with the
+    /// higher digest (`PolicySet::is_superseded_by`). The reads beside the
+    /// engine took a new set only when its version changed, so a node that
+    /// adopted the winning set of the same version kept serving, for ever,
+    /// keys that set quarantines away from its region.
+    #[test]
+    fn reads_beside_the_engine_take_a_set_of_the_same_version_with_a_higher_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), "n1", Durability::Sync).unwrap();
+        let rng = Box::new(rand_chacha::ChaCha8Rng::seed_from_u64(1));
+        let mut r = Replica::open(ReplicaConfig::new("n1", "us", vec![]), store, rng, Time(0)).unwrap();
+        let key = Key::new("q/x").unwrap();
+        r.write(Time(1), vec![(key.clone(), Op::CounterAdd(1))]).unwrap();
+        r.flush(Time(2)).unwrap();
+        let reads = Reads::new(&r);
+        // Two sets of version 2: one lets every region hold `q/`, the other
+        // keeps it in eu. Adopt the lower first, then the higher.
+        let open = PolicySet::new(2, vec![Policy::new("q/", Regions::All, Priority::Bulk)]).unwrap();
+        let quarantine = PolicySet::new(
+            2,
+            vec![Policy::new("q/", Regions::Local, Priority::Normal).writers(vec![RegionId::from("eu")])],
+        )
+        .unwrap();
+        let (first, second, forbids) = if open.is_superseded_by(&quarantine) {
+            (open, quarantine, true)
+        } else {
+            (quarantine, open, false)
+        };
+        assert!(r.set_policy(Time(3), first).unwrap());
+        reads.publish(r.policy());
+        assert_eq!(reads.read(&key).is_err(), !forbids, "the first set is in force");
+        assert!(r.set_policy(Time(4), second).unwrap(), "the higher digest wins");
+        reads.publish(r.policy());
+        assert_eq!(
+            reads.read(&key).is_err(),
+            forbids,
+            "the second set is in force beside the engine"
+        );
+        assert_eq!(
+            r.policy().check_read(key.as_str(), &RegionId::from("us")).is_err(),
+            forbids,
+            "as in the engine"
+        );
     }
 }

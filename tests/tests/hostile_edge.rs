@@ -739,3 +739,74 @@ async fn hostile_unread_large_answers_stay_within_their_budget() {
     read_answers_within_a_second(&c).await;
     drop(held);
 }
+
+/// Requests stay at 1 MiB while values may take 4 MiB: a write one byte
+/// over the request frame is refused by the SDK with an error that says
+/// so and how to go on (never sent, never taken for a dead node), one just
+/// under it is applied and reads back, and a set grown past the value
+/// limit by several writes is refused naming its key, while what it held
+/// still reads back in one answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_a_request_over_its_frame_and_a_value_over_its_limit_are_refused_clearly() {
+    use lattice_core::crdt::{Bytes, Op, ValueView};
+    use lattice_core::proto::client::{encode_client, ClientRequest, OpId, MAX_CLIENT_FRAME};
+    let _g = serial();
+    let c = node(|_| {}).await;
+    let client = c.client(0).unwrap();
+    let k = Key::new("big/register").unwrap();
+    // The largest register value whose request fits one frame, found by
+    // encoding the request as the SDK will (its op id and token included).
+    let encoded = |n: usize| {
+        encode_client(&ClientRequest {
+            token: c.defaults.token.clone(),
+            body: RequestBody::Write {
+                op_id: OpId(u128::MAX),
+                retry: false,
+                ops: vec![(k.clone(), Op::LwwSet(Bytes::from(vec![b'x'; n])))],
+                concern: Default::default(),
+                timeout_ms: 0,
+            },
+        })
+        .map(|f| f.len())
+    };
+    let mut n = MAX_CLIENT_FRAME - 1_024;
+    while encoded(n + 1).is_ok() {
+        n += 1;
+    }
+    assert!(encoded(n).unwrap() <= MAX_CLIENT_FRAME);
+    let over = client
+        .write(vec![(k.clone(), Op::LwwSet(Bytes::from(vec![b'x'; n + 1])))])
+        .await
+        .unwrap_err();
+    match &over {
+        ClientError::InvalidRequest(m) => assert!(m.contains("split a large write"), "{m}"),
+        other => panic!("expected InvalidRequest, got {other:?}"),
+    }
+    client
+        .write(vec![(k.clone(), Op::LwwSet(Bytes::from(vec![b'x'; n])))])
+        .await
+        .unwrap();
+    match client.read(&k).await.unwrap() {
+        Some(ValueView::Register(Some(b))) => assert_eq!(b.0.len(), n),
+        other => panic!("{other:?}"),
+    }
+    // A set grown in requests of ~900 KB until the value limit refuses one.
+    let set = Key::new("big/set").unwrap();
+    let mut refused = None;
+    for i in 0..8 {
+        let elements = (0..850).map(|j| format!("{i}-{j:03}-{}", "z".repeat(1_000)).as_str().into());
+        match client.write(vec![(set.clone(), Op::SetAdd(elements.collect()))]).await {
+            Ok(_) => {}
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let e = refused.expect("a set past the value limit was accepted");
+    assert!(e.to_string().contains("big/set"), "the error names the key: {e}");
+    match client.read(&set).await.unwrap() {
+        Some(ValueView::Set(s)) => assert!(s.len() >= 3 * 850, "{}", s.len()),
+        other => panic!("{other:?}"),
+    }
+}

@@ -285,6 +285,20 @@ fn policy_set_spreads_to_every_node_and_the_audit_log_detects_tampering() {
         "version = 2\n[[policy]]\nkeyspace = \"eu/\"\nregions = [\"eu\"]\npriority = \"critical\"\n",
     )
     .unwrap();
+    // A key version 2 keeps in eu, written in us under version 1 and read
+    // in ap: reads are served beside the engine, under the set it publishes.
+    rt.block_on(async {
+        c.client(1)
+            .unwrap()
+            .write(vec![(key("eu/x"), Op::CounterAdd(1))])
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while c.client(2).unwrap().read(&key("eu/x")).await.ok().flatten().is_none() {
+            assert!(Instant::now() < deadline, "n3 never got eu/x\n{}", c.logs());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
     let (ok, _, err) = run(0, &["policy", "set", file.to_str().unwrap()]);
     assert!(!ok && err.contains("admin token"), "{err}");
     let admin = ["--token", "admin-secret-token", "policy", "set", file.to_str().unwrap()];
@@ -314,6 +328,22 @@ fn policy_set_spreads_to_every_node_and_the_audit_log_detects_tampering() {
             .await
             .unwrap_err();
         assert!(matches!(e, ClientError::PolicyDenied { .. }), "{e:?}");
+        // Nor may us and ap read it any more (a set adopted at run time
+        // reaches the reads beside the engine at most one step late).
+        for i in 1..3 {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match c.client(i).unwrap().read(&key("eu/x")).await {
+                    Err(ClientError::PolicyDenied { .. }) => break,
+                    other => assert!(
+                        Instant::now() < deadline,
+                        "n{} still serves eu/x under version 2: {other:?}",
+                        i + 1
+                    ),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         match c.client(2).unwrap().request(RequestBody::Audit).await.unwrap() {
             Response::Audit(entries) => {
                 // From n1, or from n2 if n2 passed it on first.

@@ -324,7 +324,12 @@ impl<S: Store> Replica<S> {
             .peers
             .values()
             .filter(|p| p.last_sent.is_none_or(|t| now.since(t) >= self.cfg.heartbeat_ms))
-            .map(|p| (p.cfg.node.clone(), p.last_sent.is_none()))
+            // A hello asks for a heartbeat back: the first after a start,
+            // and every one while we have not seen the peer's policy stamp.
+            // Without it we ignore the peer's anti-entropy frames, and a
+            // peer that sends only those (a repair of what we lost) never
+            // sends the heartbeat that would carry it.
+            .map(|p| (p.cfg.node.clone(), p.last_sent.is_none() || p.policy_seen.is_none()))
             .collect();
         for (node, hello) in due {
             self.send_heartbeat(now, &node, hello)?;
