@@ -29,7 +29,8 @@ pub struct MemoryConfig {
     /// `WatchLagged` and resumes from its last change.
     pub watch_queue_bytes: usize,
     /// Bytes of values read for watchers and not yet written to their
-    /// streams, across all watchers; a watcher waits for its share (2 MiB).
+    /// streams, across all watchers; a watcher waits for its share (about
+    /// 1 MiB of frames plus one change of up to 4 MiB).
     pub watch_values_bytes: usize,
     /// Bytes of answers encoded and not yet written to their clients, all
     /// clients together; past it a read is answered `Overloaded`.

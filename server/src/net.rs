@@ -15,7 +15,7 @@ use crate::queue::{EngineTx, PeerRx};
 use anyhow::{Context, Result};
 use lattice_core::proto::client::{
     decode_client, encode_answer, ClientError, ClientRequest, ErrorKind, RequestBody, Response, WatchToken,
-    CLIENT_ALPN, MAX_CLIENT_FRAME, PEER_ALPN,
+    CLIENT_ALPN, MAX_ANSWER_FRAME, MAX_CLIENT_FRAME, PEER_ALPN,
 };
 use lattice_core::proto::{NodeId, DEFAULT_MAX_MESSAGE_BYTES};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -955,8 +955,9 @@ async fn change_frames<'a>(
     notices: &mut Vec<Notice>,
     inbound: &'a Inbound,
 ) -> Option<(Vec<WatchFrame>, tokio::sync::SemaphorePermit<'a>)> {
-    // An answer holds up to WATCH_BATCH_BYTES plus one value.
-    let want = (2 * WATCH_BATCH_BYTES / 1024).min(inbound.watch_budget_kib) as u32;
+    // An answer holds up to WATCH_BATCH_BYTES plus one change, whose value
+    // may take a whole answer frame.
+    let want = ((WATCH_BATCH_BYTES + MAX_ANSWER_FRAME) / 1024).min(inbound.watch_budget_kib) as u32;
     let permit = inbound.watch_budget.acquire_many(want).await.ok()?;
     loop {
         let (tx, rx) = oneshot::channel();
