@@ -127,8 +127,11 @@ pub const CLASSES: usize = 3;
 pub struct Ack {
     /// The incarnation whose sequence numbers are meant.
     pub replica: ReplicaId,
-    /// The incarnation that acknowledges: an ack from a peer's earlier life
-    /// is ignored.
+    /// The incarnation that acknowledges. Like a heartbeat's sender, it
+    /// tells the receiver which life of the peer is current (a node that
+    /// only acknowledges sends no heartbeats): an ack from a life other
+    /// than the one known makes it the known one, streams restart and the
+    /// peer is repaired.
     pub from: ReplicaId,
     /// Exclusive upper bound, per priority class.
     pub upto: [u64; CLASSES],
