@@ -1029,33 +1029,36 @@ async fn serve(req: ClientRequest, meta: Request, inbound: &Inbound, session: &C
             // Served beside the engine when the flushed state answers it: a
             // read without a token, or one whose token it includes. Only a
             // read that must wait for its token goes to the engine.
-            let Ok(_slot) = inbound.direct_reads.acquire().await else {
-                return error(ErrorKind::Unavailable, "the node is shutting down");
+            // The slot is held while the value is read, decoded and turned
+            // into its answer, and given back before a read that must wait
+            // goes to the engine (a waiting read holding it would keep
+            // every other read out for its whole wait).
+            let direct = {
+                let Ok(_slot) = inbound.direct_reads.acquire().await else {
+                    return error(ErrorKind::Unavailable, "the node is shutting down");
+                };
+                let reads = inbound.reads.clone();
+                let (k, token) = (key.clone(), after.clone());
+                tokio::task::spawn_blocking(move || match reads.read(&k) {
+                    Ok(v) if token.as_ref().is_none_or(|t| t.is_included_in(v.as_ref())) => Some(Ok(Response::Value {
+                        token: lattice_core::proto::client::CausalToken::of(v.as_ref()),
+                        value: v.as_ref().map(|v| v.view()),
+                    })),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                })
+                .await
+                .ok()
+                .flatten()
             };
-            let reads = inbound.reads.clone();
-            let (k, token) = (key.clone(), after.clone());
-            let direct = tokio::task::spawn_blocking(move || match reads.read(&k) {
-                Ok(v) if token.as_ref().is_none_or(|t| t.is_included_in(v.as_ref())) => Some(Ok(v)),
-                Ok(_) => None,
-                Err(e) => Some(Err(e)),
-            })
-            .await
-            .ok()
-            .flatten();
             if let Some(answer) = direct {
                 inbound.metrics.reads.inc_by(1);
-                return match answer {
-                    Ok(value) => Response::Value {
-                        token: lattice_core::proto::client::CausalToken::of(value.as_ref()),
-                        value: value.as_ref().map(|v| v.view()),
-                    },
-                    Err(e) => {
-                        if matches!(e, lattice_core::Error::PolicyDenied { .. }) {
-                            inbound.metrics.policy_denied.inc_by(1);
-                        }
-                        Response::Error(ClientError::from(&e))
+                return answer.unwrap_or_else(|e| {
+                    if matches!(e, lattice_core::Error::PolicyDenied { .. }) {
+                        inbound.metrics.policy_denied.inc_by(1);
                     }
-                };
+                    Response::Error(ClientError::from(&e))
+                });
             }
             let (tx, rx) = oneshot::channel();
             let deadline = Instant::now() + Duration::from_millis(wait_ms.min(30_000));
