@@ -108,12 +108,12 @@ impl ServerCertVerifier for RevocationVerifier {
 mod tests {
     use super::*;
 
+    /// The spelling itself is `lattice_core::serial`'s (tested there); the
+    /// SDK's error names the entry it refused.
     #[test]
     fn serials_are_compared_in_one_form() {
         assert_eq!(normalize_serial("0A:1b").unwrap(), "0a1b");
-        assert_eq!(normalize_serial("00:0a:1b").unwrap(), "0a1b");
-        assert_eq!(normalize_serial("a1b").unwrap(), "0a1b");
-        assert!(normalize_serial("").is_err());
-        assert!(normalize_serial("xyz").is_err());
+        let e = normalize_serial("xyz").unwrap_err();
+        assert!(e.contains("revoked serial \"xyz\""), "{e}");
     }
 }
