@@ -45,6 +45,30 @@ pub fn seal_record(key: &Key, value: &Value) -> Result<Vec<u8>, Error> {
     Ok(out)
 }
 
+/// A state sealed as its stored record ([`seal_record`]), ready for a
+/// [`WriteBatch`]: the engine seals a state once, checks its size on the
+/// record and hands the same bytes to the store, rather than encoding a
+/// large state once to measure it and again to store it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record(Vec<u8>);
+
+impl Record {
+    /// Seals `key`'s state.
+    pub fn seal(key: &Key, value: &Value) -> Result<Record, Error> {
+        seal_record(key, value).map(Record)
+    }
+
+    /// The record's bytes, check included.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The encoded state's length (the record without its check).
+    pub fn body_len(&self) -> usize {
+        self.0.len() - RECORD_CHECK_BYTES
+    }
+}
+
 /// Decodes a record of `key` written by [`seal_record`]. A record whose
 /// check does not match its bytes is refused with `Error::Corrupt`, naming
 /// the key; its value is never returned.
@@ -91,8 +115,8 @@ pub struct Meta {
 /// state, the delta buffer and the counters can never disagree on disk.
 #[derive(Clone, Debug, Default)]
 pub struct WriteBatch {
-    /// New full states of keys.
-    pub values: Vec<(Key, Value)>,
+    /// New full states of keys, sealed.
+    pub values: Vec<(Key, Record)>,
     /// Delta groups to append to the durable buffer.
     pub buffer_append: Vec<DeltaGroup>,
     /// Drop buffered groups with a smaller sequence number.
@@ -363,14 +387,10 @@ impl Store for MemoryStore {
     }
 
     fn apply(&mut self, mut batch: WriteBatch) -> Result<(), Error> {
-        // Seal everything first, so a failure changes nothing.
         let values = std::mem::take(&mut batch.values)
             .into_iter()
-            .map(|(k, v)| {
-                let r: Arc<[u8]> = seal_record(&k, &v)?.into();
-                Ok((k, r))
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
+            .map(|(k, r)| (k, Arc::from(r.0)))
+            .collect();
         let sealed = Sealed { values, rest: batch };
         self.current.apply(&sealed);
         self.pending.push(sealed);

@@ -246,7 +246,7 @@ fn delta_message(entries: Vec<(Key, Value)>) -> Message {
             base: 1,
             from: 2,
             to: 3,
-            entries,
+            entries: entries.into_iter().map(|(k, v)| (k, v.into())).collect(),
         }],
         ack: Some(Ack {
             replica: ReplicaId(9),
@@ -496,7 +496,7 @@ fn rich_message() -> Message {
             v
         };
         assert!(matches!(conflict, Value::Conflict(_)));
-        entries.push((Key::new("conflict").unwrap(), conflict));
+        entries.push((Key::new("conflict").unwrap(), conflict.into()));
         assert!(entries.len() > 3);
     }
     m

@@ -950,7 +950,7 @@ fn hostile_delta(c: &Cluster, from: usize, entries: Vec<(Key, Value)>, wall_ms: 
             base: 0,
             from: 0,
             to: 0,
-            entries,
+            entries: entries.into_iter().map(|(k, v)| (k, v.into())).collect(),
         }],
         ack: None,
     };

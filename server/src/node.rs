@@ -317,13 +317,10 @@ pub fn run(
                     };
                     match replica.write_with(now, Some(op_id), ops, concern, timeout_ms) {
                         Ok((id, duplicate)) => {
-                            let mut token: Vec<(Key, CausalToken)> = Vec::new();
+                            // From the states the write made: no key is
+                            // read (and decoded) again.
+                            let token = replica.write_tokens().to_vec();
                             for k in &keys {
-                                let t = CausalToken::of(replica.read(k).ok().flatten().as_ref());
-                                match token.iter_mut().find(|(key, _)| key == k) {
-                                    Some((_, mine)) => mine.join(&t),
-                                    None => token.push((k.clone(), t)),
-                                }
                                 if waits.waits_on(k) {
                                     touched.insert(k.clone());
                                 }

@@ -530,8 +530,8 @@ impl Store for SledStore {
     fn apply(&mut self, batch: WriteBatch) -> Result<(), Error> {
         // Encode everything first, so a failure changes nothing.
         let mut changes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
-        for (k, v) in &batch.values {
-            changes.push((value_key(k), Some(seal_record(k, v)?)));
+        for (k, r) in &batch.values {
+            changes.push((value_key(k), Some(r.as_bytes().to_vec())));
         }
         if let Some(below) = batch.buffer_trim_below {
             let end = [&[b'b'][..], &below.to_be_bytes()].concat();
@@ -605,6 +605,7 @@ mod tests {
     use super::*;
     use lattice_core::crdt::Op;
     use lattice_core::replica::{Replica, ReplicaConfig, Time};
+    use lattice_core::store::Record;
     use rand::SeedableRng;
 
     fn rng() -> Box<rand_chacha::ChaCha8Rng> {
@@ -815,13 +816,14 @@ mod tests {
                         let mut b = WriteBatch::default();
                         for _ in 0..r.gen_range(0..4) {
                             let k = keys[r.gen_range(0..keys.len())].clone();
-                            b.values.push((k, Value::empty(kinds[r.gen_range(0..kinds.len())])));
+                            let v = Value::empty(kinds[r.gen_range(0..kinds.len())]);
+                            b.values.push((k.clone(), Record::seal(&k, &v).unwrap()));
                         }
                         for _ in 0..r.gen_range(0..3) {
                             b.buffer_append.push(DeltaGroup {
                                 seq,
                                 origin: None,
-                                entries: vec![(keys[0].clone(), Value::empty(Kind::Counter))],
+                                entries: vec![(keys[0].clone(), Value::empty(Kind::Counter).into())],
                             });
                             seq += 1;
                         }
@@ -875,7 +877,7 @@ mod tests {
         let keys: Vec<Key> = (0..300).map(|i| Key::new(format!("key-{i}")).unwrap()).collect();
         let v = Value::empty(lattice_core::crdt::Kind::Counter);
         s.apply(WriteBatch {
-            values: keys.iter().map(|k| (k.clone(), v.clone())).collect(),
+            values: keys.iter().map(|k| (k.clone(), Record::seal(k, &v).unwrap())).collect(),
             ..WriteBatch::default()
         })
         .unwrap();

@@ -1260,7 +1260,7 @@ impl Sim {
                 base: 0,
                 from: 0,
                 to: 0,
-                entries: vec![entry.clone()],
+                entries: vec![(entry.0.clone(), std::sync::Arc::new(entry.1.clone()))],
             }],
             ack: None,
         };

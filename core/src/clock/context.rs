@@ -207,6 +207,53 @@ impl CausalContext {
         self.0.is_empty()
     }
 
+    /// Whether the `n` dots `each` yields are exactly this context's dots,
+    /// told without building a context from them: each is inside it and
+    /// none comes twice, and there are as many as it holds. O(n log r) with
+    /// one bit per dot; `false` when that cannot be told this way (a
+    /// non-canonical context, a count that differs). Matches
+    /// `CausalContext::from_dots(dots) == *self` whenever it says `true`.
+    pub(crate) fn holds_exactly(&self, n: u64, each: impl FnOnce(&mut dyn FnMut(Dot))) -> bool {
+        if n != self.dot_count() || !self.is_canonical() {
+            return false;
+        }
+        let Ok(bits) = usize::try_from(n) else { return false };
+        // Per replica: its ranges and the rank of each range's first dot.
+        let mut ranks: BTreeMap<ReplicaId, (&[(u64, u64)], Vec<u64>)> = BTreeMap::new();
+        let mut next = 0u64;
+        for (r, ranges) in &self.0 {
+            let mut starts = Vec::with_capacity(ranges.len());
+            for &(lo, hi) in ranges {
+                starts.push(next);
+                next += hi - lo + 1;
+            }
+            ranks.insert(*r, (ranges, starts));
+        }
+        let mut seen = vec![0u64; bits.div_ceil(64)];
+        let mut exact = true;
+        each(&mut |d| {
+            if !exact {
+                return;
+            }
+            let Some((ranges, starts)) = ranks.get(&d.replica) else {
+                exact = false;
+                return;
+            };
+            let i = ranges.partition_point(|&(_, hi)| hi < d.counter);
+            if i == ranges.len() || ranges[i].0 > d.counter {
+                exact = false;
+                return;
+            }
+            let rank = (starts[i] + (d.counter - ranges[i].0)) as usize;
+            let (word, bit) = (rank / 64, 1u64 << (rank % 64));
+            if seen[word] & bit != 0 {
+                exact = false;
+            }
+            seen[word] |= bit;
+        });
+        exact
+    }
+
     /// Checks the representation invariant (sorted, disjoint, non-adjacent,
     /// counters from 1). Used on decoded input from peers.
     pub fn is_canonical(&self) -> bool {
@@ -269,6 +316,37 @@ mod tests {
     }
 
     proptest! {
+        /// The fast check that lets a state's encoding leave out its context
+        /// never says yes where building the context would say no, and says
+        /// yes to a context made of exactly the dots given (a delta's).
+        #[test]
+        fn holds_exactly_agrees_with_building_the_context(
+            given in proptest::collection::vec((0u64..3, 0u64..12).prop_map(|(r, c)| Dot::new(ReplicaId(r), c)), 0..30),
+            other in dots(),
+            mode in 0u8..3,
+        ) {
+            let built = CausalContext::from_dots(given.iter().copied());
+            let distinct: BTreeSet<Dot> = given.iter().copied().collect();
+            let cc = match mode {
+                0 => built.clone(),
+                1 => CausalContext::from_dots(other.iter().copied()),
+                // As many dots as given, counting repeats: only the repeats
+                // tell it from the given dots.
+                _ => {
+                    let extra = (given.len() - distinct.len()) as u64;
+                    CausalContext::from_dots(given.iter().copied().chain((1..=extra).map(|c| Dot::new(ReplicaId(7), c))))
+                }
+            };
+            let n = given.len() as u64;
+            let fast = cc.holds_exactly(n, |f| given.iter().for_each(|d| f(*d)));
+            if fast {
+                prop_assert_eq!(&built, &cc);
+            }
+            if mode == 0 && distinct.len() == given.len() && given.iter().all(|d| d.counter != 0) {
+                prop_assert!(fast, "a context of exactly the given dots: {:?}", given);
+            }
+        }
+
         #[test]
         fn behaves_like_a_set(a in dots(), b in dots()) {
             let ca = CausalContext::from_dots(a.iter().copied());

@@ -16,6 +16,7 @@ use crate::key::Key;
 use crate::Error;
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::sync::Arc;
 
 pub mod client;
 
@@ -93,8 +94,9 @@ pub struct DeltaGroup {
     pub seq: u64,
     /// The peer it came from (`None` for local writes): never sent back there.
     pub origin: Option<NodeId>,
-    /// Per-key deltas, in key order.
-    pub entries: Vec<(Key, Value)>,
+    /// Per-key deltas, in key order. Shared: the buffer, the store's batch
+    /// and every peer's section hold the same delta, not copies of it.
+    pub entries: Vec<(Key, Arc<Value>)>,
 }
 
 /// Names one anti-entropy round: who started it, and its number there.
@@ -150,8 +152,9 @@ pub struct Section {
     pub from: u64,
     /// One past the last group included.
     pub to: u64,
-    /// Joined per-key deltas.
-    pub entries: Vec<(Key, Value)>,
+    /// Joined per-key deltas (shared with the sender's buffer; a received
+    /// entry is the only holder of its value).
+    pub entries: Vec<(Key, Arc<Value>)>,
 }
 
 /// Which policy set a node has in force: peers with an older one are sent
@@ -298,10 +301,13 @@ impl Message {
     }
 
     /// Every key and state the message carries, section by section.
-    pub fn entry_lists(&self) -> Vec<&[(Key, Value)]> {
+    pub fn entry_lists(&self) -> Vec<Vec<(&Key, &Value)>> {
         match self {
-            Message::Delta { sections, .. } => sections.iter().map(|s| s.entries.as_slice()).collect(),
-            Message::AeStates { entries, .. } => vec![entries.as_slice()],
+            Message::Delta { sections, .. } => sections
+                .iter()
+                .map(|s| s.entries.iter().map(|(k, v)| (k, &**v)).collect())
+                .collect(),
+            Message::AeStates { entries, .. } => vec![entries.iter().map(|(k, v)| (k, v)).collect()],
             _ => Vec::new(),
         }
     }

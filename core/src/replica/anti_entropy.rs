@@ -385,6 +385,7 @@ impl<S: Store> Replica<S> {
         reply: bool,
     ) -> Result<(), Error> {
         let refused_before = self.stats.policy_refused + self.stats.hostile_refused;
+        let entries = entries.into_iter().map(|(k, v)| (k, std::sync::Arc::new(v))).collect();
         let repaired = self.apply_remote(from, entries)?;
         self.stats.ae_keys_repaired += repaired as u64;
         let mut round = round;

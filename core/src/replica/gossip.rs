@@ -16,6 +16,7 @@ use crate::proto::{Ack, Message, NodeId, Section, CLASSES};
 use crate::store::{Store, WriteBatch};
 use crate::Error;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 impl<S: Store> Replica<S> {
     pub(super) fn front_seq(&self) -> u64 {
@@ -45,7 +46,7 @@ impl<S: Store> Replica<S> {
         seq: u64,
         p: &'a Peer,
         class: usize,
-    ) -> impl Iterator<Item = (&'a (Key, Value), usize)> + 'a {
+    ) -> impl Iterator<Item = (&'a (Key, Arc<Value>), usize)> + 'a {
         let front = self.front_seq();
         seq.checked_sub(front)
             .and_then(|i| self.buffer.get(i as usize))
@@ -208,9 +209,11 @@ impl<S: Store> Replica<S> {
             }
             // Join the class's entries of the groups, up to the budget.
             let p = &self.peers[node];
-            let (mut acc, mut bytes, mut hi) = (BTreeMap::<Key, Value>::new(), 0usize, start);
+            // Shared with the buffer: a key's delta is copied only when a
+            // later group's delta for the same key is joined into it.
+            let (mut acc, mut bytes, mut hi) = (BTreeMap::<Key, Arc<Value>>::new(), 0usize, start);
             for seq in start..end {
-                let entries: Vec<(&(Key, Value), usize)> = self.entries_for(seq, p, c).collect();
+                let entries: Vec<(&(Key, Arc<Value>), usize)> = self.entries_for(seq, p, c).collect();
                 let est: usize = entries.iter().map(|(_, n)| n).sum();
                 #[cfg(feature = "planted-bugs")]
                 let est = if crate::planted::active(crate::planted::PlantedBug::SizeByAverage) {
@@ -230,9 +233,9 @@ impl<S: Store> Replica<S> {
                 }
                 for ((k, v), _) in entries {
                     match acc.get_mut(k) {
-                        Some(mine) => mine.join(v),
+                        Some(mine) => Arc::make_mut(mine).join(v),
                         None => {
-                            acc.insert(k.clone(), v.clone());
+                            acc.insert(k.clone(), Arc::clone(v));
                         }
                     }
                 }
@@ -267,10 +270,10 @@ impl<S: Store> Replica<S> {
             if let Some(sec) = sections.iter_mut().find(|x: &&mut Section| usize::from(x.class) == c) {
                 // The class's second turn this interval continues its first.
                 sec.to = hi;
-                let mut joined: BTreeMap<Key, Value> = std::mem::take(&mut sec.entries).into_iter().collect();
+                let mut joined: BTreeMap<Key, Arc<Value>> = std::mem::take(&mut sec.entries).into_iter().collect();
                 for (k, v) in acc {
                     match joined.get_mut(&k) {
-                        Some(mine) => mine.join(&v),
+                        Some(mine) => Arc::make_mut(mine).join(&v),
                         None => {
                             joined.insert(k, v);
                         }

@@ -32,14 +32,15 @@ pub use merkle::item_hash;
 use crate::clock::{Hlc, ReplicaId};
 use crate::crdt::{Crdt, Op, Value, WriteStamp};
 use crate::key::Key;
-use crate::proto::client::OpId;
+use crate::proto::client::{CausalToken, OpId};
 use crate::proto::{self, Ack, DeltaGroup, Message, NodeId, PolicyStamp, RegionId, RoundId, CLASSES};
-use crate::store::{Meta, Store, WriteBatch};
+use crate::store::{Meta, Record, Store, WriteBatch};
 use crate::Error;
 use merkle::Forest;
 use policy::build_forest;
 use rand_core::RngCore;
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 /// The largest dot counter a remote value may carry. One key would need
 /// 2^53 writes by one replica to reach it (285 years at a million writes a
@@ -52,7 +53,7 @@ const MAX_REORDER: usize = 32;
 
 /// An early delta-interval: its end, its entries, its frame size and when
 /// it arrived.
-type Early = (u64, Vec<(Key, Value)>, usize, Time);
+type Early = (u64, Vec<(Key, Arc<Value>)>, usize, Time);
 
 /// Most bytes (as received) of early delta-intervals held per peer.
 const MAX_REORDER_BYTES: usize = 16 << 20;
@@ -207,7 +208,7 @@ struct Buffered {
 }
 
 /// The encoded size of each entry and of the whole list.
-fn entry_sizes(entries: &[(Key, Value)]) -> Result<(Vec<usize>, usize), Error> {
+fn entry_sizes<V: serde::Serialize>(entries: &[(Key, V)]) -> Result<(Vec<usize>, usize), Error> {
     let mut sizes = Vec::with_capacity(entries.len());
     for e in entries {
         sizes.push(proto::to_bytes(e)?.len());
@@ -240,6 +241,9 @@ pub struct Replica<S: Store> {
     tree: Forest,
     next_write: u64,
     unflushed_writes: Vec<WriteId>,
+    /// The causal token of each key the last new write changed, as of that
+    /// write ([`Replica::write_tokens`]).
+    write_tokens: Vec<(Key, CausalToken)>,
     dirty: bool,
     outbox: VecDeque<Transmit>,
     /// Frames that carry local state and must wait for the next flush, so a
@@ -361,6 +365,7 @@ impl<S: Store> Replica<S> {
             tree,
             next_write: 0,
             unflushed_writes: Vec::new(),
+            write_tokens: Vec::new(),
             dirty: false,
             outbox: VecDeque::new(),
             held: Vec::new(),
@@ -492,6 +497,14 @@ impl<S: Store> Replica<S> {
         self.write_once(now, None, ops).map(|(id, _)| id)
     }
 
+    /// The causal token of each key of the last successful write, as of
+    /// that write (for a duplicate, as of the retry): what a client must
+    /// pass to read its own write elsewhere. Taken from the states the
+    /// write made, so a driver need not read and decode them again.
+    pub fn write_tokens(&self) -> &[(Key, CausalToken)] {
+        &self.write_tokens
+    }
+
     /// Whether a retry carrying `op` must be answered
     /// [`Error::OutcomeUnknown`]: the op id is not known here, and this
     /// node crashed in `async` mode less than `retry_window_ms` ago, so its
@@ -518,6 +531,13 @@ impl<S: Store> Replica<S> {
     ) -> Result<(WriteId, bool), Error> {
         if let Some(op) = op_id {
             if self.store.has_op(op)? {
+                self.write_tokens.clear();
+                for (k, _) in &ops {
+                    if !self.write_tokens.iter().any(|(key, _)| key == k) {
+                        let t = CausalToken::of(self.store.get(k)?.as_ref());
+                        self.write_tokens.push((k.clone(), t));
+                    }
+                }
                 let id = WriteId(self.next_write);
                 self.next_write += 1;
                 self.unflushed_writes.push(id);
@@ -538,8 +558,12 @@ impl<S: Store> Replica<S> {
             replica: self.id,
             time: self.hlc.now(wall),
         };
-        // key -> (state before the batch, state after, joined delta)
-        let mut touched: BTreeMap<Key, (Option<Value>, Value, Value)> = BTreeMap::new();
+        // key -> (digest of the state before the batch, state after, joined
+        // delta). The state is moved, not copied, and a key written for the
+        // first time has its delta as its state (`None`: not copied): at
+        // 10^5 set elements a copy or a join of the whole state is a
+        // sizeable part of the write.
+        let mut touched: BTreeMap<Key, (Option<u128>, Option<Value>, Value)> = BTreeMap::new();
         for (key, op) in &ops {
             if !key.is_valid() {
                 return Err(Error::InvalidKey(key.as_str().chars().take(64).collect()));
@@ -548,44 +572,50 @@ impl<S: Store> Replica<S> {
                 self.stats.policy_denied += 1;
                 return Err(e);
             }
-            let current = match touched.get(key) {
-                Some((_, now_v, _)) => Some(now_v.clone()),
-                None => self.store.get(key)?,
-            };
-            let delta = Value::apply(current.as_ref(), op, stamp)?;
-            let mut next = current.clone().unwrap_or_else(|| delta.clone());
-            next.join(&delta);
-            debug_assert!(next.is_well_formed(), "a local write broke a CRDT invariant on {key:?}");
-            match touched.get_mut(key) {
-                Some((_, v, d)) => {
-                    *v = next;
-                    d.join(&delta);
-                }
-                None => {
-                    touched.insert(key.clone(), (current, next, delta));
-                }
+            if let Some((_, next, d)) = touched.get_mut(key) {
+                let next = next.get_or_insert_with(|| d.clone());
+                let delta = Value::apply(Some(&*next), op, stamp)?;
+                next.join(&delta);
+                d.join(&delta);
+                debug_assert!(next.is_well_formed(), "a local write broke a CRDT invariant on {key:?}");
+                continue;
             }
+            let current = self.store.get(key)?;
+            let delta = Value::apply(current.as_ref(), op, stamp)?;
+            let old_h = current.as_ref().map(|v| item_hash(key, v)).transpose()?;
+            let next = current.map(|mut c| {
+                c.join(&delta);
+                c
+            });
+            debug_assert!(
+                next.as_ref().unwrap_or(&delta).is_well_formed(),
+                "a local write broke a CRDT invariant on {key:?}"
+            );
+            touched.insert(key.clone(), (old_h, next, delta));
         }
         let mut values = Vec::with_capacity(touched.len());
         let mut entries = Vec::with_capacity(touched.len());
         let mut hashes = Vec::with_capacity(touched.len());
-        for (key, (old, new, delta)) in touched {
-            let old_h = old.as_ref().map(|v| item_hash(&key, v)).transpose()?;
+        self.write_tokens.clear();
+        for (key, (old_h, new, delta)) in touched {
+            let new = new.as_ref().unwrap_or(&delta);
             // A state must fit an anti-entropy frame, or it could never be
             // repaired, and a client's answer, or it could never be read.
-            let encoded = proto::to_bytes(&new)?;
+            // Sealed once here, the record is what the store writes.
+            let record = Record::seal(&key, new)?;
             let limit = self.cfg.max_value_bytes.min(self.cfg.max_message_bytes / 2);
-            if encoded.len() > limit {
+            if record.body_len() > limit {
                 return Err(Error::ValueTooLarge {
                     key: key.as_str().chars().take(64).collect(),
-                    size: encoded.len(),
+                    size: record.body_len(),
                     limit,
                 });
             }
             let policy = self.cfg.policy.lookup_index(key.as_str());
-            hashes.push((policy, key.hash(), old_h, Some(item_hash(&key, &new)?)));
-            values.push((key.clone(), new));
-            entries.push((key, delta));
+            hashes.push((policy, key.hash(), old_h, Some(item_hash(&key, new)?)));
+            self.write_tokens.push((key.clone(), CausalToken::of(Some(new))));
+            values.push((key.clone(), record));
+            entries.push((key, Arc::new(delta)));
         }
         let (sizes, bytes) = entry_sizes(&entries)?;
         if bytes > self.cfg.max_message_bytes / 2 {
@@ -619,7 +649,7 @@ impl<S: Store> Replica<S> {
     /// one atomic batch.
     fn commit(
         &mut self,
-        values: Vec<(Key, Value)>,
+        values: Vec<(Key, Record)>,
         groups: Vec<(DeltaGroup, Vec<usize>, usize)>,
         op_id: Option<OpId>,
     ) -> Result<(), Error> {
@@ -1108,12 +1138,14 @@ impl<S: Store> Replica<S> {
 
     /// Applies remote states or deltas: stores only their novel part, and
     /// buffers it for relaying when configured to.
-    fn apply_remote(&mut self, from: &NodeId, entries: Vec<(Key, Value)>) -> Result<usize, Error> {
+    fn apply_remote(&mut self, from: &NodeId, entries: Vec<(Key, Arc<Value>)>) -> Result<usize, Error> {
         let mut values = Vec::new();
         let mut novel_entries = Vec::new();
         let mut hashes = Vec::new();
         let from_region = self.peers.get(from).map(|p| p.cfg.region.clone());
         for (key, remote) in entries {
+            // A received entry is its value's only holder: no copy.
+            let remote = Arc::unwrap_or_clone(remote);
             // Residency, on the receiving side: never store what may not
             // pass between the sender's region and ours.
             let allowed = from_region
@@ -1160,31 +1192,43 @@ impl<S: Store> Replica<S> {
                 self.stats.redundant_entries += 1;
                 continue;
             };
-            let mut next = current.clone().unwrap_or_else(|| novel.clone());
-            next.join(&novel);
-            debug_assert!(next.is_well_formed(), "a remote join broke a CRDT invariant on {key:?}");
-            if let Some(mut whole) = whole {
+            let whole = whole.map(|mut w| {
                 if let Some(c) = &current {
-                    whole.join(c);
+                    w.join(c);
                 }
+                w
+            });
+            // The state is moved into the join, not copied; whether the join
+            // changed it is told by its digest (a 128-bit hash of the
+            // value's canonical form, which the anti-entropy tree compares
+            // the same way).
+            let old_h = current.as_ref().map(|v| item_hash(&key, v)).transpose()?;
+            // A key new here takes the novel part itself as its state.
+            let joined = current.map(|mut c| {
+                c.join(&novel);
+                c
+            });
+            let next = joined.as_ref().unwrap_or(&novel);
+            debug_assert!(next.is_well_formed(), "a remote join broke a CRDT invariant on {key:?}");
+            if let Some(whole) = whole {
                 assert!(
-                    whole == next,
+                    whole == *next,
                     "joining the novel part of {key:?} differs from the whole join: {next:?} vs {whole:?}"
                 );
             }
-            if current.as_ref() == Some(&next) {
+            let new_h = item_hash(&key, next)?;
+            if old_h == Some(new_h) {
                 self.stats.redundant_entries += 1;
                 continue;
             }
-            let old_h = current.as_ref().map(|v| item_hash(&key, v)).transpose()?;
             let policy = self.cfg.policy.lookup_index(key.as_str());
-            hashes.push((policy, key.hash(), old_h, Some(item_hash(&key, &next)?)));
+            hashes.push((policy, key.hash(), old_h, Some(new_h)));
             self.events.push_back(Event::RemoteApplied {
                 key: key.clone(),
                 from: from.clone(),
             });
-            values.push((key.clone(), next));
-            novel_entries.push((key, novel));
+            values.push((key.clone(), Record::seal(&key, next)?));
+            novel_entries.push((key, Arc::new(novel)));
         }
         let changed = values.len();
         if changed == 0 {
