@@ -58,6 +58,8 @@ pub struct Metrics {
     pub concern_timeouts: Counter,
     /// Inputs taken by the engine in its last turn.
     pub engine_queue: Gauge,
+    pub engine_busy_micros: Counter,
+    pub engine_slow_steps: Counter,
     /// Connections open or in their handshake.
     pub connections_open: Gauge,
     /// Connection attempts refused by `max_connections` or
@@ -153,6 +155,14 @@ impl Metrics {
                 "Writes durable here whose write concern was not met in time"
             ),
             engine_queue: gauge!("engine_batch", "Inputs the engine took in its last turn"),
+            engine_busy_micros: counter!(
+                "engine_busy_microseconds",
+                "Time the engine spent on its steps (its rate is the engine thread's utilisation)"
+            ),
+            engine_slow_steps: counter!(
+                "engine_slow_steps",
+                "Engine steps of 100 ms or more (each logged as `slow engine step`): inputs queued behind one waited as long"
+            ),
             connections_open: gauge!("connections_open", "Connections open or in their handshake"),
             connections_refused: counter!(
                 "connections_refused",

@@ -18,6 +18,7 @@ use lattice_core::proto::client::{
     CLIENT_ALPN, MAX_ANSWER_FRAME, MAX_CLIENT_FRAME, PEER_ALPN,
 };
 use lattice_core::proto::{NodeId, DEFAULT_MAX_MESSAGE_BYTES};
+use lattice_core::replica::Decoded;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rand::Rng;
 use std::collections::BTreeSet;
@@ -70,6 +71,8 @@ const PEER_WINDOW: u32 = 4 * (DEFAULT_MAX_MESSAGE_BYTES as u32 + 4);
 /// A peer frame, once started, must be complete within this time (peer
 /// links may be slow and rate-limited, and peers hold a certificate).
 const PEER_FRAME_TIMEOUT: Duration = Duration::from_secs(60);
+/// Peer frames larger than this are decoded on the blocking pool.
+const DECODE_APART_BYTES: usize = 64 << 10;
 
 /// Deliberate transport limits (quinn's defaults are for the open web).
 pub fn transport() -> Arc<quinn::TransportConfig> {
@@ -552,11 +555,26 @@ async fn peer_connection(conn: quinn::Connection, inbound: Arc<Inbound>) {
             loop {
                 match read_frame_within(&mut recv, DEFAULT_MAX_MESSAGE_BYTES, PEER_FRAME_TIMEOUT).await {
                     Ok(Some(bytes)) => {
+                        // Decoded here, not on the engine thread: a large
+                        // frame (a 10^5-element set is 2.5 MB) takes tens
+                        // of ms to decode, which is pure work. Large ones go
+                        // to the blocking pool so this runtime's workers stay
+                        // free; one at a time per stream, so order is kept.
+                        let frame = if bytes.len() > DECODE_APART_BYTES {
+                            match tokio::task::spawn_blocking(move || Decoded::new(&bytes, DEFAULT_MAX_MESSAGE_BYTES))
+                                .await
+                            {
+                                Ok(f) => f,
+                                Err(_) => return, // the runtime is shutting down
+                            }
+                        } else {
+                            Decoded::new(&bytes, DEFAULT_MAX_MESSAGE_BYTES)
+                        };
                         if inbound
                             .engine
                             .try_send(Input::Frame {
                                 from: peer.clone(),
-                                bytes,
+                                frame,
                             })
                             .is_err()
                         {

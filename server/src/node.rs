@@ -16,7 +16,7 @@ use lattice_core::proto::client::{
     WriteConcern,
 };
 use lattice_core::proto::{NodeId, RegionId};
-use lattice_core::replica::{Event, Replica, Time, WriteId};
+use lattice_core::replica::{Decoded, Event, Replica, Time, WriteId};
 use lattice_core::{Error, Key};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -32,12 +32,12 @@ pub type ReadReply = oneshot::Sender<Result<Option<Value>, Option<Error>>>;
 pub enum Input {
     /// This node's connection to a peer just came up.
     Reachable(NodeId),
-    /// A frame from a peer.
+    /// A frame from a peer, decoded (or refused) beside the engine.
     Frame {
         /// The authenticated peer.
         from: NodeId,
         /// The frame.
-        bytes: Vec<u8>,
+        frame: Decoded,
     },
     /// A client write; answered once durable (and, with a write concern,
     /// once durable in enough regions or at its timeout).
@@ -213,6 +213,10 @@ const MAX_STEP_INPUTS: usize = 1_024;
 
 /// Runs the engine until `Shutdown` or until every sender is gone.
 #[allow(clippy::too_many_arguments)]
+/// An engine step at least this long is logged (`slow engine step`, with
+/// where its time went): every input queued behind it waited as long.
+const SLOW_STEP_MS: u64 = 100;
+
 pub fn run(
     mut replica: Replica<SledStore>,
     clock: Clock,
@@ -281,12 +285,14 @@ pub fn run(
         }
         metrics.engine_queue.set(inputs.len() as i64);
         let now = clock.now().max(now);
+        let step = Instant::now();
+        let taken = inputs.len();
         for input in inputs {
             match input {
-                Input::Frame { from, bytes } => {
+                Input::Frame { from, frame } => {
                     metrics.peer_frames_in.inc_by(1);
-                    metrics.peer_bytes_in.inc_by(bytes.len() as u64);
-                    if let Err(e) = replica.handle(now, &from, &bytes) {
+                    metrics.peer_bytes_in.inc_by(frame.len() as u64);
+                    if let Err(e) = replica.handle_decoded(now, &from, frame) {
                         metrics.peer_frames_rejected.inc_by(1);
                         if matches!(e, Error::CorruptFrame { .. }) {
                             // Dropped like a lost frame: retransmission and
@@ -410,6 +416,7 @@ pub fn run(
                 Input::Shutdown => stopping = true,
             }
         }
+        let inputs_ms = step.elapsed().as_millis() as u64;
         if let Err(e) = replica.handle_timeout(now) {
             tracing::error!(error = %e, "engine timer failed");
         }
@@ -436,6 +443,7 @@ pub fn run(
                 Err(e) => tracing::error!(error = %e, "flush failed; writes stay unacknowledged"),
             }
         }
+        let flushed_ms = step.elapsed().as_millis() as u64;
         while let Some(t) = replica.poll_transmit() {
             let Some(q) = peers.get(&t.to) else { continue };
             metrics.peer_frames_out.inc_by(1);
@@ -502,6 +510,19 @@ pub fn run(
         }
         answer_reads(&replica, &mut waits, &mut touched);
         reads.publish(replica.policy());
+        let step_ms = step.elapsed().as_millis() as u64;
+        metrics.engine_busy_micros.inc_by(step.elapsed().as_micros() as u64);
+        if step_ms >= SLOW_STEP_MS {
+            metrics.engine_slow_steps.inc();
+            // Everything queued behind this step waited this long.
+            tracing::info!(
+                step_ms,
+                inputs = taken,
+                inputs_ms,
+                timers_and_flush_ms = flushed_ms - inputs_ms,
+                "slow engine step"
+            );
+        }
         if last_stats.elapsed() >= Duration::from_millis(200) {
             metrics.record_engine(&replica, now);
             for (peer, q) in &peers {

@@ -17,6 +17,14 @@ use tokio::sync::mpsc;
 /// reply channel, the request's own fields).
 pub const INPUT_OVERHEAD: usize = 256;
 
+/// What a peer frame costs in the engine queue per byte of it: frames are
+/// queued decoded (decoding is done beside the engine), and a decoded
+/// message takes several times its encoded size (a set of short elements
+/// about 5× as `BTreeMap` entries, each element and its dots allocated on
+/// their own). So the peer budget bounds the memory of what is queued, not
+/// only its bytes on the wire.
+pub const DECODED_COST: usize = 6;
+
 /// Budgets of the engine queue (`engine_queue*` in the configuration).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QueueLimits {
@@ -112,8 +120,8 @@ impl EngineTx {
         let limits = self.0.limits;
         match &input {
             Input::Shutdown => s.control.push_back(input),
-            Input::Frame { bytes, .. } => {
-                let cost = payload.max(bytes.len()) + INPUT_OVERHEAD;
+            Input::Frame { frame, .. } => {
+                let cost = payload.max(frame.len()).saturating_mul(DECODED_COST) + INPUT_OVERHEAD;
                 if s.peer.bytes + cost > limits.peer_bytes || s.peer.items.len() >= limits.items {
                     return Err(QueueFull);
                 }
@@ -279,10 +287,11 @@ mod tests {
     use super::*;
     use lattice_core::proto::NodeId;
 
+    /// A frame charged `n` bytes in the queue.
     fn frame(n: usize) -> Input {
         Input::Frame {
             from: NodeId("p".into()),
-            bytes: vec![0; n],
+            frame: lattice_core::replica::Decoded::new(&vec![0; n / DECODED_COST], usize::MAX),
         }
     }
 

@@ -292,6 +292,32 @@ impl Cluster {
         }
     }
 
+    /// Every log line of every node that contains `needle`, prefixed with
+    /// its log file's name.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(self.dir.path()) {
+            let mut logs: Vec<PathBuf> = rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "log"))
+                .collect();
+            logs.sort();
+            for l in logs {
+                let name = l
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let text = std::fs::read_to_string(&l).unwrap_or_default();
+                out.extend(
+                    text.lines()
+                        .filter(|t| t.contains(needle))
+                        .map(|t| format!("{name}: {t}")),
+                );
+            }
+        }
+        out
+    }
+
     /// The tail of every node's logs, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = String::new();

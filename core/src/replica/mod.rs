@@ -208,6 +208,40 @@ struct Buffered {
 }
 
 /// The encoded size of each entry and of the whole list.
+/// A peer frame decoded (or refused), with its length: what
+/// [`Replica::handle_decoded`] takes.
+#[derive(Debug)]
+pub struct Decoded {
+    msg: Result<Message, Error>,
+    len: usize,
+}
+
+impl Decoded {
+    /// Decodes and validates `frame`, refusing one over `max_bytes` (the
+    /// replica's `max_message_bytes`; the replica checks the length again).
+    pub fn new(frame: &[u8], max_bytes: usize) -> Decoded {
+        Decoded {
+            msg: proto::decode(frame, max_bytes),
+            len: frame.len(),
+        }
+    }
+
+    /// The frame's length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for an empty frame (which never decodes).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether the frame was refused (corrupt, malformed, too large).
+    pub fn is_refused(&self) -> bool {
+        self.msg.is_err()
+    }
+}
+
 fn entry_sizes<V: serde::Serialize>(entries: &[(Key, V)]) -> Result<(Vec<usize>, usize), Error> {
     let mut sizes = Vec::with_capacity(entries.len());
     for e in entries {
@@ -728,14 +762,32 @@ impl<S: Store> Replica<S> {
     /// Processes one frame from peer `from`. A frame that does not decode or
     /// validate is refused with an error and changes nothing.
     pub fn handle(&mut self, now: Time, from: &NodeId, frame: &[u8]) -> Result<(), Error> {
+        let decoded = Decoded::new(frame, self.cfg.max_message_bytes);
+        self.handle_decoded(now, from, decoded)
+    }
+
+    /// [`Replica::handle`] for a frame decoded beforehand
+    /// ([`Decoded::new`]), which a driver may do on another thread: decoding
+    /// a large frame is pure work that need not hold up the engine.
+    pub fn handle_decoded(&mut self, now: Time, from: &NodeId, decoded: Decoded) -> Result<(), Error> {
         self.now = self.now.max(now);
         if !self.peers.contains_key(from) {
             self.stats.rejected += 1;
             return Err(Error::UnknownPeer(from.0.clone()));
         }
+        let Decoded { msg, len: frame_len } = decoded;
         self.stats.received.0 += 1;
-        self.stats.received.1 += frame.len() as u64;
-        let msg = match proto::decode(frame, self.cfg.max_message_bytes) {
+        self.stats.received.1 += frame_len as u64;
+        let msg = match msg.and_then(|m| {
+            if frame_len > self.cfg.max_message_bytes {
+                Err(Error::MessageTooLarge {
+                    size: frame_len,
+                    limit: self.cfg.max_message_bytes,
+                })
+            } else {
+                Ok(m)
+            }
+        }) {
             Ok(m) => m,
             Err(e) => {
                 self.stats.rejected += 1;
@@ -747,7 +799,7 @@ impl<S: Store> Replica<S> {
         };
         if let Some(p) = self.peers.get_mut(from) {
             p.last_heard = Some(now);
-            p.rx_bytes += frame.len() as u64;
+            p.rx_bytes += frame_len as u64;
             if let Message::Heartbeat { policy, .. } | Message::Delta { policy, .. } = &msg {
                 p.policy_seen = Some(*policy);
             }
@@ -797,7 +849,7 @@ impl<S: Store> Replica<S> {
                 if base_from != Some(self.id) {
                     sections.iter_mut().for_each(|s| s.base = 0);
                 }
-                self.on_delta(from, sender, sections, frame.len())?;
+                self.on_delta(from, sender, sections, frame_len)?;
                 self.observe_policy(now, from, policy)
             }
             Message::Policy(set) => self.on_policy(now, from, set),
