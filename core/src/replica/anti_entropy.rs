@@ -301,12 +301,16 @@ impl<S: Store> Replica<S> {
         let fresh = frame_budget.saturating_sub(64);
         for (k, v) in entries {
             let size = crate::proto::to_bytes(&v)?.len() + k.as_str().len() + 8;
-            let parts = if size <= frame_budget {
+            // Whole only if it fits the room of an empty frame: a state
+            // between that and the frame budget fitted no frame and was not
+            // cut either, so it never travelled (swarm seed 1087: two nodes
+            // never converged on a set grown by concurrent adds).
+            let parts = if size <= fresh {
                 vec![(v, size)]
             } else {
                 // Larger than any frame (a join of large concurrent states).
                 round.partial = true;
-                self.state_pieces(&k, &v, round)?
+                self.state_pieces(&k, &v, round, fresh)?
             };
             for (part, size) in parts {
                 if size > budget && frames.len() < AE_STATE_FRAMES && extra_bytes >= fresh {
@@ -351,15 +355,15 @@ impl<S: Store> Replica<S> {
 
     /// The pieces of `v` (see [`Value::split`]), each with its size in a
     /// frame, joined into groups of about a quarter frame, starting from a
-    /// group chosen by the round. Pieces that fit no frame are left out,
-    /// counted and logged.
-    fn state_pieces(&mut self, k: &Key, v: &Value, round: RoundId) -> Result<Vec<(Value, usize)>, Error> {
+    /// group chosen by the round. Pieces larger than `room` (what an empty
+    /// frame holds) fit no frame: they are left out, counted and logged.
+    fn state_pieces(&mut self, k: &Key, v: &Value, round: RoundId, room: usize) -> Result<Vec<(Value, usize)>, Error> {
         let frame_budget = self.cfg.max_message_bytes * 3 / 4;
         let overhead = k.as_str().len() + 8;
         let mut out = Vec::new();
         for p in v.split(frame_budget / 4) {
             let size = crate::proto::to_bytes(&p)?.len() + overhead;
-            if size > frame_budget {
+            if size > room {
                 tracing::warn!(key = %k, size, "a piece of a state too large for an anti-entropy frame: skipped");
                 self.stats.ae_oversized += 1;
                 continue;
