@@ -296,45 +296,44 @@ impl Cluster {
     /// its log file's name.
     pub fn log_lines(&self, needle: &str) -> Vec<String> {
         let mut out = Vec::new();
-        if let Ok(rd) = std::fs::read_dir(self.dir.path()) {
-            let mut logs: Vec<PathBuf> = rd
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| e == "log"))
-                .collect();
-            logs.sort();
-            for l in logs {
-                let name = l
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let text = std::fs::read_to_string(&l).unwrap_or_default();
-                out.extend(
-                    text.lines()
-                        .filter(|t| t.contains(needle))
-                        .map(|t| format!("{name}: {t}")),
-                );
-            }
+        for l in self.log_files() {
+            let name = l
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let text = std::fs::read_to_string(&l).unwrap_or_default();
+            out.extend(
+                text.lines()
+                    .filter(|t| t.contains(needle))
+                    .map(|t| format!("{name}: {t}")),
+            );
         }
         out
+    }
+
+    /// Every node's log files (each start writes a new one), sorted.
+    fn log_files(&self) -> Vec<PathBuf> {
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .map(|rd| {
+                rd.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|e| e == "log"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        logs.sort();
+        logs
     }
 
     /// The tail of every node's logs, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = String::new();
-        if let Ok(rd) = std::fs::read_dir(self.dir.path()) {
-            let mut logs: Vec<PathBuf> = rd
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| e == "log"))
-                .collect();
-            logs.sort();
-            for l in logs {
-                let text = std::fs::read_to_string(&l).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(15).collect();
-                out.push_str(&format!("--- {}\n", l.display()));
-                for line in tail.into_iter().rev() {
-                    out.push_str(line);
-                    out.push('\n');
-                }
+        for l in self.log_files() {
+            let text = std::fs::read_to_string(&l).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            out.push_str(&format!("--- {}\n", l.display()));
+            for line in tail.into_iter().rev() {
+                out.push_str(line);
+                out.push('\n');
             }
         }
         out
