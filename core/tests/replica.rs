@@ -1262,3 +1262,72 @@ fn a_late_ack_from_a_peers_earlier_life_loses_nothing() {
     lost_writes_are_back(&c);
     assert_eq!(c.nodes[1].buffer_usage().0, 0);
 }
+
+/// The token a write reports is the token of what it stored, for its keys
+/// only, and a retry of a known op id reports the state it finds.
+#[test]
+fn write_tokens_are_those_of_the_states_the_write_made() {
+    use lattice_core::proto::client::{CausalToken, OpId};
+    let mut r = open(0, 1, MemoryStore::new(), 1);
+    let expect = |r: &Replica<MemoryStore>, keys: &[&str]| {
+        let want: Vec<(Key, CausalToken)> = keys
+            .iter()
+            .map(|k| (key(k), CausalToken::of(r.read(&key(k)).unwrap().as_ref())))
+            .collect();
+        assert_eq!(r.write_tokens(), &want[..], "{keys:?}");
+    };
+    r.write(Time(1), vec![(key("a"), Op::SetAdd(vec!["x".into()]))])
+        .unwrap();
+    expect(&r, &["a"]);
+    // Two ops on one key, one key new: one token each, of the final state.
+    r.write_once(
+        Time(2),
+        Some(OpId(7)),
+        vec![
+            (key("a"), Op::SetAdd(vec!["y".into()])),
+            (key("b"), Op::CounterAdd(2)),
+            (key("a"), Op::SetRemove(vec!["x".into()])),
+        ],
+    )
+    .unwrap();
+    expect(&r, &["a", "b"]);
+    r.write(Time(3), vec![(key("c"), Op::MvSet("v".into()))]).unwrap();
+    expect(&r, &["c"]);
+    // A key with a history: the whole state's token, not the delta's.
+    r.write(Time(3), vec![(key("a"), Op::SetAdd(vec!["z".into()]))])
+        .unwrap();
+    expect(&r, &["a"]);
+    // A retry: the tokens of what is stored now.
+    let (_, dup) = r
+        .write_once(Time(4), Some(OpId(7)), vec![(key("b"), Op::CounterAdd(2))])
+        .unwrap();
+    assert!(dup);
+    expect(&r, &["b"]);
+}
+
+/// The value limit is on the encoded state, exactly: the largest legal
+/// value is taken, one byte more is refused (and changes nothing).
+#[test]
+fn the_value_limit_is_exact() {
+    let limit = {
+        let c = cfg(0, 1);
+        c.max_value_bytes.min(c.max_message_bytes / 2)
+    };
+    let encoded = |n: usize| {
+        let mut r = open(0, 1, MemoryStore::new(), 1);
+        let res = r.write(Time(1), vec![(key("k"), Op::LwwSet(vec![7u8; n].into()))]);
+        let len = r.read(&key("k")).unwrap().map(|v| proto::to_bytes(&v).unwrap().len());
+        (res, len)
+    };
+    let probe = limit - 1_000;
+    let overhead = encoded(probe).1.unwrap() - probe;
+    let (ok, len) = encoded(limit - overhead);
+    ok.unwrap();
+    assert_eq!(len, Some(limit));
+    let (err, len) = encoded(limit - overhead + 1);
+    assert!(
+        matches!(err, Err(Error::ValueTooLarge { size, .. }) if size == limit + 1),
+        "{err:?}"
+    );
+    assert_eq!(len, None);
+}

@@ -106,8 +106,17 @@ impl MemoryConfig {
         if self.engine_queue_bytes < client {
             bail!("memory.engine_queue_bytes must be at least {client} (one largest client request)");
         }
-        if self.engine_peer_queue_bytes < frame || self.peer_queue_bytes < frame {
-            bail!("memory.engine_peer_queue_bytes and memory.peer_queue_bytes must be at least {frame} (one largest peer frame)");
+        // Queued for the engine decoded, a frame is charged several times
+        // its length: a smaller budget would drop every frame that large.
+        let decoded =
+            lattice_core::proto::DEFAULT_MAX_MESSAGE_BYTES * crate::queue::DECODED_COST + crate::queue::INPUT_OVERHEAD;
+        if self.engine_peer_queue_bytes < decoded {
+            bail!(
+                "memory.engine_peer_queue_bytes must be at least {decoded} (one largest peer frame, charged decoded)"
+            );
+        }
+        if self.peer_queue_bytes < frame {
+            bail!("memory.peer_queue_bytes must be at least {frame} (one largest peer frame)");
         }
         if self.watch_values_bytes < 2 * crate::node::WATCH_BATCH_BYTES {
             bail!(
@@ -130,5 +139,39 @@ impl MemoryConfig {
             bail!("memory's watcher and waiting-read limits must be positive");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::Input;
+    use lattice_core::proto::{NodeId, DEFAULT_MAX_MESSAGE_BYTES};
+    use lattice_core::replica::Decoded;
+
+    /// The smallest peer budget the configuration accepts still queues one
+    /// largest peer frame, as the queue charges it (decoded, several times
+    /// its length): a smaller one would drop every frame that large, for
+    /// ever, and the keys it carries would never replicate here.
+    #[test]
+    fn an_accepted_peer_budget_admits_one_largest_frame() {
+        let mut m = MemoryConfig::default();
+        let accepted = (1..=64usize)
+            .map(|mib| mib << 20)
+            .find(|&b| {
+                m.engine_peer_queue_bytes = b;
+                m.validate().is_ok()
+            })
+            .expect("some budget up to 64 MiB is accepted");
+        m.engine_peer_queue_bytes = accepted;
+        let (tx, _rx) = crate::queue::engine_queue(m.queue(16));
+        let frame = Input::Frame {
+            from: NodeId("p".into()),
+            frame: Decoded::new(&vec![0; DEFAULT_MAX_MESSAGE_BYTES], usize::MAX),
+        };
+        assert!(
+            tx.try_send(frame).is_ok(),
+            "engine_peer_queue_bytes = {accepted} is accepted but never queues a {DEFAULT_MAX_MESSAGE_BYTES}-byte frame"
+        );
     }
 }

@@ -211,12 +211,12 @@ impl Reads {
 /// Most inputs one engine step takes before it flushes and answers.
 const MAX_STEP_INPUTS: usize = 1_024;
 
-/// Runs the engine until `Shutdown` or until every sender is gone.
-#[allow(clippy::too_many_arguments)]
 /// An engine step at least this long is logged (`slow engine step`, with
 /// where its time went): every input queued behind it waited as long.
 const SLOW_STEP_MS: u64 = 100;
 
+/// Runs the engine until `Shutdown` or until every sender is gone.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     mut replica: Replica<SledStore>,
     clock: Clock,

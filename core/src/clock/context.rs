@@ -219,7 +219,8 @@ impl CausalContext {
         }
         let Ok(bits) = usize::try_from(n) else { return false };
         // Per replica: its ranges and the rank of each range's first dot.
-        let mut ranks: BTreeMap<ReplicaId, (&[(u64, u64)], Vec<u64>)> = BTreeMap::new();
+        type Ranked<'a> = (&'a [(u64, u64)], Vec<u64>);
+        let mut ranks: BTreeMap<ReplicaId, Ranked<'_>> = BTreeMap::new();
         let mut next = 0u64;
         for (r, ranges) in &self.0 {
             let mut starts = Vec::with_capacity(ranges.len());
