@@ -235,11 +235,6 @@ impl Decoded {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-
-    /// Whether the frame was refused (corrupt, malformed, too large).
-    pub fn is_refused(&self) -> bool {
-        self.msg.is_err()
-    }
 }
 
 fn entry_sizes<V: serde::Serialize>(entries: &[(Key, V)]) -> Result<(Vec<usize>, usize), Error> {
