@@ -895,7 +895,7 @@ async fn watch(
     let conn = meta.conn;
     if inbound
         .engine
-        .try_send_sized(Input::Watch { prefix, from, conn, tx }, meta.bytes)
+        .try_send_from(Input::Watch { prefix, from, conn, tx }, meta.bytes, conn)
         .is_err()
     {
         inbound.metrics.overloaded.inc();
@@ -1030,7 +1030,7 @@ async fn serve(req: ClientRequest, meta: Request, inbound: &Inbound, session: &C
                 timeout_ms,
                 reply: tx,
             };
-            if inbound.engine.try_send_sized(input, meta.bytes).is_err() {
+            if inbound.engine.try_send_from(input, meta.bytes, meta.conn).is_err() {
                 return overloaded(&inbound.metrics);
             }
             match rx.await {
@@ -1082,7 +1082,7 @@ async fn serve(req: ClientRequest, meta: Request, inbound: &Inbound, session: &C
             let deadline = Instant::now() + Duration::from_millis(wait_ms.min(30_000));
             if inbound
                 .engine
-                .try_send_sized(
+                .try_send_from(
                     Input::Read {
                         key,
                         after,
@@ -1091,6 +1091,7 @@ async fn serve(req: ClientRequest, meta: Request, inbound: &Inbound, session: &C
                         reply: tx,
                     },
                     meta.bytes,
+                    meta.conn,
                 )
                 .is_err()
             {
@@ -1125,7 +1126,7 @@ async fn serve(req: ClientRequest, meta: Request, inbound: &Inbound, session: &C
             let (tx, rx) = oneshot::channel();
             if inbound
                 .engine
-                .try_send_sized(Input::SetPolicy { set, reply: tx }, meta.bytes)
+                .try_send_from(Input::SetPolicy { set, reply: tx }, meta.bytes, meta.conn)
                 .is_err()
             {
                 return overloaded(&inbound.metrics);
@@ -1138,7 +1139,11 @@ async fn serve(req: ClientRequest, meta: Request, inbound: &Inbound, session: &C
         }
         RequestBody::Audit => {
             let (tx, rx) = oneshot::channel();
-            if inbound.engine.try_send(Input::Audit { reply: tx }).is_err() {
+            if inbound
+                .engine
+                .try_send_from(Input::Audit { reply: tx }, 0, meta.conn)
+                .is_err()
+            {
                 return overloaded(&inbound.metrics);
             }
             match rx.await {
@@ -1158,7 +1163,11 @@ async fn serve(req: ClientRequest, meta: Request, inbound: &Inbound, session: &C
         }
         RequestBody::Status => {
             let (tx, rx) = oneshot::channel();
-            if inbound.engine.try_send(Input::Status { reply: tx }).is_err() {
+            if inbound
+                .engine
+                .try_send_from(Input::Status { reply: tx }, 0, meta.conn)
+                .is_err()
+            {
                 return overloaded(&inbound.metrics);
             }
             match rx.await {

@@ -211,6 +211,19 @@ impl Reads {
 /// Most inputs one engine step takes before it flushes and answers.
 const MAX_STEP_INPUTS: usize = 1_024;
 
+/// A step takes no more inputs once it has worked this long: the inputs
+/// it took are flushed and answered, and the rest wait for the next step.
+/// One input may take longer (a large add or merge, bounded by the value
+/// and frame limits); no input waits for more than one such input of each
+/// other client connection and peer ahead of it.
+const STEP_BUDGET: Duration = Duration::from_millis(20);
+
+/// Nor does it take an input that would bring the bytes it took (requests'
+/// and peer frames' lengths) past this: a large write or frame starts a
+/// step of its own, so the small inputs before it are answered without
+/// waiting for it. Checked before the work, as a time budget cannot be.
+const STEP_BYTES: usize = 256 << 10;
+
 /// An engine step at least this long is logged (`slow engine step`, with
 /// where its time went): every input queued behind it waited as long.
 const SLOW_STEP_MS: u64 = 100;
@@ -265,29 +278,50 @@ pub fn run(
         let timeout = wake
             .saturating_duration_since(Instant::now())
             .min(Duration::from_millis(100));
-        let mut inputs = Vec::new();
-        match rx.recv_timeout(timeout) {
-            Ok(i) => inputs.push(i),
-            Err(RecvError::Timeout) => {}
-            Err(RecvError::Disconnected) => stopping = true,
-        }
-        // Take what else is queued, bounded, so one flush covers a batch;
-        // the queue hands out peer frames and client requests in turn.
-        let mut drained = false;
-        while inputs.len() < MAX_STEP_INPUTS {
-            match rx.try_recv() {
-                Some(i) => inputs.push(i),
-                None => {
-                    drained = true;
-                    break;
-                }
+        let mut step_bytes = 0;
+        let mut next = match rx.recv_timeout_sized(timeout) {
+            Ok((i, size)) => {
+                step_bytes = size;
+                Some(i)
             }
-        }
-        metrics.engine_queue.set(inputs.len() as i64);
+            Err(RecvError::Timeout) => None,
+            Err(RecvError::Disconnected) => {
+                stopping = true;
+                None
+            }
+        };
+        // Take what else is queued, so one flush covers a batch; the queue
+        // hands out peer frames and client requests in turn, and each
+        // client connection and peer in turn. Bounded by count and by time:
+        // once a step has worked STEP_BUDGET, what is queued waits for the
+        // next step, and what this step took is flushed and answered now
+        // rather than after everything queued behind it.
+        let mut drained = next.is_none();
         let now = clock.now().max(now);
         let step = Instant::now();
-        let taken = inputs.len();
-        for input in inputs {
+        let mut taken = 0;
+        // The step's work or bytes, not its count, ended it with input
+        // still queued: flushed at once (waiting would hold what it took
+        // behind work that is not in it).
+        let mut full = false;
+        while let Some(input) = next.take() {
+            taken += 1;
+            if taken < MAX_STEP_INPUTS {
+                if step.elapsed() >= STEP_BUDGET {
+                    full = true;
+                } else {
+                    match rx.try_recv_within(STEP_BYTES.saturating_sub(step_bytes)) {
+                        Some((i, size)) => {
+                            next = Some(i);
+                            step_bytes += size;
+                        }
+                        None => {
+                            drained = rx.is_empty();
+                            full = !drained;
+                        }
+                    }
+                }
+            }
             match input {
                 Input::Frame { from, frame } => {
                     metrics.peer_frames_in.inc_by(1);
@@ -416,6 +450,7 @@ pub fn run(
                 Input::Shutdown => stopping = true,
             }
         }
+        metrics.engine_queue.set(taken as i64);
         let inputs_ms = step.elapsed().as_millis() as u64;
         if let Err(e) = replica.handle_timeout(now) {
             tracing::error!(error = %e, "engine timer failed");
@@ -427,10 +462,11 @@ pub fn run(
             Durability::Sync | Durability::Async => true,
             // Self-clocking: everything that arrived during the last flush
             // was taken in this step and shares the next one, so waiting
-            // longer would only add latency. Only while input keeps
-            // queueing past a step's limit does the flush wait, up to
-            // `group_commit`, to cover more.
-            Durability::Group => drained || first_unflushed.is_some_and(|t| t.elapsed() >= group_commit),
+            // longer would only add latency; the same when the step's work
+            // or bytes ended it. Only while input keeps queueing past a
+            // step's count limit does the flush wait, up to `group_commit`,
+            // to cover more.
+            Durability::Group => drained || full || first_unflushed.is_some_and(|t| t.elapsed() >= group_commit),
         };
         if replica.needs_flush() && (due || stopping) {
             let started = Instant::now();

@@ -5,9 +5,14 @@
 //! (frames, reachability) and client requests. The engine takes from them
 //! in turn, so a flood of client requests can neither use up the peers'
 //! budget nor delay their frames by more than one client input each.
+//!
+//! Within a class, inputs are queued per source (a client connection, a
+//! peer) and the sources take turns: a client that pipelines a hundred
+//! large adds delays another client's write by one of them, not by all.
+//! Each source's own inputs keep their order.
 
 use crate::node::Input;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -47,10 +52,71 @@ impl Default for QueueLimits {
     }
 }
 
+/// One class's inputs, queued per source; the sources take turns.
 #[derive(Default)]
 struct Class {
-    items: VecDeque<(Input, usize)>,
+    by_source: HashMap<u64, VecDeque<(Input, usize)>>,
+    /// The sources with queued inputs, in turn order (each once).
+    turns: VecDeque<u64>,
+    items: usize,
     bytes: usize,
+}
+
+impl Class {
+    fn is_empty(&self) -> bool {
+        self.items == 0
+    }
+
+    fn push(&mut self, source: u64, input: Input, cost: usize) {
+        let q = self.by_source.entry(source).or_default();
+        if q.is_empty() {
+            self.turns.push_back(source);
+        }
+        q.push_back((input, cost));
+        self.items += 1;
+        self.bytes += cost;
+    }
+
+    /// The size ([`size`]) of the next input [`Class::pop`] gives.
+    fn next_size(&self) -> Option<usize> {
+        let source = self.turns.front()?;
+        self.by_source.get(source)?.front().map(|(i, cost)| size(i, *cost))
+    }
+
+    /// The oldest input of the source whose turn it is, and its size.
+    fn pop(&mut self) -> Option<(Input, usize)> {
+        let source = self.turns.pop_front()?;
+        let q = self.by_source.get_mut(&source)?;
+        let (input, cost) = q.pop_front()?;
+        if q.is_empty() {
+            self.by_source.remove(&source);
+        } else {
+            self.turns.push_back(source);
+        }
+        self.items -= 1;
+        self.bytes -= cost;
+        let size = size(&input, cost);
+        Some((input, size))
+    }
+}
+
+/// An input's size in bytes: its request's or frame's length, plus
+/// [`INPUT_OVERHEAD`] (a frame is charged [`DECODED_COST`] times that in
+/// the queue's budget; its size is its length).
+fn size(input: &Input, cost: usize) -> usize {
+    match input {
+        Input::Frame { .. } => (cost - INPUT_OVERHEAD) / DECODED_COST + INPUT_OVERHEAD,
+        _ => cost,
+    }
+}
+
+/// The source of a peer's inputs: its name, hashed (a collision only
+/// makes two peers share turns).
+fn peer_source(peer: &lattice_core::proto::NodeId) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    peer.0.hash(&mut h);
+    h.finish()
 }
 
 struct State {
@@ -111,41 +177,46 @@ impl Drop for EngineTx {
 }
 
 impl EngineTx {
-    /// Queues `input`, charged `payload` bytes (a client request's frame
-    /// length; a peer frame is charged its own length at least) plus
-    /// [`INPUT_OVERHEAD`]. A shutdown is always taken. Refused (and
-    /// dropped) if its class's budget is used up.
-    pub fn try_send_sized(&self, input: Input, payload: usize) -> Result<(), QueueFull> {
+    /// Queues `input` from client connection `conn`, charged `payload`
+    /// bytes (its request's frame length) plus [`INPUT_OVERHEAD`]; a peer
+    /// frame is charged its own length at least, times [`DECODED_COST`],
+    /// and takes its turn as its peer's input whatever `conn` says. A
+    /// shutdown is always taken. Refused (and dropped) if its class's
+    /// budget is used up.
+    pub fn try_send_from(&self, input: Input, payload: usize, conn: u64) -> Result<(), QueueFull> {
         let mut s = lock(&self.0);
         let limits = self.0.limits;
         match &input {
             Input::Shutdown => s.control.push_back(input),
-            Input::Frame { frame, .. } => {
+            Input::Frame { frame, from } => {
                 let cost = payload.max(frame.len()).saturating_mul(DECODED_COST) + INPUT_OVERHEAD;
-                if s.peer.bytes + cost > limits.peer_bytes || s.peer.items.len() >= limits.items {
+                if s.peer.bytes + cost > limits.peer_bytes || s.peer.items >= limits.items {
                     return Err(QueueFull);
                 }
-                s.peer.bytes += cost;
-                s.peer.items.push_back((input, cost));
+                let source = peer_source(from);
+                s.peer.push(source, input, cost);
             }
             _ => {
-                let peer = matches!(input, Input::Reachable(_));
-                let (class, limit) = if peer {
-                    (&mut s.peer, limits.peer_bytes)
-                } else {
-                    (&mut s.client, limits.client_bytes)
+                let (class, limit, source) = match &input {
+                    Input::Reachable(peer) => (&mut s.peer, limits.peer_bytes, peer_source(peer)),
+                    _ => (&mut s.client, limits.client_bytes, conn),
                 };
                 let cost = payload + INPUT_OVERHEAD;
-                if class.bytes + cost > limit || class.items.len() >= limits.items {
+                if class.bytes + cost > limit || class.items >= limits.items {
                     return Err(QueueFull);
                 }
-                class.bytes += cost;
-                class.items.push_back((input, cost));
+                class.push(source, input, cost);
             }
         }
         drop(s);
         self.0.ready.notify_one();
         Ok(())
+    }
+
+    /// [`EngineTx::try_send_from`] for the node's own inputs (metrics,
+    /// watch streams): they share one turn.
+    pub fn try_send_sized(&self, input: Input, payload: usize) -> Result<(), QueueFull> {
+        self.try_send_from(input, payload, u64::MAX)
     }
 
     /// [`EngineTx::try_send_sized`] for inputs with no payload of their own.
@@ -168,32 +239,42 @@ pub enum RecvError {
 }
 
 impl State {
-    fn pop(&mut self) -> Option<Input> {
+    /// The next input and its size, if its size is at most `room` bytes
+    /// (the next in turn: a larger one is not skipped, it waits for a call
+    /// with room).
+    fn pop(&mut self, room: usize) -> Option<(Input, usize)> {
         if let Some(i) = self.control.pop_front() {
-            return Some(i);
+            return Some((i, 0));
         }
-        let take_peer = match (self.peer.items.is_empty(), self.client.items.is_empty()) {
+        let take_peer = match (self.peer.is_empty(), self.client.is_empty()) {
             (true, true) => return None,
             (false, true) => true,
             (true, false) => false,
             (false, false) => self.peer_next,
         };
+        let class = if take_peer { &mut self.peer } else { &mut self.client };
+        if class.next_size()? > room {
+            return None;
+        }
         self.peer_next = !take_peer;
         let class = if take_peer { &mut self.peer } else { &mut self.client };
-        let (input, cost) = class.items.pop_front()?;
-        class.bytes -= cost;
-        Some(input)
+        class.pop()
     }
 }
 
 impl EngineRx {
     /// The next input, waiting up to `timeout`.
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Input, RecvError> {
+        self.recv_timeout_sized(timeout).map(|(i, _)| i)
+    }
+
+    /// [`EngineRx::recv_timeout`], with the input's size in bytes.
+    pub fn recv_timeout_sized(&self, timeout: Duration) -> Result<(Input, usize), RecvError> {
         let deadline = Instant::now() + timeout;
         let mut s = lock(&self.0);
         loop {
-            if let Some(i) = s.pop() {
-                return Ok(i);
+            if let Some(taken) = s.pop(usize::MAX) {
+                return Ok(taken);
             }
             if s.senders == 0 {
                 return Err(RecvError::Disconnected);
@@ -213,7 +294,20 @@ impl EngineRx {
 
     /// The next input if one is queued: peers and clients in turn.
     pub fn try_recv(&self) -> Option<Input> {
-        lock(&self.0).pop()
+        lock(&self.0).pop(usize::MAX).map(|(i, _)| i)
+    }
+
+    /// The next input and its size, if one is queued and its size (its
+    /// request's or frame's length plus [`INPUT_OVERHEAD`]) is at most
+    /// `room` bytes. An input over `room` stays first in its turn.
+    pub fn try_recv_within(&self, room: usize) -> Option<(Input, usize)> {
+        lock(&self.0).pop(room)
+    }
+
+    /// Nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        let s = lock(&self.0);
+        s.control.is_empty() && s.peer.is_empty() && s.client.is_empty()
     }
 
     /// Bytes queued: (peers, clients).
@@ -328,6 +422,56 @@ mod tests {
         drop(tx);
         assert!(matches!(rx.recv_timeout(Duration::ZERO), Ok(Input::Shutdown)));
         assert_eq!(rx.recv_timeout(Duration::ZERO).err(), Some(RecvError::Disconnected));
+    }
+
+    /// A write input from connection `conn`, told apart by its op id.
+    fn write(tx: &EngineTx, conn: u64, n: u64) {
+        let input = Input::Write {
+            op_id: lattice_core::proto::client::OpId(n as u128),
+            retry: false,
+            ops: Vec::new(),
+            concern: lattice_core::proto::client::WriteConcern::Local,
+            timeout_ms: 0,
+            reply: tokio::sync::oneshot::channel().0,
+        };
+        assert!(tx.try_send_from(input, 1_000, conn).is_ok());
+    }
+
+    #[test]
+    fn connections_take_turns_and_each_keeps_its_order() {
+        let (tx, rx) = engine_queue(QueueLimits::default());
+        // Connection 1 pipelines five requests before 2 and 3 send theirs.
+        (0..5).for_each(|n| write(&tx, 1, 10 + n));
+        write(&tx, 2, 20);
+        write(&tx, 2, 21);
+        write(&tx, 3, 30);
+        let order: Vec<u128> = std::iter::from_fn(|| rx.try_recv())
+            .map(|i| match i {
+                Input::Write { op_id, .. } => op_id.0,
+                _ => unreachable!("only writes were queued"),
+            })
+            .collect();
+        assert_eq!(order, vec![10, 20, 30, 11, 21, 12, 13, 14]);
+        assert_eq!(rx.queued_bytes(), (0, 0));
+    }
+
+    #[test]
+    fn an_input_over_the_room_left_waits_its_turn() {
+        let (tx, rx) = engine_queue(QueueLimits::default());
+        write(&tx, 1, 10);
+        write(&tx, 2, 20);
+        let size = 1_000 + INPUT_OVERHEAD;
+        assert!(rx.try_recv_within(size - 1).is_none(), "over the room: not taken");
+        let (first, taken) = rx.try_recv_within(size).unwrap();
+        assert!(matches!(first, Input::Write { op_id, .. } if op_id.0 == 10));
+        assert_eq!(taken, size);
+        // Connection 2's turn is not skipped for a smaller room either.
+        assert!(rx.try_recv_within(0).is_none());
+        assert!(matches!(rx.try_recv(), Some(Input::Write { op_id, .. }) if op_id.0 == 20));
+        // A peer frame's size is its length, not its 6x charge.
+        assert!(tx.try_send(frame(6 << 10)).is_ok());
+        let (_, taken) = rx.try_recv_within(usize::MAX).unwrap();
+        assert_eq!(taken, (1 << 10) + INPUT_OVERHEAD);
     }
 
     #[test]
