@@ -373,3 +373,20 @@ async fn watch_sees_remote_writes_and_resumes_without_loss_or_repeat() {
         r => panic!("expected WatchLost, got {r:?}"),
     }
 }
+
+/// The harness picks free ports, then the nodes bind them: another process
+/// can take one in between. `start_all` then moves the cluster to new
+/// ports and starts it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_taken_before_the_node_binds_moves_the_cluster() {
+    let _g = serial();
+    let mut c = Cluster::prepare(bin(), &["eu", "us"], Durability::Group).unwrap();
+    let taken = c.defaults.endpoints[1];
+    let _thief = std::net::UdpSocket::bind(taken).unwrap();
+    c.start_all().unwrap();
+    assert!(!c.defaults.endpoints.contains(&taken), "{:?}", c.defaults.endpoints);
+    assert_eq!(c.config(0).unwrap().peers[0].address, c.defaults.endpoints[1]);
+    c.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let moved = c.log_lines("Address already in use");
+    assert!(!moved.is_empty(), "the taken port was never hit");
+}
