@@ -31,13 +31,13 @@ fn bin() -> &'static Path {
 
 /// The SDK's error for a status request to `endpoint`, trusting `ca`: the
 /// handshake must fail, so the request never leaves (`Unreachable`).
-async fn refused(endpoint: Endpoint, token: &str, ca: &str) -> String {
+async fn refused(what: &str, endpoint: Endpoint, token: &str, ca: &str) -> String {
     let client = Client::new(vec![endpoint], token, ca)
         .unwrap()
         .with_timeout(Duration::from_secs(5));
     match client.request(RequestBody::Status).await {
         Err(ClientError::Unreachable(m)) => m,
-        r => panic!("the node was not refused in the handshake: {r:?}"),
+        r => panic!("{what}: the node was not refused in the handshake: {r:?}"),
     }
 }
 
@@ -103,18 +103,24 @@ async fn tls_a_client_refuses_another_ca_another_name_and_an_expired_certificate
 
     // Another cluster's CA: n1's certificate does not chain to it.
     let other = certs::new_ca("other").unwrap();
-    let m = refused(c.endpoint(0), &token, &other.cert).await;
+    let m = refused("another CA", c.endpoint(0), &token, &other.cert).await;
     assert!(m.contains("invalid peer certificate: UnknownIssuer"), "{m}");
 
     // n1's certificate asked for as n2: the CA is right, the name is not.
-    let m = refused(Endpoint::named("n2", addr), &token, &ca).await;
+    let m = refused("another name", Endpoint::named("n2", addr), &token, &ca).await;
     assert!(m.contains("certificate not valid for name \"n2\""), "{m}");
 
     // A production certificate (it names n1 only) under a bare address,
     // which is checked against localhost: refused; under its name: served.
     let ca_pem = certs::read_pem(&c.dir.path().join("certs"), "ca").unwrap();
     restart_with_cert(&mut c, 0, &certs::new_node_cert(&ca_pem, "n1").unwrap());
-    let m = refused(Endpoint::from(addr), &token, &ca).await;
+    let m = refused(
+        "a production certificate under a bare address",
+        Endpoint::from(addr),
+        &token,
+        &ca,
+    )
+    .await;
     assert!(m.contains("certificate not valid for name \"localhost\""), "{m}");
     assert!(
         served(c.endpoint(0), &token, &ca).await,
@@ -124,7 +130,7 @@ async fn tls_a_client_refuses_another_ca_another_name_and_an_expired_certificate
     // An expired certificate of the right CA, with the right names.
     restart_with_cert(&mut c, 0, &expired_dev_node_cert(&ca_pem, "n1"));
     for endpoint in [c.endpoint(0), Endpoint::from(addr)] {
-        let m = refused(endpoint, &token, &ca).await;
+        let m = refused("expired", endpoint, &token, &ca).await;
         assert!(m.contains("invalid peer certificate: certificate expired"), "{m}");
     }
 }
