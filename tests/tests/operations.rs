@@ -105,6 +105,19 @@ async fn tls_a_client_refuses_another_ca_another_name_and_an_expired_certificate
     let other = certs::new_ca("other").unwrap();
     let m = refused("another CA", c.endpoint(0), &token, &other.cert).await;
     assert!(m.contains("invalid peer certificate: UnknownIssuer"), "{m}");
+    // The CLI says the same and exits non-zero.
+    let other_pem = c.dir.path().join("other-ca.pem");
+    std::fs::write(&other_pem, &other.cert).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lattice-test-cli"))
+        .arg("--config")
+        .arg(c.dir.path().join("client.toml"))
+        .arg("--ca")
+        .arg(&other_pem)
+        .args(["get", "k"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("UnknownIssuer"), "{err}");
 
     // n1's certificate asked for as n2: the CA is right, the name is not.
     let m = refused("another name", Endpoint::named("n2", addr), &token, &ca).await;
