@@ -32,6 +32,25 @@ pub struct Cluster {
     pub defaults: ClientDefaults,
     bin: PathBuf,
     children: Vec<Option<Child>>,
+    /// The log file of each node's latest start.
+    logs: Vec<Option<PathBuf>>,
+}
+
+/// How many times [`Cluster::start_all`] moves a cluster to new ports when
+/// one was taken between [`free_base_port`]'s check and the node's bind.
+const PORT_RETRIES: usize = 5;
+
+/// How long a node may take from its spawn to binding its sockets.
+const BIND_WITHIN: Duration = Duration::from_secs(30);
+
+/// What became of a node just spawned.
+enum Bound {
+    /// It logged `latticed ready`: both its sockets are bound.
+    Ready,
+    /// It exited because an address it needs is taken.
+    AddressInUse(String),
+    /// It exited for another reason (a test may want exactly that).
+    Exited,
 }
 
 fn free_base_port(n: usize) -> Result<u16> {
@@ -93,28 +112,130 @@ impl Cluster {
         };
         let (configs, defaults) = prepare(&args)?;
         let children = configs.iter().map(|_| None).collect();
+        let logs = configs.iter().map(|_| None).collect();
         Ok(Cluster {
             dir,
             configs,
             defaults,
             bin: bin.to_path_buf(),
             children,
+            logs,
         })
     }
 
-    /// Starts every prepared node that is not running.
+    /// Starts every prepared node that is not running and waits until each
+    /// has bound its sockets (or exited). The ports were free when
+    /// [`Cluster::prepare`] picked them, but another process can take one
+    /// before the node binds it: then the nodes just started are stopped and
+    /// the whole cluster moves to new ports (configs and `client.toml`
+    /// rewritten), up to [`PORT_RETRIES`] times. A cluster whose peers are
+    /// wired through relays ([`relay::Mesh`]) cannot move: that is an error.
     pub fn start_all(&mut self) -> Result<()> {
-        for i in 0..self.configs.len() {
-            if self.children[i].is_none() {
+        for attempt in 0..=PORT_RETRIES {
+            let started: Vec<usize> = (0..self.configs.len())
+                .filter(|&i| self.children[i].is_none())
+                .collect();
+            for &i in &started {
                 self.restart(i)?;
             }
+            let mut taken = None;
+            for &i in &started {
+                if let Bound::AddressInUse(why) = self.wait_bound(i)? {
+                    taken = Some(format!("n{}: {why}", i + 1));
+                    break;
+                }
+            }
+            let Some(why) = taken else {
+                return Ok(());
+            };
+            if attempt == PORT_RETRIES || started.len() != self.configs.len() {
+                bail!("an address was taken before the node could bind it: {why}");
+            }
+            for &i in &started {
+                self.kill(i)?;
+            }
+            self.move_ports()
+                .with_context(|| format!("moving the cluster to new ports after: {why}"))?;
         }
         Ok(())
     }
 
-    fn spawn(&self, i: usize) -> Result<Child> {
+    /// Waits until node `i`, just spawned, has bound its sockets (its
+    /// `/healthz` answers, which it serves after binding QUIC; without an
+    /// HTTP address, until it logs `latticed ready`) or has exited.
+    fn wait_bound(&mut self, i: usize) -> Result<Bound> {
+        let log = self.logs[i].clone().context("node never started")?;
+        let http = self.config(i)?.metrics;
+        let deadline = Instant::now() + BIND_WITHIN;
+        loop {
+            let ready = match http {
+                Some(addr) => http_get(addr, "/healthz", None).is_ok_and(|a| a.code == 200 && a.body == "ok\n"),
+                None => std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains("latticed ready"),
+            };
+            if ready {
+                return Ok(Bound::Ready);
+            }
+            let exited = match self.children[i].as_mut() {
+                Some(c) => c.try_wait()?.is_some(),
+                None => true,
+            };
+            if exited {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                return Ok(if text.contains("Address already in use") {
+                    let why: Vec<&str> = text.lines().rev().take(4).collect();
+                    Bound::AddressInUse(why.into_iter().rev().collect::<Vec<_>>().join(" | "))
+                } else {
+                    Bound::Exited
+                });
+            }
+            if Instant::now() > deadline {
+                bail!("node {} did not bind within {BIND_WITHIN:?}:\n{}", i + 1, self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Moves every node to a fresh range of ports: its QUIC and HTTP
+    /// addresses, the peer addresses that point at it, and the client
+    /// defaults. Refused when a peer address points elsewhere (a relay).
+    fn move_ports(&mut self) -> Result<()> {
+        let n = self.configs.len();
+        let configs: Vec<Config> = (0..n).map(|i| self.config(i)).collect::<Result<_>>()?;
+        let listens: Vec<std::net::SocketAddr> = configs.iter().map(|c| c.listen).collect();
+        if configs
+            .iter()
+            .flat_map(|c| &c.peers)
+            .any(|p| !listens.contains(&p.address))
+        {
+            bail!("peers are wired through relays: the cluster cannot move to new ports");
+        }
+        let base = free_base_port(n)?;
+        let quic = |i: usize| std::net::SocketAddr::from(([127, 0, 0, 1], base + i as u16));
+        let http = |i: usize| std::net::SocketAddr::from(([127, 0, 0, 1], base + 100 + i as u16));
+        for i in 0..n {
+            self.edit_config(i, |cfg| {
+                cfg.listen = quic(i);
+                if cfg.metrics.is_some() {
+                    cfg.metrics = Some(http(i));
+                }
+                for p in &mut cfg.peers {
+                    if let Some(j) = listens.iter().position(|a| *a == p.address) {
+                        p.address = quic(j);
+                    }
+                }
+            })?;
+        }
+        self.defaults.endpoints = (0..n).map(quic).collect();
+        std::fs::write(self.dir.path().join("client.toml"), toml::to_string(&self.defaults)?)?;
+        Ok(())
+    }
+
+    fn spawn(&mut self, i: usize) -> Result<Child> {
         let log = self.dir.path().join(format!("n{}.{}.log", i + 1, now_ms()));
         let f = std::fs::File::create(&log)?;
+        self.logs[i] = Some(log);
         Command::new(&self.bin)
             .arg("run")
             .arg("--config")
@@ -236,6 +357,21 @@ impl Cluster {
         Ok(())
     }
 
+    /// Waits until node `i` answers a status request (its peers need not
+    /// be up).
+    pub async fn wait_serving(&self, i: usize, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.status(i).await {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    bail!("node {} not serving within {within:?}: {e}\n{}", i + 1, self.logs())
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
     /// Starts node `i` again on its data dir.
     pub fn restart(&mut self, i: usize) -> Result<()> {
         let child = self.spawn(i)?;
@@ -338,6 +474,54 @@ impl Cluster {
         }
         out
     }
+}
+
+/// An HTTP answer: status code, headers (names lowercased) and body.
+#[derive(Debug, Clone)]
+pub struct HttpAnswer {
+    /// The status code.
+    pub code: u16,
+    /// Each header as (lowercased name, value), in order.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: String,
+}
+
+impl HttpAnswer {
+    /// The value of header `name` (lowercase), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// `GET path` over HTTP/1.0 (the server closes the connection after the
+/// answer), with `Authorization: Bearer TOKEN` when given.
+pub fn http_get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> Result<HttpAnswer> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").context("no end of the HTTP head")?;
+    let mut lines = head.lines();
+    let code = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .context("no HTTP status line")?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(HttpAnswer {
+        code,
+        headers,
+        body: body.to_string(),
+    })
 }
 
 /// The status of the node `client` talks to.

@@ -26,13 +26,43 @@ fn r(s: &str) -> RegionId {
     RegionId::from(s)
 }
 
-/// A cluster of n1 (eu), n2 (us), n3 (ap) with `policies` as version 1.
+/// A cluster of n1 (eu), n2 (us), n3 (ap) with `policies` as version 1,
+/// anti-entropy every second (so the residency checks see rounds run soon).
 fn cluster(policies: Vec<Policy>) -> Cluster {
     Cluster::start_with(bin(), &["eu", "us", "ap"], Durability::Group, |_, cfg| {
         cfg.policy_version = 1;
         cfg.policy = policies.clone();
+        cfg.anti_entropy_ms = 1_000;
     })
     .unwrap()
+}
+
+/// Each node's count of anti-entropy rounds started.
+fn ae_rounds(c: &Cluster) -> Vec<f64> {
+    (0..3)
+        .map(|i| c.metric(i, "lattice_anti_entropy_rounds").unwrap())
+        .collect()
+}
+
+/// Waits until every node has started four more anti-entropy rounds (each
+/// with a peer picked at random) than in `since`: rounds that began after
+/// `since` have run.
+async fn wait_for_ae_rounds(c: &Cluster, since: &[f64]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for (i, before) in since.iter().enumerate() {
+        loop {
+            let ran = c.metric(i, "lattice_anti_entropy_rounds").unwrap() - before;
+            if ran >= 4.0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "n{} started {ran} anti-entropy rounds in 20 s",
+                i + 1
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 async fn set(c: &Client, k: &str, v: &str) -> Result<(), ClientError> {
@@ -99,6 +129,7 @@ fn policy_local_keyspace_stays_in_its_region_and_is_refused_elsewhere() {
         c.wait_ready(Duration::from_secs(30)).await.unwrap();
         let (eu, us, ap) = (c.client(0).unwrap(), c.client(1).unwrap(), c.client(2).unwrap());
         set(&eu, "secret/patient-7", "QUARANTINED-PAYLOAD-7").await.unwrap();
+        let rounds = ae_rounds(&c);
         assert_eq!(
             get(&eu, "secret/patient-7").await.unwrap().as_deref(),
             Some("QUARANTINED-PAYLOAD-7")
@@ -114,8 +145,9 @@ fn policy_local_keyspace_stays_in_its_region_and_is_refused_elsewhere() {
             let e = set(other, "secret/patient-8", "x").await.unwrap_err();
             assert_eq!(denied_regions(e), vec!["eu".to_string()]);
         }
-        // Anti-entropy rounds run every 5 s by default: let one or two pass.
-        tokio::time::sleep(Duration::from_secs(6)).await;
+        // Anti-entropy would carry the key if its digests leaked it: let
+        // rounds run after the write.
+        wait_for_ae_rounds(&c, &rounds).await;
     });
     for i in 0..3 {
         c.stop(i).unwrap();
@@ -151,6 +183,7 @@ fn policy_region_list_reaches_eu_and_us_but_not_ap() {
         c.wait_ready(Duration::from_secs(30)).await.unwrap();
         let (eu, ap) = (c.client(0).unwrap(), c.client(2).unwrap());
         set(&eu, "euus/order-1", "EU-US-ONLY-91").await.unwrap();
+        let rounds = ae_rounds(&c);
         wait_for(&c, 1, "euus/order-1", "EU-US-ONLY-91").await;
         set(&eu, "global/marker", "GLOBAL-MARKER-2").await.unwrap();
         wait_for(&c, 2, "global/marker", "GLOBAL-MARKER-2").await;
@@ -161,7 +194,7 @@ fn policy_region_list_reaches_eu_and_us_but_not_ap() {
         let p = s.policies.iter().find(|p| p.keyspace == "euus/").unwrap();
         let holds: Vec<(&str, bool)> = p.copies.iter().map(|c| (c.region.0.as_str(), c.holds)).collect();
         assert_eq!(holds, vec![("ap", false), ("eu", true), ("us", true)], "{s:?}");
-        tokio::time::sleep(Duration::from_secs(6)).await;
+        wait_for_ae_rounds(&c, &rounds).await;
     });
     for i in 0..3 {
         c.stop(i).unwrap();
