@@ -693,7 +693,7 @@ mod tests {
         }
         let limit = MAX_AUDIT_BYTES as usize;
         let mut pad = Vec::new();
-        while entry.len() + pad.len() + line + 1 <= limit {
+        while entry.len() + pad.len() + line < limit {
             pad.extend(blank(line));
         }
         pad.extend(blank(limit - entry.len() - pad.len() - 1));
