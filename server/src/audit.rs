@@ -655,6 +655,58 @@ mod tests {
         );
     }
 
+    /// The audit log's read limits at their edge (SECURITY.md, "audit log
+    /// at start"): a line of `MAX_ENTRY_BYTES` (its newline aside) is read,
+    /// one byte more is refused as tampering naming the line; a part of
+    /// exactly `MAX_AUDIT_BYTES` is served, one byte more is refused naming
+    /// the limit. Blank lines (skipped by the reader) pad the part, as no
+    /// entry a node writes comes near either limit.
+    #[test]
+    fn the_read_limits_are_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        AuditLog::open(dir.path(), None)
+            .unwrap()
+            .append("n1", "config", PolicySet::default())
+            .unwrap();
+        let entry = std::fs::read(&path).unwrap();
+        let line = MAX_ENTRY_BYTES as usize;
+        let blank = |n: usize| {
+            let mut l = vec![b' '; n];
+            l.push(b'\n');
+            l
+        };
+        let with = |extra: &[u8]| {
+            let mut f = entry.clone();
+            f.extend(extra);
+            std::fs::write(&path, &f).unwrap();
+            f.len()
+        };
+        with(&blank(line));
+        assert_eq!(read_entries(&path).unwrap().len(), 1);
+        with(&blank(line + 1));
+        match read_entries(&path) {
+            Err(Error::AuditBroken { reason, .. }) => {
+                assert_eq!(reason, format!("line 2 is longer than {MAX_ENTRY_BYTES} bytes"));
+            }
+            other => panic!("a line of {} bytes: {other:?}", line + 1),
+        }
+        let limit = MAX_AUDIT_BYTES as usize;
+        let mut pad = Vec::new();
+        while entry.len() + pad.len() + line < limit {
+            pad.extend(blank(line));
+        }
+        pad.extend(blank(limit - entry.len() - pad.len() - 1));
+        assert_eq!(with(&pad), limit);
+        assert_eq!(read_entries(&path).unwrap().len(), 1);
+        pad.push(b'\n');
+        assert_eq!(with(&pad), limit + 1);
+        match read_entries(&path) {
+            Err(Error::Store(m)) => assert!(m.ends_with(&format!("is larger than {MAX_AUDIT_BYTES} bytes")), "{m}"),
+            other => panic!("a part of {} bytes: {other:?}", limit + 1),
+        }
+    }
+
     #[test]
     fn an_overlong_line_is_refused_without_being_buffered() {
         let dir = tempfile::tempdir().unwrap();

@@ -1044,6 +1044,12 @@ async fn serve(req: ClientRequest, meta: Request, inbound: &Inbound, session: &C
             }
         }
         RequestBody::Read { key, after, wait_ms } => {
+            // Keys are decoded unchecked; a write's are checked by the
+            // engine, a read's here (before, an over-long key read as absent).
+            if !key.is_valid() {
+                let why = lattice_core::Key::new(key.as_str()).err().map(|e| e.to_string());
+                return error(ErrorKind::InvalidRequest, why.unwrap_or_else(|| "invalid key".into()));
+            }
             // Served beside the engine when the flushed state answers it: a
             // read without a token, or one whose token it includes. Only a
             // read that must wait for its token goes to the engine.

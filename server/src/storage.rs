@@ -870,6 +870,42 @@ mod tests {
         }
     }
 
+    /// README, "Retries": a node recognises a retried op id among its last
+    /// 100,000, also after a restart. The store on sled keeps exactly that
+    /// many across reopens: the oldest of 100,000 is known, one id more
+    /// forgets it and only it.
+    #[test]
+    fn exactly_the_last_op_id_retention_ids_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = |r: std::ops::Range<usize>| r.map(|i| OpId(i as u128)).collect::<Vec<_>>();
+        {
+            let mut s = open_as(dir.path(), "n1", Durability::Group);
+            for start in (0..OP_ID_RETENTION).step_by(10_000) {
+                let op_ids = ids(start..start + 10_000);
+                s.apply(WriteBatch {
+                    op_ids,
+                    ..WriteBatch::default()
+                })
+                .unwrap();
+                s.flush().unwrap();
+            }
+        }
+        let mut s = open_as(dir.path(), "n1", Durability::Group);
+        assert!(s.has_op(OpId(0)).unwrap(), "the oldest of 100,000 ids, after a reopen");
+        s.apply(WriteBatch {
+            op_ids: ids(OP_ID_RETENTION..OP_ID_RETENTION + 1),
+            ..WriteBatch::default()
+        })
+        .unwrap();
+        s.flush().unwrap();
+        drop(s);
+        let s = open_as(dir.path(), "n1", Durability::Group);
+        assert!(!s.has_op(OpId(0)).unwrap(), "the 100,001st id back is forgotten");
+        for i in [1, OP_ID_RETENTION / 2, OP_ID_RETENTION] {
+            assert!(s.has_op(OpId(i as u128)).unwrap(), "id {i} is among the last 100,000");
+        }
+    }
+
     #[test]
     fn bucket_scans_see_exactly_their_keys() {
         let dir = tempfile::tempdir().unwrap();

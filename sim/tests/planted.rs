@@ -42,24 +42,94 @@ fn a_join_that_drops_a_dot_is_caught() {
     );
 }
 
-#[test]
-fn acknowledging_before_durable_is_caught() {
-    let t = swarm_with(PlantedBug::AckBeforeDurable, 100);
-    assert!(
-        !t.failed.is_empty(),
-        "the swarm missed acknowledgements sent before the flush: {}",
-        t.last_line()
-    );
+/// The checks that report an acknowledged write a node no longer shows:
+/// its own read after a restart (`read-your-writes`), or the final state
+/// (`lost-*`, and `counter`/`lww` for what a lost write leaves behind).
+const LOST_WRITE: &[&str] = &[
+    "read-your-writes",
+    "lost-ack",
+    "lost-add",
+    "lost-remove",
+    "lost-value",
+    "counter",
+    "lww",
+];
+
+/// The failed runs' checks and how many runs reported each.
+fn tally(t: &SwarmTotals) -> std::collections::BTreeMap<&'static str, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for r in &t.failed {
+        let mut seen: Vec<&str> = r.violations.iter().map(|v| v.check).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        for c in seen {
+            *m.entry(c).or_default() += 1;
+        }
+    }
+    m
 }
 
-#[test]
-fn a_buffer_that_forgets_unacked_groups_is_caught() {
-    let t = swarm_with(PlantedBug::BufferForgetsUnacked, 100);
+/// A planted bug must be reported by the checkers written for it, not only
+/// by some violation: a panic is a violation too (`run_seed` turns one into
+/// `panic`), so counting failed runs would pass if those checkers had
+/// stopped working and the bug crashed the engine instead. So: no run may
+/// stop with a panic, every failed run must carry one of `meant`, and each
+/// check in `required` must report it at least once.
+fn assert_caught_by(t: &SwarmTotals, meant: &[&str], required: &[&str], what: &str) {
+    let tally = tally(t);
+    assert!(!t.failed.is_empty(), "the swarm missed {what}: {}", t.last_line());
+    let panics: Vec<String> = t
+        .failed
+        .iter()
+        .flat_map(|r| {
+            r.violations
+                .iter()
+                .filter(|v| v.check == "panic")
+                .map(move |v| format!("seed {}: {}", r.seed, v.detail))
+        })
+        .collect();
     assert!(
-        !t.failed.is_empty(),
-        "the swarm missed a buffer that drops unacknowledged groups: {}",
-        t.last_line()
+        panics.is_empty(),
+        "{what} stopped the engine instead of being reported: {panics:?}"
     );
+    let missed: Vec<u64> = t
+        .failed
+        .iter()
+        .filter(|r| !r.violations.iter().any(|v| meant.contains(&v.check)))
+        .map(|r| r.seed)
+        .collect();
+    assert!(
+        missed.is_empty(),
+        "{what}: seeds {missed:?} failed, but not by {meant:?} (runs per check: {tally:?})"
+    );
+    for c in required {
+        assert!(
+            tally.contains_key(c),
+            "{what}: never reported by {c:?} (runs per check: {tally:?})"
+        );
+    }
+}
+
+/// A node that acknowledges before its flush loses acknowledged writes at a
+/// crash: the lost-write checks must say so (seed 74: `lost-ack`, the one
+/// run of the 100 whose crash falls between an acknowledgement and its
+/// flush).
+#[test]
+fn acknowledging_before_durable_is_caught_by_the_lost_write_checks() {
+    let t = swarm_with(PlantedBug::AckBeforeDurable, 100);
+    assert_caught_by(&t, LOST_WRITE, &["lost-ack"], "acknowledgements sent before the flush");
+}
+
+/// A buffer that takes "sent" for "acknowledged" drops groups a peer never
+/// got. Anti-entropy repairs the data, so the convergence check sees it
+/// rarely (seed 0 of these 100); the write-concern check sees it in most
+/// failed runs: a `regions(2)` write is answered on the faked
+/// acknowledgement while the second region does not hold it.
+#[test]
+fn a_buffer_that_forgets_unacked_groups_is_caught_by_the_concern_and_convergence_checks() {
+    let t = swarm_with(PlantedBug::BufferForgetsUnacked, 100);
+    let checks = &["write-concern", "convergence"];
+    assert_caught_by(&t, checks, checks, "a buffer that drops unacknowledged groups");
 }
 
 #[test]
@@ -147,6 +217,10 @@ const CAUGHT_BY: &[(PlantedBug, u64, &[&str])] = &[
     // takes the flipped value, or fails on bytes that no longer decode.
     (PlantedBug::RecordCheckIgnored, 12, &["restart", "bit-rot"]),
     (PlantedBug::RecordCheckIgnored, 16, &["bit-rot"]),
+    // The lost-write and convergence checks, each at the seed where it
+    // alone can tell (the swarm tests above show the rest).
+    (PlantedBug::AckBeforeDurable, 74, &["lost-ack"]),
+    (PlantedBug::BufferForgetsUnacked, 0, &["convergence"]),
 ];
 
 #[test]

@@ -37,7 +37,9 @@ pub const FRAME_CHECK_BYTES: usize = 8;
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 8 << 20;
 const _: () = assert!(client::MAX_VALUE_BYTES <= DEFAULT_MAX_MESSAGE_BYTES / 2);
 
-/// Deepest nesting of MessagePack containers accepted by the decoder.
+/// The decoder's nesting bound: MessagePack containers nest less deep
+/// than this (127 nested arrays decode, 128 are refused; rmp-serde counts
+/// the level that reaches the bound as over it).
 pub const MAX_DECODE_DEPTH: usize = 128;
 
 /// A node's stable name (from configuration), as used to address messages.
