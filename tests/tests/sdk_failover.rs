@@ -137,7 +137,10 @@ fn a_read_fails_over_from_a_frozen_node_and_the_backoff_skips_it() {
         let v = client.read(&k).await.unwrap();
         let first = started.elapsed();
         assert_eq!(v, Some(ValueView::Counter(3)));
-        assert!(first >= timeout, "the first read did not wait for the home node: {first:?}");
+        assert!(
+            first >= timeout,
+            "the first read did not wait for the home node: {first:?}"
+        );
         let started = Instant::now();
         let v = client.read(&k).await.unwrap();
         let second = started.elapsed();
