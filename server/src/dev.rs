@@ -172,6 +172,8 @@ pub fn run(args: DevArgs) -> Result<()> {
     let exe = std::env::current_exe().context("locating latticed")?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
+        // Before any node starts: Ctrl-C from now on stops them all.
+        let stop = crate::shutdown_signal();
         let mut children = Vec::new();
         for (i, cfg) in configs.iter().enumerate() {
             let log_path = dir.join(format!("n{}.log", i + 1));
@@ -231,7 +233,7 @@ pub fn run(args: DevArgs) -> Result<()> {
             }
         };
         tokio::select! {
-            () = crate::shutdown_signal() => {
+            () = stop => {
                 println!("stopping the cluster");
             }
             (name, status) = died => {

@@ -309,7 +309,7 @@ fn main() -> ExitCode {
         } => lattice_server::bench::peer_down(&dir, minutes, rate, max_buffer_mb),
         Cmd::Run(args) => Config::load(&args).and_then(|config| {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(lattice_server::run(config, lattice_server::shutdown_signal()))
+            rt.block_on(async { lattice_server::run(config, lattice_server::shutdown_signal()).await })
         }),
     };
     match result {
