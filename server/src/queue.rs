@@ -474,6 +474,67 @@ mod tests {
         assert_eq!(taken, (1 << 10) + INPUT_OVERHEAD);
     }
 
+    /// A frame from peer `from`, `len` bytes long.
+    fn frame_from(from: &str, len: usize) -> Input {
+        Input::Frame {
+            from: NodeId(from.into()),
+            frame: lattice_core::replica::Decoded::new(&vec![0; len], usize::MAX),
+        }
+    }
+
+    #[test]
+    fn a_frame_fits_the_room_by_its_length_not_its_charge() {
+        let (tx, rx) = engine_queue(QueueLimits::default());
+        // 10 KiB long, charged 60 KiB: a step with 10 KiB of room left
+        // takes it (else every frame past 43 KiB would get a step of its own).
+        assert!(tx.try_send(frame_from("a", 10 << 10)).is_ok());
+        let size = (10 << 10) + INPUT_OVERHEAD;
+        assert!(rx.try_recv_within(size - 1).is_none());
+        assert_eq!(rx.try_recv_within(size).map(|(_, s)| s), Some(size));
+    }
+
+    #[test]
+    fn peers_take_turns_and_reachable_keeps_its_place_among_its_peers_frames() {
+        let (tx, rx) = engine_queue(QueueLimits::default());
+        assert!(tx.try_send(frame_from("a", 1)).is_ok());
+        assert!(tx.try_send(frame_from("a", 2)).is_ok());
+        assert!(tx.try_send(Input::Reachable(NodeId("a".into()))).is_ok());
+        assert!(tx.try_send(frame_from("b", 3)).is_ok());
+        let order: Vec<String> = std::iter::from_fn(|| rx.try_recv())
+            .map(|i| match i {
+                Input::Frame { from, frame } => format!("{}{}", from.0, frame.len()),
+                Input::Reachable(p) => format!("{}!", p.0),
+                _ => unreachable!("only peer inputs were queued"),
+            })
+            .collect();
+        assert_eq!(order, vec!["a1", "b3", "a2", "a!"]);
+        assert_eq!(rx.queued_bytes(), (0, 0));
+    }
+
+    #[test]
+    fn a_shutdown_is_taken_before_queued_input_whatever_the_room() {
+        let (tx, rx) = engine_queue(QueueLimits::default());
+        write(&tx, 1, 10);
+        assert!(tx.try_send(frame_from("a", 1)).is_ok());
+        assert!(tx.try_send(Input::Shutdown).is_ok());
+        assert!(matches!(rx.try_recv_within(0), Some((Input::Shutdown, 0))));
+        assert!(!rx.is_empty());
+    }
+
+    #[test]
+    fn a_class_whose_next_input_does_not_fit_keeps_its_turn() {
+        let (tx, rx) = engine_queue(QueueLimits::default());
+        // The peers' turn first; their frame is over the room left.
+        assert!(tx.try_send(frame_from("a", 100 << 10)).is_ok());
+        write(&tx, 1, 10);
+        write(&tx, 1, 11);
+        assert!(rx.try_recv_within(10 << 10).is_none());
+        // The next step starts with the frame, not with the clients'
+        // input: else a class of small inputs would starve a large one.
+        assert!(matches!(rx.try_recv(), Some(Input::Frame { .. })));
+        assert!(matches!(rx.try_recv(), Some(Input::Write { op_id, .. }) if op_id.0 == 10));
+    }
+
     #[test]
     fn a_peer_queue_is_bounded_by_bytes() {
         let (tx, mut rx) = peer_queue(5 << 20);
