@@ -918,7 +918,7 @@ async fn watch(
         // of values in flight to watchers.
         while !notices.is_empty() {
             let got = tokio::select! {
-                g = change_frames(&mut notices, inbound) => g,
+                g = change_frames(&mut notices, inbound, conn) => g,
                 _ = &mut stopped => return,
             };
             let Some((frames, _permit)) = got else { return };
@@ -972,6 +972,7 @@ const WATCH_NOTICES: usize = 64;
 async fn change_frames<'a>(
     notices: &mut Vec<Notice>,
     inbound: &'a Inbound,
+    conn: u64,
 ) -> Option<(Vec<WatchFrame>, tokio::sync::SemaphorePermit<'a>)> {
     // An answer holds up to WATCH_BATCH_BYTES plus one change, whose value
     // may take a whole answer frame.
@@ -983,7 +984,9 @@ async fn change_frames<'a>(
             notices: notices.clone(),
             reply: tx,
         };
-        if inbound.engine.try_send(input).is_err() {
+        // In its connection's turn: many watches of one client do not
+        // crowd out another's.
+        if inbound.engine.try_send_from(input, 0, conn).is_err() {
             // The engine is saturated: wait for room rather than drop a change.
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;

@@ -304,24 +304,34 @@ pub fn run(
         // still queued: flushed at once (waiting would hold what it took
         // behind work that is not in it).
         let mut full = false;
-        while let Some(input) = next.take() {
-            taken += 1;
-            if taken < MAX_STEP_INPUTS {
-                if step.elapsed() >= STEP_BUDGET {
-                    full = true;
-                } else {
-                    match rx.try_recv_within(STEP_BYTES.saturating_sub(step_bytes)) {
-                        Some((i, size)) => {
-                            next = Some(i);
-                            step_bytes += size;
-                        }
-                        None => {
-                            drained = rx.is_empty();
-                            full = !drained;
-                        }
+        loop {
+            // The first input was taken above; each next one only after the
+            // one before it was worked, so the clock check sees its cost.
+            let input = if taken == 0 {
+                match next.take() {
+                    Some(i) => i,
+                    None => break,
+                }
+            } else if taken >= MAX_STEP_INPUTS {
+                break;
+            } else if step.elapsed() >= STEP_BUDGET {
+                drained = rx.is_empty();
+                full = !drained;
+                break;
+            } else {
+                match rx.try_recv_within(STEP_BYTES.saturating_sub(step_bytes)) {
+                    Some((i, size)) => {
+                        step_bytes += size;
+                        i
+                    }
+                    None => {
+                        drained = rx.is_empty();
+                        full = !drained;
+                        break;
                     }
                 }
-            }
+            };
+            taken += 1;
             match input {
                 Input::Frame { from, frame } => {
                     metrics.peer_frames_in.inc_by(1);
