@@ -128,7 +128,7 @@ impl Cluster {
     /// [`Cluster::prepare`] picked them, but another process can take one
     /// before the node binds it: then the nodes just started are stopped and
     /// the whole cluster moves to new ports (configs and `client.toml`
-    /// rewritten), up to [`PORT_RETRIES`] times. A cluster whose peers are
+    /// rewritten), up to `PORT_RETRIES` times. A cluster whose peers are
     /// wired through relays ([`relay::Mesh`]) cannot move: that is an error.
     pub fn start_all(&mut self) -> Result<()> {
         for attempt in 0..=PORT_RETRIES {
