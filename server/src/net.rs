@@ -10,7 +10,7 @@ use crate::edge::{
 };
 use crate::feed::{watch_queue, Notice, WatchItem, WatchRx};
 use crate::metrics::Metrics;
-use crate::node::{Input, WatchFrame, WATCH_BATCH_BYTES};
+use crate::node::{watch_frames, Input, ReadAnswer, WatchFrame, WATCH_BATCH_BYTES};
 use crate::queue::{EngineTx, PeerRx};
 use anyhow::{Context, Result};
 use lattice_core::proto::client::{
@@ -913,12 +913,12 @@ async fn watch(
             _ = &mut stopped => return,
         };
         let Some((mut notices, end)) = batch else { break };
-        // One engine answer (at most about 1 MiB of frames) at a time,
-        // written before the next is asked for, under the node-wide budget
-        // of values in flight to watchers.
+        // One batch (at most about 1 MiB of frames) at a time, written
+        // before the next is read, under the node-wide budget of values in
+        // flight to watchers.
         while !notices.is_empty() {
             let got = tokio::select! {
-                g = change_frames(&mut notices, inbound, conn) => g,
+                g = change_frames(&mut notices, inbound) => g,
                 _ = &mut stopped => return,
             };
             let Some((frames, _permit)) = got else { return };
@@ -965,36 +965,61 @@ async fn next_batch(rx: &mut WatchRx) -> Option<(Vec<Notice>, Option<ClientError
 /// Changes a watch stream asks the engine about at once.
 const WATCH_NOTICES: usize = 64;
 
-/// The frames of the first of `notices` with their keys' current values
-/// (one engine answer: at most about 1 MiB, at least one change), removed
+/// The frames of the first of `notices` with their keys' values, read
+/// beside the engine (at most about 1 MiB, at least one change), removed
 /// from `notices`, and the share of the watch budget they hold until
-/// written. `None` if the engine stopped.
+/// written. `None` if the node is stopping. A notice is published once the
+/// flush that stored its change is done, so the value read includes it.
 async fn change_frames<'a>(
     notices: &mut Vec<Notice>,
     inbound: &'a Inbound,
-    conn: u64,
 ) -> Option<(Vec<WatchFrame>, tokio::sync::SemaphorePermit<'a>)> {
-    // An answer holds up to WATCH_BATCH_BYTES plus one change, whose value
+    // A batch holds up to WATCH_BATCH_BYTES plus one change, whose value
     // may take a whole answer frame.
     let want = ((WATCH_BATCH_BYTES + MAX_ANSWER_FRAME) / 1024).min(inbound.watch_budget_kib) as u32;
     let permit = inbound.watch_budget.acquire_many(want).await.ok()?;
-    loop {
-        let (tx, rx) = oneshot::channel();
-        let input = Input::ReadValues {
-            notices: notices.clone(),
-            reply: tx,
+    // Decoding values shares the slots of reads beside the engine.
+    let _slot = inbound.direct_reads.acquire().await.ok()?;
+    let reads = inbound.reads.clone();
+    let batch = notices.clone();
+    let (frames, used) = tokio::task::spawn_blocking(move || watch_frames(&reads, &batch))
+        .await
+        .ok()?;
+    notices.drain(..used.min(notices.len()));
+    Some((frames, permit))
+}
+
+/// A read served beside the engine, from the store as of the last flush:
+/// the flush it saw, and its answer if that state includes `after` (or
+/// there is no token). `None` if the node is stopping.
+async fn read_beside(
+    inbound: &Inbound,
+    key: &lattice_core::Key,
+    after: Option<&lattice_core::proto::client::CausalToken>,
+) -> Option<(u64, Option<Result<Response, lattice_core::Error>>)> {
+    // The slot is held while the value is read, decoded and turned into
+    // its answer, and given back before a read that must wait goes to the
+    // engine (a waiting read holding it would keep every other read out
+    // for its whole wait).
+    let _slot = inbound.direct_reads.acquire().await.ok()?;
+    let reads = inbound.reads.clone();
+    let (k, token) = (key.clone(), after.cloned());
+    let answer = tokio::task::spawn_blocking(move || {
+        // Taken before the read: the state read holds at least this flush.
+        let seen = reads.epoch();
+        let answer = match reads.read(&k) {
+            Ok(v) if token.as_ref().is_none_or(|t| t.is_included_in(v.as_ref())) => Some(Ok(Response::Value {
+                token: lattice_core::proto::client::CausalToken::of(v.as_ref()),
+                value: v.as_ref().map(|v| v.view()),
+            })),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
         };
-        // In its connection's turn: many watches of one client do not
-        // crowd out another's.
-        if inbound.engine.try_send_from(input, 0, conn).is_err() {
-            // The engine is saturated: wait for room rather than drop a change.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        }
-        let frames = rx.await.ok()?;
-        notices.drain(..frames.len().min(notices.len()));
-        return Some((frames, permit));
-    }
+        (seen, answer)
+    })
+    .await
+    .ok()?;
+    Some(answer)
 }
 
 /// What the transport knows of a request besides its body.
@@ -1053,71 +1078,54 @@ async fn serve(req: ClientRequest, meta: Request, inbound: &Inbound, session: &C
                 let why = lattice_core::Key::new(key.as_str()).err().map(|e| e.to_string());
                 return error(ErrorKind::InvalidRequest, why.unwrap_or_else(|| "invalid key".into()));
             }
-            // Served beside the engine when the flushed state answers it: a
-            // read without a token, or one whose token it includes. Only a
-            // read that must wait for its token goes to the engine.
-            // The slot is held while the value is read, decoded and turned
-            // into its answer, and given back before a read that must wait
-            // goes to the engine (a waiting read holding it would keep
-            // every other read out for its whole wait).
-            let direct = {
-                let Ok(_slot) = inbound.direct_reads.acquire().await else {
-                    return error(ErrorKind::Unavailable, "the node is shutting down");
-                };
-                let reads = inbound.reads.clone();
-                let (k, token) = (key.clone(), after.clone());
-                tokio::task::spawn_blocking(move || match reads.read(&k) {
-                    Ok(v) if token.as_ref().is_none_or(|t| t.is_included_in(v.as_ref())) => Some(Ok(Response::Value {
-                        token: lattice_core::proto::client::CausalToken::of(v.as_ref()),
-                        value: v.as_ref().map(|v| v.view()),
-                    })),
-                    Ok(_) => None,
-                    Err(e) => Some(Err(e)),
-                })
-                .await
-                .ok()
-                .flatten()
-            };
-            if let Some(answer) = direct {
-                inbound.metrics.reads.inc_by(1);
-                return answer.unwrap_or_else(|e| {
-                    if matches!(e, lattice_core::Error::PolicyDenied { .. }) {
-                        inbound.metrics.policy_denied.inc_by(1);
-                    }
-                    Response::Error(ClientError::from(&e))
-                });
-            }
-            let (tx, rx) = oneshot::channel();
+            inbound.metrics.reads.inc_by(1);
             let deadline = Instant::now() + Duration::from_millis(wait_ms.min(30_000));
-            if inbound
-                .engine
-                .try_send_from(
-                    Input::Read {
-                        key,
-                        after,
-                        deadline,
-                        conn: meta.conn,
-                        reply: tx,
-                    },
-                    meta.bytes,
-                    meta.conn,
-                )
-                .is_err()
-            {
-                return overloaded(&inbound.metrics);
+            // Served beside the engine from the flushed state: a read
+            // without a token, or one whose token it includes. A read that
+            // must wait for its token goes to the engine, which tells it
+            // when a flushed state includes the token (it never reads the
+            // value itself); then it is served here. Each round trip is a
+            // flush or more later, so few are needed; the bound only keeps
+            // a fault from spinning.
+            for _ in 0..8 {
+                let (seen, direct) = match read_beside(inbound, &key, after.as_ref()).await {
+                    Some(d) => d,
+                    None => return error(ErrorKind::Unavailable, "the node is shutting down"),
+                };
+                if let Some(answer) = direct {
+                    return answer.unwrap_or_else(|e| {
+                        if matches!(e, lattice_core::Error::PolicyDenied { .. }) {
+                            inbound.metrics.policy_denied.inc_by(1);
+                        }
+                        Response::Error(ClientError::from(&e))
+                    });
+                }
+                if Instant::now() >= deadline {
+                    break;
+                }
+                let (tx, rx) = oneshot::channel();
+                let input = Input::Read {
+                    key: key.clone(),
+                    after: after.clone(),
+                    seen,
+                    deadline,
+                    conn: meta.conn,
+                    reply: tx,
+                };
+                if inbound.engine.try_send_from(input, meta.bytes, meta.conn).is_err() {
+                    return overloaded(&inbound.metrics);
+                }
+                match rx.await {
+                    Ok(Ok(ReadAnswer::Ready | ReadAnswer::Recheck)) => continue,
+                    Ok(Err(Some(e))) => return Response::Error(ClientError::from(&e)),
+                    Ok(Err(None)) => break,
+                    Err(_) => return error(ErrorKind::Unavailable, "the node is shutting down"),
+                }
             }
-            match rx.await {
-                Ok(Ok(value)) => Response::Value {
-                    token: lattice_core::proto::client::CausalToken::of(value.as_ref()),
-                    value: value.as_ref().map(|v| v.view()),
-                },
-                Ok(Err(Some(e))) => Response::Error(ClientError::from(&e)),
-                Ok(Err(None)) => error(
-                    ErrorKind::NotCaughtUp,
-                    "this node has not caught up with the session's writes in time",
-                ),
-                Err(_) => error(ErrorKind::Unavailable, "the node is shutting down"),
-            }
+            error(
+                ErrorKind::NotCaughtUp,
+                "this node has not caught up with the session's writes in time",
+            )
         }
         RequestBody::Watch { .. } => error(ErrorKind::InvalidRequest, "watch is served on its own stream"),
         RequestBody::SetPolicy(set) => {

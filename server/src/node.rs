@@ -7,7 +7,7 @@ use crate::feed::{Feed, Notice, WatchTx};
 use crate::metrics::Metrics;
 use crate::queue::{EngineRx, PeerTx, RecvError};
 use crate::storage::{Durability, SledStore, StoreReader};
-use crate::waits::{Refused, WaitLimits, Waits};
+use crate::waits::{Recent, Refused, Seen, WaitLimits, Waits};
 use lattice_core::crdt::{Op, Value};
 use lattice_core::policy::audit::AuditEntry;
 use lattice_core::policy::PolicySet;
@@ -26,7 +26,21 @@ use tokio::sync::oneshot;
 /// Where a write's answer goes: its token and whether it was a retry.
 pub type WriteReply = oneshot::Sender<Result<(Vec<(Key, CausalToken)>, bool), Error>>;
 /// Where a read's answer goes (`Err(None)` = not caught up in time).
-pub type ReadReply = oneshot::Sender<Result<Option<Value>, Option<Error>>>;
+pub type ReadReply = oneshot::Sender<Result<ReadAnswer, Option<Error>>>;
+
+/// The engine's answer to a read: the engine never reads a value for a
+/// client (a large one takes a few hundred ms to decode, and every input
+/// queued behind would wait for it); the read is served beside the engine
+/// from [`Reads`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadAnswer {
+    /// The store beside the engine includes what the read asks for now.
+    Ready,
+    /// The engine cannot tell (the read saw the store before changes the
+    /// engine no longer remembers): read beside the engine again, and send
+    /// the read again if its token is still missing.
+    Recheck,
+}
 
 /// What the engine thread is asked to do.
 pub enum Input {
@@ -67,13 +81,16 @@ pub enum Input {
         /// Its entries, read back from disk.
         reply: oneshot::Sender<Result<Vec<AuditEntry>, Error>>,
     },
-    /// A client read; with a token, answered once the state includes it or
-    /// at the deadline.
+    /// A client read whose token the store beside the engine lacked;
+    /// answered once a flushed state includes it, or at the deadline.
     Read {
         /// The key.
         key: Key,
         /// What the answer must include.
         after: Option<CausalToken>,
+        /// The flush after which the read found the token missing
+        /// ([`Reads::epoch`] before it read).
+        seen: u64,
         /// The longest wait.
         deadline: Instant,
         /// The client connection it came on (waiting reads are capped per
@@ -94,17 +111,6 @@ pub enum Input {
         /// Where notices go; a full queue ends the feed (the client resumes).
         tx: WatchTx,
     },
-    /// A watcher's stream task asks for the frames of the changes it is
-    /// about to send, each with its key's current value. The answer covers
-    /// a prefix of `notices`, at most about [`WATCH_BATCH_BYTES`] (at least
-    /// one); the task asks again for the rest.
-    ReadValues {
-        /// The changes, in feed order.
-        notices: Vec<Notice>,
-        /// Their encoded frames; `last` is set on an error frame that ends
-        /// the feed.
-        reply: oneshot::Sender<Vec<WatchFrame>>,
-    },
     /// Status request.
     Status {
         /// Where the answer goes.
@@ -114,7 +120,7 @@ pub enum Input {
     Shutdown,
 }
 
-/// Most bytes of value frames one [`Input::ReadValues`] answer carries.
+/// Most bytes of value frames one [`watch_frames`] answer carries.
 pub const WATCH_BATCH_BYTES: usize = 1 << 20;
 
 /// One encoded frame of a watch stream.
@@ -170,6 +176,8 @@ pub struct Reads {
     store: StoreReader,
     policy: std::sync::RwLock<Arc<PolicySet>>,
     region: RegionId,
+    /// Flushes so far ([`Recent::epoch`]), published after each.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 impl Reads {
@@ -179,7 +187,14 @@ impl Reads {
             store: replica.store().reader(),
             policy: std::sync::RwLock::new(Arc::new(replica.policy().clone())),
             region: replica.config().region.clone(),
+            epoch: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// The flushes the store holds: a read that starts after this call
+    /// sees every change the engine made before the last of them.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// `key` as of the last flush, if the policy lets this region read it.
@@ -193,6 +208,11 @@ impl Reads {
             .map_err(|_| Error::Store("policy lock poisoned".into()))?;
         policy.check_read(key.as_str(), &self.region)?;
         self.store.get(key)
+    }
+
+    /// Publishes that `epoch` flushes are in the store.
+    fn flushed(&self, epoch: u64) {
+        self.epoch.store(epoch, std::sync::atomic::Ordering::Release);
     }
 
     /// Publishes the engine's policy, if it changed. Compared whole, not
@@ -257,8 +277,14 @@ pub fn run(
         .collect();
     let own_region = replica.config().region.clone();
     let mut waits: Waits<ReadReply> = Waits::new(wait_limits);
-    // Keys changed this turn that reads are waiting on.
+    // The tokens of keys changed lately, by the flush that stored them.
+    let mut recent = Recent::new();
+    // Keys changed since the last flush: reads waiting on them are checked
+    // once it stored them.
     let mut touched: BTreeSet<Key> = BTreeSet::new();
+    // Remote changes since the last flush: watchers hear of them once
+    // stored (they read the values beside the engine).
+    let mut unpublished: Vec<(Key, RegionId)> = Vec::new();
     let mut first_unflushed: Option<Instant> = None;
     let mut stopping = false;
     let mut last_stats = Instant::now();
@@ -370,10 +396,9 @@ pub fn run(
                             // From the states the write made: no key is
                             // read (and decoded) again.
                             let token = replica.write_tokens().to_vec();
-                            for k in &keys {
-                                if waits.waits_on(k) {
-                                    touched.insert(k.clone());
-                                }
+                            for (k, t) in &token {
+                                recent.changed(k.clone(), t.clone());
+                                touched.insert(k.clone());
                             }
                             metrics.writes.inc_by(1);
                             let changed = if duplicate { Vec::new() } else { keys };
@@ -428,11 +453,11 @@ pub fn run(
                 Input::Read {
                     key,
                     after,
+                    seen,
                     deadline,
                     conn,
                     reply,
                 } => {
-                    metrics.reads.inc_by(1);
                     if let Err(e) = replica.policy().check_read(key.as_str(), &own_region) {
                         metrics.policy_denied.inc_by(1);
                         let _ = reply.send(Err(Some(e)));
@@ -440,20 +465,22 @@ pub fn run(
                     }
                     match after {
                         None => {
-                            let _ = reply.send(replica.read(&key).map_err(Some));
+                            let _ = reply.send(Ok(ReadAnswer::Ready));
                         }
                         Some(token) => {
                             let ahead = replica.config().max_clock_ahead_ms;
-                            wait_for(
-                                &replica, &mut waits, &clock, ahead, &metrics, key, token, deadline, conn, reply,
-                            );
+                            let read = Waiting {
+                                key,
+                                token,
+                                seen,
+                                deadline,
+                                conn,
+                            };
+                            wait_for(&recent, &mut waits, &clock, ahead, &metrics, read, reply);
                         }
                     }
                 }
                 Input::Watch { prefix, from, conn, tx } => feed.subscribe(prefix, from, conn, tx),
-                Input::ReadValues { notices, reply } => {
-                    let _ = reply.send(watch_frames(&replica, notices));
-                }
                 Input::Status { reply } => {
                     let _ = reply.send(status(&replica, now, &node));
                 }
@@ -478,6 +505,7 @@ pub fn run(
             // to cover more.
             Durability::Group => drained || full || first_unflushed.is_some_and(|t| t.elapsed() >= group_commit),
         };
+        let mut flushed = false;
         if replica.needs_flush() && (due || stopping) {
             let started = Instant::now();
             match replica.flush(now) {
@@ -485,6 +513,7 @@ pub fn run(
                     metrics.flushes.inc_by(1);
                     metrics.flush_micros.inc_by(started.elapsed().as_micros() as u64);
                     first_unflushed = None;
+                    flushed = true;
                 }
                 Err(e) => tracing::error!(error = %e, "flush failed; writes stay unacknowledged"),
             }
@@ -544,17 +573,30 @@ pub fn run(
                         tracing::error!(error = %e, "could not append to the policy audit log");
                     }
                 }
-                Event::RemoteApplied { key, from } => {
+                Event::RemoteApplied { key, from, token } => {
                     metrics.remote_updates.inc_by(1);
-                    if waits.waits_on(&key) {
-                        touched.insert(key.clone());
-                    }
+                    // Applied before this step's flush, if it had one: the
+                    // flush is counted below, once every change it stored
+                    // is recorded.
+                    recent.changed(key.clone(), token);
+                    touched.insert(key.clone());
                     let origin = regions.get(&from).cloned().unwrap_or_else(|| RegionId(from.0.clone()));
-                    feed.publish(key, origin);
+                    unpublished.push((key, origin));
                 }
             }
         }
-        answer_reads(&replica, &mut waits, &mut touched);
+        if flushed {
+            recent.flushed();
+            reads.flushed(recent.epoch());
+            for (key, origin) in unpublished.drain(..) {
+                feed.publish(key, origin);
+            }
+            answer_reads(&recent, &mut waits, &mut touched);
+            recent.forget_old();
+        }
+        for reply in waits.expired(Instant::now()) {
+            let _ = reply.send(Err(None));
+        }
         reads.publish(replica.policy());
         let step_ms = step.elapsed().as_millis() as u64;
         metrics.engine_busy_micros.inc_by(step.elapsed().as_micros() as u64);
@@ -601,39 +643,53 @@ pub fn run(
     }
 }
 
-/// A read with a token: answered now if the state includes it, refused if
-/// the token is from the future or a limit is reached, otherwise waiting.
-#[allow(clippy::too_many_arguments)]
+/// A read whose token the store beside the engine lacked.
+struct Waiting {
+    key: Key,
+    token: CausalToken,
+    /// The flush after which it read the store.
+    seen: u64,
+    deadline: Instant,
+    conn: u64,
+}
+
+/// A read with a token: sent back to the store beside the engine if a
+/// change since it read includes the token, refused if the token is from
+/// the future or a limit is reached, otherwise waiting. Decided from the
+/// tokens of recent changes, without reading the value.
 fn wait_for(
-    replica: &Replica<SledStore>,
+    recent: &Recent,
     waits: &mut Waits<ReadReply>,
     clock: &Clock,
     max_ahead_ms: u64,
     metrics: &Metrics,
-    key: Key,
-    token: CausalToken,
-    deadline: Instant,
-    conn: u64,
+    read: Waiting,
     reply: ReadReply,
 ) {
     // No clock here will reach a timestamp further ahead than the allowed
     // skew within a read's wait: refuse it rather than hold a slot.
     let now_ms = clock.wall_ms();
-    if let Some(wall_ms) = token.wall_ms().filter(|w| *w > now_ms.saturating_add(max_ahead_ms)) {
+    if let Some(wall_ms) = read
+        .token
+        .wall_ms()
+        .filter(|w| *w > now_ms.saturating_add(max_ahead_ms))
+    {
         let _ = reply.send(Err(Some(Error::TokenFromFuture { wall_ms, now_ms })));
         return;
     }
-    match replica.read(&key) {
-        Ok(v) if token.is_included_in(v.as_ref()) => {
-            let _ = reply.send(Ok(v));
+    match recent.check(&read.key, &read.token, read.seen) {
+        Seen::Ready => {
+            let _ = reply.send(Ok(ReadAnswer::Ready));
         }
-        Err(e) => {
-            let _ = reply.send(Err(Some(e)));
+        Seen::Recheck => {
+            let _ = reply.send(Ok(ReadAnswer::Recheck));
         }
-        Ok(_) => {
+        // A change not flushed yet includes it: the key is among those
+        // checked after the flush.
+        Seen::AfterFlush | Seen::Wait => {
             // At a limit, reads whose client went away since the last
             // prune give their slots up first.
-            let added = waits.add_or_prune(key, token, deadline, conn, reply, |r| r.is_closed());
+            let added = waits.add_or_prune(read.key, read.token, read.deadline, read.conn, reply, |r| r.is_closed());
             if let Err((refused, reply)) = added {
                 metrics.overloaded.inc();
                 let why = match refused {
@@ -646,47 +702,49 @@ fn wait_for(
     }
 }
 
-/// Re-checks the waiting reads of the keys that changed this turn (and
-/// only those), then answers the reads whose deadline passed.
-fn answer_reads(replica: &Replica<SledStore>, waits: &mut Waits<ReadReply>, touched: &mut BTreeSet<Key>) {
+/// After a flush: tells the reads waiting on the keys it stored whose
+/// tokens their states now include to read them beside the engine.
+fn answer_reads(recent: &Recent, waits: &mut Waits<ReadReply>, touched: &mut BTreeSet<Key>) {
     for key in std::mem::take(touched) {
-        match replica.read(&key) {
-            Ok(v) => {
-                for reply in waits.ready(&key, |t| t.is_included_in(v.as_ref())) {
-                    let _ = reply.send(Ok(v.clone()));
-                }
-            }
-            Err(e) => {
-                for reply in waits.ready(&key, |_| true) {
-                    let _ = reply.send(Err(Some(e.clone())));
-                }
-            }
+        if !waits.waits_on(&key) {
+            continue;
         }
-    }
-    for reply in waits.expired(Instant::now()) {
-        let _ = reply.send(Err(None));
+        let ready = match recent.token(&key) {
+            Some(now) => waits.ready(&key, |t| now.includes(t)),
+            // Not kept (cannot happen before `forget_old`): let them look.
+            None => waits.ready(&key, |_| true),
+        };
+        for reply in ready {
+            let _ = reply.send(Ok(ReadAnswer::Ready));
+        }
     }
 }
 
-/// The frames of `notices`, each with its key's value as it is now, up to
-/// about [`WATCH_BATCH_BYTES`] (at least one frame).
-fn watch_frames(replica: &Replica<SledStore>, notices: Vec<Notice>) -> Vec<WatchFrame> {
+/// The frames of the first of `notices`, each with its key's value as of
+/// the last flush (which stored the change the notice is for), up to about
+/// [`WATCH_BATCH_BYTES`] (at least one frame), and how many notices they
+/// cover. Served beside the engine. A key this region may no longer read
+/// (the policy changed since) is left out.
+pub fn watch_frames(reads: &Reads, notices: &[Notice]) -> (Vec<WatchFrame>, usize) {
     let mut out = Vec::new();
     let mut bytes = 0;
+    let mut used = 0;
     for n in notices {
         if bytes >= WATCH_BATCH_BYTES {
             break;
         }
-        let (response, last) = match replica.read(&n.key) {
+        used += 1;
+        let (response, last) = match reads.read(&n.key) {
             Ok(v) => (
                 Response::Change(Change {
-                    key: n.key,
+                    key: n.key.clone(),
                     value: v.as_ref().map(Value::view),
-                    origin: n.origin,
+                    origin: n.origin.clone(),
                     token: n.token,
                 }),
                 false,
             ),
+            Err(Error::PolicyDenied { .. }) => continue,
             Err(e) => (Response::Error(ClientError::from(&e)), true),
         };
         // Never skip a change silently: the watcher is told, and stops.
@@ -708,7 +766,7 @@ fn watch_frames(replica: &Replica<SledStore>, notices: Vec<Notice>) -> Vec<Watch
             break;
         }
     }
-    out
+    (out, used)
 }
 
 /// A client write waiting for its answer.

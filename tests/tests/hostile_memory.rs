@@ -859,3 +859,105 @@ fn hostile_pipelined_huge_adds_do_not_stall_another_clients_writes() {
         assert_responsive(&c, "pipelined huge adds").await;
     });
 }
+
+/// 100 reads wait on one connection for the next write to a set of 20,000
+/// elements, and that write (one element) answers them all at once, while
+/// another connection makes small writes. Before, the engine read and
+/// decoded the set for each read that came to wait, and to answer them it
+/// decoded it again and copied it once per read: the small writes queued
+/// behind all of that. Now the engine only keeps the reads' tokens and
+/// tells each read when the flushed store includes its token; the read is
+/// served beside the engine.
+#[test]
+fn hostile_reads_waiting_on_a_huge_set_do_not_stall_writes() {
+    use lattice_core::crdt::Kind;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const READS: usize = 100;
+    const ELEMENTS: usize = 20_000;
+    let _g = serial();
+    rt().block_on(async {
+        let c = one_node().await;
+        let writer = c.client(0).unwrap();
+        let big = Key::new("huge/waited").unwrap();
+        let elements = (0..ELEMENTS).map(|i| format!("e{i:07}").as_str().into()).collect();
+        let first = writer.write(vec![(big.clone(), Op::SetAdd(elements))]).await.unwrap();
+        // The token of the next write to the set: its writer's next dot.
+        let mut next = first.clone();
+        let part = next.parts.get_mut(&Kind::Set).expect("a set part");
+        let (replica, _) = part.dots.maxima().next().expect("the writer's dots");
+        let dot = part.dots.next_dot(replica);
+        part.dots.insert(dot);
+        let other = c.client(0).unwrap();
+        let probe = Key::new("probe").unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writes = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let sent = Instant::now();
+                    other.write(vec![(probe.clone(), Op::CounterAdd(1))]).await.unwrap();
+                    out.push((sent, sent.elapsed()));
+                }
+                out
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = Instant::now();
+        let readers = Arc::new(c.client(0).unwrap());
+        let waiting: Vec<_> = (0..READS)
+            .map(|_| {
+                let (readers, big, next) = (readers.clone(), big.clone(), next.clone());
+                tokio::spawn(async move {
+                    readers
+                        .request(RequestBody::Read {
+                            key: big,
+                            after: Some(next),
+                            wait_ms: 30_000,
+                        })
+                        .await
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.metric(0, "lattice_waiting_reads").unwrap() < READS as f64 {
+            assert!(
+                Instant::now() < deadline,
+                "the reads never waited ({} waiting)\n{}",
+                c.metric(0, "lattice_waiting_reads").unwrap(),
+                c.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let waited = started.elapsed();
+        writer
+            .write(vec![(big.clone(), Op::SetAdd(vec!["last".into()]))])
+            .await
+            .unwrap();
+        for w in waiting {
+            match w.await.unwrap().unwrap() {
+                Response::Value {
+                    value: Some(lattice_core::crdt::ValueView::Set(s)),
+                    ..
+                } => assert_eq!(s.len(), ELEMENTS + 1, "a waiting read missed the write it waited for"),
+                r => panic!("a waiting read was answered {r:?}"),
+            }
+        }
+        let answered = started.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        let lat = writes.await.unwrap();
+        let (max, n) = slowest(&lat, started, started + answered);
+        let (before, _) = slowest(&lat, started - Duration::from_millis(300), started);
+        eprintln!(
+            "{n} small writes while {READS} reads of a {ELEMENTS}-element set came to wait ({waited:?}) \
+             and were answered ({answered:?} in all): slowest {max:?} (before: {before:?})"
+        );
+        assert!(n >= 4, "only {n} small writes while the reads waited");
+        assert!(
+            max < Duration::from_millis(250),
+            "a small write waited {max:?} while reads waited on a huge set\n{}",
+            c.logs()
+        );
+        assert_responsive(&c, "reads waiting on a huge set").await;
+    });
+}

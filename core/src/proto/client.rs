@@ -92,15 +92,22 @@ impl CausalToken {
 
     /// Whether a state includes everything this token has seen.
     pub fn is_included_in(&self, value: Option<&Value>) -> bool {
-        let theirs = CausalToken::of(value);
-        let stamp_ok = self.stamp.is_none_or(|s| theirs.stamp.is_some_and(|t| t >= s));
-        if self.parts.is_empty() {
-            return stamp_ok && theirs.context.includes(&self.context);
+        CausalToken::of(value).includes(self)
+    }
+
+    /// Whether a state whose token is `self` includes everything `seen`
+    /// has seen: what [`CausalToken::is_included_in`] decides, from the
+    /// state's token alone (a driver can keep tokens of states it does not
+    /// want to read and decode again).
+    pub fn includes(&self, seen: &CausalToken) -> bool {
+        let stamp_ok = seen.stamp.is_none_or(|s| self.stamp.is_some_and(|t| t >= s));
+        if seen.parts.is_empty() {
+            return stamp_ok && self.context.includes(&seen.context);
         }
         stamp_ok
-            && self.parts.iter().all(|(kind, mine)| {
+            && seen.parts.iter().all(|(kind, mine)| {
                 let empty = PartSeen::default();
-                let other = theirs.parts.get(kind).unwrap_or(&empty);
+                let other = self.parts.get(kind).unwrap_or(&empty);
                 other.dots.includes(&mine.dots)
                     && mine.totals.iter().all(|(r, &(a, s))| {
                         let (oa, os) = other.totals.get(r).copied().unwrap_or((0, 0));

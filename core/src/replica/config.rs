@@ -2,6 +2,7 @@
 
 use crate::key::Key;
 use crate::policy::PolicySet;
+use crate::proto::client::CausalToken;
 use crate::proto::{self, NodeId, RegionId};
 use std::collections::BTreeMap;
 
@@ -188,6 +189,9 @@ pub enum Event {
         key: Key,
         /// The peer it came from.
         from: NodeId,
+        /// The token of the key's state after the change: a driver can
+        /// tell which waiting reads it satisfies without reading it.
+        token: CausalToken,
     },
 }
 

@@ -1273,6 +1273,7 @@ impl<S: Store> Replica<S> {
             self.events.push_back(Event::RemoteApplied {
                 key: key.clone(),
                 from: from.clone(),
+                token: CausalToken::of(Some(next)),
             });
             values.push((key.clone(), Record::seal(&key, next)?));
             novel_entries.push((key, Arc::new(novel)));
