@@ -43,6 +43,8 @@ pub struct MemoryConfig {
     pub max_waiting_reads: usize,
     /// Reads waiting for a causal token from one client connection.
     pub max_waiting_reads_per_connection: usize,
+    /// Writes of one client connection waiting for their write concern.
+    pub max_concern_waits_per_connection: usize,
 }
 
 impl Default for MemoryConfig {
@@ -60,6 +62,7 @@ impl Default for MemoryConfig {
             watch_max_per_connection: f.max_watchers_per_conn,
             max_waiting_reads: w.total,
             max_waiting_reads_per_connection: w.per_conn,
+            max_concern_waits_per_connection: w.concerns_per_conn,
         }
     }
 }
@@ -95,6 +98,7 @@ impl MemoryConfig {
         WaitLimits {
             total: self.max_waiting_reads,
             per_conn: self.max_waiting_reads_per_connection,
+            concerns_per_conn: self.max_concern_waits_per_connection,
         }
     }
 
@@ -135,8 +139,9 @@ impl MemoryConfig {
             || self.watch_max_per_connection == 0
             || self.max_waiting_reads == 0
             || self.max_waiting_reads_per_connection == 0
+            || self.max_concern_waits_per_connection == 0
         {
-            bail!("memory's watcher and waiting-read limits must be positive");
+            bail!("memory's watcher, waiting-read and concern-wait limits must be positive");
         }
         Ok(())
     }

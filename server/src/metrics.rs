@@ -81,6 +81,8 @@ pub struct Metrics {
     pub watchers: Gauge,
     /// Reads waiting for a causal token.
     pub waiting_reads: Gauge,
+    /// Client writes waiting for their write concern.
+    pub concern_waits: Gauge,
     /// Bytes of change notices the feed retains.
     pub feed_bytes: Gauge,
     /// Bytes of client requests queued for the engine.
@@ -194,6 +196,7 @@ impl Metrics {
             ),
             watchers: gauge!("watchers", "Watchers subscribed to the change feed"),
             waiting_reads: gauge!("waiting_reads", "Reads waiting for a causal token"),
+            concern_waits: gauge!("concern_waits", "Client writes waiting for their write concern"),
             feed_bytes: gauge!("feed_retained_bytes", "Bytes of change notices the feed retains"),
             engine_client_bytes: gauge!(
                 "engine_client_queue_bytes",

@@ -1056,6 +1056,7 @@ async fn serve(req: ClientRequest, meta: Request, inbound: &Inbound, session: &C
                 ops,
                 concern,
                 timeout_ms,
+                conn: meta.conn,
                 reply: tx,
             };
             if inbound.engine.try_send_from(input, meta.bytes, meta.conn).is_err() {

@@ -66,6 +66,9 @@ pub enum Input {
         concern: WriteConcern,
         /// How long to wait for them (0: the configured default).
         timeout_ms: u64,
+        /// The client connection it came on (writes waiting for their
+        /// concern are capped per connection).
+        conn: u64,
         /// Where the answer goes.
         reply: WriteReply,
     },
@@ -267,7 +270,7 @@ pub fn run(
 ) {
     replica.set_wall_offset(clock.wall_offset_ms);
     let mut audit = audit;
-    let mut waiting_writes: BTreeMap<WriteId, WaitingWrite> = BTreeMap::new();
+    let mut waiting_writes = WaitingWrites::new(wait_limits.concerns_per_conn);
     let mut feed = feed;
     let regions: BTreeMap<NodeId, RegionId> = replica
         .config()
@@ -379,10 +382,20 @@ pub fn run(
                     ops,
                     concern,
                     timeout_ms,
+                    conn,
                     reply,
                 } => {
                     if retry && replica.retry_outcome_unknown(now, op_id).unwrap_or(true) {
                         let _ = reply.send(Err(Error::OutcomeUnknown));
+                        continue;
+                    }
+                    // Before the work: a connection may hold only so many
+                    // writes waiting for their concern (up to an hour each).
+                    if concern != WriteConcern::Local && waiting_writes.concerns_full(conn) {
+                        metrics.overloaded.inc();
+                        let _ = reply.send(Err(Error::Overloaded(
+                            "too many writes of this connection are waiting for their write concern (max_concern_waits_per_connection)",
+                        )));
                         continue;
                     }
                     let keys: Vec<Key> = ops.iter().map(|(k, _)| k.clone()).collect();
@@ -410,6 +423,7 @@ pub fn run(
                                     reply: Some(reply),
                                     changed,
                                     concern: (concern != WriteConcern::Local).then_some((concern, timeout_ms)),
+                                    conn,
                                     durable: false,
                                     timed_out: None,
                                 },
@@ -543,7 +557,7 @@ pub fn run(
                             w.answer(Err(e));
                         }
                     }
-                    waiting_writes.retain(|_, w| w.reply.is_some());
+                    waiting_writes.drop_answered();
                 }
                 Event::WriteReplicated(id) => {
                     if let Some(mut w) = waiting_writes.remove(&id) {
@@ -565,7 +579,7 @@ pub fn run(
                             w.timed_out = Some(e);
                         }
                     }
-                    waiting_writes.retain(|_, w| w.reply.is_some());
+                    waiting_writes.drop_answered();
                 }
                 Event::PolicyAdopted { policy, from } => {
                     let source = from.map_or_else(|| "admin".to_string(), |p| format!("peer {p}"));
@@ -622,6 +636,13 @@ pub fn run(
             // And reads whose client went away (the stream task dropped
             // its reply channel), rather than at their deadline.
             waits.prune(|r| r.is_closed());
+            // And writes waiting for their concern whose client went away
+            // (up to an hour each otherwise): the writes stay durable here
+            // and keep replicating; only the wait ends.
+            for id in waiting_writes.departed() {
+                replica.forget_concern(id);
+            }
+            metrics.concern_waits.set(waiting_writes.concern_waits() as i64);
             metrics.watchers.set(feed.watchers() as i64);
             metrics.waiting_reads.set(waits.len() as i64);
             metrics.feed_bytes.set(feed.retained_bytes() as i64);
@@ -769,6 +790,95 @@ pub fn watch_frames(reads: &Reads, notices: &[Notice]) -> (Vec<WatchFrame>, usiz
     (out, used)
 }
 
+/// The client writes waiting for their answers, and how many writes of each
+/// connection wait for their concern.
+struct WaitingWrites {
+    writes: BTreeMap<WriteId, WaitingWrite>,
+    /// Writes waiting for their concern, per connection (none at 0).
+    concerns: BTreeMap<u64, usize>,
+    concerns_per_conn: usize,
+}
+
+impl WaitingWrites {
+    fn new(concerns_per_conn: usize) -> Self {
+        WaitingWrites {
+            writes: BTreeMap::new(),
+            concerns: BTreeMap::new(),
+            concerns_per_conn,
+        }
+    }
+
+    /// `conn` holds as many writes waiting for their concern as it may.
+    fn concerns_full(&self, conn: u64) -> bool {
+        self.concerns.get(&conn).is_some_and(|n| *n >= self.concerns_per_conn)
+    }
+
+    /// Writes waiting for their concern, all connections.
+    fn concern_waits(&self) -> usize {
+        self.concerns.values().sum()
+    }
+
+    fn insert(&mut self, id: WriteId, w: WaitingWrite) {
+        if w.concern.is_some() {
+            *self.concerns.entry(w.conn).or_default() += 1;
+        }
+        if let Some(old) = self.writes.insert(id, w) {
+            self.released(&old);
+        }
+    }
+
+    fn get_mut(&mut self, id: &WriteId) -> Option<&mut WaitingWrite> {
+        self.writes.get_mut(id)
+    }
+
+    fn remove(&mut self, id: &WriteId) -> Option<WaitingWrite> {
+        let w = self.writes.remove(id)?;
+        self.released(&w);
+        Some(w)
+    }
+
+    fn released(&mut self, w: &WaitingWrite) {
+        if w.concern.is_none() {
+            return;
+        }
+        if let Some(n) = self.concerns.get_mut(&w.conn) {
+            *n -= 1;
+            if *n == 0 {
+                self.concerns.remove(&w.conn);
+            }
+        }
+    }
+
+    /// Drops the writes that were answered.
+    fn drop_answered(&mut self) {
+        let done: Vec<WriteId> = self
+            .writes
+            .iter()
+            .filter(|(_, w)| w.reply.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in done {
+            self.remove(&id);
+        }
+    }
+
+    /// Drops the writes durable here that wait only for their concern and
+    /// whose client went away; returns their ids. (One not yet durable is
+    /// kept: its flush still publishes it to watchers.)
+    fn departed(&mut self) -> Vec<WriteId> {
+        let gone: Vec<WriteId> = self
+            .writes
+            .iter()
+            .filter(|(_, w)| w.durable && w.concern.is_some() && w.reply.as_ref().is_some_and(|r| r.is_closed()))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &gone {
+            self.remove(id);
+        }
+        gone
+    }
+}
+
 /// A client write waiting for its answer.
 struct WaitingWrite {
     token: Vec<(Key, CausalToken)>,
@@ -779,6 +889,8 @@ struct WaitingWrite {
     changed: Vec<Key>,
     /// Its write concern beyond `local`, and its timeout.
     concern: Option<(WriteConcern, u64)>,
+    /// The client connection it came on.
+    conn: u64,
     durable: bool,
     /// The concern timed out before the write was durable here.
     timed_out: Option<Error>,

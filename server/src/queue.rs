@@ -432,6 +432,7 @@ mod tests {
             ops: Vec::new(),
             concern: lattice_core::proto::client::WriteConcern::Local,
             timeout_ms: 0,
+            conn,
             reply: tokio::sync::oneshot::channel().0,
         };
         assert!(tx.try_send_from(input, 1_000, conn).is_ok());

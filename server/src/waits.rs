@@ -15,6 +15,10 @@ pub struct WaitLimits {
     pub total: usize,
     /// Waiting reads from one client connection.
     pub per_conn: usize,
+    /// Writes of one client connection waiting for their write concern
+    /// (all connections together are bounded by the engine's pending
+    /// writes, 10,000).
+    pub concerns_per_conn: usize,
 }
 
 impl Default for WaitLimits {
@@ -22,6 +26,7 @@ impl Default for WaitLimits {
         WaitLimits {
             total: 10_000,
             per_conn: 128,
+            concerns_per_conn: 128,
         }
     }
 }
@@ -346,7 +351,11 @@ mod tests {
 
     #[test]
     fn reads_are_capped_indexed_by_key_and_expire_in_order() {
-        let mut w: Waits<u32> = Waits::new(WaitLimits { total: 3, per_conn: 2 });
+        let mut w: Waits<u32> = Waits::new(WaitLimits {
+            total: 3,
+            per_conn: 2,
+            concerns_per_conn: 1,
+        });
         let now = Instant::now();
         let (a, b) = (Key::new("a").unwrap(), Key::new("b").unwrap());
         let t = CausalToken::default();
@@ -368,7 +377,11 @@ mod tests {
 
     #[test]
     fn reads_whose_client_went_away_are_dropped_and_free_their_slots() {
-        let mut w: Waits<u32> = Waits::new(WaitLimits { total: 3, per_conn: 2 });
+        let mut w: Waits<u32> = Waits::new(WaitLimits {
+            total: 3,
+            per_conn: 2,
+            concerns_per_conn: 1,
+        });
         let now = Instant::now();
         let (a, b) = (Key::new("a").unwrap(), Key::new("b").unwrap());
         let t = CausalToken::default();
@@ -390,7 +403,11 @@ mod tests {
 
     #[test]
     fn at_a_limit_the_reads_of_clients_that_left_give_their_slots_up_first() {
-        let mut w: Waits<u32> = Waits::new(WaitLimits { total: 2, per_conn: 2 });
+        let mut w: Waits<u32> = Waits::new(WaitLimits {
+            total: 2,
+            per_conn: 2,
+            concerns_per_conn: 1,
+        });
         let later = Instant::now() + Duration::from_secs(60);
         let (a, t) = (Key::new("a").unwrap(), CausalToken::default());
         w.add(a.clone(), t.clone(), later, 1, 1).unwrap();

@@ -1026,3 +1026,119 @@ fn hostile_pipelined_small_adds_to_a_huge_set_do_not_stall_another_clients_write
         assert_responsive(&c, "pipelined small adds to a huge set").await;
     });
 }
+
+/// Writes that wait for a write concern another region cannot meet (its
+/// node is down) hold their answer up to their timeout, an hour at most.
+/// One connection may hold 128 such writes (`max_concern_waits_per_
+/// connection`); more are refused `Overloaded` before they are applied,
+/// while another connection's still wait. When the client goes away, the
+/// waits of its writes end within a second (the writes stay durable and
+/// keep replicating). Before, one connection could hold all 10,000 of the
+/// node's slots for an hour, and every other client's concern writes were
+/// refused.
+#[test]
+fn hostile_concern_waits_are_capped_per_connection_and_end_with_the_client() {
+    let _g = serial();
+    rt().block_on(async {
+        let mut c = Cluster::start(&bin(), &["eu", "us"], Durability::Group).unwrap();
+        c.wait_ready(Duration::from_secs(20)).await.unwrap();
+        c.stop(1).unwrap();
+        let writes = |client: Arc<Client>, n: usize, prefix: &'static str| {
+            (0..n)
+                .map(|i| {
+                    let client = client.clone();
+                    tokio::spawn(async move {
+                        client
+                            .request(RequestBody::Write {
+                                op_id: Client::new_op_id(),
+                                retry: false,
+                                ops: vec![(Key::new(format!("{prefix}/{i}")).unwrap(), Op::CounterAdd(1))],
+                                concern: WriteConcern::All,
+                                timeout_ms: 60_000,
+                            })
+                            .await
+                    })
+                })
+                .collect::<Vec<_>>()
+        };
+        let gauge_reaches = |want: f64, within: Duration| {
+            let c = &c;
+            async move {
+                let started = Instant::now();
+                loop {
+                    let now = c.metric(0, "lattice_concern_waits").unwrap_or(-1.0);
+                    if now == want {
+                        return Some(started.elapsed());
+                    }
+                    if started.elapsed() > within {
+                        eprintln!("lattice_concern_waits is {now}, not {want}, after {within:?}");
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+            }
+        };
+        // The client's own timeout must outlast the writes' 60 s.
+        let client = || c.client(0).unwrap().with_timeout(Duration::from_secs(120));
+        let hog = Arc::new(client());
+        let mut tasks = writes(hog.clone(), 140, "hog");
+        // The twelve past the cap are answered at once, and refused.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut refused = 0;
+        while refused < 12 && Instant::now() < deadline {
+            let mut waiting = Vec::new();
+            for t in tasks {
+                if t.is_finished() {
+                    match t.await.unwrap() {
+                        Ok(Response::Error(e)) if e.kind == ErrorKind::Overloaded => {
+                            assert!(e.message.contains("max_concern_waits_per_connection"), "{e:?}");
+                            refused += 1;
+                        }
+                        Err(Error::Overloaded(m)) => {
+                            assert!(m.contains("max_concern_waits_per_connection"), "{m}");
+                            refused += 1;
+                        }
+                        r => panic!("a concern write was answered {r:?} while region us is down"),
+                    }
+                } else {
+                    waiting.push(t);
+                }
+            }
+            tasks = waiting;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!((refused, tasks.len()), (12, 128), "128 wait, the rest are refused");
+        assert!(gauge_reaches(128.0, Duration::from_secs(2)).await.is_some());
+        // Another connection's concern write still waits.
+        let other = writes(Arc::new(client()), 1, "other");
+        assert!(gauge_reaches(129.0, Duration::from_secs(2)).await.is_some());
+        assert!(!other[0].is_finished(), "another connection's concern write waits");
+        // The hog leaves: its waits end, the other's stays.
+        tasks.iter().for_each(|t| t.abort());
+        drop((tasks, hog));
+        let freed = gauge_reaches(1.0, Duration::from_secs(1)).await;
+        eprintln!("128 concern waits of a client that left: ended in {freed:?}");
+        assert!(
+            freed.is_some(),
+            "the concern waits of a client that left end within 1 s"
+        );
+        // The 128 that waited were applied and stay (durable here, and
+        // replicating); the refused ones were not applied.
+        let reader = c.client(0).unwrap();
+        let mut present = 0;
+        for i in 0..140 {
+            if read_value(&reader, &Key::new(format!("hog/{i}")).unwrap())
+                .await
+                .unwrap()
+                .is_some()
+            {
+                present += 1;
+            }
+        }
+        assert_eq!(
+            present, 128,
+            "the writes that waited are there, the refused ones are not"
+        );
+        assert_responsive(&c, "concern waits of a departed client").await;
+    });
+}

@@ -185,6 +185,16 @@ impl<S: Store> Replica<S> {
         Ok((id, dup))
     }
 
+    /// Stops waiting for the write concern of `id`: nobody waits for its
+    /// answer any more (the client went away). The write itself is not
+    /// touched: it stays durable here and keeps replicating. No event for
+    /// it follows. Returns whether it was waiting.
+    pub fn forget_concern(&mut self, id: WriteId) -> bool {
+        let before = self.concerns.len();
+        self.concerns.retain(|c| c.id != id);
+        self.concerns.len() != before
+    }
+
     /// Emits `WriteReplicated` for every durable write whose concern is met.
     pub(super) fn check_concerns(&mut self, _now: Time) {
         let peers = &self.peers;
