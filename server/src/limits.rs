@@ -45,6 +45,9 @@ pub struct MemoryConfig {
     pub max_waiting_reads_per_connection: usize,
     /// Writes of one client connection waiting for their write concern.
     pub max_concern_waits_per_connection: usize,
+    /// Bytes the reads waiting for a causal token hold, all together
+    /// (mostly their tokens, which the clients make).
+    pub waiting_read_bytes: usize,
 }
 
 impl Default for MemoryConfig {
@@ -63,6 +66,7 @@ impl Default for MemoryConfig {
             max_waiting_reads: w.total,
             max_waiting_reads_per_connection: w.per_conn,
             max_concern_waits_per_connection: w.concerns_per_conn,
+            waiting_read_bytes: w.bytes,
         }
     }
 }
@@ -99,6 +103,7 @@ impl MemoryConfig {
             total: self.max_waiting_reads,
             per_conn: self.max_waiting_reads_per_connection,
             concerns_per_conn: self.max_concern_waits_per_connection,
+            bytes: self.waiting_read_bytes,
         }
     }
 
@@ -134,6 +139,11 @@ impl MemoryConfig {
         }
         if self.watch_queue_bytes < 4_096 || self.watch_retained_bytes < 4_096 {
             bail!("memory.watch_queue_bytes and memory.watch_retained_bytes must be at least 4096");
+        }
+        // A 1 MiB request's token, decoded: each run of dots at least
+        // three bytes on the wire and sixteen in memory.
+        if self.waiting_read_bytes < 16 << 20 {
+            bail!("memory.waiting_read_bytes must be at least 16777216 (the token of one largest request, decoded)");
         }
         if self.watch_max_watchers == 0
             || self.watch_max_per_connection == 0

@@ -81,6 +81,8 @@ pub struct Metrics {
     pub watchers: Gauge,
     /// Reads waiting for a causal token.
     pub waiting_reads: Gauge,
+    /// Bytes the waiting reads are charged (mostly their tokens).
+    pub waiting_read_bytes: Gauge,
     /// Client writes waiting for their write concern.
     pub concern_waits: Gauge,
     /// Bytes of change notices the feed retains.
@@ -196,6 +198,10 @@ impl Metrics {
             ),
             watchers: gauge!("watchers", "Watchers subscribed to the change feed"),
             waiting_reads: gauge!("waiting_reads", "Reads waiting for a causal token"),
+            waiting_read_bytes: gauge!(
+                "waiting_read_bytes",
+                "Bytes the reads waiting for a causal token are charged (mostly their tokens)"
+            ),
             concern_waits: gauge!("concern_waits", "Client writes waiting for their write concern"),
             feed_bytes: gauge!("feed_retained_bytes", "Bytes of change notices the feed retains"),
             engine_client_bytes: gauge!(

@@ -995,7 +995,7 @@ async fn change_frames<'a>(
 async fn read_beside(
     inbound: &Inbound,
     key: &lattice_core::Key,
-    after: Option<&lattice_core::proto::client::CausalToken>,
+    after: Option<Arc<lattice_core::proto::client::CausalToken>>,
 ) -> Option<(u64, Option<Result<Response, lattice_core::Error>>)> {
     // The slot is held while the value is read, decoded and turned into
     // its answer, and given back before a read that must wait goes to the
@@ -1003,7 +1003,7 @@ async fn read_beside(
     // for its whole wait).
     let _slot = inbound.direct_reads.acquire().await.ok()?;
     let reads = inbound.reads.clone();
-    let (k, token) = (key.clone(), after.cloned());
+    let (k, token) = (key.clone(), after);
     let answer = tokio::task::spawn_blocking(move || {
         // Taken before the read: the state read holds at least this flush.
         let seen = reads.epoch();
@@ -1081,6 +1081,8 @@ async fn serve(req: ClientRequest, meta: Request, inbound: &Inbound, session: &C
             }
             inbound.metrics.reads.inc_by(1);
             let deadline = Instant::now() + Duration::from_millis(wait_ms.min(30_000));
+            // Shared with the engine while the read waits, not copied.
+            let after = after.map(Arc::new);
             // Served beside the engine from the flushed state: a read
             // without a token, or one whose token it includes. A read that
             // must wait for its token goes to the engine, which tells it
@@ -1089,7 +1091,7 @@ async fn serve(req: ClientRequest, meta: Request, inbound: &Inbound, session: &C
             // flush or more later, so few are needed; the bound only keeps
             // a fault from spinning.
             for _ in 0..8 {
-                let (seen, direct) = match read_beside(inbound, &key, after.as_ref()).await {
+                let (seen, direct) = match read_beside(inbound, &key, after.clone()).await {
                     Some(d) => d,
                     None => return error(ErrorKind::Unavailable, "the node is shutting down"),
                 };

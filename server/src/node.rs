@@ -89,8 +89,9 @@ pub enum Input {
     Read {
         /// The key.
         key: Key,
-        /// What the answer must include.
-        after: Option<CausalToken>,
+        /// What the answer must include (shared with the connection, which
+        /// keeps it to check the value it reads: a token may be large).
+        after: Option<Arc<CausalToken>>,
         /// The flush after which the read found the token missing
         /// ([`Reads::epoch`] before it read).
         seen: u64,
@@ -522,13 +523,20 @@ pub fn run(
         let mut flushed = false;
         if replica.needs_flush() && (due || stopping) {
             let started = Instant::now();
-            match replica.flush(now) {
-                Ok(()) => {
-                    metrics.flushes.inc_by(1);
-                    metrics.flush_micros.inc_by(started.elapsed().as_micros() as u64);
-                    first_unflushed = None;
-                    flushed = true;
-                }
+            let result = replica.flush(now);
+            // The store's flush may have succeeded and only sending the
+            // deltas after it failed: then everything is stored (and its
+            // writes acknowledged), and the reads and watchers waiting for
+            // it must hear so now, not after some later flush.
+            flushed = !replica.needs_flush();
+            if flushed {
+                metrics.flushes.inc_by(1);
+                metrics.flush_micros.inc_by(started.elapsed().as_micros() as u64);
+                first_unflushed = None;
+            }
+            match result {
+                Ok(()) => {}
+                Err(e) if flushed => tracing::error!(error = %e, "sending deltas after a flush failed"),
                 Err(e) => tracing::error!(error = %e, "flush failed; writes stay unacknowledged"),
             }
         }
@@ -645,6 +653,7 @@ pub fn run(
             metrics.concern_waits.set(waiting_writes.concern_waits() as i64);
             metrics.watchers.set(feed.watchers() as i64);
             metrics.waiting_reads.set(waits.len() as i64);
+            metrics.waiting_read_bytes.set(waits.bytes() as i64);
             metrics.feed_bytes.set(feed.retained_bytes() as i64);
             let (peer_bytes, client_bytes) = rx.queued_bytes();
             metrics.engine_peer_bytes.set(peer_bytes as i64);
@@ -667,7 +676,7 @@ pub fn run(
 /// A read whose token the store beside the engine lacked.
 struct Waiting {
     key: Key,
-    token: CausalToken,
+    token: Arc<CausalToken>,
     /// The flush after which it read the store.
     seen: u64,
     deadline: Instant,
@@ -716,6 +725,7 @@ fn wait_for(
                 let why = match refused {
                     Refused::Total(_) => "too many reads are waiting for their causal token on this node (max_waiting_reads): retry later or elsewhere",
                     Refused::PerConn(_) => "too many reads of this connection are waiting for their causal token (max_waiting_reads_per_connection)",
+                    Refused::Bytes(_) => "the reads waiting for their causal token hold too many bytes on this node (waiting_read_bytes): retry later or elsewhere",
                 };
                 let _ = reply.send(Err(Some(Error::Overloaded(why))));
             }

@@ -6,6 +6,7 @@
 use lattice_core::proto::client::CausalToken;
 use lattice_core::Key;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Limits on waiting reads (`max_waiting_reads*` in the configuration).
@@ -19,6 +20,10 @@ pub struct WaitLimits {
     /// (all connections together are bounded by the engine's pending
     /// writes, 10,000).
     pub concerns_per_conn: usize,
+    /// Bytes the waiting reads hold on the node, all together: a token is
+    /// the client's to make, and one may take most of a 1 MiB request
+    /// ([`token_cost`]).
+    pub bytes: usize,
 }
 
 impl Default for WaitLimits {
@@ -27,6 +32,7 @@ impl Default for WaitLimits {
             total: 10_000,
             per_conn: 128,
             concerns_per_conn: 128,
+            bytes: 64 << 20,
         }
     }
 }
@@ -38,14 +44,34 @@ pub enum Refused {
     Total(usize),
     /// The connection holds `per_conn` waiting reads already.
     PerConn(usize),
+    /// The waiting reads hold this many bytes already.
+    Bytes(usize),
 }
 
 struct Waiter<R> {
     key: Key,
-    token: CausalToken,
+    token: Arc<CausalToken>,
     deadline: Instant,
     conn: u64,
+    /// What it is charged ([`token_cost`] and its key).
+    bytes: usize,
     reply: R,
+}
+
+/// Bytes a waiting read is charged besides its token and key: its indexes'
+/// entries and its reply channel.
+const WAITER_OVERHEAD: usize = 256;
+
+/// An estimate of the memory a decoded token holds: each run of dots of a
+/// context is two u64s, each replica an entry of a map, each counter total
+/// an entry with two u64s. Linear in the token's size, as its decoding was.
+pub fn token_cost(t: &CausalToken) -> usize {
+    let context = |c: &lattice_core::clock::CausalContext| c.range_count() * 16 + c.maxima().count() * 64;
+    64 + context(&t.context)
+        + t.parts
+            .values()
+            .map(|p| 64 + context(&p.dots) + p.totals.len() * 64)
+            .sum::<usize>()
 }
 
 /// The waiting reads; `R` is where each one's answer goes.
@@ -56,6 +82,8 @@ pub struct Waits<R> {
     by_key: BTreeMap<Key, BTreeSet<u64>>,
     by_deadline: BTreeSet<(Instant, u64)>,
     per_conn: BTreeMap<u64, usize>,
+    /// What the waiting reads are charged, in all.
+    bytes: usize,
 }
 
 impl<R> Waits<R> {
@@ -68,7 +96,13 @@ impl<R> Waits<R> {
             by_key: BTreeMap::new(),
             by_deadline: BTreeSet::new(),
             per_conn: BTreeMap::new(),
+            bytes: 0,
         }
+    }
+
+    /// Bytes the waiting reads are charged, in all.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Waiting reads.
@@ -90,7 +124,7 @@ impl<R> Waits<R> {
     pub fn add(
         &mut self,
         key: Key,
-        token: CausalToken,
+        token: Arc<CausalToken>,
         deadline: Instant,
         conn: u64,
         reply: R,
@@ -102,8 +136,13 @@ impl<R> Waits<R> {
         if on_conn >= self.limits.per_conn {
             return Err((Refused::PerConn(self.limits.per_conn), reply));
         }
+        let bytes = token_cost(&token) + key.as_str().len() + WAITER_OVERHEAD;
+        if self.bytes + bytes > self.limits.bytes {
+            return Err((Refused::Bytes(self.limits.bytes), reply));
+        }
         let id = self.next_id;
         self.next_id += 1;
+        self.bytes += bytes;
         self.per_conn.insert(conn, on_conn + 1);
         self.by_key.entry(key.clone()).or_default().insert(id);
         self.by_deadline.insert((deadline, id));
@@ -114,6 +153,7 @@ impl<R> Waits<R> {
                 token,
                 deadline,
                 conn,
+                bytes,
                 reply,
             },
         );
@@ -127,7 +167,7 @@ impl<R> Waits<R> {
     pub fn add_or_prune(
         &mut self,
         key: Key,
-        token: CausalToken,
+        token: Arc<CausalToken>,
         deadline: Instant,
         conn: u64,
         reply: R,
@@ -142,6 +182,7 @@ impl<R> Waits<R> {
 
     fn remove(&mut self, id: u64) -> Option<Waiter<R>> {
         let w = self.waiters.remove(&id)?;
+        self.bytes -= w.bytes;
         if let Some(ids) = self.by_key.get_mut(&w.key) {
             ids.remove(&id);
             if ids.is_empty() {
@@ -355,10 +396,11 @@ mod tests {
             total: 3,
             per_conn: 2,
             concerns_per_conn: 1,
+            bytes: 1 << 20,
         });
         let now = Instant::now();
         let (a, b) = (Key::new("a").unwrap(), Key::new("b").unwrap());
-        let t = CausalToken::default();
+        let t = Arc::new(CausalToken::default());
         w.add(a.clone(), t.clone(), now + Duration::from_secs(2), 1, 1).unwrap();
         w.add(b.clone(), t.clone(), now + Duration::from_secs(1), 1, 2).unwrap();
         assert_eq!(w.add(a.clone(), t.clone(), now, 1, 3), Err((Refused::PerConn(2), 3)));
@@ -381,10 +423,11 @@ mod tests {
             total: 3,
             per_conn: 2,
             concerns_per_conn: 1,
+            bytes: 1 << 20,
         });
         let now = Instant::now();
         let (a, b) = (Key::new("a").unwrap(), Key::new("b").unwrap());
-        let t = CausalToken::default();
+        let t = Arc::new(CausalToken::default());
         let later = now + Duration::from_secs(60);
         w.add(a.clone(), t.clone(), later, 1, 1).unwrap();
         w.add(b.clone(), t.clone(), later, 1, 2).unwrap();
@@ -407,9 +450,10 @@ mod tests {
             total: 2,
             per_conn: 2,
             concerns_per_conn: 1,
+            bytes: 1 << 20,
         });
         let later = Instant::now() + Duration::from_secs(60);
-        let (a, t) = (Key::new("a").unwrap(), CausalToken::default());
+        let (a, t) = (Key::new("a").unwrap(), Arc::new(CausalToken::default()));
         w.add(a.clone(), t.clone(), later, 1, 1).unwrap();
         w.add(a.clone(), t.clone(), later, 2, 2).unwrap();
         // Nobody left: still refused, and nothing was dropped.
@@ -467,5 +511,40 @@ mod tests {
         assert_eq!(r.check(&a, &dot_token(3), 1), Seen::Recheck);
         assert_eq!(r.check(&a, &dot_token(3), r.epoch()), Seen::Wait);
         assert_eq!(r.check(&b, &dot_token(1), 0), Seen::Ready);
+    }
+
+    #[test]
+    fn waiting_reads_are_bounded_by_the_bytes_of_their_tokens() {
+        let small = Arc::new(dot_token(1));
+        // 3,000 replicas of 10 dots each, no two in a row: 30,000 runs.
+        let huge = Arc::new(CausalToken {
+            context: lattice_core::clock::CausalContext::from_dots((0..30_000u64).map(|i| lattice_core::clock::Dot {
+                replica: lattice_core::clock::ReplicaId(1_000 + i % 3_000),
+                counter: 2 * (i / 3_000) + 2,
+            })),
+            ..CausalToken::default()
+        });
+        let cost = token_cost(&huge);
+        assert!(cost >= 30_000 * 16, "a token of 30,000 runs is charged {cost} bytes");
+        assert!(token_cost(&small) < 1_000);
+        let limits = WaitLimits {
+            bytes: 3 * cost,
+            ..WaitLimits::default()
+        };
+        let mut w: Waits<u32> = Waits::new(limits);
+        let (a, later) = (Key::new("a").unwrap(), Instant::now() + Duration::from_secs(60));
+        w.add(a.clone(), huge.clone(), later, 1, 1).unwrap();
+        w.add(a.clone(), huge.clone(), later, 2, 2).unwrap();
+        assert_eq!(
+            w.add(a.clone(), huge.clone(), later, 3, 3),
+            Err((Refused::Bytes(3 * cost), 3))
+        );
+        // Small tokens still fit beside them.
+        w.add(a.clone(), small.clone(), later, 3, 4).unwrap();
+        assert!(w.bytes() <= 3 * cost);
+        // Their bytes are given back when they leave.
+        assert_eq!(w.ready(&a, |_| true), vec![1, 2, 4]);
+        assert_eq!(w.bytes(), 0);
+        w.add(a, huge, later, 3, 5).unwrap();
     }
 }

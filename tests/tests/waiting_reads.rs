@@ -135,12 +135,18 @@ fn huge_token() -> CausalToken {
 
 /// 100 reads with huge tokens that can never be met wait on a key another
 /// client keeps writing (each flush re-checks them): the writes stay fast,
-/// the reads end `NotCaughtUp` at their deadline, and RSS stays bounded.
+/// and the reads hold at most `waiting_read_bytes` (16 MiB here): about 24
+/// of them wait and end `NotCaughtUp` at their deadline, the rest are
+/// refused `Overloaded` naming the budget. Before the budget, all 100
+/// waited, each token held twice (about 1.5 MiB per read: +155-159 MiB).
 #[test]
 fn hostile_reads_with_huge_tokens_do_not_stall_writes() {
     let _g = serial();
     rt().block_on(async {
-        let c = Cluster::start(bin(), &["eu"], Durability::Group).unwrap();
+        let c = Cluster::start_with(bin(), &["eu"], Durability::Group, |_, cfg| {
+            cfg.memory.waiting_read_bytes = 16 << 20;
+        })
+        .unwrap();
         c.wait_ready(Duration::from_secs(20)).await.unwrap();
         let base = c.rss_kib(0).unwrap();
         let k = key("hot");
@@ -162,6 +168,9 @@ fn hostile_reads_with_huge_tokens_do_not_stall_writes() {
             }));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+        let held = c.metric(0, "lattice_waiting_read_bytes").unwrap();
+        eprintln!("the waiting reads hold {held} bytes");
+        assert!(held > 0.0 && held <= (16 << 20) as f64, "{held} bytes held");
         let mut slowest = Duration::ZERO;
         for i in 0..40u8 {
             let started = Instant::now();
@@ -171,20 +180,29 @@ fn hostile_reads_with_huge_tokens_do_not_stall_writes() {
         }
         eprintln!("slowest write while 100 huge-token reads wait: {slowest:?}");
         assert!(slowest < Duration::from_millis(500), "a write took {slowest:?}");
-        let mut not_caught_up = 0;
+        let (mut not_caught_up, mut refused) = (0, 0);
         for t in tasks {
             match t.await.unwrap() {
                 Ok(Response::Error(e)) if e.kind == ErrorKind::NotCaughtUp => not_caught_up += 1,
-                Ok(Response::Error(e)) if e.kind == ErrorKind::Overloaded => {}
+                Ok(Response::Error(e))
+                    if e.kind == ErrorKind::Overloaded && e.message.contains("waiting_read_bytes") =>
+                {
+                    refused += 1
+                }
                 Err(lattice_client::Error::NotCaughtUp(_)) => not_caught_up += 1,
-                Err(lattice_client::Error::Overloaded(_)) => {}
+                Err(lattice_client::Error::Overloaded(m)) if m.contains("waiting_read_bytes") => refused += 1,
                 r => panic!("unexpected answer {r:?}"),
             }
         }
-        eprintln!("{not_caught_up} of 100 huge-token reads waited to their deadline");
+        eprintln!("{not_caught_up} of 100 huge-token reads waited to their deadline, {refused} refused");
+        assert_eq!(not_caught_up + refused, 100);
+        assert!(
+            (10..=40).contains(&not_caught_up),
+            "{not_caught_up} waited within 16 MiB"
+        );
         let now = c.rss_kib(0).unwrap();
         eprintln!("RSS {} MiB (+{} MiB)", now / 1024, now.saturating_sub(base) / 1024);
-        assert!(now.saturating_sub(base) / 1024 < 200, "RSS grew too much");
+        assert!(now.saturating_sub(base) / 1024 < 100, "RSS grew too much");
         let r = tokio::time::timeout(Duration::from_secs(1), read_value(&writer, &k)).await;
         assert!(matches!(r, Ok(Ok(Some(_)))), "node unresponsive: {r:?}");
     });
