@@ -3,9 +3,11 @@
 //! and the watchers subscribed to it, each with a queue bounded by bytes.
 //!
 //! Values are not kept: a watcher's stream task reads a changed key's value
-//! from the engine when it is about to send the change (see
-//! [`crate::node::Input::ReadValues`]). So a watcher sees the *latest* value
-//! of a changed key at send time, not the value right after that change;
+//! beside the engine, from the store as of the last flush, when it is about
+//! to send the change (see [`crate::node::watch_frames`]); a change is
+//! published only once the flush that stored it is done. So a watcher sees
+//! the *latest* value of a changed key at send time, not the value right
+//! after that change;
 //! two changes of one key in quick succession may both show the second
 //! value. What it never misses is that the key changed.
 

@@ -22,6 +22,23 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The runtime a real-process test runs in: two workers, like the machine.
+/// Panics if the OS refuses the threads (a test cannot go on without them).
+#[allow(clippy::expect_used)]
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// A key a test names; panics on an invalid one (a bug in the test).
+#[allow(clippy::expect_used)]
+pub fn key(s: &str) -> lattice_core::Key {
+    lattice_core::Key::new(s).expect("a valid key")
+}
+
 /// A cluster of real `latticed` processes.
 pub struct Cluster {
     /// Working directory (certs, configs, data, logs).

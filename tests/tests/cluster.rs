@@ -7,10 +7,9 @@
 use lattice_client::{Client, Error as ClientError, ErrorKind};
 use lattice_core::crdt::{Bytes, Field, FieldKind, NestedView, Op, ValueView};
 use lattice_core::proto::client::{decode_answer, RequestBody, Response, CLIENT_ALPN, PEER_ALPN};
-use lattice_core::Key;
 use lattice_server::certs;
 use lattice_server::storage::Durability;
-use lattice_tests::{serial, Cluster};
+use lattice_tests::{key, serial, Cluster};
 use quinn::crypto::rustls::QuicClientConfig;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -18,10 +17,6 @@ use std::time::{Duration, Instant};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_latticed-test"))
-}
-
-fn key(s: &str) -> Key {
-    Key::new(s).unwrap()
 }
 
 async fn write(c: &Client, k: &str, op: Op) -> Result<(), ClientError> {

@@ -13,7 +13,7 @@ use lattice_core::crdt::Op;
 use lattice_core::proto::client::{CausalToken, ErrorKind, RequestBody, Response, WriteConcern};
 use lattice_core::Key;
 use lattice_server::storage::Durability;
-use lattice_tests::{read_value, serial, Cluster};
+use lattice_tests::{read_value, runtime, serial, Cluster};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,14 +24,6 @@ fn bin() -> std::path::PathBuf {
     std::env::var_os("LATTICE_HOSTILE_BIN")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_BIN_EXE_latticed-test")).to_path_buf())
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 async fn one_node() -> Cluster {
@@ -111,7 +103,7 @@ fn wall_now_ms() -> u64 {
 #[test]
 fn hostile_watchers_that_never_read() {
     let _g = serial();
-    rt().block_on(async {
+    runtime().block_on(async {
         let c = one_node().await;
         let base = c.rss_kib(0).unwrap();
         let watchers_conn = c.client(0).unwrap();
@@ -159,7 +151,7 @@ async fn wait_watchers(c: &Cluster, n: f64) {
 #[test]
 fn hostile_subscribe_reset_loop() {
     let _g = serial();
-    rt().block_on(async {
+    runtime().block_on(async {
         let c = one_node().await;
         let base = c.rss_kib(0).unwrap();
         let client = c.client(0).unwrap();
@@ -204,7 +196,7 @@ fn hostile_subscribe_reset_loop() {
 #[test]
 fn hostile_impossible_waits() {
     let _g = serial();
-    rt().block_on(async {
+    runtime().block_on(async {
         let c = one_node().await;
         let client = c.client(0).unwrap();
         let started = Instant::now();
@@ -237,7 +229,7 @@ fn hostile_impossible_waits() {
 #[test]
 fn hostile_many_waiting_reads() {
     let _g = serial();
-    rt().block_on(async {
+    runtime().block_on(async {
         let c = one_node().await;
         let base = c.rss_kib(0).unwrap();
         let client = Arc::new(c.client(0).unwrap());
@@ -287,7 +279,7 @@ fn hostile_many_waiting_reads() {
 #[test]
 fn hostile_oversized_values() {
     let _g = serial();
-    rt().block_on(async {
+    runtime().block_on(async {
         let c = one_node().await;
         let base = c.rss_kib(0).unwrap();
         let client = c.client(0).unwrap();
@@ -353,7 +345,7 @@ fn hostile_oversized_values() {
 fn hostile_client_flood_does_not_starve_peers() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let _g = serial();
-    rt().block_on(async {
+    runtime().block_on(async {
         let c = Cluster::start_with(&bin(), &["eu", "us"], Durability::Group, |_, cfg| cfg.engine_queue = 16).unwrap();
         c.wait_ready(Duration::from_secs(20)).await.unwrap();
         let base = c.rss_kib(1).unwrap();
@@ -445,7 +437,7 @@ fn large_policy_set(version: u64) -> lattice_core::policy::PolicySet {
 fn hostile_audit_log_past_the_read_limit_at_start() {
     use lattice_server::audit::{archived_parts, AuditLog, MAX_AUDIT_BYTES};
     let _g = serial();
-    rt().block_on(async {
+    runtime().block_on(async {
         let mut c = one_node().await;
         c.stop(0).unwrap();
         let cfg = c.config(0).unwrap();
@@ -559,7 +551,7 @@ fn hostile_audit_log_past_the_read_limit_at_start() {
 #[test]
 fn hostile_waiting_reads_of_a_client_that_left() {
     let _g = serial();
-    rt().block_on(async {
+    runtime().block_on(async {
         let c = Cluster::start_with(&bin(), &["eu"], Durability::Group, |_, cfg| {
             cfg.memory.max_waiting_reads = 128;
         })
@@ -582,23 +574,7 @@ fn hostile_waiting_reads_of_a_client_that_left() {
                 })
                 .collect::<Vec<_>>()
         };
-        let gauge_reaches = |want: f64, within: Duration| {
-            let c = &c;
-            async move {
-                let started = Instant::now();
-                loop {
-                    let now = c.metric(0, "lattice_waiting_reads").unwrap();
-                    if now == want {
-                        return Some(started.elapsed());
-                    }
-                    if started.elapsed() > within {
-                        eprintln!("lattice_waiting_reads is {now}, not {want}, after {within:?}");
-                        return None;
-                    }
-                    tokio::time::sleep(Duration::from_millis(25)).await;
-                }
-            }
-        };
+        let gauge_reaches = |want: f64, within: Duration| gauge_reaches(&c, "lattice_waiting_reads", want, within);
         let leaving = Arc::new(c.client(0).unwrap());
         let tasks = reads(leaving.clone(), 20_000);
         assert!(
@@ -640,7 +616,7 @@ fn hostile_waiting_reads_of_a_client_that_left() {
 #[test]
 fn blob_files_are_fsynced_before_the_log_on_a_real_node() {
     let _g = serial();
-    rt().block_on(async {
+    runtime().block_on(async {
         let c = one_node().await;
         let data_dir = c.config(0).unwrap().data_dir;
         let trace = c.dir.path().join("fsyncs.trace");
@@ -732,6 +708,41 @@ fn probe_reads(
     })
 }
 
+/// Adds 1 to `key` through `client` in a loop until `stop`, noting each
+/// write's latency with the time it was sent.
+fn probe_writes(
+    client: Client,
+    key: Key,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<(Instant, Duration)>> {
+    tokio::spawn(async move {
+        let mut out = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let sent = Instant::now();
+            client.write(vec![(key.clone(), Op::CounterAdd(1))]).await.unwrap();
+            out.push((sent, sent.elapsed()));
+        }
+        out
+    })
+}
+
+/// How long node 0's gauge `metric` took to read `want`, or `None` if it
+/// did not within `within`.
+async fn gauge_reaches(c: &Cluster, metric: &str, want: f64, within: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    loop {
+        let now = c.metric(0, metric).unwrap_or(-1.0);
+        if now == want {
+            return Some(started.elapsed());
+        }
+        if started.elapsed() > within {
+            eprintln!("{metric} is {now}, not {want}, after {within:?}");
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 /// The slowest read of `lat` sent in `from..to`, and how many there were.
 fn slowest(lat: &[(Instant, Duration)], from: Instant, to: Instant) -> (Duration, usize) {
     let during: Vec<Duration> = lat
@@ -753,7 +764,7 @@ fn slowest(lat: &[(Instant, Duration)], from: Instant, to: Instant) -> (Duration
 fn hostile_a_huge_set_add_does_not_stall_reads() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let _g = serial();
-    rt().block_on(async {
+    runtime().block_on(async {
         let c = Cluster::start(&bin(), &["eu", "us"], Durability::Group).unwrap();
         c.wait_ready(Duration::from_secs(20)).await.unwrap();
         let writer = c.client(0).unwrap();
@@ -808,7 +819,7 @@ fn hostile_a_huge_set_add_does_not_stall_reads() {
 fn hostile_pipelined_huge_adds_do_not_stall_another_clients_writes() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let _g = serial();
-    rt().block_on(async {
+    runtime().block_on(async {
         let c = one_node().await;
         let hog = Arc::new(c.client(0).unwrap());
         let other = c.client(0).unwrap();
@@ -818,18 +829,7 @@ fn hostile_pipelined_huge_adds_do_not_stall_another_clients_writes() {
             .await
             .unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let writes = {
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let mut out = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let sent = Instant::now();
-                    other.write(vec![(probe.clone(), Op::CounterAdd(1))]).await.unwrap();
-                    out.push((sent, sent.elapsed()));
-                }
-                out
-            })
-        };
+        let writes = probe_writes(other, probe.clone(), stop.clone());
         tokio::time::sleep(Duration::from_millis(300)).await;
         let started = Instant::now();
         let adds: Vec<_> = (0..12)
@@ -875,7 +875,7 @@ fn hostile_reads_waiting_on_a_huge_set_do_not_stall_writes() {
     const READS: usize = 100;
     const ELEMENTS: usize = 20_000;
     let _g = serial();
-    rt().block_on(async {
+    runtime().block_on(async {
         let c = one_node().await;
         let writer = c.client(0).unwrap();
         let big = Key::new("huge/waited").unwrap();
@@ -890,18 +890,7 @@ fn hostile_reads_waiting_on_a_huge_set_do_not_stall_writes() {
         let other = c.client(0).unwrap();
         let probe = Key::new("probe").unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let writes = {
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let mut out = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let sent = Instant::now();
-                    other.write(vec![(probe.clone(), Op::CounterAdd(1))]).await.unwrap();
-                    out.push((sent, sent.elapsed()));
-                }
-                out
-            })
-        };
+        let writes = probe_writes(other, probe.clone(), stop.clone());
         tokio::time::sleep(Duration::from_millis(300)).await;
         let started = Instant::now();
         let readers = Arc::new(c.client(0).unwrap());
@@ -974,7 +963,7 @@ fn hostile_reads_waiting_on_a_huge_set_do_not_stall_writes() {
 fn hostile_pipelined_small_adds_to_a_huge_set_do_not_stall_another_clients_writes() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let _g = serial();
-    rt().block_on(async {
+    runtime().block_on(async {
         let c = one_node().await;
         let hog = Arc::new(c.client(0).unwrap());
         let big = Key::new("huge/hot").unwrap();
@@ -984,18 +973,7 @@ fn hostile_pipelined_small_adds_to_a_huge_set_do_not_stall_another_clients_write
         let probe = Key::new("probe").unwrap();
         other.write(vec![(probe.clone(), Op::CounterAdd(1))]).await.unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let writes = {
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let mut out = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let sent = Instant::now();
-                    other.write(vec![(probe.clone(), Op::CounterAdd(1))]).await.unwrap();
-                    out.push((sent, sent.elapsed()));
-                }
-                out
-            })
-        };
+        let writes = probe_writes(other, probe.clone(), stop.clone());
         tokio::time::sleep(Duration::from_millis(300)).await;
         let started = Instant::now();
         let adds: Vec<_> = (0..30)
@@ -1039,7 +1017,7 @@ fn hostile_pipelined_small_adds_to_a_huge_set_do_not_stall_another_clients_write
 #[test]
 fn hostile_concern_waits_are_capped_per_connection_and_end_with_the_client() {
     let _g = serial();
-    rt().block_on(async {
+    runtime().block_on(async {
         let mut c = Cluster::start(&bin(), &["eu", "us"], Durability::Group).unwrap();
         c.wait_ready(Duration::from_secs(20)).await.unwrap();
         c.stop(1).unwrap();
@@ -1061,23 +1039,7 @@ fn hostile_concern_waits_are_capped_per_connection_and_end_with_the_client() {
                 })
                 .collect::<Vec<_>>()
         };
-        let gauge_reaches = |want: f64, within: Duration| {
-            let c = &c;
-            async move {
-                let started = Instant::now();
-                loop {
-                    let now = c.metric(0, "lattice_concern_waits").unwrap_or(-1.0);
-                    if now == want {
-                        return Some(started.elapsed());
-                    }
-                    if started.elapsed() > within {
-                        eprintln!("lattice_concern_waits is {now}, not {want}, after {within:?}");
-                        return None;
-                    }
-                    tokio::time::sleep(Duration::from_millis(25)).await;
-                }
-            }
-        };
+        let gauge_reaches = |want: f64, within: Duration| gauge_reaches(&c, "lattice_concern_waits", want, within);
         // The client's own timeout must outlast the writes' 60 s.
         let client = || c.client(0).unwrap().with_timeout(Duration::from_secs(120));
         let hog = Arc::new(client());

@@ -12,24 +12,12 @@ use lattice_core::proto::RegionId;
 use lattice_core::Key;
 use lattice_server::storage::Durability;
 use lattice_tests::relay::Mesh;
-use lattice_tests::{read_value, serial, Cluster};
+use lattice_tests::{key, read_value, runtime, serial, Cluster};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_latticed-test"))
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn key(s: &str) -> Key {
-    Key::new(s).unwrap()
 }
 
 /// Whether node `i` holds `k`.
@@ -50,7 +38,7 @@ const RATE: u64 = 64 << 10;
 #[test]
 fn critical_keys_cross_a_rate_limited_link_ahead_of_bulk() {
     let _g = serial();
-    rt().block_on(async {
+    runtime().block_on(async {
         let c = Cluster::start_with(bin(), &["eu", "us"], Durability::Group, |i, cfg| {
             cfg.policy_version = 1;
             cfg.anti_entropy_ms = 60_000;
@@ -131,7 +119,7 @@ fn critical_keys_cross_a_rate_limited_link_ahead_of_bulk() {
 #[test]
 fn a_partitioned_region_adopts_the_policy_set_when_the_partition_heals() {
     let _g = serial();
-    rt().block_on(async {
+    runtime().block_on(async {
         let mut c = Cluster::prepare(bin(), &["eu", "us", "ap"], Durability::Group).unwrap();
         for i in 0..3 {
             c.edit_config(i, |cfg| {

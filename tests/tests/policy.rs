@@ -8,18 +8,13 @@ use lattice_core::crdt::{Bytes, Op, ValueView};
 use lattice_core::policy::{Policy, Priority, Regions};
 use lattice_core::proto::client::{RequestBody, Response};
 use lattice_core::proto::RegionId;
-use lattice_core::Key;
 use lattice_server::storage::Durability;
-use lattice_tests::{serial, Cluster};
+use lattice_tests::{key, serial, Cluster};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_latticed-test"))
-}
-
-fn key(s: &str) -> Key {
-    Key::new(s).unwrap()
 }
 
 fn r(s: &str) -> RegionId {

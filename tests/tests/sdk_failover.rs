@@ -15,20 +15,12 @@ use lattice_core::crdt::{Op, ValueView};
 use lattice_core::proto::client::WriteConcern;
 use lattice_core::Key;
 use lattice_server::storage::Durability;
-use lattice_tests::{read_value, serial, Cluster};
+use lattice_tests::{key, read_value, runtime, serial, Cluster};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_latticed-test"))
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// A client of every node, in `order` (the first is its home node), each
@@ -44,10 +36,6 @@ async fn client(c: &Cluster, order: &[usize], timeout: Duration) -> Client {
         .connect()
         .await
         .unwrap()
-}
-
-fn key(s: &str) -> Key {
-    Key::new(s).unwrap()
 }
 
 /// The counter at `k` on node `i`, as that node alone answers.
@@ -86,7 +74,7 @@ async fn wait_counter(c: &Cluster, i: usize, k: &Key, want: i128) {
 #[test]
 fn a_write_to_a_frozen_node_is_not_sent_elsewhere_and_lands_once() {
     let _g = serial();
-    rt().block_on(async {
+    runtime().block_on(async {
         let c = Cluster::start(bin(), &["eu", "us"], Durability::Group).unwrap();
         c.wait_ready(Duration::from_secs(20)).await.unwrap();
         let client = client(&c, &[0, 1], Duration::from_millis(800)).await;
@@ -122,7 +110,7 @@ fn a_write_to_a_frozen_node_is_not_sent_elsewhere_and_lands_once() {
 #[test]
 fn a_read_fails_over_from_a_frozen_node_and_the_backoff_skips_it() {
     let _g = serial();
-    rt().block_on(async {
+    runtime().block_on(async {
         let c = Cluster::start(bin(), &["eu", "us"], Durability::Group).unwrap();
         c.wait_ready(Duration::from_secs(20)).await.unwrap();
         let timeout = Duration::from_millis(800);
@@ -158,7 +146,7 @@ fn a_read_fails_over_from_a_frozen_node_and_the_backoff_skips_it() {
 #[test]
 fn a_write_moves_on_when_its_node_cannot_be_reached() {
     let _g = serial();
-    rt().block_on(async {
+    runtime().block_on(async {
         let mut c = Cluster::start(bin(), &["eu", "us"], Durability::Group).unwrap();
         c.wait_ready(Duration::from_secs(20)).await.unwrap();
         c.kill(0).unwrap();
@@ -181,7 +169,7 @@ fn a_write_moves_on_when_its_node_cannot_be_reached() {
 #[test]
 fn concern_all_times_out_while_a_region_is_frozen_and_the_write_stays() {
     let _g = serial();
-    rt().block_on(async {
+    runtime().block_on(async {
         let c = Cluster::start_with(bin(), &["eu", "us"], Durability::Group, |_, cfg| {
             cfg.write_concern_timeout_ms = 700;
         })

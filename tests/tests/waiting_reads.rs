@@ -15,25 +15,13 @@ use lattice_core::proto::client::{CausalToken, ErrorKind, RequestBody, Response,
 use lattice_core::Key;
 use lattice_server::storage::Durability;
 use lattice_tests::relay::Mesh;
-use lattice_tests::{read_value, serial, Cluster};
+use lattice_tests::{key, read_value, runtime, serial, Cluster};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_latticed-test"))
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn key(s: &str) -> Key {
-    Key::new(s).unwrap()
 }
 
 /// Writes `ops` at `client` and returns the token of `want`.
@@ -84,7 +72,7 @@ async fn read_after(client: &Client, k: &Key, token: CausalToken, what: &str) ->
 #[test]
 fn reads_waiting_for_remote_changes_are_woken_when_they_are_stored() {
     let _g = serial();
-    rt().block_on(async {
+    runtime().block_on(async {
         let c = Cluster::prepare(bin(), &["eu", "us"], Durability::Group).unwrap();
         let _mesh = Mesh::install(&c, Duration::from_millis(300)).await.unwrap();
         let mut c = c;
@@ -142,7 +130,7 @@ fn huge_token() -> CausalToken {
 #[test]
 fn hostile_reads_with_huge_tokens_do_not_stall_writes() {
     let _g = serial();
-    rt().block_on(async {
+    runtime().block_on(async {
         let c = Cluster::start_with(bin(), &["eu"], Durability::Group, |_, cfg| {
             cfg.memory.waiting_read_bytes = 16 << 20;
         })
