@@ -1331,3 +1331,49 @@ fn the_value_limit_is_exact() {
     );
     assert_eq!(len, None);
 }
+
+/// A write concern forgotten (its client went away) ends without an event,
+/// the write stays, and its slot among the writes waiting for a concern is
+/// free again; the others still time out.
+#[test]
+fn a_forgotten_write_concern_ends_without_an_event_and_frees_its_slot() {
+    use lattice_core::proto::client::WriteConcern;
+    let mut c = cfg(0, 2);
+    c.max_pending_writes = 2;
+    // Its one peer never answers: no concern beyond local is met.
+    let mut r = Replica::open(c, MemoryStore::new(), Box::new(ChaCha8Rng::seed_from_u64(1)), Time(0)).unwrap();
+    let write = |r: &mut Replica<MemoryStore>, k: &str, now: u64| {
+        r.write_with(
+            Time(now),
+            None,
+            vec![(key(k), Op::CounterAdd(1))],
+            WriteConcern::All,
+            1_000,
+        )
+    };
+    let (a, _) = write(&mut r, "a", 1).unwrap();
+    let (b, _) = write(&mut r, "b", 1).unwrap();
+    r.flush(Time(2)).unwrap();
+    let events: Vec<Event> = std::iter::from_fn(|| r.poll_event()).collect();
+    assert_eq!(events, vec![Event::WriteDurable(a), Event::WriteDurable(b)]);
+    assert!(
+        matches!(write(&mut r, "c", 3), Err(Error::Overloaded(_))),
+        "both slots are held"
+    );
+    assert!(r.forget_concern(a));
+    assert!(!r.forget_concern(a), "forgotten once");
+    let (c, _) = write(&mut r, "c", 4).unwrap();
+    r.flush(Time(5)).unwrap();
+    r.handle_timeout(Time(1_500)).unwrap();
+    let events: Vec<Event> = std::iter::from_fn(|| r.poll_event()).collect();
+    assert_eq!(
+        events,
+        vec![
+            Event::WriteDurable(c),
+            Event::WriteConcernTimeout(b),
+            Event::WriteConcernTimeout(c)
+        ],
+        "no event for the forgotten one"
+    );
+    assert!(r.read(&key("a")).unwrap().is_some(), "the write itself stays");
+}

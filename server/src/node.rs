@@ -949,6 +949,94 @@ mod tests {
     /// engine took a new set only when its version changed, so a node that
     /// adopted the winning set of the same version kept serving, for ever,
     /// keys that set quarantines away from its region.
+    /// A client write for [`WaitingWrites`], with the receiver of its answer.
+    #[allow(clippy::type_complexity)]
+    fn waiting_write(
+        conn: u64,
+        concern: bool,
+    ) -> (
+        WaitingWrite,
+        oneshot::Receiver<Result<(Vec<(Key, CausalToken)>, bool), Error>>,
+    ) {
+        let (tx, rx) = oneshot::channel();
+        let w = WaitingWrite {
+            token: Vec::new(),
+            duplicate: false,
+            reply: Some(tx),
+            changed: vec![Key::new("k").unwrap()],
+            concern: concern.then_some((WriteConcern::All, 60_000)),
+            conn,
+            durable: false,
+            timed_out: None,
+        };
+        (w, rx)
+    }
+
+    /// Writes waiting for their concern are counted per connection, and
+    /// every way a write leaves (answered and dropped, removed, departed)
+    /// gives its count back; writes without a concern are not counted.
+    #[test]
+    fn concern_waits_are_counted_per_connection_and_given_back() {
+        let mut ws = WaitingWrites::new(2);
+        let mut rxs = Vec::new();
+        for (id, conn, concern) in [(1, 7, true), (2, 7, false), (3, 7, true), (4, 8, true)] {
+            let (w, rx) = waiting_write(conn, concern);
+            ws.insert(WriteId(id), w);
+            rxs.push(rx);
+        }
+        assert!(ws.concerns_full(7), "two concern writes of connection 7 wait");
+        assert!(!ws.concerns_full(8));
+        assert!(!ws.concerns_full(9));
+        assert_eq!(ws.concern_waits(), 3);
+        // Answered (a timeout once durable) and dropped.
+        let w = ws.get_mut(&WriteId(1)).unwrap();
+        w.durable = true;
+        w.answer(Err(Error::Overloaded("x")));
+        ws.drop_answered();
+        assert!(!ws.concerns_full(7));
+        assert_eq!(ws.concern_waits(), 2);
+        // The write without a concern leaves: nothing changes.
+        ws.get_mut(&WriteId(2)).unwrap().answer(Ok(()));
+        ws.drop_answered();
+        assert_eq!(ws.concern_waits(), 2);
+        // Replicated.
+        assert!(ws.remove(&WriteId(3)).is_some());
+        assert!(ws.remove(&WriteId(3)).is_none());
+        assert_eq!(ws.concern_waits(), 1);
+        assert!(!ws.concerns.contains_key(&7), "no entry at 0");
+        ws.remove(&WriteId(4));
+        assert_eq!(ws.concern_waits(), 0);
+        assert!(ws.writes.is_empty() && ws.concerns.is_empty());
+    }
+
+    /// Only writes durable here, with a concern, whose client went away end
+    /// with their client: one not durable yet must stay, as its flush still
+    /// publishes its keys to watchers (and answers nobody); one whose client
+    /// still waits must stay.
+    #[test]
+    fn departed_drops_only_durable_concern_waits_of_clients_that_left() {
+        let mut ws = WaitingWrites::new(10);
+        let (durable_gone, rx1) = waiting_write(1, true);
+        let (unflushed_gone, rx2) = waiting_write(1, true);
+        let (durable_here, _rx3) = waiting_write(1, true);
+        ws.insert(WriteId(1), durable_gone);
+        ws.insert(WriteId(2), unflushed_gone);
+        ws.insert(WriteId(3), durable_here);
+        ws.get_mut(&WriteId(1)).unwrap().durable = true;
+        ws.get_mut(&WriteId(3)).unwrap().durable = true;
+        assert!(ws.departed().is_empty(), "every client still waits");
+        drop((rx1, rx2));
+        assert_eq!(ws.departed(), vec![WriteId(1)]);
+        assert_eq!(ws.concern_waits(), 2);
+        assert!(ws.get_mut(&WriteId(2)).is_some_and(|w| w.changed.len() == 1));
+        assert!(ws.get_mut(&WriteId(3)).is_some());
+        // Once durable, the one whose client left goes too.
+        ws.get_mut(&WriteId(2)).unwrap().durable = true;
+        assert_eq!(ws.departed(), vec![WriteId(2)]);
+        assert_eq!(ws.concern_waits(), 1);
+        assert!(!ws.concerns_full(1));
+    }
+
     #[test]
     fn reads_beside_the_engine_take_a_set_of_the_same_version_with_a_higher_digest() {
         let dir = tempfile::tempdir().unwrap();

@@ -63,10 +63,12 @@ struct Waiter<R> {
 const WAITER_OVERHEAD: usize = 256;
 
 /// An estimate of the memory a decoded token holds: each run of dots of a
-/// context is two u64s, each replica an entry of a map, each counter total
-/// an entry with two u64s. Linear in the token's size, as its decoding was.
+/// context is two u64s, each replica an entry of a map (also one with no
+/// run: a client's token need not be canonical, and such an entry is a
+/// couple of bytes on the wire), each counter total an entry with two u64s.
+/// Linear in the token's size, as its decoding was.
 pub fn token_cost(t: &CausalToken) -> usize {
-    let context = |c: &lattice_core::clock::CausalContext| c.range_count() * 16 + c.maxima().count() * 64;
+    let context = |c: &lattice_core::clock::CausalContext| c.range_count() * 16 + c.replica_count() * 64;
     64 + context(&t.context)
         + t.parts
             .values()
@@ -511,6 +513,35 @@ mod tests {
         assert_eq!(r.check(&a, &dot_token(3), 1), Seen::Recheck);
         assert_eq!(r.check(&a, &dot_token(3), r.epoch()), Seen::Wait);
         assert_eq!(r.check(&b, &dot_token(1), 0), Seen::Ready);
+    }
+
+    /// A client makes its token, and its contexts need not be canonical: a
+    /// replica with no run of dots is a couple of bytes on the wire and a
+    /// map entry (some 50 bytes) in memory. Such entries were charged
+    /// nothing (only runs and replicas with a largest dot were), so a token
+    /// of one request could hold megabytes while charged a few hundred
+    /// bytes, and the bound on waiting reads held nothing back.
+    #[test]
+    fn a_token_of_replicas_without_dots_is_charged_for_them() {
+        use lattice_core::clock::CausalContext;
+        // Few: a test of the peak RSS may run beside it (one request may
+        // hold over 200,000 such entries, more than 10 MB decoded).
+        let n = 20_000u64;
+        let empty: BTreeMap<u64, Vec<(u64, u64)>> = (0..n).map(|r| (r, Vec::new())).collect();
+        let context: CausalContext =
+            lattice_core::proto::from_bytes(&lattice_core::proto::to_bytes(&empty).unwrap()).unwrap();
+        assert_eq!((context.range_count(), context.replica_count()), (0, n as usize));
+        let token = CausalToken {
+            context,
+            ..CausalToken::default()
+        };
+        let wire = lattice_core::proto::to_bytes(&token).unwrap().len();
+        assert!(
+            wire < lattice_core::proto::client::MAX_CLIENT_FRAME,
+            "{wire} bytes fit a request"
+        );
+        let cost = token_cost(&token);
+        assert!(cost >= n as usize * 32, "{n} replica entries are charged {cost} bytes");
     }
 
     #[test]

@@ -202,6 +202,13 @@ impl CausalContext {
         self.0.values().map(Vec::len).sum()
     }
 
+    /// Replicas with an entry, each a map entry in memory: a decoded context
+    /// (a client's token) may hold replicas with no range at all, which
+    /// [`CausalContext::range_count`] and [`CausalContext::maxima`] skip.
+    pub fn replica_count(&self) -> usize {
+        self.0.len()
+    }
+
     /// True when no dot is included.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
