@@ -140,8 +140,10 @@ impl MemoryConfig {
         if self.watch_queue_bytes < 4_096 || self.watch_retained_bytes < 4_096 {
             bail!("memory.watch_queue_bytes and memory.watch_retained_bytes must be at least 4096");
         }
-        // A 1 MiB request's token, decoded: each run of dots at least
-        // three bytes on the wire and sixteen in memory.
+        // A 1 MiB request's token, decoded and charged (`token_cost`): a
+        // canonical one at most about 11.5 bytes per byte on the wire. (A
+        // hostile one of empty replica entries is charged 32 per byte and
+        // may be refused here even on an idle node.)
         if self.waiting_read_bytes < 16 << 20 {
             bail!("memory.waiting_read_bytes must be at least 16777216 (the token of one largest request, decoded)");
         }
