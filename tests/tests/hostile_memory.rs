@@ -13,7 +13,7 @@ use lattice_core::crdt::Op;
 use lattice_core::proto::client::{CausalToken, ErrorKind, RequestBody, Response, WriteConcern};
 use lattice_core::Key;
 use lattice_server::storage::Durability;
-use lattice_tests::{read_value, runtime, serial, Cluster};
+use lattice_tests::{key, read_value, runtime, serial, Cluster};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -1013,7 +1013,7 @@ fn hostile_pipelined_small_adds_to_a_huge_set_do_not_stall_another_clients_write
 /// waits of its writes end within a second (the writes stay durable and
 /// keep replicating). Before, one connection could hold all 10,000 of the
 /// node's slots for an hour, and every other client's concern writes were
-/// refused.
+/// refused. Plain writes of a connection at its cap still go through.
 #[test]
 fn hostile_concern_waits_are_capped_per_connection_and_end_with_the_client() {
     let _g = serial();
@@ -1071,6 +1071,11 @@ fn hostile_concern_waits_are_capped_per_connection_and_end_with_the_client() {
         }
         assert_eq!((refused, tasks.len()), (12, 128), "128 wait, the rest are refused");
         assert!(gauge_reaches(128.0, Duration::from_secs(2)).await.is_some());
+        // The cap is on waiting for a concern: the same connection's plain
+        // writes still go through.
+        hog.write(vec![(key("hog/local"), Op::CounterAdd(1))])
+            .await
+            .expect("a local write of a connection at its concern cap");
         // Another connection's concern write still waits.
         let other = writes(Arc::new(client()), 1, "other");
         assert!(gauge_reaches(129.0, Duration::from_secs(2)).await.is_some());
