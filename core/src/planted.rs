@@ -54,6 +54,9 @@ pub enum PlantedBug {
     /// Stored records are decoded without verifying their integrity check,
     /// so a bit flipped on disk is read back as a value.
     RecordCheckIgnored,
+    /// A result prepared beside the engine is taken without checking that
+    /// its key's record is still the one it was computed from.
+    PreparedBaseUnchecked,
 }
 
 thread_local! {

@@ -17,6 +17,7 @@ use crate::crdt::Value;
 use crate::key::Key;
 use crate::proto::client::OpId;
 use crate::proto::DeltaGroup;
+use crate::replica::{record_digest, RecordDigest};
 use crate::Error;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, VecDeque};
@@ -157,6 +158,10 @@ pub trait Store {
     /// Whether a client operation id was applied (among the last
     /// [`OP_ID_RETENTION`]).
     fn has_op(&self, op: OpId) -> Result<bool, Error>;
+    /// The [`RecordDigest`] of a key's current record (written, durable or
+    /// not): what a [`Prepared`](crate::replica::Prepared) result is
+    /// checked against.
+    fn record_digest(&self, key: &Key) -> Result<Option<RecordDigest>, Error>;
     /// Applies a batch atomically (written, not yet durable).
     fn apply(&mut self, batch: WriteBatch) -> Result<(), Error>;
     /// Makes everything applied so far durable, or, where
@@ -251,6 +256,12 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
+    /// A key's current record (written, durable or not), as
+    /// [`Store::get`] would decode it.
+    pub fn record(&self, key: &Key) -> Option<Arc<[u8]>> {
+        self.current.values.get(&(key.hash().bucket(), key.clone())).cloned()
+    }
+
     /// An empty store whose flush is durable.
     pub fn new() -> Self {
         Self::default()
@@ -356,6 +367,10 @@ impl Store for MemoryStore {
             Some(r) => open_record(key, r).map(Some),
             None => Ok(None),
         }
+    }
+
+    fn record_digest(&self, key: &Key) -> Result<Option<RecordDigest>, Error> {
+        Ok(self.record(key).map(|r| record_digest(&r)))
     }
 
     fn scan_buckets(&self, lo: u32, hi: u32) -> Result<Vec<(Key, Value)>, Error> {

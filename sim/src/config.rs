@@ -210,6 +210,13 @@ pub struct SimConfig {
     /// large value (up to what half a frame leaves beside them) in keys of
     /// other types, so other policies and priority classes.
     pub batches: f64,
+    /// Share of writes and delivered frames (0..1) handed to the engine
+    /// with results prepared beside it (`Prepared`), as `latticed` does for
+    /// large ones: half of those against the key's current record, half
+    /// against the record before the key's last write here, which the
+    /// engine must find stale. Drawn from a stream of its own; a correct
+    /// engine ends every run exactly as without them.
+    pub prepare: f64,
 }
 
 /// Who gossips with whom.
@@ -258,6 +265,7 @@ impl SimConfig {
             max_message_bytes: DEFAULT_FRAME,
             large_values: 0.0,
             batches: 0.0,
+            prepare: 0.5,
         }
     }
 

@@ -9,13 +9,14 @@ use crate::net::Network;
 use crate::workload::{OpRecord, Planned, Workload};
 use lattice_core::crdt::{Op, Value, ValueView};
 use lattice_core::proto::NodeId;
-use lattice_core::replica::{Event, PeerConfig, Replica, ReplicaConfig, Time, WriteId};
+use lattice_core::replica::{Decoded, Event, PeerConfig, Prepared, Replica, ReplicaConfig, Time, WriteId};
 use lattice_core::store::{MemoryStore, Store};
 use lattice_core::Key;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::sync::Arc;
 
 /// How long the cluster idles after converging before buffers are checked.
 const QUIET_MS: u64 = 10_000;
@@ -129,6 +130,9 @@ struct SimNode {
     /// Per key, the records of writes made here (for read-your-writes on
     /// every later read).
     writes: BTreeMap<Key, Vec<usize>>,
+    /// Per key, its record before the last write made here in this life
+    /// (`None`: absent): what a stale prepared result is computed from.
+    old_records: BTreeMap<Key, Option<Arc<[u8]>>>,
 }
 
 /// The outcome of one run.
@@ -178,6 +182,9 @@ pub struct Report {
     /// Stored records rotted while their node was down, and how many
     /// reopens refused them (must be all).
     pub rotted_records: (u64, u64),
+    /// Prepared results the engines took as their own, and those they
+    /// found stale and computed again.
+    pub prepared: (u64, u64),
     /// Time from the heal until all replicas were identical.
     pub converged_ms: Option<u64>,
     /// Write-to-everywhere latency: p50, p99, max (ms), over writes that
@@ -209,7 +216,7 @@ impl Report {
             .map_or("n/a".into(), |(a, b, c)| format!("{a}/{b}/{c}"));
         let conv = self.converged_ms.map_or("never".into(), |c| format!("{c}ms"));
         format!(
-            "seed={} {}\nevents={} ops={} applied={} acked={} batches={}/{} accepted{} mixed={} largest_batch_value={}B keys_held={} crashes={} disk_losses={} rollbacks={} hostile={} flipped_frames={}/{} refused, rotted_records={}/{} refused\nmessages={} bytes={} msgs_per_write={:.2} bytes_per_write={:.0}\npropagation_ms p50/p99/max={} converged_after_heal={}\ntrace={}\nverdict={}",
+            "seed={} {}\nevents={} ops={} applied={} acked={} batches={}/{} accepted{} mixed={} largest_batch_value={}B keys_held={} crashes={} disk_losses={} rollbacks={} hostile={} flipped_frames={}/{} refused, rotted_records={}/{} refused prepared={}/{} stale\nmessages={} bytes={} msgs_per_write={:.2} bytes_per_write={:.0}\npropagation_ms p50/p99/max={} converged_after_heal={}\ntrace={}\nverdict={}",
             self.seed,
             self.setup,
             self.events,
@@ -235,6 +242,8 @@ impl Report {
             self.flipped_frames.0,
             self.rotted_records.1,
             self.rotted_records.0,
+            self.prepared.0,
+            self.prepared.1,
             self.messages,
             self.bytes,
             per(self.messages),
@@ -257,6 +266,9 @@ pub struct Sim {
     /// Draws which writes are mixed batches and what they carry: a stream
     /// of its own, so seeds without batches replay exactly as before.
     batch_rng: ChaCha8Rng,
+    /// Draws which writes and frames come with prepared results, and from
+    /// which record: a stream of its own, so runs replay as before.
+    prepare_rng: ChaCha8Rng,
     /// Per node, when the leak checker last scanned its store.
     leak_scan_at: Vec<Option<u64>>,
     queue: BinaryHeap<Reverse<Scheduled>>,
@@ -378,6 +390,7 @@ impl Sim {
                 rotted: None,
                 last_read: BTreeMap::new(),
                 writes: BTreeMap::new(),
+                old_records: BTreeMap::new(),
             });
         }
         let workload = Workload::new(&cfg);
@@ -430,6 +443,7 @@ impl Sim {
             net: Network::new(cfg.faults.loss, cfg.faults.duplication, cfg.faults.bit_flips),
             corrupt_rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x524f_5400_0000_0000),
             batch_rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x4241_5443_4852_0000),
+            prepare_rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5052_4550_0000_0000),
             leak_scan_at: vec![None; cfg.nodes],
             rng: ChaCha8Rng::seed_from_u64(rng.gen()),
             cfg,
@@ -490,6 +504,7 @@ impl Sim {
         n.parked = None;
         n.life_start = self.now;
         n.last_read.clear();
+        n.old_records.clear();
         if wipe {
             n.wiped_at = Some(self.now);
         }
@@ -913,7 +928,8 @@ impl Sim {
     /// what became of each of its ops. `before` is each key's state there.
     fn issue(&mut self, i: usize, plan: Vec<Planned>, before: Vec<Option<Value>>) {
         let token = self.nodes[i].token;
-        let Some(r) = self.nodes[i].replica.as_mut() else {
+        let node = &mut self.nodes[i];
+        let Some(r) = node.replica.as_mut() else {
             return;
         };
         let policy = r.policy().clone();
@@ -925,12 +941,33 @@ impl Sim {
             .count();
         let concern = reach >= 1 && self.rng.gen_bool(self.cfg.concern_share.clamp(0.0, 1.0));
         let ops: Vec<(Key, Op)> = plan.iter().map(|p| (p.key.clone(), p.op.clone())).collect();
-        let result = if concern {
-            let c = lattice_core::proto::client::WriteConcern::Regions(2);
-            r.write_with(Time(self.now), None, ops, c, 3_000).map(|(id, _)| id)
+        let old_records = &mut node.old_records;
+        let stale = self.prepare_rng.gen_bool(0.5);
+        let prepared = if self.prepare_rng.gen_bool(self.cfg.prepare.clamp(0.0, 1.0)) {
+            let store = r.store();
+            Prepared::write(r.id(), &ops, 0, |k| {
+                Ok(match old_records.get(k) {
+                    Some(old) if stale => old.clone(),
+                    _ => store.record(k),
+                })
+            })
         } else {
-            r.write(Time(self.now), ops)
+            Prepared::default()
         };
+        for (k, _) in &ops {
+            old_records.insert(k.clone(), r.store().record(k));
+        }
+        let (c, timeout) = if concern {
+            (lattice_core::proto::client::WriteConcern::Regions(2), 3_000)
+        } else {
+            (lattice_core::proto::client::WriteConcern::Local, 0)
+        };
+        let counts = (r.stats().prepared_used, r.stats().prepared_stale);
+        let result = r
+            .write_prepared(Time(self.now), None, ops, c, timeout, prepared)
+            .map(|(id, _)| id);
+        self.report.prepared.0 += r.stats().prepared_used - counts.0;
+        self.report.prepared.1 += r.stats().prepared_stale - counts.1;
         let r_id = r.id();
         let first = self.records.len();
         let n = plan.len();
@@ -1730,9 +1767,24 @@ impl Sim {
                         }
                     }
                     let name = node_name(from);
-                    if let Some(r) = self.nodes[to].replica.as_mut() {
+                    let node = &mut self.nodes[to];
+                    if let Some(r) = node.replica.as_mut() {
                         let corrupt_before = r.stats().corrupt_frames;
-                        let result = r.handle(Time(self.now), &name, &payload);
+                        let mut frame = Decoded::new(&payload, r.config().max_message_bytes);
+                        if self.prepare_rng.gen_bool(self.cfg.prepare.clamp(0.0, 1.0)) {
+                            let stale = self.prepare_rng.gen_bool(0.5);
+                            let (store, old_records) = (r.store(), &node.old_records);
+                            frame.prepare(r.id(), |k| {
+                                Ok(match old_records.get(k) {
+                                    Some(old) if stale => old.clone(),
+                                    _ => store.record(k),
+                                })
+                            });
+                        }
+                        let counts = (r.stats().prepared_used, r.stats().prepared_stale);
+                        let result = r.handle_decoded(Time(self.now), &name, frame);
+                        self.report.prepared.0 += r.stats().prepared_used - counts.0;
+                        self.report.prepared.1 += r.stats().prepared_stale - counts.1;
                         let counted = r.stats().corrupt_frames - corrupt_before;
                         if flipped {
                             // A flipped frame is refused, and counted as

@@ -56,6 +56,8 @@ pub struct SwarmTotals {
     /// Stored records rotted while their node was down, and how many
     /// reopens refused them.
     pub rotted_records: (u64, u64),
+    /// Prepared results the engines took, and those they found stale.
+    pub prepared: (u64, u64),
 }
 
 impl SwarmTotals {
@@ -71,6 +73,8 @@ impl SwarmTotals {
         self.flipped_frames.1 += r.flipped_frames.1;
         self.rotted_records.0 += r.rotted_records.0;
         self.rotted_records.1 += r.rotted_records.1;
+        self.prepared.0 += r.prepared.0;
+        self.prepared.1 += r.prepared.1;
         if !r.violations.is_empty() {
             self.failed.push(r);
         }
@@ -79,7 +83,7 @@ impl SwarmTotals {
     /// The closing line.
     pub fn last_line(&self) -> String {
         format!(
-            "seeds={} violations={} events={} messages={} bytes={} acked_writes={} max_converge_ms={} flipped_frames={}/{} refused rotted_records={}/{} refused",
+            "seeds={} violations={} events={} messages={} bytes={} acked_writes={} max_converge_ms={} flipped_frames={}/{} refused rotted_records={}/{} refused prepared={}/{} stale",
             self.seeds,
             self.failed.len(),
             self.events,
@@ -90,7 +94,9 @@ impl SwarmTotals {
             self.flipped_frames.1,
             self.flipped_frames.0,
             self.rotted_records.1,
-            self.rotted_records.0
+            self.rotted_records.0,
+            self.prepared.0,
+            self.prepared.1
         )
     }
 }

@@ -221,6 +221,14 @@ const CAUGHT_BY: &[(PlantedBug, u64, &[&str])] = &[
     // alone can tell (the swarm tests above show the rest).
     (PlantedBug::AckBeforeDurable, 74, &["lost-ack"]),
     (PlantedBug::BufferForgetsUnacked, 0, &["convergence"]),
+    // Issue 14: a result prepared beside the engine taken without checking
+    // that its key's record is still the one it came from (a stale one
+    // hands out a dot again and drops the writes since).
+    (
+        PlantedBug::PreparedBaseUnchecked,
+        3,
+        &["read-your-writes", "lost-ack", "convergence"],
+    ),
 ];
 
 #[test]
@@ -274,6 +282,7 @@ fn scan_for_catching_seeds() {
         PlantedBug::AckBeforeDurable,
         PlantedBug::FrameCheckIgnored,
         PlantedBug::RecordCheckIgnored,
+        PlantedBug::PreparedBaseUnchecked,
     ] {
         if only.as_ref().is_some_and(|b| *b != format!("{bug:?}")) {
             continue;

@@ -274,6 +274,30 @@ impl Op {
         })
     }
 
+    /// How many elements the operation carries (a set operation's
+    /// elements, through map fields; 1 for any other): what its work on a
+    /// large state grows with.
+    pub fn elements(&self) -> usize {
+        match self {
+            Op::SetAdd(v) | Op::SetRemove(v) => v.len(),
+            Op::MapApply { op, .. } => op.elements(),
+            _ => 1,
+        }
+    }
+
+    /// Whether applying the operation reads the write's timestamp (LWW
+    /// registers; `Delete`, which may meet one). The others depend only on
+    /// the current state and the writing replica, so their deltas can be
+    /// computed before the engine stamps the write
+    /// ([`Prepared`](crate::replica::Prepared)).
+    pub fn uses_clock(&self) -> bool {
+        match self {
+            Op::LwwSet(_) | Op::Delete => true,
+            Op::MapApply { op, .. } => op.uses_clock(),
+            _ => false,
+        }
+    }
+
     fn field_kind(&self) -> Option<FieldKind> {
         match self {
             Op::CounterAdd(_) => Some(FieldKind::Counter),

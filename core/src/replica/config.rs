@@ -245,6 +245,12 @@ pub struct Stats {
     pub rate_limited: u64,
     /// Writes whose concern was not met in time.
     pub concern_timeouts: u64,
+    /// Keys whose write or merge was prepared beside the engine and taken
+    /// ([`Prepared`](crate::replica::Prepared)).
+    pub prepared_used: u64,
+    /// Prepared results dropped because their key's record had changed
+    /// since (the engine did the work itself).
+    pub prepared_stale: u64,
 }
 
 impl Stats {

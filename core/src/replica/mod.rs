@@ -25,12 +25,14 @@ mod config;
 mod gossip;
 mod merkle;
 mod policy;
+mod prepare;
 
 pub use config::{Event, PeerConfig, PeerStatus, ReplicaConfig, Stats, Time, Transmit, WriteId};
 pub use merkle::item_hash;
+pub use prepare::{record_digest, Prepared, RecordDigest};
 
 use crate::clock::{Hlc, ReplicaId};
-use crate::crdt::{Crdt, Op, Value, WriteStamp};
+use crate::crdt::{Op, Value, WriteStamp};
 use crate::key::Key;
 use crate::proto::client::{CausalToken, OpId};
 use crate::proto::{self, Ack, DeltaGroup, Message, NodeId, PolicyStamp, RegionId, RoundId, CLASSES};
@@ -38,6 +40,7 @@ use crate::store::{Meta, Record, Store, WriteBatch};
 use crate::Error;
 use merkle::Forest;
 use policy::build_forest;
+use prepare::{Merge, Next, Taken, Want};
 use rand_core::RngCore;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -214,6 +217,7 @@ struct Buffered {
 pub struct Decoded {
     msg: Result<Message, Error>,
     len: usize,
+    prepared: Prepared,
 }
 
 impl Decoded {
@@ -223,7 +227,27 @@ impl Decoded {
         Decoded {
             msg: proto::decode(frame, max_bytes),
             len: frame.len(),
+            prepared: Prepared::default(),
         }
+    }
+
+    /// Merges the frame's states into their keys' records beside the engine
+    /// (see [`Prepared`]), as replica `replica` would: `record` returns a
+    /// key's stored record. The engine takes each result whose record is
+    /// still the stored one and merges the others itself.
+    pub fn prepare<R: AsRef<[u8]>>(
+        &mut self,
+        replica: ReplicaId,
+        record: impl FnMut(&Key) -> Result<Option<R>, Error>,
+    ) {
+        if let Ok(msg) = &self.msg {
+            self.prepared = Prepared::message(replica, msg, record);
+        }
+    }
+
+    /// About how much memory the prepared results hold ([`Prepared::bytes`]).
+    pub fn prepared_bytes(&self) -> usize {
+        self.prepared.bytes()
     }
 
     /// The frame's length in bytes.
@@ -293,6 +317,9 @@ pub struct Replica<S: Store> {
     /// Until then, op ids of the previous life may be missing (it crashed
     /// in `async` mode).
     op_ids_lost_until: Option<Time>,
+    /// Results prepared beside the engine for the input being handled
+    /// (emptied after it).
+    prepared: Prepared,
     stats: Stats,
 }
 
@@ -405,6 +432,7 @@ impl<S: Store> Replica<S> {
             epoch: rng.next_u64(),
             wall_offset_ms: 0,
             now,
+            prepared: Prepared::default(),
             stats: Stats::default(),
             policy_stamp: PolicyStamp::of(&cfg.policy),
             regions,
@@ -587,13 +615,8 @@ impl<S: Store> Replica<S> {
             replica: self.id,
             time: self.hlc.now(wall),
         };
-        // key -> (digest of the state before the batch, state after, joined
-        // delta). The state is moved, not copied, and a key written for the
-        // first time has its delta as its state (`None`: not copied): at
-        // 10^5 set elements a copy or a join of the whole state is a
-        // sizeable part of the write.
-        let mut touched: BTreeMap<Key, (Option<u128>, Option<Value>, Value)> = BTreeMap::new();
-        for (key, op) in &ops {
+        // Before any work: every key valid and writable here.
+        for (key, _) in &ops {
             if !key.is_valid() {
                 return Err(Error::InvalidKey(key.as_str().chars().take(64).collect()));
             }
@@ -601,52 +624,54 @@ impl<S: Store> Replica<S> {
                 self.stats.policy_denied += 1;
                 return Err(e);
             }
-            if let Some((_, next, d)) = touched.get_mut(key) {
-                let next = next.get_or_insert_with(|| d.clone());
-                let delta = Value::apply(Some(&*next), op, stamp)?;
-                next.join(&delta);
-                d.join(&delta);
-                debug_assert!(next.is_well_formed(), "a local write broke a CRDT invariant on {key:?}");
-                continue;
-            }
-            let current = self.store.get(key)?;
-            let delta = Value::apply(current.as_ref(), op, stamp)?;
-            let old_h = current.as_ref().map(|v| item_hash(key, v)).transpose()?;
-            let next = current.map(|mut c| {
-                c.join(&delta);
-                c
-            });
-            debug_assert!(
-                next.as_ref().unwrap_or(&delta).is_well_formed(),
-                "a local write broke a CRDT invariant on {key:?}"
-            );
-            touched.insert(key.clone(), (old_h, next, delta));
         }
-        let mut values = Vec::with_capacity(touched.len());
-        let mut entries = Vec::with_capacity(touched.len());
-        let mut hashes = Vec::with_capacity(touched.len());
+        // Each key's operations, in order, applied to its state at once.
+        let mut by_key: BTreeMap<&Key, Vec<&Op>> = BTreeMap::new();
+        for (key, op) in &ops {
+            by_key.entry(key).or_default().push(op);
+        }
+        let mut nexts = Vec::with_capacity(by_key.len());
+        for (key, kops) in by_key {
+            let next = match self.take_prepared(key, Want::Write(kops.len()))? {
+                Some(Merge::Changed(next)) => *next,
+                _ => prepare::local_next(key, self.store.get(key)?, &kops, stamp)?,
+            };
+            nexts.push((key, next));
+        }
+        // Every operation applies (no type mismatch): now the sizes.
+        let mut values = Vec::with_capacity(nexts.len());
+        let mut entries = Vec::with_capacity(nexts.len());
+        let mut sizes = Vec::with_capacity(nexts.len());
+        let mut hashes = Vec::with_capacity(nexts.len());
         self.write_tokens.clear();
-        for (key, (old_h, new, delta)) in touched {
-            let new = new.as_ref().unwrap_or(&delta);
+        for (key, next) in nexts {
             // A state must fit an anti-entropy frame, or it could never be
             // repaired, and a client's answer, or it could never be read.
-            // Sealed once here, the record is what the store writes.
-            let record = Record::seal(&key, new)?;
             let limit = self.cfg.max_value_bytes.min(self.cfg.max_message_bytes / 2);
-            if record.body_len() > limit {
+            if next.record.body_len() > limit {
                 return Err(Error::ValueTooLarge {
                     key: key.as_str().chars().take(64).collect(),
-                    size: record.body_len(),
+                    size: next.record.body_len(),
                     limit,
                 });
             }
+            let Next {
+                old_h,
+                record,
+                new_h,
+                token,
+                delta,
+                delta_size,
+            } = next;
             let policy = self.cfg.policy.lookup_index(key.as_str());
-            hashes.push((policy, key.hash(), old_h, Some(item_hash(&key, new)?)));
-            self.write_tokens.push((key.clone(), CausalToken::of(Some(new))));
+            hashes.push((policy, key.hash(), old_h, Some(new_h)));
+            self.write_tokens.push((key.clone(), token));
             values.push((key.clone(), record));
-            entries.push((key, Arc::new(delta)));
+            entries.push((key.clone(), Arc::new(delta)));
+            sizes.push(delta_size);
         }
-        let (sizes, bytes) = entry_sizes(&entries)?;
+        // A MessagePack array header is at most 5 bytes.
+        let bytes = sizes.iter().sum::<usize>() + 5;
         if bytes > self.cfg.max_message_bytes / 2 {
             return Err(Error::MessageTooLarge {
                 size: bytes,
@@ -765,12 +790,25 @@ impl<S: Store> Replica<S> {
     /// ([`Decoded::new`]), which a driver may do on another thread: decoding
     /// a large frame is pure work that need not hold up the engine.
     pub fn handle_decoded(&mut self, now: Time, from: &NodeId, decoded: Decoded) -> Result<(), Error> {
+        let Decoded { msg, len, prepared } = decoded;
+        self.prepared = prepared;
+        let result = self.handle_message(now, from, msg, len);
+        self.prepared = Prepared::default();
+        result
+    }
+
+    fn handle_message(
+        &mut self,
+        now: Time,
+        from: &NodeId,
+        msg: Result<Message, Error>,
+        frame_len: usize,
+    ) -> Result<(), Error> {
         self.now = self.now.max(now);
         if !self.peers.contains_key(from) {
             self.stats.rejected += 1;
             return Err(Error::UnknownPeer(from.0.clone()));
         }
-        let Decoded { msg, len: frame_len } = decoded;
         self.stats.received.0 += 1;
         self.stats.received.1 += frame_len as u64;
         let msg = match msg.and_then(|m| {
@@ -1154,33 +1192,22 @@ impl<S: Store> Replica<S> {
         Ok(())
     }
 
-    /// Why a remote state cannot have come from correct replicas, checked
-    /// before any join: dots of this replica it never created (it is their
-    /// only source), dot counters past [`MAX_DOT_COUNTER`], or counter
-    /// totals of this replica above its own. Such entries are dropped and
-    /// counted; the rest of the frame is applied.
-    fn impossible(&self, remote: &Value, current: Option<&Value>) -> Option<&'static str> {
-        #[cfg(feature = "planted-bugs")]
-        if crate::planted::active(crate::planted::PlantedBug::HostileAccepted) {
-            return None;
-        }
-        let mine = current.map(Value::context).unwrap_or_default();
-        let my_max = mine.next_dot(self.id).counter - 1;
-        for (r, hi) in remote.context().maxima() {
-            if hi > MAX_DOT_COUNTER {
-                return Some("dot counter past the limit");
+    /// The result prepared beside the engine for `key` and `want`, if one
+    /// was and the key's record is still the one it was computed from;
+    /// `None` otherwise (the caller does the work).
+    fn take_prepared(&mut self, key: &Key, want: Want<'_>) -> Result<Option<Merge>, Error> {
+        let store = &self.store;
+        match self.prepared.take(key, self.id, want, || store.record_digest(key))? {
+            Taken::Absent => Ok(None),
+            Taken::Stale => {
+                self.stats.prepared_stale += 1;
+                Ok(None)
             }
-            if r == self.id && hi > my_max {
-                return Some("a dot of this replica that it never created");
+            Taken::Fresh(merge) => {
+                self.stats.prepared_used += 1;
+                Ok(Some(merge))
             }
         }
-        if let Some((inc, dec)) = remote.counter_entry(self.id) {
-            let (my_inc, my_dec) = current.and_then(|c| c.counter_entry(self.id)).unwrap_or((0, 0));
-            if inc > my_inc || dec > my_dec {
-                return Some("a counter total of this replica above its own");
-            }
-        }
-        None
     }
 
     /// Applies remote states or deltas: stores only their novel part, and
@@ -1188,11 +1215,10 @@ impl<S: Store> Replica<S> {
     fn apply_remote(&mut self, from: &NodeId, entries: Vec<(Key, Arc<Value>)>) -> Result<usize, Error> {
         let mut values = Vec::new();
         let mut novel_entries = Vec::new();
+        let mut novel_sizes = Vec::new();
         let mut hashes = Vec::new();
         let from_region = self.peers.get(from).map(|p| p.cfg.region.clone());
         for (key, remote) in entries {
-            // A received entry is its value's only holder: no copy.
-            let remote = Arc::unwrap_or_clone(remote);
             // Residency, on the receiving side: never store what may not
             // pass between the sender's region and ours.
             let allowed = from_region
@@ -1203,13 +1229,24 @@ impl<S: Store> Replica<S> {
                 tracing::warn!(key = %key, peer = %from, "refused a key this region may not hold from that peer");
                 continue;
             }
-            let current = self.store.get(&key)?;
-            if let Some(why) = self.impossible(&remote, current.as_ref()) {
+            let early = remote.lww_stamp();
+            let merge = match self.take_prepared(&key, Want::Merge(&remote))? {
+                Some(merge) => merge,
+                None => prepare::remote_next(
+                    self.id,
+                    &key,
+                    self.store.get(&key)?,
+                    remote,
+                    self.cfg.relay,
+                    self.cfg.check_invariants,
+                )?,
+            };
+            if let Merge::Impossible(why) = merge {
                 self.stats.hostile_refused += 1;
                 tracing::warn!(key = %key, peer = %from, why, "refused an impossible remote state");
                 continue;
             }
-            if let Some((stamp, _)) = remote.lww_stamp() {
+            if let Some((stamp, _)) = early {
                 // Not impossible, only early: the whole frame waits (it is
                 // neither applied nor acknowledged, and is sent again) until
                 // our clock is within the bound of the stamp, so the stamp
@@ -1230,53 +1267,20 @@ impl<S: Store> Replica<S> {
                     }));
                 }
             }
-            let whole = self.cfg.check_invariants.then(|| remote.clone());
-            let novel = match &current {
-                Some(c) => c.novel(&remote),
-                None => Some(remote),
-            };
-            let Some(novel) = novel else {
+            let Merge::Changed(next) = merge else {
                 self.stats.redundant_entries += 1;
                 continue;
             };
-            let whole = whole.map(|mut w| {
-                if let Some(c) = &current {
-                    w.join(c);
-                }
-                w
-            });
-            // The state is moved into the join, not copied; whether the join
-            // changed it is told by its digest (a 128-bit hash of the
-            // value's canonical form, which the anti-entropy tree compares
-            // the same way).
-            let old_h = current.as_ref().map(|v| item_hash(&key, v)).transpose()?;
-            // A key new here takes the novel part itself as its state.
-            let joined = current.map(|mut c| {
-                c.join(&novel);
-                c
-            });
-            let next = joined.as_ref().unwrap_or(&novel);
-            debug_assert!(next.is_well_formed(), "a remote join broke a CRDT invariant on {key:?}");
-            if let Some(whole) = whole {
-                assert!(
-                    whole == *next,
-                    "joining the novel part of {key:?} differs from the whole join: {next:?} vs {whole:?}"
-                );
-            }
-            let new_h = item_hash(&key, next)?;
-            if old_h == Some(new_h) {
-                self.stats.redundant_entries += 1;
-                continue;
-            }
             let policy = self.cfg.policy.lookup_index(key.as_str());
-            hashes.push((policy, key.hash(), old_h, Some(new_h)));
+            hashes.push((policy, key.hash(), next.old_h, Some(next.new_h)));
             self.events.push_back(Event::RemoteApplied {
                 key: key.clone(),
                 from: from.clone(),
-                token: CausalToken::of(Some(next)),
+                token: next.token,
             });
-            values.push((key.clone(), Record::seal(&key, next)?));
-            novel_entries.push((key, Arc::new(novel)));
+            values.push((key.clone(), next.record));
+            novel_entries.push((key, Arc::new(next.delta)));
+            novel_sizes.push(next.delta_size);
         }
         let changed = values.len();
         if changed == 0 {
@@ -1290,14 +1294,14 @@ impl<S: Store> Replica<S> {
         let mut groups = Vec::new();
         #[cfg(feature = "planted-bugs")]
         let novel_entries = if crate::planted::active(crate::planted::PlantedBug::RelayHole)
-            && entry_sizes(&novel_entries)?.1 > self.cfg.max_message_bytes / 2
+            && novel_sizes.iter().sum::<usize>() > self.cfg.max_message_bytes / 2
         {
             Vec::new()
         } else {
             novel_entries
         };
         if self.cfg.relay {
-            let (sizes, _) = entry_sizes(&novel_entries)?;
+            let sizes = novel_sizes;
             let limit = self.cfg.max_message_bytes / 2;
             let (mut chunk, mut chunk_sizes, mut bytes) = (Vec::new(), Vec::new(), 5);
             for (entry, size) in novel_entries.into_iter().zip(sizes) {

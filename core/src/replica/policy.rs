@@ -2,7 +2,7 @@
 //! peers about it, write concerns, and per-policy status.
 
 use super::merkle::{item_hash, Forest};
-use super::{ConcernWait, Event, Replica, ReplicaConfig, Time, WriteId};
+use super::{ConcernWait, Event, Prepared, Replica, ReplicaConfig, Time, WriteId};
 use crate::crdt::Op;
 use crate::key::Key;
 use crate::policy::PolicySet;
@@ -118,6 +118,25 @@ impl<S: Store> Replica<S> {
 
     pub(super) fn on_policy(&mut self, now: Time, from: &NodeId, set: PolicySet) -> Result<(), Error> {
         self.adopt(now, set, Some(from.clone())).map(|_| ())
+    }
+
+    /// [`Replica::write_with`] with results prepared beside the engine
+    /// ([`Prepared::write`] over the same `ops`): keys whose record is
+    /// still the one a result was computed from take it; the others are
+    /// computed here. The outcome is the same as without them.
+    pub fn write_prepared(
+        &mut self,
+        now: Time,
+        op_id: Option<OpId>,
+        ops: Vec<(Key, Op)>,
+        concern: WriteConcern,
+        timeout_ms: u64,
+        prepared: Prepared,
+    ) -> Result<(WriteId, bool), Error> {
+        self.prepared = prepared;
+        let result = self.write_with(now, op_id, ops, concern, timeout_ms);
+        self.prepared = Prepared::default();
+        result
     }
 
     /// [`Replica::write_once`] with a write concern: besides
