@@ -95,6 +95,8 @@ pub struct Metrics {
     policy_version: Gauge,
     policy_adopted: Gauge,
     rate_limited: Gauge,
+    prepared_used: Gauge,
+    prepared_stale: Gauge,
     buffer_groups: Gauge,
     buffer_bytes: Gauge,
     ae_rounds: Gauge,
@@ -219,6 +221,14 @@ impl Metrics {
                 "rate_limited_intervals",
                 "Sync intervals in which a peer's deltas waited for its link's rate limit (since start)"
             ),
+            prepared_used: gauge!(
+                "prepared_keys_taken",
+                "Keys of large writes and merges whose work was done beside the engine and taken (since start)"
+            ),
+            prepared_stale: gauge!(
+                "prepared_keys_stale",
+                "Keys prepared beside the engine whose record changed first; the engine redid the work (since start)"
+            ),
             buffer_groups: gauge!("delta_buffer_groups", "Delta-groups buffered for peers"),
             buffer_bytes: gauge!("delta_buffer_bytes", "Bytes of buffered delta-groups"),
             ae_rounds: gauge!("anti_entropy_rounds", "Anti-entropy rounds started since start"),
@@ -260,6 +270,8 @@ impl Metrics {
         self.policy_version.set(replica.policy().version as i64);
         self.policy_adopted.set(s.policy_adopted as i64);
         self.rate_limited.set(s.rate_limited as i64);
+        self.prepared_used.set(s.prepared_used as i64);
+        self.prepared_stale.set(s.prepared_stale as i64);
         for p in replica.peer_status(now) {
             let label = vec![("peer".to_string(), p.node.0.clone())];
             self.peer_alive.get_or_create(&label).set(i64::from(p.alive));

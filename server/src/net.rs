@@ -18,7 +18,7 @@ use lattice_core::proto::client::{
     CLIENT_ALPN, MAX_ANSWER_FRAME, MAX_CLIENT_FRAME, PEER_ALPN,
 };
 use lattice_core::proto::{NodeId, DEFAULT_MAX_MESSAGE_BYTES};
-use lattice_core::replica::Decoded;
+use lattice_core::replica::{Decoded, Prepared};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rand::Rng;
 use std::collections::BTreeSet;
@@ -555,14 +555,27 @@ async fn peer_connection(conn: quinn::Connection, inbound: Arc<Inbound>) {
             loop {
                 match read_frame_within(&mut recv, DEFAULT_MAX_MESSAGE_BYTES, PEER_FRAME_TIMEOUT).await {
                     Ok(Some(bytes)) => {
+                        if !inbound.engine.peer_room(bytes.len()) {
+                            // The engine is saturated: drop before decoding;
+                            // the peer retransmits.
+                            inbound.metrics.peer_frames_dropped.inc();
+                            continue;
+                        }
                         // Decoded here, not on the engine thread: a large
                         // frame (a 10^5-element set is 2.5 MB) takes tens
                         // of ms to decode, which is pure work. Large ones go
                         // to the blocking pool so this runtime's workers stay
                         // free; one at a time per stream, so order is kept.
+                        // There its merges are prepared too (`Prepared`):
+                        // the engine takes each whose key did not change.
                         let frame = if bytes.len() > DECODE_APART_BYTES {
-                            match tokio::task::spawn_blocking(move || Decoded::new(&bytes, DEFAULT_MAX_MESSAGE_BYTES))
-                                .await
+                            let reads = inbound.reads.clone();
+                            match tokio::task::spawn_blocking(move || {
+                                let mut frame = Decoded::new(&bytes, DEFAULT_MAX_MESSAGE_BYTES);
+                                reads.prepare_frame(&mut frame);
+                                frame
+                            })
+                            .await
                             {
                                 Ok(f) => f,
                                 Err(_) => return, // the runtime is shutting down
@@ -1049,17 +1062,38 @@ async fn serve(req: ClientRequest, meta: Request, inbound: &Inbound, session: &C
             concern,
             timeout_ms,
         } => {
+            // A large add or merge's work on its key's whole state is done
+            // here, beside the engine, which takes it if the key did not
+            // change meanwhile (`Prepared`); small writes are left to it.
+            let large = ops.iter().map(|(_, op)| op.elements()).sum::<usize>() >= crate::node::PREPARE_MIN_ELEMENTS;
+            let (ops, prepared) = if large {
+                let reads = inbound.reads.clone();
+                match tokio::task::spawn_blocking(move || {
+                    let prepared = reads.prepare_write(&ops);
+                    (ops, prepared)
+                })
+                .await
+                {
+                    Ok(done) => done,
+                    Err(_) => return error(ErrorKind::Unavailable, "the node is shutting down"),
+                }
+            } else {
+                (ops, Prepared::default())
+            };
+            // Charged for what it holds: the request and the prepared states.
+            let bytes = meta.bytes + prepared.bytes();
             let (tx, rx) = oneshot::channel();
             let input = Input::Write {
                 op_id,
                 retry,
                 ops,
+                prepared,
                 concern,
                 timeout_ms,
                 conn: meta.conn,
                 reply: tx,
             };
-            if inbound.engine.try_send_from(input, meta.bytes, meta.conn).is_err() {
+            if inbound.engine.try_send_from(input, bytes, meta.conn).is_err() {
                 return overloaded(&inbound.metrics);
             }
             match rx.await {

@@ -8,6 +8,7 @@ use crate::metrics::Metrics;
 use crate::queue::{EngineRx, PeerTx, RecvError};
 use crate::storage::{Durability, SledStore, StoreReader};
 use crate::waits::{Recent, Refused, Seen, WaitLimits, Waits};
+use lattice_core::clock::ReplicaId;
 use lattice_core::crdt::{Op, Value};
 use lattice_core::policy::audit::AuditEntry;
 use lattice_core::policy::PolicySet;
@@ -16,7 +17,7 @@ use lattice_core::proto::client::{
     WriteConcern,
 };
 use lattice_core::proto::{NodeId, RegionId};
-use lattice_core::replica::{Decoded, Event, Replica, Time, WriteId};
+use lattice_core::replica::{Decoded, Event, Prepared, Replica, Time, WriteId};
 use lattice_core::{Error, Key};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -62,6 +63,9 @@ pub enum Input {
         retry: bool,
         /// Operations.
         ops: Vec<(Key, Op)>,
+        /// Their work on large states, done beside the engine (taken where
+        /// still current: see [`Prepared`]).
+        prepared: Prepared,
         /// How many regions must hold it before the answer.
         concern: WriteConcern,
         /// How long to wait for them (0: the configured default).
@@ -182,6 +186,8 @@ pub struct Reads {
     region: RegionId,
     /// Flushes so far ([`Recent::epoch`]), published after each.
     epoch: std::sync::atomic::AtomicU64,
+    /// The engine's replica id (one per process: a life).
+    replica: ReplicaId,
 }
 
 impl Reads {
@@ -192,7 +198,23 @@ impl Reads {
             policy: std::sync::RwLock::new(Arc::new(replica.policy().clone())),
             region: replica.config().region.clone(),
             epoch: std::sync::atomic::AtomicU64::new(0),
+            replica: replica.id(),
         }
+    }
+
+    /// Prepares the work of a large write beside the engine ([`Prepared`]):
+    /// its keys whose operations carry at least [`PREPARE_MIN_ELEMENTS`]
+    /// elements, against their flushed records. Runs for as long as the
+    /// engine would (tens of ms at 10^5 elements): call it off the async
+    /// workers.
+    pub fn prepare_write(&self, ops: &[(Key, Op)]) -> Prepared {
+        Prepared::write(self.replica, ops, PREPARE_MIN_ELEMENTS, |k| self.store.record(k))
+    }
+
+    /// Prepares the merges of a decoded peer frame beside the engine, like
+    /// [`Reads::prepare_write`].
+    pub fn prepare_frame(&self, frame: &mut Decoded) {
+        frame.prepare(self.replica, |k| self.store.record(k));
     }
 
     /// The flushes the store holds: a read that starts after this call
@@ -231,6 +253,11 @@ impl Reads {
         }
     }
 }
+
+/// A write whose operations on a key carry at least this many elements
+/// ([`Op::elements`]) has that key's work prepared beside the engine: below
+/// it the work is cheaper than reading the record a second time.
+pub const PREPARE_MIN_ELEMENTS: usize = 1_024;
 
 /// Most inputs one engine step takes before it flushes and answers.
 const MAX_STEP_INPUTS: usize = 1_024;
@@ -381,6 +408,7 @@ pub fn run(
                     op_id,
                     retry,
                     ops,
+                    prepared,
                     concern,
                     timeout_ms,
                     conn,
@@ -405,7 +433,7 @@ pub fn run(
                     } else {
                         timeout_ms.min(3_600_000)
                     };
-                    match replica.write_with(now, Some(op_id), ops, concern, timeout_ms) {
+                    match replica.write_prepared(now, Some(op_id), ops, concern, timeout_ms, prepared) {
                         Ok((id, duplicate)) => {
                             // From the states the write made: no key is
                             // read (and decoded) again.

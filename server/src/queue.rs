@@ -189,7 +189,8 @@ impl EngineTx {
         match &input {
             Input::Shutdown => s.control.push_back(input),
             Input::Frame { frame, from } => {
-                let cost = payload.max(frame.len()).saturating_mul(DECODED_COST) + INPUT_OVERHEAD;
+                let cost =
+                    payload.max(frame.len()).saturating_mul(DECODED_COST) + INPUT_OVERHEAD + frame.prepared_bytes();
                 if s.peer.bytes + cost > limits.peer_bytes || s.peer.items >= limits.items {
                     return Err(QueueFull);
                 }
@@ -211,6 +212,16 @@ impl EngineTx {
         drop(s);
         self.0.ready.notify_one();
         Ok(())
+    }
+
+    /// Whether a peer frame of `len` bytes would fit the peer budget now
+    /// (charged as [`EngineTx::try_send_from`] charges it, before any
+    /// merges are prepared for it): checked before the frame is decoded, so
+    /// a full queue costs no decoding. Sending it may still be refused.
+    pub fn peer_room(&self, len: usize) -> bool {
+        let s = lock(&self.0);
+        let cost = len.saturating_mul(DECODED_COST) + INPUT_OVERHEAD;
+        s.peer.bytes + cost <= self.0.limits.peer_bytes && s.peer.items < self.0.limits.items
     }
 
     /// [`EngineTx::try_send_from`] for the node's own inputs (metrics,
@@ -430,6 +441,7 @@ mod tests {
             op_id: lattice_core::proto::client::OpId(n as u128),
             retry: false,
             ops: Vec::new(),
+            prepared: lattice_core::replica::Prepared::default(),
             concern: lattice_core::proto::client::WriteConcern::Local,
             timeout_ms: 0,
             conn,
@@ -481,6 +493,22 @@ mod tests {
             from: NodeId(from.into()),
             frame: lattice_core::replica::Decoded::new(&vec![0; len], usize::MAX),
         }
+    }
+
+    #[test]
+    fn peer_room_is_what_sending_the_frame_would_be_charged() {
+        let limits = QueueLimits {
+            peer_bytes: 1 << 20,
+            ..QueueLimits::default()
+        };
+        let (tx, _rx) = engine_queue(limits);
+        let fits = ((1 << 20) - INPUT_OVERHEAD) / DECODED_COST;
+        assert!(tx.peer_room(fits));
+        assert!(!tx.peer_room(fits + 1));
+        assert!(tx.try_send(frame_from("a", fits + 1)).is_err());
+        assert!(tx.try_send(frame_from("a", 1_000)).is_ok());
+        assert!(!tx.peer_room(fits), "a queued frame takes room");
+        assert!(tx.peer_room(fits - 1_000 - INPUT_OVERHEAD / DECODED_COST - 1));
     }
 
     #[test]

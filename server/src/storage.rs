@@ -55,6 +55,7 @@
 use lattice_core::crdt::Value;
 use lattice_core::proto::client::OpId;
 use lattice_core::proto::{from_bytes, to_bytes, DeltaGroup};
+use lattice_core::replica::{record_digest, RecordDigest};
 use lattice_core::store::{open_record, seal_record, Meta, Store, WriteBatch, OP_ID_RETENTION};
 use lattice_core::{Error, Key};
 use serde::{Deserialize, Serialize};
@@ -160,10 +161,16 @@ pub struct StoreReader {
 impl StoreReader {
     /// The value of `key` as of the last flush.
     pub fn get(&self, key: &Key) -> Result<Option<Value>, Error> {
-        match self.tree.get(value_key(key)).map_err(store_err)? {
+        match self.record(key)? {
             Some(v) => open_record(key, &v).map(Some),
             None => Ok(None),
         }
+    }
+
+    /// The stored record of `key` as of the last flush, undecoded (what
+    /// [`Prepared`](lattice_core::replica::Prepared) results are computed from).
+    pub fn record(&self, key: &Key) -> Result<Option<sled::IVec>, Error> {
+        self.tree.get(value_key(key)).map_err(store_err)
     }
 }
 
@@ -519,6 +526,10 @@ impl Store for SledStore {
             Ok(())
         })?;
         Ok(out)
+    }
+
+    fn record_digest(&self, key: &Key) -> Result<Option<RecordDigest>, Error> {
+        self.read_raw(&value_key(key), |r| Ok(record_digest(r)))
     }
 
     fn has_op(&self, op: OpId) -> Result<bool, Error> {
