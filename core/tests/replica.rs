@@ -1507,3 +1507,30 @@ fn prepared_writes_and_merges_equal_the_engines_own_and_stale_ones_are_redone() 
     assert_eq!(set(&t.w[1]), set(&t.w[0]), "the two nodes converged");
     assert!(matches!(set(&t.w[1]), Some(ValueView::Set(s)) if s.len() == 8_000));
 }
+
+/// A write whose operations fail in several ways fails with the error of
+/// its first failing operation, in the order given (as before work could be
+/// prepared beside the engine): neither a later operation's invalid key
+/// nor a failure on a key that sorts first takes its place.
+#[test]
+fn a_write_fails_with_its_first_failing_operations_error() {
+    let mut r = open(0, 1, MemoryStore::new(), 7);
+    let t = Time(1);
+    r.write(t, vec![(key("z"), Op::CounterAdd(1)), (key("a"), Op::SetAdd(vec!["x".into()]))])
+        .unwrap();
+    let empty: Key = proto::from_bytes(&proto::to_bytes(&"").unwrap()).unwrap();
+    assert!(!empty.is_valid());
+    // The first operation cannot apply; a later one's key is invalid.
+    let e = r
+        .write(t, vec![(key("z"), Op::SetAdd(vec!["y".into()])), (empty, Op::CounterAdd(1))])
+        .unwrap_err();
+    assert!(matches!(e, Error::TypeMismatch { .. }), "{e:?}");
+    // Two operations cannot apply: the first given, not the first key.
+    let e = r
+        .write(t, vec![(key("z"), Op::SetAdd(vec!["y".into()])), (key("a"), Op::CounterAdd(1))])
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::TypeMismatch { found: lattice_core::crdt::Kind::Set, .. }),
+        "{e:?}"
+    );
+}
