@@ -1534,3 +1534,57 @@ fn a_write_fails_with_its_first_failing_operations_error() {
         "{e:?}"
     );
 }
+
+/// A result prepared under another replica id (a driver's id from another
+/// life), or for fewer operations on its key than the write has, is stale:
+/// the engine does the work itself and ends where it would without it.
+#[test]
+fn prepared_results_for_another_replica_or_other_operations_are_not_taken() {
+    use lattice_core::proto::client::WriteConcern;
+    use lattice_core::replica::Prepared;
+    let mut w = open(0, 1, MemoryStore::new(), 7);
+    let mut twin = open(0, 1, MemoryStore::new(), 7);
+    assert_eq!(w.id(), twin.id());
+    let elems = |from: usize, n: usize| -> Vec<_> { (from..from + n).map(|i| format!("e{i}").as_str().into()).collect() };
+    let big = key("big");
+    let ops = vec![(big.clone(), Op::SetAdd(elems(0, 10)))];
+    let other = lattice_core::clock::ReplicaId(w.id().0 ^ 1);
+    let p = Prepared::write(other, &ops, 0, |k| Ok(w.store().record(k)));
+    assert_eq!(p.len(), 1);
+    w.write_prepared(Time(1), None, ops.clone(), WriteConcern::Local, 0, p).unwrap();
+    twin.write(Time(1), ops).unwrap();
+    assert_eq!(w.store().record(&big), twin.store().record(&big), "another replica's result was taken");
+    assert_eq!((w.stats().prepared_used, w.stats().prepared_stale), (0, 1));
+    let ops = vec![
+        (big.clone(), Op::SetAdd(elems(10, 10))),
+        (big.clone(), Op::SetRemove(elems(0, 5))),
+    ];
+    let p = Prepared::write(w.id(), &ops[..1], 0, |k| Ok(w.store().record(k)));
+    assert_eq!(p.len(), 1);
+    w.write_prepared(Time(2), None, ops.clone(), WriteConcern::Local, 0, p).unwrap();
+    twin.write(Time(2), ops).unwrap();
+    assert_eq!(w.store().record(&big), twin.store().record(&big), "a result for other operations was taken");
+    assert_eq!((w.stats().prepared_used, w.stats().prepared_stale), (0, 2));
+}
+
+/// Results handed with a write that failed before using them are dropped
+/// with it: a later write of the key without results, as many operations
+/// and on the same record, does not take them.
+#[test]
+fn prepared_results_of_a_failed_write_are_not_taken_by_the_next() {
+    use lattice_core::proto::client::WriteConcern;
+    use lattice_core::replica::Prepared;
+    let mut w = open(0, 1, MemoryStore::new(), 7);
+    let mut twin = open(0, 1, MemoryStore::new(), 7);
+    let big = key("big");
+    let empty: Key = proto::from_bytes(&proto::to_bytes(&"").unwrap()).unwrap();
+    let add = |s: &str| Op::SetAdd(vec![s.into()]);
+    let ops = vec![(big.clone(), add("x")), (empty, Op::CounterAdd(1))];
+    let p = Prepared::write(w.id(), &ops, 0, |k| Ok(w.store().record(k)));
+    assert_eq!(p.len(), 1);
+    assert!(w.write_prepared(Time(1), None, ops, WriteConcern::Local, 0, p).is_err());
+    let ops = vec![(big.clone(), add("y"))];
+    w.write(Time(2), ops.clone()).unwrap();
+    twin.write(Time(2), ops).unwrap();
+    assert_eq!(w.store().record(&big), twin.store().record(&big), "a failed write's result was taken");
+}
