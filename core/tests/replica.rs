@@ -1516,21 +1516,36 @@ fn prepared_writes_and_merges_equal_the_engines_own_and_stale_ones_are_redone() 
 fn a_write_fails_with_its_first_failing_operations_error() {
     let mut r = open(0, 1, MemoryStore::new(), 7);
     let t = Time(1);
-    r.write(t, vec![(key("z"), Op::CounterAdd(1)), (key("a"), Op::SetAdd(vec!["x".into()]))])
-        .unwrap();
+    r.write(
+        t,
+        vec![(key("z"), Op::CounterAdd(1)), (key("a"), Op::SetAdd(vec!["x".into()]))],
+    )
+    .unwrap();
     let empty: Key = proto::from_bytes(&proto::to_bytes(&"").unwrap()).unwrap();
     assert!(!empty.is_valid());
     // The first operation cannot apply; a later one's key is invalid.
     let e = r
-        .write(t, vec![(key("z"), Op::SetAdd(vec!["y".into()])), (empty, Op::CounterAdd(1))])
+        .write(
+            t,
+            vec![(key("z"), Op::SetAdd(vec!["y".into()])), (empty, Op::CounterAdd(1))],
+        )
         .unwrap_err();
     assert!(matches!(e, Error::TypeMismatch { .. }), "{e:?}");
     // Two operations cannot apply: the first given, not the first key.
     let e = r
-        .write(t, vec![(key("z"), Op::SetAdd(vec!["y".into()])), (key("a"), Op::CounterAdd(1))])
+        .write(
+            t,
+            vec![(key("z"), Op::SetAdd(vec!["y".into()])), (key("a"), Op::CounterAdd(1))],
+        )
         .unwrap_err();
     assert!(
-        matches!(e, Error::TypeMismatch { found: lattice_core::crdt::Kind::Set, .. }),
+        matches!(
+            e,
+            Error::TypeMismatch {
+                found: lattice_core::crdt::Kind::Set,
+                ..
+            }
+        ),
         "{e:?}"
     );
 }
@@ -1545,15 +1560,21 @@ fn prepared_results_for_another_replica_or_other_operations_are_not_taken() {
     let mut w = open(0, 1, MemoryStore::new(), 7);
     let mut twin = open(0, 1, MemoryStore::new(), 7);
     assert_eq!(w.id(), twin.id());
-    let elems = |from: usize, n: usize| -> Vec<_> { (from..from + n).map(|i| format!("e{i}").as_str().into()).collect() };
+    let elems =
+        |from: usize, n: usize| -> Vec<_> { (from..from + n).map(|i| format!("e{i}").as_str().into()).collect() };
     let big = key("big");
     let ops = vec![(big.clone(), Op::SetAdd(elems(0, 10)))];
     let other = lattice_core::clock::ReplicaId(w.id().0 ^ 1);
     let p = Prepared::write(other, &ops, 0, |k| Ok(w.store().record(k)));
     assert_eq!(p.len(), 1);
-    w.write_prepared(Time(1), None, ops.clone(), WriteConcern::Local, 0, p).unwrap();
+    w.write_prepared(Time(1), None, ops.clone(), WriteConcern::Local, 0, p)
+        .unwrap();
     twin.write(Time(1), ops).unwrap();
-    assert_eq!(w.store().record(&big), twin.store().record(&big), "another replica's result was taken");
+    assert_eq!(
+        w.store().record(&big),
+        twin.store().record(&big),
+        "another replica's result was taken"
+    );
     assert_eq!((w.stats().prepared_used, w.stats().prepared_stale), (0, 1));
     let ops = vec![
         (big.clone(), Op::SetAdd(elems(10, 10))),
@@ -1561,9 +1582,14 @@ fn prepared_results_for_another_replica_or_other_operations_are_not_taken() {
     ];
     let p = Prepared::write(w.id(), &ops[..1], 0, |k| Ok(w.store().record(k)));
     assert_eq!(p.len(), 1);
-    w.write_prepared(Time(2), None, ops.clone(), WriteConcern::Local, 0, p).unwrap();
+    w.write_prepared(Time(2), None, ops.clone(), WriteConcern::Local, 0, p)
+        .unwrap();
     twin.write(Time(2), ops).unwrap();
-    assert_eq!(w.store().record(&big), twin.store().record(&big), "a result for other operations was taken");
+    assert_eq!(
+        w.store().record(&big),
+        twin.store().record(&big),
+        "a result for other operations was taken"
+    );
     assert_eq!((w.stats().prepared_used, w.stats().prepared_stale), (0, 2));
 }
 
@@ -1586,5 +1612,9 @@ fn prepared_results_of_a_failed_write_are_not_taken_by_the_next() {
     let ops = vec![(big.clone(), add("y"))];
     w.write(Time(2), ops.clone()).unwrap();
     twin.write(Time(2), ops).unwrap();
-    assert_eq!(w.store().record(&big), twin.store().record(&big), "a failed write's result was taken");
+    assert_eq!(
+        w.store().record(&big),
+        twin.store().record(&big),
+        "a failed write's result was taken"
+    );
 }

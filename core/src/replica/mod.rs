@@ -40,7 +40,7 @@ use crate::store::{Meta, Record, Store, WriteBatch};
 use crate::Error;
 use merkle::Forest;
 use policy::build_forest;
-use prepare::{Merge, Next, Taken, Want};
+use prepare::{Applying, Merge, Next, Slot, Taken, Want};
 use rand_core::RngCore;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -615,8 +615,16 @@ impl<S: Store> Replica<S> {
             replica: self.id,
             time: self.hlc.now(wall),
         };
-        // Before any work: every key valid and writable here.
+        // Each key's operations in order, as given: the write fails with
+        // its first failing operation's error. A key whose work was prepared
+        // beside the engine takes it at its first operation, for all of them
+        // (a key is prepared only if every operation on it applies).
+        let mut counts: BTreeMap<&Key, usize> = BTreeMap::new();
         for (key, _) in &ops {
+            *counts.entry(key).or_default() += 1;
+        }
+        let mut touched: BTreeMap<&Key, Slot> = BTreeMap::new();
+        for (key, op) in &ops {
             if !key.is_valid() {
                 return Err(Error::InvalidKey(key.as_str().chars().take(64).collect()));
             }
@@ -624,17 +632,26 @@ impl<S: Store> Replica<S> {
                 self.stats.policy_denied += 1;
                 return Err(e);
             }
+            let slot = match touched.entry(key) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    let ops_on_key = counts.get(key).copied().unwrap_or(1);
+                    let slot = match self.take_prepared(key, Want::Write(ops_on_key))? {
+                        Some(Merge::Changed(next)) => Slot::Prepared(next),
+                        _ => Slot::Applying(Applying::start(key, self.store.get(key)?)?),
+                    };
+                    e.insert(slot)
+                }
+            };
+            if let Slot::Applying(a) = slot {
+                a.apply(op, stamp)?;
+            }
         }
-        // Each key's operations, in order, applied to its state at once.
-        let mut by_key: BTreeMap<&Key, Vec<&Op>> = BTreeMap::new();
-        for (key, op) in &ops {
-            by_key.entry(key).or_default().push(op);
-        }
-        let mut nexts = Vec::with_capacity(by_key.len());
-        for (key, kops) in by_key {
-            let next = match self.take_prepared(key, Want::Write(kops.len()))? {
-                Some(Merge::Changed(next)) => *next,
-                _ => prepare::local_next(key, self.store.get(key)?, &kops, stamp)?,
+        let mut nexts = Vec::with_capacity(touched.len());
+        for (key, slot) in touched {
+            let next = match slot {
+                Slot::Prepared(next) => *next,
+                Slot::Applying(a) => a.finish(key)?,
             };
             nexts.push((key, next));
         }

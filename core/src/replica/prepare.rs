@@ -74,45 +74,85 @@ fn entry_size(key: &Key, delta: &Value) -> Result<usize, Error> {
     Ok(proto::to_bytes(&(key, delta))?.len())
 }
 
-/// Applies a write's operations on one key, in order, to its current state.
-pub(crate) fn local_next(key: &Key, current: Option<Value>, ops: &[&Op], stamp: WriteStamp) -> Result<Next, Error> {
-    let old_h = current.as_ref().map(|v| item_hash(key, v)).transpose()?;
-    // The state is moved, not copied; a key written for the first time has
-    // its delta as its state (`next` stays `None` until a second operation
-    // needs both): at 10^5 set elements a copy or a join of the whole state
-    // is a sizeable part of the write.
-    let mut next = current;
-    let mut delta: Option<Value> = None;
-    for op in ops {
-        let state = match (&mut next, &delta) {
+/// A write's operations on one key, applied one by one to its state.
+pub(crate) struct Applying {
+    /// The item hash of the state before.
+    old_h: Option<u128>,
+    /// The state so far. It is moved, not copied; a key written for the
+    /// first time has its delta as its state (`next` stays `None` until a
+    /// second operation needs both): at 10^5 set elements a copy or a join
+    /// of the whole state is a sizeable part of the write.
+    next: Option<Value>,
+    /// The joined deltas so far.
+    delta: Option<Value>,
+}
+
+impl Applying {
+    /// Starts from `key`'s current state.
+    pub(crate) fn start(key: &Key, current: Option<Value>) -> Result<Applying, Error> {
+        Ok(Applying {
+            old_h: current.as_ref().map(|v| item_hash(key, v)).transpose()?,
+            next: current,
+            delta: None,
+        })
+    }
+
+    /// Applies the next operation.
+    pub(crate) fn apply(&mut self, op: &Op, stamp: WriteStamp) -> Result<(), Error> {
+        let state = match (&mut self.next, &self.delta) {
             (Some(n), _) => Some(&*n),
             (None, Some(d)) => {
-                next = Some(d.clone());
-                next.as_ref()
+                self.next = Some(d.clone());
+                self.next.as_ref()
             }
             (None, None) => None,
         };
         let d = Value::apply(state, op, stamp)?;
-        if let Some(n) = &mut next {
+        if let Some(n) = &mut self.next {
             n.join(&d);
         }
-        match &mut delta {
+        match &mut self.delta {
             Some(acc) => acc.join(&d),
-            None => delta = Some(d),
+            None => self.delta = Some(d),
         }
+        Ok(())
     }
-    let delta = delta.ok_or_else(|| Error::InvalidOp("a write with no operation on a key".into()))?;
-    let new = next.as_ref().unwrap_or(&delta);
-    debug_assert!(new.is_well_formed(), "a local write broke a CRDT invariant on {key:?}");
-    Ok(Next {
-        old_h,
-        // Sealed once here, the record is what the store writes.
-        record: Record::seal(key, new)?,
-        new_h: item_hash(key, new)?,
-        token: CausalToken::of(Some(new)),
-        delta_size: entry_size(key, &delta)?,
-        delta,
-    })
+
+    /// The new state, sealed, with what the engine records of the change.
+    pub(crate) fn finish(self, key: &Key) -> Result<Next, Error> {
+        let delta = self
+            .delta
+            .ok_or_else(|| Error::InvalidOp("a write with no operation on a key".into()))?;
+        let new = self.next.as_ref().unwrap_or(&delta);
+        debug_assert!(new.is_well_formed(), "a local write broke a CRDT invariant on {key:?}");
+        Ok(Next {
+            old_h: self.old_h,
+            // Sealed once here, the record is what the store writes.
+            record: Record::seal(key, new)?,
+            new_h: item_hash(key, new)?,
+            token: CausalToken::of(Some(new)),
+            delta_size: entry_size(key, &delta)?,
+            delta,
+        })
+    }
+}
+
+/// A key of a write being applied by the engine: its own work, or a result
+/// prepared beside it.
+pub(crate) enum Slot {
+    /// Applied here, operation by operation.
+    Applying(Applying),
+    /// Taken from [`Prepared`]: every operation on the key is in it.
+    Prepared(Box<Next>),
+}
+
+/// Applies a write's operations on one key, in order, to its current state.
+fn local_next(key: &Key, current: Option<Value>, ops: &[&Op], stamp: WriteStamp) -> Result<Next, Error> {
+    let mut a = Applying::start(key, current)?;
+    for op in ops {
+        a.apply(op, stamp)?;
+    }
+    a.finish(key)
 }
 
 /// Merges a remote state into a key's current state, keeping only its
