@@ -1080,8 +1080,9 @@ async fn serve(req: ClientRequest, meta: Request, inbound: &Inbound, session: &C
             } else {
                 (ops, Prepared::default())
             };
-            // Charged for what it holds: the request and the prepared states.
-            let bytes = meta.bytes + prepared.bytes();
+            // Charged for the request; the queue adds the prepared states
+            // (or drops them when they do not fit: the engine redoes them).
+            let bytes = meta.bytes;
             let (tx, rx) = oneshot::channel();
             let input = Input::Write {
                 op_id,

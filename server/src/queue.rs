@@ -183,18 +183,34 @@ impl EngineTx {
     /// and takes its turn as its peer's input whatever `conn` says. A
     /// shutdown is always taken. Refused (and dropped) if its class's
     /// budget is used up.
-    pub fn try_send_from(&self, input: Input, payload: usize, conn: u64) -> Result<(), QueueFull> {
+    pub fn try_send_from(&self, mut input: Input, payload: usize, conn: u64) -> Result<(), QueueFull> {
         let mut s = lock(&self.0);
         let limits = self.0.limits;
+        // Results prepared beside the engine (`Prepared`) are charged too;
+        // when they would not fit, the input goes without them (the engine
+        // does the work itself), so it is queued exactly when it was before
+        // they existed.
+        let prepared = match &input {
+            Input::Frame { frame, .. } => frame.prepared_bytes(),
+            Input::Write { prepared, .. } => prepared.bytes(),
+            _ => 0,
+        };
         match &input {
             Input::Shutdown => s.control.push_back(input),
             Input::Frame { frame, from } => {
-                let cost =
-                    payload.max(frame.len()).saturating_mul(DECODED_COST) + INPUT_OVERHEAD + frame.prepared_bytes();
-                if s.peer.bytes + cost > limits.peer_bytes || s.peer.items >= limits.items {
+                let base = payload.max(frame.len()).saturating_mul(DECODED_COST) + INPUT_OVERHEAD;
+                if s.peer.bytes + base > limits.peer_bytes || s.peer.items >= limits.items {
                     return Err(QueueFull);
                 }
                 let source = peer_source(from);
+                let cost = if s.peer.bytes + base + prepared > limits.peer_bytes {
+                    if let Input::Frame { frame, .. } = &mut input {
+                        frame.unprepare();
+                    }
+                    base
+                } else {
+                    base + prepared
+                };
                 s.peer.push(source, input, cost);
             }
             _ => {
@@ -202,10 +218,18 @@ impl EngineTx {
                     Input::Reachable(peer) => (&mut s.peer, limits.peer_bytes, peer_source(peer)),
                     _ => (&mut s.client, limits.client_bytes, conn),
                 };
-                let cost = payload + INPUT_OVERHEAD;
-                if class.bytes + cost > limit || class.items >= limits.items {
+                let base = payload + INPUT_OVERHEAD;
+                if class.bytes + base > limit || class.items >= limits.items {
                     return Err(QueueFull);
                 }
+                let cost = if class.bytes + base + prepared > limit {
+                    if let Input::Write { prepared, .. } = &mut input {
+                        *prepared = lattice_core::replica::Prepared::default();
+                    }
+                    base
+                } else {
+                    base + prepared
+                };
                 class.push(source, input, cost);
             }
         }
@@ -492,6 +516,69 @@ mod tests {
         Input::Frame {
             from: NodeId(from.into()),
             frame: lattice_core::replica::Decoded::new(&vec![0; len], usize::MAX),
+        }
+    }
+
+    /// A peer frame whose merges were prepared beside the engine into keys
+    /// holding large states (each result holds its key's new record, charged
+    /// twice) is still queued into an empty queue, as it was before
+    /// preparation: charged for results that can never fit, it was dropped
+    /// on every retransmission and the peer's deltas stalled.
+    #[test]
+    fn a_frame_prepared_against_large_records_is_still_queued() {
+        use lattice_core::clock::{HlcTimestamp, ReplicaId};
+        use lattice_core::crdt::{Op, Value, WriteStamp};
+        use lattice_core::proto::{encode, Message, PolicyStamp, Section};
+        use lattice_core::replica::Decoded;
+        use lattice_core::store::seal_record;
+        use lattice_core::Key;
+        let stamp = |r| WriteStamp {
+            replica: ReplicaId(r),
+            time: HlcTimestamp::default(),
+        };
+        // A set of about 2 MiB, held here by each of 24 keys.
+        let elems = (0..60_000).map(|i| format!("element-{i:024}").as_str().into()).collect();
+        let big = Value::apply(None, &Op::SetAdd(elems), stamp(1)).unwrap();
+        let keys: Vec<Key> = (0..24).map(|i| Key::new(format!("k{i}")).unwrap()).collect();
+        let records: std::collections::BTreeMap<Key, Vec<u8>> =
+            keys.iter().map(|k| (k.clone(), seal_record(k, &big).unwrap())).collect();
+        // The frame adds a few elements of another replica to each.
+        let entries = keys
+            .iter()
+            .map(|k| {
+                let add = (0..50).map(|i| format!("new-{i}").as_str().into()).collect();
+                (k.clone(), Arc::new(Value::apply(Some(&big), &Op::SetAdd(add), stamp(2)).unwrap()))
+            })
+            .collect();
+        let msg = Message::Delta {
+            sender: ReplicaId(2),
+            base_from: None,
+            time: HlcTimestamp::default(),
+            policy: PolicyStamp::default(),
+            sections: vec![Section {
+                class: 0,
+                base: 0,
+                from: 0,
+                to: 1,
+                entries,
+            }],
+            ack: None,
+        };
+        let bytes = encode(&msg).unwrap();
+        let mut frame = Decoded::new(&bytes, usize::MAX);
+        frame.prepare(ReplicaId(3), |k| Ok(records.get(k).cloned()));
+        let limits = QueueLimits::default();
+        assert!(frame.prepared_bytes() > limits.peer_bytes, "{}", frame.prepared_bytes());
+        let (tx, rx) = engine_queue(limits);
+        assert!(tx
+            .try_send(Input::Frame {
+                from: NodeId("a".into()),
+                frame,
+            })
+            .is_ok());
+        match rx.try_recv() {
+            Some(Input::Frame { frame, .. }) => assert_eq!(frame.prepared_bytes(), 0, "sent without its results"),
+            _ => panic!("the frame was not queued"),
         }
     }
 

@@ -250,6 +250,12 @@ impl Decoded {
         self.prepared.bytes()
     }
 
+    /// Drops the prepared results (the engine then does their work itself):
+    /// for a driver that has no room to hold them.
+    pub fn unprepare(&mut self) {
+        self.prepared = Prepared::default();
+    }
+
     /// The frame's length in bytes.
     pub fn len(&self) -> usize {
         self.len
