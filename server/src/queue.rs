@@ -537,17 +537,24 @@ mod tests {
             time: HlcTimestamp::default(),
         };
         // A set of about 2 MiB, held here by each of 24 keys.
-        let elems = (0..60_000).map(|i| format!("element-{i:024}").as_str().into()).collect();
+        let elems = (0..60_000)
+            .map(|i| format!("element-{i:024}").as_str().into())
+            .collect();
         let big = Value::apply(None, &Op::SetAdd(elems), stamp(1)).unwrap();
         let keys: Vec<Key> = (0..24).map(|i| Key::new(format!("k{i}")).unwrap()).collect();
-        let records: std::collections::BTreeMap<Key, Vec<u8>> =
-            keys.iter().map(|k| (k.clone(), seal_record(k, &big).unwrap())).collect();
+        let records: std::collections::BTreeMap<Key, Vec<u8>> = keys
+            .iter()
+            .map(|k| (k.clone(), seal_record(k, &big).unwrap()))
+            .collect();
         // The frame adds a few elements of another replica to each.
         let entries = keys
             .iter()
             .map(|k| {
                 let add = (0..50).map(|i| format!("new-{i}").as_str().into()).collect();
-                (k.clone(), Arc::new(Value::apply(Some(&big), &Op::SetAdd(add), stamp(2)).unwrap()))
+                (
+                    k.clone(),
+                    Arc::new(Value::apply(Some(&big), &Op::SetAdd(add), stamp(2)).unwrap()),
+                )
             })
             .collect();
         let msg = Message::Delta {
