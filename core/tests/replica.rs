@@ -1428,7 +1428,7 @@ impl Twins {
                 let mut d = Decoded::new(&f, usize::MAX);
                 let r = &self.w[to];
                 let old = self.before[to].clone();
-                d.prepare(r.id(), |k| {
+                d.prepare(r.id(), usize::MAX, |k| {
                     Ok(if stale && *k == big {
                         old.clone()
                     } else {
@@ -1456,7 +1456,7 @@ impl Twins {
         use lattice_core::replica::Prepared;
         let big = Self::big();
         let r = &self.w[0];
-        let p = Prepared::write(r.id(), &ops, 1_000, |k| {
+        let p = Prepared::write(r.id(), &ops, 1_000, usize::MAX, |k| {
             Ok(base.clone().unwrap_or_else(|| r.store().record(k)))
         });
         assert_eq!(p.len(), 1, "only the large key is prepared");
@@ -1565,7 +1565,7 @@ fn prepared_results_for_another_replica_or_other_operations_are_not_taken() {
     let big = key("big");
     let ops = vec![(big.clone(), Op::SetAdd(elems(0, 10)))];
     let other = lattice_core::clock::ReplicaId(w.id().0 ^ 1);
-    let p = Prepared::write(other, &ops, 0, |k| Ok(w.store().record(k)));
+    let p = Prepared::write(other, &ops, 0, usize::MAX, |k| Ok(w.store().record(k)));
     assert_eq!(p.len(), 1);
     w.write_prepared(Time(1), None, ops.clone(), WriteConcern::Local, 0, p)
         .unwrap();
@@ -1580,7 +1580,7 @@ fn prepared_results_for_another_replica_or_other_operations_are_not_taken() {
         (big.clone(), Op::SetAdd(elems(10, 10))),
         (big.clone(), Op::SetRemove(elems(0, 5))),
     ];
-    let p = Prepared::write(w.id(), &ops[..1], 0, |k| Ok(w.store().record(k)));
+    let p = Prepared::write(w.id(), &ops[..1], 0, usize::MAX, |k| Ok(w.store().record(k)));
     assert_eq!(p.len(), 1);
     w.write_prepared(Time(2), None, ops.clone(), WriteConcern::Local, 0, p)
         .unwrap();
@@ -1606,7 +1606,7 @@ fn prepared_results_of_a_failed_write_are_not_taken_by_the_next() {
     let empty: Key = proto::from_bytes(&proto::to_bytes(&"").unwrap()).unwrap();
     let add = |s: &str| Op::SetAdd(vec![s.into()]);
     let ops = vec![(big.clone(), add("x")), (empty, Op::CounterAdd(1))];
-    let p = Prepared::write(w.id(), &ops, 0, |k| Ok(w.store().record(k)));
+    let p = Prepared::write(w.id(), &ops, 0, usize::MAX, |k| Ok(w.store().record(k)));
     assert_eq!(p.len(), 1);
     assert!(w.write_prepared(Time(1), None, ops, WriteConcern::Local, 0, p).is_err());
     let ops = vec![(big.clone(), add("y"))];
@@ -1617,4 +1617,30 @@ fn prepared_results_of_a_failed_write_are_not_taken_by_the_next() {
         twin.store().record(&big),
         "a failed write's result was taken"
     );
+}
+
+/// Preparation stops once its results hold `max_bytes`: the keys past the
+/// cap are left to the engine, which ends where it would anyway.
+#[test]
+fn preparation_stops_at_its_byte_cap_and_the_engine_does_the_rest() {
+    use lattice_core::proto::client::WriteConcern;
+    use lattice_core::replica::Prepared;
+    let mut w = open(0, 1, MemoryStore::new(), 7);
+    let mut twin = open(0, 1, MemoryStore::new(), 7);
+    let ops: Vec<(Key, Op)> = (0..3)
+        .map(|k| {
+            let elems = (0..1_000).map(|i| format!("e{k}-{i}").as_str().into()).collect();
+            (key(&format!("k{k}")), Op::SetAdd(elems))
+        })
+        .collect();
+    let all = Prepared::write(w.id(), &ops, 0, usize::MAX, |k| Ok(w.store().record(k)));
+    assert_eq!(all.len(), 3);
+    let capped = Prepared::write(w.id(), &ops, 0, 1, |k| Ok(w.store().record(k)));
+    assert_eq!(capped.len(), 1, "the first key only: the cap is checked before each");
+    assert!(capped.bytes() < all.bytes() / 2);
+    w.write_prepared(Time(1), None, ops.clone(), WriteConcern::Local, 0, capped)
+        .unwrap();
+    twin.write(Time(1), ops).unwrap();
+    assert_eq!(w.digest(), twin.digest());
+    assert_eq!((w.stats().prepared_used, w.stats().prepared_stale), (1, 0));
 }

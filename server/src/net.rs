@@ -1065,11 +1065,15 @@ async fn serve(req: ClientRequest, meta: Request, inbound: &Inbound, session: &C
             // A large add or merge's work on its key's whole state is done
             // here, beside the engine, which takes it if the key did not
             // change meanwhile (`Prepared`); small writes are left to it.
+            // At most `PREPARING` at once: past that, the engine does it.
+            static PREPARING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(crate::node::PREPARING);
             let large = ops.iter().map(|(_, op)| op.elements()).sum::<usize>() >= crate::node::PREPARE_MIN_ELEMENTS;
-            let (ops, prepared) = if large {
+            let slot = if large { PREPARING.try_acquire().ok() } else { None };
+            let (ops, prepared) = if let Some(slot) = slot {
                 let reads = inbound.reads.clone();
                 match tokio::task::spawn_blocking(move || {
                     let prepared = reads.prepare_write(&ops);
+                    drop(slot);
                     (ops, prepared)
                 })
                 .await

@@ -208,13 +208,15 @@ impl Reads {
     /// engine would (tens of ms at 10^5 elements): call it off the async
     /// workers.
     pub fn prepare_write(&self, ops: &[(Key, Op)]) -> Prepared {
-        Prepared::write(self.replica, ops, PREPARE_MIN_ELEMENTS, |k| self.store.record(k))
+        Prepared::write(self.replica, ops, PREPARE_MIN_ELEMENTS, PREPARE_MAX_BYTES, |k| {
+            self.store.record(k)
+        })
     }
 
     /// Prepares the merges of a decoded peer frame beside the engine, like
     /// [`Reads::prepare_write`].
     pub fn prepare_frame(&self, frame: &mut Decoded) {
-        frame.prepare(self.replica, |k| self.store.record(k));
+        frame.prepare(self.replica, PREPARE_MAX_BYTES, |k| self.store.record(k));
     }
 
     /// The flushes the store holds: a read that starts after this call
@@ -258,6 +260,16 @@ impl Reads {
 /// ([`Op::elements`]) has that key's work prepared beside the engine: below
 /// it the work is cheaper than reading the record a second time.
 pub const PREPARE_MIN_ELEMENTS: usize = 1_024;
+
+/// One input's prepared results stop growing at this many bytes
+/// ([`Prepared::bytes`]); the rest of its work is left to the engine. With
+/// at most [`PREPARING`] writes and one frame per peer stream prepared at
+/// once, this bounds the memory preparation holds before the queue charges
+/// it (a key's result is at most about 3 x 4 MiB past the cap).
+pub const PREPARE_MAX_BYTES: usize = 16 << 20;
+
+/// Writes prepared at once (the others go to the engine unprepared).
+pub const PREPARING: usize = 2;
 
 /// Most inputs one engine step takes before it flushes and answers.
 const MAX_STEP_INPUTS: usize = 1_024;

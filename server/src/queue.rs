@@ -573,7 +573,7 @@ mod tests {
         };
         let bytes = encode(&msg).unwrap();
         let mut frame = Decoded::new(&bytes, usize::MAX);
-        frame.prepare(ReplicaId(3), |k| Ok(records.get(k).cloned()));
+        frame.prepare(ReplicaId(3), usize::MAX, |k| Ok(records.get(k).cloned()));
         let limits = QueueLimits::default();
         assert!(frame.prepared_bytes() > limits.peer_bytes, "{}", frame.prepared_bytes());
         let (tx, rx) = engine_queue(limits);

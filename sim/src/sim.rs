@@ -945,7 +945,7 @@ impl Sim {
         let stale = self.prepare_rng.gen_bool(0.5);
         let prepared = if self.prepare_rng.gen_bool(self.cfg.prepare.clamp(0.0, 1.0)) {
             let store = r.store();
-            Prepared::write(r.id(), &ops, 0, |k| {
+            Prepared::write(r.id(), &ops, 0, usize::MAX, |k| {
                 Ok(match old_records.get(k) {
                     Some(old) if stale => old.clone(),
                     _ => store.record(k),
@@ -1774,7 +1774,7 @@ impl Sim {
                         if self.prepare_rng.gen_bool(self.cfg.prepare.clamp(0.0, 1.0)) {
                             let stale = self.prepare_rng.gen_bool(0.5);
                             let (store, old_records) = (r.store(), &node.old_records);
-                            frame.prepare(r.id(), |k| {
+                            frame.prepare(r.id(), usize::MAX, |k| {
                                 Ok(match old_records.get(k) {
                                     Some(old) if stale => old.clone(),
                                     _ => store.record(k),

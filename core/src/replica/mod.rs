@@ -235,13 +235,16 @@ impl Decoded {
     /// (see [`Prepared`]), as replica `replica` would: `record` returns a
     /// key's stored record. The engine takes each result whose record is
     /// still the stored one and merges the others itself.
+    /// Once the results hold `max_bytes` ([`Prepared::bytes`]), the other
+    /// merges are left to the engine.
     pub fn prepare<R: AsRef<[u8]>>(
         &mut self,
         replica: ReplicaId,
+        max_bytes: usize,
         record: impl FnMut(&Key) -> Result<Option<R>, Error>,
     ) {
         if let Ok(msg) = &self.msg {
-            self.prepared = Prepared::message(replica, msg, record);
+            self.prepared = Prepared::message(replica, msg, max_bytes, record);
         }
     }
 

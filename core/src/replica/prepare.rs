@@ -305,11 +305,14 @@ impl Prepared {
     /// `min_elements` elements between them ([`Op::elements`]) and none of
     /// which reads the clock, against their records as `record` returns
     /// them. A key whose work fails (a type mismatch, a decode error) is
-    /// left to the engine, which then fails the write the same way.
+    /// left to the engine, which then fails the write the same way. Once the
+    /// results hold `max_bytes` ([`Prepared::bytes`]), the rest are left to
+    /// the engine too.
     pub fn write<R: AsRef<[u8]>>(
         replica: ReplicaId,
         ops: &[(Key, Op)],
         min_elements: usize,
+        max_bytes: usize,
         mut record: impl FnMut(&Key) -> Result<Option<R>, Error>,
     ) -> Prepared {
         let mut by_key: BTreeMap<&Key, Vec<&Op>> = BTreeMap::new();
@@ -323,6 +326,9 @@ impl Prepared {
         };
         let mut out = Prepared::default();
         for (key, kops) in by_key {
+            if out.bytes >= max_bytes {
+                break;
+            }
             if kops.iter().any(|op| op.uses_clock())
                 || kops.iter().map(|op| op.elements()).sum::<usize>() < min_elements
                 || !key.is_valid()
@@ -353,11 +359,15 @@ impl Prepared {
     fn merges<R: AsRef<[u8]>>(
         replica: ReplicaId,
         entries: impl Iterator<Item = (Key, Arc<Value>)>,
+        max_bytes: usize,
         mut record: impl FnMut(&Key) -> Result<Option<R>, Error>,
     ) -> Prepared {
         let mut out = Prepared::default();
         let mut twice = Vec::new();
         for (key, remote) in entries {
+            if out.bytes >= max_bytes {
+                break;
+            }
             if out.keys.contains_key(&key) {
                 // A second state of the key in the frame is merged after the
                 // first, into a record not yet stored: the engine does both.
@@ -391,6 +401,7 @@ impl Prepared {
     pub(crate) fn message<R: AsRef<[u8]>>(
         replica: ReplicaId,
         msg: &Message,
+        max_bytes: usize,
         record: impl FnMut(&Key) -> Result<Option<R>, Error>,
     ) -> Prepared {
         match msg {
@@ -399,6 +410,7 @@ impl Prepared {
                 sections
                     .iter()
                     .flat_map(|s| s.entries.iter().map(|(k, v)| (k.clone(), v.clone()))),
+                max_bytes,
                 record,
             ),
             _ => Prepared::default(),
