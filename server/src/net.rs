@@ -1084,9 +1084,6 @@ async fn serve(req: ClientRequest, meta: Request, inbound: &Inbound, session: &C
             } else {
                 (ops, Prepared::default())
             };
-            // Charged for the request; the queue adds the prepared states
-            // (or drops them when they do not fit: the engine redoes them).
-            let bytes = meta.bytes;
             let (tx, rx) = oneshot::channel();
             let input = Input::Write {
                 op_id,
@@ -1098,7 +1095,9 @@ async fn serve(req: ClientRequest, meta: Request, inbound: &Inbound, session: &C
                 conn: meta.conn,
                 reply: tx,
             };
-            if inbound.engine.try_send_from(input, bytes, meta.conn).is_err() {
+            // Charged for the request; the queue adds the prepared states
+            // (or drops them when they do not fit: the engine redoes them).
+            if inbound.engine.try_send_from(input, meta.bytes, meta.conn).is_err() {
                 return overloaded(&inbound.metrics);
             }
             match rx.await {

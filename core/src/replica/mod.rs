@@ -656,21 +656,16 @@ impl<S: Store> Replica<S> {
                 a.apply(op, stamp)?;
             }
         }
-        let mut nexts = Vec::with_capacity(touched.len());
+        let mut values = Vec::with_capacity(touched.len());
+        let mut entries = Vec::with_capacity(touched.len());
+        let mut sizes = Vec::with_capacity(touched.len());
+        let mut hashes = Vec::with_capacity(touched.len());
+        self.write_tokens.clear();
         for (key, slot) in touched {
             let next = match slot {
                 Slot::Prepared(next) => *next,
                 Slot::Applying(a) => a.finish(key)?,
             };
-            nexts.push((key, next));
-        }
-        // Every operation applies (no type mismatch): now the sizes.
-        let mut values = Vec::with_capacity(nexts.len());
-        let mut entries = Vec::with_capacity(nexts.len());
-        let mut sizes = Vec::with_capacity(nexts.len());
-        let mut hashes = Vec::with_capacity(nexts.len());
-        self.write_tokens.clear();
-        for (key, next) in nexts {
             // A state must fit an anti-entropy frame, or it could never be
             // repaired, and a client's answer, or it could never be read.
             let limit = self.cfg.max_value_bytes.min(self.cfg.max_message_bytes / 2);

@@ -363,15 +363,13 @@ impl Prepared {
         mut record: impl FnMut(&Key) -> Result<Option<R>, Error>,
     ) -> Prepared {
         let mut out = Prepared::default();
-        let mut twice = Vec::new();
         for (key, remote) in entries {
             if out.bytes >= max_bytes {
                 break;
             }
             if out.keys.contains_key(&key) {
                 // A second state of the key in the frame is merged after the
-                // first, into a record not yet stored: the engine does both.
-                twice.push(key);
+                // first, into a record not stored yet: the engine does it.
                 continue;
             }
             let prepared = (|| {
@@ -382,14 +380,6 @@ impl Prepared {
             })();
             if let Ok((base, merge)) = prepared {
                 out.insert(key, replica, base, Source::Merge(remote), merge);
-            }
-        }
-        for key in twice {
-            if let Some(p) = out.keys.remove(&key) {
-                if let Merge::Changed(n) = &p.merge {
-                    out.bytes -= 2 * n.record.as_bytes().len() + n.delta_size;
-                }
-                out.bytes -= key.as_str().len() + 128;
             }
         }
         out
