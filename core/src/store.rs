@@ -16,7 +16,6 @@ use crate::clock::ReplicaId;
 use crate::crdt::Value;
 use crate::key::Key;
 use crate::proto::client::OpId;
-use crate::proto::DeltaGroup;
 use crate::replica::{record_digest, RecordDigest};
 use crate::Error;
 use serde::{Deserialize, Serialize};
@@ -62,6 +61,11 @@ impl Record {
     /// The record's bytes, check included.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
+    }
+
+    /// The record's bytes, check included, without a copy.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.0
     }
 
     /// The encoded state's length (the record without its check).
@@ -112,16 +116,15 @@ pub struct Meta {
     pub async_life: bool,
 }
 
-/// One atomic change: values, buffer changes and metadata together, so the
-/// state, the delta buffer and the counters can never disagree on disk.
+/// One atomic change: values, metadata and op ids together, so the states
+/// and the counters can never disagree on disk. (The delta buffer is not
+/// stored: it lives in memory, bounded by `max_buffer_bytes`, and what a
+/// crash takes from it is repaired by the anti-entropy round every restart
+/// begins with each peer.)
 #[derive(Clone, Debug, Default)]
 pub struct WriteBatch {
     /// New full states of keys, sealed.
     pub values: Vec<(Key, Record)>,
-    /// Delta groups to append to the durable buffer.
-    pub buffer_append: Vec<DeltaGroup>,
-    /// Drop buffered groups with a smaller sequence number.
-    pub buffer_trim_below: Option<u64>,
     /// New metadata.
     pub meta: Option<Meta>,
     /// Client operation ids this batch applies (for idempotent retries).
@@ -134,11 +137,7 @@ pub const OP_ID_RETENTION: usize = 100_000;
 impl WriteBatch {
     /// True when the batch changes nothing.
     pub fn is_empty(&self) -> bool {
-        self.values.is_empty()
-            && self.buffer_append.is_empty()
-            && self.buffer_trim_below.is_none()
-            && self.meta.is_none()
-            && self.op_ids.is_empty()
+        self.values.is_empty() && self.meta.is_none() && self.op_ids.is_empty()
     }
 }
 
@@ -153,8 +152,6 @@ pub trait Store {
     fn scan_all(&self, f: &mut dyn FnMut(&Key, &Value)) -> Result<(), Error>;
     /// The engine's metadata, if this store has been used before.
     fn meta(&self) -> Result<Option<Meta>, Error>;
-    /// The durable delta buffer, in sequence order.
-    fn buffer(&self) -> Result<Vec<DeltaGroup>, Error>;
     /// Whether a client operation id was applied (among the last
     /// [`OP_ID_RETENTION`]).
     fn has_op(&self, op: OpId) -> Result<bool, Error>;
@@ -195,7 +192,6 @@ struct Sealed {
 #[derive(Clone, Debug, Default)]
 struct Image {
     values: Ordered,
-    buffer: VecDeque<DeltaGroup>,
     meta: Option<Meta>,
     ops: std::collections::BTreeSet<OpId>,
     op_order: VecDeque<OpId>,
@@ -207,12 +203,6 @@ impl Image {
             self.values.insert((k.hash().bucket(), k.clone()), v.clone());
         }
         let batch = &sealed.rest;
-        if let Some(below) = batch.buffer_trim_below {
-            while self.buffer.front().is_some_and(|g| g.seq < below) {
-                self.buffer.pop_front();
-            }
-        }
-        self.buffer.extend(batch.buffer_append.iter().cloned());
         if let Some(m) = &batch.meta {
             self.meta = Some(m.clone());
         }
@@ -391,10 +381,6 @@ impl Store for MemoryStore {
 
     fn meta(&self) -> Result<Option<Meta>, Error> {
         Ok(self.current.meta.clone())
-    }
-
-    fn buffer(&self) -> Result<Vec<DeltaGroup>, Error> {
-        Ok(self.current.buffer.iter().cloned().collect())
     }
 
     fn has_op(&self, op: OpId) -> Result<bool, Error> {

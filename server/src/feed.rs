@@ -1,6 +1,13 @@
 //! The change feed: a ring of recent change notices (key, origin, watch
-//! token; never values), kept in memory and in sled and bounded by bytes,
-//! and the watchers subscribed to it, each with a queue bounded by bytes.
+//! token; never values), kept in memory and bounded by bytes, and the
+//! watchers subscribed to it, each with a queue bounded by bytes.
+//!
+//! The ring outlives the process only through a clean shutdown: `close`
+//! writes it to sled in one batch and marks it clean, and the next start
+//! takes it back with its epoch, so watchers resume across the restart.
+//! After a crash nothing retained could be trusted to be complete anyway
+//! (a new epoch makes old tokens fail with `WatchLost`), so the ring is not
+//! written as it grows: that cost two unbatched sled operations per write.
 //!
 //! Values are not kept: a watcher's stream task reads a changed key's value
 //! beside the engine, from the store as of the last flush, when it is about
@@ -230,11 +237,23 @@ impl Feed {
         f
     }
 
-    /// Marks a clean shutdown (after the last flush).
+    /// Writes the ring to sled and marks a clean shutdown (after the last
+    /// flush): one batch, so a crash during it leaves no `clean` mark.
     pub fn close(&self) {
-        if let Some(t) = &self.tree {
-            let _ = t.insert(b"clean", &[1u8][..]);
-            let _ = t.flush();
+        let Some(t) = &self.tree else { return };
+        let mut b = sled::Batch::default();
+        for k in t.scan_prefix(b"c").keys().flatten() {
+            b.remove(k);
+        }
+        for n in &self.ring {
+            if let Ok(bytes) = lattice_core::proto::to_bytes(n) {
+                b.insert(Self::ring_key(n.token.seq), bytes);
+            }
+        }
+        b.insert(&b"epoch"[..], &self.epoch.to_be_bytes()[..]);
+        b.insert(&b"clean"[..], &[1u8][..]);
+        if let Err(e) = t.apply_batch(b).and_then(|()| t.flush().map(|_| ())) {
+            tracing::warn!(error = %e, "writing the watch feed at close failed; watchers will not resume across the restart");
         }
     }
 
@@ -264,9 +283,6 @@ impl Feed {
         while self.ring_bytes > self.limits.retained_bytes && self.ring.len() > 1 {
             let Some(old) = self.ring.pop_front() else { break };
             self.ring_bytes -= old.cost();
-            if let Some(t) = &self.tree {
-                let _ = t.remove(Self::ring_key(old.token.seq));
-            }
         }
     }
 
@@ -294,11 +310,6 @@ impl Feed {
             s.tx.end(lagged(limit));
             false
         });
-        if let Some(t) = &self.tree {
-            if let Ok(bytes) = lattice_core::proto::to_bytes(&n) {
-                let _ = t.insert(Self::ring_key(n.token.seq), bytes);
-            }
-        }
         self.retain(n);
     }
 
@@ -401,8 +412,35 @@ mod tests {
         }
         assert_eq!(feed.retained(), 10);
         assert!(feed.retained_bytes() <= limits().retained_bytes);
-        let on_disk = db.open_tree("feed").unwrap().scan_prefix(b"c").count();
-        assert_eq!(on_disk, 10, "sled keeps exactly the ring");
+        // Ring entries: `c` and a sequence number (not the `clean` mark).
+        let on_disk = || {
+            let t = db.open_tree("feed").unwrap();
+            t.scan_prefix(b"c")
+                .keys()
+                .filter(|k| k.as_ref().unwrap().len() == 9)
+                .count()
+        };
+        assert_eq!(on_disk(), 0, "nothing is written before the close");
+        feed.close();
+        assert_eq!(on_disk(), 10, "the close writes exactly the ring");
+        // Reopened after the clean close: the same ring and epoch, and the
+        // next close writes exactly the ring again.
+        let epoch = feed.epoch;
+        let mut feed = Feed::open(Some(db.open_tree("feed").unwrap()), limits());
+        assert_eq!((feed.epoch, feed.retained(), feed.next), (epoch, 10, 1_000));
+        for i in 0..5 {
+            feed.publish(key(i), region());
+        }
+        feed.close();
+        assert_eq!(on_disk(), 10);
+        // Reopened, then again without a clean close: a new epoch and an
+        // empty ring.
+        let feed = Feed::open(Some(db.open_tree("feed").unwrap()), limits());
+        assert_eq!((feed.epoch, feed.retained()), (epoch, 10));
+        drop(feed);
+        let feed = Feed::open(Some(db.open_tree("feed").unwrap()), limits());
+        assert_ne!(feed.epoch, epoch);
+        assert_eq!((feed.retained(), on_disk()), (0, 0));
     }
 
     #[test]
@@ -485,6 +523,7 @@ mod tests {
         for i in 0..1_000 {
             feed.publish(long(i), region());
         }
+        feed.close();
         // The ring: what its notices really hold, not what they were charged.
         let held: usize = feed.ring.iter().map(|n| n.key.as_str().len() + NOTICE_OVERHEAD).sum();
         assert!(held <= limits.retained_bytes, "the ring holds {held} bytes");

@@ -1,17 +1,25 @@
 //! The sled implementation of the engine's `Store`.
 //!
 //! One sled tree holds everything, under one-byte prefixes, so that a
-//! `WriteBatch` (states, delta buffer, metadata, client op ids) is one atomic
-//! `apply_batch`: the state, the buffer and the counters cannot disagree.
+//! `WriteBatch` (states, metadata, client op ids) is one atomic
+//! `apply_batch`: the states and the counters cannot disagree.
 //!
 //! | prefix | key | value |
 //! |---|---|---|
 //! | `k` | bucket (4 bytes BE) + key | `Value` as a sealed record (8-byte blake3 check, then the body) |
-//! | `b` | sequence (8 bytes BE) | `DeltaGroup` |
 //! | `m` | `meta` | `Meta` |
 //! | `i` | `identity` | node name and format version |
-//! | `o` | op id (16 bytes BE) | order number |
-//! | `q` | order number (8 bytes BE) | op id |
+//! | `p` | chunk number (8 bytes BE) | the op ids one flush applied, 16 bytes BE each |
+//!
+//! Client op ids. A write's op id is what makes its retry idempotent, so
+//! it is stored in the same batch as the write. One sled entry per flush
+//! holds the ids of every write it stores (a chunk), not two index entries
+//! per write: the ids are looked up in memory (a hash set of the last
+//! [`OP_ID_RETENTION`], loaded from the chunks at open), and a chunk is
+//! removed once the chunks after it hold that many ids. Written by older
+//! builds, and migrated at open: a delta-group per write under `b` (the
+//! buffer is no longer stored; see `lattice_core::store::WriteBatch`), and
+//! `o` (op id to order) and `q` (order to op id) per op id.
 //!
 //! Integrity. sled checks its own log with CRCs, but a bit that flips in a
 //! page after sled verified it, or in a page sled does not re-verify, would
@@ -54,12 +62,12 @@
 
 use lattice_core::crdt::Value;
 use lattice_core::proto::client::OpId;
-use lattice_core::proto::{from_bytes, to_bytes, DeltaGroup};
+use lattice_core::proto::{from_bytes, to_bytes};
 use lattice_core::replica::{record_digest, RecordDigest};
 use lattice_core::store::{open_record, seal_record, Meta, Store, WriteBatch, OP_ID_RETENTION};
 use lattice_core::{Error, Key};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 
 /// On-disk format version of this store. Version 2 sealed the states with
@@ -140,9 +148,8 @@ pub struct SledStore {
     pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// sled's log file, opened at the first fsync.
     log: Option<std::fs::File>,
-    /// Order numbers of remembered op ids: oldest and next.
-    op_oldest: u64,
-    op_next: u64,
+    /// The client op ids remembered, pending ones included.
+    ops: OpIds,
     /// The newest blob file (by its lsn name) already fsynced.
     blobs_synced: Option<u64>,
     /// Blob files fsynced since open.
@@ -309,19 +316,11 @@ impl SledStore {
                 db.flush().map_err(sled_err)?;
             }
         }
-        let order = |r: Option<Result<(sled::IVec, sled::IVec), sled::Error>>| -> Result<Option<u64>, OpenError> {
-            match r {
-                Some(Ok((k, _))) => {
-                    let mut b = [0u8; 8];
-                    b.copy_from_slice(k.get(1..9).unwrap_or(&[0; 8]));
-                    Ok(Some(u64::from_be_bytes(b)))
-                }
-                Some(Err(e)) => Err(sled_err(e)),
-                None => Ok(None),
-            }
-        };
-        let op_oldest = order(tree.scan_prefix(b"q").next())?.unwrap_or(0);
-        let op_next = order(tree.scan_prefix(b"q").next_back())?.map_or(0, |n| n + 1);
+        migrate_per_write_entries(&db, &tree).map_err(sled_err)?;
+        let ops = OpIds::load(&tree).map_err(|reason| OpenError::Corrupt {
+            path: dir.to_path_buf(),
+            reason,
+        })?;
         Ok(SledStore {
             db,
             tree,
@@ -329,8 +328,7 @@ impl SledStore {
             durability,
             pending: BTreeMap::new(),
             log: None,
-            op_oldest,
-            op_next,
+            ops,
             blobs_synced: None,
             blob_syncs: 0,
         })
@@ -469,9 +467,145 @@ impl Drop for SledStore {
     }
 }
 
+/// The last [`OP_ID_RETENTION`] client op ids, in memory, and the chunks
+/// on disk that hold them (see the module documentation).
+#[derive(Default)]
+struct OpIds {
+    /// Oldest first, pending ones included; exactly the ids in `set`.
+    order: VecDeque<OpId>,
+    set: HashSet<OpId>,
+    /// Applied since the last flush: the next chunk.
+    pending: Vec<OpId>,
+    /// The chunks on disk, oldest first: number and count of ids.
+    chunks: VecDeque<(u64, usize)>,
+    /// Ids in `chunks`.
+    on_disk: usize,
+}
+
+impl OpIds {
+    /// Remembers `op` (once), forgetting the oldest past the retention.
+    fn add(&mut self, op: OpId) {
+        if self.set.insert(op) {
+            self.order.push_back(op);
+            self.pending.push(op);
+        }
+        while self.order.len() > OP_ID_RETENTION {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+
+    /// Adds to `b` the chunk of the pending ids and the removal of the
+    /// oldest chunks the others make unneeded; returns what
+    /// [`OpIds::written`] needs once `b` is applied.
+    fn write(&self, b: &mut sled::Batch) -> (Option<(u64, usize)>, usize) {
+        let chunk = (!self.pending.is_empty()).then(|| {
+            let n = self.chunks.back().map_or(0, |c| c.0 + 1);
+            let bytes: Vec<u8> = self.pending.iter().flat_map(|o| o.0.to_be_bytes()).collect();
+            b.insert(&chunk_key(n)[..], bytes);
+            (n, self.pending.len())
+        });
+        let mut left = self.on_disk + chunk.map_or(0, |c| c.1);
+        let mut dropped = 0;
+        for &(n, count) in &self.chunks {
+            if left - count < OP_ID_RETENTION {
+                break;
+            }
+            b.remove(&chunk_key(n)[..]);
+            left -= count;
+            dropped += 1;
+        }
+        (chunk, dropped)
+    }
+
+    /// The batch [`OpIds::write`] filled was applied.
+    fn written(&mut self, (chunk, dropped): (Option<(u64, usize)>, usize)) {
+        for _ in 0..dropped {
+            if let Some((_, count)) = self.chunks.pop_front() {
+                self.on_disk -= count;
+            }
+        }
+        if let Some(c) = chunk {
+            self.chunks.push_back(c);
+            self.on_disk += c.1;
+        }
+        self.pending.clear();
+    }
+
+    /// Reads the chunks at open.
+    fn load(tree: &sled::Tree) -> Result<OpIds, String> {
+        let mut ids = OpIds::default();
+        for r in tree.scan_prefix(b"p") {
+            let (k, v) = r.map_err(|e| e.to_string())?;
+            let n = k
+                .get(1..9)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .filter(|_| k.len() == 9 && v.len() % 16 == 0)
+                .ok_or_else(|| format!("an op id chunk of {} bytes under a key of {} bytes", v.len(), k.len()))?;
+            for id in v.chunks_exact(16) {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(id);
+                ids.add(OpId(u128::from_be_bytes(b)));
+            }
+            ids.chunks.push_back((n, v.len() / 16));
+            ids.on_disk += v.len() / 16;
+        }
+        ids.pending.clear();
+        Ok(ids)
+    }
+}
+
+fn chunk_key(n: u64) -> [u8; 9] {
+    let mut k = [b'p'; 9];
+    k[1..].copy_from_slice(&n.to_be_bytes());
+    k
+}
+
+/// Rewrites what older builds stored per write (see the module
+/// documentation) in one batch: drops the delta-groups under `b`, and turns
+/// the op ids under `o` and `q` into one chunk after the existing ones.
+fn migrate_per_write_entries(db: &sled::Db, tree: &sled::Tree) -> Result<(), sled::Error> {
+    let mut b = sled::Batch::default();
+    let mut found = false;
+    for prefix in [&b"b"[..], b"o"] {
+        for k in tree.scan_prefix(prefix).keys() {
+            b.remove(k?);
+            found = true;
+        }
+    }
+    let mut ids = Vec::new();
+    for r in tree.scan_prefix(b"q") {
+        let (k, v) = r?;
+        // In order of application (the key is the order number).
+        if v.len() == 16 {
+            ids.extend_from_slice(&v);
+        }
+        b.remove(k);
+        found = true;
+    }
+    if !found {
+        return Ok(());
+    }
+    if !ids.is_empty() {
+        let next = match tree.scan_prefix(b"p").keys().next_back() {
+            Some(k) => k?
+                .get(1..9)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, |n| u64::from_be_bytes(n) + 1),
+            None => 0,
+        };
+        b.insert(&chunk_key(next)[..], ids);
+    }
+    tree.apply_batch(b)?;
+    db.flush()?;
+    Ok(())
+}
+
 impl SledStore {
     fn apply_pending(&mut self) -> Result<(), Error> {
-        if self.pending.is_empty() {
+        if self.pending.is_empty() && self.ops.pending.is_empty() {
             return Ok(());
         }
         let mut b = sled::Batch::default();
@@ -481,9 +615,11 @@ impl SledStore {
                 None => b.remove(k.as_slice()),
             }
         }
+        let ops = self.ops.write(&mut b);
         // On failure the changes stay pending (and unacknowledged).
         self.tree.apply_batch(b).map_err(store_err)?;
         self.pending.clear();
+        self.ops.written(ops);
         Ok(())
     }
 }
@@ -519,74 +655,26 @@ impl Store for SledStore {
         self.read_raw(b"mmeta", from_bytes)
     }
 
-    fn buffer(&self) -> Result<Vec<DeltaGroup>, Error> {
-        let mut out = Vec::new();
-        self.scan_raw(b"b", b"c", &mut |_, v| {
-            out.push(from_bytes(v)?);
-            Ok(())
-        })?;
-        Ok(out)
-    }
-
     fn record_digest(&self, key: &Key) -> Result<Option<RecordDigest>, Error> {
         self.read_raw(&value_key(key), |r| Ok(record_digest(r)))
     }
 
     fn has_op(&self, op: OpId) -> Result<bool, Error> {
-        let mut k = vec![b'o'];
-        k.extend_from_slice(&op.0.to_be_bytes());
-        Ok(self.read_raw(&k, |_| Ok(()))?.is_some())
+        Ok(self.ops.set.contains(&op))
     }
 
     fn apply(&mut self, batch: WriteBatch) -> Result<(), Error> {
-        // Encode everything first, so a failure changes nothing.
-        let mut changes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
-        for (k, r) in &batch.values {
-            changes.push((value_key(k), Some(r.as_bytes().to_vec())));
+        // Encode first, so a failure changes nothing.
+        let meta = batch.meta.as_ref().map(to_bytes).transpose()?;
+        for (k, r) in batch.values {
+            self.pending.insert(value_key(&k), Some(r.into_bytes()));
         }
-        if let Some(below) = batch.buffer_trim_below {
-            let end = [&[b'b'][..], &below.to_be_bytes()].concat();
-            self.scan_raw(b"b", &end, &mut |k, _| {
-                changes.push((k.to_vec(), None));
-                Ok(())
-            })?;
+        if let Some(m) = meta {
+            self.pending.insert(b"mmeta".to_vec(), Some(m));
         }
-        for g in &batch.buffer_append {
-            changes.push(([&[b'b'][..], &g.seq.to_be_bytes()].concat(), Some(to_bytes(g)?)));
+        for op in batch.op_ids {
+            self.ops.add(op);
         }
-        if let Some(m) = &batch.meta {
-            changes.push((b"mmeta".to_vec(), Some(to_bytes(m)?)));
-        }
-        let mut next = self.op_next;
-        let mut oldest = self.op_oldest;
-        for op in &batch.op_ids {
-            changes.push((
-                [&[b'o'][..], &op.0.to_be_bytes()].concat(),
-                Some(next.to_be_bytes().to_vec()),
-            ));
-            changes.push((
-                [&[b'q'][..], &next.to_be_bytes()].concat(),
-                Some(op.0.to_be_bytes().to_vec()),
-            ));
-            next += 1;
-        }
-        while next - oldest > OP_ID_RETENTION as u64 {
-            let q = [&[b'q'][..], &oldest.to_be_bytes()].concat();
-            // The op id recorded under `q`: pending in this batch, pending
-            // from an earlier one, or in sled.
-            let recorded = match changes.iter().rev().find(|(k, _)| *k == q) {
-                Some((_, v)) => v.clone(),
-                None => self.read_raw(&q, |v| Ok(v.to_vec()))?,
-            };
-            if let Some(op) = recorded {
-                changes.push(([&[b'o'][..], &op[..]].concat(), None));
-            }
-            changes.push((q, None));
-            oldest += 1;
-        }
-        self.pending.extend(changes);
-        self.op_next = next;
-        self.op_oldest = oldest;
         Ok(())
     }
 
@@ -624,7 +712,7 @@ mod tests {
     }
 
     #[test]
-    fn state_buffer_and_meta_survive_a_reopen() {
+    fn state_meta_and_op_ids_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let (id, digest) = {
             let store = open_as(dir.path(), "n1", Durability::Sync);
@@ -830,17 +918,7 @@ mod tests {
                             let v = Value::empty(kinds[r.gen_range(0..kinds.len())]);
                             b.values.push((k.clone(), Record::seal(&k, &v).unwrap()));
                         }
-                        for _ in 0..r.gen_range(0..3) {
-                            b.buffer_append.push(DeltaGroup {
-                                seq,
-                                origin: None,
-                                entries: vec![(keys[0].clone(), Value::empty(Kind::Counter).into())],
-                            });
-                            seq += 1;
-                        }
-                        if r.gen_bool(0.2) {
-                            b.buffer_trim_below = Some(r.gen_range(0..=seq));
-                        }
+                        seq += 1;
                         if r.gen_bool(0.3) {
                             b.meta = Some(Meta {
                                 replica: lattice_core::clock::ReplicaId(r.gen()),
@@ -870,8 +948,6 @@ mod tests {
                 let mut all = Vec::new();
                 s.scan_all(&mut |k, v| all.push((k.clone(), v.clone()))).unwrap();
                 assert_eq!(all.len(), m.scan_buckets(0, u32::MAX).unwrap().len(), "{at}");
-                let seqs = |b: Vec<DeltaGroup>| b.into_iter().map(|g| g.seq).collect::<Vec<_>>();
-                assert_eq!(seqs(s.buffer().unwrap()), seqs(m.buffer().unwrap()), "{at}");
                 assert_eq!(s.meta().unwrap(), m.meta().unwrap(), "{at}");
                 for op in &ops {
                     assert!(s.has_op(*op).unwrap(), "{at}");
@@ -915,6 +991,100 @@ mod tests {
         for i in [1, OP_ID_RETENTION / 2, OP_ID_RETENTION] {
             assert!(s.has_op(OpId(i as u128)).unwrap(), "id {i} is among the last 100,000");
         }
+    }
+
+    /// One chunk per flush, and the chunks on disk never hold more than
+    /// the retention plus the ids of one chunk: older ones are removed in
+    /// the flush that makes them unneeded.
+    #[test]
+    fn op_id_chunks_are_one_per_flush_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = open_as(dir.path(), "n1", Durability::Async);
+        let per_flush = 7_000;
+        for f in 0..40u128 {
+            for i in 0..per_flush {
+                s.apply(WriteBatch {
+                    op_ids: vec![OpId(f * per_flush as u128 + i as u128)],
+                    ..WriteBatch::default()
+                })
+                .unwrap();
+            }
+            s.flush().unwrap();
+            let chunks = s.tree.scan_prefix(b"p").count();
+            let ids: usize = s.tree.scan_prefix(b"p").values().map(|v| v.unwrap().len() / 16).sum();
+            assert_eq!(
+                chunks,
+                (f as usize + 1).min(OP_ID_RETENTION / per_flush + 1),
+                "flush {f}"
+            );
+            assert!(ids < OP_ID_RETENTION + per_flush, "flush {f}: {ids} ids on disk");
+            assert!(ids >= (per_flush * (f as usize + 1)).min(OP_ID_RETENTION), "flush {f}");
+        }
+        assert_eq!(s.ops.set.len(), OP_ID_RETENTION);
+        assert_eq!(s.ops.order.len(), OP_ID_RETENTION);
+        // Nothing pending, nothing written.
+        let before: Vec<_> = s.tree.scan_prefix(b"p").keys().collect();
+        s.flush().unwrap();
+        assert_eq!(before.len(), s.tree.scan_prefix(b"p").count());
+    }
+
+    /// A data dir of an older build (a delta-group per write under `b`, two
+    /// index entries per op id under `o` and `q`) opens with every op id
+    /// known, in order, and none of those entries left.
+    #[test]
+    fn per_write_entries_of_older_builds_are_migrated_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = open_as(dir.path(), "n1", Durability::Sync);
+            for (order, id) in [(5u64, 50u128), (6, 60), (7, 70)] {
+                s.tree
+                    .insert([&b"o"[..], &id.to_be_bytes()].concat(), &order.to_be_bytes()[..])
+                    .unwrap();
+                s.tree
+                    .insert([&b"q"[..], &order.to_be_bytes()].concat(), &id.to_be_bytes()[..])
+                    .unwrap();
+            }
+            s.tree
+                .insert([&b"b"[..], &3u64.to_be_bytes()].concat(), &b"a group"[..])
+                .unwrap();
+            s.db.flush().unwrap();
+        }
+        let s = open_as(dir.path(), "n1", Durability::Sync);
+        for id in [50, 60, 70] {
+            assert!(s.has_op(OpId(id)).unwrap(), "{id}");
+        }
+        assert!(!s.has_op(OpId(5)).unwrap());
+        assert_eq!(s.ops.order, [OpId(50), OpId(60), OpId(70)]);
+        for prefix in [b"b", b"o", b"q"] {
+            assert_eq!(s.tree.scan_prefix(prefix).count(), 0);
+        }
+        assert_eq!(s.tree.scan_prefix(b"p").count(), 1);
+        drop(s);
+        let s = open_as(dir.path(), "n1", Durability::Sync);
+        assert!(s.has_op(OpId(70)).unwrap(), "and after another reopen");
+    }
+
+    /// A chunk whose length is not a whole number of ids fails the open
+    /// with what is wrong, not a panic or silently fewer ids.
+    #[test]
+    fn a_torn_op_id_chunk_fails_the_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = open_as(dir.path(), "n1", Durability::Sync);
+            s.tree.insert(&chunk_key(0)[..], &[1u8; 17][..]).unwrap();
+            s.db.flush().unwrap();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let err = loop {
+            match SledStore::open(dir.path(), "n1", Durability::Sync) {
+                Err(e) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(e) => break e,
+                Ok(_) => panic!("a torn chunk was accepted"),
+            }
+        };
+        assert!(err.to_string().contains("op id chunk of 17 bytes"), "{err}");
     }
 
     #[test]

@@ -114,7 +114,6 @@ pub fn repair(keys: usize, diff: usize, depth: u8) -> Result<RepairFigures, Erro
             clean: false,
             async_life: false,
         }),
-        buffer_trim_below: Some(u64::MAX),
         ..WriteBatch::default()
     })?;
     store_b.flush()?;

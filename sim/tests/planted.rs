@@ -124,12 +124,19 @@ fn acknowledging_before_durable_is_caught_by_the_lost_write_checks() {
 /// got. Anti-entropy repairs the data, so the convergence check sees it
 /// rarely (seed 0 of these 100); the write-concern check sees it in most
 /// failed runs: a `regions(2)` write is answered on the faked
-/// acknowledgement while the second region does not hold it.
+/// acknowledgement while the second region does not hold it. The counter
+/// check sees a third effect (seed 73 since the buffer is not stored): the
+/// next interval's base is the faked acknowledgement, so the receiver
+/// joins past a gap and a counter misses the increments in it.
 #[test]
 fn a_buffer_that_forgets_unacked_groups_is_caught_by_the_concern_and_convergence_checks() {
     let t = swarm_with(PlantedBug::BufferForgetsUnacked, 100);
-    let checks = &["write-concern", "convergence"];
-    assert_caught_by(&t, checks, checks, "a buffer that drops unacknowledged groups");
+    assert_caught_by(
+        &t,
+        &["write-concern", "convergence", "counter"],
+        &["write-concern", "convergence"],
+        "a buffer that drops unacknowledged groups",
+    );
 }
 
 #[test]
@@ -188,8 +195,9 @@ const CAUGHT_BY: &[(PlantedBug, u64, &[&str])] = &[
     (PlantedBug::AsyncReusesId, 20, &["convergence"]),
     // Review finding 2: a relay left a hole nobody saw.
     (PlantedBug::RelayHole, 204, &["convergence"]),
-    // Review finding 3: sections sized by the average entry.
-    (PlantedBug::SizeByAverage, 292, &["frame-size"]),
+    // Review finding 3: sections sized by the average entry (292 did until
+    // the delta buffer stopped being stored: issue 15).
+    (PlantedBug::SizeByAverage, 250, &["frame-size"]),
     // Issue 13: the shape that broke it, one large value beside small
     // counters in one batch (16 KiB frames, mixed batches): 4 of the
     // first 200 seeds catch it (2, 13, 26, 174), all of them batch seeds
@@ -216,7 +224,7 @@ const CAUGHT_BY: &[(PlantedBug, u64, &[&str])] = &[
     // Issue 13: a record rotted on disk read without its check: the reopen
     // takes the flipped value, or fails on bytes that no longer decode.
     (PlantedBug::RecordCheckIgnored, 12, &["restart", "bit-rot"]),
-    (PlantedBug::RecordCheckIgnored, 16, &["bit-rot"]),
+    (PlantedBug::RecordCheckIgnored, 42, &["bit-rot"]),
     // The lost-write and convergence checks, each at the seed where it
     // alone can tell (the swarm tests above show the rest).
     (PlantedBug::AckBeforeDurable, 74, &["lost-ack"]),
@@ -292,14 +300,17 @@ fn scan_for_catching_seeds() {
             planted::set(bug);
             let r = run_seed(seed);
             planted::set(PlantedBug::None);
-            if let Some(v) = r.violations.first() {
-                caught.push((seed, v.check));
+            let mut checks: Vec<&str> = r.violations.iter().map(|v| v.check).collect();
+            checks.sort_unstable();
+            checks.dedup();
+            if !checks.is_empty() {
+                caught.push((seed, checks));
             }
         }
         println!(
             "{bug:?}: caught by {} of {seeds} seeds; first: {:?}",
             caught.len(),
-            &caught[..caught.len().min(6)]
+            &caught[..caught.len().min(12)]
         );
     }
 }

@@ -13,7 +13,7 @@ use super::{Peer, Replica, Time};
 use crate::crdt::{Crdt, Value};
 use crate::key::Key;
 use crate::proto::{Ack, Message, NodeId, Section, CLASSES};
-use crate::store::{Store, WriteBatch};
+use crate::store::Store;
 use crate::Error;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -291,7 +291,7 @@ impl<S: Store> Replica<S> {
             });
         }
         if trimmed {
-            self.gc()?;
+            self.gc();
         }
         if sections.is_empty() {
             return Ok(false);
@@ -475,14 +475,12 @@ impl<S: Store> Replica<S> {
             self.check_concerns(now);
             return;
         }
-        if let Err(e) = self.gc() {
-            tracing::warn!(error = %e, "trimming the delta buffer failed");
-        }
+        self.gc();
         self.check_concerns(now);
     }
 
     /// Drops buffered groups every peer has, in every class.
-    pub(super) fn gc(&mut self) -> Result<(), Error> {
+    pub(super) fn gc(&mut self) {
         let mut keep_from = self.peers.values().map(Peer::min_acked).min().unwrap_or(self.next_seq);
         #[cfg(feature = "planted-bugs")]
         if crate::planted::active(crate::planted::PlantedBug::BufferForgetsUnacked) {
@@ -500,24 +498,15 @@ impl<S: Store> Replica<S> {
             }
         }
         keep_from = keep_from.min(self.durable_seq);
-        if self.front_seq() >= keep_from {
-            return Ok(());
-        }
         while self.buffer.front().is_some_and(|b| b.group.seq < keep_from) {
             if let Some(b) = self.buffer.pop_front() {
                 self.buffer_bytes -= b.bytes;
             }
         }
-        self.store.apply(WriteBatch {
-            buffer_trim_below: Some(keep_from),
-            ..WriteBatch::default()
-        })?;
-        self.dirty = true;
-        Ok(())
     }
 
     /// Drops the oldest groups while the buffer is over its byte limit.
-    pub(super) fn enforce_buffer_limit(&mut self) -> Result<(), Error> {
+    pub(super) fn enforce_buffer_limit(&mut self) {
         let mut dropped = 0;
         while self.buffer_bytes > self.cfg.max_buffer_bytes && self.buffer.len() > 1 {
             if let Some(b) = self.buffer.pop_front() {
@@ -525,16 +514,7 @@ impl<S: Store> Replica<S> {
                 dropped += 1;
             }
         }
-        if dropped > 0 {
-            self.stats.buffer_dropped += dropped;
-            let front = self.front_seq();
-            self.store.apply(WriteBatch {
-                buffer_trim_below: Some(front),
-                ..WriteBatch::default()
-            })?;
-            self.dirty = true;
-        }
-        Ok(())
+        self.stats.buffer_dropped += dropped;
     }
 }
 

@@ -10,7 +10,9 @@
 //!
 //! Protocol summary (ARCHITECTURE.md has the full version):
 //! - every local batch becomes one *delta-group* with a sequence number, in
-//!   a bounded buffer persisted with the state in one atomic store batch;
+//!   a buffer kept in memory and bounded by bytes (not stored: a restart
+//!   begins with a repair round with every peer, which brings them what the
+//!   last life had not delivered);
 //! - groups are sent to each peer once durable, joined into one `Delta`
 //!   message per sync interval (batching), skipping groups that came from
 //!   that peer (no back-propagation); received deltas are reduced to their
@@ -270,16 +272,6 @@ impl Decoded {
     }
 }
 
-fn entry_sizes<V: serde::Serialize>(entries: &[(Key, V)]) -> Result<(Vec<usize>, usize), Error> {
-    let mut sizes = Vec::with_capacity(entries.len());
-    for e in entries {
-        sizes.push(proto::to_bytes(e)?.len());
-    }
-    // A MessagePack array header is at most 5 bytes.
-    let total = sizes.iter().sum::<usize>() + 5;
-    Ok((sizes, total))
-}
-
 /// One node's replication state machine. See the module documentation.
 pub struct Replica<S: Store> {
     cfg: ReplicaConfig,
@@ -393,19 +385,11 @@ impl<S: Store> Replica<S> {
         regions.sort();
         regions.dedup();
         let tree = build_forest(&cfg, &regions, &store)?;
-        let mut buffer = VecDeque::new();
-        let mut buffer_bytes = 0;
-        for group in store.buffer()? {
-            let (sizes, bytes) = entry_sizes(&group.entries)?;
-            buffer_bytes += bytes;
-            buffer.push_back(Buffered {
-                group,
-                bytes,
-                sizes,
-                at: now,
-            });
-        }
-        let front = buffer.front().map_or(meta.next_seq, |b| b.group.seq);
+        // The delta buffer starts empty: it is not stored. What the last
+        // life had not delivered, and the peers everything they wrote while
+        // this node was down, come with the repair round each peer starts
+        // with (`Peer::new`).
+        let front = meta.next_seq;
         let peers = cfg
             .peers
             .iter()
@@ -418,14 +402,14 @@ impl<S: Store> Replica<S> {
             cfg.ae_interval_ms / 2 + rng.next_u64() % cfg.ae_interval_ms.max(1)
         };
         let op_ids_lost_until = op_ids_lost.then(|| now.plus(cfg.retry_window_ms));
-        let mut replica = Replica {
+        let replica = Replica {
             op_ids_lost_until,
             hlc: Hlc::new(cfg.max_clock_ahead_ms),
             id: meta.replica,
             next_seq: meta.next_seq,
             durable_seq: meta.next_seq,
-            buffer,
-            buffer_bytes,
+            buffer: VecDeque::new(),
+            buffer_bytes: 0,
             peers,
             tree,
             next_write: 0,
@@ -450,9 +434,6 @@ impl<S: Store> Replica<S> {
             store,
             rng,
         };
-        // A crash between a group's batch and the trim that followed it
-        // (a torn log tail) can leave the stored buffer over its limit.
-        replica.enforce_buffer_limit()?;
         Ok(replica)
     }
 
@@ -733,10 +714,6 @@ impl<S: Store> Replica<S> {
             op_ids: op_id.into_iter().collect(),
             ..WriteBatch::default()
         };
-        for (i, (g, _, _)) in groups.iter().enumerate() {
-            debug_assert_eq!(g.seq, self.next_seq + i as u64);
-            batch.buffer_append.push(g.clone());
-        }
         if !groups.is_empty() {
             batch.meta = Some(Meta {
                 replica: self.id,
@@ -748,6 +725,7 @@ impl<S: Store> Replica<S> {
         self.store.apply(batch)?;
         self.dirty = true;
         for (group, sizes, bytes) in groups {
+            debug_assert_eq!(group.seq, self.next_seq);
             self.next_seq += 1;
             self.buffer_bytes += bytes;
             self.buffer.push_back(Buffered {
@@ -757,7 +735,8 @@ impl<S: Store> Replica<S> {
                 at: self.now,
             });
         }
-        self.enforce_buffer_limit()
+        self.enforce_buffer_limit();
+        Ok(())
     }
 
     /// Makes everything applied so far durable, then releases what had to
@@ -1039,9 +1018,7 @@ impl<S: Store> Replica<S> {
                 }
             }
         }
-        if let Err(e) = self.gc() {
-            tracing::warn!(error = %e, "trimming the delta buffer failed");
-        }
+        self.gc();
         self.check_concerns(now);
     }
 
