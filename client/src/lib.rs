@@ -233,6 +233,8 @@ pub struct Client {
     timeout: Duration,
     read_wait: Duration,
     conns: Mutex<Vec<Option<quinn::Connection>>>,
+    /// A copy of `conns` read without waiting (`connection`).
+    open: std::sync::Mutex<Vec<Option<quinn::Connection>>>,
     session: std::sync::Mutex<Session>,
     /// Per node: until when it is skipped after failing, and the next backoff.
     health: std::sync::Mutex<Vec<(Option<std::time::Instant>, Duration)>>,
@@ -393,6 +395,7 @@ impl Client {
             timeout: Duration::from_secs(10),
             read_wait: Duration::from_secs(2),
             conns: Mutex::new(vec![None; n]),
+            open: std::sync::Mutex::new(vec![None; n]),
             session: std::sync::Mutex::new(Session::default()),
             health: std::sync::Mutex::new(vec![(None, Duration::from_millis(100)); n]),
         })
@@ -403,12 +406,12 @@ impl Client {
     /// recently wait out an exponential backoff (100 ms to 5 s), unless no
     /// node is healthy.
     async fn route(&self) -> Vec<usize> {
-        let rtts: Vec<Option<Duration>> = {
-            let conns = self.conns.lock().await;
-            conns
+        let rtts: Vec<Option<Duration>> = match self.open.lock() {
+            Ok(conns) => conns
                 .iter()
                 .map(|c| c.as_ref().filter(|c| c.close_reason().is_none()).map(|c| c.rtt()))
-                .collect()
+                .collect(),
+            Err(_) => vec![None; self.nodes.len()],
         };
         let now = std::time::Instant::now();
         let healthy = |i: usize| self.health.lock().map_or(true, |h| h[i].0.is_none_or(|t| t <= now));
@@ -583,6 +586,9 @@ impl Client {
         for c in self.conns.get_mut().iter_mut().filter_map(Option::take) {
             c.close(0u32.into(), b"revocation list changed");
         }
+        if let Ok(open) = self.open.get_mut() {
+            open.iter_mut().for_each(|c| *c = None);
+        }
         Ok(self)
     }
 
@@ -593,6 +599,13 @@ impl Client {
     }
 
     async fn connection(&self, i: usize) -> Result<quinn::Connection, Error> {
+        // The common case, without waiting on the lock that serialises
+        // handshakes: every session's request asks for the connection.
+        if let Some(c) = self.open.lock().ok().and_then(|o| o[i].clone()) {
+            if c.close_reason().is_none() {
+                return Ok(c);
+            }
+        }
         let mut conns = self.conns.lock().await;
         if let Some(c) = &conns[i] {
             if c.close_reason().is_none() {
@@ -609,6 +622,9 @@ impl Client {
             .map_err(|_| Error::Unreachable(format!("{}: no answer to the handshake", self.nodes[i])))?
             .map_err(|e| Error::Unreachable(format!("{}: {e}", self.nodes[i])))?;
         conns[i] = Some(c.clone());
+        if let Ok(mut o) = self.open.lock() {
+            o[i] = Some(c.clone());
+        }
         Ok(c)
     }
 
@@ -624,13 +640,15 @@ impl Client {
             )),
             e => Error::Protocol(e.to_string()),
         })?;
+        // One write: the length prefix and the frame (at most 1 MiB).
+        let mut buf = Vec::with_capacity(4 + frame.len());
+        buf.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+        buf.extend_from_slice(&frame);
+        drop(frame);
         let conn = self.connection(i).await?;
         let unavailable = |e: &dyn std::fmt::Display| Error::Unavailable(e.to_string());
         let (mut send, recv) = conn.open_bi().await.map_err(|e| unavailable(&e))?;
-        send.write_all(&(frame.len() as u32).to_be_bytes())
-            .await
-            .map_err(|e| unavailable(&e))?;
-        send.write_all(&frame).await.map_err(|e| unavailable(&e))?;
+        send.write_all(&buf).await.map_err(|e| unavailable(&e))?;
         let _ = send.finish();
         Ok(recv)
     }

@@ -229,13 +229,24 @@ impl Reads {
     /// Every write acknowledged before the read started is in it (writes
     /// are acknowledged after their flush).
     pub fn read(&self, key: &Key) -> Result<Option<Value>, Error> {
+        match self.read_record(key)? {
+            Some(r) => lattice_core::store::open_record(key, &r).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// [`Reads::read`] without decoding: the key's stored record (checked
+    /// and decoded by `lattice_core::store::open_record`). Cheap whatever
+    /// the value's size (sled hands out its cached bytes), so a caller can
+    /// decide by the record's length where to decode it.
+    pub fn read_record(&self, key: &Key) -> Result<Option<sled::IVec>, Error> {
         let policy = self
             .policy
             .read()
             .map(|p| p.clone())
             .map_err(|_| Error::Store("policy lock poisoned".into()))?;
         policy.check_read(key.as_str(), &self.region)?;
-        self.store.get(key)
+        self.store.record(key)
     }
 
     /// Publishes that `epoch` flushes are in the store.
