@@ -19,7 +19,7 @@ KEYS=${KEYS:-100000}
 INSTALL_REDIS=${INSTALL_REDIS:-1}
 cd "$(dirname "$0")/.."
 cargo build --release -q -p lattice-server -p lattice-client
-BIN=$PWD/target/release
+BIN=${CARGO_TARGET_DIR:-$PWD/target}/release
 work=$(mktemp -d)
 cleanup() {
     jobs -p | xargs -r kill 2>/dev/null || true

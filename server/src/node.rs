@@ -302,10 +302,14 @@ const STEP_BYTES: usize = 256 << 10;
 /// where its time went): every input queued behind it waited as long.
 const SLOW_STEP_MS: u64 = 100;
 
-/// Runs the engine until `Shutdown` or until every sender is gone.
+/// Runs the engine until `Shutdown` or until every sender is gone. Each
+/// turn is the same four steps: take inputs (as many as one step may),
+/// flush when the durability mode says so, route what the replica
+/// produced (frames to peers, answers to clients, notices to watchers),
+/// and keep house.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
-    mut replica: Replica<SledStore>,
+    replica: Replica<SledStore>,
     clock: Clock,
     durability: Durability,
     group_commit: Duration,
@@ -319,40 +323,152 @@ pub fn run(
     wait_limits: WaitLimits,
     reads: Arc<Reads>,
 ) {
-    replica.set_wall_offset(clock.wall_offset_ms);
-    let mut audit = audit;
-    let mut waiting_writes = WaitingWrites::new(wait_limits.concerns_per_conn);
-    let mut feed = feed;
-    let regions: BTreeMap<NodeId, RegionId> = replica
-        .config()
-        .peers
-        .iter()
-        .map(|p| (p.node.clone(), p.region.clone()))
-        .collect();
-    let own_region = replica.config().region.clone();
-    let mut waits: Waits<ReadReply> = Waits::new(wait_limits);
-    // The tokens of keys changed lately, by the flush that stored them.
-    let mut recent = Recent::new();
-    // Keys changed since the last flush: reads waiting on them are checked
-    // once it stored them.
-    let mut touched: BTreeSet<Key> = BTreeSet::new();
-    // Remote changes since the last flush: watchers hear of them once
-    // stored (they read the values beside the engine).
-    let mut unpublished: Vec<(Key, RegionId)> = Vec::new();
-    let mut first_unflushed: Option<Instant> = None;
-    let mut stopping = false;
-    let mut last_stats = Instant::now();
+    let mut e = Engine::new(
+        replica,
+        clock,
+        durability,
+        group_commit,
+        peers,
+        metrics,
+        node,
+        feed,
+        audit,
+        concern_ms,
+        wait_limits,
+        reads,
+    );
     loop {
-        // Sleep until the engine's next timer, a group-commit deadline or a
-        // read deadline, unless input arrives first.
-        let now = clock.now();
-        let mut wake = replica
-            .poll_timeout()
-            .map_or(Instant::now() + Duration::from_millis(100), |t| clock.at(t));
-        if let Some(t) = first_unflushed {
-            wake = wake.min(t + group_commit);
+        let mut step = e.take_inputs(&rx);
+        let flushed = e.flush_if_due(&mut step);
+        e.route_outputs(flushed);
+        e.end_step(&step, &rx);
+        if e.stopping && !e.replica.needs_flush() {
+            e.close(step.now);
+            return;
         }
-        if let Some(d) = waits.next_deadline() {
+    }
+}
+
+/// What one engine step took.
+struct Step {
+    /// When it started (its work is measured from here).
+    started: Instant,
+    /// The engine's time for the inputs it took.
+    now: Time,
+    /// Inputs taken.
+    taken: usize,
+    /// The queue was empty when the step stopped taking inputs.
+    drained: bool,
+    /// The step's work or bytes, not its count, ended it with input still
+    /// queued: it is flushed at once (waiting would hold what it took
+    /// behind work that is not in it).
+    full: bool,
+    /// Milliseconds spent on the inputs (before timers and the flush).
+    inputs_ms: u64,
+    /// ... and up to the end of the flush.
+    flushed_ms: u64,
+}
+
+/// The engine thread's state: the replica and what the driver keeps
+/// around it (waiting writes and reads, the change feed, the tokens of
+/// recent changes).
+struct Engine {
+    replica: Replica<SledStore>,
+    clock: Clock,
+    durability: Durability,
+    group_commit: Duration,
+    peers: BTreeMap<NodeId, PeerTx>,
+    metrics: Arc<Metrics>,
+    node: String,
+    feed: Feed,
+    audit: crate::audit::AuditLog,
+    concern_ms: u64,
+    reads: Arc<Reads>,
+    waiting_writes: WaitingWrites,
+    /// Each peer's region (the origin of the changes it sends).
+    regions: BTreeMap<NodeId, RegionId>,
+    own_region: RegionId,
+    waits: Waits<ReadReply>,
+    /// The tokens of keys changed lately, by the flush that stored them.
+    recent: Recent,
+    /// Keys changed since the last flush: reads waiting on them are checked
+    /// once it stored them.
+    touched: BTreeSet<Key>,
+    /// Remote changes since the last flush: watchers hear of them once
+    /// stored (they read the values beside the engine).
+    unpublished: Vec<(Key, RegionId)>,
+    first_unflushed: Option<Instant>,
+    stopping: bool,
+    last_stats: Instant,
+}
+
+impl Engine {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        mut replica: Replica<SledStore>,
+        clock: Clock,
+        durability: Durability,
+        group_commit: Duration,
+        peers: BTreeMap<NodeId, PeerTx>,
+        metrics: Arc<Metrics>,
+        node: String,
+        feed: Feed,
+        audit: crate::audit::AuditLog,
+        concern_ms: u64,
+        wait_limits: WaitLimits,
+        reads: Arc<Reads>,
+    ) -> Engine {
+        replica.set_wall_offset(clock.wall_offset_ms);
+        let regions = replica
+            .config()
+            .peers
+            .iter()
+            .map(|p| (p.node.clone(), p.region.clone()))
+            .collect();
+        let own_region = replica.config().region.clone();
+        Engine {
+            replica,
+            clock,
+            durability,
+            group_commit,
+            peers,
+            metrics,
+            node,
+            feed,
+            audit,
+            concern_ms,
+            reads,
+            waiting_writes: WaitingWrites::new(wait_limits.concerns_per_conn),
+            regions,
+            own_region,
+            waits: Waits::new(wait_limits),
+            recent: Recent::new(),
+            touched: BTreeSet::new(),
+            unpublished: Vec::new(),
+            first_unflushed: None,
+            stopping: false,
+            last_stats: Instant::now(),
+        }
+    }
+
+    /// Sleeps until the engine's next timer, a group-commit deadline or a
+    /// read deadline, unless input arrives first; then takes what else is
+    /// queued, so one flush covers a batch. The queue hands out peer frames
+    /// and client requests in turn, and each client connection and peer in
+    /// turn. Bounded by count, bytes and time: once a step has worked
+    /// [`STEP_BUDGET`], what is queued waits for the next step, and what
+    /// this step took is flushed and answered now rather than after
+    /// everything queued behind it. Then runs the replica's timers.
+    fn take_inputs(&mut self, rx: &EngineRx) -> Step {
+        let now = self.clock.now();
+        let mut wake = self
+            .replica
+            .poll_timeout()
+            .map_or(Instant::now() + Duration::from_millis(100), |t| self.clock.at(t));
+        if let Some(t) = self.first_unflushed {
+            wake = wake.min(t + self.group_commit);
+        }
+        if let Some(d) = self.waits.next_deadline() {
             wake = wake.min(d);
         }
         let timeout = wake
@@ -366,37 +482,32 @@ pub fn run(
             }
             Err(RecvError::Timeout) => None,
             Err(RecvError::Disconnected) => {
-                stopping = true;
+                self.stopping = true;
                 None
             }
         };
-        // Take what else is queued, so one flush covers a batch; the queue
-        // hands out peer frames and client requests in turn, and each
-        // client connection and peer in turn. Bounded by count and by time:
-        // once a step has worked STEP_BUDGET, what is queued waits for the
-        // next step, and what this step took is flushed and answered now
-        // rather than after everything queued behind it.
-        let mut drained = next.is_none();
-        let now = clock.now().max(now);
-        let step = Instant::now();
-        let mut taken = 0;
-        // The step's work or bytes, not its count, ended it with input
-        // still queued: flushed at once (waiting would hold what it took
-        // behind work that is not in it).
-        let mut full = false;
+        let mut step = Step {
+            started: Instant::now(),
+            now: self.clock.now().max(now),
+            taken: 0,
+            drained: next.is_none(),
+            full: false,
+            inputs_ms: 0,
+            flushed_ms: 0,
+        };
         loop {
             // The first input was taken above; each next one only after the
             // one before it was worked, so the clock check sees its cost.
-            let input = if taken == 0 {
+            let input = if step.taken == 0 {
                 match next.take() {
                     Some(i) => i,
                     None => break,
                 }
-            } else if taken >= MAX_STEP_INPUTS {
+            } else if step.taken >= MAX_STEP_INPUTS {
                 break;
-            } else if step.elapsed() >= STEP_BUDGET {
-                drained = rx.is_empty();
-                full = !drained;
+            } else if step.started.elapsed() >= STEP_BUDGET {
+                step.drained = rx.is_empty();
+                step.full = !step.drained;
                 break;
             } else {
                 match rx.try_recv_within(STEP_BYTES.saturating_sub(step_bytes)) {
@@ -405,29 +516,38 @@ pub fn run(
                         i
                     }
                     None => {
-                        drained = rx.is_empty();
-                        full = !drained;
+                        step.drained = rx.is_empty();
+                        step.full = !step.drained;
                         break;
                     }
                 }
             };
-            taken += 1;
-            match input {
-                Input::Frame { from, frame } => {
-                    metrics.peer_frames_in.inc_by(1);
-                    metrics.peer_bytes_in.inc_by(frame.len() as u64);
-                    if let Err(e) = replica.handle_decoded(now, &from, frame) {
-                        metrics.peer_frames_rejected.inc_by(1);
-                        if matches!(e, Error::CorruptFrame { .. }) {
-                            // Dropped like a lost frame: retransmission and
-                            // anti-entropy repair it. Many of these point at
-                            // faulty hardware on one of the two hosts.
-                            metrics.peer_frames_corrupt.inc_by(1);
-                        }
-                        tracing::warn!(peer = %from, error = %e, "refused a peer frame");
-                    }
-                }
-                Input::Write {
+            step.taken += 1;
+            self.handle(step.now, input);
+        }
+        self.metrics.engine_queue.set(step.taken as i64);
+        step.inputs_ms = step.started.elapsed().as_millis() as u64;
+        if let Err(e) = self.replica.handle_timeout(step.now) {
+            tracing::error!(error = %e, "engine timer failed");
+        }
+        step
+    }
+
+    /// Works one input.
+    fn handle(&mut self, now: Time, input: Input) {
+        match input {
+            Input::Frame { from, frame } => self.on_frame(now, from, frame),
+            Input::Write {
+                op_id,
+                retry,
+                ops,
+                prepared,
+                concern,
+                timeout_ms,
+                conn,
+                reply,
+            } => {
+                let write = ClientWrite {
                     op_id,
                     retry,
                     ops,
@@ -435,133 +555,169 @@ pub fn run(
                     concern,
                     timeout_ms,
                     conn,
-                    reply,
-                } => {
-                    if retry && replica.retry_outcome_unknown(now, op_id).unwrap_or(true) {
-                        let _ = reply.send(Err(Error::OutcomeUnknown));
-                        continue;
-                    }
-                    // Before the work: a connection may hold only so many
-                    // writes waiting for their concern (up to an hour each).
-                    if concern != WriteConcern::Local && waiting_writes.concerns_full(conn) {
-                        metrics.overloaded.inc();
-                        let _ = reply.send(Err(Error::Overloaded(
-                            "too many writes of this connection are waiting for their write concern (max_concern_waits_per_connection)",
-                        )));
-                        continue;
-                    }
-                    let keys: Vec<Key> = ops.iter().map(|(k, _)| k.clone()).collect();
-                    let timeout_ms = if timeout_ms == 0 {
-                        concern_ms
-                    } else {
-                        timeout_ms.min(3_600_000)
-                    };
-                    match replica.write_prepared(now, Some(op_id), ops, concern, timeout_ms, prepared) {
-                        Ok((id, duplicate)) => {
-                            // From the states the write made: no key is
-                            // read (and decoded) again.
-                            let token = replica.write_tokens().to_vec();
-                            for (k, t) in &token {
-                                recent.changed(k.clone(), t.clone());
-                                touched.insert(k.clone());
-                            }
-                            metrics.writes.inc_by(1);
-                            let changed = if duplicate { Vec::new() } else { keys };
-                            waiting_writes.insert(
-                                id,
-                                WaitingWrite {
-                                    token,
-                                    duplicate,
-                                    reply: Some(reply),
-                                    changed,
-                                    concern: (concern != WriteConcern::Local).then_some((concern, timeout_ms)),
-                                    conn,
-                                    durable: false,
-                                    timed_out: None,
-                                },
-                            );
-                            first_unflushed.get_or_insert_with(Instant::now);
-                        }
-                        Err(e) => {
-                            match e {
-                                Error::Overloaded(_) => metrics.overloaded.inc_by(1),
-                                Error::PolicyDenied { .. } => metrics.policy_denied.inc_by(1),
-                                _ => 0,
-                            };
-                            let _ = reply.send(Err(e));
-                        }
-                    }
+                };
+                self.on_write(now, write, reply);
+            }
+            Input::Reachable(peer) => {
+                if let Err(e) = self.replica.handle_reachable(now, &peer) {
+                    tracing::warn!(peer = %peer, error = %e, "reachable: not a peer");
                 }
-                Input::Reachable(peer) => {
-                    if let Err(e) = replica.handle_reachable(now, &peer) {
-                        tracing::warn!(peer = %peer, error = %e, "reachable: not a peer");
-                    }
+            }
+            Input::SetPolicy { set, reply } => {
+                let version = set.version;
+                let result = match self.replica.set_policy(now, set) {
+                    Ok(true) => Ok(version),
+                    Ok(false) => Err(Error::InvalidPolicy(format!(
+                        "version {version} is not newer than the set in force (version {})",
+                        self.replica.policy().version
+                    ))),
+                    Err(e) => Err(e),
+                };
+                // In force for the reads beside the engine before the
+                // admin hears it is: a read sent after the answer must
+                // not be served under the set it replaced.
+                self.reads.publish(self.replica.policy());
+                let _ = reply.send(result);
+            }
+            Input::Audit { reply } => {
+                let _ = reply.send(self.audit.entries());
+            }
+            Input::Read {
+                key,
+                after,
+                seen,
+                deadline,
+                conn,
+                reply,
+            } => self.on_read(key, after, seen, deadline, conn, reply),
+            Input::Watch { prefix, from, conn, tx } => self.feed.subscribe(prefix, from, conn, tx),
+            Input::Status { reply } => {
+                let _ = reply.send(status(&self.replica, now, &self.node));
+            }
+            Input::Shutdown => self.stopping = true,
+        }
+    }
+
+    fn on_frame(&mut self, now: Time, from: NodeId, frame: Decoded) {
+        self.metrics.peer_frames_in.inc_by(1);
+        self.metrics.peer_bytes_in.inc_by(frame.len() as u64);
+        if let Err(e) = self.replica.handle_decoded(now, &from, frame) {
+            self.metrics.peer_frames_rejected.inc_by(1);
+            if matches!(e, Error::CorruptFrame { .. }) {
+                // Dropped like a lost frame: retransmission and
+                // anti-entropy repair it. Many of these point at
+                // faulty hardware on one of the two hosts.
+                self.metrics.peer_frames_corrupt.inc_by(1);
+            }
+            tracing::warn!(peer = %from, error = %e, "refused a peer frame");
+        }
+    }
+
+    fn on_write(&mut self, now: Time, w: ClientWrite, reply: WriteReply) {
+        if w.retry && self.replica.retry_outcome_unknown(now, w.op_id).unwrap_or(true) {
+            let _ = reply.send(Err(Error::OutcomeUnknown));
+            return;
+        }
+        // Before the work: a connection may hold only so many writes
+        // waiting for their concern (up to an hour each).
+        if w.concern != WriteConcern::Local && self.waiting_writes.concerns_full(w.conn) {
+            self.metrics.overloaded.inc();
+            let _ = reply.send(Err(Error::Overloaded(
+                "too many writes of this connection are waiting for their write concern (max_concern_waits_per_connection)",
+            )));
+            return;
+        }
+        let keys: Vec<Key> = w.ops.iter().map(|(k, _)| k.clone()).collect();
+        let timeout_ms = if w.timeout_ms == 0 {
+            self.concern_ms
+        } else {
+            w.timeout_ms.min(3_600_000)
+        };
+        match self
+            .replica
+            .write_prepared(now, Some(w.op_id), w.ops, w.concern, timeout_ms, w.prepared)
+        {
+            Ok((id, duplicate)) => {
+                // From the states the write made: no key is read (and
+                // decoded) again.
+                let token = self.replica.write_tokens().to_vec();
+                for (k, t) in &token {
+                    self.recent.changed(k.clone(), t.clone());
+                    self.touched.insert(k.clone());
                 }
-                Input::SetPolicy { set, reply } => {
-                    let version = set.version;
-                    let result = match replica.set_policy(now, set) {
-                        Ok(true) => Ok(version),
-                        Ok(false) => Err(Error::InvalidPolicy(format!(
-                            "version {version} is not newer than the set in force (version {})",
-                            replica.policy().version
-                        ))),
-                        Err(e) => Err(e),
-                    };
-                    // In force for the reads beside the engine before the
-                    // admin hears it is: a read sent after the answer must
-                    // not be served under the set it replaced.
-                    reads.publish(replica.policy());
-                    let _ = reply.send(result);
-                }
-                Input::Audit { reply } => {
-                    let _ = reply.send(audit.entries());
-                }
-                Input::Read {
-                    key,
-                    after,
-                    seen,
-                    deadline,
-                    conn,
-                    reply,
-                } => {
-                    if let Err(e) = replica.policy().check_read(key.as_str(), &own_region) {
-                        metrics.policy_denied.inc_by(1);
-                        let _ = reply.send(Err(Some(e)));
-                        continue;
-                    }
-                    match after {
-                        None => {
-                            let _ = reply.send(Ok(ReadAnswer::Ready));
-                        }
-                        Some(token) => {
-                            let ahead = replica.config().max_clock_ahead_ms;
-                            let read = Waiting {
-                                key,
-                                token,
-                                seen,
-                                deadline,
-                                conn,
-                            };
-                            wait_for(&recent, &mut waits, &clock, ahead, &metrics, read, reply);
-                        }
-                    }
-                }
-                Input::Watch { prefix, from, conn, tx } => feed.subscribe(prefix, from, conn, tx),
-                Input::Status { reply } => {
-                    let _ = reply.send(status(&replica, now, &node));
-                }
-                Input::Shutdown => stopping = true,
+                self.metrics.writes.inc_by(1);
+                let changed = if duplicate { Vec::new() } else { keys };
+                self.waiting_writes.insert(
+                    id,
+                    WaitingWrite {
+                        token,
+                        duplicate,
+                        reply: Some(reply),
+                        changed,
+                        concern: (w.concern != WriteConcern::Local).then_some((w.concern, timeout_ms)),
+                        conn: w.conn,
+                        durable: false,
+                        timed_out: None,
+                    },
+                );
+                self.first_unflushed.get_or_insert_with(Instant::now);
+            }
+            Err(e) => {
+                match e {
+                    Error::Overloaded(_) => self.metrics.overloaded.inc_by(1),
+                    Error::PolicyDenied { .. } => self.metrics.policy_denied.inc_by(1),
+                    _ => 0,
+                };
+                let _ = reply.send(Err(e));
             }
         }
-        metrics.engine_queue.set(taken as i64);
-        let inputs_ms = step.elapsed().as_millis() as u64;
-        if let Err(e) = replica.handle_timeout(now) {
-            tracing::error!(error = %e, "engine timer failed");
+    }
+
+    fn on_read(
+        &mut self,
+        key: Key,
+        after: Option<Arc<CausalToken>>,
+        seen: u64,
+        deadline: Instant,
+        conn: u64,
+        reply: ReadReply,
+    ) {
+        if let Err(e) = self.replica.policy().check_read(key.as_str(), &self.own_region) {
+            self.metrics.policy_denied.inc_by(1);
+            let _ = reply.send(Err(Some(e)));
+            return;
         }
-        if replica.needs_flush() {
-            first_unflushed.get_or_insert_with(Instant::now);
+        let Some(token) = after else {
+            let _ = reply.send(Ok(ReadAnswer::Ready));
+            return;
+        };
+        let ahead = self.replica.config().max_clock_ahead_ms;
+        let read = Waiting {
+            key,
+            token,
+            seen,
+            deadline,
+            conn,
+        };
+        wait_for(
+            &self.recent,
+            &mut self.waits,
+            &self.clock,
+            ahead,
+            &self.metrics,
+            read,
+            reply,
+        );
+    }
+
+    /// Flushes when the durability mode says the step's changes are due
+    /// (or the engine is stopping); returns whether everything applied is
+    /// now stored.
+    fn flush_if_due(&mut self, step: &mut Step) -> bool {
+        if self.replica.needs_flush() {
+            self.first_unflushed.get_or_insert_with(Instant::now);
         }
-        let due = match durability {
+        let due = match self.durability {
             Durability::Sync | Durability::Async => true,
             // Self-clocking: everything that arrived during the last flush
             // was taken in this step and shares the next one, so waiting
@@ -569,21 +725,23 @@ pub fn run(
             // or bytes ended it. Only while input keeps queueing past a
             // step's count limit does the flush wait, up to `group_commit`,
             // to cover more.
-            Durability::Group => drained || full || first_unflushed.is_some_and(|t| t.elapsed() >= group_commit),
+            Durability::Group => {
+                step.drained || step.full || self.first_unflushed.is_some_and(|t| t.elapsed() >= self.group_commit)
+            }
         };
         let mut flushed = false;
-        if replica.needs_flush() && (due || stopping) {
+        if self.replica.needs_flush() && (due || self.stopping) {
             let started = Instant::now();
-            let result = replica.flush(now);
+            let result = self.replica.flush(step.now);
             // The store's flush may have succeeded and only sending the
             // deltas after it failed: then everything is stored (and its
             // writes acknowledged), and the reads and watchers waiting for
             // it must hear so now, not after some later flush.
-            flushed = !replica.needs_flush();
+            flushed = !self.replica.needs_flush();
             if flushed {
-                metrics.flushes.inc_by(1);
-                metrics.flush_micros.inc_by(started.elapsed().as_micros() as u64);
-                first_unflushed = None;
+                self.metrics.flushes.inc_by(1);
+                self.metrics.flush_micros.inc_by(started.elapsed().as_micros() as u64);
+                self.first_unflushed = None;
             }
             match result {
                 Ok(()) => {}
@@ -591,137 +749,177 @@ pub fn run(
                 Err(e) => tracing::error!(error = %e, "flush failed; writes stay unacknowledged"),
             }
         }
-        let flushed_ms = step.elapsed().as_millis() as u64;
-        while let Some(t) = replica.poll_transmit() {
-            let Some(q) = peers.get(&t.to) else { continue };
-            metrics.peer_frames_out.inc_by(1);
-            metrics.peer_bytes_out.inc_by(t.payload.len() as u64);
+        step.flushed_ms = step.started.elapsed().as_millis() as u64;
+        flushed
+    }
+
+    /// Frames to the peers' queues, events to the clients and watchers
+    /// waiting for them, and, after a flush, the reads and watchers that
+    /// wait for what it stored.
+    fn route_outputs(&mut self, flushed: bool) {
+        while let Some(t) = self.replica.poll_transmit() {
+            let Some(q) = self.peers.get(&t.to) else { continue };
+            self.metrics.peer_frames_out.inc_by(1);
+            self.metrics.peer_bytes_out.inc_by(t.payload.len() as u64);
             if !q.try_send(t.payload) {
                 // A slow or absent peer: drop, retransmission and
                 // anti-entropy repair it; memory stays bounded.
-                metrics.peer_frames_dropped.inc_by(1);
+                self.metrics.peer_frames_dropped.inc_by(1);
             }
         }
-        while let Some(e) = replica.poll_event() {
-            match e {
-                Event::WriteDurable(id) => {
-                    if let Some(w) = waiting_writes.get_mut(&id) {
-                        w.durable = true;
-                        for k in std::mem::take(&mut w.changed) {
-                            feed.publish(k, own_region.clone());
-                        }
-                        if w.concern.is_none() {
-                            w.answer(Ok(()));
-                        } else if let Some(e) = w.timed_out.take() {
-                            w.answer(Err(e));
-                        }
-                    }
-                    waiting_writes.drop_answered();
-                }
-                Event::WriteReplicated(id) => {
-                    if let Some(mut w) = waiting_writes.remove(&id) {
-                        w.answer(Ok(()));
-                    }
-                }
-                Event::WriteConcernTimeout(id) => {
-                    metrics.concern_timeouts.inc_by(1);
-                    if let Some(w) = waiting_writes.get_mut(&id) {
-                        let (concern, timeout_ms) = w.concern.unwrap_or((WriteConcern::Local, 0));
-                        let e = Error::ReplicationTimeout {
-                            concern: concern.to_string(),
-                            timeout_ms,
-                        };
-                        if w.durable {
-                            w.answer(Err(e));
-                        } else {
-                            // Answered once durable here: the error says so.
-                            w.timed_out = Some(e);
-                        }
-                    }
-                    waiting_writes.drop_answered();
-                }
-                Event::PolicyAdopted { policy, from } => {
-                    let source = from.map_or_else(|| "admin".to_string(), |p| format!("peer {p}"));
-                    if let Err(e) = audit.append(&node, &source, policy) {
-                        tracing::error!(error = %e, "could not append to the policy audit log");
-                    }
-                }
-                Event::RemoteApplied { key, from, token } => {
-                    metrics.remote_updates.inc_by(1);
-                    // Applied before this step's flush, if it had one: the
-                    // flush is counted below, once every change it stored
-                    // is recorded.
-                    recent.changed(key.clone(), token);
-                    touched.insert(key.clone());
-                    let origin = regions.get(&from).cloned().unwrap_or_else(|| RegionId(from.0.clone()));
-                    unpublished.push((key, origin));
-                }
-            }
+        while let Some(ev) = self.replica.poll_event() {
+            self.on_event(ev);
         }
         if flushed {
-            recent.flushed();
-            reads.flushed(recent.epoch());
-            for (key, origin) in unpublished.drain(..) {
-                feed.publish(key, origin);
+            self.recent.flushed();
+            self.reads.flushed(self.recent.epoch());
+            for (key, origin) in self.unpublished.drain(..) {
+                self.feed.publish(key, origin);
             }
-            answer_reads(&recent, &mut waits, &mut touched);
-            recent.forget_old();
+            answer_reads(&self.recent, &mut self.waits, &mut self.touched);
+            self.recent.forget_old();
         }
-        for reply in waits.expired(Instant::now()) {
+        for reply in self.waits.expired(Instant::now()) {
             let _ = reply.send(Err(None));
         }
-        reads.publish(replica.policy());
-        let step_ms = step.elapsed().as_millis() as u64;
-        metrics.engine_busy_micros.inc_by(step.elapsed().as_micros() as u64);
+        self.reads.publish(self.replica.policy());
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::WriteDurable(id) => {
+                let Some(w) = self.waiting_writes.get_mut(&id) else {
+                    return;
+                };
+                w.durable = true;
+                for k in std::mem::take(&mut w.changed) {
+                    self.feed.publish(k, self.own_region.clone());
+                }
+                if w.concern.is_none() {
+                    w.answer(Ok(()));
+                } else if let Some(e) = w.timed_out.take() {
+                    w.answer(Err(e));
+                }
+                if w.reply.is_none() {
+                    self.waiting_writes.remove(&id);
+                }
+            }
+            Event::WriteReplicated(id) => {
+                if let Some(mut w) = self.waiting_writes.remove(&id) {
+                    w.answer(Ok(()));
+                }
+            }
+            Event::WriteConcernTimeout(id) => {
+                self.metrics.concern_timeouts.inc_by(1);
+                let Some(w) = self.waiting_writes.get_mut(&id) else {
+                    return;
+                };
+                let (concern, timeout_ms) = w.concern.unwrap_or((WriteConcern::Local, 0));
+                let e = Error::ReplicationTimeout {
+                    concern: concern.to_string(),
+                    timeout_ms,
+                };
+                if w.durable {
+                    w.answer(Err(e));
+                    self.waiting_writes.remove(&id);
+                } else {
+                    // Answered once durable here: the error says so.
+                    w.timed_out = Some(e);
+                }
+            }
+            Event::PolicyAdopted { policy, from } => {
+                let source = from.map_or_else(|| "admin".to_string(), |p| format!("peer {p}"));
+                if let Err(e) = self.audit.append(&self.node, &source, policy) {
+                    tracing::error!(error = %e, "could not append to the policy audit log");
+                }
+            }
+            Event::RemoteApplied { key, from, token } => {
+                self.metrics.remote_updates.inc_by(1);
+                // Applied before this step's flush, if it had one: the
+                // flush is counted once every change it stored is
+                // recorded (`route_outputs`).
+                self.recent.changed(key.clone(), token);
+                self.touched.insert(key.clone());
+                let origin = self
+                    .regions
+                    .get(&from)
+                    .cloned()
+                    .unwrap_or_else(|| RegionId(from.0.clone()));
+                self.unpublished.push((key, origin));
+            }
+        }
+    }
+
+    /// Logs a slow step, and every 200 ms records the gauges and drops
+    /// what waits for clients that went away.
+    fn end_step(&mut self, step: &Step, rx: &EngineRx) {
+        let step_ms = step.started.elapsed().as_millis() as u64;
+        self.metrics
+            .engine_busy_micros
+            .inc_by(step.started.elapsed().as_micros() as u64);
         if step_ms >= SLOW_STEP_MS {
-            metrics.engine_slow_steps.inc();
+            self.metrics.engine_slow_steps.inc();
             // Everything queued behind this step waited this long.
             tracing::info!(
                 step_ms,
-                inputs = taken,
-                inputs_ms,
-                timers_and_flush_ms = flushed_ms - inputs_ms,
+                inputs = step.taken,
+                inputs_ms = step.inputs_ms,
+                timers_and_flush_ms = step.flushed_ms.saturating_sub(step.inputs_ms),
                 "slow engine step"
             );
         }
-        if last_stats.elapsed() >= Duration::from_millis(200) {
-            metrics.record_engine(&replica, now);
-            for (peer, q) in &peers {
-                metrics.record_queue(&peer.0, q.queued_bytes());
-            }
-            // Watchers whose client went away, even if nothing they watch
-            // changes again.
-            feed.prune();
-            // And reads whose client went away (the stream task dropped
-            // its reply channel), rather than at their deadline.
-            waits.prune(|r| r.is_closed());
-            // And writes waiting for their concern whose client went away
-            // (up to an hour each otherwise): the writes stay durable here
-            // and keep replicating; only the wait ends.
-            for id in waiting_writes.departed() {
-                replica.forget_concern(id);
-            }
-            metrics.concern_waits.set(waiting_writes.concern_waits() as i64);
-            metrics.watchers.set(feed.watchers() as i64);
-            metrics.waiting_reads.set(waits.len() as i64);
-            metrics.waiting_read_bytes.set(waits.bytes() as i64);
-            metrics.feed_bytes.set(feed.retained_bytes() as i64);
-            let (peer_bytes, client_bytes) = rx.queued_bytes();
-            metrics.engine_peer_bytes.set(peer_bytes as i64);
-            metrics.engine_client_bytes.set(client_bytes as i64);
-            last_stats = Instant::now();
-        }
-        if stopping && !replica.needs_flush() {
-            metrics.record_engine(&replica, now);
-            // A clean close lets an `async` store keep its replica id.
-            if let Err(e) = replica.close(now) {
-                tracing::error!(error = %e, "closing the store failed; the next start takes a new replica id");
-            }
-            feed.close();
-            tracing::info!("engine stopped");
+        if self.last_stats.elapsed() < Duration::from_millis(200) {
             return;
         }
+        let m = &self.metrics;
+        m.record_engine(&self.replica, step.now);
+        for (peer, q) in &self.peers {
+            m.record_queue(&peer.0, q.queued_bytes());
+        }
+        // Watchers whose client went away, even if nothing they watch
+        // changes again.
+        self.feed.prune();
+        // And reads whose client went away (the stream task dropped its
+        // reply channel), rather than at their deadline.
+        self.waits.prune(|r| r.is_closed());
+        // And writes waiting for their concern whose client went away (up
+        // to an hour each otherwise): the writes stay durable here and keep
+        // replicating; only the wait ends.
+        for id in self.waiting_writes.departed() {
+            self.replica.forget_concern(id);
+        }
+        m.concern_waits.set(self.waiting_writes.concern_waits() as i64);
+        m.watchers.set(self.feed.watchers() as i64);
+        m.waiting_reads.set(self.waits.len() as i64);
+        m.waiting_read_bytes.set(self.waits.bytes() as i64);
+        m.feed_bytes.set(self.feed.retained_bytes() as i64);
+        let (peer_bytes, client_bytes) = rx.queued_bytes();
+        m.engine_peer_bytes.set(peer_bytes as i64);
+        m.engine_client_bytes.set(client_bytes as i64);
+        self.last_stats = Instant::now();
     }
+
+    /// After the last flush: a clean close (an `async` store keeps its
+    /// replica id) and the feed written for the next start.
+    fn close(self, now: Time) {
+        self.metrics.record_engine(&self.replica, now);
+        if let Err(e) = self.replica.close(now) {
+            tracing::error!(error = %e, "closing the store failed; the next start takes a new replica id");
+        }
+        self.feed.close();
+        tracing::info!("engine stopped");
+    }
+}
+
+/// A client write as the engine works it (its reply apart).
+struct ClientWrite {
+    op_id: OpId,
+    retry: bool,
+    ops: Vec<(Key, Op)>,
+    prepared: Prepared,
+    concern: WriteConcern,
+    timeout_ms: u64,
+    conn: u64,
 }
 
 /// A read whose token the store beside the engine lacked.
@@ -910,19 +1108,6 @@ impl WaitingWrites {
         }
     }
 
-    /// Drops the writes that were answered.
-    fn drop_answered(&mut self) {
-        let done: Vec<WriteId> = self
-            .writes
-            .iter()
-            .filter(|(_, w)| w.reply.is_none())
-            .map(|(id, _)| *id)
-            .collect();
-        for id in done {
-            self.remove(&id);
-        }
-    }
-
     /// Drops the writes durable here that wait only for their concern and
     /// whose client went away; returns their ids. (One not yet durable is
     /// kept: its flush still publishes it to watchers.)
@@ -1043,12 +1228,12 @@ mod tests {
         let w = ws.get_mut(&WriteId(1)).unwrap();
         w.durable = true;
         w.answer(Err(Error::Overloaded("x")));
-        ws.drop_answered();
+        ws.remove(&WriteId(1));
         assert!(!ws.concerns_full(7));
         assert_eq!(ws.concern_waits(), 2);
         // The write without a concern leaves: nothing changes.
         ws.get_mut(&WriteId(2)).unwrap().answer(Ok(()));
-        ws.drop_answered();
+        ws.remove(&WriteId(2));
         assert_eq!(ws.concern_waits(), 2);
         // Replicated.
         assert!(ws.remove(&WriteId(3)).is_some());
