@@ -1064,6 +1064,80 @@ mod tests {
         assert!(s.has_op(OpId(70)).unwrap(), "and after another reopen");
     }
 
+    /// Attack: a reopen remembers exactly the ids (and their order) the
+    /// store remembered before it, also at the exact retention boundary
+    /// (chunks of 1, RETENTION - 2 and 1 ids: the first chunk is still
+    /// needed), and a life after a reopen keeps the chunks bounded.
+    #[test]
+    fn attack_reopen_remembers_exactly_what_was_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = OP_ID_RETENTION as u128;
+        let mut next = 0u128;
+        let before = {
+            let mut s = open_as(dir.path(), "n1", Durability::Sync);
+            for size in [1u128, r - 2, 1] {
+                for _ in 0..size {
+                    s.apply(WriteBatch {
+                        op_ids: vec![OpId(next)],
+                        ..WriteBatch::default()
+                    })
+                    .unwrap();
+                    next += 1;
+                }
+                s.flush().unwrap();
+            }
+            assert_eq!(s.ops.order.len(), OP_ID_RETENTION);
+            s.ops.order.clone()
+        };
+        let after = open_as(dir.path(), "n1", Durability::Sync).ops.order.clone();
+        assert_eq!(before.len(), after.len(), "ids forgotten by a reopen at the boundary");
+        assert!(before == after, "a reopen changed the remembered ids or their order");
+        // A life after the reopen: its chunks come after the old ones, and
+        // the old ones are removed once unneeded.
+        let before = {
+            let mut s = open_as(dir.path(), "n1", Durability::Sync);
+            for _ in 0..25 {
+                for _ in 0..10_000 {
+                    s.apply(WriteBatch {
+                        op_ids: vec![OpId(next)],
+                        ..WriteBatch::default()
+                    })
+                    .unwrap();
+                    next += 1;
+                }
+                s.flush().unwrap();
+                let ids: usize = s.tree.scan_prefix(b"p").values().map(|v| v.unwrap().len() / 16).sum();
+                // The oldest chunk kept may be large (99,998 ids here): it goes
+                // once the chunks after it hold the retention.
+                assert!(ids < 2 * OP_ID_RETENTION, "{ids} ids on disk");
+            }
+            s.ops.order.clone()
+        };
+        let after = open_as(dir.path(), "n1", Durability::Sync).ops.order.clone();
+        assert!(before == after, "a second reopen changed the remembered ids or their order");
+    }
+
+    /// Attack: a migration next to existing chunks keeps them (and puts
+    /// the migrated ids after them).
+    #[test]
+    fn attack_migration_keeps_existing_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = open_as(dir.path(), "n1", Durability::Sync);
+            let chunk: Vec<u8> = [1u128, 2].iter().flat_map(|i| i.to_be_bytes()).collect();
+            s.tree.insert(&chunk_key(0)[..], chunk).unwrap();
+            s.tree
+                .insert([&b"o"[..], &3u128.to_be_bytes()].concat(), &9u64.to_be_bytes()[..])
+                .unwrap();
+            s.tree
+                .insert([&b"q"[..], &9u64.to_be_bytes()].concat(), &3u128.to_be_bytes()[..])
+                .unwrap();
+            s.db.flush().unwrap();
+        }
+        let s = open_as(dir.path(), "n1", Durability::Sync);
+        assert_eq!(s.ops.order, [OpId(1), OpId(2), OpId(3)]);
+    }
+
     /// A chunk whose length is not a whole number of ids fails the open
     /// with what is wrong, not a panic or silently fewer ids.
     #[test]
