@@ -85,6 +85,8 @@ pub struct Metrics {
     pub waiting_read_bytes: Gauge,
     /// Client writes waiting for their write concern.
     pub concern_waits: Gauge,
+    /// Client writes waiting for an answer (durability or concern).
+    pub waiting_writes: Gauge,
     /// Bytes of change notices the feed retains.
     pub feed_bytes: Gauge,
     /// Bytes of client requests queued for the engine.
@@ -205,6 +207,10 @@ impl Metrics {
                 "Bytes the reads waiting for a causal token are charged (mostly their tokens)"
             ),
             concern_waits: gauge!("concern_waits", "Client writes waiting for their write concern"),
+            waiting_writes: gauge!(
+                "waiting_writes",
+                "Client writes waiting for their answer (durability or write concern)"
+            ),
             feed_bytes: gauge!("feed_retained_bytes", "Bytes of change notices the feed retains"),
             engine_client_bytes: gauge!(
                 "engine_client_queue_bytes",

@@ -889,6 +889,7 @@ impl Engine {
             self.replica.forget_concern(id);
         }
         m.concern_waits.set(self.waiting_writes.concern_waits() as i64);
+        m.waiting_writes.set(self.waiting_writes.writes.len() as i64);
         m.watchers.set(self.feed.watchers() as i64);
         m.waiting_reads.set(self.waits.len() as i64);
         m.waiting_read_bytes.set(self.waits.bytes() as i64);

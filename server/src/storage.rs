@@ -71,10 +71,13 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 
 /// On-disk format version of this store. Version 2 sealed the states with
-/// an integrity check; a version-1 directory is migrated at open (its states
-/// sealed one by one, then the version raised), any other is refused
-/// (`WrongFormat`).
-pub const FORMAT_VERSION: u32 = 2;
+/// an integrity check; version 3 stores a write as one entry (op ids in
+/// chunks, no delta buffer: issue 15). Older directories are migrated at
+/// open (a version-1 one has its states sealed one by one; then the per-
+/// write entries are rewritten), and the version raised, so that an older
+/// build refuses a migrated directory (`WrongFormat`) rather than opening
+/// it without the op ids it would no longer find. Any other is refused.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// When a write is acknowledged relative to the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -234,7 +237,7 @@ fn migrate_v1(db: &sled::Db, tree: &sled::Tree, mut id: Identity, dir: &Path) ->
         sealed += 1;
     }
     db.flush().map_err(sled_err)?;
-    id.format = FORMAT_VERSION;
+    id.format = 2;
     let raw = to_bytes(&id).map_err(|e| corrupt(e.to_string()))?;
     tree.insert(b"iidentity", raw).map_err(sled_err)?;
     db.flush().map_err(sled_err)?;
@@ -280,13 +283,14 @@ impl SledStore {
             }
         }
         let tree = db.open_tree("lattice").map_err(sled_err)?;
+        let mut format = FORMAT_VERSION;
         match tree.get(b"iidentity").map_err(sled_err)? {
             Some(raw) => {
                 let id: Identity = from_bytes(&raw).map_err(|e| OpenError::Corrupt {
                     path: dir.to_path_buf(),
                     reason: e.to_string(),
                 })?;
-                if id.format != FORMAT_VERSION && id.format != 1 {
+                if !(1..=FORMAT_VERSION).contains(&id.format) {
                     return Err(OpenError::WrongFormat {
                         path: dir.to_path_buf(),
                         found: id.format,
@@ -299,8 +303,10 @@ impl SledStore {
                         expected: node.to_string(),
                     });
                 }
+                format = id.format;
                 if id.format == 1 {
                     migrate_v1(&db, &tree, id, dir)?;
+                    format = 2;
                 }
             }
             None => {
@@ -317,6 +323,19 @@ impl SledStore {
             }
         }
         migrate_per_write_entries(&db, &tree).map_err(sled_err)?;
+        if format < FORMAT_VERSION {
+            let id = Identity {
+                node: node.to_string(),
+                format: FORMAT_VERSION,
+            };
+            let raw = to_bytes(&id).map_err(|e| OpenError::Corrupt {
+                path: dir.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+            tree.insert(b"iidentity", raw).map_err(sled_err)?;
+            db.flush().map_err(sled_err)?;
+            tracing::info!(dir = %dir.display(), from = format, to = FORMAT_VERSION, "data dir migrated");
+        }
         let ops = OpIds::load(&tree).map_err(|reason| OpenError::Corrupt {
             path: dir.to_path_buf(),
             reason,
@@ -563,45 +582,71 @@ fn chunk_key(n: u64) -> [u8; 9] {
     k
 }
 
-/// Rewrites what older builds stored per write (see the module
-/// documentation) in one batch: drops the delta-groups under `b`, and turns
-/// the op ids under `o` and `q` into one chunk after the existing ones.
+/// Rewrites what builds before format 3 stored per write (see the module
+/// documentation): drops the delta-groups under `b`, and turns the op ids
+/// under `o` and `q` into chunks after the existing ones, oldest first.
+/// In batches of [`MIGRATE_BATCH`] entries, each atomic (a chunk with the
+/// removal of its ids' index entries), so memory stays bounded whatever
+/// the data dir holds, and a migration cut short resumes where it stopped.
+/// Nothing to do (three empty scans) on a migrated dir.
 fn migrate_per_write_entries(db: &sled::Db, tree: &sled::Tree) -> Result<(), sled::Error> {
-    let mut b = sled::Batch::default();
+    let mut next = match tree.scan_prefix(b"p").keys().next_back() {
+        Some(k) => k?
+            .get(1..9)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, |n| u64::from_be_bytes(n) + 1),
+        None => 0,
+    };
     let mut found = false;
-    for prefix in [&b"b"[..], b"o"] {
-        for k in tree.scan_prefix(prefix).keys() {
-            b.remove(k?);
-            found = true;
-        }
-    }
-    let mut ids = Vec::new();
-    for r in tree.scan_prefix(b"q") {
-        let (k, v) = r?;
+    loop {
+        let mut b = sled::Batch::default();
+        let mut ids = Vec::new();
+        let mut taken = 0;
         // In order of application (the key is the order number).
-        if v.len() == 16 {
-            ids.extend_from_slice(&v);
+        for r in tree.scan_prefix(b"q").take(MIGRATE_BATCH) {
+            let (k, v) = r?;
+            if v.len() == 16 {
+                ids.extend_from_slice(&v);
+                b.remove([&b"o"[..], &v[..]].concat());
+            }
+            b.remove(k);
+            taken += 1;
         }
-        b.remove(k);
+        if taken == 0 {
+            break;
+        }
         found = true;
+        if !ids.is_empty() {
+            b.insert(&chunk_key(next)[..], ids);
+            next += 1;
+        }
+        tree.apply_batch(b)?;
     }
-    if !found {
-        return Ok(());
+    // Index entries without their order entry, and the delta-groups.
+    for prefix in [&b"o"[..], b"b"] {
+        loop {
+            let keys = tree
+                .scan_prefix(prefix)
+                .keys()
+                .take(MIGRATE_BATCH)
+                .collect::<Result<Vec<_>, _>>()?;
+            if keys.is_empty() {
+                break;
+            }
+            found = true;
+            let mut b = sled::Batch::default();
+            keys.into_iter().for_each(|k| b.remove(k));
+            tree.apply_batch(b)?;
+        }
     }
-    if !ids.is_empty() {
-        let next = match tree.scan_prefix(b"p").keys().next_back() {
-            Some(k) => k?
-                .get(1..9)
-                .and_then(|b| b.try_into().ok())
-                .map_or(0, |n| u64::from_be_bytes(n) + 1),
-            None => 0,
-        };
-        b.insert(&chunk_key(next)[..], ids);
+    if found {
+        db.flush()?;
     }
-    tree.apply_batch(b)?;
-    db.flush()?;
     Ok(())
 }
+
+/// Entries one migration batch touches ([`migrate_per_write_entries`]).
+const MIGRATE_BATCH: usize = 10_000;
 
 impl SledStore {
     fn apply_pending(&mut self) -> Result<(), Error> {
@@ -994,8 +1039,8 @@ mod tests {
     }
 
     /// One chunk per flush, and the chunks on disk never hold more than
-    /// the retention plus the ids of one chunk: older ones are removed in
-    /// the flush that makes them unneeded.
+    /// the retention plus the ids of the oldest chunk kept: older ones are
+    /// removed in the flush that makes them unneeded.
     #[test]
     fn op_id_chunks_are_one_per_flush_and_bounded() {
         let dir = tempfile::tempdir().unwrap();
@@ -1047,9 +1092,20 @@ mod tests {
             s.tree
                 .insert([&b"b"[..], &3u64.to_be_bytes()].concat(), &b"a group"[..])
                 .unwrap();
+            let id = Identity {
+                node: "n1".into(),
+                format: 2,
+            };
+            s.tree.insert(b"iidentity", to_bytes(&id).unwrap()).unwrap();
             s.db.flush().unwrap();
         }
         let s = open_as(dir.path(), "n1", Durability::Sync);
+        let raw = s.tree.get(b"iidentity").unwrap().unwrap();
+        assert_eq!(
+            from_bytes::<Identity>(&raw).unwrap().format,
+            3,
+            "an older build refuses it now"
+        );
         for id in [50, 60, 70] {
             assert!(s.has_op(OpId(id)).unwrap(), "{id}");
         }
@@ -1114,7 +1170,10 @@ mod tests {
             s.ops.order.clone()
         };
         let after = open_as(dir.path(), "n1", Durability::Sync).ops.order.clone();
-        assert!(before == after, "a second reopen changed the remembered ids or their order");
+        assert!(
+            before == after,
+            "a second reopen changed the remembered ids or their order"
+        );
     }
 
     /// Attack: a migration next to existing chunks keeps them (and puts

@@ -65,6 +65,10 @@ async fn group_delivers_what_a_killed_node_had_not_sent_once_both_restart() {
     c.wait_ready(Duration::from_secs(30)).await.unwrap();
     c.stop(1).unwrap();
     write_phase(&c, "undelivered").await;
+    // Every write was answered, so none waits any more (the gauge is
+    // refreshed every 200 ms).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(c.metric(0, "lattice_waiting_writes").unwrap(), 0.0);
     c.kill(0).unwrap();
     c.restart(1).unwrap();
     c.restart(0).unwrap();

@@ -1,10 +1,11 @@
-//! Attack on "the delta buffer is no longer stored": a relay that
+//! The delta buffer is not stored (issue 15; from the attack on it): a relay that
 //! acknowledged a write to its origin (which then drops it from its
 //! buffer) and is killed before forwarding it must still bring it to the
 //! third node after its restart, with periodic anti-entropy out of the
 //! picture (10 minutes): only the repair round every restart begins with
 //! can.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(clippy::await_holding_lock)]
 
 use lattice_core::crdt::{Op, ValueView};
 use lattice_core::proto::client::{OpId, RequestBody};
