@@ -236,9 +236,10 @@ impl Reads {
     }
 
     /// [`Reads::read`] without decoding: the key's stored record (checked
-    /// and decoded by `lattice_core::store::open_record`). Cheap whatever
-    /// the value's size (sled hands out its cached bytes), so a caller can
-    /// decide by the record's length where to decode it.
+    /// and decoded by `lattice_core::store::open_record`), so a caller can
+    /// decide by the record's length where to decode it. One sled lookup:
+    /// cheap when its page is in sled's cache (1 GiB by default); a record
+    /// not in it is read from the disk on the calling thread.
     pub fn read_record(&self, key: &Key) -> Result<Option<sled::IVec>, Error> {
         let policy = self
             .policy

@@ -283,8 +283,8 @@ impl SledStore {
             }
         }
         let tree = db.open_tree("lattice").map_err(sled_err)?;
-        let mut format = FORMAT_VERSION;
-        match tree.get(b"iidentity").map_err(sled_err)? {
+        // The directory's format version (0: a new directory).
+        let format = match tree.get(b"iidentity").map_err(sled_err)? {
             Some(raw) => {
                 let id: Identity = from_bytes(&raw).map_err(|e| OpenError::Corrupt {
                     path: dir.to_path_buf(),
@@ -303,25 +303,16 @@ impl SledStore {
                         expected: node.to_string(),
                     });
                 }
-                format = id.format;
                 if id.format == 1 {
                     migrate_v1(&db, &tree, id, dir)?;
-                    format = 2;
+                    2
+                } else {
+                    id.format
                 }
             }
-            None => {
-                let id = Identity {
-                    node: node.to_string(),
-                    format: FORMAT_VERSION,
-                };
-                let raw = to_bytes(&id).map_err(|e| OpenError::Corrupt {
-                    path: dir.to_path_buf(),
-                    reason: e.to_string(),
-                })?;
-                tree.insert(b"iidentity", raw).map_err(sled_err)?;
-                db.flush().map_err(sled_err)?;
-            }
-        }
+            // A new directory: its identity is written below.
+            None => 0,
+        };
         migrate_per_write_entries(&db, &tree).map_err(sled_err)?;
         if format < FORMAT_VERSION {
             let id = Identity {
@@ -334,7 +325,9 @@ impl SledStore {
             })?;
             tree.insert(b"iidentity", raw).map_err(sled_err)?;
             db.flush().map_err(sled_err)?;
-            tracing::info!(dir = %dir.display(), from = format, to = FORMAT_VERSION, "data dir migrated");
+            if format > 0 {
+                tracing::info!(dir = %dir.display(), from = format, to = FORMAT_VERSION, "data dir migrated");
+            }
         }
         let ops = OpIds::load(&tree).map_err(|reason| OpenError::Corrupt {
             path: dir.to_path_buf(),
