@@ -310,7 +310,7 @@ const SLOW_STEP_MS: u64 = 100;
 /// and keep house.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
-    replica: Replica<SledStore>,
+    mut replica: Replica<SledStore>,
     clock: Clock,
     durability: Durability,
     group_commit: Duration,
@@ -324,7 +324,15 @@ pub fn run(
     wait_limits: WaitLimits,
     reads: Arc<Reads>,
 ) {
-    let mut e = Engine::new(
+    replica.set_wall_offset(clock.wall_offset_ms);
+    let regions = replica
+        .config()
+        .peers
+        .iter()
+        .map(|p| (p.node.clone(), p.region.clone()))
+        .collect();
+    let own_region = replica.config().region.clone();
+    let mut e = Engine {
         replica,
         clock,
         durability,
@@ -335,9 +343,18 @@ pub fn run(
         feed,
         audit,
         concern_ms,
-        wait_limits,
         reads,
-    );
+        waiting_writes: WaitingWrites::new(wait_limits.concerns_per_conn),
+        regions,
+        own_region,
+        waits: Waits::new(wait_limits),
+        recent: Recent::new(),
+        touched: BTreeSet::new(),
+        unpublished: Vec::new(),
+        first_unflushed: None,
+        stopping: false,
+        last_stats: Instant::now(),
+    };
     loop {
         let mut step = e.take_inputs(&rx);
         let flushed = e.flush_if_due(&mut step);
@@ -404,54 +421,6 @@ struct Engine {
 }
 
 impl Engine {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        mut replica: Replica<SledStore>,
-        clock: Clock,
-        durability: Durability,
-        group_commit: Duration,
-        peers: BTreeMap<NodeId, PeerTx>,
-        metrics: Arc<Metrics>,
-        node: String,
-        feed: Feed,
-        audit: crate::audit::AuditLog,
-        concern_ms: u64,
-        wait_limits: WaitLimits,
-        reads: Arc<Reads>,
-    ) -> Engine {
-        replica.set_wall_offset(clock.wall_offset_ms);
-        let regions = replica
-            .config()
-            .peers
-            .iter()
-            .map(|p| (p.node.clone(), p.region.clone()))
-            .collect();
-        let own_region = replica.config().region.clone();
-        Engine {
-            replica,
-            clock,
-            durability,
-            group_commit,
-            peers,
-            metrics,
-            node,
-            feed,
-            audit,
-            concern_ms,
-            reads,
-            waiting_writes: WaitingWrites::new(wait_limits.concerns_per_conn),
-            regions,
-            own_region,
-            waits: Waits::new(wait_limits),
-            recent: Recent::new(),
-            touched: BTreeSet::new(),
-            unpublished: Vec::new(),
-            first_unflushed: None,
-            stopping: false,
-            last_stats: Instant::now(),
-        }
-    }
-
     /// Sleeps until the engine's next timer, a group-commit deadline or a
     /// read deadline, unless input arrives first; then takes what else is
     /// queued, so one flush covers a batch. The queue hands out peer frames
@@ -538,27 +507,7 @@ impl Engine {
     fn handle(&mut self, now: Time, input: Input) {
         match input {
             Input::Frame { from, frame } => self.on_frame(now, from, frame),
-            Input::Write {
-                op_id,
-                retry,
-                ops,
-                prepared,
-                concern,
-                timeout_ms,
-                conn,
-                reply,
-            } => {
-                let write = ClientWrite {
-                    op_id,
-                    retry,
-                    ops,
-                    prepared,
-                    concern,
-                    timeout_ms,
-                    conn,
-                };
-                self.on_write(now, write, reply);
-            }
+            input @ Input::Write { .. } => self.on_write(now, input),
             Input::Reachable(peer) => {
                 if let Err(e) = self.replica.handle_reachable(now, &peer) {
                     tracing::warn!(peer = %peer, error = %e, "reachable: not a peer");
@@ -614,29 +563,43 @@ impl Engine {
         }
     }
 
-    fn on_write(&mut self, now: Time, w: ClientWrite, reply: WriteReply) {
-        if w.retry && self.replica.retry_outcome_unknown(now, w.op_id).unwrap_or(true) {
+    /// Works an [`Input::Write`] (any other input is ignored).
+    fn on_write(&mut self, now: Time, input: Input) {
+        let Input::Write {
+            op_id,
+            retry,
+            ops,
+            prepared,
+            concern,
+            timeout_ms,
+            conn,
+            reply,
+        } = input
+        else {
+            return;
+        };
+        if retry && self.replica.retry_outcome_unknown(now, op_id).unwrap_or(true) {
             let _ = reply.send(Err(Error::OutcomeUnknown));
             return;
         }
         // Before the work: a connection may hold only so many writes
         // waiting for their concern (up to an hour each).
-        if w.concern != WriteConcern::Local && self.waiting_writes.concerns_full(w.conn) {
+        if concern != WriteConcern::Local && self.waiting_writes.concerns_full(conn) {
             self.metrics.overloaded.inc();
             let _ = reply.send(Err(Error::Overloaded(
                 "too many writes of this connection are waiting for their write concern (max_concern_waits_per_connection)",
             )));
             return;
         }
-        let keys: Vec<Key> = w.ops.iter().map(|(k, _)| k.clone()).collect();
-        let timeout_ms = if w.timeout_ms == 0 {
+        let keys: Vec<Key> = ops.iter().map(|(k, _)| k.clone()).collect();
+        let timeout_ms = if timeout_ms == 0 {
             self.concern_ms
         } else {
-            w.timeout_ms.min(3_600_000)
+            timeout_ms.min(3_600_000)
         };
         match self
             .replica
-            .write_prepared(now, Some(w.op_id), w.ops, w.concern, timeout_ms, w.prepared)
+            .write_prepared(now, Some(op_id), ops, concern, timeout_ms, prepared)
         {
             Ok((id, duplicate)) => {
                 // From the states the write made: no key is read (and
@@ -655,8 +618,8 @@ impl Engine {
                         duplicate,
                         reply: Some(reply),
                         changed,
-                        concern: (w.concern != WriteConcern::Local).then_some((w.concern, timeout_ms)),
-                        conn: w.conn,
+                        concern: (concern != WriteConcern::Local).then_some((concern, timeout_ms)),
+                        conn,
                         durable: false,
                         timed_out: None,
                     },
@@ -911,17 +874,6 @@ impl Engine {
         self.feed.close();
         tracing::info!("engine stopped");
     }
-}
-
-/// A client write as the engine works it (its reply apart).
-struct ClientWrite {
-    op_id: OpId,
-    retry: bool,
-    ops: Vec<(Key, Op)>,
-    prepared: Prepared,
-    concern: WriteConcern,
-    timeout_ms: u64,
-    conn: u64,
 }
 
 /// A read whose token the store beside the engine lacked.

@@ -1117,6 +1117,18 @@ mod tests {
     /// store remembered before it, also at the exact retention boundary
     /// (chunks of 1, RETENTION - 2 and 1 ids: the first chunk is still
     /// needed), and a life after a reopen keeps the chunks bounded.
+    /// Applies `count` op ids numbered from `next` on, a batch each.
+    fn apply_one_by_one(s: &mut SledStore, next: &mut u128, count: u128) {
+        for _ in 0..count {
+            s.apply(WriteBatch {
+                op_ids: vec![OpId(*next)],
+                ..WriteBatch::default()
+            })
+            .unwrap();
+            *next += 1;
+        }
+    }
+
     #[test]
     fn attack_reopen_remembers_exactly_what_was_remembered() {
         let dir = tempfile::tempdir().unwrap();
@@ -1125,14 +1137,7 @@ mod tests {
         let before = {
             let mut s = open_as(dir.path(), "n1", Durability::Sync);
             for size in [1u128, r - 2, 1] {
-                for _ in 0..size {
-                    s.apply(WriteBatch {
-                        op_ids: vec![OpId(next)],
-                        ..WriteBatch::default()
-                    })
-                    .unwrap();
-                    next += 1;
-                }
+                apply_one_by_one(&mut s, &mut next, size);
                 s.flush().unwrap();
             }
             assert_eq!(s.ops.order.len(), OP_ID_RETENTION);
@@ -1146,14 +1151,7 @@ mod tests {
         let before = {
             let mut s = open_as(dir.path(), "n1", Durability::Sync);
             for _ in 0..25 {
-                for _ in 0..10_000 {
-                    s.apply(WriteBatch {
-                        op_ids: vec![OpId(next)],
-                        ..WriteBatch::default()
-                    })
-                    .unwrap();
-                    next += 1;
-                }
+                apply_one_by_one(&mut s, &mut next, 10_000);
                 s.flush().unwrap();
                 let ids: usize = s.tree.scan_prefix(b"p").values().map(|v| v.unwrap().len() / 16).sum();
                 // The oldest chunk kept may be large (99,998 ids here): it goes
