@@ -36,9 +36,11 @@
 
 pub mod bench;
 mod handles;
+mod pipe;
 mod revocation;
 
 pub use handles::{Batch, CounterHandle, MapHandle, MvRegisterHandle, RegisterHandle, SetHandle};
+pub use pipe::PIPELINE_INLINE_BYTES;
 pub use revocation::normalize_serial;
 
 use lattice_core::proto::client::{
@@ -235,6 +237,11 @@ pub struct Client {
     conns: Mutex<Vec<Option<quinn::Connection>>>,
     /// A copy of `conns` read without waiting (`connection`).
     open: std::sync::Mutex<Vec<Option<quinn::Connection>>>,
+    /// Per node: the pipeline stream small requests share
+    /// ([`PIPELINE_INLINE_BYTES`]); a failed one is replaced on next use.
+    pipes: std::sync::Mutex<Vec<Option<Arc<pipe::Pipe>>>>,
+    /// Serialises opening pipeline streams, so concurrent calls share one.
+    opening: Mutex<()>,
     session: std::sync::Mutex<Session>,
     /// Per node: until when it is skipped after failing, and the next backoff.
     health: std::sync::Mutex<Vec<(Option<std::time::Instant>, Duration)>>,
@@ -396,6 +403,8 @@ impl Client {
             read_wait: Duration::from_secs(2),
             conns: Mutex::new(vec![None; n]),
             open: std::sync::Mutex::new(vec![None; n]),
+            pipes: std::sync::Mutex::new(vec![None; n]),
+            opening: Mutex::new(()),
             session: std::sync::Mutex::new(Session::default()),
             health: std::sync::Mutex::new(vec![(None, Duration::from_millis(100)); n]),
         })
@@ -589,6 +598,9 @@ impl Client {
         if let Ok(open) = self.open.get_mut() {
             open.iter_mut().for_each(|c| *c = None);
         }
+        if let Ok(pipes) = self.pipes.get_mut() {
+            pipes.iter_mut().for_each(|p| *p = None);
+        }
         Ok(self)
     }
 
@@ -628,18 +640,33 @@ impl Client {
         Ok(c)
     }
 
+    /// Node `i`'s pipeline stream, opened if it has none that works.
+    async fn pipe(&self, i: usize) -> Result<Arc<pipe::Pipe>, Error> {
+        let open = |pipes: &std::sync::Mutex<Vec<Option<Arc<pipe::Pipe>>>>| {
+            pipes.lock().ok().and_then(|p| p[i].clone()).filter(|p| p.is_open())
+        };
+        if let Some(p) = open(&self.pipes) {
+            return Ok(p);
+        }
+        let _opening = self.opening.lock().await;
+        if let Some(p) = open(&self.pipes) {
+            return Ok(p);
+        }
+        let conn = self.connection(i).await?;
+        let p = Arc::new(pipe::Pipe::open(&conn, self.token.clone()).await?);
+        if let Ok(mut pipes) = self.pipes.lock() {
+            pipes[i] = Some(p.clone());
+        }
+        Ok(p)
+    }
+
     /// Opens a stream on node `i` and sends one request frame on it.
     async fn open_request(&self, i: usize, body: RequestBody) -> Result<quinn::RecvStream, Error> {
         let req = ClientRequest {
             token: self.token.clone(),
             body,
         };
-        let frame = encode_client(&req).map_err(|e| match e {
-            lattice_core::Error::MessageTooLarge { size, limit } => Error::InvalidRequest(format!(
-                "the request encodes to {size} bytes, over the limit of {limit} for one request (split a large write into several)"
-            )),
-            e => Error::Protocol(e.to_string()),
-        })?;
+        let frame = encode_request(&req)?;
         // One write: the length prefix and the frame (at most 1 MiB).
         let mut buf = Vec::with_capacity(4 + frame.len());
         buf.extend_from_slice(&(frame.len() as u32).to_be_bytes());
@@ -653,9 +680,19 @@ impl Client {
         Ok(recv)
     }
 
-    /// Sends one request to node `i` and returns its answer.
+    /// Sends one request to node `i` and returns its answer. A request that
+    /// encodes to at most [`PIPELINE_INLINE_BYTES`] shares the node's
+    /// pipeline stream with the client's other calls in flight (see
+    /// [`RequestBody::Pipeline`]); a larger one, and a watch, gets a stream
+    /// of its own.
     pub async fn request_to(&self, i: usize, body: RequestBody) -> Result<Response, Error> {
         let call = async {
+            if !matches!(body, RequestBody::Watch { .. } | RequestBody::Pipeline(_)) {
+                let frame = encode_request(&body)?;
+                if frame.len() <= PIPELINE_INLINE_BYTES {
+                    return self.pipe(i).await?.call(frame).await;
+                }
+            }
             let mut recv = self.open_request(i, body).await?;
             read_response(&mut recv)
                 .await?
@@ -804,6 +841,17 @@ impl Follow<'_> {
             }
         }
     }
+}
+
+/// Encodes a request (or a request body) for the wire, with a clear error
+/// for one over the frame limit.
+fn encode_request<T: serde::Serialize>(req: &T) -> Result<Vec<u8>, Error> {
+    encode_client(req).map_err(|e| match e {
+        lattice_core::Error::MessageTooLarge { size, limit } => Error::InvalidRequest(format!(
+            "the request encodes to {size} bytes, over the limit of {limit} for one request (split a large write into several)"
+        )),
+        e => Error::Protocol(e.to_string()),
+    })
 }
 
 /// Reads one length-prefixed response frame; `None` at the end of the stream.

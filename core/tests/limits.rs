@@ -241,3 +241,54 @@ fn the_reorder_buffer_holds_exactly_16_mib() {
         assert!(a.read(&key(k)).unwrap().is_some(), "{k} was held and then applied");
     }
 }
+
+/// The largest answer a node may send goes alone in one pipeline frame;
+/// packs of the smallest answers (the most tags) and of mixed sizes each
+/// encode within the pipeline frame limit; a frame past it is refused, not
+/// truncated.
+#[test]
+fn pipeline_answer_packs_fit_one_frame() {
+    use lattice_core::proto::client::{
+        decode_pipeline_answers, encode_pipeline_answers, AnswerPack, Response, Tagged, MAX_ANSWER_FRAME,
+        MAX_PIPELINE_ANSWER_FRAME,
+    };
+    use rand_chacha::rand_core::RngCore;
+    let answer = |tag: u32, len: usize| Tagged {
+        tag: u32::MAX - tag,
+        frame: vec![7u8; len],
+    };
+    let check = |pack: Vec<Tagged>| {
+        let frame = encode_pipeline_answers(pack.clone()).expect("a pack fits one frame");
+        assert!(frame.len() <= MAX_PIPELINE_ANSWER_FRAME);
+        assert_eq!(decode_pipeline_answers(&frame).unwrap(), Response::Pipeline(pack));
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    for round in 0..3 {
+        let mut packer = AnswerPack::default();
+        let (mut packs, mut answers) = (0, 0);
+        let n = [20_000, 20_000, 300][round];
+        for tag in 0..n {
+            let len = match round {
+                0 => 1,
+                1 => 1 + (rng.next_u32() as usize % 70_000),
+                _ => [1, 40, MAX_ANSWER_FRAME][rng.next_u32() as usize % 3],
+            };
+            if let Some(pack) = packer.push(answer(tag, len)) {
+                answers += pack.len();
+                packs += 1;
+                check(pack);
+            }
+        }
+        let last = packer.take();
+        answers += last.len();
+        check(last);
+        assert!(packer.is_empty());
+        assert_eq!(answers, n as usize, "no answer lost or repeated by the packer");
+        assert!(packs > 1);
+    }
+    let over = answer(1, MAX_PIPELINE_ANSWER_FRAME);
+    assert!(matches!(
+        encode_pipeline_answers(vec![over]),
+        Err(Error::MessageTooLarge { .. })
+    ));
+}

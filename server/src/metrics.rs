@@ -75,6 +75,10 @@ pub struct Metrics {
     pub frames_timed_out: Counter,
     /// Unidirectional streams refused on client connections.
     pub client_uni_refused: Counter,
+    /// Requests that came on pipeline streams, several to a frame.
+    pub pipelined_requests: Counter,
+    /// Answer frames sent on pipeline streams.
+    pub pipelined_frames: Counter,
     /// Bytes of client request bodies being read (the read budget in use).
     pub read_budget_bytes: Gauge,
     /// Watchers subscribed to the change feed.
@@ -196,6 +200,11 @@ impl Metrics {
                 "client_uni_streams_refused",
                 "Unidirectional streams stopped on client connections"
             ),
+            pipelined_requests: counter!(
+                "client_pipelined_requests",
+                "Client requests that came on pipeline streams, several to a frame"
+            ),
+            pipelined_frames: counter!("client_pipelined_frames", "Answer frames sent on pipeline streams"),
             read_budget_bytes: gauge!(
                 "read_budget_bytes",
                 "Bytes of client request bodies being read (read_budget_bytes in use)"

@@ -14,8 +14,9 @@ use crate::node::{watch_frames, Input, ReadAnswer, WatchFrame, WATCH_BATCH_BYTES
 use crate::queue::{EngineTx, PeerRx};
 use anyhow::{Context, Result};
 use lattice_core::proto::client::{
-    decode_client, encode_answer, ClientError, ClientRequest, ErrorKind, RequestBody, Response, WatchToken,
-    CLIENT_ALPN, MAX_ANSWER_FRAME, MAX_CLIENT_FRAME, PEER_ALPN,
+    decode_client, encode_answer, encode_pipeline_answers, AnswerPack, ClientError, ClientRequest, ErrorKind,
+    RequestBody, Response, Tagged, WatchToken, CLIENT_ALPN, MAX_ANSWER_FRAME, MAX_CLIENT_FRAME, PEER_ALPN,
+    PIPELINE_MAX_REQUESTS,
 };
 use lattice_core::proto::{NodeId, DEFAULT_MAX_MESSAGE_BYTES};
 use lattice_core::replica::{Decoded, Prepared};
@@ -642,6 +643,8 @@ fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
 /// What a client connection has shown so far.
 struct ClientSession {
     conn: quinn::Connection,
+    /// Slots of the requests in flight on its pipeline streams ([`PIPELINED`]).
+    pipelined: Arc<tokio::sync::Semaphore>,
     authenticated: std::sync::atomic::AtomicBool,
     shown: tokio::sync::Notify,
 }
@@ -677,6 +680,7 @@ async fn client_connection(conn: quinn::Connection, inbound: Arc<Inbound>) {
     };
     let session = Arc::new(ClientSession {
         conn: conn.clone(),
+        pipelined: Arc::new(tokio::sync::Semaphore::new(PIPELINED as usize)),
         authenticated: false.into(),
         shown: tokio::sync::Notify::new(),
     });
@@ -724,20 +728,23 @@ enum Refusal {
 /// then the rest within `frame_ms`. A frame longer than
 /// [`TOKEN_PREFIX_MAX`] has its token checked on its first bytes, before
 /// its body takes a share of the read budget and is read.
+///
+/// A pipeline stream's later frames (`first` false) may be as far apart as
+/// the client likes: the connection's idle timeout bounds the wait.
 async fn read_request<'a>(
     recv: &mut quinn::RecvStream,
     inbound: &'a Inbound,
     session: &ClientSession,
+    first: bool,
 ) -> Result<(Vec<u8>, Option<BudgetShare<'a>>), Refusal> {
     let limits = &inbound.limits;
-    let started = tokio::time::Instant::now();
     let mut len = [0u8; 4];
-    match tokio::time::timeout_at(
-        started + Duration::from_millis(limits.first_frame_ms),
-        recv.read_exact(&mut len),
-    )
-    .await
-    {
+    let prefix = if first {
+        tokio::time::timeout(Duration::from_millis(limits.first_frame_ms), recv.read_exact(&mut len)).await
+    } else {
+        Ok(recv.read_exact(&mut len).await)
+    };
+    match prefix {
         Err(_) => return Err(Refusal::TimedOut),
         Ok(Err(_)) => return Err(Refusal::Gone),
         Ok(Ok(())) => {}
@@ -796,7 +803,7 @@ async fn client_stream(
     inbound: Arc<Inbound>,
     session: Arc<ClientSession>,
 ) {
-    let response = match read_request(&mut recv, &inbound, &session).await {
+    let response = match read_request(&mut recv, &inbound, &session, true).await {
         Ok((frame, share)) => {
             let request = decode_client::<ClientRequest>(&frame);
             let bytes = frame.len();
@@ -804,6 +811,12 @@ async fn client_stream(
             // engine queue charges it its frame's length).
             drop((frame, share));
             match request {
+                Ok(ClientRequest {
+                    token,
+                    body: RequestBody::Pipeline(first),
+                }) => {
+                    return pipeline(send, recv, (token, first), conn, inbound.clone(), session).await;
+                }
                 Ok(ClientRequest {
                     token,
                     body: RequestBody::Watch { prefix, from },
@@ -815,14 +828,14 @@ async fn client_stream(
                         return watch(send, prefix, from, Request { bytes, conn }, &inbound).await;
                     }
                 }
-                Ok(req) => {
+                Ok(ClientRequest { token, body }) => {
                     // A client that goes away (resets the stream or closes
                     // the connection) gives up its answer: dropping the
                     // request drops its reply channel, and the engine then
                     // drops what waits on it (a waiting read and its slot).
                     let gone = send.stopped();
                     tokio::select! {
-                        r = serve(req, Request { bytes, conn }, &inbound, &session) => r,
+                        r = serve(&token, body, Request { bytes, conn }, &inbound, &session) => r,
                         _ = gone => return,
                     }
                 }
@@ -841,29 +854,8 @@ async fn client_stream(
             response
         }
     };
-    // An answer too large for a client frame (only a state grown by remote
-    // merges can be: writes refuse values that could not be read back)
-    // becomes a clear error, never an empty stream the client would take
-    // for a dead node.
-    let frame = encode_answer(&response).or_else(|e| {
-        encode_answer(&error(
-            ErrorKind::InvalidRequest,
-            format!("the answer is too large for one client frame: {e}"),
-        ))
-    });
-    // Answers waiting for slow clients hold the node's memory under one
-    // budget: past it the read is refused (the client retries), never queued.
-    let kib = frame.as_ref().map_or(0, |f| f.len().div_ceil(1024)) as u32;
-    let Ok(_permit) = inbound.answer_budget.try_acquire_many(kib) else {
-        inbound.metrics.overloaded.inc();
-        let message = "answers not yet read by their clients fill the node's answer budget";
-        if let Ok(f) = encode_answer(&error(ErrorKind::Overloaded, message)) {
-            let _ = write_frame(&mut send, &f).await;
-        }
-        let _ = send.finish();
-        return;
-    };
-    if let Ok(frame) = frame {
+    let (frame, _permit) = answer_frame(&response, &inbound);
+    if let Some(frame) = frame {
         // A client that does not read its answer does not hold it forever.
         let within = Duration::from_millis(inbound.limits.frame_ms);
         if tokio::time::timeout(within, write_frame(&mut send, &frame))
@@ -876,6 +868,304 @@ async fn client_stream(
         }
     }
     let _ = send.finish();
+}
+
+/// An answer's frame, and its share of the answer budget. An answer too
+/// large for a client frame (only a state grown by remote merges can be:
+/// writes refuse values that could not be read back) becomes a clear error,
+/// never an empty stream the client would take for a dead node. Answers
+/// waiting for slow clients hold the node's memory under one budget: past
+/// it the answer is an `Overloaded` error (the client retries), never queued.
+fn answer_frame<'a>(
+    response: &Response,
+    inbound: &'a Inbound,
+) -> (Option<Vec<u8>>, Option<tokio::sync::SemaphorePermit<'a>>) {
+    let frame = encode_answer(response).or_else(|e| {
+        encode_answer(&error(
+            ErrorKind::InvalidRequest,
+            format!("the answer is too large for one client frame: {e}"),
+        ))
+    });
+    let kib = frame.as_ref().map_or(0, |f| f.len().div_ceil(1024)) as u32;
+    match inbound.answer_budget.try_acquire_many(kib) {
+        Ok(permit) => (frame.ok(), Some(permit)),
+        Err(_) => {
+            inbound.metrics.overloaded.inc();
+            let message = "answers not yet read by their clients fill the node's answer budget";
+            (encode_answer(&error(ErrorKind::Overloaded, message)).ok(), None)
+        }
+    }
+}
+
+/// What a pipeline stream's reader hands to the task that runs its requests.
+enum Piped {
+    /// A frame's requests under its token, each with its slot among the
+    /// connection's pipelined requests.
+    Batch(Arc<str>, Vec<(Tagged, tokio::sync::OwnedSemaphorePermit)>),
+    /// The stream is refused with this answer (a frame over the limits,
+    /// undecodable, or with a bad token); its requests in flight are dropped.
+    Refused(Response, u32),
+}
+
+/// Requests of one connection's pipeline streams in flight at once (the
+/// same bound as its request streams): past it the streams read no further
+/// frame until answers went out, and QUIC flow control holds the client back.
+pub const PIPELINED: u32 = CLIENT_STREAMS;
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A share of the answer budget held by an answer on a pipeline stream
+/// until it is written (owned, so the task that made the answer can hand
+/// it over).
+struct AnswerCharge {
+    inbound: Arc<Inbound>,
+    kib: u32,
+}
+
+impl Drop for AnswerCharge {
+    fn drop(&mut self) {
+        self.inbound.answer_budget.add_permits(self.kib as usize);
+    }
+}
+
+/// A pipelined request's answer, ready to send: its tag, its frame, its
+/// share of the answer budget and its slot among the connection's
+/// pipelined requests (both given back once the frame is written).
+type Ready = (
+    u32,
+    Option<Vec<u8>>,
+    Option<AnswerCharge>,
+    tokio::sync::OwnedSemaphorePermit,
+);
+
+/// Runs one pipelined request to its charged answer.
+async fn run_pipelined(
+    request: Tagged,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    token: Arc<str>,
+    conn: u64,
+    inbound: Arc<Inbound>,
+    session: Arc<ClientSession>,
+) -> Ready {
+    let bytes = request.frame.len();
+    let response = match decode_client::<RequestBody>(&request.frame) {
+        Ok(body) => serve(&token, body, Request { bytes, conn }, &inbound, &session).await,
+        Err(e) => error(ErrorKind::InvalidRequest, format!("undecodable request: {e}")),
+    };
+    let (frame, permit) = answer_frame(&response, &inbound);
+    let charge = permit.map(|p| {
+        let kib = p.num_permits() as u32;
+        p.forget();
+        AnswerCharge {
+            inbound: inbound.clone(),
+            kib,
+        }
+    });
+    (request.tag, frame, charge, slot)
+}
+
+/// Serves a pipeline stream (see [`RequestBody::Pipeline`]). A reader task
+/// reads and decodes its frames one at a time and hands each frame's
+/// requests over once the connection's [`PIPELINED`] slots have room for
+/// them; each request runs as a task of its own to its answer, charged to
+/// the answer budget (so no request waits on another's, or on a client
+/// slow to read); this task sends the answers as they complete, packed
+/// several to a frame ([`AnswerPack`]), and gives back their slots once
+/// written. A client that finishes its side gets the answers of what it
+/// sent; one that stops reading, or resets, gives them up (the requests are
+/// aborted, which drops what waits on them in the engine). A frame that
+/// breaks the limits ends the stream: the requests already running are
+/// answered, then the refusal is sent as a plain answer frame, and nothing
+/// after it runs.
+async fn pipeline(
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    first: (String, Vec<Tagged>),
+    conn: u64,
+    inbound: Arc<Inbound>,
+    session: Arc<ClientSession>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let reader = tokio::spawn(read_pipeline(recv, first, inbound.clone(), session.clone(), tx));
+    let _reader = AbortOnDrop(reader.abort_handle());
+    // Dropped with this task: the requests still running are aborted.
+    let mut running = tokio::task::JoinSet::new();
+    let (mut pack, mut held) = (AnswerPack::default(), Vec::new());
+    let (mut reading, mut refused) = (true, None);
+    let stopped = send.stopped();
+    tokio::pin!(stopped);
+    let within = Duration::from_millis(inbound.limits.frame_ms);
+    loop {
+        if !reading && running.is_empty() {
+            break;
+        }
+        tokio::select! {
+            _ = &mut stopped => return,
+            piped = rx.recv(), if reading => match piped {
+                Some(Piped::Batch(token, requests)) => {
+                    inbound.metrics.pipelined_requests.inc_by(requests.len() as u64);
+                    for (request, slot) in requests {
+                        let (token, inbound, session) = (token.clone(), inbound.clone(), session.clone());
+                        running.spawn(run_pipelined(request, slot, token, conn, inbound, session));
+                    }
+                }
+                Some(Piped::Refused(response, code)) => {
+                    tracing::debug!(code, "pipeline stream refused: {response:?}");
+                    refused = Some(response);
+                    reading = false;
+                }
+                None => reading = false,
+            },
+            Some(done) = running.join_next(), if !running.is_empty() => {
+                if !running.is_empty() {
+                    // Let the requests that are about to finish finish, so
+                    // their answers share this frame.
+                    tokio::task::yield_now().await;
+                }
+                let mut done = Some(done);
+                // Every answer ready now goes in this round's frames.
+                while let Some(joined) = done.take() {
+                    match joined {
+                        Ok((tag, Some(frame), charge, slot)) => {
+                            held.push((charge, slot));
+                            if let Some(full) = pack.push(Tagged { tag, frame }) {
+                                if !send_pack(&mut send, full, within, &inbound).await {
+                                    return;
+                                }
+                            }
+                        }
+                        Ok((_, None, _, _)) => {}
+                        Err(e) => tracing::error!("a pipelined request failed: {e}"),
+                    }
+                    done = running.try_join_next();
+                }
+                if !send_pack(&mut send, pack.take(), within, &inbound).await {
+                    return;
+                }
+                held.clear();
+            }
+        }
+    }
+    // The requests that ran are answered; the client fails the rest with
+    // the refusal, as an answer frame of its own.
+    if let Some(frame) = refused.and_then(|r| encode_answer(&r).ok()) {
+        let _ = tokio::time::timeout(within, write_frame(&mut send, &frame)).await;
+    }
+    let _ = send.finish();
+}
+
+/// Writes one pipeline answer frame within `within`; false when the stream
+/// is gone or the client did not read it in time (the stream is reset).
+async fn send_pack(send: &mut quinn::SendStream, answers: Vec<Tagged>, within: Duration, inbound: &Inbound) -> bool {
+    let frame = match encode_pipeline_answers(answers) {
+        Ok(f) => f,
+        Err(e) => {
+            // The packer keeps every pack within the limit.
+            tracing::error!("a pipeline answer frame did not encode: {e}");
+            let _ = send.reset(code::MALFORMED.into());
+            return false;
+        }
+    };
+    inbound.metrics.pipelined_frames.inc();
+    match tokio::time::timeout(within, write_frame(send, &frame)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => false,
+        Err(_) => {
+            inbound.metrics.frames_timed_out.inc();
+            let _ = send.reset(code::TIMEOUT.into());
+            false
+        }
+    }
+}
+
+/// Reads a pipeline stream's frames (the first one already read), checks
+/// each against the pipeline's limits, and hands its requests to
+/// [`pipeline`] once the connection has slots for them.
+async fn read_pipeline(
+    mut recv: quinn::RecvStream,
+    first: (String, Vec<Tagged>),
+    inbound: Arc<Inbound>,
+    session: Arc<ClientSession>,
+    tx: tokio::sync::mpsc::Sender<Piped>,
+) {
+    let refuse = |message: String, code: u32| Piped::Refused(error(ErrorKind::InvalidRequest, message), code);
+    let mut next = Some(first);
+    loop {
+        let (token, requests) = match next.take() {
+            Some(first) => first,
+            None => match read_request(&mut recv, &inbound, &session, false).await {
+                Ok((frame, share)) => {
+                    let request = decode_client::<ClientRequest>(&frame);
+                    drop((frame, share));
+                    match request {
+                        Ok(ClientRequest {
+                            token,
+                            body: RequestBody::Pipeline(requests),
+                        }) => (token, requests),
+                        Ok(_) => {
+                            let _ = tx
+                                .send(refuse(
+                                    "a pipeline stream carries only pipeline frames".into(),
+                                    code::MALFORMED,
+                                ))
+                                .await;
+                            return;
+                        }
+                        Err(e) => {
+                            let _ = tx
+                                .send(refuse(format!("undecodable request: {e}"), code::MALFORMED))
+                                .await;
+                            return;
+                        }
+                    }
+                }
+                // The client finished its side: what it sent is answered.
+                Err(Refusal::Gone) => return,
+                Err(Refusal::TimedOut) => {
+                    inbound.metrics.frames_timed_out.inc();
+                    let _ = tx
+                        .send(refuse("a frame did not arrive in time".into(), code::TIMEOUT))
+                        .await;
+                    return;
+                }
+                Err(Refusal::Answer(response, code)) => {
+                    let _ = tx.send(Piped::Refused(response, code)).await;
+                    return;
+                }
+            },
+        };
+        if requests.len() > PIPELINE_MAX_REQUESTS {
+            let message = format!(
+                "a pipeline frame of {} requests is over the limit of {PIPELINE_MAX_REQUESTS}",
+                requests.len()
+            );
+            let _ = tx.send(refuse(message, code::FRAME_TOO_LARGE)).await;
+            return;
+        }
+        let Ok(mut slots) = session
+            .pipelined
+            .clone()
+            .acquire_many_owned(requests.len() as u32)
+            .await
+        else {
+            return;
+        };
+        let mut batch = Vec::with_capacity(requests.len());
+        for request in requests {
+            let Some(slot) = slots.split(1) else { return };
+            batch.push((request, slot));
+        }
+        if tx.send(Piped::Batch(token.into(), batch)).await.is_err() {
+            return;
+        }
+    }
 }
 
 fn authorized(inbound: &Inbound, token: &[u8]) -> bool {
@@ -1076,10 +1366,10 @@ struct Request {
     conn: u64,
 }
 
-async fn serve(req: ClientRequest, meta: Request, inbound: &Inbound, session: &ClientSession) -> Response {
+async fn serve(token: &str, body: RequestBody, meta: Request, inbound: &Inbound, session: &ClientSession) -> Response {
     let span = tracing::debug_span!("client_request");
     let _g = span.enter();
-    if !authorized(inbound, req.token.as_bytes()) {
+    if !authorized(inbound, token.as_bytes()) {
         return error(ErrorKind::Unauthorized, "unknown client token");
     }
     session.authenticate();
@@ -1087,7 +1377,7 @@ async fn serve(req: ClientRequest, meta: Request, inbound: &Inbound, session: &C
         m.overloaded.inc();
         error(ErrorKind::Overloaded, "the node's request queue is full")
     };
-    match req.body {
+    match body {
         RequestBody::Write {
             op_id,
             retry,
@@ -1201,12 +1491,15 @@ async fn serve(req: ClientRequest, meta: Request, inbound: &Inbound, session: &C
                 "this node has not caught up with the session's writes in time",
             )
         }
-        RequestBody::Watch { .. } => error(ErrorKind::InvalidRequest, "watch is served on its own stream"),
+        RequestBody::Watch { .. } | RequestBody::Pipeline(_) => error(
+            ErrorKind::InvalidRequest,
+            "watch and pipeline requests need their own stream (see RequestBody::Pipeline)",
+        ),
         RequestBody::SetPolicy(set) => {
             let admin = inbound
                 .admin_tokens
                 .iter()
-                .any(|t| constant_time_eq(t.as_bytes(), req.token.as_bytes()));
+                .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
             if !admin {
                 inbound.metrics.unauthorized.inc();
                 return error(

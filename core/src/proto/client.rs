@@ -195,7 +195,34 @@ pub enum RequestBody {
         /// Resume after this change.
         from: Option<WatchToken>,
     },
+    /// Several requests in one frame, each tagged by the client, on a
+    /// *pipeline* stream: a stream whose first frame is a `Pipeline` carries
+    /// only `Pipeline` frames from the client, and the node answers every
+    /// tagged request once, in a [`Response::Pipeline`] frame, in the order
+    /// they complete, several to a frame. The requests of one stream run
+    /// concurrently, like requests on separate streams: two writes sent
+    /// together may apply in either order (a client that needs an order
+    /// awaits the first answer). Each entry is an encoded request body (a
+    /// version byte, then MessagePack, as [`encode_client`] makes it); at
+    /// most [`PIPELINE_MAX_REQUESTS`] per frame. `Watch` and nested
+    /// `Pipeline` requests are answered with an error.
+    Pipeline(Vec<Tagged>),
 }
+
+/// One request or answer of a pipeline frame: the client's tag and the
+/// encoded request body or answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tagged {
+    /// Chosen by the client, unique among its requests in flight on the stream.
+    pub tag: u32,
+    /// The encoded request body or answer.
+    #[serde(with = "serde_bytes")]
+    pub frame: Vec<u8>,
+}
+
+/// Most requests in one pipeline frame. A node that reads more resets the
+/// stream.
+pub const PIPELINE_MAX_REQUESTS: usize = 256;
 
 /// How many regions must hold a write durably before it is acknowledged.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -455,6 +482,9 @@ pub enum Response {
     Change(Change),
     /// The request failed.
     Error(ClientError),
+    /// Answers on a pipeline stream (see [`RequestBody::Pipeline`]): each
+    /// an encoded answer frame, under the tag of its request.
+    Pipeline(Vec<Tagged>),
 }
 
 /// Encodes a request frame (at most [`MAX_CLIENT_FRAME`] bytes).
@@ -474,6 +504,67 @@ fn encode_within<T: Serialize>(msg: &T, limit: usize) -> Result<Vec<u8>, Error> 
         return Err(Error::MessageTooLarge { size: out.len(), limit });
     }
     Ok(out)
+}
+
+/// Largest pipeline answer frame: answer frames of at most
+/// [`PIPELINE_PACK_BYTES`] together, or one of up to [`MAX_ANSWER_FRAME`],
+/// with their tags.
+pub const MAX_PIPELINE_ANSWER_FRAME: usize = MAX_ANSWER_FRAME + (64 << 10);
+
+/// A pipeline answer frame takes answers until they hold this many bytes;
+/// a larger answer goes alone.
+pub const PIPELINE_PACK_BYTES: usize = 32 << 10;
+
+/// Packs a pipeline stream's answers into frames: answers are added as they
+/// complete, and a frame is sent when the next answer would take the pack
+/// past [`PIPELINE_PACK_BYTES`] (or when no other answer is ready). Every
+/// pack it makes encodes within [`MAX_PIPELINE_ANSWER_FRAME`].
+#[derive(Debug, Default)]
+pub struct AnswerPack {
+    answers: Vec<Tagged>,
+    bytes: usize,
+}
+
+impl AnswerPack {
+    /// What an answer costs in a pack: its frame and room for its tag and
+    /// framing (bounding the tags a pack holds too).
+    fn cost(answer: &Tagged) -> usize {
+        answer.frame.len() + 16
+    }
+
+    /// Adds an answer; returns the pack to send before it, when the answer
+    /// does not fit with the ones already packed.
+    pub fn push(&mut self, answer: Tagged) -> Option<Vec<Tagged>> {
+        let cost = Self::cost(&answer);
+        let full = (!self.answers.is_empty() && self.bytes + cost > PIPELINE_PACK_BYTES).then(|| self.take());
+        self.bytes += cost;
+        self.answers.push(answer);
+        full
+    }
+
+    /// The answers packed so far, leaving the pack empty.
+    pub fn take(&mut self) -> Vec<Tagged> {
+        self.bytes = 0;
+        std::mem::take(&mut self.answers)
+    }
+
+    /// Whether no answer is packed.
+    pub fn is_empty(&self) -> bool {
+        self.answers.is_empty()
+    }
+}
+
+/// Encodes a pipeline answer frame (at most [`MAX_PIPELINE_ANSWER_FRAME`]
+/// bytes).
+pub fn encode_pipeline_answers(answers: Vec<Tagged>) -> Result<Vec<u8>, Error> {
+    encode_within(&Response::Pipeline(answers), MAX_PIPELINE_ANSWER_FRAME)
+}
+
+/// Decodes an answer frame read on a pipeline stream: a
+/// [`Response::Pipeline`], or the error that refused the stream.
+pub fn decode_pipeline_answers(frame: &[u8]) -> Result<Response, Error> {
+    let body = super::frame_body(frame, MAX_PIPELINE_ANSWER_FRAME)?;
+    from_bytes(body)
 }
 
 /// Decodes a request frame, checking size, version and depth.
