@@ -33,7 +33,8 @@ use std::time::Duration;
 /// Runs a node until `shutdown` resolves, then stops gracefully: stop
 /// accepting, flush, close connections.
 pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
-    let store = storage::SledStore::open(&config.data_dir, &config.node, config.durability)?;
+    let mut store = storage::SledStore::open(&config.data_dir, &config.node, config.durability)?;
+    store.set_cache_bytes(config.memory.record_cache_bytes);
     let feed = feed::Feed::open(
         Some(store.feed_tree().context("opening the watch feed")?),
         config.memory.feed(),

@@ -48,6 +48,10 @@ pub struct MemoryConfig {
     /// Bytes the reads waiting for a causal token hold, all together
     /// (mostly their tokens, which the clients make).
     pub waiting_read_bytes: usize,
+    /// Bytes of the engine's cache of records it read or wrote lately
+    /// (saves a sled lookup per write to a hot key); past it, half is
+    /// dropped. 0 turns the cache off.
+    pub record_cache_bytes: usize,
 }
 
 impl Default for MemoryConfig {
@@ -67,6 +71,7 @@ impl Default for MemoryConfig {
             max_waiting_reads_per_connection: w.per_conn,
             max_concern_waits_per_connection: w.concerns_per_conn,
             waiting_read_bytes: w.bytes,
+            record_cache_bytes: crate::storage::RECORD_CACHE_BYTES,
         }
     }
 }

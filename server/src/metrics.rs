@@ -103,6 +103,8 @@ pub struct Metrics {
     rate_limited: Gauge,
     prepared_used: Gauge,
     prepared_stale: Gauge,
+    record_cache_hits: Gauge,
+    record_cache_misses: Gauge,
     buffer_groups: Gauge,
     buffer_bytes: Gauge,
     ae_rounds: Gauge,
@@ -244,6 +246,14 @@ impl Metrics {
                 "prepared_keys_stale",
                 "Keys prepared beside the engine whose record changed first; the engine redid the work (since start)"
             ),
+            record_cache_hits: gauge!(
+                "record_cache_hits",
+                "Engine reads of a key's record served by its record cache (since start)"
+            ),
+            record_cache_misses: gauge!(
+                "record_cache_misses",
+                "Engine reads of a key's record that went to sled (since start)"
+            ),
             buffer_groups: gauge!("delta_buffer_groups", "Delta-groups buffered for peers"),
             buffer_bytes: gauge!("delta_buffer_bytes", "Bytes of buffered delta-groups"),
             ae_rounds: gauge!("anti_entropy_rounds", "Anti-entropy rounds started since start"),
@@ -287,6 +297,9 @@ impl Metrics {
         self.rate_limited.set(s.rate_limited as i64);
         self.prepared_used.set(s.prepared_used as i64);
         self.prepared_stale.set(s.prepared_stale as i64);
+        let (hits, misses) = replica.store().cache_stats();
+        self.record_cache_hits.set(hits as i64);
+        self.record_cache_misses.set(misses as i64);
         for p in replica.peer_status(now) {
             let label = vec![("peer".to_string(), p.node.0.clone())];
             self.peer_alive.get_or_create(&label).set(i64::from(p.alive));

@@ -148,7 +148,9 @@ pub struct SledStore {
     dir: PathBuf,
     durability: Durability,
     /// Changes applied since the last flush, by sled key (`None`: removed).
-    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    pending: BTreeMap<Vec<u8>, Option<sled::IVec>>,
+    /// Records the engine read or wrote lately (see [`RecordCache`]).
+    cache: std::cell::RefCell<RecordCache>,
     /// sled's log file, opened at the first fsync.
     log: Option<std::fs::File>,
     /// The client op ids remembered, pending ones included.
@@ -157,6 +159,77 @@ pub struct SledStore {
     blobs_synced: Option<u64>,
     /// Blob files fsynced since open.
     blob_syncs: u64,
+}
+
+/// Default bound of the engine's cache of hot records (`[memory]
+/// record_cache_bytes`).
+pub const RECORD_CACHE_BYTES: usize = 64 << 20;
+
+/// Records (by sled key) the engine read from sled or wrote to it lately,
+/// so that a write to a hot key does not look its state up in sled again
+/// (a sled lookup was a quarter of the engine's work per write). Only the
+/// engine writes records, through [`SledStore::apply_pending`], which puts
+/// each one here once sled holds it: the cache never holds a record sled
+/// does not. Records are still opened (checksum and decode) on each use.
+/// Bounded by bytes (each entry charged its key, its record and 64 bytes):
+/// past the bound, every other entry is dropped.
+struct RecordCache {
+    map: std::collections::HashMap<Vec<u8>, sled::IVec>,
+    bytes: usize,
+    limit: usize,
+    hits: u64,
+    misses: u64,
+}
+
+impl RecordCache {
+    fn new(limit: usize) -> Self {
+        RecordCache {
+            map: Default::default(),
+            bytes: 0,
+            limit,
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    fn cost(k: &[u8], v: &[u8]) -> usize {
+        k.len() + v.len() + 64
+    }
+
+    fn get(&mut self, k: &[u8]) -> Option<sled::IVec> {
+        let v = self.map.get(k).cloned();
+        match v {
+            Some(_) => self.hits += 1,
+            None => self.misses += 1,
+        }
+        v
+    }
+
+    fn put(&mut self, k: &[u8], v: sled::IVec) {
+        let cost = Self::cost(k, &v);
+        if cost > self.limit / 4 {
+            self.remove(k);
+            return;
+        }
+        self.bytes += cost;
+        if let Some(old) = self.map.insert(k.to_vec(), v) {
+            self.bytes -= Self::cost(k, &old);
+        }
+        if self.bytes > self.limit {
+            let mut keep = false;
+            self.map.retain(|_, _| {
+                keep = !keep;
+                keep
+            });
+            self.bytes = self.map.iter().map(|(k, v)| Self::cost(k, v)).sum();
+        }
+    }
+
+    fn remove(&mut self, k: &[u8]) {
+        if let Some(old) = self.map.remove(k) {
+            self.bytes -= Self::cost(k, &old);
+        }
+    }
 }
 
 /// Reads the values the last flush put in sled, from any thread, so that a
@@ -339,11 +412,24 @@ impl SledStore {
             dir: dir.to_path_buf(),
             durability,
             pending: BTreeMap::new(),
+            cache: std::cell::RefCell::new(RecordCache::new(RECORD_CACHE_BYTES)),
             log: None,
             ops,
             blobs_synced: None,
             blob_syncs: 0,
         })
+    }
+
+    /// Bounds the cache of hot records to `bytes` (default
+    /// [`RECORD_CACHE_BYTES`]; 0 turns it off).
+    pub fn set_cache_bytes(&mut self, bytes: usize) {
+        self.cache = std::cell::RefCell::new(RecordCache::new(bytes));
+    }
+
+    /// The record cache's hits and misses since open.
+    pub fn cache_stats(&self) -> (u64, u64) {
+        let c = self.cache.borrow();
+        (c.hits, c.misses)
     }
 
     /// Blob files fsynced since open (see the module documentation).
@@ -412,10 +498,20 @@ impl SledStore {
         match self.pending.get(k) {
             Some(Some(v)) => f(v).map(Some),
             Some(None) => Ok(None),
-            None => match self.tree.get(k).map_err(store_err)? {
-                Some(v) => f(&v).map(Some),
-                None => Ok(None),
-            },
+            None => {
+                let cached = self.cache.borrow_mut().get(k);
+                if let Some(v) = cached {
+                    return f(&v).map(Some);
+                }
+                let Some(v) = self.tree.get(k).map_err(store_err)? else {
+                    return Ok(None);
+                };
+                // Only a record that opened is cached: a bad one is found
+                // bad on every read.
+                let opened = f(&v)?;
+                self.cache.borrow_mut().put(k, v);
+                Ok(Some(opened))
+            }
         }
     }
 
@@ -649,14 +745,20 @@ impl SledStore {
         let mut b = sled::Batch::default();
         for (k, v) in &self.pending {
             match v {
-                Some(v) => b.insert(k.as_slice(), v.as_slice()),
+                Some(v) => b.insert(k.as_slice(), v.clone()),
                 None => b.remove(k.as_slice()),
             }
         }
         let ops = self.ops.write(&mut b);
         // On failure the changes stay pending (and unacknowledged).
         self.tree.apply_batch(b).map_err(store_err)?;
-        self.pending.clear();
+        let cache = self.cache.get_mut();
+        for (k, v) in std::mem::take(&mut self.pending) {
+            match v {
+                Some(v) => cache.put(&k, v),
+                None => cache.remove(&k),
+            }
+        }
         self.ops.written(ops);
         Ok(())
     }
@@ -705,10 +807,10 @@ impl Store for SledStore {
         // Encode first, so a failure changes nothing.
         let meta = batch.meta.as_ref().map(to_bytes).transpose()?;
         for (k, r) in batch.values {
-            self.pending.insert(value_key(&k), Some(r.into_bytes()));
+            self.pending.insert(value_key(&k), Some(r.into_bytes().into()));
         }
         if let Some(m) = meta {
-            self.pending.insert(b"mmeta".to_vec(), Some(m));
+            self.pending.insert(b"mmeta".to_vec(), Some(m.into()));
         }
         for op in batch.op_ids {
             self.ops.add(op);
@@ -844,7 +946,9 @@ mod tests {
         {
             // Back to format 1: plain states, except the first ten, as a
             // migration that crashed midway leaves them.
-            let store = open_as(dir.path(), "n1", Durability::Sync);
+            let mut store = open_as(dir.path(), "n1", Durability::Sync);
+            // Reads here must see what this test writes past the store.
+            store.set_cache_bytes(0);
             for k in &keys[10..] {
                 let v = store.get(k).unwrap().unwrap();
                 store.tree.insert(value_key(k), to_bytes(&v).unwrap()).unwrap();
@@ -935,9 +1039,22 @@ mod tests {
         use rand::Rng;
         let kinds = [Kind::Counter, Kind::Set, Kind::Lww, Kind::Map];
         let keys: Vec<Key> = (0..24).map(|i| Key::new(format!("k{i}")).unwrap()).collect();
+        let mut total = (0, 0);
         for seed in 0..30 {
             let dir = tempfile::tempdir().unwrap();
-            let mut s = open_as(dir.path(), "n1", Durability::Group);
+            // Odd seeds with a record cache of a few entries (evicting
+            // often), even ones with the default.
+            let cache = if seed % 2 == 1 { 700 } else { RECORD_CACHE_BYTES };
+            let open = |dir: &Path, first: bool| {
+                let mut s = if first {
+                    open_as(dir, "n1", Durability::Group)
+                } else {
+                    reopen(dir)
+                };
+                s.set_cache_bytes(cache);
+                s
+            };
+            let mut s = open(dir.path(), true);
             let mut m = MemoryStore::new();
             let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
             let (mut seq, mut ops) = (0u64, Vec::new());
@@ -947,7 +1064,7 @@ mod tests {
                     1 => {
                         s.flush().unwrap();
                         drop(s);
-                        s = reopen(dir.path());
+                        s = open(dir.path(), false);
                     }
                     _ => {
                         let mut b = WriteBatch::default();
@@ -991,8 +1108,16 @@ mod tests {
                     assert!(s.has_op(*op).unwrap(), "{at}");
                 }
                 assert!(!s.has_op(OpId(u128::MAX)).unwrap());
+                assert!(
+                    s.cache.borrow().bytes <= cache,
+                    "{at}: the record cache is over its bound"
+                );
             }
+            let (hits, misses) = s.cache_stats();
+            total.0 += hits;
+            total.1 += misses;
         }
+        assert!(total.0 > 0 && total.1 > 0, "the record cache was used: {total:?}");
     }
 
     /// README, "Retries": a node recognises a retried op id among its last

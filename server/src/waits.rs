@@ -5,7 +5,7 @@
 
 use lattice_core::proto::client::CausalToken;
 use lattice_core::Key;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -270,8 +270,14 @@ pub struct Recent {
     epoch: u64,
     /// The changes readable at this epoch or earlier are forgotten.
     floor: u64,
-    by_key: BTreeMap<Key, (u64, CausalToken)>,
-    by_epoch: BTreeMap<u64, BTreeSet<Key>>,
+    /// Each key's last change: the epoch that makes it readable, its token.
+    by_key: HashMap<Key, (u64, CausalToken)>,
+    /// The keys changed per epoch, oldest first; a key changed again since
+    /// stays listed under its older epoch too (`by_key` says which is its
+    /// last), so that a change costs no removal here.
+    by_epoch: VecDeque<(u64, Vec<Key>)>,
+    /// Keys listed in `by_epoch`.
+    listed: usize,
 }
 
 /// Keys whose last change's token [`Recent`] keeps at most.
@@ -303,8 +309,9 @@ impl Recent {
         Recent {
             epoch: 0,
             floor: 0,
-            by_key: BTreeMap::new(),
-            by_epoch: BTreeMap::new(),
+            by_key: HashMap::new(),
+            by_epoch: VecDeque::new(),
+            listed: 0,
         }
     }
 
@@ -327,16 +334,18 @@ impl Recent {
     /// `key` changed (not flushed yet); `token` is its state's token now.
     pub fn changed(&mut self, key: Key, token: CausalToken) {
         let readable = self.epoch + 1;
-        if let Some((was, _)) = self.by_key.get(&key) {
-            if let Some(keys) = self.by_epoch.get_mut(was) {
-                keys.remove(&key);
-                if keys.is_empty() {
-                    self.by_epoch.remove(was);
+        match self.by_key.get_mut(&key) {
+            // Changed again before the flush: listed already.
+            Some(last) if last.0 == readable => last.1 = token,
+            _ => {
+                match self.by_epoch.back_mut() {
+                    Some((e, keys)) if *e == readable => keys.push(key.clone()),
+                    _ => self.by_epoch.push_back((readable, vec![key.clone()])),
                 }
+                self.listed += 1;
+                self.by_key.insert(key, (readable, token));
             }
         }
-        self.by_epoch.entry(readable).or_default().insert(key.clone());
-        self.by_key.insert(key, (readable, token));
     }
 
     /// The token of `key`'s last change, if kept.
@@ -350,18 +359,22 @@ impl Recent {
         self.epoch += 1;
     }
 
-    /// Forgets the oldest flushes' changes past [`RECENT_KEYS`].
+    /// Forgets the oldest flushes' changes past [`RECENT_KEYS`] keys (or
+    /// twice as many listed, when the same keys keep changing).
     pub fn forget_old(&mut self) {
-        while self.by_key.len() > RECENT_KEYS {
-            let Some((&oldest, _)) = self.by_epoch.first_key_value() else {
+        while self.by_key.len() > RECENT_KEYS || self.listed > 2 * RECENT_KEYS {
+            let Some(&(oldest, _)) = self.by_epoch.front() else {
                 break;
             };
             if oldest > self.epoch {
                 break;
             }
-            if let Some(keys) = self.by_epoch.remove(&oldest) {
+            if let Some((_, keys)) = self.by_epoch.pop_front() {
+                self.listed -= keys.len();
                 for k in keys {
-                    self.by_key.remove(&k);
+                    if self.by_key.get(&k).is_some_and(|(e, _)| *e == oldest) {
+                        self.by_key.remove(&k);
+                    }
                 }
             }
             self.floor = oldest;
@@ -513,6 +526,29 @@ mod tests {
         assert_eq!(r.check(&a, &dot_token(3), 1), Seen::Recheck);
         assert_eq!(r.check(&a, &dot_token(3), r.epoch()), Seen::Wait);
         assert_eq!(r.check(&b, &dot_token(1), 0), Seen::Ready);
+        // The same few keys changing in every flush are listed once per
+        // flush: the list stays bounded too, and the keys' last changes
+        // stay known.
+        let one_dot = |counter: u64| CausalToken {
+            context: lattice_core::clock::CausalContext::from_dots([lattice_core::clock::Dot {
+                replica: lattice_core::clock::ReplicaId(2),
+                counter,
+            }]),
+            ..CausalToken::default()
+        };
+        let few: Vec<Key> = (0..10).map(|i| Key::new(format!("hot{i}")).unwrap()).collect();
+        let rounds = 3 * RECENT_KEYS as u64;
+        for round in 0..rounds {
+            let k = &few[(round % 10) as usize];
+            r.changed(k.clone(), one_dot(round + 1));
+            r.changed(k.clone(), one_dot(round + 2));
+            r.flushed();
+            r.forget_old();
+            assert!(r.listed <= 2 * RECENT_KEYS + 1, "{} listed", r.listed);
+        }
+        let (last, hot) = (rounds - 1, &few[((rounds - 1) % 10) as usize]);
+        assert_eq!(r.check(hot, &one_dot(last + 2), 0), Seen::Ready);
+        assert_eq!(r.check(hot, &one_dot(last + 3), r.epoch()), Seen::Wait);
     }
 
     /// A client makes its token, and its contexts need not be canonical: a
