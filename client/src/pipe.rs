@@ -59,6 +59,11 @@ pub(crate) struct Pipe {
     conn: quinn::Connection,
     calls: mpsc::Sender<Call>,
     pending: Arc<Mutex<Pending>>,
+    /// Dropped with the pipe (no caller is left: the client was dropped
+    /// or replaced the pipe): the reader then stops the stream, so the
+    /// node drops what still runs for it (a waiting read, a write waiting
+    /// for its concern) instead of answering nobody.
+    _gone: oneshot::Sender<()>,
 }
 
 impl Pipe {
@@ -67,12 +72,14 @@ impl Pipe {
         let (send, recv) = conn.open_bi().await.map_err(|e| Error::Unavailable(e.to_string()))?;
         let (calls, queue) = mpsc::channel(QUEUE);
         let pending = Arc::new(Mutex::new(Pending::default()));
+        let (_gone, gone) = oneshot::channel();
         tokio::spawn(write_loop(send, queue, token, pending.clone()));
-        tokio::spawn(read_loop(recv, pending.clone()));
+        tokio::spawn(read_loop(recv, pending.clone(), gone));
         Ok(Pipe {
             conn: conn.clone(),
             calls,
             pending,
+            _gone,
         })
     }
 
@@ -93,7 +100,8 @@ impl Pipe {
 }
 
 /// Sends the calls waiting at each moment as one frame, until the pipe is
-/// dropped (then finishes the stream) or the stream fails.
+/// dropped (then resets the stream: nobody waits for its answers) or the
+/// stream fails.
 async fn write_loop(
     mut send: quinn::SendStream,
     mut queue: mpsc::Receiver<Call>,
@@ -155,16 +163,26 @@ async fn write_loop(
             // Later calls fail at once (`failed`) until the pipe is replaced.
         }
     }
-    let _ = send.finish();
+    let _ = send.reset(0u32.into());
 }
 
 /// Hands each answer to its caller; when the stream ends or fails, fails
-/// every call still waiting.
-async fn read_loop(mut recv: quinn::RecvStream, pending: Arc<Mutex<Pending>>) {
+/// every call still waiting. When the pipe is dropped (`gone`), stops the
+/// stream.
+async fn read_loop(mut recv: quinn::RecvStream, pending: Arc<Mutex<Pending>>, gone: oneshot::Receiver<()>) {
+    tokio::pin!(gone);
     let why = loop {
         let mut len = [0u8; 4];
-        if let Err(e) = recv.read_exact(&mut len).await {
-            break format!("the pipeline stream ended: {e}");
+        tokio::select! {
+            read = recv.read_exact(&mut len) => {
+                if let Err(e) = read {
+                    break format!("the pipeline stream ended: {e}");
+                }
+            }
+            _ = &mut gone => {
+                let _ = recv.stop(0u32.into());
+                return;
+            }
         }
         let len = u32::from_be_bytes(len) as usize;
         if len > MAX_PIPELINE_ANSWER_FRAME {
