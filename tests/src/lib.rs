@@ -541,6 +541,19 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> 
     })
 }
 
+/// A client request frame with `token`, as the SDK sends it on a stream
+/// (its length prefix first), for tests that speak the protocol raw.
+pub fn request_frame(token: &str, body: RequestBody) -> Vec<u8> {
+    let frame = lattice_core::proto::client::encode_client(&lattice_core::proto::client::ClientRequest {
+        token: token.into(),
+        body,
+    })
+    .expect("a test request encodes");
+    let mut out = (frame.len() as u32).to_be_bytes().to_vec();
+    out.extend(frame);
+    out
+}
+
 /// The status of the node `client` talks to.
 pub async fn status_of(client: &Client) -> Result<NodeStatus> {
     match client.request(RequestBody::Status).await? {

@@ -11,14 +11,12 @@
 #![allow(clippy::await_holding_lock)]
 
 use lattice_client::{Client, Endpoint, Error as ClientError, ErrorKind};
-use lattice_core::proto::client::{
-    decode_answer, encode_client, ClientRequest, RequestBody, Response, CLIENT_ALPN, PEER_ALPN,
-};
+use lattice_core::proto::client::{decode_answer, RequestBody, Response, CLIENT_ALPN, PEER_ALPN};
 use lattice_core::Key;
 use lattice_server::certs;
 use lattice_server::config::Config;
 use lattice_server::storage::Durability;
-use lattice_tests::{serial, Cluster};
+use lattice_tests::{request_frame, serial, Cluster};
 use quinn::crypto::rustls::QuicClientConfig;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -128,22 +126,10 @@ fn counter(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// A request frame with `token`, as the SDK sends it (length prefix first).
-fn request(token: &str, body: RequestBody) -> Vec<u8> {
-    let frame = encode_client(&ClientRequest {
-        token: token.into(),
-        body,
-    })
-    .unwrap();
-    let mut out = (frame.len() as u32).to_be_bytes().to_vec();
-    out.extend(frame);
-    out
-}
-
 /// The start of a request that claims `len` bytes: the length prefix and
 /// the head of the frame, up to and past its token.
 fn claimed_head(token: &str, len: u32) -> Vec<u8> {
-    let full = request(token, RequestBody::Status);
+    let full = request_frame(token, RequestBody::Status);
     let mut out = len.to_be_bytes().to_vec();
     out.extend(&full[4..]);
     out.extend(vec![0u8; 2048]);
@@ -474,7 +460,7 @@ async fn hostile_bad_and_empty_tokens_are_refused_before_the_body() {
     let start = Instant::now();
     for _ in 0..200 {
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        send.write_all(&request("wrong-token-0123456789", RequestBody::Status))
+        send.write_all(&request_frame("wrong-token-0123456789", RequestBody::Status))
             .await
             .unwrap();
         let _ = send.finish();
@@ -704,7 +690,7 @@ async fn hostile_unread_large_answers_stay_within_their_budget() {
     let e = raw(&c, "127.0.0.3", None, CLIENT_ALPN);
     let conn = dial(&e, &c).await.unwrap();
     let token = c.defaults.token.clone();
-    let read = request(
+    let read = request_frame(
         &token,
         RequestBody::Read {
             key: big.clone(),

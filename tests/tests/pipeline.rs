@@ -10,13 +10,13 @@
 
 use lattice_core::crdt::{Bytes, Op, ValueView};
 use lattice_core::proto::client::{
-    decode_answer, decode_pipeline_answers, encode_client, CausalToken, ClientRequest, ErrorKind, OpId, RequestBody,
-    Response, Tagged, WriteConcern, CLIENT_ALPN, PIPELINE_MAX_REQUESTS,
+    decode_answer, decode_pipeline_answers, encode_client, CausalToken, ErrorKind, OpId, RequestBody, Response, Tagged,
+    WriteConcern, CLIENT_ALPN, PIPELINE_MAX_REQUESTS,
 };
 use lattice_core::Key;
 use lattice_server::certs;
 use lattice_server::storage::Durability;
-use lattice_tests::{serial, Cluster};
+use lattice_tests::{request_frame, serial, Cluster};
 use quinn::crypto::rustls::QuicClientConfig;
 use std::path::Path;
 use std::sync::Arc;
@@ -55,14 +55,7 @@ fn pipeline_frame(token: &str, requests: Vec<(u32, RequestBody)>) -> Vec<u8> {
             })
             .collect(),
     );
-    let frame = encode_client(&ClientRequest {
-        token: token.into(),
-        body,
-    })
-    .unwrap();
-    let mut out = (frame.len() as u32).to_be_bytes().to_vec();
-    out.extend(frame);
-    out
+    request_frame(token, body)
 }
 
 /// The next frame of a pipeline stream: `Ok(answers by tag)`, `Err(the
@@ -262,16 +255,7 @@ async fn hostile_pipeline_frames_over_the_limits_are_refused_after_what_ran() {
                     .collect(),
             ),
         ),
-        ("a plain request", {
-            let frame = encode_client(&ClientRequest {
-                token: token.clone(),
-                body: incr("pipe/refused"),
-            })
-            .unwrap();
-            let mut out = (frame.len() as u32).to_be_bytes().to_vec();
-            out.extend(frame);
-            out
-        }),
+        ("a plain request", request_frame(&token, incr("pipe/refused"))),
     ] {
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         let first = pipeline_frame(&token, vec![(1, incr("pipe/ran")), (2, incr("pipe/ran"))]);
