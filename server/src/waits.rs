@@ -494,6 +494,29 @@ mod tests {
     }
 
     #[test]
+    fn attack_forgetting_an_older_flush_keeps_a_key_changed_since() {
+        let mut r = Recent::new();
+        let (a, x) = (Key::new("a").unwrap(), Key::new("x").unwrap());
+        // Flush 1 lists `a` and `x`; flush 2 lists `a` again (its last change).
+        r.changed(a.clone(), dot_token(1));
+        r.changed(x.clone(), dot_token(1));
+        r.flushed();
+        r.changed(a.clone(), dot_token(2));
+        r.flushed();
+        // One key over the bound: forgetting flush 1 (x) is enough.
+        for i in 0..RECENT_KEYS - 1 {
+            r.changed(Key::new(format!("k{i}")).unwrap(), dot_token(1));
+        }
+        r.flushed();
+        r.forget_old();
+        assert_eq!(r.len(), RECENT_KEYS);
+        // A read that saw flush 1 and lacks `a`'s second change: the store
+        // holds it now, the read must not wait for another change.
+        assert_eq!(r.check(&a, &dot_token(2), 1), Seen::Ready);
+        assert_eq!(r.check(&x, &dot_token(1), 0), Seen::Recheck);
+    }
+
+    #[test]
     fn recent_changes_decide_reads_until_forgotten() {
         let mut r = Recent::new();
         let (a, b) = (Key::new("a").unwrap(), Key::new("b").unwrap());
