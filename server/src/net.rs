@@ -716,8 +716,11 @@ async fn client_connection(conn: quinn::Connection, inbound: Arc<Inbound>) {
 
 /// How reading a request ended, short of a request.
 enum Refusal {
-    /// The stream ended or failed: nothing to answer.
-    Gone,
+    /// The stream ended or failed: nothing to answer. `finished`: the
+    /// client finished its side cleanly between frames (a pipeline's client
+    /// then still reads its answers); otherwise it reset the stream or the
+    /// connection went away.
+    Gone { finished: bool },
     /// The request did not arrive in time: the stream is reset.
     TimedOut,
     /// Answer this, and stop reading the request.
@@ -746,7 +749,11 @@ async fn read_request<'a>(
     };
     match prefix {
         Err(_) => return Err(Refusal::TimedOut),
-        Ok(Err(_)) => return Err(Refusal::Gone),
+        Ok(Err(e)) => {
+            return Err(Refusal::Gone {
+                finished: e == quinn::ReadExactError::FinishedEarly(0),
+            })
+        }
         Ok(Ok(())) => {}
     }
     let len = u32::from_be_bytes(len) as usize;
@@ -762,7 +769,7 @@ async fn read_request<'a>(
     let deadline = tokio::time::Instant::now() + Duration::from_millis(limits.frame_ms);
     let read = |e: ReadError| match e {
         ReadError::TimedOut => Refusal::TimedOut,
-        ReadError::Stream(_) => Refusal::Gone,
+        ReadError::Stream(_) => Refusal::Gone { finished: false },
     };
     let mut frame = vec![0u8; len.min(TOKEN_PREFIX_MAX)];
     read_exact_by(recv, &mut frame, deadline).await.map_err(read)?;
@@ -842,7 +849,7 @@ async fn client_stream(
                 Err(e) => error(ErrorKind::InvalidRequest, format!("undecodable request: {e}")),
             }
         }
-        Err(Refusal::Gone) => return,
+        Err(Refusal::Gone { .. }) => return,
         Err(Refusal::TimedOut) => {
             inbound.metrics.frames_timed_out.inc();
             let _ = recv.stop(code::TIMEOUT.into());
@@ -903,8 +910,11 @@ enum Piped {
     /// connection's pipelined requests.
     Batch(Arc<str>, Vec<(Tagged, tokio::sync::OwnedSemaphorePermit)>),
     /// The stream is refused with this answer (a frame over the limits,
-    /// undecodable, or with a bad token); its requests in flight are dropped.
+    /// undecodable, or with a bad token): the requests already running are
+    /// answered first, then the refusal, and nothing after it runs.
     Refused(Response, u32),
+    /// The client reset its side: the requests still running are dropped.
+    Abandoned,
 }
 
 /// Requests of one connection's pipeline streams in flight at once (the
@@ -979,8 +989,8 @@ async fn run_pipelined(
 /// slow to read); this task sends the answers as they complete, packed
 /// several to a frame ([`AnswerPack`]), and gives back their slots once
 /// written. A client that finishes its side gets the answers of what it
-/// sent; one that stops reading, or resets, gives them up (the requests are
-/// aborted, which drops what waits on them in the engine). A frame that
+/// sent; one that stops reading, or resets its side, gives them up (the
+/// requests are aborted, which drops what waits on them in the engine). A frame that
 /// breaks the limits ends the stream: the requests already running are
 /// answered, then the refusal is sent as a plain answer frame, and nothing
 /// after it runs.
@@ -1021,6 +1031,7 @@ async fn pipeline(
                     refused = Some(response);
                     reading = false;
                 }
+                Some(Piped::Abandoned) => return,
                 None => reading = false,
             },
             Some(done) = running.join_next(), if !running.is_empty() => {
@@ -1127,7 +1138,12 @@ async fn read_pipeline(
                     }
                 }
                 // The client finished its side: what it sent is answered.
-                Err(Refusal::Gone) => return,
+                Err(Refusal::Gone { finished: true }) => return,
+                // It reset it (or left): it gives up its answers.
+                Err(Refusal::Gone { finished: false }) => {
+                    let _ = tx.send(Piped::Abandoned).await;
+                    return;
+                }
                 Err(Refusal::TimedOut) => {
                     inbound.metrics.frames_timed_out.inc();
                     let _ = tx

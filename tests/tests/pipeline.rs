@@ -59,12 +59,18 @@ fn pipeline_frame(token: &str, requests: Vec<(u32, RequestBody)>) -> Vec<u8> {
 }
 
 /// The next frame of a pipeline stream: `Ok(answers by tag)`, `Err(the
-/// refusal)`, or `None` at the stream's end.
+/// refusal)`, or `None` at the stream's end. Fails after 20 s without one
+/// (a node that misses a limit must fail the test, not hang it).
 async fn next_answers(recv: &mut quinn::RecvStream) -> Option<Result<Vec<(u32, Response)>, Response>> {
     let mut len = [0u8; 4];
-    recv.read_exact(&mut len).await.ok()?;
+    let within = Duration::from_secs(20);
+    let read = |r: Result<Result<(), quinn::ReadExactError>, _>| match r {
+        Ok(r) => r.ok(),
+        Err(_) => panic!("no answer frame and no end of the stream within {within:?}"),
+    };
+    read(tokio::time::timeout(within, recv.read_exact(&mut len)).await)?;
     let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
-    recv.read_exact(&mut frame).await.ok()?;
+    read(tokio::time::timeout(within, recv.read_exact(&mut frame)).await)?;
     match decode_pipeline_answers(&frame).unwrap() {
         Response::Pipeline(answers) => Some(Ok(answers
             .into_iter()
@@ -330,4 +336,113 @@ async fn hostile_unread_pipelined_answers_hold_up_no_other_client() {
     // The answer budget (64 MiB), QUIC's buffers for the connection and
     // the allocator's slack.
     assert!(rss < baseline + 250 * 1024, "RSS {} MiB", rss / 1024);
+}
+
+/// A token no state holds: a dot of a replica that never wrote.
+fn unmet_token() -> CausalToken {
+    CausalToken {
+        context: lattice_core::clock::CausalContext::from_dots([lattice_core::clock::Dot {
+            replica: lattice_core::clock::ReplicaId(999_999),
+            counter: 7,
+        }]),
+        ..CausalToken::default()
+    }
+}
+
+/// A client that resets its side of a pipeline stream gives up its
+/// answers: the 100 reads it left waiting (30 s each) are dropped within a
+/// second, as when it stops the stream or closes the connection. (The
+/// node used to take a reset for a finish and keep them waiting.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_resets_its_pipeline_stream_gives_up_its_waiting_reads() {
+    let _g = serial();
+    let c = node().await;
+    let token = c.defaults.token.clone();
+    let (_e, conn) = raw(&c, "127.0.0.1").await;
+    let waiting: Vec<(u32, RequestBody)> = (0..100)
+        .map(|t| (t, read("pipe/w", Some(unmet_token()), 30_000)))
+        .collect();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&pipeline_frame(&token, waiting)).await.unwrap();
+    let gauge = || metric(&c, "lattice_waiting_reads");
+    let t = Instant::now();
+    while gauge() < 100.0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "the reads wait: {}", gauge());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    send.reset(0u32.into()).unwrap();
+    let t = Instant::now();
+    while gauge() > 0.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "{} reads still wait {:?} after their client reset its stream",
+            gauge(),
+            t.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("100 waiting reads dropped {:?} after the reset", t.elapsed());
+}
+
+/// A node that refuses a pipeline stream (here a stand-in that answers
+/// every stream's first frame with `Overloaded`, as a node whose read
+/// budget is full does) fails the SDK's calls on it with that error at
+/// once; the SDK retries a write on fresh streams and then reports it,
+/// never waiting out its 10 s timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_fails_its_calls_with_the_nodes_refusal_of_a_pipeline_stream() {
+    use lattice_core::proto::client::{encode_answer, ClientError};
+    let ca = certs::new_ca("test").unwrap();
+    let n1 = certs::new_dev_node_cert(&ca, "n1").unwrap();
+    let mut tls = certs::server_tls(&ca.cert, &n1).unwrap();
+    tls.alpn_protocols = vec![CLIENT_ALPN.to_vec()];
+    let server = quinn::ServerConfig::with_crypto(Arc::new(
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap(),
+    ));
+    let node = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = node.local_addr().unwrap();
+    let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = refused.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = node.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    let mut len = [0u8; 4];
+                    if recv.read_exact(&mut len).await.is_err() {
+                        continue;
+                    }
+                    let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
+                    let _ = recv.read_exact(&mut frame).await;
+                    let refusal = encode_answer(&Response::Error(ClientError {
+                        kind: ErrorKind::Overloaded,
+                        message: "the node is reading too many requests at once".into(),
+                        regions: Vec::new(),
+                    }))
+                    .unwrap();
+                    let mut out = (refusal.len() as u32).to_be_bytes().to_vec();
+                    out.extend(refusal);
+                    let _ = send.write_all(&out).await;
+                    let _ = send.finish();
+                    counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let client =
+        lattice_client::Client::new(vec![lattice_client::Endpoint::named("n1", addr)], "token", &ca.cert).unwrap();
+    let t = Instant::now();
+    let r = client.write(vec![(Key::new("k").unwrap(), Op::CounterAdd(1))]).await;
+    println!(
+        "{r:?} after {:?}, {} streams refused",
+        t.elapsed(),
+        refused.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert!(matches!(r, Err(lattice_client::Error::Overloaded(_))), "{r:?}");
+    assert!(t.elapsed() < Duration::from_secs(3), "took {:?}", t.elapsed());
+    assert!(
+        refused.load(std::sync::atomic::Ordering::Relaxed) >= 3,
+        "each attempt on a fresh stream"
+    );
 }
