@@ -122,8 +122,9 @@ pub enum Error {
     /// A policy set was refused (invalid, or not newer than the one in force).
     #[error("invalid policy: {0}")]
     InvalidPolicy(String),
-    /// A retried write reached a node that crashed in `async` mode since:
-    /// the write may or may not have been applied. Read the key first.
+    /// A retried write reached a node that restarted since its first
+    /// attempt (within `retry_window_ms`): the write may or may not have
+    /// been applied. Read the key first.
     #[error("{0}")]
     OutcomeUnknown(String),
 }
@@ -486,9 +487,9 @@ impl Client {
             for attempt in 0..3 {
                 let mut body = body.clone();
                 if let RequestBody::Write { retry, .. } = &mut body {
-                    // A node that crashed in `async` mode since the first
-                    // attempt answers OutcomeUnknown rather than applying
-                    // it a second time.
+                    // A node that restarted since the first attempt (within
+                    // its retry window) answers OutcomeUnknown rather than
+                    // applying it a second time.
                     *retry = attempt > 0;
                 }
                 match self.request_to(i, body).await {

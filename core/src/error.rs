@@ -86,8 +86,10 @@ pub enum Error {
         now_ms: u64,
     },
     /// A retried write whose first attempt this node may have applied and
-    /// then lost its record of (an `async` crash).
-    #[error("the write's outcome is unknown: this node crashed in async mode since its first attempt may have been applied; read the key before writing again")]
+    /// then lost its record of: it restarted less than `retry_window_ms`
+    /// ago (after any restart, since a crash, an `async` life or a disk
+    /// that lied about its flushes can lose op ids).
+    #[error("the write's outcome is unknown: this node restarted since its first attempt, which it may have applied and lost the record of; read the key before writing again")]
     OutcomeUnknown,
     /// A peer frame whose integrity check does not match its contents: it
     /// was corrupted on the way. Refused whole, like a lost frame (the

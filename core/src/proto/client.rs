@@ -323,10 +323,10 @@ pub enum ErrorKind {
     ReplicationTimeout,
     /// A policy set was refused (invalid, or not newer than the one in force).
     InvalidPolicy,
-    /// A retried write reached a node that crashed in `async` mode since
-    /// the first attempt may have been applied: the first attempt may or
-    /// may not have taken effect, and applying it again could count it
-    /// twice. Read the key to find out.
+    /// A retried write reached a node that restarted since its first
+    /// attempt (within `retry_window_ms` of the restart): the first attempt
+    /// may or may not have taken effect, and applying it again could count
+    /// it twice. Read the key to find out.
     OutcomeUnknown,
 }
 
