@@ -60,51 +60,51 @@ pub use lattice_core::proto::client::{CausalToken, Change, ErrorKind, NodeStatus
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The client setup is invalid (no endpoint, bad CA file, ...).
-    #[error("configuration: {0}")]
+    #[error("{}", with_kind("configuration", .0))]
     Config(String),
     /// No node could be reached.
-    #[error("unavailable: {0}")]
+    #[error("{}", with_kind("unavailable", .0))]
     Unavailable(String),
     /// The call took longer than its timeout. A write may still have been
     /// applied; retrying it with the same operation id applies it once.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
     /// The token was refused.
-    #[error("unauthorized: {0}")]
+    #[error("{}", with_kind("unauthorized", .0))]
     Unauthorized(String),
     /// The node's queues are full: retry later, or on another node.
-    #[error("overloaded: {0}")]
+    #[error("{}", with_kind("overloaded", .0))]
     Overloaded(String),
     /// The key holds another type.
-    #[error("type mismatch: {0}")]
+    #[error("{}", with_kind("type mismatch", .0))]
     TypeMismatch(String),
     /// No reachable node had caught up with this session's writes in time.
-    #[error("not caught up: {0}")]
+    #[error("{}", with_kind("not caught up", .0))]
     NotCaughtUp(String),
     /// The key does not exist.
-    #[error("not found: {0}")]
+    #[error("{}", with_kind("not found", .0))]
     NotFound(String),
     /// The request was refused as invalid (bad key, value too large, ...).
-    #[error("invalid request: {0}")]
+    #[error("{}", with_kind("invalid request", .0))]
     InvalidRequest(String),
     /// A watch cannot resume: read again and watch anew.
-    #[error("watch lost: {0}")]
+    #[error("{}", with_kind("watch lost", .0))]
     WatchLost(String),
     /// The watcher fell too far behind and the node cut it off: resume
     /// from [`Watch::last_token`] ([`Follow`] does so by itself).
-    #[error("watch lagged: {0}")]
+    #[error("{}", with_kind("watch lagged", .0))]
     WatchLagged(String),
     /// The node failed internally.
-    #[error("server error: {0}")]
+    #[error("{}", with_kind("server error", .0))]
     Internal(String),
     /// A value could not be encoded or decoded with rmp-serde.
-    #[error("value codec: {0}")]
+    #[error("{}", with_kind("value codec", .0))]
     Codec(String),
     /// The node's answer could not be decoded.
-    #[error("protocol: {0}")]
+    #[error("{}", with_kind("protocol", .0))]
     Protocol(String),
     /// A node could not be connected to at all (the request never left).
-    #[error("unreachable: {0}")]
+    #[error("{}", with_kind("unreachable", .0))]
     Unreachable(String),
     /// The key's replication policy keeps it from the node's region; the
     /// regions that may serve it are named (connect to a node there).
@@ -120,13 +120,28 @@ pub enum Error {
     #[error("{0}")]
     ReplicationTimeout(String),
     /// A policy set was refused (invalid, or not newer than the one in force).
-    #[error("invalid policy: {0}")]
+    #[error("{}", with_kind("invalid policy", .0))]
     InvalidPolicy(String),
     /// A retried write reached a node that restarted since its first
     /// attempt (within `retry_window_ms`): the write may or may not have
     /// been applied. Read the key first.
     #[error("{0}")]
     OutcomeUnknown(String),
+}
+
+/// `message` under the name of its kind (`type mismatch: ...`), unless
+/// it starts with that name already (a node's message often does: `type
+/// mismatch: the key holds ...`, `type mismatch on field ...`), so an error
+/// names its kind once.
+fn with_kind(kind: &str, message: &str) -> String {
+    let named = message
+        .get(..kind.len())
+        .is_some_and(|head| head.eq_ignore_ascii_case(kind));
+    if named {
+        message.to_string()
+    } else {
+        format!("{kind}: {message}")
+    }
 }
 
 impl Error {
@@ -881,6 +896,45 @@ async fn read_response(recv: &mut quinn::RecvStream) -> Result<Option<Response>,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node's message that names its kind is not prefixed with it twice
+    /// (`type mismatch: type mismatch: ...` before); one that does not is
+    /// prefixed once.
+    #[test]
+    fn an_error_names_its_kind_once() {
+        use lattice_core::proto::client::ClientError;
+        let from = |kind, message: &str| {
+            Error::from_server(ClientError {
+                kind,
+                message: message.into(),
+                regions: Vec::new(),
+            })
+            .to_string()
+        };
+        assert_eq!(
+            from(
+                ErrorKind::TypeMismatch,
+                "type mismatch: the key holds a counter, not a set"
+            ),
+            "type mismatch: the key holds a counter, not a set"
+        );
+        assert_eq!(
+            from(ErrorKind::TypeMismatch, "the key holds a counter, not a set"),
+            "type mismatch: the key holds a counter, not a set"
+        );
+        assert_eq!(
+            from(ErrorKind::TypeMismatch, "type mismatch on field \"n\": it is a Counter"),
+            "type mismatch on field \"n\": it is a Counter"
+        );
+        assert_eq!(
+            from(ErrorKind::InvalidRequest, "Invalid request: key too long"),
+            "Invalid request: key too long"
+        );
+        assert_eq!(from(ErrorKind::Overloaded, "overloaded"), "overloaded");
+        assert_eq!(from(ErrorKind::Overloaded, "queue full"), "overloaded: queue full");
+        // A multi-byte character where the prefix would end is no prefix.
+        assert_eq!(from(ErrorKind::NotFound, "nöt found"), "not found: nöt found");
+    }
 
     #[test]
     fn endpoints_carry_the_node_name_they_expect() {
