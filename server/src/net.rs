@@ -1075,6 +1075,9 @@ async fn pipeline(
 /// Writes one pipeline answer frame within `within`; false when the stream
 /// is gone or the client did not read it in time (the stream is reset).
 async fn send_pack(send: &mut quinn::SendStream, answers: Vec<Tagged>, within: Duration, inbound: &Inbound) -> bool {
+    if answers.is_empty() {
+        return true; // every request of the round failed without an answer
+    }
     let frame = match encode_pipeline_answers(answers) {
         Ok(f) => f,
         Err(e) => {
