@@ -1168,20 +1168,28 @@ async fn read_pipeline(
             let _ = tx.send(refuse(message, code::FRAME_TOO_LARGE)).await;
             return;
         }
-        let Ok(mut slots) = session
-            .pipelined
-            .clone()
-            .acquire_many_owned(requests.len() as u32)
-            .await
-        else {
-            return;
-        };
+        // A slot per request, as they free up: the requests that have one
+        // run while the rest wait (a frame waiting for all its slots at
+        // once waits for the slowest requests of the connection).
+        let token: Arc<str> = token.into();
         let mut batch = Vec::with_capacity(requests.len());
         for request in requests {
-            let Some(slot) = slots.split(1) else { return };
+            let slot = match session.pipelined.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => {
+                    let ready = std::mem::take(&mut batch);
+                    if !ready.is_empty() && tx.send(Piped::Batch(token.clone(), ready)).await.is_err() {
+                        return;
+                    }
+                    let Ok(slot) = session.pipelined.clone().acquire_owned().await else {
+                        return;
+                    };
+                    slot
+                }
+            };
             batch.push((request, slot));
         }
-        if tx.send(Piped::Batch(token.into(), batch)).await.is_err() {
+        if tx.send(Piped::Batch(token, batch)).await.is_err() {
             return;
         }
     }
