@@ -329,8 +329,25 @@ impl Cluster {
 
     /// Freezes node `i` with SIGSTOP: its process stays, its sockets stay
     /// bound, and nothing it was sent is answered until [`Cluster::resume`].
+    ///
+    /// Returns once every thread of the node has stopped. `kill` only
+    /// queues the stop: one thread takes it and then stops the others, and
+    /// on a loaded machine the rest may run (and answer a request) for
+    /// milliseconds after `kill` returned.
     pub fn pause(&self, i: usize) -> Result<()> {
-        self.signal(i, nix::sys::signal::Signal::SIGSTOP)
+        self.signal(i, nix::sys::signal::Signal::SIGSTOP)?;
+        let pid = self.children[i]
+            .as_ref()
+            .map(|c| c.id())
+            .context("node is not running")?;
+        let started = Instant::now();
+        while !all_threads_stopped(pid)? {
+            if started.elapsed() > Duration::from_secs(10) {
+                bail!("node {} did not stop within 10 s of SIGSTOP", i + 1);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
     }
 
     /// Thaws node `i` (SIGCONT) after [`Cluster::pause`].
@@ -609,4 +626,25 @@ pub fn node_binary(arg: Option<PathBuf>) -> Result<PathBuf> {
         "no latticed binary beside {}: build it (`cargo build --release -p lattice-tests --bins`) or pass --latticed",
         exe.display()
     )
+}
+
+/// Whether every thread of process `pid` is in the stopped state (`T` in
+/// `/proc/PID/task/TID/stat`).
+fn all_threads_stopped(pid: u32) -> Result<bool> {
+    let tasks = format!("/proc/{pid}/task");
+    for task in std::fs::read_dir(&tasks).with_context(|| format!("reading {tasks}"))? {
+        let stat = task?.path().join("stat");
+        // A thread that exited between the listing and the read is gone.
+        let Ok(stat) = std::fs::read_to_string(&stat) else {
+            continue;
+        };
+        // `pid (comm) state ...`: the command may hold spaces and parens.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next());
+        if !matches!(state, Some("T" | "t")) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
