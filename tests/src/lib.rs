@@ -126,6 +126,8 @@ impl Cluster {
             regions: regions.iter().map(|r| r.to_string()).collect(),
             durability,
             prepare_only: true,
+            // Opened per node with `Cluster::enable_resp`.
+            no_resp: true,
         };
         let (configs, defaults) = prepare(&args)?;
         let children = configs.iter().map(|_| None).collect();
