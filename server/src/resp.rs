@@ -1,7 +1,7 @@
 //! The Redis-protocol (RESP2 and RESP3) front door: an optional TCP
 //! listener (`resp = "ADDR"`, TLS with `resp_tls = true`) whose commands are
 //! translated into client requests and served by the node's one request
-//! path, [`crate::net::serve`], exactly as QUIC clients' are: same tokens,
+//! path, `net::serve`, exactly as QUIC clients' are: same tokens,
 //! same engine, same limits and errors. No engine logic lives here.
 //!
 //! A connection reads commands into a buffer bounded in bytes (the command

@@ -1,5 +1,5 @@
 //! The data commands of the RESP listener, each a request (or a few) on the
-//! node's one request path ([`crate::net::serve`]), and its answer as a
+//! node's one request path (`net::serve`), and its answer as a
 //! reply. What maps to what is in the README ("Redis protocol (RESP)").
 
 use super::wire::Reply;
@@ -517,8 +517,9 @@ mod tests {
         assert_eq!(type_name(None), "none");
         assert_eq!(type_name(Some(&ValueView::Register(None))), "none");
         assert_eq!(type_name(Some(&ValueView::Counter(1))), "string");
-        assert_eq!(type_name(Some(&ValueView::Set(vec![]))), "set");
-        assert_eq!(type_name(Some(&ValueView::Map(BTreeMap::new()))), "hash");
+        assert_eq!(type_name(Some(&ValueView::Set(vec![Bytes(b"x".to_vec())]))), "set");
+        assert_eq!(type_name(Some(&ValueView::Set(vec![]))), "none");
+        assert_eq!(type_name(Some(&ValueView::Map(BTreeMap::new()))), "none");
         assert!(as_string(&ValueView::Set(vec![])).is_err());
         assert_eq!(as_string(&ValueView::Counter(7)), Ok(Some(b"7".to_vec())));
         // What deletes leave reads as absent.
