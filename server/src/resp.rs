@@ -5,7 +5,8 @@
 //! same engine, same limits and errors. No engine logic lives here.
 //!
 //! A connection reads commands into a buffer bounded in bytes (the command
-//! being read, at most [`MAX_COMMAND`], plus one read), answers them one at
+//! being read, at most [`MAX_COMMAND`], plus one read of at most 16 KiB; it
+//! shrinks back once a large command is answered), answers them one at
 //! a time in order (so a pipeline's writes apply in the order sent, and its
 //! reads see its writes), and writes the replies of the commands it already
 //! holds together. A command larger than [`SMALL_COMMAND`] takes its bytes
@@ -184,6 +185,10 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(stream: S, addr: SocketAd
             }
         };
         buf.drain(..used);
+        if buf.capacity() > 4 * READ_CHUNK && buf.len() <= READ_CHUNK {
+            // A large command does not keep its buffer for the connection's life.
+            buf.shrink_to(READ_CHUNK);
+        }
         if used > 0 || buf.is_empty() {
             // The commands the shares were for are answered.
             (shares, held) = (Vec::new(), 0);
@@ -216,29 +221,56 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(stream: S, addr: SocketAd
                 }
             }
         }
-        // At most the command being read plus one chunk is ever buffered.
-        buf.reserve_exact(
-            READ_CHUNK
-                .min(need.saturating_sub(buf.len()).max(1))
-                .max(READ_CHUNK / 4),
-        );
-        let read = match deadline {
-            Some(d) => match tokio::time::timeout_at(d, rd.read_buf(&mut buf)).await {
-                Ok(r) => r,
-                Err(_) => {
-                    tracing::debug!(remote = %addr, "a RESP command did not arrive within frame_ms: closing");
-                    inbound.metrics.frames_timed_out.inc();
-                    Reply::error("ERR", "the command did not arrive in time").encode(conn.resp3, &mut out);
-                    let _ = flush(&mut wr, &mut out, frame).await;
-                    return;
-                }
-            },
-            None => rd.read_buf(&mut buf).await,
+        match read_until(&mut rd, &mut buf, need, &mut deadline, frame).await {
+            Ok(()) => {}
+            Err(Stalled::Gone) => return,
+            Err(Stalled::TimedOut) => {
+                tracing::debug!(remote = %addr, "a RESP command did not arrive within frame_ms: closing");
+                inbound.metrics.frames_timed_out.inc();
+                Reply::error("ERR", "the command did not arrive in time").encode(conn.resp3, &mut out);
+                let _ = flush(&mut wr, &mut out, frame).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Why reading stopped short of a command.
+enum Stalled {
+    /// The client closed the connection, or it failed.
+    Gone,
+    /// A command started and did not complete by its deadline.
+    TimedOut,
+}
+
+/// Reads until `buf` holds the `need` bytes the command being read is known
+/// to take (at least one more byte). Each read asks for at most
+/// [`READ_CHUNK`], so at most the command plus one chunk is ever buffered;
+/// once the command has started, it must complete by `deadline` (set here,
+/// `frame` from its first byte, if it was not).
+async fn read_until<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut Vec<u8>,
+    need: usize,
+    deadline: &mut Option<tokio::time::Instant>,
+    frame: Duration,
+) -> Result<(), Stalled> {
+    loop {
+        buf.reserve_exact(READ_CHUNK.min(need.saturating_sub(buf.len()).max(READ_CHUNK / 4)));
+        let read = match *deadline {
+            Some(d) => tokio::time::timeout_at(d, rd.read_buf(buf))
+                .await
+                .map_err(|_| Stalled::TimedOut)?,
+            None => rd.read_buf(buf).await,
         };
         match read {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => return Err(Stalled::Gone),
             Ok(_) => {}
         }
+        if buf.len() >= need {
+            return Ok(());
+        }
+        deadline.get_or_insert_with(|| tokio::time::Instant::now() + frame);
     }
 }
 
