@@ -579,6 +579,29 @@ address = "127.0.0.1:7402"
     }
 
     #[test]
+    fn the_resp_listener_is_optional_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = base(dir.path());
+        let load = || {
+            Config::load(&RunArgs {
+                config: Some(path.clone()),
+                ..RunArgs::default()
+            })
+        };
+        let c = load().unwrap();
+        assert_eq!((c.resp, c.resp_tls, c.resp_max_connections), (None, false, 1_024));
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("resp_tls = true\n{text}")).unwrap();
+        assert!(format!("{:#}", load().unwrap_err()).contains("resp_tls"));
+        std::fs::write(&path, format!("resp = \"127.0.0.1:6379\"\nresp_tls = true\n{text}")).unwrap();
+        let c = load().unwrap();
+        assert_eq!(c.resp, Some("127.0.0.1:6379".parse().unwrap()));
+        // Written back (as latticed dev does), the keys survive.
+        let again: Config = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(again, c);
+    }
+
+    #[test]
     fn limits_table_is_optional_and_checked() {
         let dir = tempfile::tempdir().unwrap();
         let path = base(dir.path());
