@@ -5,6 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![allow(clippy::await_holding_lock)]
 
+use lattice_core::policy::{Policy, Priority, Regions};
+use lattice_core::proto::RegionId;
 use lattice_server::storage::Durability;
 use lattice_tests::{serial, Cluster};
 use std::io::{Read, Write};
@@ -78,6 +80,17 @@ async fn redis_cli_runs_every_command_and_reads_another_regions_write() {
     let mut c = Cluster::prepare(bin(), &["eu", "us"], Durability::Group).unwrap();
     let eu = c.enable_resp(0, false).unwrap();
     c.enable_resp(1, true).unwrap();
+    for i in 0..2 {
+        c.edit_config(i, |cfg| {
+            cfg.policy_version = 1;
+            cfg.policy = vec![Policy::new(
+                "us-only/",
+                Regions::Only(vec![RegionId("us".into())]),
+                Priority::Normal,
+            )];
+        })
+        .unwrap();
+    }
     c.start_all().unwrap();
     c.wait_ready(Duration::from_secs(30)).await.unwrap();
     let eu = c.resp_addr(0).unwrap_or(eu);
@@ -158,6 +171,11 @@ async fn redis_cli_runs_every_command_and_reads_another_regions_write() {
     r.expect(&["INCR", "str"], wrongtype);
     r.expect(&["SADD", "set2", "x"], "1");
     r.expect(&["GET", "set2"], wrongtype);
+    // A key the policy keeps out of this region.
+    let denied = r.run(&["SET", "us-only/k", "v"]);
+    assert!(denied.starts_with("DENIED") && denied.contains("us"), "{denied}");
+    let denied = r.run(&["GET", "us-only/k"]);
+    assert!(denied.starts_with("DENIED"), "{denied}");
     let unknown = r.run(&["FLUSHALL", "ASYNC"]);
     assert!(unknown.starts_with("ERR unknown command 'FLUSHALL'"), "{unknown}");
     r.expect(&["PING"], "PONG");
