@@ -541,48 +541,80 @@ impl Conn<'_> {
 /// assume is 7.0's (for the commands listed in the README).
 const REDIS_VERSION: &str = "7.0.0";
 
-/// `# Replication`: every node takes writes (`role:master`), and its peers
-/// are listed with their lag (delta-groups of this node they have not
-/// acknowledged) and, per keyspace policy, each region's copy lag.
+/// `# Replication`: every node takes writes (`role:master`, no Redis
+/// replicas), then whatever the node's status holds besides its identity,
+/// rendered from its fields as `lattice_NAME:VALUE` (a list, such as
+/// `buffer`, as `a,b`), and each entry of a list of records (peers and
+/// their lag, keyspace policies and their copies' lag, conflicts) as
+/// `NAMEi:field=value,...` (a nested list of records as
+/// `field/value:field/value|...`). Rendered from the
+/// status's fields rather than named ones, so fields added to
+/// `NodeStatus` show up here without a change.
 fn replication_info(s: &NodeStatus) -> String {
+    use serde_json::Value;
     use std::fmt::Write;
+    fn scalar(v: &Value) -> Option<String> {
+        let text = match v {
+            Value::Null => "none".to_string(),
+            Value::Bool(b) => u8::from(*b).to_string(),
+            Value::Number(n) => n.to_string(),
+            Value::String(s) => s.clone(),
+            Value::Array(_) | Value::Object(_) => return None,
+        };
+        // One line, and no separator of the INFO format inside a value.
+        Some(text.replace(['\r', '\n', ','], " "))
+    }
+    fn flat(v: &Value) -> String {
+        match v {
+            Value::Array(items) => items.iter().map(flat).collect::<Vec<_>>().join("|"),
+            Value::Object(fields) => fields
+                .iter()
+                .map(|(k, v)| format!("{k}/{}", flat(v)))
+                .collect::<Vec<_>>()
+                .join(":"),
+            v => scalar(v).unwrap_or_default(),
+        }
+    }
     let mut t = String::from("# Replication\r\nrole:master\r\nconnected_slaves:0\r\n");
     let alive = s.peers.iter().filter(|p| p.alive).count();
-    let _ = write!(
-        t,
-        "lattice_peers:{}\r\nlattice_peers_alive:{alive}\r\nlattice_buffered_groups:{}\r\nlattice_buffered_bytes:{}\r\nlattice_digest:{}\r\nlattice_policy_version:{}\r\n",
-        s.peers.len(),
-        s.buffer.0,
-        s.buffer.1,
-        s.digest,
-        s.policy_version
-    );
-    for (i, p) in s.peers.iter().enumerate() {
-        let _ = write!(
-            t,
-            "peer{i}:node={},region={},alive={},lag_groups={},last_heard_ms={}\r\n",
-            p.node,
-            p.region.0,
-            u8::from(p.alive),
-            p.unacked_groups,
-            p.last_heard_ms_ago
-                .map_or_else(|| "never".to_string(), |ms| ms.to_string()),
-        );
-    }
-    for (i, policy) in s.policies.iter().enumerate() {
-        let copies: Vec<String> = policy
-            .copies
-            .iter()
-            .map(|c| format!("{}:{}:{}:{}", c.region.0, u8::from(c.holds), c.lag_groups, c.lag_ms))
-            .collect();
-        let _ = write!(
-            t,
-            "policy{i}:keyspace={},regions={},priority={},copies={}\r\n",
-            policy.keyspace,
-            policy.regions,
-            policy.priority,
-            copies.join("|")
-        );
+    let _ = write!(t, "lattice_peers_alive:{alive}\r\n");
+    let Ok(Value::Object(fields)) = serde_json::to_value(s) else {
+        return t;
+    };
+    for (name, value) in &fields {
+        if matches!(name.as_str(), "node" | "region" | "replica") {
+            continue; // in # Server
+        }
+        match value {
+            Value::Array(items) if items.iter().all(Value::is_object) && !items.is_empty() => {
+                let entry = match name.as_str() {
+                    "peers" => "peer",
+                    "policies" => "policy",
+                    other => other,
+                };
+                for (i, item) in items.iter().enumerate() {
+                    let Value::Object(record) = item else { continue };
+                    let parts: Vec<String> = record
+                        .iter()
+                        .map(|(k, v)| format!("{k}={}", scalar(v).unwrap_or_else(|| flat(v))))
+                        .collect();
+                    let _ = write!(t, "{entry}{i}:{}\r\n", parts.join(","));
+                }
+                if name == "peers" {
+                    let _ = write!(t, "lattice_peers:{}\r\n", items.len());
+                }
+            }
+            Value::Array(items) => {
+                let joined: Vec<String> = items.iter().map(flat).collect();
+                let _ = write!(t, "lattice_{name}:{}\r\n", joined.join(","));
+            }
+            Value::Object(_) => {
+                let _ = write!(t, "lattice_{name}:{}\r\n", flat(value));
+            }
+            v => {
+                let _ = write!(t, "lattice_{name}:{}\r\n", scalar(v).unwrap_or_default());
+            }
+        }
     }
     t
 }
@@ -635,4 +667,77 @@ fn unknown(name: &[u8], args: &[Vec<u8>]) -> Reply {
             shown_args.join(" ")
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lattice_core::proto::client::{CopyInfo, PeerInfo, PolicyInfo};
+    use lattice_core::proto::RegionId;
+
+    #[test]
+    // The struct updates fill fields other branches add to these types
+    // (the test then still compiles, and shows them rendered).
+    #[allow(clippy::needless_update)]
+    fn replication_info_renders_every_status_field() {
+        let status = NodeStatus {
+            node: "n1".into(),
+            region: RegionId("eu".into()),
+            replica: "r".into(),
+            digest: "abc".into(),
+            buffer: (3, 133),
+            peers: vec![PeerInfo {
+                node: "n2".into(),
+                region: RegionId("us".into()),
+                alive: true,
+                unacked_groups: 4,
+                last_heard_ms_ago: None,
+                ..serde_json::from_str(
+                    r#"{"node":"","region":"","alive":false,"unacked_groups":0,"last_heard_ms_ago":null}"#,
+                )
+                .unwrap()
+            }],
+            policy_version: 2,
+            policies: vec![PolicyInfo {
+                keyspace: "a,b".into(),
+                regions: "all".into(),
+                priority: "normal".into(),
+                copies: vec![CopyInfo {
+                    region: RegionId("us".into()),
+                    holds: true,
+                    lag_groups: 4,
+                    lag_ms: 9,
+                }],
+            }],
+            ..serde_json::from_str(r#"{"node":"","region":"","replica":"","digest":"","buffer":[0,0],"peers":[]}"#)
+                .unwrap()
+        };
+        let t = replication_info(&status);
+        for line in [
+            "role:master",
+            "lattice_peers_alive:1",
+            "lattice_peers:1",
+            "lattice_buffer:3,133",
+            "lattice_digest:abc",
+            "lattice_policy_version:2",
+        ] {
+            assert!(t.contains(&format!("{line}\r\n")), "{line} in {t}");
+        }
+        let peer = t.lines().find(|l| l.starts_with("peer0:")).unwrap();
+        for part in [
+            "node=n2",
+            "region=us",
+            "alive=1",
+            "unacked_groups=4",
+            "last_heard_ms_ago=none",
+        ] {
+            assert!(peer.contains(part), "{part} in {peer}");
+        }
+        let policy = t.lines().find(|l| l.starts_with("policy0:")).unwrap();
+        assert!(
+            policy.contains("keyspace=a b") && policy.contains("copies=holds/1:lag_groups/4:lag_ms/9:region/us"),
+            "{policy}"
+        );
+        assert!(!t.contains("lattice_node") && !t.contains("lattice_replica"), "{t}");
+    }
 }

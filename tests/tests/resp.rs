@@ -196,7 +196,12 @@ async fn redis_cli_runs_every_command_and_reads_another_regions_write() {
     assert!(hello.contains("proto 3"), "{hello}");
     let info = r.run(&["INFO"]);
     assert!(
-        info.contains("# Replication") && info.contains("peer0:node=n2,region=us"),
+        info.contains("# Replication") && info.contains("lattice_peers:1"),
+        "{info}"
+    );
+    let peer = info.lines().find(|l| l.starts_with("peer0:")).unwrap_or_default();
+    assert!(
+        peer.contains("node=n2") && peer.contains("region=us") && peer.contains("unacked_groups="),
         "{info}"
     );
     let commands = r.run(&["COMMAND", "COUNT"]);
