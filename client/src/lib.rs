@@ -36,6 +36,7 @@
 
 pub mod bench;
 mod handles;
+pub mod json;
 mod pipe;
 mod revocation;
 
@@ -46,6 +47,7 @@ pub use revocation::normalize_serial;
 use lattice_core::proto::client::{
     decode_answer, encode_client, ClientRequest, RequestBody, Response, CLIENT_ALPN, MAX_ANSWER_FRAME,
 };
+pub use lattice_core::proto::client::{Entry, ScanCursor, MGET_MAX_KEYS, SCAN_MAX_KEYS};
 use quinn::crypto::rustls::QuicClientConfig;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -585,6 +587,71 @@ impl Client {
             }
         }
         Err(last.unwrap_or_else(|| Error::Unavailable("no node".into())))
+    }
+
+    /// Reads several keys at once (at most [`MGET_MAX_KEYS`]), with the
+    /// session's guarantees for each, from the first node that answers
+    /// (home first). Each entry holds the key's value or why it was not
+    /// read (a policy refusal, a node not caught up with the session, a
+    /// value too large to share the answer); an error only when no node
+    /// answered.
+    pub async fn mget(&self, keys: &[lattice_core::Key]) -> Result<Vec<Entry>, Error> {
+        let keys: Vec<_> = match self.session.lock() {
+            Ok(s) => keys.iter().map(|k| (k.clone(), s.tokens.get(k).cloned())).collect(),
+            Err(_) => keys.iter().map(|k| (k.clone(), None)).collect(),
+        };
+        let body = RequestBody::MGet {
+            keys,
+            wait_ms: self.read_wait.as_millis() as u64,
+        };
+        match self.request(body).await? {
+            Response::Values(entries) => {
+                if let Ok(mut s) = self.session.lock() {
+                    for e in &entries {
+                        if let Some(t) = &e.token {
+                            s.note(&e.key, t);
+                        }
+                    }
+                }
+                Ok(entries)
+            }
+            r => Err(Error::Protocol(format!("unexpected answer {r:?}"))),
+        }
+    }
+
+    /// One page of the keys starting with `prefix` (with their values when
+    /// `values`), from the first node that answers: at most `limit` keys
+    /// (at most [`SCAN_MAX_KEYS`]), and the cursor to pass for the next page
+    /// (`None` when the scan is complete). A page may be empty while the
+    /// scan goes on. Keys come in storage order (by key hash, the same on
+    /// every node, so a cursor is good on any node), not sorted.
+    pub async fn scan(
+        &self,
+        prefix: &str,
+        cursor: Option<ScanCursor>,
+        limit: u32,
+        values: bool,
+    ) -> Result<(Vec<Entry>, Option<ScanCursor>), Error> {
+        let body = RequestBody::Scan {
+            prefix: prefix.to_string(),
+            cursor,
+            limit,
+            values,
+        };
+        match self.request(body).await? {
+            Response::Scanned { entries, cursor } => Ok((entries, cursor)),
+            r => Err(Error::Protocol(format!("unexpected answer {r:?}"))),
+        }
+    }
+
+    /// Closes every connection and waits (up to a second) until the nodes
+    /// were told. A process that exits without this leaves each node
+    /// holding its connection until the idle timeout (10 s), and a script
+    /// that runs the CLI in a loop reaches the node's per-address
+    /// connection limit (`max_connections_per_ip`).
+    pub async fn close(&self) {
+        self.endpoint.close(0u32.into(), b"done");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 
     /// The name the certificate of an endpoint given without one is checked

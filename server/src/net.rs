@@ -14,9 +14,9 @@ use crate::node::{watch_frames, Input, ReadAnswer, WatchFrame, WATCH_BATCH_BYTES
 use crate::queue::{EngineTx, PeerRx};
 use anyhow::{Context, Result};
 use lattice_core::proto::client::{
-    decode_client, encode_answer, encode_pipeline_answers, AnswerPack, ClientError, ClientRequest, ErrorKind,
-    RequestBody, Response, Tagged, WatchToken, CLIENT_ALPN, MAX_ANSWER_FRAME, MAX_CLIENT_FRAME, PEER_ALPN,
-    PIPELINE_MAX_REQUESTS,
+    decode_client, encode_answer, encode_pipeline_answers, entry_size, AnswerPack, ClientError, ClientRequest, Entry,
+    ErrorKind, RequestBody, Response, Tagged, WatchToken, CLIENT_ALPN, ENTRIES_MAX_BYTES, MAX_ANSWER_FRAME,
+    MAX_CLIENT_FRAME, MGET_MAX_KEYS, PEER_ALPN, PIPELINE_MAX_REQUESTS,
 };
 use lattice_core::proto::{NodeId, DEFAULT_MAX_MESSAGE_BYTES};
 use lattice_core::replica::{Decoded, Prepared};
@@ -1486,63 +1486,80 @@ pub(crate) async fn serve(
                 Err(_) => error(ErrorKind::Unavailable, "the node is shutting down"),
             }
         }
-        RequestBody::Read { key, after, wait_ms } => {
-            // Keys are decoded unchecked; a write's are checked by the
-            // engine, a read's here (before, an over-long key read as absent).
-            if !key.is_valid() {
-                let why = lattice_core::Key::new(key.as_str()).err().map(|e| e.to_string());
-                return error(ErrorKind::InvalidRequest, why.unwrap_or_else(|| "invalid key".into()));
+        RequestBody::Read { key, after, wait_ms } => read(key, after, wait_ms, &meta, inbound).await,
+        RequestBody::MGet { keys, wait_ms } => {
+            if keys.len() > MGET_MAX_KEYS {
+                return error(
+                    ErrorKind::InvalidRequest,
+                    format!("an mget of {} keys is over the limit of {MGET_MAX_KEYS}", keys.len()),
+                );
+            }
+            // One at a time: a read is a lookup in the flushed state (unless
+            // it must wait for its token), and the answer's size is known
+            // before the next value is decoded.
+            let mut entries = Vec::with_capacity(keys.len());
+            let mut bytes = 0;
+            let deadline = Instant::now() + Duration::from_millis(wait_ms.min(30_000));
+            for (key, after) in keys {
+                let wait = deadline.saturating_duration_since(Instant::now()).as_millis() as u64;
+                let answer = read(key.clone(), after, wait, &meta, inbound).await;
+                let mut entry = match answer {
+                    Response::Value { value, token } => Entry {
+                        key,
+                        value,
+                        token: Some(token),
+                        error: None,
+                    },
+                    Response::Error(e) => Entry {
+                        key,
+                        value: None,
+                        token: None,
+                        error: Some(e),
+                    },
+                    other => Entry {
+                        key,
+                        value: None,
+                        token: None,
+                        error: Some(ClientError {
+                            kind: ErrorKind::Internal,
+                            message: format!("unexpected read answer {other:?}"),
+                            regions: Vec::new(),
+                        }),
+                    },
+                };
+                let mut size = entry_size(&entry).unwrap_or(usize::MAX);
+                if bytes + size > ENTRIES_MAX_BYTES {
+                    entry.value = None;
+                    entry.token = None;
+                    entry.error = Some(ClientError {
+                        kind: ErrorKind::InvalidRequest,
+                        message: "this value does not fit in the mget answer beside the others: read it alone".into(),
+                        regions: Vec::new(),
+                    });
+                    size = entry_size(&entry).unwrap_or(0);
+                }
+                bytes += size;
+                entries.push(entry);
+            }
+            Response::Values(entries)
+        }
+        RequestBody::Scan {
+            prefix,
+            cursor,
+            limit,
+            values,
+        } => {
+            if prefix.len() > lattice_core::MAX_KEY_LEN {
+                return error(ErrorKind::InvalidRequest, "the scan prefix is longer than a key may be");
             }
             inbound.metrics.reads.inc_by(1);
-            let deadline = Instant::now() + Duration::from_millis(wait_ms.min(30_000));
-            // Shared with the engine while the read waits, not copied.
-            let after = after.map(Arc::new);
-            // Served beside the engine from the flushed state: a read
-            // without a token, or one whose token it includes. A read that
-            // must wait for its token goes to the engine, which tells it
-            // when a flushed state includes the token (it never reads the
-            // value itself); then it is served here. Each round trip is a
-            // flush or more later, so few are needed; the bound only keeps
-            // a fault from spinning.
-            for _ in 0..8 {
-                let (seen, direct) = match read_beside(inbound, &key, after.clone()).await {
-                    Some(d) => d,
-                    None => return error(ErrorKind::Unavailable, "the node is shutting down"),
-                };
-                if let Some(answer) = direct {
-                    return answer.unwrap_or_else(|e| {
-                        if matches!(e, lattice_core::Error::PolicyDenied { .. }) {
-                            inbound.metrics.policy_denied.inc_by(1);
-                        }
-                        Response::Error(ClientError::from(&e))
-                    });
-                }
-                if Instant::now() >= deadline {
-                    break;
-                }
-                let (tx, rx) = oneshot::channel();
-                let input = Input::Read {
-                    key: key.clone(),
-                    after: after.clone(),
-                    seen,
-                    deadline,
-                    conn: meta.conn,
-                    reply: tx,
-                };
-                if inbound.engine.try_send_from(input, meta.bytes, meta.conn).is_err() {
-                    return overloaded(&inbound.metrics);
-                }
-                match rx.await {
-                    Ok(Ok(ReadAnswer::Ready | ReadAnswer::Recheck)) => continue,
-                    Ok(Err(Some(e))) => return Response::Error(ClientError::from(&e)),
-                    Ok(Err(None)) => break,
-                    Err(_) => return error(ErrorKind::Unavailable, "the node is shutting down"),
-                }
+            let reads = inbound.reads.clone();
+            let page = tokio::task::spawn_blocking(move || reads.scan(&prefix, cursor.as_ref(), limit, values)).await;
+            match page {
+                Ok(Ok((entries, cursor))) => Response::Scanned { entries, cursor },
+                Ok(Err(e)) => Response::Error(ClientError::from(&e)),
+                Err(_) => error(ErrorKind::Unavailable, "the node is shutting down"),
             }
-            error(
-                ErrorKind::NotCaughtUp,
-                "this node has not caught up with the session's writes in time",
-            )
         }
         RequestBody::Watch { .. } | RequestBody::Pipeline(_) => error(
             ErrorKind::InvalidRequest,
@@ -1613,6 +1630,76 @@ pub(crate) async fn serve(
             }
         }
     }
+}
+
+/// Serves one read ([`RequestBody::Read`]).
+async fn read(
+    key: lattice_core::Key,
+    after: Option<lattice_core::proto::client::CausalToken>,
+    wait_ms: u64,
+    meta: &Request,
+    inbound: &Inbound,
+) -> Response {
+    let overloaded = |m: &Metrics| {
+        m.overloaded.inc();
+        error(ErrorKind::Overloaded, "the node's request queue is full")
+    };
+    // Keys are decoded unchecked; a write's are checked by the
+    // engine, a read's here (before, an over-long key read as absent).
+    if !key.is_valid() {
+        let why = lattice_core::Key::new(key.as_str()).err().map(|e| e.to_string());
+        return error(ErrorKind::InvalidRequest, why.unwrap_or_else(|| "invalid key".into()));
+    }
+    inbound.metrics.reads.inc_by(1);
+    let deadline = Instant::now() + Duration::from_millis(wait_ms.min(30_000));
+    // Shared with the engine while the read waits, not copied.
+    let after = after.map(Arc::new);
+    // Served beside the engine from the flushed state: a read
+    // without a token, or one whose token it includes. A read that
+    // must wait for its token goes to the engine, which tells it
+    // when a flushed state includes the token (it never reads the
+    // value itself); then it is served here. Each round trip is a
+    // flush or more later, so few are needed; the bound only keeps
+    // a fault from spinning.
+    for _ in 0..8 {
+        let (seen, direct) = match read_beside(inbound, &key, after.clone()).await {
+            Some(d) => d,
+            None => return error(ErrorKind::Unavailable, "the node is shutting down"),
+        };
+        if let Some(answer) = direct {
+            return answer.unwrap_or_else(|e| {
+                if matches!(e, lattice_core::Error::PolicyDenied { .. }) {
+                    inbound.metrics.policy_denied.inc_by(1);
+                }
+                Response::Error(ClientError::from(&e))
+            });
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        let (tx, rx) = oneshot::channel();
+        let input = Input::Read {
+            key: key.clone(),
+            after: after.clone(),
+            seen,
+            deadline,
+            conn: meta.conn,
+            reply: tx,
+        };
+        if inbound.engine.try_send_from(input, meta.bytes, meta.conn).is_err() {
+            return overloaded(&inbound.metrics);
+        }
+        match rx.await {
+            Ok(Ok(ReadAnswer::Ready | ReadAnswer::Recheck)) => continue,
+            Ok(Err(Some(e))) => return Response::Error(ClientError::from(&e)),
+            Ok(Err(None)) => break,
+            Err(_) => return error(ErrorKind::Unavailable, "the node is shutting down"),
+        }
+    }
+    error(
+        ErrorKind::NotCaughtUp,
+        "this node has not caught up with the session's writes in time",
+    )
 }
 
 /// Compares secrets without an early exit on the first differing byte.

@@ -13,8 +13,8 @@ use lattice_core::crdt::{Op, Value};
 use lattice_core::policy::audit::AuditEntry;
 use lattice_core::policy::PolicySet;
 use lattice_core::proto::client::{
-    encode_answer, CausalToken, Change, ClientError, ErrorKind, NodeStatus, OpId, PeerInfo, Response, WatchToken,
-    WriteConcern,
+    encode_answer, CausalToken, Change, ClientError, Entry, ErrorKind, NodeStatus, OpId, PeerInfo, Response,
+    ScanCursor, WatchToken, WriteConcern, ENTRIES_MAX_BYTES, SCAN_MAX_EXAMINED, SCAN_MAX_KEYS,
 };
 use lattice_core::proto::{NodeId, RegionId};
 use lattice_core::replica::{Decoded, Event, Prepared, Replica, Time, WriteId};
@@ -225,6 +225,70 @@ impl Reads {
         self.epoch.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// One page of a scan ([`RequestBody::Scan`]) as of the last flush:
+    /// the keys after `cursor` starting with `prefix` that this region may
+    /// read and that hold something (a deleted key is left out), at most
+    /// `limit` of them, examining at most [`SCAN_MAX_EXAMINED`] keys and
+    /// [`SCAN_MAX_RECORD_BYTES`] of records, with their values when asked
+    /// (within [`ENTRIES_MAX_BYTES`]). Decodes records: call it off the
+    /// async workers.
+    pub fn scan(
+        &self,
+        prefix: &str,
+        cursor: Option<&ScanCursor>,
+        limit: u32,
+        values: bool,
+    ) -> Result<(Vec<Entry>, Option<ScanCursor>), Error> {
+        let policy = self
+            .policy
+            .read()
+            .map(|p| p.clone())
+            .map_err(|_| Error::Store("policy lock poisoned".into()))?;
+        let limit = limit.clamp(1, SCAN_MAX_KEYS) as usize;
+        let (mut entries, mut bytes, mut examined, mut record_bytes) = (Vec::new(), 0, 0, 0);
+        let mut last: Option<Vec<u8>> = None;
+        let complete = self
+            .store
+            .records_after(cursor.map(|c| c.0.as_slice()), &mut |key, pos, record| {
+                if entries.len() >= limit || examined >= SCAN_MAX_EXAMINED || record_bytes >= SCAN_MAX_RECORD_BYTES {
+                    return Ok(false);
+                }
+                examined += 1;
+                if !key.as_str().starts_with(prefix) || policy.check_read(key.as_str(), &self.region).is_err() {
+                    last = Some(pos.to_vec());
+                    return Ok(true);
+                }
+                record_bytes += record.len();
+                let value = lattice_core::store::open_record(&key, &record)?;
+                if value.is_empty() {
+                    last = Some(pos.to_vec());
+                    return Ok(true);
+                }
+                let entry = Entry {
+                    token: values.then(|| CausalToken::of(Some(&value))),
+                    value: values.then(|| value.view()),
+                    key,
+                    error: None,
+                };
+                let size = lattice_core::proto::client::entry_size(&entry)?;
+                // A value that does not fit beside the page's others starts the
+                // next page (alone, it fits: values are at most MAX_VALUE_BYTES).
+                if !entries.is_empty() && bytes + size > ENTRIES_MAX_BYTES {
+                    return Ok(false);
+                }
+                bytes += size;
+                entries.push(entry);
+                last = Some(pos.to_vec());
+                Ok(true)
+            })?;
+        let next = if complete {
+            None
+        } else {
+            last.or_else(|| cursor.map(|c| c.0.clone()))
+        };
+        Ok((entries, next.map(ScanCursor)))
+    }
+
     /// `key` as of the last flush, if the policy lets this region read it.
     /// Every write acknowledged before the read started is in it (writes
     /// are acknowledged after their flush).
@@ -267,6 +331,9 @@ impl Reads {
         }
     }
 }
+
+/// Most bytes of stored records one scan page decodes.
+pub const SCAN_MAX_RECORD_BYTES: usize = 16 << 20;
 
 /// A write whose operations on a key carry at least this many elements
 /// ([`Op::elements`]) has that key's work prepared beside the engine: below

@@ -255,7 +255,34 @@ impl StoreReader {
     pub fn record(&self, key: &Key) -> Result<Option<sled::IVec>, Error> {
         self.tree.get(value_key(key)).map_err(store_err)
     }
+
+    /// Stored records after `after` (a position this returned before;
+    /// `None`: from the first), in storage order (by key hash), handed to
+    /// `visit` with their key and position until it returns false or every
+    /// record was visited. Returns whether every record was visited.
+    pub fn records_after(&self, after: Option<&[u8]>, visit: &mut RecordVisitor<'_>) -> Result<bool, Error> {
+        use std::ops::Bound;
+        let start = match after {
+            Some(pos) => Bound::Excluded(pos.to_vec()),
+            None => Bound::Included(b"k".to_vec()),
+        };
+        for item in self.tree.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
+            let (k, v) = item.map_err(store_err)?;
+            if k.first() != Some(&b'k') {
+                break;
+            }
+            let name = std::str::from_utf8(k.get(5..).unwrap_or_default()).map_err(store_err)?;
+            if !visit(Key::new(name)?, &k, v)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
 }
+
+/// What [`StoreReader::records_after`] hands each record to: its key, its
+/// position, the record; returns whether to go on.
+pub type RecordVisitor<'a> = dyn FnMut(Key, &[u8], sled::IVec) -> Result<bool, Error> + 'a;
 
 fn store_err(e: impl std::fmt::Display) -> Error {
     Error::Store(e.to_string())

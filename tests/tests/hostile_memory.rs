@@ -980,7 +980,10 @@ fn hostile_reads_waiting_on_a_huge_set_do_not_stall_writes() {
         let writes = probe_writes(other, probe.clone(), stop.clone());
         tokio::time::sleep(Duration::from_millis(300)).await;
         let started = Instant::now();
-        let readers = Arc::new(c.client(0).unwrap());
+        // The reads' own timeout is not what this measures: on a loaded
+        // machine, answering 100 copies of the set can take longer than
+        // the harness's 5 s (CI once failed so while other builds ran).
+        let readers = Arc::new(c.client(0).unwrap().with_timeout(Duration::from_secs(60)));
         let waiting: Vec<_> = (0..READS)
             .map(|_| {
                 let (readers, big, next) = (readers.clone(), big.clone(), next.clone());

@@ -1,12 +1,13 @@
 //! `lattice`: the command-line client.
 
 use clap::{Parser, Subcommand};
-use lattice_client::{Client, Endpoint, Error};
-use lattice_core::crdt::{Bytes, Op, ValueView};
+use lattice_client::{json, Client, Endpoint, Entry, Error};
+use lattice_core::crdt::{Bytes, Field, FieldKind, NestedView, Op, ValueView};
 use lattice_core::policy::{audit, Policy, PolicySet};
 use lattice_core::proto::client::{NodeStatus, RequestBody, Response, WriteConcern};
 use lattice_core::Key;
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -93,6 +94,75 @@ enum Cmd {
     Del {
         /// The key.
         key: String,
+    },
+    /// Write a multi-value register: concurrent writes are all kept (read
+    /// back as several values) until a write that saw them replaces them.
+    Mvset {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
+    /// Write a register field of a map (a multi-value register).
+    Hset {
+        /// The map's key.
+        key: String,
+        /// The field.
+        field: String,
+        /// The value.
+        value: String,
+    },
+    /// Read the fields of a map named FIELD (of any type).
+    Hget {
+        /// The map's key.
+        key: String,
+        /// The field.
+        field: String,
+    },
+    /// Remove fields of a map (each of any type it holds under that name).
+    Hdel {
+        /// The map's key.
+        key: String,
+        /// The fields.
+        #[arg(required = true)]
+        fields: Vec<String>,
+    },
+    /// Add to a counter field of a map (negative to subtract).
+    Hincr {
+        /// The map's key.
+        key: String,
+        /// The field.
+        field: String,
+        /// The amount.
+        #[arg(allow_negative_numbers = true, default_value_t = 1)]
+        by: i64,
+    },
+    /// Read every field of a map.
+    Hgetall {
+        /// The map's key.
+        key: String,
+    },
+    /// Read several keys at once (at most 1,000).
+    Mget {
+        /// The keys.
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// List the keys starting with PREFIX (in storage order, not sorted),
+    /// page by page until done or --max keys were printed.
+    Scan {
+        /// The key prefix ("" for every key).
+        #[arg(default_value = "")]
+        prefix: String,
+        /// Print each key's value too.
+        #[arg(long)]
+        values: bool,
+        /// Keys per page asked of the node (at most 1,000).
+        #[arg(long, default_value_t = 500)]
+        page: u32,
+        /// Stop after this many keys (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        max: usize,
     },
     /// Follow changes to keys starting with a prefix (Ctrl-C to stop).
     Watch {
@@ -205,7 +275,17 @@ fn key(s: &str) -> Result<Key, String> {
     Key::new(s).map_err(|e| e.to_string())
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
+/// [`run`], then closes the client's connections (see [`Client::close`]).
+async fn run_and_close(cli: Cli) -> Result<(), String> {
+    let mut client = None;
+    let result = run(cli, &mut client).await;
+    if let Some(c) = client {
+        c.close().await;
+    }
+    result
+}
+
+async fn run(cli: Cli, slot: &mut Option<std::sync::Arc<Client>>) -> Result<(), String> {
     let file: Option<Defaults> = std::fs::read_to_string(&cli.config)
         .ok()
         .and_then(|t| toml::from_str(&t).ok());
@@ -254,6 +334,8 @@ async fn run(cli: Cli) -> Result<(), String> {
     let client = Client::new(endpoints, token, &ca)
         .and_then(|c| c.with_revoked_serials(&revoked))
         .map_err(|e| e.to_string())?;
+    let shared = slot.insert(std::sync::Arc::new(client)).clone();
+    let client = &*shared;
     let write = |k: &str, op: Op| -> Result<RequestBody, String> {
         Ok(RequestBody::Write {
             retry: false,
@@ -263,7 +345,61 @@ async fn run(cli: Cli) -> Result<(), String> {
             timeout_ms: cli.concern_timeout_ms,
         })
     };
+    let json = cli.json;
     let body = match &cli.cmd {
+        Cmd::Mvset { key: k, value } => write(k, Op::MvSet(Bytes::from(value.as_str())))?,
+        Cmd::Hset { key: k, field, value } => write(
+            k,
+            Op::MapApply {
+                field: Field::new(field.as_str(), FieldKind::Register),
+                op: Box::new(Op::MvSet(Bytes::from(value.as_str()))),
+            },
+        )?,
+        Cmd::Hincr { key: k, field, by } => write(
+            k,
+            Op::MapApply {
+                field: Field::new(field.as_str(), FieldKind::Counter),
+                op: Box::new(Op::CounterAdd(*by)),
+            },
+        )?,
+        Cmd::Hdel { key: k, fields } => {
+            // Removes what this read saw of each name (an observed remove:
+            // a concurrent update elsewhere survives it).
+            let present = match client.read(&key(k)?).await.map_err(|e| e.to_string())? {
+                Some(ValueView::Map(m)) => m.into_keys().collect::<Vec<Field>>(),
+                None => Vec::new(),
+                Some(other) => return Err(format!("{k} holds a {}, not a map", json::type_name(&other))),
+            };
+            let ops: Vec<(Key, Op)> = present
+                .into_iter()
+                .filter(|f| fields.contains(&f.name))
+                .map(|f| Ok((key(k)?, Op::MapRemove(f))))
+                .collect::<Result<_, String>>()?;
+            if ops.is_empty() {
+                if json {
+                    println!("{}", serde_json::json!({"ok": true, "removed": 0}));
+                } else {
+                    println!("ok (no such field)");
+                }
+                return Ok(());
+            }
+            RequestBody::Write {
+                retry: false,
+                op_id: Client::new_op_id(),
+                ops,
+                concern: cli.concern,
+                timeout_ms: cli.concern_timeout_ms,
+            }
+        }
+        Cmd::Mget { keys } => return mget(client, keys, json).await,
+        Cmd::Scan {
+            prefix,
+            values,
+            page,
+            max,
+        } => return scan(client, prefix, *values, *page, *max, json).await,
+        Cmd::Hget { key: k, field } => return hget(client, k, field, json).await,
+        Cmd::Hgetall { key: k } => return hgetall(client, k, json).await,
         Cmd::Get { key: k } => RequestBody::Read {
             key: key(k)?,
             after: None,
@@ -303,7 +439,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 op: *op,
                 node: 0,
             };
-            let report = lattice_client::bench::run(std::sync::Arc::new(client), cfg)
+            let report = lattice_client::bench::run(shared.clone(), cfg)
                 .await
                 .map_err(|e| e.to_string())?;
             println!("{}", report.line());
@@ -313,7 +449,9 @@ async fn run(cli: Cli) -> Result<(), String> {
             let mut w = client.watch(0, prefix, None).await.map_err(|e| e.to_string())?;
             while let Some(change) = w.next().await.map_err(|e| e.to_string())? {
                 if cli.json {
-                    println!("{}", serde_json::to_string(&change).map_err(|e| e.to_string())?);
+                    let mut o = json::entry(change.key.as_str(), change.value.as_ref(), None);
+                    o["origin"] = serde_json::Value::String(change.origin.to_string());
+                    println!("{o}");
                 } else {
                     println!(
                         "{} [{}] {}",
@@ -340,8 +478,8 @@ async fn run(cli: Cli) -> Result<(), String> {
         );
         return Ok(());
     }
-    if cli.json {
-        println!("{}", serde_json::to_string(&response).map_err(|e| e.to_string())?);
+    if json {
+        println!("{}", json_of(&cli.cmd, &response)?);
         return Ok(());
     }
     match response {
@@ -381,6 +519,156 @@ async fn run(cli: Cli) -> Result<(), String> {
     Ok(())
 }
 
+/// `--json` output of the commands answered by one request.
+fn json_of(cmd: &Cmd, response: &Response) -> Result<serde_json::Value, String> {
+    Ok(match response {
+        Response::Value { value, token } => {
+            let k = match cmd {
+                Cmd::Get { key } => key.as_str(),
+                _ => "",
+            };
+            json::entry(k, value.as_ref(), Some(token))
+        }
+        Response::Written { token, duplicate, .. } => {
+            serde_json::json!({"ok": true, "duplicate": duplicate, "token": json::token(token)})
+        }
+        Response::Status(s) if matches!(cmd, Cmd::Policy(PolicyCmd::Show)) => {
+            serde_json::json!({"version": s.policy_version, "policies": serde_json::to_value(&s.policies).map_err(|e| e.to_string())?})
+        }
+        Response::Status(s) => serde_json::to_value(s).map_err(|e| e.to_string())?,
+        Response::PolicySet { version } => serde_json::json!({"ok": true, "version": version}),
+        Response::Audit(entries) => serde_json::to_value(entries).map_err(|e| e.to_string())?,
+        other => return Err(format!("unexpected answer {other:?}")),
+    })
+}
+
+fn print_entry_line(key: &str, value: &Option<ValueView>) {
+    println!("{key} = {}", show(value).replace('\n', ", "));
+}
+
+async fn mget(client: &Client, keys: &[String], json: bool) -> Result<(), String> {
+    let keys: Vec<Key> = keys.iter().map(|k| key(k)).collect::<Result<_, _>>()?;
+    let entries = client.mget(&keys).await.map_err(|e| e.to_string())?;
+    if json {
+        let out: Vec<serde_json::Value> = entries.iter().map(entry_json).collect();
+        println!("{}", serde_json::Value::Array(out));
+        return Ok(());
+    }
+    for e in &entries {
+        match &e.error {
+            Some(err) => println!("{}: error: {}", e.key, err.message),
+            None => print_entry_line(e.key.as_str(), &e.value),
+        }
+    }
+    Ok(())
+}
+
+/// A scan or mget entry as `--json` prints it: the key's object, with
+/// `"error": {"kind", "message"}` when it was not read.
+fn entry_json(e: &Entry) -> serde_json::Value {
+    let mut o = json::entry(e.key.as_str(), e.value.as_ref(), e.token.as_ref());
+    if let Some(err) = &e.error {
+        o["error"] = serde_json::json!({"kind": format!("{:?}", err.kind), "message": err.message});
+    }
+    o
+}
+
+async fn scan(client: &Client, prefix: &str, values: bool, page: u32, max: usize, json: bool) -> Result<(), String> {
+    let mut cursor = None;
+    let mut printed = 0;
+    loop {
+        let (entries, next) = client
+            .scan(prefix, cursor, page, values)
+            .await
+            .map_err(|e| e.to_string())?;
+        for e in &entries {
+            if max > 0 && printed >= max {
+                return Ok(());
+            }
+            printed += 1;
+            if json {
+                let mut o = entry_json(e);
+                if !values {
+                    if let Some(o) = o.as_object_mut() {
+                        o.remove("type");
+                        o.remove("value");
+                    }
+                }
+                println!("{o}");
+            } else if values {
+                print_entry_line(e.key.as_str(), &e.value);
+            } else {
+                println!("{}", e.key);
+            }
+        }
+        match next {
+            Some(c) => cursor = Some(c),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// The map at `k`, or why not.
+async fn read_map(client: &Client, k: &str) -> Result<Option<BTreeMap<Field, NestedView>>, String> {
+    match client.read(&key(k)?).await.map_err(|e| e.to_string())? {
+        Some(ValueView::Map(m)) => Ok(Some(m)),
+        None => Ok(None),
+        Some(other) => Err(format!("{k} holds a {}, not a map", json::type_name(&other))),
+    }
+}
+
+fn show_nested(v: &NestedView) -> String {
+    match v {
+        NestedView::Counter(n) => n.to_string(),
+        NestedView::Values(vs) | NestedView::Set(vs) => vs.iter().map(text).collect::<Vec<_>>().join(", "),
+        NestedView::Map(m) => json::map(m).to_string(),
+    }
+}
+
+async fn hget(client: &Client, k: &str, field: &str, json: bool) -> Result<(), String> {
+    let m = read_map(client, k).await?.unwrap_or_default();
+    let found: BTreeMap<Field, NestedView> = m.into_iter().filter(|(f, _)| f.name == field).collect();
+    if json {
+        let value = match found.len() {
+            0 => serde_json::Value::Null,
+            1 => found.values().next().map(json::nested).unwrap_or_default(),
+            _ => json::map(&found),
+        };
+        println!("{}", serde_json::json!({"key": k, "field": field, "value": value}));
+        return Ok(());
+    }
+    if found.is_empty() {
+        println!("(absent)");
+    }
+    for (f, v) in &found {
+        if found.len() > 1 {
+            println!("{} ({:?}) = {}", f.name, f.kind, show_nested(v));
+        } else {
+            println!("{}", show_nested(v));
+        }
+    }
+    Ok(())
+}
+
+async fn hgetall(client: &Client, k: &str, json: bool) -> Result<(), String> {
+    let m = read_map(client, k).await?;
+    if json {
+        let v = m.map(ValueView::Map);
+        println!("{}", json::entry(k, v.as_ref(), None));
+        return Ok(());
+    }
+    match m {
+        None => println!("(absent)"),
+        Some(m) if m.is_empty() => println!("(empty)"),
+        Some(m) => {
+            for (f, v) in &m {
+                println!("{} = {}", f.name, show_nested(v));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn print_policies(s: &NodeStatus) {
     println!("policy version {}", s.policy_version);
     for p in &s.policies {
@@ -415,7 +703,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    match rt.block_on(run_and_close(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lattice: error: {e}");

@@ -207,7 +207,76 @@ pub enum RequestBody {
     /// most [`PIPELINE_MAX_REQUESTS`] per frame. `Watch` and nested
     /// `Pipeline` requests are answered with an error.
     Pipeline(Vec<Tagged>),
+    /// A page of the keys starting with `prefix` (and their values, with
+    /// `values`), answered with [`Response::Scanned`]. Keys come in
+    /// storage order (by key hash, then name: the same on every node, so a
+    /// cursor from one node is good on another); a page holds at
+    /// most `limit` keys (at most [`SCAN_MAX_KEYS`]) and examines at most
+    /// [`SCAN_MAX_EXAMINED`] keys, so a page may be empty while the scan
+    /// goes on. Pass the answer's cursor to get the next page; a key that
+    /// exists for the whole scan is returned exactly once; one written or
+    /// deleted meanwhile may or may not be. Keys this region may not read
+    /// under the policy in force are left out.
+    Scan {
+        /// Key prefix (`""`: every key).
+        prefix: String,
+        /// Where the previous page stopped (`None`: from the start).
+        cursor: Option<ScanCursor>,
+        /// Most keys in the page.
+        limit: u32,
+        /// Whether to return each key's value.
+        values: bool,
+    },
+    /// Several keys read at once, answered with [`Response::Values`] in the
+    /// same order: each read as [`RequestBody::Read`] reads it (each entry
+    /// carries the token of what it saw), at most [`MGET_MAX_KEYS`] keys. A
+    /// key this region may not read, whose token the node has not caught up
+    /// with within `wait_ms` (all keys together), or whose value does not
+    /// fit in the answer beside the others, carries an error instead of a
+    /// value; the others are answered.
+    MGet {
+        /// The keys, each with a token its answer must include.
+        keys: Vec<(Key, Option<CausalToken>)>,
+        /// How long the node may wait for the tokens, all keys together.
+        wait_ms: u64,
+    },
 }
+
+/// Most keys one [`RequestBody::Scan`] page returns.
+pub const SCAN_MAX_KEYS: u32 = 1_000;
+
+/// Most keys one [`RequestBody::Scan`] page examines (matching the prefix
+/// or not): what bounds a page's work on a node holding many keys.
+pub const SCAN_MAX_EXAMINED: usize = 10_000;
+
+/// Most keys of one [`RequestBody::MGet`].
+pub const MGET_MAX_KEYS: usize = 1_000;
+
+/// Where a scan stopped: opaque to the client (the node's storage position).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanCursor(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+/// One key of a [`Response::Scanned`] or [`Response::Values`] answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The key.
+    pub key: Key,
+    /// Its value (`None` when absent, not asked for, or refused).
+    pub value: Option<ValueView>,
+    /// What the read saw (`None` when values were not asked for).
+    pub token: Option<CausalToken>,
+    /// Why this key was not read.
+    pub error: Option<ClientError>,
+}
+
+/// How many bytes `entry` adds to an answer frame, as encoded.
+pub fn entry_size(entry: &Entry) -> Result<usize, Error> {
+    Ok(to_bytes(entry)?.len())
+}
+
+/// The bytes of entries one [`Response::Scanned`] or [`Response::Values`]
+/// answer carries at most (the rest of the frame is room for framing).
+pub const ENTRIES_MAX_BYTES: usize = MAX_ANSWER_FRAME - (64 << 10);
 
 /// One request or answer of a pipeline frame: the client's tag and the
 /// encoded request body or answer.
@@ -485,6 +554,15 @@ pub enum Response {
     /// Answers on a pipeline stream (see [`RequestBody::Pipeline`]): each
     /// an encoded answer frame, under the tag of its request.
     Pipeline(Vec<Tagged>),
+    /// A page of a [`RequestBody::Scan`].
+    Scanned {
+        /// The keys found, in storage order.
+        entries: Vec<Entry>,
+        /// Where to go on from (`None`: the scan is complete).
+        cursor: Option<ScanCursor>,
+    },
+    /// The answer to [`RequestBody::MGet`], one entry per key asked, in order.
+    Values(Vec<Entry>),
 }
 
 /// Encodes a request frame (at most [`MAX_CLIENT_FRAME`] bytes).
