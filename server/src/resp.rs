@@ -14,6 +14,7 @@
 //! QUIC clients) before they are read.
 
 mod commands;
+mod scan;
 mod wire;
 
 use crate::edge::BudgetShare;
@@ -68,6 +69,7 @@ pub struct Resp {
     slots: Arc<tokio::sync::Semaphore>,
     max_connections: usize,
     next_id: AtomicU64,
+    cursors: std::sync::Mutex<scan::Cursors>,
 }
 
 impl Resp {
@@ -83,6 +85,7 @@ impl Resp {
             // with QUIC's (`stable_id`s, addresses): the top bit keeps them
             // apart.
             next_id: AtomicU64::new(1 << 63),
+            cursors: Default::default(),
         })
     }
 
@@ -357,10 +360,6 @@ impl Conn<'_> {
             "COMMAND" => command_info(&rest),
             "CONFIG" => config_get(&rest),
             "INFO" => self.info(&rest, bytes).await,
-            "SCAN" => Reply::error(
-                "ERR",
-                "SCAN is not served yet: this node has no native scan request to map it onto",
-            ),
             _ => {
                 let token = self.token.clone().unwrap_or_default();
                 let mut ctx = Ctx {
@@ -370,6 +369,7 @@ impl Conn<'_> {
                     conn: self.id,
                     bytes,
                     seen: &mut self.seen,
+                    cursors: &self.resp.cursors,
                 };
                 match ctx.run(&name, &rest).await {
                     Some(r) => r,

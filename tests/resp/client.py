@@ -48,6 +48,8 @@ def main():
         check(out[3 * i + 1] == i + 1, f"INCR {i} answers {i + 1}, got {out[3 * i + 1]}")
         check(out[3 * i + 2] == str(i), f"GET {i} sees its SET, got {out[3 * i + 2]}")
     check(r.decrby("py:counter", 50) == 50, "DECRBY")
+    keys = set(r.scan_iter(match="py:k*", count=20))
+    check(keys == {f"py:k{i}" for i in range(100)}, f"SCAN MATCH py:k* found {len(keys)} keys")
     check(r.mget(["py:k1", "py:k2", "py:none"]) == ["1", "2", None], "MGET")
     check(r.mset({"py:m1": "a", "py:m2": "b"}) is True, "MSET")
     check(r.exists("py:m1", "py:m2", "py:none") == 2, "EXISTS counts")

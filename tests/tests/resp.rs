@@ -9,6 +9,7 @@ use lattice_core::policy::{Policy, Priority, Regions};
 use lattice_core::proto::RegionId;
 use lattice_server::storage::Durability;
 use lattice_tests::{serial, Cluster};
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -136,6 +137,47 @@ async fn redis_cli_runs_every_command_and_reads_another_regions_write() {
     r.expect(&["TYPE", "s"], "string");
     r.expect(&["TYPE", "n"], "string");
     r.expect(&["TYPE", "absent"], "none");
+
+    // SCAN with MATCH, page by page, as redis-cli --scan does it and by
+    // hand (COUNT 5): every key of the pattern once, no other.
+    for i in 0..30 {
+        r.expect(&["SET", &format!("user:{i}"), "x"], "OK");
+    }
+    r.expect(&["SET", "other:1", "x"], "OK");
+    let want = |f: &dyn Fn(usize) -> bool| -> BTreeSet<String> {
+        (0..30).filter(|i| f(*i)).map(|i| format!("user:{i}")).collect()
+    };
+    let listed: Vec<String> = r
+        .run(&["--scan", "--pattern", "user:*"])
+        .lines()
+        .map(String::from)
+        .collect();
+    let unique: BTreeSet<String> = listed.iter().cloned().collect();
+    assert_eq!(listed.len(), unique.len(), "a key listed twice: {listed:?}");
+    assert_eq!(unique, want(&|_| true));
+    let scan = |pattern: &str| -> BTreeSet<String> {
+        let (mut cursor, mut found, mut pages) = ("0".to_string(), BTreeSet::new(), 0);
+        loop {
+            let out = r.run(&["SCAN", &cursor, "MATCH", pattern, "COUNT", "5"]);
+            let mut lines = out.lines().filter(|l| !l.is_empty());
+            cursor = lines.next().expect("a cursor").to_string();
+            found.extend(lines.map(String::from));
+            pages += 1;
+            assert!(pages < 100, "SCAN never ended");
+            if cursor == "0" {
+                return found;
+            }
+        }
+    };
+    assert_eq!(scan("user:1*"), want(&|i| i == 1 || (10..20).contains(&i)));
+    assert_eq!(scan("user:?"), want(&|i| i < 10));
+    assert_eq!(scan("user:[12]?"), want(&|i| (10..30).contains(&i)));
+    assert!(r.run(&["SCAN", "not-a-cursor"]).starts_with("ERR invalid cursor"));
+    assert!(r.run(&["SCAN", "987654321"]).starts_with("ERR invalid cursor"));
+    let mget: Vec<String> = (0..30).map(|i| format!("user:{i}")).collect();
+    let mut args = vec!["MGET"];
+    args.extend(mget.iter().map(String::as_str));
+    assert_eq!(r.run(&args), vec!["x"; 30].join("\n"));
 
     // Sets.
     r.expect(&["SADD", "set", "a", "b", "c"], "3");

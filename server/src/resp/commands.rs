@@ -5,7 +5,9 @@
 use super::wire::Reply;
 use crate::net::{serve, ClientSession, Inbound, Request};
 use lattice_core::crdt::{Bytes, Field, FieldKind, NestedView, Op, ValueView};
-use lattice_core::proto::client::{CausalToken, ClientError, ErrorKind, OpId, RequestBody, Response};
+use lattice_core::proto::client::{
+    CausalToken, ClientError, ErrorKind, OpId, RequestBody, Response, ScanCursor, MAX_ANSWER_FRAME, MGET_MAX_KEYS,
+};
 use lattice_core::Key;
 use std::collections::BTreeMap;
 
@@ -21,6 +23,11 @@ const SEEN_KEYS: usize = 4_096;
 /// How long a read waits for this connection's own earlier write.
 const OWN_WRITE_WAIT_MS: u64 = 5_000;
 
+/// Most bytes of values one `MGET` answers (its keys are bounded by the
+/// argument limit, but each value may take up to the value limit): past
+/// this the command answers an error, asking for fewer keys.
+pub(crate) const MAX_MGET_BYTES: usize = 2 * MAX_ANSWER_FRAME;
+
 /// What one connection has written: per key, the token of its last write.
 #[derive(Default)]
 pub(crate) struct Seen(BTreeMap<Key, CausalToken>);
@@ -34,6 +41,8 @@ pub(crate) struct Ctx<'a> {
     /// The command's bytes on the wire: what the engine queue charges it.
     pub bytes: usize,
     pub seen: &'a mut Seen,
+    /// The node's RESP scan cursors.
+    pub cursors: &'a std::sync::Mutex<super::scan::Cursors>,
 }
 
 /// A command's outcome short of its reply: the reply to send instead.
@@ -241,7 +250,7 @@ impl Ctx<'_> {
             "GET" | "TYPE" | "SMEMBERS" | "SCARD" | "HGETALL" | "INCR" | "DECR" => arity(args.len() == 1),
             "SET" | "INCRBY" | "DECRBY" | "SISMEMBER" | "HGET" => arity(args.len() == 2),
             "HINCRBY" => arity(args.len() == 3),
-            "DEL" | "EXISTS" | "MGET" => arity(!args.is_empty()),
+            "DEL" | "EXISTS" | "MGET" | "SCAN" => arity(!args.is_empty()),
             "SADD" | "SREM" | "HDEL" => arity(args.len() >= 2),
             "MSET" => arity(!args.is_empty() && args.len() % 2 == 0),
             "HSET" => arity(args.len() >= 3 && args.len() % 2 == 1),
@@ -254,6 +263,7 @@ impl Ctx<'_> {
             "GET" => self.get(&args[0]).await,
             "SET" => self.set(&args[0], &args[1]).await,
             "MGET" => self.mget(args).await,
+            "SCAN" => self.scan(args).await,
             "MSET" => self.mset(args).await,
             "INCR" => self.incr(&args[0], 1).await,
             "DECR" => self.incr(&args[0], -1).await,
@@ -303,18 +313,99 @@ impl Ctx<'_> {
         Ok(Reply::ok())
     }
 
-    async fn mget(&mut self, keys: &[Vec<u8>]) -> Result<Reply> {
+    /// One native `MGet` per 1,000 keys, each key with this connection's
+    /// token for it. A key the native answer could not carry (too large to
+    /// share it, or not caught up in time) is read alone; one the policy
+    /// keeps from this region fails the command with `-DENIED`. As in
+    /// Redis, a key of another kind reads as nil.
+    async fn mget(&mut self, raw: &[Vec<u8>]) -> Result<Reply> {
+        let keys = raw.iter().map(|k| key(k)).collect::<Result<Vec<_>>>()?;
         let mut out = Vec::with_capacity(keys.len());
-        for k in keys {
-            let k = key(k)?;
-            // As in Redis, a key of another kind reads as nil here.
-            let v = self.read(&k).await?;
-            out.push(match v.as_ref().map(as_string) {
-                Some(Ok(Some(b))) => Reply::Bulk(b),
-                _ => Reply::Null,
-            });
+        let mut bytes = 0usize;
+        for chunk in keys.chunks(MGET_MAX_KEYS) {
+            let asked: Vec<(Key, Option<CausalToken>)> =
+                chunk.iter().map(|k| (k.clone(), self.seen.0.get(k).cloned())).collect();
+            let wait_ms = if asked.iter().any(|(_, t)| t.is_some()) {
+                OWN_WRITE_WAIT_MS
+            } else {
+                0
+            };
+            let entries = match self.call(RequestBody::MGet { keys: asked, wait_ms }).await {
+                Response::Values(entries) if entries.len() == chunk.len() => entries,
+                Response::Error(e) => return Err(error_reply(&e)),
+                r => return Err(unexpected(&r)),
+            };
+            for entry in entries {
+                let value = match entry.error {
+                    None => entry.value,
+                    Some(e) if e.kind == ErrorKind::PolicyDenied => return Err(error_reply(&e)),
+                    Some(_) => self.read(&entry.key).await?,
+                };
+                let reply = match value.as_ref().map(as_string) {
+                    Some(Ok(Some(b))) => {
+                        bytes += b.len();
+                        Reply::Bulk(b)
+                    }
+                    _ => Reply::Null,
+                };
+                if bytes > MAX_MGET_BYTES {
+                    return Err(Reply::error(
+                        "ERR",
+                        format!(
+                            "the MGET answer would hold more than {MAX_MGET_BYTES} bytes of values: ask for fewer keys"
+                        ),
+                    ));
+                }
+                out.push(reply);
+            }
         }
         Ok(Reply::Array(out))
+    }
+
+    /// `SCAN cursor [MATCH pattern] [COUNT n]`: one native scan page of the
+    /// pattern's literal prefix (at most `COUNT` keys, examining a bounded
+    /// number), filtered by the whole pattern here. The cursor answered
+    /// stands for the native one on this node ([`super::scan::Cursors`]);
+    /// a page may be empty while the cursor is not `0`.
+    async fn scan(&mut self, args: &[Vec<u8>]) -> Result<Reply> {
+        let a = super::scan::parse(args)?;
+        let native = match a.cursor {
+            None => None,
+            Some(id) => match self.cursors.lock().ok().and_then(|c| c.get(id)) {
+                Some(native) => Some(ScanCursor(native)),
+                None => {
+                    return Err(Reply::error(
+                        "ERR",
+                        "invalid cursor: unknown to this node, or forgotten (start the scan again at 0)",
+                    ))
+                }
+            },
+        };
+        let body = RequestBody::Scan {
+            prefix: a.prefix,
+            cursor: native,
+            limit: u32::try_from(a.count).unwrap_or(u32::MAX),
+            values: false,
+        };
+        let (entries, cursor) = match self.call(body).await {
+            Response::Scanned { entries, cursor } => (entries, cursor),
+            Response::Error(e) => return Err(error_reply(&e)),
+            r => return Err(unexpected(&r)),
+        };
+        let keys = entries
+            .into_iter()
+            .map(|e| e.key.as_str().as_bytes().to_vec())
+            .filter(|k| a.pattern.as_ref().is_none_or(|p| super::scan::glob(p, k)))
+            .map(Reply::Bulk)
+            .collect();
+        let cursor = match cursor {
+            None => 0,
+            Some(native) => match self.cursors.lock() {
+                Ok(mut c) => c.keep(native.0),
+                Err(_) => return Err(Reply::error("ERR", "internal error: the scan cursors are unavailable")),
+            },
+        };
+        Ok(Reply::Array(vec![Reply::text(cursor.to_string()), Reply::Array(keys)]))
     }
 
     async fn mset(&mut self, pairs: &[Vec<u8>]) -> Result<Reply> {
