@@ -557,7 +557,7 @@ impl Ctx<'_> {
             let name = field_name(f)?;
             for kind in [FieldKind::Register, FieldKind::Counter] {
                 let field = Field::new(name.clone(), kind);
-                if map.contains_key(&field) && removed.insert((name.clone(), kind as u8)) {
+                if map.contains_key(&field) && removed.insert(field.clone()) {
                     ops.push((k.clone(), Op::MapRemove(field)));
                 }
             }
@@ -565,7 +565,7 @@ impl Ctx<'_> {
         if ops.is_empty() {
             return Ok(Reply::Int(0));
         }
-        let names: std::collections::BTreeSet<&String> = removed.iter().map(|(n, _)| n).collect();
+        let names: std::collections::BTreeSet<&String> = removed.iter().map(|f| &f.name).collect();
         let n = names.len() as i64;
         self.write(ops).await?;
         Ok(Reply::Int(n))
