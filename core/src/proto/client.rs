@@ -232,8 +232,9 @@ pub enum RequestBody {
     /// carries the token of what it saw), at most [`MGET_MAX_KEYS`] keys. A
     /// key this region may not read, whose token the node has not caught up
     /// with within `wait_ms` (all keys together), or whose value does not
-    /// fit in the answer beside the others, carries an error instead of a
-    /// value; the others are answered.
+    /// fit in the answer beside the ones before it ([`ENTRIES_MAX_BYTES`]),
+    /// carries an error instead of a value, and so does every key after
+    /// one that did not fit (unread); the others are answered.
     MGet {
         /// The keys, each with a token its answer must include.
         keys: Vec<(Key, Option<CausalToken>)>,
