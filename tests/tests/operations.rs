@@ -378,6 +378,7 @@ async fn http_a_key_a_peer_sends_against_the_policy_is_refused_and_counted() {
             from: 0,
             to: 0,
             entries: vec![entry("us-only/k"), entry("public/k")],
+            written: None,
         }],
         ack: None,
     };
