@@ -342,6 +342,28 @@ mod tests {
         assert_eq!(merge(here, more), (Conflicts::default(), true));
     }
 
+    /// The cost the module documentation states: a merge that only adds
+    /// never walks the local set; one that removes walks it once.
+    #[test]
+    fn only_a_merge_that_removes_walks_the_local_set() {
+        let n = 10_000;
+        let elems: Vec<crate::crdt::Bytes> = (0..n)
+            .map(|i| crate::crdt::Bytes(format!("e{i}").into_bytes()))
+            .collect();
+        let mut here = None;
+        write(&mut here, 1, 0, Op::SetAdd(elems));
+        let here = here.unwrap();
+        let classify = |remote: &Value| {
+            let novel = here.novel(remote);
+            crate::work::visits_of(|| super::Before::of(Some(&here), remote, novel.as_ref())).1
+        };
+        let mut there = Some(here.clone());
+        let add = write(&mut there, 2, 0, Op::SetAdd(vec!["new".into()]));
+        assert_eq!(classify(&add), 0);
+        let remove = write(&mut there, 2, 0, Op::SetRemove(vec!["e7".into()]));
+        assert_eq!(classify(&remove), n as u64);
+    }
+
     #[test]
     fn a_field_removed_while_another_replica_updated_it_survives_and_counts() {
         let f = Field::new("n", FieldKind::Counter);

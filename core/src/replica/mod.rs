@@ -1213,12 +1213,15 @@ impl<S: Store> Replica<S> {
         }
     }
 
-    /// How long ago group `seq` was buffered (0 when it is not buffered:
-    /// every earlier group was acknowledged or dropped).
+    /// How long ago group `seq`, the first a peer lacks, was buffered: 0
+    /// when there is none (`seq` is `next_seq`). If the buffer dropped it
+    /// (full), the age of the oldest group still buffered: a lower bound.
     pub(crate) fn group_age(&self, seq: u64, now: Time) -> u64 {
-        seq.checked_sub(self.front_seq())
-            .and_then(|i| self.buffer.get(i as usize))
-            .map_or(0, |b| now.since(b.at))
+        if seq >= self.next_seq {
+            return 0;
+        }
+        let i = seq.saturating_sub(self.front_seq());
+        self.buffer.get(i as usize).map_or(0, |b| now.since(b.at))
     }
 
     /// Applies remote states or deltas: stores only their novel part, and
