@@ -317,6 +317,21 @@ fn concurrent_writes_in_two_regions_move_the_conflict_and_lag_metrics() {
             .expect("no app/ conflicts");
         assert_eq!(app.lww_resolved as f64, resolved);
         assert!(s.peers.iter().all(|p| p.lag_ms == 0), "{:?}", s.peers);
+        let cli = Path::new(env!("CARGO_BIN_EXE_lattice-test-cli"));
+        let out = std::process::Command::new(cli)
+            .arg("--config")
+            .arg(c.dir.path().join("client.toml"))
+            .arg("status")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&out.stdout);
+        // The defaults file names eu first.
+        assert!(
+            out.contains("conflicts (since start):")
+                && out.contains("lww 0 (0 values lost), mv siblings 1, kind clashes 1, remove vs update 0")
+                && out.contains("groups (0 ms)"),
+            "{out}"
+        );
 
         // The dashboard queries only what a node exports.
         for i in 0..2 {
