@@ -364,6 +364,43 @@ mod tests {
         assert_eq!(classify(&remove), n as u64);
     }
 
+    /// The classification's share of a merge into a set of 10^5 elements,
+    /// timed (BENCHMARKS.md, "Large set operations"):
+    /// `cargo test --release -p lattice-core --lib classification_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a timing that prints figures, not a check"]
+    // A timing reads the clock, as a driver does: not engine code.
+    #[allow(clippy::disallowed_methods)]
+    fn classification_cost() {
+        let n = 100_000;
+        let elems: Vec<crate::crdt::Bytes> = (0..n)
+            .map(|i| crate::crdt::Bytes(format!("e{i}").into_bytes()))
+            .collect();
+        let mut here = None;
+        write(&mut here, 1, 0, Op::SetAdd(elems));
+        let here = here.unwrap();
+        let mut there = Some(here.clone());
+        let add = write(&mut there, 2, 0, Op::SetAdd(vec!["new".into()]));
+        let remove = write(&mut there, 2, 0, Op::SetRemove(vec!["e7".into()]));
+        let k = Key::new("k").unwrap();
+        for (what, remote) in [("sadd 1", add), ("srem 1", remove)] {
+            let novel = here.novel(&remote);
+            let (mut classify, mut merge) = (f64::MAX, f64::MAX);
+            for _ in 0..10 {
+                let t = std::time::Instant::now();
+                std::hint::black_box(super::Before::of(Some(&here), &remote, novel.as_ref()));
+                classify = classify.min(t.elapsed().as_secs_f64() * 1e3);
+                let current = here.clone();
+                let t = std::time::Instant::now();
+                std::hint::black_box(
+                    remote_next(HERE, &k, Some(current), Arc::new(remote.clone()), true, false).unwrap(),
+                );
+                merge = merge.min(t.elapsed().as_secs_f64() * 1e3);
+            }
+            println!("{what} into a set of {n}: whole merge (remote_next) {merge:.2} ms, of which classification {classify:.3} ms");
+        }
+    }
+
     #[test]
     fn a_field_removed_while_another_replica_updated_it_survives_and_counts() {
         let f = Field::new("n", FieldKind::Counter);
