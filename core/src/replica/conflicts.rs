@@ -23,8 +23,9 @@
 //!   same bytes loses nothing a reader would see).
 //! - **MV siblings** ([`Conflicts::mv_siblings`]): a merge of a top-level
 //!   multi-value register whose result holds more values than either side
-//!   held: `result - max(local, remote)` siblings created. Register fields
-//!   of maps are not counted.
+//!   held: `result - max(local, remote)` siblings created; the same for
+//!   each register field at the top level of a map the remote state holds
+//!   (fields of nested maps are not counted).
 //! - **Kind clashes** ([`Conflicts::kind_clashes`]): a merge whose result is
 //!   a [`Value::Conflict`] with more kinds than either side held: the number
 //!   of kinds so added (two replicas creating a key as a set and as a
@@ -54,7 +55,7 @@
 //! [`remote_next`]: super::prepare
 
 use crate::clock::CausalContext;
-use crate::crdt::{Causal, DotMap, DotStore, Value};
+use crate::crdt::{Causal, DotMap, DotStore, Field, Nested, Value};
 use std::fmt::Debug;
 
 /// The conflicts merges resolved, by kind (see the module documentation
@@ -93,11 +94,14 @@ impl Conflicts {
 }
 
 /// What is classified before the join (the local state is moved into it).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Before {
     counted: Conflicts,
     /// The larger side's multi-value register values.
     mv_max: usize,
+    /// Per register field of a map the remote state holds (top level),
+    /// the larger side's values.
+    field_max: Vec<(Field, usize)>,
     /// The larger side's kinds.
     kinds_max: usize,
 }
@@ -118,8 +122,27 @@ impl Before {
             (Some(Value::Map(l)), Value::Map(r), Some(Value::Map(n))) => lost_removes(&l.0, &r.0, &n.0.ctx),
             _ => 0,
         };
+        // The remote state's register fields: a delta's few, so this is
+        // the size of the merge, not of the local map.
+        let field_max = match (current, remote) {
+            (None | Some(Value::Map(_)), Value::Map(r)) => {
+                r.0.store
+                    .iter()
+                    .filter_map(|(f, n)| {
+                        let theirs = register_len(Some(n))?;
+                        let mine = match current {
+                            Some(Value::Map(l)) => register_len(l.0.store.get(f)).unwrap_or(0),
+                            _ => 0,
+                        };
+                        Some((f.clone(), mine.max(theirs)))
+                    })
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
         Before {
             counted,
+            field_max,
             mv_max: current.map_or(0, mv_len).max(mv_len(remote)),
             kinds_max: current.map_or(0, kinds).max(kinds(remote)),
         }
@@ -134,6 +157,12 @@ impl Before {
     pub(crate) fn after(self, next: &Value) -> Conflicts {
         let mut c = self.counted;
         c.mv_siblings = mv_len(next).saturating_sub(self.mv_max) as u64;
+        if let Value::Map(m) = next {
+            for (f, max) in &self.field_max {
+                let now = register_len(m.0.store.get(f)).unwrap_or(0);
+                c.mv_siblings += now.saturating_sub(*max) as u64;
+            }
+        }
         if matches!(next, Value::Conflict(_)) {
             c.kind_clashes = kinds(next).saturating_sub(self.kinds_max) as u64;
         }
@@ -160,6 +189,14 @@ fn mv_len(v: &Value) -> usize {
         Value::MvRegister(r) => r.0.store.0.len(),
         Value::Conflict(parts) => parts.iter().map(mv_len).sum(),
         _ => 0,
+    }
+}
+
+/// The values of a register field (`None`: not a register field).
+fn register_len(n: Option<&Nested>) -> Option<usize> {
+    match n {
+        Some(Nested::Register(r)) => Some(r.0.len()),
+        _ => None,
     }
 }
 
@@ -291,6 +328,22 @@ mod tests {
         let mut both = here.clone();
         both.as_mut().unwrap().join(there.as_ref().unwrap());
         assert_eq!(merge(here, both.unwrap()), (Conflicts::default(), true));
+    }
+
+    #[test]
+    fn concurrent_writes_of_a_register_field_create_siblings() {
+        let f = Field::new("r", FieldKind::Register);
+        let set = |v: &str| Op::MapApply {
+            field: f.clone(),
+            op: Box::new(Op::MvSet(v.into())),
+        };
+        let (mut here, mut there) = (None, None);
+        write(&mut here, 1, 0, set("a"));
+        let concurrent = write(&mut there, 2, 0, set("b"));
+        assert_eq!(merge(here.clone(), concurrent).0, only(|c| c.mv_siblings = 1));
+        let mut after = here.clone();
+        let overwrite = write(&mut after, 2, 0, set("b"));
+        assert_eq!(merge(here, overwrite), (Conflicts::default(), true));
     }
 
     #[test]
