@@ -175,19 +175,24 @@ fn run(n: usize) -> Report {
         &[("novel", novel_ms), ("join", njoin_ms)],
     );
 
-    let (write_ms, deliver_ms) = replica_sadd(n);
+    let (write_ms, deliver_ms, small) = replica_sadd(n);
     row(
         "replica: sadd n, replicate to a peer",
         &[("write+flush", write_ms), ("deliver", deliver_ms)],
     );
+    row("replica: then sadd 1, the peer merges it", &[("deliver", small[0])]);
+    row("replica: then srem 1, the peer merges it", &[("deliver", small[1])]);
     report
 }
 
 /// The engine's side of `lattice sadd` with n elements: a write on one
 /// replica (delta, size checks, encoding, store) and its flush, then the
 /// frames exchanged until a peer holds the set. Memory stores, frames
-/// handed over directly: no network or disk.
-fn replica_sadd(n: usize) -> (f64, f64) {
+/// handed over directly: no network or disk. Then one element added, and
+/// one removed, each delivered to the peer: the merge of a small delta
+/// into a large state (the remove is the case the conflict
+/// classification walks the local set for).
+fn replica_sadd(n: usize) -> (f64, f64, [f64; 2]) {
     let open = |me: usize| {
         let peer = PeerConfig::new(NodeId(format!("n{}", 1 - me)), RegionId(format!("r{}", 1 - me)));
         let mut cfg = ReplicaConfig::new(format!("n{me}"), format!("r{me}"), vec![peer]);
@@ -222,7 +227,25 @@ fn replica_sadd(n: usize) -> (f64, f64) {
     });
     let got = nodes[1].read(&key).unwrap().unwrap();
     assert!(matches!(got.view(), ValueView::Set(v) if v.len() == n));
-    (write_ms, deliver_ms)
+    let mut ms = 200_000;
+    let mut small = [0.0; 2];
+    for (i, op) in [Op::SetAdd(elems('z', 1)), Op::SetRemove(elems('e', 1))]
+        .into_iter()
+        .enumerate()
+    {
+        ms += 1_000;
+        nodes[0].write(Time(ms), vec![(key.clone(), op)]).unwrap();
+        nodes[0].flush(Time(ms)).unwrap();
+        let before = nodes[1].stats().remote_updates;
+        let ((), deliver_ms) = timed(|| {
+            while nodes[1].stats().remote_updates == before {
+                ms += 5;
+                pump(&mut nodes, Time(ms));
+            }
+        });
+        small[i] = deliver_ms;
+    }
+    (write_ms, deliver_ms, small)
 }
 
 /// One turn of a driver for two replicas: timers, flushes, and every frame

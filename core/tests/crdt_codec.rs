@@ -247,6 +247,7 @@ fn delta_message(entries: Vec<(Key, Value)>) -> Message {
             from: 2,
             to: 3,
             entries: entries.into_iter().map(|(k, v)| (k, v.into())).collect(),
+            written: None,
         }],
         ack: Some(Ack {
             replica: ReplicaId(9),
@@ -680,4 +681,58 @@ fn short_variant_tags_and_long_names_both_decode() {
     assert!(short.len() + 7 == long.len(), "{} vs {}", short.len(), long.len());
     assert_eq!(proto::from_bytes::<Value>(&short).unwrap(), v);
     assert_eq!(proto::from_bytes::<Value>(&long).unwrap(), v);
+}
+
+/// A section and a delta-group as senders before the write stamp encoded
+/// them still decode (`written` absent), and the stamp round-trips.
+#[test]
+fn sections_and_groups_without_a_write_stamp_still_decode() {
+    use lattice_core::proto::DeltaGroup;
+    use std::sync::Arc;
+    #[derive(Serialize)]
+    struct OldSection {
+        class: u8,
+        base: u64,
+        from: u64,
+        to: u64,
+        entries: Vec<(Key, Arc<Value>)>,
+    }
+    #[derive(Serialize)]
+    struct OldGroup {
+        seq: u64,
+        origin: Option<proto::NodeId>,
+        entries: Vec<(Key, Arc<Value>)>,
+    }
+    let stamp = WriteStamp {
+        replica: ReplicaId(3),
+        time: HlcTimestamp::default(),
+    };
+    let entries = vec![(key(1), Arc::new(Value::apply(None, &Op::CounterAdd(2), stamp).unwrap()))];
+    let old = OldSection {
+        class: 1,
+        base: 2,
+        from: 3,
+        to: 4,
+        entries: entries.clone(),
+    };
+    let s: Section = proto::from_bytes(&proto::to_bytes(&old).unwrap()).unwrap();
+    assert_eq!((s.class, s.to, s.written), (1, 4, None));
+    assert_eq!(s.entries, entries);
+    let g: DeltaGroup = proto::from_bytes(
+        &proto::to_bytes(&OldGroup {
+            seq: 7,
+            origin: None,
+            entries,
+        })
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!((g.seq, g.written), (7, None));
+    let t = HlcTimestamp {
+        wall_ms: 1_800_000_000_000,
+        logical: 3,
+    };
+    let with = Section { written: Some(t), ..s };
+    let back: Section = proto::from_bytes(&proto::to_bytes(&with).unwrap()).unwrap();
+    assert_eq!(back.written, Some(t));
 }

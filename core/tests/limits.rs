@@ -202,6 +202,7 @@ fn the_reorder_buffer_holds_exactly_16_mib() {
                 from,
                 to,
                 entries: entries.into_iter().map(|(k, v)| (k, v.into())).collect(),
+                written: None,
             }],
             ack: None,
         })

@@ -951,6 +951,7 @@ fn hostile_delta(c: &Cluster, from: usize, entries: Vec<(Key, Value)>, wall_ms: 
             from: 0,
             to: 0,
             entries: entries.into_iter().map(|(k, v)| (k, v.into())).collect(),
+            written: None,
         }],
         ack: None,
     };

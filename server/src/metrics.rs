@@ -15,11 +15,52 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 type PeerGauge = Family<Vec<(String, String)>, Gauge>;
+type Labels = Vec<(String, String)>;
+type SecondsGauge = Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>;
+type KeyspaceCounter = Family<Labels, Counter>;
+
+/// The conflict counters, each labelled `keyspace` (the policy's key
+/// prefix, `""` for the default policy). Definitions:
+/// [`Conflicts`](lattice_core::replica::Conflicts).
+struct ConflictCounters {
+    lww_resolved: KeyspaceCounter,
+    lww_values_lost: KeyspaceCounter,
+    mv_siblings: KeyspaceCounter,
+    kind_clashes: KeyspaceCounter,
+    remove_update: KeyspaceCounter,
+}
+
+impl ConflictCounters {
+    /// Brings each counter of `keyspace` up to the engine's total (the
+    /// engine's counts only grow while the process lives).
+    fn record(&self, keyspace: &str, c: &lattice_core::replica::Conflicts) {
+        let label = vec![("keyspace".to_string(), keyspace.to_string())];
+        for (family, total) in [
+            (&self.lww_resolved, c.lww_resolved),
+            (&self.lww_values_lost, c.lww_values_lost),
+            (&self.mv_siblings, c.mv_siblings),
+            (&self.kind_clashes, c.kind_clashes),
+            (&self.remove_update, c.remove_update),
+        ] {
+            let counter = family.get_or_create(&label);
+            let have = counter.get();
+            if total > have {
+                counter.inc_by(total - have);
+            }
+        }
+    }
+}
+
+/// Buckets of [`Metrics::propagation`], seconds: 1 ms to about 65 s.
+fn propagation_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.001, 2.0, 17)
+}
 
 /// Every metric of a node. Counters are atomics: updating one is one add.
 pub struct Metrics {
@@ -123,6 +164,12 @@ pub struct Metrics {
     peer_unacked_groups: PeerGauge,
     peer_last_heard_ms: PeerGauge,
     peer_queue: PeerGauge,
+    peer_replication_lag: SecondsGauge,
+    conflicts: ConflictCounters,
+    /// End-to-end propagation latency of remote writes, seconds: wall
+    /// clock here at the apply minus the writer's HLC stamp (clamped at
+    /// 0), one observation per key a delta changed.
+    pub propagation: Histogram,
 }
 
 impl Metrics {
@@ -150,7 +197,51 @@ impl Metrics {
                 g
             }};
         }
+        macro_rules! keyspace_counter {
+            ($name:literal, $help:literal) => {{
+                let c = KeyspaceCounter::default();
+                r.register($name, $help, c.clone());
+                c
+            }};
+        }
+        let conflicts = ConflictCounters {
+            lww_resolved: keyspace_counter!(
+                "conflicts_lww_resolved",
+                "Remote LWW writes that arrived superseded by a different, higher-stamped write (concurrent writes resolved by last-writer-wins), by keyspace policy"
+            ),
+            lww_values_lost: keyspace_counter!(
+                "conflicts_lww_values_lost",
+                "Of the LWW writes resolved, those whose value differed from the winner's (the value is lost), by keyspace policy"
+            ),
+            mv_siblings: keyspace_counter!(
+                "conflicts_mv_siblings",
+                "Multi-value register siblings created by merges (values beyond the larger side's count), by keyspace policy"
+            ),
+            kind_clashes: keyspace_counter!(
+                "conflicts_kind_clashes",
+                "Kinds added to a key's kind clash by merges (concurrent creations with different types), by keyspace policy"
+            ),
+            remove_update: keyspace_counter!(
+                "conflicts_remove_update",
+                "Set elements and map fields kept by an add or update that a concurrent remove had not seen (add-wins), by keyspace policy"
+            ),
+        };
+        let peer_replication_lag = SecondsGauge::default();
+        r.register(
+            "peer_replication_lag_seconds",
+            "Age of the oldest local delta-group the peer has not acknowledged (0 when it has them all)",
+            peer_replication_lag.clone(),
+        );
+        let propagation = Histogram::new(propagation_buckets());
+        r.register(
+            "propagation_seconds",
+            "Remote writes: wall clock at the apply here minus the writer's HLC stamp (clamped at 0), per key a delta changed",
+            propagation.clone(),
+        );
         let m = Metrics {
+            peer_replication_lag,
+            conflicts,
+            propagation,
             writes: counter!("client_writes", "Client write batches accepted"),
             reads: counter!("client_reads", "Client reads"),
             overloaded: counter!("client_overloaded", "Client requests refused with Overloaded"),
@@ -318,7 +409,27 @@ impl Metrics {
         let (hits, misses) = replica.store().cache_stats();
         self.record_cache_hits.set(hits as i64);
         self.record_cache_misses.set(misses as i64);
+        // Every keyspace in force has its counters, zero or not, so a
+        // dashboard's queries find them from the start.
+        let conflicts = &s.conflicts;
+        let none = lattice_core::replica::Conflicts::default();
+        for p in &replica.policy().policies {
+            self.conflicts
+                .record(&p.keyspace, conflicts.get(&p.keyspace).unwrap_or(&none));
+        }
+        self.conflicts.record("", conflicts.get("").unwrap_or(&none));
+        for (keyspace, c) in conflicts {
+            // A keyspace no longer in force keeps its counts.
+            self.conflicts.record(keyspace, c);
+        }
         for p in replica.peer_status(now) {
+            let lag_label = vec![
+                ("peer".to_string(), p.node.0.clone()),
+                ("region".to_string(), p.region.0.clone()),
+            ];
+            self.peer_replication_lag
+                .get_or_create(&lag_label)
+                .set(p.lag_ms as f64 / 1000.0);
             let label = vec![("peer".to_string(), p.node.0.clone())];
             self.peer_alive.get_or_create(&label).set(i64::from(p.alive));
             self.peer_unacked_groups

@@ -1500,7 +1500,23 @@ pub(crate) async fn serve(
             let mut entries = Vec::with_capacity(keys.len());
             let mut bytes = 0;
             let deadline = Instant::now() + Duration::from_millis(wait_ms.min(30_000));
+            let mut full = false;
             for (key, after) in keys {
+                // Once a value did not fit, the rest are not read at all: an
+                // mget of 1,000 keys of 4 MiB decodes at most about two of them.
+                if full {
+                    entries.push(Entry {
+                        key,
+                        value: None,
+                        token: None,
+                        error: Some(ClientError {
+                            kind: ErrorKind::InvalidRequest,
+                            message: "the mget answer filled up before this key: read it in another request".into(),
+                            regions: Vec::new(),
+                        }),
+                    });
+                    continue;
+                }
                 let wait = deadline.saturating_duration_since(Instant::now()).as_millis() as u64;
                 let answer = read(key.clone(), after, wait, &meta, inbound).await;
                 let mut entry = match answer {
@@ -1529,6 +1545,7 @@ pub(crate) async fn serve(
                 };
                 let mut size = entry_size(&entry).unwrap_or(usize::MAX);
                 if bytes + size > ENTRIES_MAX_BYTES {
+                    full = true;
                     entry.value = None;
                     entry.token = None;
                     entry.error = Some(ClientError {
@@ -1553,6 +1570,11 @@ pub(crate) async fn serve(
                 return error(ErrorKind::InvalidRequest, "the scan prefix is longer than a key may be");
             }
             inbound.metrics.reads.inc_by(1);
+            // Under the read slots: at most DIRECT_READS pages (each up to
+            // 16 MiB of records decoded) at once.
+            let Ok(_slot) = inbound.direct_reads.acquire().await else {
+                return error(ErrorKind::Unavailable, "the node is shutting down");
+            };
             let reads = inbound.reads.clone();
             let page = tokio::task::spawn_blocking(move || reads.scan(&prefix, cursor.as_ref(), limit, values)).await;
             match page {

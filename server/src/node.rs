@@ -13,8 +13,8 @@ use lattice_core::crdt::{Op, Value};
 use lattice_core::policy::audit::AuditEntry;
 use lattice_core::policy::PolicySet;
 use lattice_core::proto::client::{
-    encode_answer, CausalToken, Change, ClientError, Entry, ErrorKind, NodeStatus, OpId, PeerInfo, Response,
-    ScanCursor, WatchToken, WriteConcern, ENTRIES_MAX_BYTES, SCAN_MAX_EXAMINED, SCAN_MAX_KEYS,
+    encode_answer, CausalToken, Change, ClientError, Entry, ErrorKind, KeyspaceConflicts, NodeStatus, OpId, PeerInfo,
+    Response, ScanCursor, WatchToken, WriteConcern, ENTRIES_MAX_BYTES, SCAN_MAX_EXAMINED, SCAN_MAX_KEYS,
 };
 use lattice_core::proto::{NodeId, RegionId};
 use lattice_core::replica::{Decoded, Event, Prepared, Replica, Time, WriteId};
@@ -864,8 +864,19 @@ impl Engine {
                     tracing::error!(error = %e, "could not append to the policy audit log");
                 }
             }
-            Event::RemoteApplied { key, from, token } => {
+            Event::RemoteApplied {
+                key,
+                from,
+                token,
+                written,
+            } => {
                 self.metrics.remote_updates.inc_by(1);
+                if let Some(w) = written {
+                    // Clamped at 0: a writer whose clock runs ahead of ours
+                    // would otherwise give a negative latency.
+                    let ms = self.clock.wall_ms().saturating_sub(w.wall_ms);
+                    self.metrics.propagation.observe(ms as f64 / 1000.0);
+                }
                 // Applied before this step's flush, if it had one: the
                 // flush is counted once every change it stored is
                 // recorded (`route_outputs`).
@@ -1187,10 +1198,17 @@ fn status(replica: &Replica<SledStore>, now: Time, node: &str) -> NodeStatus {
                 alive: p.alive,
                 unacked_groups: p.unacked_groups,
                 last_heard_ms_ago: p.last_heard_ms_ago,
+                lag_ms: p.lag_ms,
             })
             .collect(),
         policy_version: replica.policy().version,
         policies: replica.policy_status(now),
+        conflicts: replica
+            .stats()
+            .conflicts
+            .iter()
+            .map(|(keyspace, c)| KeyspaceConflicts::of(keyspace, c))
+            .collect(),
     }
 }
 

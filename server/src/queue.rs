@@ -568,6 +568,7 @@ mod tests {
                 from: 0,
                 to: 1,
                 entries,
+                written: None,
             }],
             ack: None,
         };

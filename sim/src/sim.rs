@@ -1298,6 +1298,7 @@ impl Sim {
                 from: 0,
                 to: 0,
                 entries: vec![(entry.0.clone(), std::sync::Arc::new(entry.1.clone()))],
+                written: None,
             }],
             ack: None,
         };

@@ -187,11 +187,13 @@ fn a_write_concern_met_too_early_is_caught() {
 /// Each planted bug with a swarm seed that catches it and the checks that
 /// may report it: fixed seeds, so CI proves every one is still caught.
 const CAUGHT_BY: &[(PlantedBug, u64, &[&str])] = &[
-    // Review finding 1: a crashed `async` node reused its dots (29), and
-    // so did one restarted from an older image of its disk (20: no crash,
-    // no `async`). A lying disk's reuse is proven in core/tests/replica.rs
+    // Review finding 1: a crashed `async` node reused its dots (29 did
+    // until delta sections carried their oldest write's stamp, issue 16,
+    // which moved the seeds' draws; 6 does now), and so did one restarted
+    // from an older image of its disk (20: no crash, no `async`). A lying
+    // disk's reuse is proven in core/tests/replica.rs
     // (`a_lying_flush_never_makes_replicas_diverge`).
-    (PlantedBug::AsyncReusesId, 29, &["convergence"]),
+    (PlantedBug::AsyncReusesId, 6, &["convergence"]),
     (PlantedBug::AsyncReusesId, 20, &["convergence"]),
     // Review finding 2: a relay left a hole nobody saw.
     (PlantedBug::RelayHole, 204, &["convergence"]),
@@ -218,9 +220,10 @@ const CAUGHT_BY: &[(PlantedBug, u64, &[&str])] = &[
     (PlantedBug::HostileAccepted, 2, &["hostile"]),
     // Issue 13: a frame with a flipped bit decoded without its check (the
     // swarm checks that every flipped frame is refused; a corrupt value
-    // that gets through may also stop an engine invariant).
+    // that gets through may also stop an engine invariant: 7 did that
+    // instead once sections carried a write stamp, issue 16; 8 does not).
     (PlantedBug::FrameCheckIgnored, 4, &["bit-flip"]),
-    (PlantedBug::FrameCheckIgnored, 7, &["bit-flip"]),
+    (PlantedBug::FrameCheckIgnored, 8, &["bit-flip"]),
     // Issue 13: a record rotted on disk read without its check: the reopen
     // takes the flipped value, or fails on bytes that no longer decode.
     (PlantedBug::RecordCheckIgnored, 12, &["restart", "bit-rot"]),

@@ -189,7 +189,12 @@ impl Scrape {
             assert!(legal(name), "illegal metric name in {line:?}");
             let family = match name.strip_suffix("_total") {
                 Some(f) if types.get(f).is_some_and(|k| k == "counter") => f,
-                _ => name,
+                // A histogram's series (lattice_propagation_seconds).
+                _ => ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .filter_map(|s| name.strip_suffix(s))
+                    .find(|f| types.get(*f).is_some_and(|k| k == "histogram"))
+                    .unwrap_or(name),
             };
             assert!(
                 types.contains_key(family),
@@ -378,6 +383,7 @@ async fn http_a_key_a_peer_sends_against_the_policy_is_refused_and_counted() {
             from: 0,
             to: 0,
             entries: vec![entry("us-only/k"), entry("public/k")],
+            written: None,
         }],
         ack: None,
     };

@@ -187,3 +187,67 @@ fn a_scan_returns_each_key_of_its_prefix_once_and_mget_answers_each_key() {
         assert!(c.wait_ready(Duration::from_secs(5)).await.is_ok());
     });
 }
+
+/// Answers are bounded in bytes: three sets of about 1.5 MiB each do not
+/// fit in one 4 MiB answer. An mget answers the two that fit and marks the
+/// third, and every key after it, instead of reading them; a scan with
+/// values splits them across pages.
+#[test]
+fn mget_and_scan_answers_stop_at_their_byte_limit() {
+    let _g = serial();
+    runtime().block_on(async {
+        let c = Cluster::start(bin(), &["eu"], Durability::Group).unwrap();
+        c.wait_ready(Duration::from_secs(20)).await.unwrap();
+        let client = c.client(0).unwrap();
+        // 2 writes of 12,000 elements of 60 bytes: about 1.5 MiB a set.
+        for name in ["big/a", "big/b", "big/c"] {
+            for half in 0..2 {
+                let elements = (0..12_000)
+                    .map(|i| Bytes::from(format!("{half}-{i:08}-{}", "x".repeat(48)).as_str()))
+                    .collect();
+                client.write(vec![(key(name), Op::SetAdd(elements))]).await.unwrap();
+            }
+        }
+        client.write(vec![(key("big/small"), reg("s"))]).await.unwrap();
+        let keys = [key("big/a"), key("big/b"), key("big/c"), key("big/small")];
+        let entries = client.mget(&keys).await.unwrap();
+        let read: Vec<bool> = entries.iter().map(|e| e.value.is_some()).collect();
+        assert_eq!(
+            read,
+            [true, true, false, false],
+            "{:?}",
+            entries.iter().map(|e| &e.error).collect::<Vec<_>>()
+        );
+        let third = entries[2].error.as_ref().unwrap();
+        assert!(third.message.contains("does not fit"), "{third:?}");
+        let fourth = entries[3].error.as_ref().unwrap();
+        assert!(fourth.message.contains("filled up"), "{fourth:?}");
+        for e in &entries[..2] {
+            match &e.value {
+                Some(ValueView::Set(s)) => assert_eq!(s.len(), 24_000),
+                other => panic!("{}: {other:?}", e.key),
+            }
+        }
+        // A scan with values: every key, none twice, no page over the limit.
+        let mut cursor = None;
+        let mut seen = Vec::new();
+        let mut pages = 0;
+        loop {
+            let (entries, next) = client.scan("big/", cursor, 100, true).await.unwrap();
+            pages += 1;
+            let sets = entries
+                .iter()
+                .filter(|e| matches!(e.value, Some(ValueView::Set(_))))
+                .count();
+            assert!(sets <= 2, "a page held {sets} sets of 1.5 MiB");
+            seen.extend(entries.into_iter().map(|e| e.key.as_str().to_string()));
+            match next {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        seen.sort();
+        assert_eq!(seen, ["big/a", "big/b", "big/c", "big/small"]);
+        assert!(pages >= 2, "four keys of 4.5 MiB in {pages} page");
+    });
+}

@@ -495,15 +495,17 @@ async fn run(cli: Cli, slot: &mut Option<std::sync::Arc<Client>>) -> Result<(), 
             for p in &s.peers {
                 let heard = p.last_heard_ms_ago.map_or("never".into(), |ms| format!("{ms} ms ago"));
                 println!(
-                    "  peer {:<8} region {:<6} {:<5} lag {} groups, heard {}",
+                    "  peer {:<8} region {:<6} {:<5} lag {} groups ({} ms), heard {}",
                     p.node,
                     p.region,
                     if p.alive { "up" } else { "down" },
                     p.unacked_groups,
+                    p.lag_ms,
                     heard
                 );
             }
             print_policies(&s);
+            print_conflicts(&s);
         }
         Response::PolicySet { version } => println!("ok: policy version {version} in force"),
         Response::Audit(entries) => {
@@ -691,6 +693,26 @@ fn print_policies(s: &NodeStatus) {
                 println!("    {:<8} no copy (policy)", c.region);
             }
         }
+    }
+}
+
+/// Conflicts resolved by merges since the node started, per keyspace.
+fn print_conflicts(s: &NodeStatus) {
+    if s.conflicts.is_empty() {
+        println!("conflicts: none");
+        return;
+    }
+    println!("conflicts (since start):");
+    for c in &s.conflicts {
+        let name = if c.keyspace.is_empty() {
+            "(default)"
+        } else {
+            c.keyspace.as_str()
+        };
+        println!(
+            "  keyspace {name:<12} lww {} ({} values lost), mv siblings {}, kind clashes {}, remove vs update {}",
+            c.lww_resolved, c.lww_values_lost, c.mv_siblings, c.kind_clashes, c.remove_update
+        );
     }
 }
 

@@ -67,6 +67,11 @@ impl<T: Clone + Ord> LwwRegister<T> {
         self.entry.as_ref().map(|(_, _, v)| v)
     }
 
+    /// The current write: its timestamp, writer and value.
+    pub(crate) fn entry(&self) -> Option<&(HlcTimestamp, ReplicaId, T)> {
+        self.entry.as_ref()
+    }
+
     /// The timestamp and writer of the current value.
     pub fn stamp(&self) -> Option<(HlcTimestamp, ReplicaId)> {
         self.entry.as_ref().map(|(t, r, _)| (*t, *r))

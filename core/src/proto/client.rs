@@ -232,8 +232,9 @@ pub enum RequestBody {
     /// carries the token of what it saw), at most [`MGET_MAX_KEYS`] keys. A
     /// key this region may not read, whose token the node has not caught up
     /// with within `wait_ms` (all keys together), or whose value does not
-    /// fit in the answer beside the others, carries an error instead of a
-    /// value; the others are answered.
+    /// fit in the answer beside the ones before it ([`ENTRIES_MAX_BYTES`]),
+    /// carries an error instead of a value, and so does every key after
+    /// one that did not fit (unread); the others are answered.
     MGet {
         /// The keys, each with a token its answer must include.
         keys: Vec<(Key, Option<CausalToken>)>,
@@ -464,6 +465,45 @@ pub struct PeerInfo {
     pub unacked_groups: u64,
     /// How long ago it was last heard from.
     pub last_heard_ms_ago: Option<u64>,
+    /// Age of the oldest delta-group of ours it has not acknowledged,
+    /// milliseconds (0: it has them all): replication lag as time.
+    #[serde(default)]
+    pub lag_ms: u64,
+}
+
+/// The conflicts merges resolved on one node for one keyspace policy,
+/// since the node started (see
+/// [`Conflicts`](crate::replica::Conflicts) for the exact definitions).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyspaceConflicts {
+    /// The policy's key prefix (`""`: the default policy).
+    pub keyspace: String,
+    /// Concurrent LWW writes resolved (a remote write that arrived
+    /// superseded by a different, higher-stamped one).
+    pub lww_resolved: u64,
+    /// Of those, writes whose value differed from the winner's: lost.
+    pub lww_values_lost: u64,
+    /// Multi-value register siblings created.
+    pub mv_siblings: u64,
+    /// Kinds added to a key's kind clash (`Value::Conflict`).
+    pub kind_clashes: u64,
+    /// Set elements and map fields kept by an add or update a concurrent
+    /// remove had not seen (add-wins, update-wins).
+    pub remove_update: u64,
+}
+
+impl KeyspaceConflicts {
+    /// A keyspace's counts.
+    pub fn of(keyspace: &str, c: &crate::replica::Conflicts) -> KeyspaceConflicts {
+        KeyspaceConflicts {
+            keyspace: keyspace.to_string(),
+            lww_resolved: c.lww_resolved,
+            lww_values_lost: c.lww_values_lost,
+            mv_siblings: c.mv_siblings,
+            kind_clashes: c.kind_clashes,
+            remove_update: c.remove_update,
+        }
+    }
 }
 
 /// A node's status.
@@ -488,6 +528,10 @@ pub struct NodeStatus {
     /// copies from this node and their lag.
     #[serde(default)]
     pub policies: Vec<PolicyInfo>,
+    /// Conflicts resolved by merges since the node started, per keyspace
+    /// policy that had any.
+    #[serde(default)]
+    pub conflicts: Vec<KeyspaceConflicts>,
 }
 
 /// One region's copy of a keyspace.

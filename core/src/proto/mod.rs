@@ -99,6 +99,11 @@ pub struct DeltaGroup {
     /// Per-key deltas, in key order. Shared: the buffer, the store's batch
     /// and every peer's section hold the same delta, not copies of it.
     pub entries: Vec<(Key, Arc<Value>)>,
+    /// The HLC stamp of its write (a received group: of the oldest write
+    /// its section carried), for the propagation latency a receiver
+    /// observes. `None` in groups written before it was recorded.
+    #[serde(default)]
+    pub written: Option<HlcTimestamp>,
 }
 
 /// Names one anti-entropy round: who started it, and its number there.
@@ -157,6 +162,10 @@ pub struct Section {
     /// Joined per-key deltas (shared with the sender's buffer; a received
     /// entry is the only holder of its value).
     pub entries: Vec<(Key, Arc<Value>)>,
+    /// The HLC stamp of the oldest write among the groups joined
+    /// ([`DeltaGroup::written`]). Absent from older senders' frames.
+    #[serde(default)]
+    pub written: Option<HlcTimestamp>,
 }
 
 /// Which policy set a node has in force: peers with an older one are sent

@@ -390,7 +390,7 @@ impl<S: Store> Replica<S> {
     ) -> Result<(), Error> {
         let refused_before = self.stats.policy_refused + self.stats.hostile_refused;
         let entries = entries.into_iter().map(|(k, v)| (k, std::sync::Arc::new(v))).collect();
-        let repaired = self.apply_remote(from, entries)?;
+        let repaired = self.apply_remote(from, entries, None)?;
         self.stats.ae_keys_repaired += repaired as u64;
         let mut round = round;
         // States refused by policy are not held here: the round proves nothing.

@@ -1,5 +1,7 @@
 //! The replica's public vocabulary: time, configuration, outputs and counters.
 
+use super::conflicts::Conflicts;
+use crate::clock::HlcTimestamp;
 use crate::key::Key;
 use crate::policy::PolicySet;
 use crate::proto::client::CausalToken;
@@ -192,6 +194,11 @@ pub enum Event {
         /// The token of the key's state after the change: a driver can
         /// tell which waiting reads it satisfies without reading it.
         token: CausalToken,
+        /// The HLC stamp of the oldest write the delta carried (`None`: an
+        /// anti-entropy repair, or a sender from before stamps were
+        /// carried). Wall-clock now minus its `wall_ms` is the write's
+        /// end-to-end propagation latency, clocks permitting.
+        written: Option<HlcTimestamp>,
     },
 }
 
@@ -251,6 +258,10 @@ pub struct Stats {
     /// Prepared results dropped because their key's record had changed
     /// since (the engine did the work itself).
     pub prepared_stale: u64,
+    /// Conflicts resolved by merges of remote state, by the keyspace of
+    /// the policy governing the key (`""`: the default policy). See
+    /// [`Conflicts`] for the exact definitions.
+    pub conflicts: BTreeMap<String, Conflicts>,
 }
 
 impl Stats {
@@ -271,6 +282,9 @@ pub struct PeerStatus {
     pub alive: bool,
     /// Local delta-groups it has not acknowledged.
     pub unacked_groups: u64,
+    /// Age of the oldest of them, milliseconds (0 when it has them all):
+    /// how far behind this node's writes the peer's copy is, in time.
+    pub lag_ms: u64,
     /// How long ago it was last heard from.
     pub last_heard_ms_ago: Option<u64>,
 }

@@ -10,6 +10,7 @@
 //! while `bulk` ones wait.
 
 use super::{Peer, Replica, Time};
+use crate::clock::HlcTimestamp;
 use crate::crdt::{Crdt, Value};
 use crate::key::Key;
 use crate::proto::{Ack, Message, NodeId, Section, CLASSES};
@@ -212,6 +213,8 @@ impl<S: Store> Replica<S> {
             // Shared with the buffer: a key's delta is copied only when a
             // later group's delta for the same key is joined into it.
             let (mut acc, mut bytes, mut hi) = (BTreeMap::<Key, Arc<Value>>::new(), 0usize, start);
+            // The stamp of the oldest write whose entries the section carries.
+            let mut written: Option<HlcTimestamp> = None;
             for seq in start..end {
                 let entries: Vec<(&(Key, Arc<Value>), usize)> = self.entries_for(seq, p, c).collect();
                 let est: usize = entries.iter().map(|(_, n)| n).sum();
@@ -230,6 +233,13 @@ impl<S: Store> Replica<S> {
                 };
                 if est > 0 && over {
                     break;
+                }
+                if !entries.is_empty() {
+                    let w = self
+                        .buffer
+                        .get((seq - self.front_seq()) as usize)
+                        .and_then(|b| b.group.written);
+                    written = oldest(written, w);
                 }
                 for ((k, v), _) in entries {
                     match acc.get_mut(k) {
@@ -270,6 +280,7 @@ impl<S: Store> Replica<S> {
             if let Some(sec) = sections.iter_mut().find(|x: &&mut Section| usize::from(x.class) == c) {
                 // The class's second turn this interval continues its first.
                 sec.to = hi;
+                sec.written = oldest(sec.written, written);
                 let mut joined: BTreeMap<Key, Arc<Value>> = std::mem::take(&mut sec.entries).into_iter().collect();
                 for (k, v) in acc {
                     match joined.get_mut(&k) {
@@ -288,6 +299,7 @@ impl<S: Store> Replica<S> {
                 from: start,
                 to: hi,
                 entries: acc.into_iter().collect(),
+                written,
             });
         }
         if trimmed {
@@ -412,12 +424,13 @@ impl<S: Store> Replica<S> {
         if sec.from > have {
             let held: usize = s.reorder.values().map(|e| e.2).sum();
             if s.reorder.len() < super::MAX_REORDER && held + frame_len <= super::MAX_REORDER_BYTES {
-                s.reorder.insert(sec.from, (sec.to, sec.entries, frame_len, now));
+                s.reorder
+                    .insert(sec.from, (sec.to, sec.entries, frame_len, now, sec.written));
             } else {
                 self.stats.out_of_order += 1;
             }
         } else {
-            self.apply_remote(from, sec.entries)?;
+            self.apply_remote(from, sec.entries, sec.written)?;
             have = have.max(sec.to);
         }
         loop {
@@ -430,11 +443,11 @@ impl<S: Store> Replica<S> {
             if start > have {
                 break;
             }
-            let Some((_, (end, held, _, _))) = s.reorder.pop_first() else {
+            let Some((_, (end, held, _, _, written))) = s.reorder.pop_first() else {
                 break;
             };
             if end > have {
-                self.apply_remote(from, held)?;
+                self.apply_remote(from, held, written)?;
                 have = end;
             }
         }
@@ -529,6 +542,14 @@ fn refill(tokens: i64, rate: u64, elapsed_ms: u64) -> i64 {
     let add = u128::from(rate) * u128::from(elapsed_ms) / 1_000;
     let add = add.min(u128::from(u64::MAX)) as i128;
     (i128::from(tokens) + add).min(burst) as i64
+}
+
+/// The earlier of two optional stamps (a known one over none).
+fn oldest(a: Option<HlcTimestamp>, b: Option<HlcTimestamp>) -> Option<HlcTimestamp> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 #[cfg(test)]

@@ -24,16 +24,18 @@
 
 mod anti_entropy;
 mod config;
+mod conflicts;
 mod gossip;
 mod merkle;
 mod policy;
 mod prepare;
 
 pub use config::{Event, PeerConfig, PeerStatus, ReplicaConfig, Stats, Time, Transmit, WriteId};
+pub use conflicts::Conflicts;
 pub use merkle::item_hash;
 pub use prepare::{record_digest, Prepared, RecordDigest};
 
-use crate::clock::{Hlc, ReplicaId};
+use crate::clock::{Hlc, HlcTimestamp, ReplicaId};
 use crate::crdt::{Op, Value, WriteStamp};
 use crate::key::Key;
 use crate::proto::client::{CausalToken, OpId};
@@ -56,9 +58,9 @@ pub const MAX_DOT_COUNTER: u64 = 1 << 53;
 /// Most out-of-order delta-intervals held per peer.
 const MAX_REORDER: usize = 32;
 
-/// An early delta-interval: its end, its entries, its frame size and when
-/// it arrived.
-type Early = (u64, Vec<(Key, Arc<Value>)>, usize, Time);
+/// An early delta-interval: its end, its entries, its frame size, when it
+/// arrived and the stamp of its oldest write.
+type Early = (u64, Vec<(Key, Arc<Value>)>, usize, Time, Option<HlcTimestamp>);
 
 /// Most bytes (as received) of early delta-intervals held per peer.
 const MAX_REORDER_BYTES: usize = 16 << 20;
@@ -664,6 +666,7 @@ impl<S: Store> Replica<S> {
                 token,
                 delta,
                 delta_size,
+                conflicts: _,
             } = next;
             let policy = self.cfg.policy.lookup_index(key.as_str());
             hashes.push((policy, key.hash(), old_h, Some(new_h)));
@@ -684,6 +687,7 @@ impl<S: Store> Replica<S> {
             seq: self.next_seq,
             origin: None,
             entries,
+            written: Some(stamp.time),
         };
         self.commit(values, vec![(group, sizes, bytes)], op_id)?;
         for (policy, h, old, new) in hashes {
@@ -1146,6 +1150,7 @@ impl<S: Store> Replica<S> {
                 region: p.cfg.region.clone(),
                 alive: self.is_alive(p, now),
                 unacked_groups: self.next_seq.saturating_sub(p.min_acked()),
+                lag_ms: self.group_age(p.min_acked(), now),
                 last_heard_ms_ago: p.last_heard.map(|t| now.since(t)),
             })
             .collect()
@@ -1208,9 +1213,30 @@ impl<S: Store> Replica<S> {
         }
     }
 
+    /// How long ago group `seq`, the first a peer lacks, was buffered: 0
+    /// when there is none (`seq` is `next_seq`). If the buffer dropped it
+    /// (full), the age of the oldest group still buffered: a lower bound.
+    pub(crate) fn group_age(&self, seq: u64, now: Time) -> u64 {
+        if seq >= self.next_seq {
+            return 0;
+        }
+        let i = seq.saturating_sub(self.front_seq());
+        self.buffer.get(i as usize).map_or(0, |b| now.since(b.at))
+    }
+
     /// Applies remote states or deltas: stores only their novel part, and
-    /// buffers it for relaying when configured to.
-    fn apply_remote(&mut self, from: &NodeId, entries: Vec<(Key, Arc<Value>)>) -> Result<usize, Error> {
+    /// buffers it for relaying when configured to. `written`: the stamp of
+    /// the oldest write the entries carry, if known (deltas; passed on with
+    /// what is relayed, and with each [`Event::RemoteApplied`]).
+    fn apply_remote(
+        &mut self,
+        from: &NodeId,
+        entries: Vec<(Key, Arc<Value>)>,
+        written: Option<HlcTimestamp>,
+    ) -> Result<usize, Error> {
+        // Counted once the frame is applied: one held back for an early
+        // stamp (below) is merged again when it comes back.
+        let mut conflicts: BTreeMap<Option<usize>, Conflicts> = BTreeMap::new();
         let mut values = Vec::new();
         let mut novel_entries = Vec::new();
         let mut novel_sizes = Vec::new();
@@ -1265,16 +1291,28 @@ impl<S: Store> Replica<S> {
                     }));
                 }
             }
-            let Merge::Changed(next) = merge else {
-                self.stats.redundant_entries += 1;
-                continue;
-            };
             let policy = self.cfg.policy.lookup_index(key.as_str());
+            let next = match merge {
+                Merge::Changed(next) => next,
+                Merge::Redundant(c) => {
+                    if !c.is_empty() {
+                        conflicts.entry(policy).or_default().add(&c);
+                    }
+                    self.stats.redundant_entries += 1;
+                    continue;
+                }
+                // Refused above.
+                Merge::Impossible(_) => continue,
+            };
+            if !next.conflicts.is_empty() {
+                conflicts.entry(policy).or_default().add(&next.conflicts);
+            }
             hashes.push((policy, key.hash(), next.old_h, Some(next.new_h)));
             self.events.push_back(Event::RemoteApplied {
                 key: key.clone(),
                 from: from.clone(),
                 token: next.token,
+                written,
             });
             values.push((key.clone(), next.record));
             novel_entries.push((key, Arc::new(next.delta)));
@@ -1282,6 +1320,7 @@ impl<S: Store> Replica<S> {
         }
         let changed = values.len();
         if changed == 0 {
+            self.count_conflicts(conflicts);
             return Ok(0);
         }
         // Relayed in groups of at most half a frame each, so that every
@@ -1323,6 +1362,7 @@ impl<S: Store> Replica<S> {
                     seq: self.next_seq + i as u64,
                     origin: Some(from.clone()),
                     entries,
+                    written,
                 };
                 (group, sizes, bytes)
             })
@@ -1332,6 +1372,24 @@ impl<S: Store> Replica<S> {
             self.tree.update(policy, h, old, new);
         }
         self.stats.remote_updates += changed as u64;
+        self.count_conflicts(conflicts);
         Ok(changed)
+    }
+
+    /// Adds a frame's conflicts, by policy index, into the stats, by
+    /// keyspace.
+    fn count_conflicts(&mut self, conflicts: BTreeMap<Option<usize>, Conflicts>) {
+        for (policy, c) in conflicts {
+            if c.is_empty() {
+                continue;
+            }
+            let keyspace = &self.cfg.policy.by_index(policy).keyspace;
+            match self.stats.conflicts.get_mut(keyspace) {
+                Some(total) => total.add(&c),
+                None => {
+                    self.stats.conflicts.insert(keyspace.clone(), c);
+                }
+            }
+        }
     }
 }

@@ -285,11 +285,7 @@ impl<S: Store> Replica<S> {
                         for peer in self.peers.values().filter(|x| x.cfg.region == *r && holds) {
                             let acked = peer.streams[class].acked;
                             lag_groups = lag_groups.max(self.next_seq.saturating_sub(acked));
-                            let oldest = acked
-                                .checked_sub(self.front_seq())
-                                .and_then(|i| self.buffer.get(i as usize))
-                                .map_or(0, |b| now.since(b.at));
-                            lag_ms = lag_ms.max(oldest);
+                            lag_ms = lag_ms.max(self.group_age(acked, now));
                         }
                         CopyInfo {
                             region: r.clone(),

@@ -20,6 +20,7 @@
 //! on the engine's other state (policy, key validity, sizes against its
 //! limits, clock bounds) stay in the engine and run either way.
 
+use super::conflicts::{Before, Conflicts};
 use super::merkle::item_hash;
 use super::MAX_DOT_COUNTER;
 use crate::clock::{HlcTimestamp, ReplicaId};
@@ -57,6 +58,8 @@ pub(crate) struct Next {
     /// The encoded size of `(key, delta)` as a delta-group entry (0 when
     /// not measured: a merge on a node that does not relay).
     pub delta_size: usize,
+    /// The conflicts a merge resolved (none for a local write).
+    pub conflicts: Conflicts,
 }
 
 /// What merging a remote state into a key does.
@@ -64,8 +67,9 @@ pub(crate) struct Next {
 pub(crate) enum Merge {
     /// No honest peer sends it (see [`impossible`]): refused.
     Impossible(&'static str),
-    /// It brings nothing new.
-    Redundant,
+    /// It brings nothing new (a remote LWW write that arrives superseded
+    /// still resolved a conflict).
+    Redundant(Conflicts),
     /// It changes the key.
     Changed(Box<Next>),
 }
@@ -133,6 +137,7 @@ impl Applying {
             token: CausalToken::of(Some(new)),
             delta_size: entry_size(key, &delta)?,
             delta,
+            conflicts: Conflicts::default(),
         })
     }
 }
@@ -177,13 +182,15 @@ pub(crate) fn remote_next(
         }
         w
     });
-    let novel = match &current {
-        Some(c) => c.novel(&remote),
+    let novel = current.as_ref().and_then(|c| c.novel(&remote));
+    let before = Before::of(current.as_ref(), &remote, novel.as_ref());
+    let novel = match current {
+        Some(_) => novel,
         // A received entry is usually its value's only holder: no copy.
         None => Some(Arc::unwrap_or_clone(remote)),
     };
     let Some(novel) = novel else {
-        return Ok(Merge::Redundant);
+        return Ok(Merge::Redundant(before.redundant()));
     };
     // Whether the join changed the state is told by its digest (a 128-bit
     // hash of the value's canonical form, which the anti-entropy tree
@@ -205,7 +212,7 @@ pub(crate) fn remote_next(
     }
     let new_h = item_hash(key, next)?;
     if old_h == Some(new_h) {
-        return Ok(Merge::Redundant);
+        return Ok(Merge::Redundant(before.redundant()));
     }
     Ok(Merge::Changed(Box::new(Next {
         old_h,
@@ -213,6 +220,7 @@ pub(crate) fn remote_next(
         new_h,
         token: CausalToken::of(Some(next)),
         delta_size: if measure { entry_size(key, &novel)? } else { 0 },
+        conflicts: before.after(next),
         delta: novel,
     })))
 }
