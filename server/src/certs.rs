@@ -326,6 +326,17 @@ pub fn server_tls(ca_pem: &str, node: &Pem) -> Result<rustls::ServerConfig> {
     Ok(tls)
 }
 
+/// TLS server config of the RESP listener: the node's certificate and key,
+/// no client certificate (RESP clients authenticate with `AUTH <token>`),
+/// TLS 1.2 or 1.3 (redis-cli and client libraries speak either), no ALPN.
+pub fn resp_server_tls(node: &Pem) -> Result<rustls::ServerConfig> {
+    rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(certs_from_pem(&node.cert)?, key_from_pem(&node.key)?)
+        .context("loading the node certificate for the RESP listener")
+}
+
 /// TLS client config for dialling a peer (presents the node certificate)
 /// or, with `identity` = None, for a token-authenticated client.
 pub fn client_tls(ca_pem: &str, identity: Option<&Pem>, alpn: &[u8]) -> Result<rustls::ClientConfig> {

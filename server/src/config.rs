@@ -102,6 +102,30 @@ pub struct Config {
     /// Byte budgets of queues, the watch feed and waiting reads (`[memory]`).
     #[serde(default, skip_serializing_if = "crate::limits::MemoryConfig::is_default")]
     pub memory: crate::limits::MemoryConfig,
+    /// TCP address of the Redis-protocol (RESP2/RESP3) listener (omit:
+    /// none). Clients authenticate with `AUTH <token>`, a token of
+    /// `tokens` or `admin_tokens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resp: Option<SocketAddr>,
+    /// Serve the RESP listener over TLS, with this node's certificate and
+    /// key (signed by the cluster CA: clients verify it with `ca`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resp_tls: bool,
+    /// Most RESP connections open at once; past it a new one is answered
+    /// `-ERR max number of clients reached` and closed.
+    #[serde(
+        default = "default_resp_connections",
+        skip_serializing_if = "is_default_resp_connections"
+    )]
+    pub resp_max_connections: usize,
+}
+
+fn default_resp_connections() -> usize {
+    1_024
+}
+
+fn is_default_resp_connections(n: &usize) -> bool {
+    *n == default_resp_connections()
 }
 
 /// Shortest accepted client, admin or metrics token, in bytes: a token is a
@@ -286,6 +310,9 @@ pub struct RunArgs {
     /// A revoked certificate serial, hex (repeatable; replaces the file's list).
     #[arg(long = "revoked-serial", env = "LATTICE_REVOKED_SERIALS", value_delimiter = ',')]
     pub revoked_serials: Vec<String>,
+    /// TCP address of the Redis-protocol (RESP) listener, e.g. 127.0.0.1:6379.
+    #[arg(long, env = "LATTICE_RESP")]
+    pub resp: Option<SocketAddr>,
 }
 
 fn parse_peer(s: &str) -> Result<PeerEntry> {
@@ -378,6 +405,11 @@ impl Config {
             },
             limits: c.as_ref().map(|c| c.limits.clone()).unwrap_or_default(),
             memory: c.as_ref().map(|c| c.memory.clone()).unwrap_or_default(),
+            resp: args.resp.or(c.as_ref().and_then(|c| c.resp)),
+            resp_tls: c.as_ref().is_some_and(|c| c.resp_tls),
+            resp_max_connections: c
+                .as_ref()
+                .map_or(default_resp_connections(), |c| c.resp_max_connections),
         };
         config.validate()?;
         Ok(config)
@@ -420,6 +452,12 @@ impl Config {
             crate::certs::normalize_serial(s).with_context(|| format!("revoked_serials entry {s:?}"))?;
         }
         self.limits.validate()?;
+        if self.resp_tls && self.resp.is_none() {
+            bail!("resp_tls is set but resp (the RESP listen address) is not");
+        }
+        if self.resp_max_connections == 0 {
+            bail!("resp_max_connections must be positive");
+        }
         let mut names = std::collections::BTreeSet::new();
         for p in &self.peers {
             crate::certs::check_node_name(&p.name)?;
@@ -538,6 +576,29 @@ address = "127.0.0.1:7402"
         assert!(e.contains("metrics_token"), "{e}");
         assert!(load("0.0.0.0:7501", Some("0123456789abcdef0123")).is_ok());
         assert!(load("0.0.0.0:7501", Some("short")).is_err());
+    }
+
+    #[test]
+    fn the_resp_listener_is_optional_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = base(dir.path());
+        let load = || {
+            Config::load(&RunArgs {
+                config: Some(path.clone()),
+                ..RunArgs::default()
+            })
+        };
+        let c = load().unwrap();
+        assert_eq!((c.resp, c.resp_tls, c.resp_max_connections), (None, false, 1_024));
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("resp_tls = true\n{text}")).unwrap();
+        assert!(format!("{:#}", load().unwrap_err()).contains("resp_tls"));
+        std::fs::write(&path, format!("resp = \"127.0.0.1:6379\"\nresp_tls = true\n{text}")).unwrap();
+        let c = load().unwrap();
+        assert_eq!(c.resp, Some("127.0.0.1:6379".parse().unwrap()));
+        // Written back (as latticed dev does), the keys survive.
+        let again: Config = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(again, c);
     }
 
     #[test]

@@ -30,6 +30,10 @@ pub struct DevArgs {
     /// Only write the files, do not start the nodes.
     #[arg(long)]
     pub prepare_only: bool,
+    /// Open no Redis-protocol (RESP) listeners (by default node i has one
+    /// on base+200+i).
+    #[arg(long)]
+    pub no_resp: bool,
 }
 
 /// What `lattice` (the CLI) reads to reach a dev cluster: written to
@@ -49,6 +53,11 @@ pub struct ClientDefaults {
     /// and then the CLI checks `localhost`, which only dev certificates carry.
     #[serde(default)]
     pub names: Vec<String>,
+    /// Redis-protocol (RESP) address of each endpoint, in the same order
+    /// (`redis-cli -p PORT`, then `AUTH <token>`). Files from before the
+    /// RESP listener existed have none.
+    #[serde(default)]
+    pub resp: Vec<SocketAddr>,
 }
 
 /// Writes (or reuses) certificates, a token and one config per node.
@@ -84,6 +93,16 @@ pub fn prepare(args: &DevArgs) -> Result<(Vec<PathBuf>, ClientDefaults)> {
     let addr = |i: usize| -> Result<SocketAddr> {
         let port = args.base_port.checked_add(i as u16).context("port out of range")?;
         Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+    };
+    let resp_addr = |i: usize| -> Result<Option<SocketAddr>> {
+        if args.no_resp {
+            return Ok(None);
+        }
+        let port = args
+            .base_port
+            .checked_add(200 + i as u16)
+            .context("port out of range")?;
+        Ok(Some(SocketAddr::from(([127, 0, 0, 1], port))))
     };
     let mut paths = Vec::new();
     let mut endpoints = Vec::new();
@@ -132,6 +151,9 @@ pub fn prepare(args: &DevArgs) -> Result<(Vec<PathBuf>, ClientDefaults)> {
             revoked_serials: Vec::new(),
             limits: Default::default(),
             memory: Default::default(),
+            resp: resp_addr(i)?,
+            resp_tls: false,
+            resp_max_connections: 1_024,
         };
         config.validate()?;
         let path = dir.join(format!("{}.toml", name(i)));
@@ -146,6 +168,7 @@ pub fn prepare(args: &DevArgs) -> Result<(Vec<PathBuf>, ClientDefaults)> {
         ca: certs_dir.join("ca.pem"),
         regions: args.regions.clone(),
         names: (0..n).map(name).collect(),
+        resp: (0..n).filter_map(|i| resp_addr(i).transpose()).collect::<Result<_>>()?,
     };
     let client = dir.join("client.toml");
     files::replace_secret(&client, toml::to_string(&defaults)?.as_bytes())?;
@@ -198,8 +221,9 @@ pub fn run(args: DevArgs) -> Result<()> {
         }
         println!("Lattice dev cluster: {} nodes on loopback", children.len());
         for (i, ((name, log, _), addr)) in children.iter().zip(&defaults.endpoints).enumerate() {
+            let resp = defaults.resp.get(i).map_or_else(String::new, |a| format!("  resp {a}"));
             println!(
-                "  {name}  region {:<4} quic {addr}  http 127.0.0.1:{}  log {}",
+                "  {name}  region {:<4} quic {addr}  http 127.0.0.1:{}{resp}  log {}",
                 defaults.regions[i],
                 args.base_port + 100 + i as u16,
                 log.display()
@@ -213,6 +237,13 @@ pub fn run(args: DevArgs) -> Result<()> {
         println!("  cargo run -p lattice-client -- incr visits 5");
         println!("  cargo run -p lattice-client -- get visits");
         println!("Client token: {}   CA: {}", defaults.token, defaults.ca.display());
+        if let Some(resp) = defaults.resp.first() {
+            println!(
+                "Redis protocol: redis-cli -p {} --user default --pass {} (or AUTH <token>)",
+                resp.port(),
+                defaults.token
+            );
+        }
         println!(
             "Metrics: curl http://127.0.0.1:{}/metrics   Status: curl http://127.0.0.1:{}/status",
             args.base_port + 100,

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod queue;
+pub mod resp;
 pub mod storage;
 pub mod waits;
 
@@ -166,6 +167,23 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         budget: edge::ReadBudget::new(config.limits.read_budget_bytes, metrics.clone()),
         deny,
     });
+    // Bound before the node reports ready, so a taken port fails the start.
+    let resp = match config.resp {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the RESP listener on {addr}"))?;
+            let tls = if config.resp_tls {
+                Some(certs::resp_server_tls(&identity)?)
+            } else {
+                None
+            };
+            let state = resp::Resp::new(inbound.clone(), tls, config.resp_max_connections);
+            tracing::info!(%addr, tls = config.resp_tls, "RESP listener ready");
+            Some(tokio::spawn(resp::accept_loop(listener, state)))
+        }
+        None => None,
+    };
     tokio::spawn(net::accept_loop(endpoint.clone(), inbound));
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = config.metrics {
@@ -189,6 +207,9 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     shutdown.await;
     tracing::info!("shutting down: no new connections, flushing");
     endpoint.set_server_config(None);
+    if let Some(resp) = resp {
+        resp.abort();
+    }
     let _ = engine_tx.try_send(node::Input::Shutdown);
     drop(engine_tx);
     let _ = tokio::task::spawn_blocking(move || engine.join()).await;

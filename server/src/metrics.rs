@@ -112,6 +112,14 @@ pub struct Metrics {
     pub connections_revoked: Counter,
     /// Client connections closed for showing no valid token in time.
     pub connections_unauthenticated: Counter,
+    /// RESP connections open.
+    pub resp_connections: Gauge,
+    /// RESP connections refused at `resp_max_connections`.
+    pub resp_connections_refused: Counter,
+    /// RESP commands answered.
+    pub resp_commands: Counter,
+    /// RESP connections closed for a protocol error or a command over the limits.
+    pub resp_protocol_errors: Counter,
     /// Client and peer streams whose frame did not arrive in time.
     pub frames_timed_out: Counter,
     /// Unidirectional streams refused on client connections.
@@ -284,6 +292,16 @@ impl Metrics {
             connections_unauthenticated: counter!(
                 "connections_unauthenticated",
                 "Client connections closed for showing no valid token within auth_ms"
+            ),
+            resp_connections: gauge!("resp_connections_open", "Redis-protocol (RESP) connections open"),
+            resp_connections_refused: counter!(
+                "resp_connections_refused",
+                "RESP connections refused at resp_max_connections"
+            ),
+            resp_commands: counter!("resp_commands", "RESP commands answered"),
+            resp_protocol_errors: counter!(
+                "resp_protocol_errors",
+                "RESP connections closed for a protocol error or a command over the limits"
             ),
             frames_timed_out: counter!(
                 "frames_timed_out",

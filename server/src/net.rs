@@ -641,8 +641,10 @@ fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
 }
 
 /// What a client connection has shown so far.
-struct ClientSession {
-    conn: quinn::Connection,
+pub(crate) struct ClientSession {
+    /// Its QUIC connection (none for a RESP connection, whose transport
+    /// has no windows to raise).
+    conn: Option<quinn::Connection>,
     /// Slots of the requests in flight on its pipeline streams ([`PIPELINED`]).
     pipelined: Arc<tokio::sync::Semaphore>,
     authenticated: std::sync::atomic::AtomicBool,
@@ -650,12 +652,24 @@ struct ClientSession {
 }
 
 impl ClientSession {
+    /// The session of a connection that is not QUIC's (the RESP listener's).
+    pub(crate) fn detached() -> ClientSession {
+        ClientSession {
+            conn: None,
+            pipelined: Arc::new(tokio::sync::Semaphore::new(0)),
+            authenticated: false.into(),
+            shown: tokio::sync::Notify::new(),
+        }
+    }
+
     /// A request with a valid token arrived: the connection stays, and gets
     /// the full window.
     fn authenticate(&self) {
         if !self.authenticated.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            self.conn.set_receive_window(CLIENT_WINDOW.into());
-            self.conn.set_max_concurrent_bi_streams(CLIENT_STREAMS.into());
+            if let Some(conn) = &self.conn {
+                conn.set_receive_window(CLIENT_WINDOW.into());
+                conn.set_max_concurrent_bi_streams(CLIENT_STREAMS.into());
+            }
             self.shown.notify_one();
         }
     }
@@ -679,7 +693,7 @@ async fn client_connection(conn: quinn::Connection, inbound: Arc<Inbound>) {
         }
     };
     let session = Arc::new(ClientSession {
-        conn: conn.clone(),
+        conn: Some(conn.clone()),
         pipelined: Arc::new(tokio::sync::Semaphore::new(PIPELINED as usize)),
         authenticated: false.into(),
         shown: tokio::sync::Notify::new(),
@@ -693,7 +707,9 @@ async fn client_connection(conn: quinn::Connection, inbound: Arc<Inbound>) {
                 () = tokio::time::sleep(auth) => {
                     if !session.authenticated.load(std::sync::atomic::Ordering::Relaxed) {
                         inbound.metrics.connections_unauthenticated.inc();
-                        session.conn.close(code::UNAUTHENTICATED.into(), b"no request with a valid token in time");
+                        if let Some(conn) = &session.conn {
+                            conn.close(code::UNAUTHENTICATED.into(), b"no request with a valid token in time");
+                        }
                     }
                 }
             }
@@ -1195,7 +1211,9 @@ async fn read_pipeline(
     }
 }
 
-fn authorized(inbound: &Inbound, token: &[u8]) -> bool {
+/// Whether `token` is a configured client or admin token (compared in
+/// constant time); a miss counts in `client_unauthorized`.
+pub(crate) fn authorized(inbound: &Inbound, token: &[u8]) -> bool {
     let ok = inbound
         .tokens
         .iter()
@@ -1386,14 +1404,22 @@ fn record_len_at_most(record: &Option<sled::IVec>, max: usize) -> bool {
 }
 
 /// What the transport knows of a request besides its body.
-struct Request {
+pub(crate) struct Request {
     /// Its frame's length (what it is charged in the engine queue).
-    bytes: usize,
+    pub(crate) bytes: usize,
     /// Its connection.
-    conn: u64,
+    pub(crate) conn: u64,
 }
 
-async fn serve(token: &str, body: RequestBody, meta: Request, inbound: &Inbound, session: &ClientSession) -> Response {
+/// The node's one request path: checks the token, then serves `body` (from
+/// a QUIC client or the RESP listener) through the engine or beside it.
+pub(crate) async fn serve(
+    token: &str,
+    body: RequestBody,
+    meta: Request,
+    inbound: &Inbound,
+    session: &ClientSession,
+) -> Response {
     let span = tracing::debug_span!("client_request");
     let _g = span.enter();
     if !authorized(inbound, token.as_bytes()) {

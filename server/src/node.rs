@@ -225,7 +225,7 @@ impl Reads {
         self.epoch.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// One page of a scan ([`RequestBody::Scan`]) as of the last flush:
+    /// One page of a scan ([`RequestBody::Scan`](lattice_core::proto::client::RequestBody::Scan)) as of the last flush:
     /// the keys after `cursor` starting with `prefix` that this region may
     /// read and that hold something (a deleted key is left out), at most
     /// `limit` of them, examining at most [`SCAN_MAX_EXAMINED`] keys and

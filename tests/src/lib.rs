@@ -85,6 +85,11 @@ fn free_base_port(n: usize) -> Result<u16> {
     bail!("no free port range found")
 }
 
+/// A loopback TCP address that was free a moment ago (the OS's pick).
+fn free_tcp_addr() -> Result<std::net::SocketAddr> {
+    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?)
+}
+
 fn rand_port() -> u16 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -126,6 +131,8 @@ impl Cluster {
             regions: regions.iter().map(|r| r.to_string()).collect(),
             durability,
             prepare_only: true,
+            // Opened per node with `Cluster::enable_resp`.
+            no_resp: true,
         };
         let (configs, defaults) = prepare(&args)?;
         let children = configs.iter().map(|_| None).collect();
@@ -237,6 +244,9 @@ impl Cluster {
                 if cfg.metrics.is_some() {
                     cfg.metrics = Some(http(i));
                 }
+                if cfg.resp.is_some() {
+                    cfg.resp = free_tcp_addr().ok();
+                }
                 for p in &mut cfg.peers {
                     if let Some(j) = listens.iter().position(|a| *a == p.address) {
                         p.address = quic(j);
@@ -265,6 +275,25 @@ impl Cluster {
             .stderr(f)
             .spawn()
             .with_context(|| format!("starting {}", self.bin.display()))
+    }
+
+    /// Opens a Redis-protocol (RESP) listener on node `i` (TLS with the
+    /// node's certificate if `tls`), on a free loopback port: call it
+    /// before the node starts. Returns the address.
+    pub fn enable_resp(&self, i: usize, tls: bool) -> Result<std::net::SocketAddr> {
+        let addr = free_tcp_addr()?;
+        self.edit_config(i, |cfg| {
+            cfg.resp = Some(addr);
+            cfg.resp_tls = tls;
+        })?;
+        Ok(addr)
+    }
+
+    /// The RESP address of node `i`, if [`Cluster::enable_resp`] opened one.
+    pub fn resp_addr(&self, i: usize) -> Result<std::net::SocketAddr> {
+        self.config(i)?
+            .resp
+            .with_context(|| format!("node {} has no RESP listener (Cluster::enable_resp)", i + 1))
     }
 
     /// The config of node `i`.
