@@ -154,7 +154,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         watch_budget_kib: config.memory.watch_values_bytes / 1024,
         answer_budget: tokio::sync::Semaphore::new(config.memory.answer_bytes / 1024),
         reads,
-        direct_reads: tokio::sync::Semaphore::new(net::DIRECT_READS),
+        direct_reads: Arc::new(tokio::sync::Semaphore::new(net::DIRECT_READS)),
         peers: config.peers.iter().map(|p| p.name.clone()).collect::<BTreeSet<_>>(),
         tokens: config.tokens.clone(),
         admin_tokens: config.admin_tokens.clone(),
