@@ -155,6 +155,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         answer_budget: tokio::sync::Semaphore::new(config.memory.answer_bytes / 1024),
         reads,
         direct_reads: Arc::new(tokio::sync::Semaphore::new(net::DIRECT_READS)),
+        scan_slots: Arc::new(tokio::sync::Semaphore::new(net::DIRECT_READS / 2)),
         peers: config.peers.iter().map(|p| p.name.clone()).collect::<BTreeSet<_>>(),
         tokens: config.tokens.clone(),
         admin_tokens: config.admin_tokens.clone(),
