@@ -414,7 +414,10 @@ pub struct Inbound {
     pub reads: Arc<crate::node::Reads>,
     /// Reads beside the engine at once (each decodes a value of up to
     /// 4 MiB on a blocking thread): [`DIRECT_READS`].
-    pub direct_reads: tokio::sync::Semaphore,
+    pub direct_reads: Arc<tokio::sync::Semaphore>,
+    /// Scan pages decoded at once (each up to 16 MiB of records), apart
+    /// from `direct_reads` so queued scans never hold up ordinary reads.
+    pub scan_slots: Arc<tokio::sync::Semaphore>,
     /// Configured peer names.
     pub peers: BTreeSet<String>,
     /// Accepted client tokens.
@@ -1570,13 +1573,19 @@ pub(crate) async fn serve(
                 return error(ErrorKind::InvalidRequest, "the scan prefix is longer than a key may be");
             }
             inbound.metrics.reads.inc_by(1);
-            // Under the read slots: at most DIRECT_READS pages (each up to
-            // 16 MiB of records decoded) at once.
-            let Ok(_slot) = inbound.direct_reads.acquire().await else {
+            // Under the scan slots: at most DIRECT_READS / 2 pages (each up
+            // to 16 MiB of records decoded) at once, beside the reads.
+            // Owned by the page's blocking work: a request dropped while the
+            // page is decoded (its client went away) keeps the slot until then.
+            let Ok(slot) = inbound.scan_slots.clone().acquire_owned().await else {
                 return error(ErrorKind::Unavailable, "the node is shutting down");
             };
             let reads = inbound.reads.clone();
-            let page = tokio::task::spawn_blocking(move || reads.scan(&prefix, cursor.as_ref(), limit, values)).await;
+            let page = tokio::task::spawn_blocking(move || {
+                let _slot = slot;
+                reads.scan(&prefix, cursor.as_ref(), limit, values)
+            })
+            .await;
             match page {
                 Ok(Ok((entries, cursor))) => Response::Scanned { entries, cursor },
                 Ok(Err(e)) => Response::Error(ClientError::from(&e)),

@@ -158,3 +158,126 @@ fn maps_registers_scans_and_natural_json_from_the_cli() {
         assert!(!success && err.contains("prefix"), "{err}");
     });
 }
+
+/// `--json` prints one JSON document for every command that answers once
+/// (and one per line for scan); a failing command prints its error on
+/// stderr, nothing on stdout, and exits 1; map commands on a non-map are
+/// refused without writing.
+#[test]
+fn every_command_prints_json_and_errors_go_to_stderr() {
+    let _g = serial();
+    runtime().block_on(async {
+        let c = Cluster::start(bin(), &["eu"], Durability::Group).unwrap();
+        c.wait_ready(Duration::from_secs(20)).await.unwrap();
+        let commands: &[&[&str]] = &[
+            &["set", "r", "v"],
+            &["get", "r"],
+            &["incr", "n", "2"],
+            &["sadd", "s", "a", "b"],
+            &["srem", "s", "a"],
+            &["mvset", "mv", "x"],
+            &["hset", "m", "f", "v"],
+            &["hincr", "m", "c", "3"],
+            &["hget", "m", "f"],
+            &["hgetall", "m"],
+            &["hdel", "m", "f"],
+            &["hdel", "m", "absent"],
+            &["mget", "r", "n", "s", "nope"],
+            &["del", "mv"],
+            &["status"],
+            &["policy", "show"],
+            &["audit", "show"],
+            &["audit", "verify"],
+        ];
+        for args in commands {
+            json_of(&c, 0, args);
+        }
+        let lines = ok(&c, 0, &["--json", "scan", "", "--values"]);
+        for l in lines.lines() {
+            let o: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("scan line {l:?}: {e}"));
+            assert!(o["key"].is_string(), "{o}");
+        }
+        // --max stops at max even across pages.
+        assert_eq!(ok(&c, 0, &["scan", "", "--page", "1", "--max", "2"]).lines().count(), 2);
+
+        // Errors: stderr, exit 1, nothing on stdout, with and without --json.
+        for args in [
+            &["hdel", "r", "f"][..],
+            &["--json", "hdel", "r", "f"],
+            &["--json", "hget", "r", "f"],
+            &["--json", "hgetall", "n"],
+            &["--json", "scan", &"p".repeat(1_025)],
+        ] {
+            let out = raw_cli(&c, 0, args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+            assert!(
+                out.stdout.is_empty(),
+                "{args:?} printed {:?}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            assert!(err.starts_with("lattice: error:"), "{args:?}: {err}");
+        }
+        let out = raw_cli(&c, 0, &["hdel", "r", "f"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("register") && err.contains("not a map"), "{err}");
+        assert_eq!(ok(&c, 0, &["get", "r"]), "v", "hdel on a register changed it");
+    });
+}
+
+fn raw_cli(c: &Cluster, i: usize, args: &[&str]) -> std::process::Output {
+    let endpoint = format!("n{}@{}", i + 1, c.defaults.endpoints[i]);
+    Command::new(env!("CARGO_BIN_EXE_lattice-test-cli"))
+        .arg("--config")
+        .arg(c.dir.path().join("no-defaults.toml"))
+        .args(["--endpoint", &endpoint, "--token", &c.defaults.token, "--ca"])
+        .arg(&c.defaults.ca)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A shell loop of 200 CLI invocations against one node: each closes its
+/// connection before exiting, so the node's 64-per-address limit is never
+/// reached. And a CLI pointed at a dead endpoint fails promptly, exit 1.
+#[test]
+fn two_hundred_cli_runs_in_a_row_and_a_dead_endpoint() {
+    let _g = serial();
+    runtime().block_on(async {
+        let c = Cluster::start(bin(), &["eu"], Durability::Group).unwrap();
+        c.wait_ready(Duration::from_secs(20)).await.unwrap();
+        ok(&c, 0, &["set", "loop", "v"]);
+        let started = Instant::now();
+        for i in 0..200 {
+            let (success, out, err) = cli(&c, 0, &["get", "loop"]);
+            assert!(success && out == "v", "run {i}: {out}\n{err}\n{}", c.logs());
+        }
+        println!("200 runs in {:?}", started.elapsed());
+        let refused = c.metric(0, "lattice_connections_refused_total").unwrap();
+        assert_eq!(refused, 0.0, "the node refused connections");
+
+        // A dead endpoint: a port nothing listens on.
+        let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = dead.local_addr().unwrap();
+        drop(dead);
+        let started = Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_lattice-test-cli"))
+            .arg("--config")
+            .arg(c.dir.path().join("no-defaults.toml"))
+            .args([
+                "--endpoint",
+                &format!("n1@{addr}"),
+                "--token",
+                &c.defaults.token,
+                "--ca",
+            ])
+            .arg(&c.defaults.ca)
+            .args(["get", "loop"])
+            .output()
+            .unwrap();
+        let took = started.elapsed();
+        println!("a dead endpoint: {took:?}, {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.code(), Some(1));
+        assert!(took < Duration::from_secs(15), "a dead endpoint took {took:?}");
+    });
+}

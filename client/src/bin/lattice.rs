@@ -467,6 +467,15 @@ async fn run(cli: Cli, slot: &mut Option<std::sync::Arc<Client>>) -> Result<(), 
     let response = client.request(body).await.map_err(|e: Error| e.to_string())?;
     if let (Cmd::Audit(AuditCmd::Verify), Response::Audit(entries)) = (&cli.cmd, &response) {
         let from = audit::verify_served(entries).map_err(|e| e.to_string())?;
+        if json {
+            let head = entries.last().map(|e| e.hash.as_str());
+            let version = entries.last().map_or(0, |e| e.policy.version);
+            println!(
+                "{}",
+                serde_json::json!({"ok": true, "entries": entries.len(), "head": head, "policy_version": version, "archived_before": from})
+            );
+            return Ok(());
+        }
         if from > 0 {
             println!("entries before {from} are archived on the node: `latticed audit verify` checks them");
         }
