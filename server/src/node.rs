@@ -254,11 +254,12 @@ impl Reads {
                     return Ok(false);
                 }
                 examined += 1;
+                // Every record sled loaded counts, matching or not.
+                record_bytes += record.len();
                 if !key.as_str().starts_with(prefix) || policy.check_read(key.as_str(), &self.region).is_err() {
                     last = Some(pos.to_vec());
                     return Ok(true);
                 }
-                record_bytes += record.len();
                 let value = lattice_core::store::open_record(&key, &record)?;
                 if value.is_empty() {
                     last = Some(pos.to_vec());
