@@ -1429,10 +1429,6 @@ pub(crate) async fn serve(
         return error(ErrorKind::Unauthorized, "unknown client token");
     }
     session.authenticate();
-    let overloaded = |m: &Metrics| {
-        m.overloaded.inc();
-        error(ErrorKind::Overloaded, "the node's request queue is full")
-    };
     match body {
         RequestBody::Write {
             op_id,
@@ -1671,10 +1667,6 @@ async fn read(
     meta: &Request,
     inbound: &Inbound,
 ) -> Response {
-    let overloaded = |m: &Metrics| {
-        m.overloaded.inc();
-        error(ErrorKind::Overloaded, "the node's request queue is full")
-    };
     // Keys are decoded unchecked; a write's are checked by the
     // engine, a read's here (before, an over-long key read as absent).
     if !key.is_valid() {
@@ -1731,6 +1723,12 @@ async fn read(
         ErrorKind::NotCaughtUp,
         "this node has not caught up with the session's writes in time",
     )
+}
+
+/// The answer to a request the engine's queue had no room for, counted.
+fn overloaded(m: &Metrics) -> Response {
+    m.overloaded.inc();
+    error(ErrorKind::Overloaded, "the node's request queue is full")
 }
 
 /// Compares secrets without an early exit on the first differing byte.

@@ -18,15 +18,7 @@ fn bin() -> &'static Path {
 
 /// Runs the CLI against node `i` (then the others): (success, stdout, stderr).
 fn cli(c: &Cluster, i: usize, args: &[&str]) -> (bool, String, String) {
-    let endpoint = format!("n{}@{}", i + 1, c.defaults.endpoints[i]);
-    let out = Command::new(env!("CARGO_BIN_EXE_lattice-test-cli"))
-        .arg("--config")
-        .arg(c.dir.path().join("no-defaults.toml"))
-        .args(["--endpoint", &endpoint, "--token", &c.defaults.token, "--ca"])
-        .arg(&c.defaults.ca)
-        .args(args)
-        .output()
-        .unwrap();
+    let out = raw_cli(c, i, args);
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).trim().to_string(),

@@ -489,6 +489,20 @@ fn threads_of(pid: u32) -> usize {
         .unwrap()
 }
 
+/// Writes `big/0`..`big/79`: 80 sets of 3,000 elements of 64 bytes,
+/// about 16 MiB of records, what one page (keys only) decodes.
+async fn write_big_sets(client: &lattice_client::Client) {
+    for k in 0..80 {
+        let elements = (0..3_000)
+            .map(|i| Bytes::from(format!("{i:08}-{}", "x".repeat(55)).as_str()))
+            .collect();
+        client
+            .write(vec![(key(&format!("big/{k}")), Op::SetAdd(elements))])
+            .await
+            .unwrap();
+    }
+}
+
 /// A client that sends scans and gives up on them at once (stops reading
 /// its streams) must not get more scan pages decoding at once than the
 /// node's read slots: the page's blocking work must keep its slot until it
@@ -500,17 +514,7 @@ async fn abandoned_scans_do_not_pile_up_past_the_read_slots() {
     let c = Cluster::start(bin(), &["eu"], Durability::Group).unwrap();
     c.wait_ready(Duration::from_secs(20)).await.unwrap();
     let client = c.client(0).unwrap();
-    // 80 sets of 3,000 elements of 64 bytes: about 16 MiB of records, what
-    // one page (keys only) decodes.
-    for k in 0..80 {
-        let elements = (0..3_000)
-            .map(|i| Bytes::from(format!("{i:08}-{}", "x".repeat(55)).as_str()))
-            .collect();
-        client
-            .write(vec![(key(&format!("big/{k}")), Op::SetAdd(elements))])
-            .await
-            .unwrap();
-    }
+    write_big_sets(&client).await;
     let started = std::time::Instant::now();
     let (entries, _) = client.scan("big/", None, 1_000, false).await.unwrap();
     println!("a page of {} keys took {:?}", entries.len(), started.elapsed());
@@ -570,15 +574,7 @@ async fn queued_scans_do_not_starve_ordinary_reads() {
     let c = Cluster::start(bin(), &["eu"], Durability::Group).unwrap();
     c.wait_ready(Duration::from_secs(20)).await.unwrap();
     let client = c.client(0).unwrap();
-    for k in 0..80 {
-        let elements = (0..3_000)
-            .map(|i| Bytes::from(format!("{i:08}-{}", "x".repeat(55)).as_str()))
-            .collect();
-        client
-            .write(vec![(key(&format!("big/{k}")), Op::SetAdd(elements))])
-            .await
-            .unwrap();
-    }
+    write_big_sets(&client).await;
     client.write(vec![(key("small"), reg("s"))]).await.unwrap();
     let ca = std::fs::read_to_string(&c.defaults.ca).unwrap();
     let tls = lattice_server::certs::client_tls(&ca, None, lattice_core::proto::client::CLIENT_ALPN).unwrap();

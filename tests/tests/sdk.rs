@@ -260,7 +260,11 @@ fn the_cli_commands_and_json_output() {
     let (ok, json, _) = run(&["--json", "get", "visits"]);
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    assert_eq!(v["Value"]["value"]["Counter"], 3, "{json}");
+    assert_eq!(
+        (&v["key"], &v["type"], &v["value"]),
+        (&"visits".into(), &"counter".into(), &3.into()),
+        "{json}"
+    );
     let (ok, status, _) = run(&["status"]);
     assert!(
         ok && status.contains("peer n2") && status.contains("region"),
