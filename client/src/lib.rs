@@ -37,10 +37,12 @@
 pub mod bench;
 mod handles;
 pub mod json;
+mod log;
 mod pipe;
 mod revocation;
 
 pub use handles::{Batch, CounterHandle, MapHandle, MvRegisterHandle, RegisterHandle, SetHandle};
+pub use log::{LogConsumer, LogPage};
 pub use pipe::PIPELINE_INLINE_BYTES;
 pub use revocation::normalize_serial;
 
@@ -129,6 +131,10 @@ pub enum Error {
     /// been applied. Read the key first.
     #[error("{0}")]
     OutcomeUnknown(String),
+    /// The change log no longer holds what was asked: re-read the state
+    /// and go on from the log's current end.
+    #[error("{}", with_kind("trimmed", .0))]
+    Trimmed(String),
 }
 
 /// `message` under the name of its kind (`type mismatch: ...`), unless
@@ -167,6 +173,7 @@ impl Error {
             ErrorKind::WatchLagged => Error::WatchLagged(message),
             ErrorKind::Internal => Error::Internal(message),
             ErrorKind::OutcomeUnknown => Error::OutcomeUnknown(message),
+            ErrorKind::Trimmed => Error::Trimmed(message),
         }
     }
 

@@ -119,6 +119,9 @@ pub enum Error {
     /// The storage layer failed.
     #[error("storage: {0}")]
     Store(String),
+    /// The change log no longer holds what was asked.
+    #[error("trimmed: {0}")]
+    Trimmed(String),
     /// A message from a node that is not a configured peer.
     #[error("unknown peer {0}")]
     UnknownPeer(String),

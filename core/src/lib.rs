@@ -39,6 +39,7 @@ pub mod planted;
 
 pub use error::Error;
 mod key;
+pub mod log;
 pub mod policy;
 pub mod proto;
 pub mod replica;

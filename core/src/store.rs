@@ -15,6 +15,7 @@
 use crate::clock::ReplicaId;
 use crate::crdt::Value;
 use crate::key::Key;
+use crate::log::Change;
 use crate::proto::client::OpId;
 use crate::replica::{record_digest, RecordDigest};
 use crate::Error;
@@ -129,6 +130,10 @@ pub struct WriteBatch {
     pub meta: Option<Meta>,
     /// Client operation ids this batch applies (for idempotent retries).
     pub op_ids: Vec<OpId>,
+    /// The changes that produced `values`, for the change log (see
+    /// [`crate::log`]): stored in the same batch, or not at all by a store
+    /// without a log.
+    pub changes: Vec<Change>,
 }
 
 /// How many recent client operation ids a store remembers.
@@ -137,7 +142,7 @@ pub const OP_ID_RETENTION: usize = 100_000;
 impl WriteBatch {
     /// True when the batch changes nothing.
     pub fn is_empty(&self) -> bool {
-        self.values.is_empty() && self.meta.is_none() && self.op_ids.is_empty()
+        self.values.is_empty() && self.meta.is_none() && self.op_ids.is_empty() && self.changes.is_empty()
     }
 }
 

@@ -102,6 +102,9 @@ pub struct Config {
     /// Byte budgets of queues, the watch feed and waiting reads (`[memory]`).
     #[serde(default, skip_serializing_if = "crate::limits::MemoryConfig::is_default")]
     pub memory: crate::limits::MemoryConfig,
+    /// The durable change log (`[log]`).
+    #[serde(default, skip_serializing_if = "LogConfig::is_default")]
+    pub log: LogConfig,
     /// TCP address of the Redis-protocol (RESP2/RESP3) listener (omit:
     /// none). Clients authenticate with `AUTH <token>`, a token of
     /// `tokens` or `admin_tokens`.
@@ -118,6 +121,47 @@ pub struct Config {
         skip_serializing_if = "is_default_resp_connections"
     )]
     pub resp_max_connections: usize,
+}
+
+/// The change log's settings (`[log]` in the TOML file; every field
+/// optional). See `crate::changelog`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Partitions of the log, fixed when the data dir is created (a node
+    /// whose data dir has another number refuses to start).
+    pub partitions: u16,
+    /// Bytes of changes retained; past it the oldest are dropped.
+    pub retention_bytes: u64,
+    /// Changes older than this (seconds) are dropped (0: no limit).
+    pub retention_secs: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        let d = crate::changelog::LogSettings::default();
+        LogConfig {
+            partitions: d.partitions,
+            retention_bytes: d.retention_bytes,
+            retention_secs: d.retention_age_ms / 1000,
+        }
+    }
+}
+
+impl LogConfig {
+    /// All defaults (a written config then leaves the table out).
+    pub fn is_default(&self) -> bool {
+        *self == LogConfig::default()
+    }
+
+    /// The store's settings.
+    pub fn settings(&self) -> crate::changelog::LogSettings {
+        crate::changelog::LogSettings {
+            partitions: self.partitions,
+            retention_bytes: self.retention_bytes,
+            retention_age_ms: self.retention_secs.saturating_mul(1000),
+        }
+    }
 }
 
 fn default_resp_connections() -> usize {
@@ -405,6 +449,7 @@ impl Config {
             },
             limits: c.as_ref().map(|c| c.limits.clone()).unwrap_or_default(),
             memory: c.as_ref().map(|c| c.memory.clone()).unwrap_or_default(),
+            log: c.as_ref().map(|c| c.log.clone()).unwrap_or_default(),
             resp: args.resp.or(c.as_ref().and_then(|c| c.resp)),
             resp_tls: c.as_ref().is_some_and(|c| c.resp_tls),
             resp_max_connections: c

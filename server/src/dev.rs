@@ -151,6 +151,7 @@ pub fn prepare(args: &DevArgs) -> Result<(Vec<PathBuf>, ClientDefaults)> {
             revoked_serials: Vec::new(),
             limits: Default::default(),
             memory: Default::default(),
+            log: Default::default(),
             resp: resp_addr(i)?,
             resp_tls: false,
             resp_max_connections: 1_024,

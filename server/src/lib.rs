@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod bench;
 pub mod certs;
+pub mod changelog;
 pub mod config;
 pub mod dev;
 pub mod edge;
@@ -34,7 +35,8 @@ use std::time::Duration;
 /// Runs a node until `shutdown` resolves, then stops gracefully: stop
 /// accepting, flush, close connections.
 pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
-    let mut store = storage::SledStore::open(&config.data_dir, &config.node, config.durability)?;
+    let mut store =
+        storage::SledStore::open_with_log(&config.data_dir, &config.node, config.durability, config.log.settings())?;
     store.set_cache_bytes(config.memory.record_cache_bytes);
     let feed = feed::Feed::open(
         Some(store.feed_tree().context("opening the watch feed")?),

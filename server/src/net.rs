@@ -1588,6 +1588,73 @@ pub(crate) async fn serve(
                 Err(_) => error(ErrorKind::Unavailable, "the node is shutting down"),
             }
         }
+        RequestBody::LogRead {
+            partitions,
+            from,
+            prefix,
+            limit,
+            wait_ms,
+        } => {
+            if prefix.len() > lattice_core::MAX_KEY_LEN {
+                return error(ErrorKind::InvalidRequest, "the log prefix is longer than a key may be");
+            }
+            if partitions.len() > lattice_core::log::MAX_PARTITIONS as usize {
+                return error(ErrorKind::InvalidRequest, "too many partitions asked");
+            }
+            inbound.metrics.reads.inc_by(1);
+            // An empty page waits for a flush that may bring a change (at
+            // most 30 s), polling the log after each 50 ms.
+            let deadline = Instant::now() + Duration::from_millis(wait_ms.min(30_000));
+            let mut from = from;
+            loop {
+                let Ok(slot) = inbound.scan_slots.clone().acquire_owned().await else {
+                    return error(ErrorKind::Unavailable, "the node is shutting down");
+                };
+                let reads = inbound.reads.clone();
+                let (parts, at, pre) = (partitions.clone(), from.clone(), prefix.clone());
+                let page = tokio::task::spawn_blocking(move || {
+                    let _slot = slot;
+                    reads.log_page(&parts, at.as_ref(), &pre, limit)
+                })
+                .await;
+                match page {
+                    Ok(Ok((changes, next, partitions))) => {
+                        if !changes.is_empty() || Instant::now() >= deadline {
+                            return Response::Log {
+                                changes,
+                                next,
+                                partitions,
+                            };
+                        }
+                        from = Some(next);
+                    }
+                    Ok(Err(e)) => return Response::Error(ClientError::from(&e)),
+                    Err(_) => return error(ErrorKind::Unavailable, "the node is shutting down"),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        RequestBody::ReadAt { key, at_ms } => {
+            inbound.metrics.reads.inc_by(1);
+            let Ok(slot) = inbound.scan_slots.clone().acquire_owned().await else {
+                return error(ErrorKind::Unavailable, "the node is shutting down");
+            };
+            let reads = inbound.reads.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                let _slot = slot;
+                reads.read_at(&key, at_ms)
+            })
+            .await;
+            match read {
+                Ok(Ok(value)) => Response::Value {
+                    value: value.map(|v| v.view()),
+                    token: lattice_core::proto::client::CausalToken::default(),
+                },
+                Ok(Err(e)) => Response::Error(ClientError::from(&e)),
+                Err(_) => error(ErrorKind::Unavailable, "the node is shutting down"),
+            }
+        }
+        RequestBody::Backup { .. } => error(ErrorKind::InvalidRequest, "backup: not built yet"),
         RequestBody::Watch { .. } | RequestBody::Pipeline(_) => error(
             ErrorKind::InvalidRequest,
             "watch and pipeline requests need their own stream (see RequestBody::Pipeline)",

@@ -3,6 +3,7 @@
 //! flush (the durability mode), hands frames to the per-peer queues and
 //! answers clients once their writes are durable.
 
+use crate::changelog::LogMeta;
 use crate::feed::{Feed, Notice, WatchTx};
 use crate::metrics::Metrics;
 use crate::queue::{EngineRx, PeerTx, RecvError};
@@ -10,11 +11,13 @@ use crate::storage::{Durability, SledStore, StoreReader};
 use crate::waits::{Recent, Refused, Seen, WaitLimits, Waits};
 use lattice_core::clock::ReplicaId;
 use lattice_core::crdt::{Op, Value};
+use lattice_core::log::{LogCursor, Logged};
 use lattice_core::policy::audit::AuditEntry;
 use lattice_core::policy::PolicySet;
 use lattice_core::proto::client::{
     encode_answer, CausalToken, Change, ClientError, Entry, ErrorKind, KeyspaceConflicts, NodeStatus, OpId, PeerInfo,
-    Response, ScanCursor, WatchToken, WriteConcern, ENTRIES_MAX_BYTES, SCAN_MAX_EXAMINED, SCAN_MAX_KEYS,
+    Response, ScanCursor, WatchToken, WriteConcern, ENTRIES_MAX_BYTES, LOG_MAX_CHANGES, SCAN_MAX_EXAMINED,
+    SCAN_MAX_KEYS,
 };
 use lattice_core::proto::{NodeId, RegionId};
 use lattice_core::replica::{Decoded, Event, Prepared, Replica, Time, WriteId};
@@ -190,6 +193,15 @@ pub struct Reads {
     replica: ReplicaId,
 }
 
+/// The error for a log position retention has dropped.
+fn trimmed(partition: u16, at: u64, first: u64, meta: &LogMeta) -> Error {
+    Error::Trimmed(format!(
+        "position {at} of partition {partition} was dropped by the log's retention (it now starts at {first}): \
+         re-read the state and read on from the log's end, {}",
+        meta.end().to_text()
+    ))
+}
+
 impl Reads {
     /// Reads of `replica`'s store, under its policy as it is now.
     pub fn new(replica: &Replica<SledStore>) -> Reads {
@@ -288,6 +300,154 @@ impl Reads {
             last.or_else(|| cursor.map(|c| c.0.clone()))
         };
         Ok((entries, next.map(ScanCursor)))
+    }
+
+    /// One page of the change log ([`RequestBody::LogRead`](lattice_core::proto::client::RequestBody::LogRead))
+    /// as of the last flush: the changes after `from` in `partitions`
+    /// (empty: all) of keys starting with `prefix` that this region may
+    /// read, at most `limit` (at most [`LOG_MAX_CHANGES`]) within
+    /// [`ENTRIES_MAX_BYTES`], examining at most [`SCAN_MAX_EXAMINED`]
+    /// changes and [`SCAN_MAX_RECORD_BYTES`]. Partitions are read one after
+    /// the other, starting at one that rotates with the cursor so that no
+    /// partition starves. Decodes entries: call it off the async workers.
+    pub fn log_page(
+        &self,
+        partitions: &[u16],
+        from: Option<&LogCursor>,
+        prefix: &str,
+        limit: u32,
+    ) -> Result<(Vec<Logged>, LogCursor, u16), Error> {
+        let policy = self.policy()?;
+        let log = self.store.log();
+        let Some(meta) = log.meta()? else {
+            return Ok((Vec::new(), from.cloned().unwrap_or_default(), 0));
+        };
+        let n = meta.partitions();
+        let mut cursor = match from {
+            Some(c) if c.log != 0 && c.log != meta.id => {
+                return Err(Error::Trimmed(format!(
+                    "the cursor is for log {:016x}, and this node's log is {:016x} (another node, or its data was rebuilt): \
+                     re-read the state and read on from the log's end",
+                    c.log, meta.id
+                )))
+            }
+            Some(c) => c.clone(),
+            None => LogCursor::default(),
+        };
+        cursor.log = meta.id;
+        let asked: Vec<u16> = if partitions.is_empty() {
+            (0..n).collect()
+        } else {
+            partitions.to_vec()
+        };
+        for &p in &asked {
+            if p >= n {
+                return Err(Error::InvalidOp(format!(
+                    "partition {p} does not exist: the log has {n}"
+                )));
+            }
+            let (first, next) = (meta.first[p as usize], meta.next[p as usize]);
+            let at = match from {
+                Some(_) => cursor.get(p),
+                None => first,
+            };
+            if at < first {
+                return Err(trimmed(p, at, first, &meta));
+            }
+            if at > next {
+                return Err(Error::InvalidOp(format!(
+                    "partition {p} position {at} is past the log's end ({next})"
+                )));
+            }
+            cursor.set(p, at);
+        }
+        let limit = limit.clamp(1, LOG_MAX_CHANGES) as usize;
+        let (mut out, mut bytes, mut examined, mut raw_bytes) = (Vec::new(), 0, 0, 0);
+        let rotate = (cursor.next.iter().sum::<u64>() % asked.len().max(1) as u64) as usize;
+        let mut full = false;
+        for &p in asked.iter().cycle().skip(rotate).take(asked.len()) {
+            if full {
+                break;
+            }
+            let mut expect = cursor.get(p);
+            let end = log.scan(p, expect, &mut |e, raw_len| {
+                if out.len() >= limit || examined >= SCAN_MAX_EXAMINED || raw_bytes >= SCAN_MAX_RECORD_BYTES {
+                    full = true;
+                    return Ok(false);
+                }
+                if e.seq != expect {
+                    // Retention dropped it since the metadata was read.
+                    return Err(trimmed(p, expect, e.seq, &meta));
+                }
+                expect += 1;
+                examined += 1;
+                // The entry's stored size, near its encoded size in the answer.
+                let size = raw_len + 32;
+                raw_bytes += size;
+                let key = e.change.key.as_str();
+                if !key.starts_with(prefix) || policy.check_read(key, &self.region).is_err() {
+                    return Ok(true);
+                }
+                if !out.is_empty() && bytes + size > ENTRIES_MAX_BYTES {
+                    full = true;
+                    return Ok(false);
+                }
+                bytes += size;
+                out.push(e);
+                Ok(true)
+            })?;
+            cursor.set(p, end.max(cursor.get(p)));
+        }
+        Ok((out, cursor, n))
+    }
+
+    /// `key` as of `at_ms` on this node's hybrid logical clock: its logged
+    /// changes applied by then, joined. Fails with `Error::Trimmed` unless
+    /// the log holds the key's whole history here (its oldest retained
+    /// change is its first). Reads the key's whole partition: call it off
+    /// the async workers.
+    pub fn read_at(&self, key: &Key, at_ms: u64) -> Result<Option<Value>, Error> {
+        let policy = self.policy()?;
+        policy.check_read(key.as_str(), &self.region)?;
+        let log = self.store.log();
+        let history_lost = || {
+            Error::Trimmed(format!(
+                "the change log no longer holds the whole history of {key} on this node, so its value at {at_ms} is unknown"
+            ))
+        };
+        let Some(meta) = log.meta()? else {
+            return match self.store.get(key)? {
+                Some(_) => Err(history_lost()),
+                None => Ok(None),
+            };
+        };
+        let p = lattice_core::log::partition_of(key, meta.partitions());
+        let mut changes = Vec::new();
+        let mut complete = None;
+        log.scan(p, meta.first[p as usize], &mut |e, _| {
+            if e.change.key == *key {
+                if complete.is_none() {
+                    complete = Some(e.change.first);
+                }
+                if e.change.applied.wall_ms <= at_ms {
+                    changes.push(e.change);
+                }
+            }
+            Ok(true)
+        })?;
+        match complete {
+            Some(true) => Ok(lattice_core::log::replay(&changes)),
+            Some(false) => Err(history_lost()),
+            None if self.store.get(key)?.is_some() => Err(history_lost()),
+            None => Ok(None),
+        }
+    }
+
+    fn policy(&self) -> Result<Arc<PolicySet>, Error> {
+        self.policy
+            .read()
+            .map(|p| p.clone())
+            .map_err(|_| Error::Store("policy lock poisoned".into()))
     }
 
     /// `key` as of the last flush, if the policy lets this region read it.

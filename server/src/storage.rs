@@ -60,6 +60,7 @@
 //! the next one. The data directory itself (and its parent) is synced
 //! when it is created.
 
+use crate::changelog::{ChangeLog, LogMeta, LogReader, LogSettings};
 use lattice_core::crdt::Value;
 use lattice_core::proto::client::OpId;
 use lattice_core::proto::{from_bytes, to_bytes};
@@ -159,6 +160,8 @@ pub struct SledStore {
     blobs_synced: Option<u64>,
     /// Blob files fsynced since open.
     blob_syncs: u64,
+    /// The change log.
+    changelog: ChangeLog,
 }
 
 /// Default bound of the engine's cache of hot records (`[memory]
@@ -254,6 +257,11 @@ impl StoreReader {
     /// [`Prepared`](lattice_core::replica::Prepared) results are computed from).
     pub fn record(&self, key: &Key) -> Result<Option<sled::IVec>, Error> {
         self.tree.get(value_key(key)).map_err(store_err)
+    }
+
+    /// The change log as of the last flush.
+    pub fn log(&self) -> LogReader<'_> {
+        LogReader { tree: &self.tree }
     }
 
     /// Stored records after `after` (a position this returned before;
@@ -353,8 +361,19 @@ impl SledStore {
         }
     }
 
-    /// Opens (or creates) the store of node `node` in `dir`.
+    /// Opens (or creates) the store of node `node` in `dir`, with the
+    /// change log's default settings.
     pub fn open(dir: &Path, node: &str, durability: Durability) -> Result<SledStore, OpenError> {
+        Self::open_with_log(dir, node, durability, LogSettings::default())
+    }
+
+    /// Opens (or creates) the store of node `node` in `dir`.
+    pub fn open_with_log(
+        dir: &Path,
+        node: &str,
+        durability: Durability,
+        log: LogSettings,
+    ) -> Result<SledStore, OpenError> {
         let sled_err = |source| OpenError::Sled {
             path: dir.to_path_buf(),
             source,
@@ -433,7 +452,12 @@ impl SledStore {
             path: dir.to_path_buf(),
             reason,
         })?;
+        let changelog = ChangeLog::load(&tree, log, rand::random()).map_err(|reason| OpenError::Corrupt {
+            path: dir.to_path_buf(),
+            reason,
+        })?;
         Ok(SledStore {
+            changelog,
             db,
             tree,
             dir: dir.to_path_buf(),
@@ -497,6 +521,11 @@ impl SledStore {
             self.blobs_synced = newest;
         }
         Ok(())
+    }
+
+    /// The change log's metadata, pending changes included.
+    pub fn log_meta(&self) -> &LogMeta {
+        self.changelog.meta()
     }
 
     /// The durability mode.
@@ -582,6 +611,13 @@ impl SledStore {
             None => Ok(()),
         }
     }
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// fsyncs a directory, so the entries created or renamed in it persist.
@@ -766,7 +802,7 @@ const MIGRATE_BATCH: usize = 10_000;
 
 impl SledStore {
     fn apply_pending(&mut self) -> Result<(), Error> {
-        if self.pending.is_empty() && self.ops.pending.is_empty() {
+        if self.pending.is_empty() && self.ops.pending.is_empty() && !self.changelog.has_pending() {
             return Ok(());
         }
         let mut b = sled::Batch::default();
@@ -777,8 +813,10 @@ impl SledStore {
             }
         }
         let ops = self.ops.write(&mut b);
+        self.changelog.write(&self.tree, wall_ms(), &mut b)?;
         // On failure the changes stay pending (and unacknowledged).
         self.tree.apply_batch(b).map_err(store_err)?;
+        self.changelog.written();
         let cache = self.cache.get_mut();
         for (k, v) in std::mem::take(&mut self.pending) {
             match v {
@@ -833,6 +871,7 @@ impl Store for SledStore {
     fn apply(&mut self, batch: WriteBatch) -> Result<(), Error> {
         // Encode first, so a failure changes nothing.
         let meta = batch.meta.as_ref().map(to_bytes).transpose()?;
+        self.changelog.append(&batch.changes)?;
         for (k, r) in batch.values {
             self.pending.insert(value_key(&k), Some(r.into_bytes().into()));
         }

@@ -167,7 +167,11 @@ fn hostile_reads_with_huge_tokens_do_not_stall_writes() {
             held = c.metric(0, "lattice_waiting_read_bytes").unwrap();
             let finished = tasks.iter().filter(|t| t.is_finished()).count();
             assert!(held <= (16 << 20) as f64, "{held} bytes held");
-            steady = if held > 0.0 && held == last && finished > 0 { steady + 1 } else { 0 };
+            steady = if held > 0.0 && held == last && finished > 0 {
+                steady + 1
+            } else {
+                0
+            };
             last = held;
         }
         eprintln!("the waiting reads hold {held} bytes after {:?}", arrived.elapsed());

@@ -241,7 +241,49 @@ pub enum RequestBody {
         /// How long the node may wait for the tokens, all keys together.
         wait_ms: u64,
     },
+    /// A page of the node's change log (see [`crate::log`]), answered with
+    /// [`Response::Log`]: the changes after `from` of keys starting with
+    /// `prefix`, in the `partitions` asked (empty: every partition), each
+    /// partition's in order, at most `limit` changes (at most
+    /// [`LOG_MAX_CHANGES`]) and [`ENTRIES_MAX_BYTES`]; with `wait_ms`, an
+    /// empty page waits that long for a change. A position retention has
+    /// dropped is refused with [`ErrorKind::Trimmed`]. Changes to keys this
+    /// region may not read under the policy in force are left out.
+    LogRead {
+        /// The partitions to read (empty: all).
+        #[serde(default)]
+        partitions: Vec<u16>,
+        /// Where to go on from (`None`: the oldest retained change).
+        from: Option<crate::log::LogCursor>,
+        /// Key prefix (`""`: every key).
+        prefix: String,
+        /// Most changes in the page.
+        limit: u32,
+        /// How long an empty page may wait for a change.
+        wait_ms: u64,
+    },
+    /// A key's value as of `at_ms` (milliseconds since the Unix epoch, on
+    /// the node's hybrid logical clock): every logged change the node had
+    /// applied by then, joined. Answered with [`Response::Value`] (its
+    /// token empty); [`ErrorKind::Trimmed`] when retention dropped part of
+    /// the key's history.
+    ReadAt {
+        /// The key.
+        key: Key,
+        /// The time.
+        at_ms: u64,
+    },
+    /// Write a consistent backup of the node's state into `dir`, a
+    /// directory on the node's host that must not exist yet (admin token).
+    /// Answered with [`Response::BackedUp`].
+    Backup {
+        /// Where to write it.
+        dir: String,
+    },
 }
+
+/// Most changes one [`RequestBody::LogRead`] page returns.
+pub const LOG_MAX_CHANGES: u32 = 1_000;
 
 /// Most keys one [`RequestBody::Scan`] page returns.
 pub const SCAN_MAX_KEYS: u32 = 1_000;
@@ -398,6 +440,10 @@ pub enum ErrorKind {
     /// may or may not have taken effect, and applying it again could count
     /// it twice. Read the key to find out.
     OutcomeUnknown,
+    /// The change log no longer holds what was asked (retention dropped
+    /// it): a log reader must re-read state and go on from the log's
+    /// current end; a point-in-time read is not possible for that key.
+    Trimmed,
 }
 
 /// A failed request.
@@ -417,6 +463,7 @@ impl From<&Error> for ClientError {
         let kind = match e {
             Error::TypeMismatch { .. } | Error::FieldTypeMismatch { .. } => ErrorKind::TypeMismatch,
             Error::Overloaded(_) => ErrorKind::Overloaded,
+            Error::Trimmed(_) => ErrorKind::Trimmed,
             Error::NotFound => ErrorKind::NotFound,
             Error::InvalidKey(_)
             | Error::InvalidOp(_)
@@ -607,6 +654,31 @@ pub enum Response {
     },
     /// The answer to [`RequestBody::MGet`], one entry per key asked, in order.
     Values(Vec<Entry>),
+    /// A page of the change log.
+    Log {
+        /// The changes, each partition's in order.
+        changes: Vec<crate::log::Logged>,
+        /// Where to go on from: every partition read moved past what the
+        /// page holds (and past changes the prefix or the policy left out).
+        next: crate::log::LogCursor,
+        /// How many partitions the log has.
+        partitions: u16,
+    },
+    /// A backup was written.
+    BackedUp(BackupSummary),
+}
+
+/// What a backup holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupSummary {
+    /// The directory it was written to.
+    pub dir: String,
+    /// Keys in it.
+    pub keys: u64,
+    /// Bytes of its files.
+    pub bytes: u64,
+    /// The HLC time (ms) its state is as of.
+    pub as_of_ms: u64,
 }
 
 /// Encodes a request frame (at most [`MAX_CLIENT_FRAME`] bytes).

@@ -38,6 +38,7 @@ pub use prepare::{record_digest, Prepared, RecordDigest};
 use crate::clock::{Hlc, HlcTimestamp, ReplicaId};
 use crate::crdt::{Op, Value, WriteStamp};
 use crate::key::Key;
+use crate::log::Change;
 use crate::proto::client::{CausalToken, OpId};
 use crate::proto::{self, Ack, DeltaGroup, Message, NodeId, PolicyStamp, RegionId, RoundId, CLASSES};
 use crate::store::{Meta, Record, Store, WriteBatch};
@@ -643,6 +644,7 @@ impl<S: Store> Replica<S> {
         let mut entries = Vec::with_capacity(touched.len());
         let mut sizes = Vec::with_capacity(touched.len());
         let mut hashes = Vec::with_capacity(touched.len());
+        let mut changes = Vec::with_capacity(touched.len());
         self.write_tokens.clear();
         for (key, slot) in touched {
             let next = match slot {
@@ -672,7 +674,17 @@ impl<S: Store> Replica<S> {
             hashes.push((policy, key.hash(), old_h, Some(new_h)));
             self.write_tokens.push((key.clone(), token));
             values.push((key.clone(), record));
-            entries.push((key.clone(), Arc::new(delta)));
+            let delta = Arc::new(delta);
+            changes.push(Change {
+                key: key.clone(),
+                delta: delta.clone(),
+                origin: self.cfg.region.clone(),
+                written: Some(stamp.time),
+                applied: stamp.time,
+                op: op_id,
+                first: old_h.is_none(),
+            });
+            entries.push((key.clone(), delta));
             sizes.push(delta_size);
         }
         // A MessagePack array header is at most 5 bytes.
@@ -689,7 +701,7 @@ impl<S: Store> Replica<S> {
             entries,
             written: Some(stamp.time),
         };
-        self.commit(values, vec![(group, sizes, bytes)], op_id)?;
+        self.commit(values, vec![(group, sizes, bytes)], op_id, changes)?;
         for (policy, h, old, new) in hashes {
             self.tree.update(policy, h, old, new);
         }
@@ -712,10 +724,12 @@ impl<S: Store> Replica<S> {
         values: Vec<(Key, Record)>,
         groups: Vec<(DeltaGroup, Vec<usize>, usize)>,
         op_id: Option<OpId>,
+        changes: Vec<Change>,
     ) -> Result<(), Error> {
         let mut batch = WriteBatch {
             values,
             op_ids: op_id.into_iter().collect(),
+            changes,
             ..WriteBatch::default()
         };
         if !groups.is_empty() {
@@ -1242,6 +1256,8 @@ impl<S: Store> Replica<S> {
         let mut novel_sizes = Vec::new();
         let mut hashes = Vec::new();
         let from_region = self.peers.get(from).map(|p| p.cfg.region.clone());
+        let mut changes = Vec::new();
+        let applied = self.hlc.now(self.wall(self.now));
         for (key, remote) in entries {
             // Residency, on the receiving side: never store what may not
             // pass between the sender's region and ours.
@@ -1315,7 +1331,17 @@ impl<S: Store> Replica<S> {
                 written,
             });
             values.push((key.clone(), next.record));
-            novel_entries.push((key, Arc::new(next.delta)));
+            let delta = Arc::new(next.delta);
+            changes.push(Change {
+                key: key.clone(),
+                delta: delta.clone(),
+                origin: from_region.clone().unwrap_or_else(|| RegionId(String::new())),
+                written,
+                applied,
+                op: None,
+                first: next.old_h.is_none(),
+            });
+            novel_entries.push((key, delta));
             novel_sizes.push(next.delta_size);
         }
         let changed = values.len();
@@ -1367,7 +1393,7 @@ impl<S: Store> Replica<S> {
                 (group, sizes, bytes)
             })
             .collect();
-        self.commit(values, groups, None)?;
+        self.commit(values, groups, None, changes)?;
         for (policy, h, old, new) in hashes {
             self.tree.update(policy, h, old, new);
         }

@@ -1,0 +1,205 @@
+//! Reading a node's change log, point-in-time reads and backups, and a log
+//! consumer that keeps its checkpoint in Lattice itself.
+//!
+//! A log belongs to one node (positions are that node's), so every call
+//! here names the node by its index in the client's endpoint list, like
+//! [`Client::watch`].
+
+use crate::{Client, Error};
+use lattice_core::crdt::{Op, ValueView};
+use lattice_core::log::{LogCursor, Logged};
+use lattice_core::proto::client::{BackupSummary, RequestBody, Response, LOG_MAX_CHANGES};
+use lattice_core::Key;
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// A page of a node's change log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogPage {
+    /// The changes, each partition's in order.
+    pub changes: Vec<Logged>,
+    /// Where to go on from.
+    pub next: LogCursor,
+    /// How many partitions the node's log has.
+    pub partitions: u16,
+}
+
+impl Client {
+    /// One page of node `i`'s change log: the changes after `from` (`None`:
+    /// the oldest retained) of keys starting with `prefix`, in `partitions`
+    /// (empty: all), at most `limit`; an empty page waits up to `wait` for a
+    /// change (keep `wait` below the client's timeout). A position the log
+    /// no longer retains fails with [`Error::Trimmed`].
+    pub async fn log_read(
+        &self,
+        i: usize,
+        partitions: &[u16],
+        from: Option<LogCursor>,
+        prefix: &str,
+        limit: u32,
+        wait: Duration,
+    ) -> Result<LogPage, Error> {
+        let body = RequestBody::LogRead {
+            partitions: partitions.to_vec(),
+            from,
+            prefix: prefix.to_string(),
+            limit,
+            wait_ms: wait.as_millis().min(u128::from(u64::MAX)) as u64,
+        };
+        match self.request_to(i, body).await? {
+            Response::Log {
+                changes,
+                next,
+                partitions,
+            } => Ok(LogPage {
+                changes,
+                next,
+                partitions,
+            }),
+            r => Err(Error::Protocol(format!("unexpected answer {r:?}"))),
+        }
+    }
+
+    /// `key`'s value on node `i` as of `at_ms` (milliseconds since the
+    /// Unix epoch, on the node's hybrid logical clock). Fails with
+    /// [`Error::Trimmed`] when the node no longer holds the key's whole
+    /// history.
+    pub async fn get_at(&self, i: usize, key: &Key, at_ms: u64) -> Result<Option<ValueView>, Error> {
+        let body = RequestBody::ReadAt {
+            key: key.clone(),
+            at_ms,
+        };
+        match self.request_to(i, body).await? {
+            Response::Value { value, .. } => Ok(value),
+            r => Err(Error::Protocol(format!("unexpected answer {r:?}"))),
+        }
+    }
+
+    /// Has node `i` write a consistent backup into `dir` on its host (a
+    /// directory that must not exist yet). Needs the admin token.
+    pub async fn backup(&self, i: usize, dir: &str) -> Result<BackupSummary, Error> {
+        match self.request_to(i, RequestBody::Backup { dir: dir.to_string() }).await? {
+            Response::BackedUp(s) => Ok(s),
+            r => Err(Error::Protocol(format!("unexpected answer {r:?}"))),
+        }
+    }
+}
+
+/// A log consumer with a durable checkpoint: it reads node `node`'s log
+/// from where its checkpoint says, and [`LogConsumer::commit`] stores the
+/// position of everything handed out so far as a register in Lattice
+/// (`_consumers/NAME`), so a consumer started again under the same name
+/// resumes there. Delivery is at least once: what was handed out after the
+/// last commit is handed out again after a restart. A checkpoint of another
+/// log (the node's data was rebuilt) fails with [`Error::Trimmed`].
+pub struct LogConsumer<'a> {
+    client: &'a Client,
+    node: usize,
+    name: Key,
+    prefix: String,
+    partitions: Vec<u16>,
+    /// Position after the changes handed out.
+    cursor: Option<LogCursor>,
+    /// Position after the changes fetched.
+    fetched: Option<LogCursor>,
+    pending: VecDeque<Logged>,
+    /// Changes per page.
+    pub page: u32,
+    /// How long an empty page waits for a change.
+    pub wait: Duration,
+}
+
+impl<'a> LogConsumer<'a> {
+    /// Opens consumer `name` on node `node` of `client` for keys starting
+    /// with `prefix` in `partitions` (empty: all), at its stored checkpoint
+    /// (or the oldest retained change, the first time).
+    pub async fn open(
+        client: &'a Client,
+        node: usize,
+        name: &str,
+        prefix: &str,
+        partitions: &[u16],
+    ) -> Result<LogConsumer<'a>, Error> {
+        let key = Key::new(format!("_consumers/{name}")).map_err(|e| Error::Config(e.to_string()))?;
+        let cursor = match client.read(&key).await? {
+            Some(ValueView::Register(Some(bytes))) => {
+                let text = String::from_utf8(bytes.0)
+                    .map_err(|_| Error::Protocol(format!("the checkpoint {key} is not text")))?;
+                Some(LogCursor::parse(&text).map_err(|e| Error::Protocol(format!("the checkpoint {key}: {e}")))?)
+            }
+            None | Some(ValueView::Register(None)) => None,
+            Some(other) => {
+                return Err(Error::TypeMismatch(format!(
+                    "the checkpoint {key} holds {other:?}, not a register"
+                )))
+            }
+        };
+        Ok(LogConsumer {
+            client,
+            node,
+            name: key,
+            prefix: prefix.to_string(),
+            partitions: partitions.to_vec(),
+            fetched: cursor.clone(),
+            cursor,
+            pending: VecDeque::new(),
+            page: LOG_MAX_CHANGES,
+            wait: Duration::from_secs(1),
+        })
+    }
+
+    /// The next change, waiting for one (up to [`LogConsumer::wait`] per
+    /// page asked; `None` when none came meanwhile).
+    pub async fn next(&mut self) -> Result<Option<Logged>, Error> {
+        if self.pending.is_empty() {
+            let page = self
+                .client
+                .log_read(
+                    self.node,
+                    &self.partitions,
+                    self.fetched.clone(),
+                    &self.prefix,
+                    self.page,
+                    self.wait,
+                )
+                .await?;
+            self.pending.extend(page.changes);
+            if self.pending.is_empty() {
+                // Nothing new: the position moved past what the prefix or
+                // the policy left out.
+                self.cursor = Some(page.next.clone());
+            }
+            self.fetched = Some(page.next);
+        }
+        let Some(c) = self.pending.pop_front() else {
+            return Ok(None);
+        };
+        let cursor = self.cursor.get_or_insert_with(|| LogCursor {
+            log: self.fetched.as_ref().map_or(0, |f| f.log),
+            next: Vec::new(),
+        });
+        cursor.log = self.fetched.as_ref().map_or(cursor.log, |f| f.log);
+        cursor.set(c.partition, c.seq + 1);
+        if self.pending.is_empty() {
+            // The page is all handed out: its end covers what the prefix
+            // skipped too.
+            self.cursor = self.fetched.clone();
+        }
+        Ok(Some(c))
+    }
+
+    /// The position after every change handed out so far.
+    pub fn position(&self) -> Option<&LogCursor> {
+        self.cursor.as_ref()
+    }
+
+    /// Stores the position after every change handed out so far as the
+    /// consumer's checkpoint.
+    pub async fn commit(&self) -> Result<(), Error> {
+        let Some(c) = &self.cursor else { return Ok(()) };
+        self.client
+            .write(vec![(self.name.clone(), Op::LwwSet(c.to_text().into_bytes().into()))])
+            .await
+            .map(|_| ())
+    }
+}
