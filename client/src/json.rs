@@ -125,6 +125,27 @@ pub fn entry(key: &str, v: Option<&ValueView>, t: Option<&CausalToken>) -> Json 
     Json::Object(o)
 }
 
+/// A change of the change log: its position, key, origin, stamps, op id
+/// and delta (as a value: what joined into the key's state; for a
+/// counter, the writing replica's new totals).
+pub fn logged(l: &lattice_core::log::Logged) -> Json {
+    let c = &l.change;
+    let delta = c.delta.view();
+    json!({
+        "partition": l.partition,
+        "seq": l.seq,
+        "gseq": l.gseq,
+        "key": c.key.as_str(),
+        "origin": c.origin.0,
+        "type": type_name(&delta),
+        "delta": value(&delta),
+        "op": c.op.map(|o| format!("{:032x}", o.0)),
+        "applied_ms": c.applied.wall_ms,
+        "written_ms": c.written.map(|w| w.wall_ms),
+        "first": c.first,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -700,6 +700,19 @@ impl Client {
         self
     }
 
+    /// Refuses a node index past the endpoint list (a caller's mistake,
+    /// never a panic).
+    fn check_index(&self, i: usize) -> Result<(), Error> {
+        if i < self.nodes.len() {
+            Ok(())
+        } else {
+            Err(Error::Config(format!(
+                "node index {i}: the client has {} endpoints",
+                self.nodes.len()
+            )))
+        }
+    }
+
     async fn connection(&self, i: usize) -> Result<quinn::Connection, Error> {
         // The common case, without waiting on the lock that serialises
         // handshakes: every session's request asks for the connection.
@@ -776,6 +789,7 @@ impl Client {
     /// [`RequestBody::Pipeline`]); a larger one, and a watch, gets a stream
     /// of its own.
     pub async fn request_to(&self, i: usize, body: RequestBody) -> Result<Response, Error> {
+        self.check_index(i)?;
         let call = async {
             if !matches!(body, RequestBody::Watch { .. } | RequestBody::Pipeline(_)) {
                 let frame = encode_request(&body)?;
@@ -818,6 +832,7 @@ impl Client {
     /// Opens a change feed on node `i` for keys starting with `prefix`,
     /// resuming after `from` when given.
     pub async fn watch(&self, i: usize, prefix: &str, from: Option<WatchToken>) -> Result<Watch, Error> {
+        self.check_index(i)?;
         let recv = self
             .open_request(
                 i,

@@ -135,6 +135,30 @@ impl LogCursor {
     }
 }
 
+/// Milliseconds since the Unix epoch of a time as the tools take it: RFC
+/// 3339 (`2026-11-29T07:40:00Z`), a number of milliseconds, or `-DURATION`
+/// (`-90s`, `-5m`, `-2h`) before `now_ms`.
+pub fn parse_time(s: &str, now_ms: u64) -> Result<u64, Error> {
+    let bad = |why: String| {
+        Error::InvalidOp(format!(
+            "time {s:?}: {why} (RFC 3339, milliseconds since the epoch, or -DURATION)"
+        ))
+    };
+    if let Some(ago) = s.strip_prefix('-') {
+        let d = humantime::parse_duration(ago).map_err(|e| bad(e.to_string()))?;
+        return Ok(now_ms.saturating_sub(d.as_millis().min(u128::from(u64::MAX)) as u64));
+    }
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse().map_err(|e: std::num::ParseIntError| bad(e.to_string()));
+    }
+    let t = humantime::parse_rfc3339_weak(s).map_err(|e| bad(e.to_string()))?;
+    let ms = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| bad("before the Unix epoch".into()))?
+        .as_millis();
+    Ok(ms.min(u128::from(u64::MAX)) as u64)
+}
+
 /// Joins `changes` (one key's, in any order) into one state, from `None`.
 pub fn replay<'a>(changes: impl IntoIterator<Item = &'a Change>) -> Option<Value> {
     let mut state: Option<Value> = None;
@@ -165,6 +189,16 @@ mod tests {
         assert!(LogCursor::parse("ab:1,x").is_err());
         assert!(LogCursor::parse(&format!("1:{}", vec!["1"; 2_000].join(","))).is_err());
         assert_eq!(c.get(9), 0);
+    }
+
+    #[test]
+    fn times_parse_in_three_forms() {
+        assert_eq!(parse_time("1234", 0).unwrap(), 1234);
+        assert_eq!(parse_time("-90s", 100_000).unwrap(), 10_000);
+        assert_eq!(parse_time("-1h", 5).unwrap(), 0);
+        assert_eq!(parse_time("1970-01-01T00:00:01Z", 0).unwrap(), 1_000);
+        assert!(parse_time("yesterday", 0).is_err());
+        assert!(parse_time("", 0).is_err());
     }
 
     #[test]

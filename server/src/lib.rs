@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod queue;
+pub mod replay;
 pub mod resp;
 pub mod storage;
 pub mod waits;

@@ -45,6 +45,36 @@ enum Cmd {
     /// chained to the one before by blake3. Exits 1 if it was tampered with.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Rebuild state from a stopped node's change log into a new store at
+    /// --to: every change of each key joined, in log order. Keys whose
+    /// first change retention has dropped cannot be rebuilt and are left
+    /// out (counted). The new store is for the same node name.
+    Replay {
+        /// The stopped node's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The new store's directory (must not exist).
+        #[arg(long)]
+        to: PathBuf,
+        /// Only changes applied by then: RFC 3339, milliseconds since the
+        /// epoch, or -DURATION before now.
+        #[arg(long, allow_hyphen_values = true)]
+        until: Option<String>,
+        /// Only keys starting with this prefix.
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
+    /// Print a digest of every key's state in a stopped node's data dir
+    /// (blake3 over each key's canonical hash, in storage order) and the
+    /// number of keys: equal states give equal digests.
+    Digest {
+        /// The stopped node's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Only keys starting with this prefix.
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
     /// Baseline for `lattice bench`: raw sled inserts of the same key and
     /// value sizes from --threads threads for --secs seconds, optionally
     /// with a flush after every insert. Prints ops/s and latency percentiles.
@@ -273,6 +303,26 @@ fn show(pem: &str) -> Result<()> {
     Ok(())
 }
 
+fn replay_cmd(data_dir: &std::path::Path, to: &std::path::Path, until: Option<&str>, prefix: &str) -> Result<()> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let until = until
+        .map(|u| lattice_core::log::parse_time(u, now))
+        .transpose()
+        .context("--until")?;
+    let s = lattice_server::replay::replay(data_dir, to, until, prefix)
+        .with_context(|| format!("replaying {} into {}", data_dir.display(), to.display()))?;
+    println!(
+        "rebuilt {} keys from {} changes into {}; {} keys left out (their first change is no longer in the log)",
+        s.keys,
+        s.changes,
+        to.display(),
+        s.incomplete
+    );
+    Ok(())
+}
+
 fn audit_verify(data_dir: &std::path::Path) -> Result<()> {
     // Archived parts (audit.<first index>.log) first, then audit.log.
     let n = lattice_server::audit::verify_dir(data_dir, |e| {
@@ -307,6 +357,15 @@ fn main() -> ExitCode {
             rate,
             max_buffer_mb,
         } => lattice_server::bench::peer_down(&dir, minutes, rate, max_buffer_mb),
+        Cmd::Replay {
+            data_dir,
+            to,
+            until,
+            prefix,
+        } => replay_cmd(&data_dir, &to, until.as_deref(), &prefix),
+        Cmd::Digest { data_dir, prefix } => lattice_server::replay::digest(&data_dir, &prefix)
+            .map(|(digest, keys)| println!("{digest} {keys} keys"))
+            .with_context(|| format!("digest of {}", data_dir.display())),
         Cmd::Run(args) => Config::load(&args).and_then(|config| {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async { lattice_server::run(config, lattice_server::shutdown_signal()).await })

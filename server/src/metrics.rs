@@ -142,6 +142,13 @@ pub struct Metrics {
     pub waiting_writes: Gauge,
     /// Bytes of change notices the feed retains.
     pub feed_bytes: Gauge,
+    /// Bytes of changes the change log retains.
+    pub log_bytes: Gauge,
+    /// Changes the change log retains.
+    pub log_changes: Gauge,
+    /// Changes the change log's retention dropped (since the node started;
+    /// at start it counts those dropped before, once).
+    pub log_trimmed: Counter,
     /// Bytes of client requests queued for the engine.
     pub engine_client_bytes: Gauge,
     /// Bytes of peer frames queued for the engine.
@@ -332,6 +339,9 @@ impl Metrics {
                 "Client writes waiting for their answer (durability or write concern)"
             ),
             feed_bytes: gauge!("feed_retained_bytes", "Bytes of change notices the feed retains"),
+            log_bytes: gauge!("log_bytes", "Bytes of changes the change log retains"),
+            log_changes: gauge!("log_changes", "Changes the change log retains"),
+            log_trimmed: counter!("log_trimmed", "Changes the change log's retention dropped"),
             engine_client_bytes: gauge!(
                 "engine_client_queue_bytes",
                 "Bytes of client requests queued for the engine"

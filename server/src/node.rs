@@ -1097,6 +1097,11 @@ impl Engine {
         m.waiting_reads.set(self.waits.len() as i64);
         m.waiting_read_bytes.set(self.waits.bytes() as i64);
         m.feed_bytes.set(self.feed.retained_bytes() as i64);
+        let log = self.replica.store().log_meta();
+        m.log_bytes.set(log.bytes as i64);
+        m.log_changes
+            .set(log.next.iter().zip(&log.first).map(|(n, f)| n - f).sum::<u64>() as i64);
+        m.log_trimmed.inc_by(log.trimmed().saturating_sub(m.log_trimmed.get()));
         let (peer_bytes, client_bytes) = rx.queued_bytes();
         m.engine_peer_bytes.set(peer_bytes as i64);
         m.engine_client_bytes.set(client_bytes as i64);

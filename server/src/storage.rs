@@ -97,10 +97,11 @@ pub enum Durability {
     Async,
 }
 
+/// Whose a data dir is, and its format version (`iidentity`).
 #[derive(Serialize, Deserialize)]
-struct Identity {
-    node: String,
-    format: u32,
+pub(crate) struct Identity {
+    pub(crate) node: String,
+    pub(crate) format: u32,
 }
 
 /// Errors opening a data directory.
@@ -245,6 +246,12 @@ pub struct StoreReader {
 }
 
 impl StoreReader {
+    /// A reader of the store in `tree` (the `lattice` tree of a data dir
+    /// opened by a tool while no node runs on it).
+    pub fn from_tree(tree: sled::Tree) -> StoreReader {
+        StoreReader { tree }
+    }
+
     /// The value of `key` as of the last flush.
     pub fn get(&self, key: &Key) -> Result<Option<Value>, Error> {
         match self.record(key)? {

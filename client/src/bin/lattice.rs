@@ -58,6 +58,12 @@ enum Cmd {
     Get {
         /// The key.
         key: String,
+        /// Read the key's value as of this time on the node's clock
+        /// instead: RFC 3339 (`2026-11-29T07:40:00Z`), milliseconds since
+        /// the Unix epoch, or `-DURATION` (`-90s`, `-5m`, `-2h`) before now.
+        /// Needs the key's whole history in the node's change log.
+        #[arg(long, allow_hyphen_values = true)]
+        at: Option<String>,
     },
     /// Add to a counter (negative to subtract).
     Incr {
@@ -161,6 +167,27 @@ enum Cmd {
         #[arg(long, default_value_t = 500)]
         page: u32,
         /// Stop after this many keys (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        max: usize,
+    },
+    /// Print the first node's change log: every change applied there (local
+    /// writes and merges of remote ones), each partition's in order, with
+    /// its position; then the cursor to go on from (`--from`).
+    Log {
+        /// Only keys starting with this prefix ("" for all keys).
+        #[arg(default_value = "")]
+        prefix: String,
+        /// Only this partition (repeatable; default: all).
+        #[arg(long = "partition")]
+        partitions: Vec<u16>,
+        /// Go on from this cursor (as a previous `lattice log` printed it);
+        /// default: the oldest change retained.
+        #[arg(long)]
+        from: Option<String>,
+        /// Keep waiting for new changes (Ctrl-C to stop).
+        #[arg(long)]
+        follow: bool,
+        /// Stop after this many changes (0: no limit).
         #[arg(long, default_value_t = 0)]
         max: usize,
     },
@@ -400,11 +427,22 @@ async fn run(cli: Cli, slot: &mut Option<std::sync::Arc<Client>>) -> Result<(), 
         } => return scan(client, prefix, *values, *page, *max, json).await,
         Cmd::Hget { key: k, field } => return hget(client, k, field, json).await,
         Cmd::Hgetall { key: k } => return hgetall(client, k, json).await,
-        Cmd::Get { key: k } => RequestBody::Read {
+        Cmd::Get { key: k, at: Some(at) } => RequestBody::ReadAt {
+            key: key(k)?,
+            at_ms: parse_time(at)?,
+        },
+        Cmd::Get { key: k, at: None } => RequestBody::Read {
             key: key(k)?,
             after: None,
             wait_ms: 0,
         },
+        Cmd::Log {
+            prefix,
+            partitions,
+            from,
+            follow,
+            max,
+        } => return log(client, prefix, partitions, from.as_deref(), *follow, *max, json).await,
         Cmd::Incr { key: k, by } => write(k, Op::CounterAdd(*by))?,
         Cmd::Set { key: k, value } => write(k, Op::LwwSet(Bytes::from(value.as_str())))?,
         Cmd::Sadd { key: k, elements } => write(
@@ -535,7 +573,7 @@ fn json_of(cmd: &Cmd, response: &Response) -> Result<serde_json::Value, String> 
     Ok(match response {
         Response::Value { value, token } => {
             let k = match cmd {
-                Cmd::Get { key } => key.as_str(),
+                Cmd::Get { key, .. } => key.as_str(),
                 _ => "",
             };
             json::entry(k, value.as_ref(), Some(token))
@@ -617,6 +655,81 @@ async fn scan(client: &Client, prefix: &str, values: bool, page: u32, max: usize
             None => return Ok(()),
         }
     }
+}
+
+/// Milliseconds since the Unix epoch of `--at`'s TIME.
+fn parse_time(s: &str) -> Result<u64, String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    lattice_core::log::parse_time(s, now).map_err(|e| format!("--at: {e}"))
+}
+
+/// `lattice log`: pages of the first node's change log.
+async fn log(
+    client: &Client,
+    prefix: &str,
+    partitions: &[u16],
+    from: Option<&str>,
+    follow: bool,
+    max: usize,
+    json: bool,
+) -> Result<(), String> {
+    let mut cursor = from
+        .map(lattice_core::log::LogCursor::parse)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let mut printed = 0;
+    loop {
+        let wait = if follow {
+            std::time::Duration::from_secs(2)
+        } else {
+            std::time::Duration::ZERO
+        };
+        let page = client
+            .log_read(0, partitions, cursor.clone(), prefix, 1_000, wait)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut next = page.next.clone();
+        let mut unprinted = std::collections::BTreeSet::new();
+        for c in &page.changes {
+            if max > 0 && printed >= max {
+                // Go on from the first change of each partition not printed.
+                if unprinted.insert(c.partition) {
+                    next.set(c.partition, c.seq);
+                }
+                continue;
+            }
+            printed += 1;
+            if json {
+                println!("{}", json::logged(c));
+            } else {
+                let delta = c.change.delta.view();
+                let op = c.change.op.map(|o| format!(" op={:032x}", o.0)).unwrap_or_default();
+                println!(
+                    "{}/{} {} [{}] {}{op} at {}",
+                    c.partition,
+                    c.seq,
+                    c.change.key,
+                    c.change.origin,
+                    show(&Some(delta)).replace('\n', ", "),
+                    c.change.applied.wall_ms
+                );
+            }
+        }
+        let moved = cursor.as_ref() != Some(&next);
+        cursor = Some(next);
+        if (max > 0 && printed >= max) || (!follow && page.changes.is_empty() && !moved) {
+            break;
+        }
+    }
+    let text = cursor.map(|c| c.to_text()).unwrap_or_default();
+    if json {
+        println!("{}", serde_json::json!({ "next": text }));
+    } else {
+        println!("-- next: {text}");
+    }
+    Ok(())
 }
 
 /// The map at `k`, or why not.
