@@ -19,8 +19,9 @@
 //! sequence numbers, `first..next`; `first` is how many it dropped.
 
 use lattice_core::log::{partition_of, Change, LogCursor, Logged, MAX_PARTITIONS};
+use lattice_core::proto::RegionId;
 use lattice_core::proto::{from_bytes, to_bytes};
-use lattice_core::Error;
+use lattice_core::{Error, Key};
 use serde::{Deserialize, Serialize};
 
 /// The change log's settings (`[log]` in the node's configuration).
@@ -154,6 +155,12 @@ pub struct ChangeLog {
     stored_next: Vec<u64>,
     /// Entries of changes applied since the last flush.
     pending: Vec<([u8; 11], Vec<u8>)>,
+    /// The node-wide number, key and origin of each pending change.
+    pending_notices: Vec<(u64, Key, RegionId)>,
+    /// The same, of changes written since the driver last took them (only
+    /// kept when `collect` is on).
+    flushed: Vec<(u64, Key, RegionId)>,
+    collect: bool,
     dirty: bool,
     fronts: Vec<Option<Front>>,
 }
@@ -200,6 +207,9 @@ impl ChangeLog {
             dirty: tree.get(META_KEY).map_err(|e| e.to_string())?.is_none(),
             meta,
             pending: Vec::new(),
+            pending_notices: Vec::new(),
+            flushed: Vec::new(),
+            collect: false,
         })
     }
 
@@ -221,8 +231,11 @@ impl ChangeLog {
             let value = seal(&key, gseq, c)?;
             bytes += (key.len() + value.len()) as u64;
             next[p as usize] += 1;
-            gseq += 1;
             out.push((key, value));
+            if self.collect {
+                self.pending_notices.push((gseq, c.key.clone(), c.origin.clone()));
+            }
+            gseq += 1;
         }
         if !out.is_empty() {
             self.meta.next = next;
@@ -293,8 +306,20 @@ impl ChangeLog {
     /// `write`'s batch was applied.
     pub fn written(&mut self) {
         self.pending.clear();
+        self.flushed.append(&mut self.pending_notices);
         self.stored_next.clone_from(&self.meta.next);
         self.dirty = false;
+    }
+
+    /// Keeps the node-wide number, key and origin of every change written
+    /// from now on, for [`ChangeLog::take_written`] (the watch feed).
+    pub fn collect_written(&mut self) {
+        self.collect = true;
+    }
+
+    /// The changes written since the last call, in order.
+    pub fn take_written(&mut self) -> Vec<(u64, Key, RegionId)> {
+        std::mem::take(&mut self.flushed)
     }
 
     /// True when changes wait for the next write.
@@ -310,6 +335,36 @@ pub struct LogReader<'a> {
 }
 
 impl LogReader<'_> {
+    /// The newest changes' node-wide numbers, keys and origins, newest
+    /// first, for as long as `take` accepts them (the watch feed's ring
+    /// after a restart). Merges the partitions' newest entries.
+    pub fn newest(&self, take: &mut dyn FnMut(u64, Key, RegionId) -> bool) -> Result<(), Error> {
+        let Some(meta) = self.meta()? else { return Ok(()) };
+        let mut iters: Vec<_> = (0..meta.partitions())
+            .map(|p| self.tree.range(entry_key(p, 0)..entry_key(p, u64::MAX)).rev())
+            .collect();
+        let mut heads: std::collections::BinaryHeap<(u64, usize, Key, RegionId)> = Default::default();
+        let pull = |i: usize, iters: &mut Vec<_>, heads: &mut std::collections::BinaryHeap<_>| -> Result<(), Error> {
+            let it: &mut std::iter::Rev<sled::Iter> = &mut iters[i];
+            if let Some(item) = it.next() {
+                let (k, v) = item.map_err(|e| Error::Store(e.to_string()))?;
+                let e = open_entry(&k, &v)?;
+                heads.push((e.gseq, i, e.change.key, e.change.origin));
+            }
+            Ok(())
+        };
+        for i in 0..iters.len() {
+            pull(i, &mut iters, &mut heads)?;
+        }
+        while let Some((gseq, i, key, origin)) = heads.pop() {
+            if !take(gseq, key, origin) {
+                break;
+            }
+            pull(i, &mut iters, &mut heads)?;
+        }
+        Ok(())
+    }
+
     /// The log's metadata as of the last flush (`None`: no log yet).
     pub fn meta(&self) -> Result<Option<LogMeta>, Error> {
         match self.tree.get(META_KEY).map_err(|e| Error::Store(e.to_string()))? {

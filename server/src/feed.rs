@@ -2,12 +2,13 @@
 //! token; never values), kept in memory and bounded by bytes, and the
 //! watchers subscribed to it, each with a queue bounded by bytes.
 //!
-//! The ring outlives the process only through a clean shutdown: `close`
-//! writes it to sled in one batch and marks it clean, and the next start
-//! takes it back with its epoch, so watchers resume across the restart.
-//! After a crash nothing retained could be trusted to be complete anyway
-//! (a new epoch makes old tokens fail with `WatchLost`), so the ring is not
-//! written as it grows: that cost two unbatched sled operations per write.
+//! The ring outlives the process through the change log: a change is
+//! published with its node-wide log number once the flush that logged it is
+//! done, so the log holds every change a watcher was told of, and at start
+//! the ring is rebuilt from the log's newest changes under the same epoch,
+//! after a clean shutdown or a crash alike. Only an `async` node that
+//! crashed takes a new epoch (its log may have lost flushes watchers saw),
+//! and old tokens then fail with `WatchLost` rather than skip changes.
 //!
 //! Values are not kept: a watcher's stream task reads a changed key's value
 //! beside the engine, from the store as of the last flush, when it is about
@@ -186,14 +187,9 @@ pub struct Feed {
 }
 
 impl Feed {
-    /// Loads the feed. After a clean shutdown the epoch and the retained
-    /// notices carry over, so watchers resume across the restart; after a
-    /// crash the newest changes may be missing from the feed, so a new epoch
-    /// makes old tokens fail loudly (`WatchLost`) instead of skipping them.
-    /// Records of an older format (whole changes with values) do not decode
-    /// as notices and are dropped.
-    pub fn open(tree: Option<sled::Tree>, limits: FeedLimits) -> Feed {
-        let mut f = Feed {
+    /// A feed with nothing retained, kept in memory only.
+    pub fn new(limits: FeedLimits) -> Feed {
+        Feed {
             epoch: rand::random(),
             next: 0,
             ring: VecDeque::new(),
@@ -201,59 +197,78 @@ impl Feed {
             subscribers: Vec::new(),
             tree: None,
             limits,
-        };
-        let Some(t) = tree else { return f };
-        let clean = t.remove(b"clean").ok().flatten().is_some();
-        let epoch = t
+        }
+    }
+
+    /// Loads the feed of a node whose change log holds every change it
+    /// published (a change is published once the flush that logged it is
+    /// done), so the ring is rebuilt from the log's newest changes at every
+    /// start, a crash included, and watchers resume across any restart.
+    /// The exception is a crash of an `async` node (`durable` false): its
+    /// last flushes may be lost from the log though watchers saw them, so
+    /// it takes a new epoch and old tokens fail with `WatchLost`. `newest`
+    /// hands the log's changes newest first to the closure until it
+    /// refuses one; `next` is the log's next node-wide number.
+    pub fn open_from_log(
+        tree: sled::Tree,
+        limits: FeedLimits,
+        durable: bool,
+        next: u64,
+        newest: impl FnOnce(&mut dyn FnMut(u64, Key, RegionId) -> bool),
+    ) -> Feed {
+        let clean = tree.remove(b"clean").ok().flatten().is_some();
+        let epoch = tree
             .get(b"epoch")
             .ok()
             .flatten()
             .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes));
-        f.tree = Some(t.clone());
-        match (clean, epoch) {
-            (true, Some(e)) => {
-                f.epoch = e;
-                for (k, v) in t.scan_prefix(b"c").flatten() {
-                    match lattice_core::proto::from_bytes::<Notice>(&v) {
-                        Ok(n) => {
-                            f.next = n.token.seq + 1;
-                            f.retain(n);
-                        }
-                        Err(_) => {
-                            let _ = t.remove(k);
-                        }
-                    }
-                }
-            }
+        // Rings of older builds are no longer kept in this tree.
+        let old: Vec<sled::IVec> = tree.scan_prefix(b"c").keys().flatten().collect();
+        for k in old {
+            let _ = tree.remove(k);
+        }
+        let mut f = Feed {
+            epoch: rand::random(),
+            next,
+            ring: VecDeque::new(),
+            ring_bytes: 0,
+            subscribers: Vec::new(),
+            tree: Some(tree.clone()),
+            limits,
+        };
+        match epoch {
+            Some(e) if clean || durable => f.epoch = e,
             _ => {
-                // A fresh epoch: nothing retained can be trusted to be complete.
-                let old: Vec<sled::IVec> = t.scan_prefix(b"c").keys().flatten().collect();
-                for k in old {
-                    let _ = t.remove(k);
-                }
-                let _ = t.insert(b"epoch", &f.epoch.to_be_bytes()[..]);
+                let _ = tree.insert(b"epoch", &f.epoch.to_be_bytes()[..]);
             }
+        }
+        let mut newest_first = Vec::new();
+        let mut bytes = 0;
+        let budget = f.limits.retained_bytes;
+        newest(&mut |seq, key, origin| {
+            let n = Notice {
+                key,
+                origin,
+                token: WatchToken { epoch: f.epoch, seq },
+            };
+            bytes += n.cost();
+            if bytes > budget && !newest_first.is_empty() {
+                return false;
+            }
+            newest_first.push(n);
+            true
+        });
+        for n in newest_first.into_iter().rev() {
+            f.retain(n);
         }
         f
     }
 
-    /// Writes the ring to sled and marks a clean shutdown (after the last
-    /// flush): one batch, so a crash during it leaves no `clean` mark.
-    pub fn close(&self) {
+    /// Marks a clean shutdown (after the last flush).
+    pub fn close_marker(&self) {
         let Some(t) = &self.tree else { return };
-        let mut b = sled::Batch::default();
-        for k in t.scan_prefix(b"c").keys().flatten() {
-            b.remove(k);
-        }
-        for n in &self.ring {
-            if let Ok(bytes) = lattice_core::proto::to_bytes(n) {
-                b.insert(Self::ring_key(n.token.seq), bytes);
-            }
-        }
-        b.insert(&b"epoch"[..], &self.epoch.to_be_bytes()[..]);
-        b.insert(&b"clean"[..], &[1u8][..]);
-        if let Err(e) = t.apply_batch(b).and_then(|()| t.flush().map(|_| ())) {
-            tracing::warn!(error = %e, "writing the watch feed at close failed; watchers will not resume across the restart");
+        if let Err(e) = t.insert(b"clean", &[1u8][..]).and_then(|_| t.flush().map(|_| ())) {
+            tracing::warn!(error = %e, "marking the watch feed clean at close failed");
         }
     }
 
@@ -272,10 +287,6 @@ impl Feed {
         self.subscribers.len()
     }
 
-    fn ring_key(seq: u64) -> Vec<u8> {
-        [&b"c"[..], &seq.to_be_bytes()].concat()
-    }
-
     /// Appends to the ring, dropping the oldest notices past the limit.
     fn retain(&mut self, n: Notice) {
         self.ring_bytes += n.cost();
@@ -290,15 +301,18 @@ impl Feed {
     /// matches it. A watcher whose queue is full is cut off with a
     /// `WatchLagged` error; one whose stream task is gone is dropped.
     pub fn publish(&mut self, key: Key, origin: RegionId) {
+        self.publish_at(self.next, key, origin);
+    }
+
+    /// [`Feed::publish`] of the change numbered `seq` (the change log's
+    /// node-wide number; increasing).
+    pub fn publish_at(&mut self, seq: u64, key: Key, origin: RegionId) {
         let n = Notice {
             key,
             origin,
-            token: WatchToken {
-                epoch: self.epoch,
-                seq: self.next,
-            },
+            token: WatchToken { epoch: self.epoch, seq },
         };
-        self.next += 1;
+        self.next = self.next.max(seq + 1);
         let limit = self.limits.queue_bytes;
         self.subscribers.retain(|s| {
             if s.tx.is_closed() {
@@ -404,48 +418,64 @@ mod tests {
 
     #[test]
     fn the_ring_is_bounded_by_bytes_and_keeps_no_values() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let mut feed = Feed::open(Some(db.open_tree("feed").unwrap()), limits());
+        let mut feed = Feed::new(limits());
         for i in 0..1_000 {
             feed.publish(key(i), region());
         }
         assert_eq!(feed.retained(), 10);
         assert!(feed.retained_bytes() <= limits().retained_bytes);
-        // Ring entries: `c` and a sequence number (not the `clean` mark).
-        let on_disk = || {
-            let t = db.open_tree("feed").unwrap();
-            t.scan_prefix(b"c")
-                .keys()
-                .filter(|k| k.as_ref().unwrap().len() == 9)
-                .count()
-        };
-        assert_eq!(on_disk(), 0, "nothing is written before the close");
-        feed.close();
-        assert_eq!(on_disk(), 10, "the close writes exactly the ring");
-        // Reopened after the clean close: the same ring and epoch, and the
-        // next close writes exactly the ring again.
-        let epoch = feed.epoch;
-        let mut feed = Feed::open(Some(db.open_tree("feed").unwrap()), limits());
-        assert_eq!((feed.epoch, feed.retained(), feed.next), (epoch, 10, 1_000));
-        for i in 0..5 {
-            feed.publish(key(i), region());
+    }
+
+    /// The log's newest changes, newest first, as `LogReader::newest`
+    /// hands them: `n` of them, numbered up to `next - 1`.
+    fn history(n: u64, next: u64) -> impl FnOnce(&mut dyn FnMut(u64, Key, RegionId) -> bool) {
+        move |take| {
+            for seq in (next - n..next).rev() {
+                if !take(seq, key(seq as usize), region()) {
+                    break;
+                }
+            }
         }
-        feed.close();
-        assert_eq!(on_disk(), 10);
-        // Reopened, then again without a clean close: a new epoch and an
-        // empty ring.
-        let feed = Feed::open(Some(db.open_tree("feed").unwrap()), limits());
-        assert_eq!((feed.epoch, feed.retained()), (epoch, 10));
-        drop(feed);
-        let feed = Feed::open(Some(db.open_tree("feed").unwrap()), limits());
-        assert_ne!(feed.epoch, epoch);
-        assert_eq!((feed.retained(), on_disk()), (0, 0));
+    }
+
+    #[test]
+    fn the_ring_is_rebuilt_from_the_log_and_the_epoch_kept_unless_an_async_node_crashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let tree = || db.open_tree("feed").unwrap();
+        let feed = Feed::open_from_log(tree(), limits(), true, 500, history(100, 500));
+        // The newest that fit the budget, oldest first, numbered as logged.
+        assert_eq!(feed.retained(), 10);
+        let seqs: Vec<u64> = feed.ring.iter().map(|n| n.token.seq).collect();
+        assert_eq!(seqs, (490..500).collect::<Vec<_>>());
+        assert_eq!(feed.next, 500);
+        let epoch = feed.epoch;
+        // A durable node keeps its epoch across a crash (no close marker).
+        let feed = Feed::open_from_log(tree(), limits(), true, 600, history(100, 600));
+        assert_eq!(feed.epoch, epoch);
+        // An async node keeps it after a clean close only.
+        feed.close_marker();
+        let feed = Feed::open_from_log(tree(), limits(), false, 600, history(100, 600));
+        assert_eq!(feed.epoch, epoch);
+        let feed = Feed::open_from_log(tree(), limits(), false, 600, history(100, 600));
+        assert_ne!(feed.epoch, epoch, "an async crash must change the epoch");
+        // A token of the new epoch resumes from the rebuilt ring.
+        let mut feed = Feed::open_from_log(tree(), limits(), true, 600, history(100, 600));
+        let (tx, mut rx) = watch_queue();
+        let from = WatchToken {
+            epoch: feed.epoch,
+            seq: 597,
+        };
+        feed.subscribe(String::new(), Some(from), 1, tx);
+        let got: Vec<u64> = std::iter::from_fn(|| rx.try_recv())
+            .map(|n| n.unwrap().token.seq)
+            .collect();
+        assert_eq!(got, vec![598, 599]);
     }
 
     #[test]
     fn a_watcher_that_never_reads_is_cut_off_with_lagged() {
-        let mut feed = Feed::open(None, limits());
+        let mut feed = Feed::new(limits());
         let (tx, mut rx) = watch_queue();
         feed.subscribe(String::new(), None, 1, tx);
         for i in 0..100 {
@@ -462,7 +492,7 @@ mod tests {
 
     #[test]
     fn closed_watchers_are_pruned_and_counts_and_prefixes_are_capped() {
-        let mut feed = Feed::open(None, limits());
+        let mut feed = Feed::new(limits());
         for _ in 0..1_000 {
             let (tx, rx) = watch_queue();
             feed.subscribe("never/".into(), None, 1, tx);
@@ -515,30 +545,16 @@ mod tests {
             queue_bytes: 16 << 10,
             ..FeedLimits::default()
         };
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        let mut feed = Feed::open(Some(db.open_tree("feed").unwrap()), limits);
+        let mut feed = Feed::new(limits);
         let (tx, mut rx) = watch_queue();
         feed.subscribe(String::new(), None, 1, tx);
         for i in 0..1_000 {
             feed.publish(long(i), region());
         }
-        feed.close();
         // The ring: what its notices really hold, not what they were charged.
         let held: usize = feed.ring.iter().map(|n| n.key.as_str().len() + NOTICE_OVERHEAD).sum();
         assert!(held <= limits.retained_bytes, "the ring holds {held} bytes");
         assert_eq!(feed.retained(), limits.retained_bytes / per);
-        let on_disk: usize = db
-            .open_tree("feed")
-            .unwrap()
-            .scan_prefix(b"c")
-            .values()
-            .map(|v| v.unwrap().len())
-            .sum();
-        assert!(
-            on_disk <= limits.retained_bytes,
-            "sled holds {on_disk} bytes of notices"
-        );
         // The watcher that never read: cut off after its queue's worth.
         let mut notices = 0;
         let mut last = None;

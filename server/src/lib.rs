@@ -39,9 +39,20 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let mut store =
         storage::SledStore::open_with_log(&config.data_dir, &config.node, config.durability, config.log.settings())?;
     store.set_cache_bytes(config.memory.record_cache_bytes);
-    let feed = feed::Feed::open(
-        Some(store.feed_tree().context("opening the watch feed")?),
+    // The watch feed publishes the changes the log holds, by their
+    // node-wide numbers, and rebuilds its ring from the log at start.
+    store.collect_written();
+    let reader = store.reader();
+    let feed = feed::Feed::open_from_log(
+        store.feed_tree().context("opening the watch feed")?,
         config.memory.feed(),
+        config.durability != storage::Durability::Async,
+        store.log_meta().next_gseq,
+        |take| {
+            if let Err(e) = reader.log().newest(take) {
+                tracing::warn!(error = %e, "reading the change log for the watch feed failed; watchers will not resume");
+            }
+        },
     );
     let peers: Vec<PeerConfig> = config
         .peers

@@ -553,12 +553,6 @@ pub fn run(
     reads: Arc<Reads>,
 ) {
     replica.set_wall_offset(clock.wall_offset_ms);
-    let regions = replica
-        .config()
-        .peers
-        .iter()
-        .map(|p| (p.node.clone(), p.region.clone()))
-        .collect();
     let own_region = replica.config().region.clone();
     let mut e = Engine {
         replica,
@@ -573,12 +567,10 @@ pub fn run(
         concern_ms,
         reads,
         waiting_writes: WaitingWrites::new(wait_limits.concerns_per_conn),
-        regions,
         own_region,
         waits: Waits::new(wait_limits),
         recent: Recent::new(),
         touched: BTreeSet::new(),
-        unpublished: Vec::new(),
         first_unflushed: None,
         stopping: false,
         last_stats: Instant::now(),
@@ -631,8 +623,6 @@ struct Engine {
     concern_ms: u64,
     reads: Arc<Reads>,
     waiting_writes: WaitingWrites,
-    /// Each peer's region (the origin of the changes it sends).
-    regions: BTreeMap<NodeId, RegionId>,
     own_region: RegionId,
     waits: Waits<ReadReply>,
     /// The tokens of keys changed lately, by the flush that stored them.
@@ -640,9 +630,6 @@ struct Engine {
     /// Keys changed since the last flush: reads waiting on them are checked
     /// once it stored them.
     touched: BTreeSet<Key>,
-    /// Remote changes since the last flush: watchers hear of them once
-    /// stored (they read the values beside the engine).
-    unpublished: Vec<(Key, RegionId)>,
     first_unflushed: Option<Instant>,
     stopping: bool,
     last_stats: Instant,
@@ -819,7 +806,6 @@ impl Engine {
             )));
             return;
         }
-        let keys: Vec<Key> = ops.iter().map(|(k, _)| k.clone()).collect();
         let timeout_ms = if timeout_ms == 0 {
             self.concern_ms
         } else {
@@ -838,14 +824,12 @@ impl Engine {
                     self.touched.insert(k.clone());
                 }
                 self.metrics.writes.inc_by(1);
-                let changed = if duplicate { Vec::new() } else { keys };
                 self.waiting_writes.insert(
                     id,
                     WaitingWrite {
                         token,
                         duplicate,
                         reply: Some(reply),
-                        changed,
                         concern: (concern != WriteConcern::Local).then_some((concern, timeout_ms)),
                         conn,
                         durable: false,
@@ -965,8 +949,8 @@ impl Engine {
         if flushed {
             self.recent.flushed();
             self.reads.flushed(self.recent.epoch());
-            for (key, origin) in self.unpublished.drain(..) {
-                self.feed.publish(key, origin);
+            for (seq, key, origin) in self.replica.store_mut().take_written() {
+                self.feed.publish_at(seq, key, origin);
             }
             answer_reads(&self.recent, &mut self.waits, &mut self.touched);
             self.recent.forget_old();
@@ -984,9 +968,6 @@ impl Engine {
                     return;
                 };
                 w.durable = true;
-                for k in std::mem::take(&mut w.changed) {
-                    self.feed.publish(k, self.own_region.clone());
-                }
                 if w.concern.is_none() {
                     w.answer(Ok(()));
                 } else if let Some(e) = w.timed_out.take() {
@@ -1027,7 +1008,7 @@ impl Engine {
             }
             Event::RemoteApplied {
                 key,
-                from,
+                from: _,
                 token,
                 written,
             } => {
@@ -1043,12 +1024,6 @@ impl Engine {
                 // recorded (`route_outputs`).
                 self.recent.changed(key.clone(), token);
                 self.touched.insert(key.clone());
-                let origin = self
-                    .regions
-                    .get(&from)
-                    .cloned()
-                    .unwrap_or_else(|| RegionId(from.0.clone()));
-                self.unpublished.push((key, origin));
             }
         }
     }
@@ -1115,7 +1090,7 @@ impl Engine {
         if let Err(e) = self.replica.close(now) {
             tracing::error!(error = %e, "closing the store failed; the next start takes a new replica id");
         }
-        self.feed.close();
+        self.feed.close_marker();
         tracing::info!("engine stopped");
     }
 }
@@ -1329,8 +1304,6 @@ struct WaitingWrite {
     duplicate: bool,
     /// Taken when answered.
     reply: Option<WriteReply>,
-    /// Keys to publish to watchers once durable.
-    changed: Vec<Key>,
     /// Its write concern beyond `local`, and its timeout.
     concern: Option<(WriteConcern, u64)>,
     /// The client connection it came on.
@@ -1404,7 +1377,6 @@ mod tests {
             token: Vec::new(),
             duplicate: false,
             reply: Some(tx),
-            changed: vec![Key::new("k").unwrap()],
             concern: concern.then_some((WriteConcern::All, 60_000)),
             conn,
             durable: false,
@@ -1469,7 +1441,7 @@ mod tests {
         drop((rx1, rx2));
         assert_eq!(ws.departed(), vec![WriteId(1)]);
         assert_eq!(ws.concern_waits(), 2);
-        assert!(ws.get_mut(&WriteId(2)).is_some_and(|w| w.changed.len() == 1));
+        assert!(ws.get_mut(&WriteId(2)).is_some());
         assert!(ws.get_mut(&WriteId(3)).is_some());
         // Once durable, the one whose client left goes too.
         ws.get_mut(&WriteId(2)).unwrap().durable = true;

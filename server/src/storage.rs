@@ -63,7 +63,7 @@
 use crate::changelog::{ChangeLog, LogMeta, LogReader, LogSettings};
 use lattice_core::crdt::Value;
 use lattice_core::proto::client::OpId;
-use lattice_core::proto::{from_bytes, to_bytes};
+use lattice_core::proto::{from_bytes, to_bytes, RegionId};
 use lattice_core::replica::{record_digest, RecordDigest};
 use lattice_core::store::{open_record, seal_record, Meta, Store, WriteBatch, OP_ID_RETENTION};
 use lattice_core::{Error, Key};
@@ -533,6 +533,18 @@ impl SledStore {
     /// The change log's metadata, pending changes included.
     pub fn log_meta(&self) -> &LogMeta {
         self.changelog.meta()
+    }
+
+    /// Keeps the node-wide number, key and origin of every change written
+    /// from now on, for [`SledStore::take_written`].
+    pub fn collect_written(&mut self) {
+        self.changelog.collect_written();
+    }
+
+    /// The changes written (flushed) since the last call, in order: what
+    /// the watch feed publishes.
+    pub fn take_written(&mut self) -> Vec<(u64, Key, RegionId)> {
+        self.changelog.take_written()
     }
 
     /// The durability mode.
