@@ -57,6 +57,8 @@ pub enum PlantedBug {
     /// A result prepared beside the engine is taken without checking that
     /// its key's record is still the one it was computed from.
     PreparedBaseUnchecked,
+    /// The change log leaves out the changes of anti-entropy repairs.
+    LogDropsRepairs,
 }
 
 thread_local! {

@@ -200,12 +200,24 @@ struct Image {
     meta: Option<Meta>,
     ops: std::collections::BTreeSet<OpId>,
     op_order: VecDeque<OpId>,
+    /// The change log, modelled by what checking it needs: each key's
+    /// logged deltas joined, and whether its first logged change was marked
+    /// `first`.
+    log: BTreeMap<Key, (bool, Value)>,
 }
 
 impl Image {
     fn apply(&mut self, sealed: &Sealed) {
         for (k, v) in &sealed.values {
             self.values.insert((k.hash().bucket(), k.clone()), v.clone());
+        }
+        for c in &sealed.rest.changes {
+            match self.log.get_mut(&c.key) {
+                Some((_, joined)) => crate::crdt::Crdt::join(joined, &c.delta),
+                None => {
+                    self.log.insert(c.key.clone(), (c.first, (*c.delta).clone()));
+                }
+            }
         }
         let batch = &sealed.rest;
         if let Some(m) = &batch.meta {
@@ -251,6 +263,42 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
+    /// Checks the modelled change log against the states: joining each
+    /// key's logged deltas gives its stored state, every stored key was
+    /// logged, and each key's first logged change is marked first. Returns
+    /// the first keys that break it.
+    pub fn check_log(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for ((_, key), record) in &self.current.values {
+            let state = match open_record(key, record) {
+                Ok(v) => v,
+                Err(e) => {
+                    out.push(format!("{key}: {e}"));
+                    continue;
+                }
+            };
+            match self.current.log.get(key) {
+                None => out.push(format!("{key} is stored but never logged")),
+                Some((first, joined)) => {
+                    if !first {
+                        out.push(format!("{key}'s first logged change is not marked first"));
+                    }
+                    let same =
+                        crate::replica::item_hash(key, joined).ok() == crate::replica::item_hash(key, &state).ok();
+                    if !same {
+                        out.push(format!(
+                            "{key}: its logged deltas join to {joined:?}, its state is {state:?}"
+                        ));
+                    }
+                }
+            }
+            if out.len() >= 3 {
+                break;
+            }
+        }
+        out
+    }
+
     /// A key's current record (written, durable or not), as
     /// [`Store::get`] would decode it.
     pub fn record(&self, key: &Key) -> Option<Arc<[u8]>> {

@@ -1628,6 +1628,16 @@ impl Sim {
 
     fn finish(&mut self) {
         self.done = true;
+        // The change log: every node's logged deltas join to its states.
+        let mut bad = Vec::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if let Some(r) = &n.replica {
+                bad.extend(r.store().check_log().into_iter().map(|b| format!("n{i}: {b}")));
+            }
+        }
+        for b in bad.into_iter().take(3) {
+            self.violation("change-log", b);
+        }
         let mut states: Vec<BTreeMap<Key, Value>> = Vec::new();
         for n in &self.nodes {
             let mut m = BTreeMap::new();

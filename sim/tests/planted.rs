@@ -240,6 +240,8 @@ const CAUGHT_BY: &[(PlantedBug, u64, &[&str])] = &[
         3,
         &["read-your-writes", "lost-ack", "convergence"],
     ),
+    // Issue 17: the change log leaves out what anti-entropy repaired.
+    (PlantedBug::LogDropsRepairs, 0, &["change-log"]),
 ];
 
 #[test]
@@ -294,6 +296,7 @@ fn scan_for_catching_seeds() {
         PlantedBug::FrameCheckIgnored,
         PlantedBug::RecordCheckIgnored,
         PlantedBug::PreparedBaseUnchecked,
+        PlantedBug::LogDropsRepairs,
     ] {
         if only.as_ref().is_some_and(|b| *b != format!("{bug:?}")) {
             continue;

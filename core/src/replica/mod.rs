@@ -1332,15 +1332,21 @@ impl<S: Store> Replica<S> {
             });
             values.push((key.clone(), next.record));
             let delta = Arc::new(next.delta);
-            changes.push(Change {
-                key: key.clone(),
-                delta: delta.clone(),
-                origin: from_region.clone().unwrap_or_else(|| RegionId(String::new())),
-                written,
-                applied,
-                op: None,
-                first: next.old_h.is_none(),
-            });
+            #[cfg(feature = "planted-bugs")]
+            let log_it = written.is_some() || !crate::planted::active(crate::planted::PlantedBug::LogDropsRepairs);
+            #[cfg(not(feature = "planted-bugs"))]
+            let log_it = true;
+            if log_it {
+                changes.push(Change {
+                    key: key.clone(),
+                    delta: delta.clone(),
+                    origin: from_region.clone().unwrap_or_else(|| RegionId(String::new())),
+                    written,
+                    applied,
+                    op: None,
+                    first: next.old_h.is_none(),
+                });
+            }
             novel_entries.push((key, delta));
             novel_sizes.push(next.delta_size);
         }
