@@ -179,7 +179,10 @@ impl ChunkWriter<'_> {
             self.out = Some((BufWriter::new(f), 0));
             self.chunks.push(Chunk { name, last: Vec::new() });
         }
-        let (w, n) = self.out.as_mut().ok_or_else(|| BackupError::Refused("no state file open".into()))?;
+        let (w, n) = self
+            .out
+            .as_mut()
+            .ok_or_else(|| BackupError::Refused("no state file open".into()))?;
         let path = self.dir.to_path_buf();
         write_frame(w, key.as_str().as_bytes(), record).map_err(io(&path))?;
         *n += frame;
@@ -246,9 +249,10 @@ pub fn write(reader: &StoreReader, source: &Source, dir: &Path) -> Result<Backup
         .node_name()?
         .ok_or_else(|| BackupError::Refused("the store has no identity: the node never started".into()))?;
     std::fs::create_dir(dir).map_err(|e| match e.kind() {
-        std::io::ErrorKind::AlreadyExists => {
-            BackupError::Refused(format!("{} already exists: a backup goes into a new directory", dir.display()))
-        }
+        std::io::ErrorKind::AlreadyExists => BackupError::Refused(format!(
+            "{} already exists: a backup goes into a new directory",
+            dir.display()
+        )),
         _ => BackupError::Io {
             path: dir.to_path_buf(),
             source: e,
@@ -294,7 +298,8 @@ fn write_into(
     reader.records_after(None, &mut |key, pos, record| {
         // A corrupt record fails the backup instead of being copied.
         open_record(&key, &record)?;
-        w.push(&key, pos, &record).map_err(|e| lattice_core::Error::Store(e.to_string()))?;
+        w.push(&key, pos, &record)
+            .map_err(|e| lattice_core::Error::Store(e.to_string()))?;
         if let Some(f) = hooks.after_record.as_mut() {
             f(&key);
         }
@@ -436,7 +441,11 @@ fn catch_up(reader: &StoreReader, e0: &LogMeta, e1: &LogMeta) -> Result<(Deltas,
 /// position falls in (or a new last one).
 fn join_into_chunks(dir: &Path, w: &mut ChunkWriter<'_>, mut deltas: Deltas) -> Result<(), BackupError> {
     for i in 0..w.chunks.len() {
-        let lo = if i == 0 { Vec::new() } else { w.chunks[i - 1].last.clone() };
+        let lo = if i == 0 {
+            Vec::new()
+        } else {
+            w.chunks[i - 1].last.clone()
+        };
         let last = i + 1 == w.chunks.len();
         // The deltas whose position falls in this file: after the previous
         // file's last record, up to this one's (or beyond, for the last).
@@ -546,7 +555,9 @@ pub fn verify(dir: &Path) -> Result<BackupMeta, BackupError> {
     let text = match std::fs::read_to_string(&manifest) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(damaged("it has no manifest (an interrupted backup, or not a backup)".into()))
+            return Err(damaged(
+                "it has no manifest (an interrupted backup, or not a backup)".into(),
+            ))
         }
         Err(e) => return Err(damaged(format!("the manifest does not read: {e}"))),
     };
@@ -728,6 +739,79 @@ pub fn restore(from: &Path, target: &Target<'_>) -> Result<Restored, BackupError
     })
 }
 
+/// `latticed bench-backup`: writes `keys` counters (batches of 1,000)
+/// through the real engine into a store in `dir` (cleared first), then
+/// times an offline backup of it and a restore into a new data dir, and
+/// prints both with the sizes.
+pub fn bench(dir: &Path, keys: usize) -> anyhow::Result<()> {
+    use lattice_core::crdt::Op;
+    use lattice_core::replica::{Replica, ReplicaConfig, Time};
+    use rand::SeedableRng;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    let data = dir.join("data");
+    let now = wall_ms();
+    {
+        let store = SledStore::open(&data, "bench", Durability::Group)?;
+        let rng = Box::new(rand_chacha::ChaCha8Rng::seed_from_u64(1));
+        let mut r = Replica::open(ReplicaConfig::new("bench", "eu", vec![]), store, rng, Time(now))?;
+        for start in (0..keys).step_by(1_000) {
+            let ops = (start..(start + 1_000).min(keys))
+                .map(|i| Ok((Key::new(format!("bench/{i}"))?, Op::CounterAdd(1))))
+                .collect::<Result<Vec<_>, lattice_core::Error>>()?;
+            r.write(Time(now), ops)?;
+            r.flush(Time(now))?;
+        }
+    }
+    let (db, reader) = open_stopped_waiting(&data)?;
+    let started = std::time::Instant::now();
+    let source = Source {
+        region: Some(RegionId::from("eu")),
+        policy: PolicySet::default(),
+        online: false,
+    };
+    let s = write(&reader, &source, &dir.join("backup"))?;
+    let backup_secs = started.elapsed().as_secs_f64();
+    drop((db, reader));
+    let started = std::time::Instant::now();
+    let r = restore(
+        &dir.join("backup"),
+        &Target {
+            data_dir: &dir.join("restored"),
+            node: "bench2",
+            region: &RegionId::from("eu"),
+            policy: PolicySet::default(),
+            log: Default::default(),
+        },
+    )?;
+    let restore_secs = started.elapsed().as_secs_f64();
+    println!(
+        "keys={} backup_bytes={} backup_bytes_per_key={:.1} backup_secs={backup_secs:.2} restore_keys={} restore_secs={restore_secs:.2}",
+        s.keys,
+        s.bytes,
+        s.bytes as f64 / s.keys.max(1) as f64,
+        r.keys
+    );
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
+
+/// [`StoreReader::open_stopped`], waiting (up to 5 s) for the lock a store
+/// just dropped in this process may still hold.
+fn open_stopped_waiting(dir: &Path) -> anyhow::Result<(sled::Db, StoreReader)> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match StoreReader::open_stopped(dir) {
+            Ok(x) => return Ok(x),
+            Err(e) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 fn store_err(e: impl std::fmt::Display) -> lattice_core::Error {
     lattice_core::Error::Store(e.to_string())
 }
@@ -789,7 +873,12 @@ mod tests {
             let mut r = replica(&tmp.path().join("d"));
             // Pairs of counters, every one of them added to in each write.
             let pairs: Vec<(Key, Key)> = (0..20)
-                .map(|j| (Key::new(format!("p{j}/a")).unwrap(), Key::new(format!("p{j}/b")).unwrap()))
+                .map(|j| {
+                    (
+                        Key::new(format!("p{j}/a")).unwrap(),
+                        Key::new(format!("p{j}/b")).unwrap(),
+                    )
+                })
                 .collect();
             let both = |extra: Option<Key>| {
                 let mut ops: Vec<(Key, Op)> = pairs
@@ -833,12 +922,18 @@ mod tests {
                     .unwrap();
                 m
             };
-            assert!(live["p0/a"].parse::<u64>().unwrap() > 20, "writes happened during the copy");
+            assert!(
+                live["p0/a"].parse::<u64>().unwrap() > 20,
+                "writes happened during the copy"
+            );
             let unequal = (0..20)
                 .filter(|j| got.get(&format!("p{j}/a")) != got.get(&format!("p{j}/b")))
                 .count();
             if skip {
-                assert!(unequal > 0, "the copy without the catch-up is fuzzy, and the check sees it");
+                assert!(
+                    unequal > 0,
+                    "the copy without the catch-up is fuzzy, and the check sees it"
+                );
             } else {
                 assert_eq!(unequal, 0, "every pair as of one point");
                 assert_eq!(got, live, "every key as of the end of the copy");
@@ -868,16 +963,18 @@ mod tests {
             let again = write(&r.store().reader(), &source(), &backup).unwrap_err();
             assert!(again.to_string().contains("already exists"), "{again}");
         }
-        let target = |d: &Path| restore(
-            &d.to_path_buf(),
-            &Target {
-                data_dir: &tmp.path().join(format!("r-{}", rand::random::<u32>())),
-                node: "n2",
-                region: &RegionId::from("eu"),
-                policy: PolicySet::default(),
-                log: Default::default(),
-            },
-        );
+        let target = |d: &Path| {
+            restore(
+                d,
+                &Target {
+                    data_dir: &tmp.path().join(format!("r-{}", rand::random::<u32>())),
+                    node: "n2",
+                    region: &RegionId::from("eu"),
+                    policy: PolicySet::default(),
+                    log: Default::default(),
+                },
+            )
+        };
         let copy = |name: &str| {
             let d = tmp.path().join(name);
             std::fs::create_dir(&d).unwrap();

@@ -72,6 +72,18 @@ enum Cmd {
         #[command(flatten)]
         args: Box<RunArgs>,
     },
+    /// Backup cost: writes --keys counters through the real engine into a
+    /// store under --dir, then times an offline backup and a restore and
+    /// prints their sizes (`keys=... backup_bytes=... backup_secs=...
+    /// restore_secs=...`). The directory is cleared first and removed after.
+    BenchBackup {
+        /// A scratch directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Keys to write.
+        #[arg(long, default_value_t = 100_000)]
+        keys: usize,
+    },
     /// Baseline for `lattice bench`: raw sled inserts of the same key and
     /// value sizes from --threads threads for --secs seconds, optionally
     /// with a flush after every insert. Prints ops/s and latency percentiles.
@@ -380,6 +392,7 @@ fn main() -> ExitCode {
         Cmd::Audit(AuditCmd::Verify { data_dir }) => audit_verify(&data_dir),
         Cmd::Backup { data_dir, to, region } => backup_offline(&data_dir, &to, region),
         Cmd::Restore { from, args } => restore(&from, &args),
+        Cmd::BenchBackup { dir, keys } => lattice_server::backup::bench(&dir, keys),
         Cmd::BenchSled {
             dir,
             threads,

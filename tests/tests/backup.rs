@@ -179,7 +179,10 @@ async fn backup_restored_into_another_region_holds_none_of_its_local_keys() {
     let (ok, out) = restore(&c, &dir, 1, Some(&us_dir));
     assert!(ok, "{out}");
     assert!(out.contains("restored 10 keys"), "{out}");
-    assert!(out.contains("10 keys not restored: region us may not hold them"), "{out}");
+    assert!(
+        out.contains("10 keys not restored: region us may not hold them"),
+        "{out}"
+    );
     let restored = data_dir_states(&us_dir);
     assert_eq!(restored.len(), 10, "{restored:?}");
     assert!(restored.keys().all(|k| k.starts_with("pub/")), "{restored:?}");
@@ -187,7 +190,11 @@ async fn backup_restored_into_another_region_holds_none_of_its_local_keys() {
     let eu_dir = c.dir.path().join("restored-eu");
     let (ok, out) = restore(&c, &dir, 0, Some(&eu_dir));
     assert!(ok, "{out}");
-    assert_eq!(data_dir_states(&eu_dir), held, "restored into its own region, every key");
+    assert_eq!(
+        data_dir_states(&eu_dir),
+        held,
+        "restored into its own region, every key"
+    );
 }
 
 /// `latticed backup` refuses a running node's data dir; stopped, it backs
@@ -243,7 +250,10 @@ async fn backup_offline_and_restore_refuse_a_running_node_and_damage() {
     std::fs::remove_file(missing.join("ops")).unwrap();
     let (ok, out) = restore(&c, &missing, 0, Some(&fresh));
     assert!(!ok && out.contains("ops is missing"), "{out}");
-    assert!(std::fs::read_dir(&fresh).map_or(true, |mut d| d.next().is_none()), "nothing restored");
+    assert!(
+        std::fs::read_dir(&fresh).map_or(true, |mut d| d.next().is_none()),
+        "nothing restored"
+    );
     let (ok, out) = restore(&c, &dir, 0, None);
     assert!(!ok && out.contains("is not empty"), "{out}");
 
