@@ -216,10 +216,16 @@ fn write_frame(w: &mut impl Write, key: &[u8], record: &[u8]) -> std::io::Result
 /// bounded before anything is allocated.
 fn read_frame(r: &mut impl Read) -> std::io::Result<Option<(Vec<u8>, Vec<u8>)>> {
     let mut len = [0u8; 4];
-    match r.read_exact(&mut len) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
+    // The file may end only between frames.
+    let mut got = 0;
+    while got < len.len() {
+        match r.read(&mut len[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
     let bad = |what| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
     let klen = u32::from_be_bytes(len) as usize;
@@ -679,6 +685,25 @@ pub fn restore(from: &Path, target: &Target<'_>) -> Result<Restored, BackupError
     } else {
         meta.policy.clone()
     };
+    let existed = dir.exists();
+    let result = restore_into(from, target, meta, policy);
+    if result.is_err() {
+        // Leave no half-restored data dir a node could start on.
+        let _ = std::fs::remove_dir_all(dir);
+        if existed {
+            let _ = std::fs::create_dir(dir);
+        }
+    }
+    result
+}
+
+fn restore_into(
+    from: &Path,
+    target: &Target<'_>,
+    meta: BackupMeta,
+    policy: PolicySet,
+) -> Result<Restored, BackupError> {
+    let dir = target.data_dir;
     let mut store = SledStore::open_with_log(dir, target.node, Durability::Sync, target.log)
         .map_err(|e| BackupError::Refused(e.to_string()))?;
     let (mut keys, mut not_allowed) = (0u64, 0u64);
@@ -939,6 +964,38 @@ mod tests {
                 assert_eq!(got, live, "every key as of the end of the copy");
             }
         }
+    }
+
+    /// A state file ends only between frames: a cut anywhere inside one
+    /// (also inside its first length) is an error, not a shorter file; a
+    /// length past its bound is refused before anything is allocated.
+    #[test]
+    fn state_frames_refuse_a_cut_and_an_absurd_length() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, b"k1", b"record").unwrap();
+        write_frame(&mut buf, b"k2", b"other").unwrap();
+        let mut r = &buf[..];
+        assert_eq!(read_frame(&mut r).unwrap().unwrap().0, b"k1");
+        assert_eq!(read_frame(&mut r).unwrap().unwrap().1, b"other");
+        assert!(read_frame(&mut r).unwrap().is_none());
+        let one = 4 + 2 + 4 + 6;
+        for cut in 1..buf.len() {
+            let mut r = &buf[..cut];
+            let outcome = read_frame(&mut r).and_then(|_| read_frame(&mut r));
+            if cut == one {
+                assert!(outcome.unwrap().is_none(), "cut {cut}: between frames");
+            } else {
+                assert!(outcome.is_err(), "cut {cut}");
+            }
+        }
+        let mut huge = Vec::new();
+        huge.extend_from_slice(&1u32.to_be_bytes());
+        huge.push(b'k');
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(read_frame(&mut &huge[..]).is_err());
+        let mut long_key = Vec::new();
+        long_key.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(read_frame(&mut &long_key[..]).is_err());
     }
 
     /// Restore refuses a flipped byte in any file, a missing file, an extra
