@@ -154,6 +154,7 @@ async fn backup_restored_into_another_region_holds_none_of_its_local_keys() {
     let c = Cluster::start_with(bin(), &["eu", "us"], Durability::Group, |_, cfg| {
         cfg.policy_version = 1;
         cfg.policy = vec![local.clone()];
+        cfg.tokens.push("plain-client-token-0001".into());
     })
     .unwrap();
     c.wait_ready(Duration::from_secs(30)).await.unwrap();
@@ -167,7 +168,24 @@ async fn backup_restored_into_another_region_holds_none_of_its_local_keys() {
         .unwrap();
     }
     let dir = c.dir.path().join("backup-eu");
-    eu.backup(0, dir.to_str().unwrap()).await.unwrap();
+    // A client token may not back up; nor may a relative path be given.
+    let plain = c.client_with_token(0, "plain-client-token-0001").unwrap();
+    let e = plain.backup(0, dir.to_str().unwrap()).await.unwrap_err();
+    assert!(e.to_string().contains("needs an admin token"), "{e}");
+    let e = eu.backup(0, "relative/dir").await.unwrap_err();
+    assert!(e.to_string().contains("absolute path"), "{e}");
+    assert!(!dir.exists());
+    // The CLI, with the admin token.
+    let endpoint = format!("n1@{}", c.defaults.endpoints[0]);
+    let out = Command::new(env!("CARGO_BIN_EXE_lattice-test-cli"))
+        .args(["--endpoint", &endpoint, "--token", &c.defaults.token, "--ca"])
+        .arg(&c.defaults.ca)
+        .args(["backup", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("ok: backed up 20 keys"), "{text}");
     let held = backup_states(&dir);
     assert_eq!(held.keys().filter(|k| k.starts_with("secret/")).count(), 10);
     assert_eq!(held.len(), 20);
