@@ -6,6 +6,7 @@
 //! replication logic of its own.
 
 pub mod audit;
+pub mod backup;
 pub mod bench;
 pub mod certs;
 pub mod changelog;

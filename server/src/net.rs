@@ -1654,7 +1654,49 @@ pub(crate) async fn serve(
                 Err(_) => error(ErrorKind::Unavailable, "the node is shutting down"),
             }
         }
-        RequestBody::Backup { .. } => error(ErrorKind::InvalidRequest, "backup: not built yet"),
+        RequestBody::Backup { dir } => {
+            let admin = inbound
+                .admin_tokens
+                .iter()
+                .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
+            if !admin {
+                inbound.metrics.unauthorized.inc();
+                return error(
+                    ErrorKind::Unauthorized,
+                    "a backup needs an admin token (admin_tokens in the node's configuration)",
+                );
+            }
+            let dir = std::path::PathBuf::from(dir);
+            if !dir.is_absolute() {
+                return error(
+                    ErrorKind::InvalidRequest,
+                    "the backup directory must be an absolute path on the node's host",
+                );
+            }
+            let (store, region, policy) = match inbound.reads.backup_source() {
+                Ok(s) => s,
+                Err(e) => return Response::Error(ClientError::from(&e)),
+            };
+            // Reads the whole store: off the async workers.
+            let done = tokio::task::spawn_blocking(move || {
+                let source = crate::backup::Source {
+                    region: Some(region),
+                    policy: (*policy).clone(),
+                    online: true,
+                };
+                crate::backup::write(&store, &source, &dir)
+            })
+            .await;
+            match done {
+                Ok(Ok(summary)) => {
+                    tracing::info!(dir = %summary.dir, keys = summary.keys, bytes = summary.bytes, "backup written");
+                    Response::BackedUp(summary)
+                }
+                Ok(Err(crate::backup::BackupError::Store(e))) => Response::Error(ClientError::from(&e)),
+                Ok(Err(e)) => error(ErrorKind::InvalidRequest, format!("backup failed: {e}")),
+                Err(_) => error(ErrorKind::Unavailable, "the node is shutting down"),
+            }
+        }
         RequestBody::Watch { .. } | RequestBody::Pipeline(_) => error(
             ErrorKind::InvalidRequest,
             "watch and pipeline requests need their own stream (see RequestBody::Pipeline)",

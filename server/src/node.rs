@@ -443,6 +443,12 @@ impl Reads {
         }
     }
 
+    /// What a backup of this node reads: its store, its region and the
+    /// policy set in force.
+    pub fn backup_source(&self) -> Result<(StoreReader, RegionId, Arc<PolicySet>), Error> {
+        Ok((self.store.clone(), self.region.clone(), self.policy()?))
+    }
+
     fn policy(&self) -> Result<Arc<PolicySet>, Error> {
         self.policy
             .read()

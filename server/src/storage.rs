@@ -271,6 +271,54 @@ impl StoreReader {
         LogReader { tree: &self.tree }
     }
 
+    /// Opens the data dir `dir` of a stopped node for reading (what
+    /// `latticed backup` does): sled locks the directory, so this fails
+    /// while a node runs on it. Keep the `sled::Db` as long as the reader.
+    pub fn open_stopped(dir: &Path) -> Result<(sled::Db, StoreReader), OpenError> {
+        let sled_err = |source| OpenError::Sled {
+            path: dir.to_path_buf(),
+            source,
+        };
+        if !dir.join("conf").exists() || !dir.join("db").exists() {
+            return Err(OpenError::Corrupt {
+                path: dir.to_path_buf(),
+                reason: "this is not a node's data directory (no sled files in it)".into(),
+            });
+        }
+        let db = sled::Config::new().path(dir).open().map_err(sled_err)?;
+        let tree = db.open_tree("lattice").map_err(sled_err)?;
+        Ok((db, StoreReader { tree }))
+    }
+
+    /// The name of the node the store belongs to (`None`: a new store).
+    pub fn node_name(&self) -> Result<Option<String>, Error> {
+        match self.tree.get(b"iidentity").map_err(store_err)? {
+            Some(raw) => Ok(Some(from_bytes::<Identity>(&raw)?.node)),
+            None => Ok(None),
+        }
+    }
+
+    /// The client op ids the store remembers as of the last flush, oldest
+    /// first (at most about twice [`OP_ID_RETENTION`]: the chunks on disk).
+    pub fn op_ids(&self) -> Result<Vec<OpId>, Error> {
+        let mut out = Vec::new();
+        for r in self.tree.scan_prefix(b"p") {
+            let (_, v) = r.map_err(store_err)?;
+            for id in v.chunks_exact(16) {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(id);
+                out.push(OpId(u128::from_be_bytes(b)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The storage position of `key` (what [`StoreReader::records_after`]
+    /// hands out and orders by).
+    pub fn position(key: &Key) -> Vec<u8> {
+        value_key(key)
+    }
+
     /// Stored records after `after` (a position this returned before;
     /// `None`: from the first), in storage order (by key hash), handed to
     /// `visit` with their key and position until it returns false or every
