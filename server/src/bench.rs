@@ -107,7 +107,7 @@ fn dir_bytes(p: &std::path::Path) -> u64 {
 
 /// `latticed bench-footprint`: `keys` keys of one CRDT type through the real
 /// engine and store; prints disk and RSS growth per key.
-pub fn footprint(dir: &std::path::Path, keys: usize, kind: &str, batch: usize) -> Result<()> {
+pub fn footprint(dir: &std::path::Path, keys: usize, kind: &str, batch: usize, log: bool) -> Result<()> {
     use anyhow::Context;
     use lattice_core::crdt::{Bytes, Field, FieldKind, Op};
     use lattice_core::replica::{Replica, ReplicaConfig, Time};
@@ -133,8 +133,15 @@ pub fn footprint(dir: &std::path::Path, keys: usize, kind: &str, batch: usize) -
     }
     let before = rss_bytes();
     let store = crate::storage::SledStore::open(dir, "footprint", crate::storage::Durability::Group)?;
+    let store = if log { store } else { store.without_log() };
     let rng = Box::new(rand_chacha::ChaCha8Rng::seed_from_u64(1));
     let mut r = Replica::open(ReplicaConfig::new("footprint", "r", vec![]), store, rng, Time(0))?;
+    // The wall clock, as a node sets it: changes are stamped now, not in
+    // 1970 (where the log's retention by age would drop each at once).
+    let wall_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    r.set_wall_offset(wall_ms);
     let started = std::time::Instant::now();
     for start in (0..keys).step_by(batch) {
         let ops = (start..(start + batch).min(keys))
@@ -146,6 +153,7 @@ pub fn footprint(dir: &std::path::Path, keys: usize, kind: &str, batch: usize) -
     }
     let elapsed = started.elapsed().as_secs_f64();
     let after = rss_bytes();
+    let log_bytes = r.store().log_meta().bytes;
     // Baseline in the same run: raw sled holding the same keys and the same
     // encoded final states, inserted in the same batches with a flush each.
     let raw_dir = dir.with_extension("raw");
@@ -172,14 +180,17 @@ pub fn footprint(dir: &std::path::Path, keys: usize, kind: &str, batch: usize) -
     let raw_disk = dir_bytes(&raw_dir);
     let per_key = |n: u64| n as f64 / keys.max(1) as f64;
     println!(
-        "kind={kind} keys={keys} disk_bytes={disk} disk_per_key={:.1} rss_growth_bytes={} rss_per_key={:.1} \
-         state_per_key={:.1} raw_sled_disk_per_key={:.1} disk_vs_raw_sled={:.2} secs={elapsed:.1}",
+        "kind={kind} keys={keys} log={log} disk_bytes={disk} disk_per_key={:.1} log_bytes_per_write={:.1} \
+         rss_growth_bytes={} rss_per_key={:.1} state_per_key={:.1} raw_sled_disk_per_key={:.1} \
+         disk_vs_raw_sled={:.2} secs={elapsed:.1} writes_per_sec={:.0}",
         per_key(disk),
+        per_key(log_bytes),
         after.saturating_sub(before),
         per_key(after.saturating_sub(before)),
         per_key(state_bytes),
         per_key(raw_disk),
-        disk as f64 / raw_disk.max(1) as f64
+        disk as f64 / raw_disk.max(1) as f64,
+        keys as f64 / elapsed.max(1e-9)
     );
     let _ = std::fs::remove_dir_all(dir);
     let _ = std::fs::remove_dir_all(&raw_dir);

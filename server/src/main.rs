@@ -155,6 +155,10 @@ enum Cmd {
         /// Keys per write batch.
         #[arg(long, default_value_t = 1_000)]
         batch: usize,
+        /// Leave the change log out (a baseline for what it costs; a node
+        /// always logs).
+        #[arg(long)]
+        no_log: bool,
     },
     /// Memory while a peer is down: the real engine and sled store with one
     /// peer that never answers take --rate writes per second (100-byte
@@ -451,7 +455,13 @@ fn main() -> ExitCode {
             value_size,
             flush,
         } => lattice_server::bench::sled(&dir, threads, secs, keys, value_size, flush),
-        Cmd::BenchFootprint { dir, keys, kind, batch } => lattice_server::bench::footprint(&dir, keys, &kind, batch),
+        Cmd::BenchFootprint {
+            dir,
+            keys,
+            kind,
+            batch,
+            no_log,
+        } => lattice_server::bench::footprint(&dir, keys, &kind, batch, !no_log),
         Cmd::BenchPeerDown {
             dir,
             minutes,
