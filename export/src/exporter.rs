@@ -112,20 +112,10 @@ impl<'a> Exporter<'a> {
         }
     }
 
-    /// One connection's worth of exporting, until something fails.
+    /// One connection's worth of exporting, until something fails. The
+    /// checkpoint is read first, so that the lag is counted from it even
+    /// while the broker cannot be reached.
     async fn attempt(&self, progressed: &mut bool) -> Error {
-        let s = self.settings;
-        let broker = match Broker::connect(&s.amqp_url, &s.topology, s.confirm_timeout).await {
-            Ok(b) => b,
-            Err(e) => return e,
-        };
-        self.stats.broker_up.set(1);
-        let e = self.export(&broker, progressed).await;
-        broker.close().await;
-        e
-    }
-
-    async fn export(&self, broker: &Broker, progressed: &mut bool) -> Error {
         let s = self.settings;
         let mut consumer = match LogConsumer::open(self.client, 0, &s.name, &s.prefix, &s.partitions).await {
             Ok(c) => c,
@@ -134,12 +124,25 @@ impl<'a> Exporter<'a> {
         consumer.page = s.batch.clamp(1, LOG_MAX_CHANGES);
         consumer.wait = s.poll_wait;
         self.stats.set_checkpoint(consumer.position());
+        let broker = match Broker::connect(&s.amqp_url, &s.topology, s.confirm_timeout).await {
+            Ok(b) => b,
+            Err(e) => return e,
+        };
+        self.stats.broker_up.set(1);
         tracing::info!(
             checkpoint = consumer.position().map(|c| c.to_text()).unwrap_or_else(|| "none (from the oldest retained)".into()),
             "exporting"
         );
+        let e = self.export(&broker, &mut consumer, progressed).await;
+        broker.close().await;
+        e
+    }
+
+    /// Publishes batch after batch, checkpointing each once confirmed.
+    async fn export(&self, broker: &Broker, consumer: &mut LogConsumer<'_>, progressed: &mut bool) -> Error {
+        let s = self.settings;
         loop {
-            let batch = match next_batch(&mut consumer, s.batch).await {
+            let batch = match next_batch(consumer, s.batch).await {
                 Ok(b) => b,
                 Err(e) => return e,
             };

@@ -25,7 +25,7 @@
 //!     &std::fs::read_to_string(".lattice-dev/ca.pem").unwrap_or_default(),
 //! )?;
 //! let settings = Settings::new("amqp://guest:guest@127.0.0.1:5672/%2f");
-//! let stats = Stats::default();
+//! let stats = Stats::new();
 //! Exporter::new(&client, &settings, &stats).run().await
 //! # }
 //! ```

@@ -89,6 +89,7 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -118,7 +119,7 @@ async fn run(cli: Cli) -> Result<()> {
         Duration::from_millis(cli.min_backoff_ms.max(1)),
         Duration::from_millis(cli.max_backoff_ms.max(cli.min_backoff_ms.max(1))),
     );
-    let stats = Arc::new(Stats::default());
+    let stats = Arc::new(Stats::new());
     if let Some(addr) = cli.metrics_addr {
         serve_metrics(addr, stats.clone()).await?;
     }

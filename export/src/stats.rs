@@ -17,10 +17,12 @@ pub struct Stats {
     /// Failed attempts, each followed by a backoff (`lattice_export_retries_total`).
     pub retries: Counter,
     /// Changes of the log not yet confirmed, as of the last probe, counted
-    /// up to [`crate::LAG_COUNT_MAX`] (`lattice_export_lag_changes`).
+    /// up to [`crate::LAG_COUNT_MAX`]; -1 until first counted
+    /// (`lattice_export_lag_changes`).
     pub lag_changes: Gauge,
     /// Milliseconds since the node applied the oldest change not yet
-    /// confirmed, 0 when caught up (`lattice_export_lag_ms`).
+    /// confirmed, 0 when caught up, -1 until first counted
+    /// (`lattice_export_lag_ms`).
     pub lag_ms: Gauge,
     /// 1 while the exporter holds a confirming channel (`lattice_export_broker_up`).
     pub broker_up: Gauge,
@@ -30,6 +32,14 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Fresh stats, the lag unknown (-1) until first counted.
+    pub fn new() -> Stats {
+        let s = Stats::default();
+        s.lag_changes.set(-1);
+        s.lag_ms.set(-1);
+        s
+    }
+
     /// The metrics, in a registry to encode.
     pub fn registry(&self) -> Registry {
         let mut r = Registry::with_prefix("lattice_export");
