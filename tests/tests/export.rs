@@ -52,7 +52,10 @@ async fn broker() -> Option<(Connection, Channel)> {
 
 fn no_broker(why: &str) -> Option<(Connection, Channel)> {
     if std::env::var_os("LATTICE_REQUIRE_RABBITMQ").is_some() {
-        panic!("LATTICE_REQUIRE_RABBITMQ is set and no RabbitMQ answers at {}: {why}", amqp_url());
+        panic!(
+            "LATTICE_REQUIRE_RABBITMQ is set and no RabbitMQ answers at {}: {why}",
+            amqp_url()
+        );
     }
     eprintln!(
         "SKIPPED: no RabbitMQ at {} ({why}); install and start rabbitmq-server (as .ci/run does), \
@@ -91,8 +94,24 @@ impl Exporter {
             .args(["--token", &c.defaults.token])
             .arg("--ca")
             .arg(&c.defaults.ca)
-            .args(["--amqp-url", url, "--exchange", exchange, "--queue", exchange, "--name", name])
-            .args(["--metrics-addr", &metrics.to_string(), "--lag-interval-ms", "200", "--report-interval-s", "1"])
+            .args([
+                "--amqp-url",
+                url,
+                "--exchange",
+                exchange,
+                "--queue",
+                exchange,
+                "--name",
+                name,
+            ])
+            .args([
+                "--metrics-addr",
+                &metrics.to_string(),
+                "--lag-interval-ms",
+                "200",
+                "--report-interval-s",
+                "1",
+            ])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -144,9 +163,16 @@ async fn whole_log(c: &Cluster) -> (u64, Vec<Logged>) {
     let client = c.client(0).unwrap();
     let (mut from, mut all) = (None::<LogCursor>, Vec::new());
     loop {
-        let page = client.log_read(0, &[], from.clone(), "", 1_000, Duration::ZERO).await.unwrap();
+        let page = client
+            .log_read(0, &[], from.clone(), "", 1_000, Duration::ZERO)
+            .await
+            .unwrap();
         let done = page.changes.is_empty() && from.as_ref() == Some(&page.next);
-        all.extend(page.changes.into_iter().filter(|l| !l.change.key.as_str().starts_with(CHECKPOINT_PREFIX)));
+        all.extend(
+            page.changes
+                .into_iter()
+                .filter(|l| !l.change.key.as_str().starts_with(CHECKPOINT_PREFIX)),
+        );
         if done {
             return (page.next.log, all);
         }
@@ -241,7 +267,10 @@ fn check(log_id: u64, log: &[Logged], got: &[ExportedChange]) -> Result<Verdict,
     let mut sorted: Vec<&Logged> = log.iter().collect();
     sorted.sort_by_key(|l| (l.partition, l.seq));
     for l in sorted {
-        want_per_key.entry(l.change.key.as_str().to_string()).or_default().push(l.seq);
+        want_per_key
+            .entry(l.change.key.as_str().to_string())
+            .or_default()
+            .push(l.seq);
     }
     if per_key != want_per_key {
         return Err("some key's changes arrived out of order".into());
@@ -257,7 +286,9 @@ fn check(log_id: u64, log: &[Logged], got: &[ExportedChange]) -> Result<Verdict,
 /// redelivery whose op id changed.
 fn checker_catches_planted_faults(log_id: u64, log: &[Logged], got: &[ExportedChange]) {
     let mut dropped = got.to_vec();
-    let victim = dropped.iter().rposition(|m| got.iter().filter(|o| o.message_id() == m.message_id()).count() == 1);
+    let victim = dropped
+        .iter()
+        .rposition(|m| got.iter().filter(|o| o.message_id() == m.message_id()).count() == 1);
     dropped.remove(victim.expect("a message delivered once"));
     assert!(check(log_id, log, &dropped).is_err(), "a dropped message went unseen");
 
@@ -273,7 +304,10 @@ fn checker_catches_planted_faults(log_id: u64, log: &[Logged], got: &[ExportedCh
     let mut copy = relabelled[0].clone();
     copy.op = Some("ffffffffffffffffffffffffffffffff".into());
     relabelled.push(copy);
-    assert!(check(log_id, log, &relabelled).is_err(), "a duplicate with another op id went unseen");
+    assert!(
+        check(log_id, log, &relabelled).is_err(),
+        "a duplicate with another op id went unseen"
+    );
 }
 
 /// Writes `n` changes from node `node` over 40 keys (counters and
@@ -290,7 +324,10 @@ async fn write_load(c: &Cluster, node: usize, n: usize, tag: &str) {
                 let op = if k % 2 == 0 {
                     (key(&format!("c/{k}")), Op::CounterAdd(1))
                 } else {
-                    (key(&format!("r/{k}")), Op::LwwSet(format!("{tag}-{i}").into_bytes().into()))
+                    (
+                        key(&format!("r/{k}")),
+                        Op::LwwSet(format!("{tag}-{i}").into_bytes().into()),
+                    )
                 };
                 client.write(vec![op]).await.unwrap();
             }
@@ -307,7 +344,10 @@ async fn queued(ch: &Channel, queue: &str) -> usize {
         passive: true,
         ..QueueDeclareOptions::default()
     };
-    ch.queue_declare(queue, passive, FieldTable::default()).await.unwrap().message_count() as usize
+    ch.queue_declare(queue, passive, FieldTable::default())
+        .await
+        .unwrap()
+        .message_count() as usize
 }
 
 async fn remove(ch: &Channel, name: &str) {
@@ -332,8 +372,9 @@ fn export_survives_sigkill_and_delivers_every_change_in_key_order() {
         let mut first = Exporter::start(&c, &url, &name, &name, &["--batch", "25"]);
         let writing = write_load(&c, 0, 1_400, "c");
         let killed_at = {
-            let kill_when_busy =
-                first.wait_metric("lattice_export_confirmed_total", Duration::from_secs(60), |v| v >= 300.0);
+            let kill_when_busy = first.wait_metric("lattice_export_confirmed_total", Duration::from_secs(60), |v| {
+                v >= 300.0
+            });
             let (_, at) = tokio::join!(writing, kill_when_busy);
             at
         };
@@ -348,23 +389,41 @@ fn export_survives_sigkill_and_delivers_every_change_in_key_order() {
         let (log_id, log) = whole_log(&c).await;
         let end = Instant::now() + Duration::from_secs(60);
         while queued(&ch, &name).await < log.len() {
-            assert!(Instant::now() < end, "{} messages for {} changes:\n{}", queued(&ch, &name).await, log.len(), second.logs());
+            assert!(
+                Instant::now() < end,
+                "{} messages for {} changes:\n{}",
+                queued(&ch, &name).await,
+                log.len(),
+                second.logs()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // Lag 0: the checkpoint covers the log, everything was confirmed.
-        second.wait_metric("lattice_export_lag_changes", Duration::from_secs(30), |v| v == 0.0).await;
+        second
+            .wait_metric("lattice_export_lag_changes", Duration::from_secs(30), |v| v == 0.0)
+            .await;
         let log2 = second.kill();
         let got = drain(&ch, &name).await;
         remove(&ch, &name).await;
 
-        let verdict = check(log_id, &log, &got).unwrap_or_else(|e| panic!("{e}\nfirst run:\n{log1}\nsecond run:\n{log2}"));
+        let verdict =
+            check(log_id, &log, &got).unwrap_or_else(|e| panic!("{e}\nfirst run:\n{log1}\nsecond run:\n{log2}"));
         eprintln!("{verdict:?} (log: {} changes)", log.len());
         assert_eq!(verdict.distinct, log.len());
         assert_eq!(verdict.messages, verdict.distinct + verdict.duplicates);
-        assert!(log.iter().any(|l| l.change.origin.0 == "us"), "no remote change in the log");
+        assert!(
+            log.iter().any(|l| l.change.origin.0 == "us"),
+            "no remote change in the log"
+        );
         assert!(log.iter().any(|l| l.change.op.is_some()), "no op id in the log");
-        assert!(log2.contains("checkpoint="), "the second run did not say where it resumed:\n{log2}");
-        assert!(!log2.contains("none (from the oldest retained)"), "the second run did not resume:\n{log2}");
+        assert!(
+            log2.contains("checkpoint="),
+            "the second run did not say where it resumed:\n{log2}"
+        );
+        assert!(
+            !log2.contains("none (from the oldest retained)"),
+            "the second run did not resume:\n{log2}"
+        );
         checker_catches_planted_faults(log_id, &log, &got);
     });
 }
@@ -380,33 +439,100 @@ fn export_lags_and_reports_it_while_the_broker_is_down_and_the_node_never_waits(
         // A broker that accepts connections and never answers: connects time out.
         let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let dead = format!("amqp://guest:guest@{}/%2f", silent.local_addr().unwrap());
-        let backoff = ["--confirm-timeout-ms", "300", "--min-backoff-ms", "50", "--max-backoff-ms", "200"];
+        let backoff = [
+            "--confirm-timeout-ms",
+            "300",
+            "--min-backoff-ms",
+            "50",
+            "--max-backoff-ms",
+            "200",
+        ];
         let mut down = Exporter::start(&c, &dead, &name, &name, &backoff);
 
         let t = Instant::now();
         write_load(&c, 0, 300, "x").await;
         let took = t.elapsed();
-        assert!(took < Duration::from_secs(20), "300 writes took {took:?} with the broker down");
-        down.wait_metric("lattice_export_lag_changes", Duration::from_secs(30), |v| v >= 300.0).await;
-        down.wait_metric("lattice_export_lag_ms", Duration::from_secs(30), |v| v >= 500.0).await;
-        down.wait_metric("lattice_export_retries_total", Duration::from_secs(30), |v| v >= 3.0).await;
+        assert!(
+            took < Duration::from_secs(20),
+            "300 writes took {took:?} with the broker down"
+        );
+        down.wait_metric("lattice_export_lag_changes", Duration::from_secs(30), |v| v >= 300.0)
+            .await;
+        down.wait_metric("lattice_export_lag_ms", Duration::from_secs(30), |v| v >= 500.0)
+            .await;
+        down.wait_metric("lattice_export_retries_total", Duration::from_secs(30), |v| v >= 3.0)
+            .await;
         assert_eq!(down.metric("lattice_export_broker_up"), Some(0.0));
         assert_eq!(down.metric("lattice_export_confirmed_total"), Some(0.0));
         let logs = down.kill();
-        assert!(logs.contains("retrying from the checkpoint"), "no retry logged:\n{logs}");
+        assert!(
+            logs.contains("retrying from the checkpoint"),
+            "no retry logged:\n{logs}"
+        );
         assert!(logs.contains("export progress"), "no progress line logged:\n{logs}");
         drop(silent);
 
         // The broker is back: everything goes out and the lag returns to 0.
         let mut up = Exporter::start(&c, &amqp_url(), &name, &name, &[]);
-        up.wait_metric("lattice_export_confirmed_total", Duration::from_secs(30), |v| v >= 300.0).await;
-        up.wait_metric("lattice_export_lag_changes", Duration::from_secs(30), |v| v == 0.0).await;
-        up.wait_metric("lattice_export_broker_up", Duration::from_secs(5), |v| v == 1.0).await;
+        up.wait_metric("lattice_export_confirmed_total", Duration::from_secs(30), |v| {
+            v >= 300.0
+        })
+        .await;
+        up.wait_metric("lattice_export_lag_changes", Duration::from_secs(30), |v| v == 0.0)
+            .await;
+        up.wait_metric("lattice_export_broker_up", Duration::from_secs(5), |v| v == 1.0)
+            .await;
         let (log_id, log) = whole_log(&c).await;
         up.kill();
         let got = drain(&ch, &name).await;
         remove(&ch, &name).await;
         let verdict = check(log_id, &log, &got).unwrap();
         assert_eq!((verdict.distinct, verdict.duplicates), (300, 0), "{verdict:?}");
+    });
+}
+
+/// The export rate: changes published and confirmed per second, from a
+/// backlog of `LATTICE_EXPORT_BENCH_CHANGES` (default 20,000) changes on one
+/// node, with the default batch (500) or `LATTICE_EXPORT_BENCH_BATCH`.
+/// Run: `cargo test --release -p lattice-tests --test export export_rate -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement: run it by name"]
+fn export_rate() {
+    let _g = serial();
+    runtime().block_on(async {
+        let Some((_conn, ch)) = broker().await else { return };
+        let n: usize = std::env::var("LATTICE_EXPORT_BENCH_CHANGES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20_000);
+        let batch = std::env::var("LATTICE_EXPORT_BENCH_BATCH").unwrap_or_else(|_| "500".into());
+        let c = Cluster::start(latticed(), &["eu"], Durability::Group).unwrap();
+        c.wait_ready(Duration::from_secs(30)).await.unwrap();
+        let name = unique("export-rate");
+        write_load(&c, 0, n, "v").await;
+        let (_, log) = whole_log(&c).await;
+        let t = Instant::now();
+        let mut e = Exporter::start(&c, &amqp_url(), &name, &name, &["--batch", &batch]);
+        let started = e
+            .wait_metric("lattice_export_confirmed_total", Duration::from_secs(60), |v| v > 0.0)
+            .await;
+        let first = t.elapsed();
+        e.wait_metric("lattice_export_confirmed_total", Duration::from_secs(600), |v| {
+            v >= log.len() as f64
+        })
+        .await;
+        let all = t.elapsed();
+        e.kill();
+        let queued = queued(&ch, &name).await;
+        remove(&ch, &name).await;
+        let steady = (log.len() as f64 - started) / (all - first).as_secs_f64();
+        eprintln!(
+            "export rate: {} changes (batch {batch}) confirmed in {:.2} s from the exporter's start = {:.0} changes/s; \
+             {:.0} changes/s after the first confirm; {queued} messages in the queue",
+            log.len(),
+            all.as_secs_f64(),
+            log.len() as f64 / all.as_secs_f64(),
+            steady
+        );
     });
 }
