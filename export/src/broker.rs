@@ -63,7 +63,13 @@ impl Broker {
             };
             channel.queue_declare(q, opts, FieldTable::default()).await?;
             channel
-                .queue_bind(q, &topology.exchange, "#", QueueBindOptions::default(), FieldTable::default())
+                .queue_bind(
+                    q,
+                    &topology.exchange,
+                    "#",
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
                 .await?;
         }
         channel.confirm_select(ConfirmSelectOptions::default()).await?;

@@ -130,7 +130,10 @@ impl<'a> Exporter<'a> {
         };
         self.stats.broker_up.set(1);
         tracing::info!(
-            checkpoint = consumer.position().map(|c| c.to_text()).unwrap_or_else(|| "none (from the oldest retained)".into()),
+            checkpoint = consumer
+                .position()
+                .map(|c| c.to_text())
+                .unwrap_or_else(|| "none (from the oldest retained)".into()),
             "exporting"
         );
         let e = self.export(&broker, &mut consumer, progressed).await;

@@ -123,7 +123,13 @@ async fn run(cli: Cli) -> Result<()> {
     if let Some(addr) = cli.metrics_addr {
         serve_metrics(addr, stats.clone()).await?;
     }
-    tokio::spawn(lag_loop(client.clone(), cli.prefix.clone(), cli.partitions.clone(), stats.clone(), cli.lag_interval_ms));
+    tokio::spawn(lag_loop(
+        client.clone(),
+        cli.prefix.clone(),
+        cli.partitions.clone(),
+        stats.clone(),
+        cli.lag_interval_ms,
+    ));
     if cli.report_interval_s > 0 {
         tokio::spawn(report_loop(stats.clone(), Duration::from_secs(cli.report_interval_s)));
     }

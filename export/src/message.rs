@@ -101,7 +101,10 @@ impl ExportedChange {
     /// Reads a body back (size-checked before decoding).
     pub fn decode(body: &[u8]) -> Result<ExportedChange, Error> {
         if body.len() > MAX_BODY_BYTES {
-            return Err(Error::Decode(format!("a body of {} bytes is over the limit", body.len())));
+            return Err(Error::Decode(format!(
+                "a body of {} bytes is over the limit",
+                body.len()
+            )));
         }
         rmp_serde::from_slice(body).map_err(|e| Error::Decode(e.to_string()))
     }
@@ -119,8 +122,14 @@ impl ExportedChange {
             ShortString::from("lattice-partition"),
             AMQPValue::LongInt(i32::from(self.partition)),
         );
-        h.insert(ShortString::from("lattice-seq"), AMQPValue::LongLongInt(clamp(self.seq)));
-        h.insert(ShortString::from("lattice-gseq"), AMQPValue::LongLongInt(clamp(self.gseq)));
+        h.insert(
+            ShortString::from("lattice-seq"),
+            AMQPValue::LongLongInt(clamp(self.seq)),
+        );
+        h.insert(
+            ShortString::from("lattice-gseq"),
+            AMQPValue::LongLongInt(clamp(self.gseq)),
+        );
         h.insert(ShortString::from("lattice-key"), s(&self.key));
         h.insert(ShortString::from("lattice-origin"), s(&self.origin));
         h.insert(

@@ -45,7 +45,11 @@ impl Stats {
         let mut r = Registry::with_prefix("lattice_export");
         r.register("confirmed", "Messages the broker confirmed", self.confirmed.clone());
         r.register("batches", "Batches confirmed and checkpointed", self.batches.clone());
-        r.register("retries", "Failed attempts, each followed by a backoff", self.retries.clone());
+        r.register(
+            "retries",
+            "Failed attempts, each followed by a backoff",
+            self.retries.clone(),
+        );
         r.register(
             "lag_changes",
             "Log changes not yet confirmed by the broker (counted up to 10000)",
