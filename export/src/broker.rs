@@ -119,7 +119,7 @@ impl Broker {
 
     /// Closes the connection politely (errors ignored: it is going away).
     pub async fn close(self) {
-        let _ = self.channel.close(200, "bye".into()).await;
-        let _ = self.conn.close(200, "bye".into()).await;
+        let _ = self.channel.close(200, "bye").await;
+        let _ = self.conn.close(200, "bye").await;
     }
 }
