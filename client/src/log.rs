@@ -98,10 +98,10 @@ pub struct LogConsumer<'a> {
     name: Key,
     prefix: String,
     partitions: Vec<u16>,
-    /// Position after the changes handed out.
-    cursor: Option<LogCursor>,
-    /// Position after the changes fetched.
+    /// Position after the changes fetched (`None`: nothing fetched yet and
+    /// no checkpoint, so from the oldest retained).
     fetched: Option<LogCursor>,
+    /// Fetched changes not handed out yet, each partition's in order.
     pending: VecDeque<Logged>,
     /// Changes per page.
     pub page: u32,
@@ -140,8 +140,7 @@ impl<'a> LogConsumer<'a> {
             name: key,
             prefix: prefix.to_string(),
             partitions: partitions.to_vec(),
-            fetched: cursor.clone(),
-            cursor,
+            fetched: cursor,
             pending: VecDeque::new(),
             page: LOG_MAX_CHANGES,
             wait: Duration::from_secs(1),
@@ -164,39 +163,37 @@ impl<'a> LogConsumer<'a> {
                 )
                 .await?;
             self.pending.extend(page.changes);
-            if self.pending.is_empty() {
-                // Nothing new: the position moved past what the prefix or
-                // the policy left out.
-                self.cursor = Some(page.next.clone());
-            }
             self.fetched = Some(page.next);
         }
-        let Some(c) = self.pending.pop_front() else {
-            return Ok(None);
-        };
-        let cursor = self.cursor.get_or_insert_with(|| LogCursor {
-            log: self.fetched.as_ref().map_or(0, |f| f.log),
-            next: Vec::new(),
-        });
-        cursor.log = self.fetched.as_ref().map_or(cursor.log, |f| f.log);
-        cursor.set(c.partition, c.seq + 1);
-        if self.pending.is_empty() {
-            // The page is all handed out: its end covers what the prefix
-            // skipped too.
-            self.cursor = self.fetched.clone();
-        }
-        Ok(Some(c))
+        Ok(self.pending.pop_front())
     }
 
-    /// The position after every change handed out so far.
-    pub fn position(&self) -> Option<&LogCursor> {
-        self.cursor.as_ref()
+    /// How many fetched changes wait to be handed out: the next
+    /// [`LogConsumer::next`] asks the node only when this is 0.
+    pub fn buffered(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The position after every change handed out so far: the end of the
+    /// pages fetched, moved back in each partition to its first change not
+    /// handed out yet. (Changes a page skipped, for the prefix or the
+    /// policy, are behind it too; and a partition the consumer never read a
+    /// change of keeps the page's start, never 0, which retention may have
+    /// dropped.)
+    pub fn position(&self) -> Option<LogCursor> {
+        let mut c = self.fetched.clone()?;
+        for l in &self.pending {
+            if l.seq < c.get(l.partition) {
+                c.set(l.partition, l.seq);
+            }
+        }
+        Some(c)
     }
 
     /// Stores the position after every change handed out so far as the
     /// consumer's checkpoint.
     pub async fn commit(&self) -> Result<(), Error> {
-        let Some(c) = &self.cursor else { return Ok(()) };
+        let Some(c) = self.position() else { return Ok(()) };
         self.client
             .write(vec![(self.name.clone(), Op::LwwSet(c.to_text().into_bytes().into()))])
             .await
