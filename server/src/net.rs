@@ -1353,6 +1353,22 @@ async fn change_frames<'a>(
     Some((frames, permit))
 }
 
+/// `None` when `token` is an admin token; otherwise the refusal of `what`
+/// (counted as unauthorized).
+fn require_admin(inbound: &Inbound, token: &str, what: &str) -> Option<Response> {
+    let admin = inbound
+        .admin_tokens
+        .iter()
+        .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
+    if admin {
+        return None;
+    }
+    inbound.metrics.unauthorized.inc();
+    Some(error(
+        ErrorKind::Unauthorized,
+        format!("{what} needs an admin token (admin_tokens in the node's configuration)"),
+    ))
+}
 /// A read served beside the engine, from the store as of the last flush:
 /// the flush it saw, and its answer if that state includes `after` (or
 /// there is no token). `None` if the node is stopping.
@@ -1655,16 +1671,8 @@ pub(crate) async fn serve(
             }
         }
         RequestBody::Backup { dir } => {
-            let admin = inbound
-                .admin_tokens
-                .iter()
-                .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
-            if !admin {
-                inbound.metrics.unauthorized.inc();
-                return error(
-                    ErrorKind::Unauthorized,
-                    "a backup needs an admin token (admin_tokens in the node's configuration)",
-                );
+            if let Some(refused) = require_admin(inbound, token, "a backup") {
+                return refused;
             }
             let dir = std::path::PathBuf::from(dir);
             if !dir.is_absolute() {
@@ -1702,16 +1710,8 @@ pub(crate) async fn serve(
             "watch and pipeline requests need their own stream (see RequestBody::Pipeline)",
         ),
         RequestBody::SetPolicy(set) => {
-            let admin = inbound
-                .admin_tokens
-                .iter()
-                .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
-            if !admin {
-                inbound.metrics.unauthorized.inc();
-                return error(
-                    ErrorKind::Unauthorized,
-                    "changing the policy needs an admin token (admin_tokens in the node's configuration)",
-                );
+            if let Some(refused) = require_admin(inbound, token, "changing the policy") {
+                return refused;
             }
             let (tx, rx) = oneshot::channel();
             if inbound
