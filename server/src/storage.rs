@@ -526,6 +526,13 @@ impl SledStore {
         })
     }
 
+    /// The sled tree holding the states and the log (tests change it
+    /// behind the engine's back).
+    #[cfg(test)]
+    pub(crate) fn tree(&self) -> &sled::Tree {
+        &self.tree
+    }
+
     /// Bounds the cache of hot records to `bytes` (default
     /// [`RECORD_CACHE_BYTES`]; 0 turns it off).
     pub fn set_cache_bytes(&mut self, bytes: usize) {
