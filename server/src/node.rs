@@ -335,6 +335,8 @@ impl Reads {
             None => LogCursor::default(),
         };
         cursor.log = meta.id;
+        // The client's positions beyond the log's partitions mean nothing.
+        cursor.next.truncate(n as usize);
         let asked: Vec<u16> = if partitions.is_empty() {
             (0..n).collect()
         } else {
@@ -363,7 +365,9 @@ impl Reads {
         }
         let limit = limit.clamp(1, LOG_MAX_CHANGES) as usize;
         let (mut out, mut bytes, mut examined, mut raw_bytes) = (Vec::new(), 0, 0, 0);
-        let rotate = (cursor.next.iter().sum::<u64>() % asked.len().max(1) as u64) as usize;
+        // Positions of partitions not asked for may be anything (u64::MAX):
+        // summed, they must not overflow.
+        let rotate = (cursor.next.iter().fold(0u64, |s, &n| s.wrapping_add(n)) % asked.len().max(1) as u64) as usize;
         let mut full = false;
         for &p in asked.iter().cycle().skip(rotate).take(asked.len()) {
             if full {
@@ -1582,5 +1586,29 @@ mod tests {
         let started = std::time::Instant::now();
         let v = reads.read_at(&Key::new("l/5").unwrap(), u64::MAX).unwrap();
         eprintln!("read_at over 100,000 changes: {:?} ({v:?})", started.elapsed());
+    }
+
+    /// A cursor is the client's: positions of partitions it does not ask
+    /// for, or past the log's partitions, may be anything (u64::MAX), and
+    /// are neither summed into an overflow nor handed back.
+    #[test]
+    fn a_log_page_takes_a_hostile_cursor_without_overflow() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = one_partition_replica(dir.path(), 10);
+        let reads = Reads::new(&r);
+        let (_, end, n) = reads.log_page(&[], None, "", 100).unwrap();
+        assert_eq!(n, 1);
+        let mut hostile = LogCursor {
+            log: end.log,
+            next: vec![u64::MAX; lattice_core::log::MAX_PARTITIONS as usize],
+        };
+        hostile.next[0] = 0;
+        let (page, next, _) = reads.log_page(&[0], Some(&hostile), "", 100).unwrap();
+        assert_eq!(page.len(), end.next[0] as usize);
+        assert_eq!(next.next, end.next, "only the log's own partitions come back");
+        // Past the end of an asked partition: refused, not a panic.
+        hostile.next[0] = u64::MAX;
+        let e = reads.log_page(&[0], Some(&hostile), "", 100).unwrap_err();
+        assert!(matches!(e, Error::InvalidOp(_)), "{e}");
     }
 }
