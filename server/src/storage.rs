@@ -507,7 +507,17 @@ impl SledStore {
             path: dir.to_path_buf(),
             reason,
         })?;
-        let changelog = ChangeLog::load(&tree, log, rand::random()).map_err(|reason| OpenError::Corrupt {
+        // A life whose flushes did not reach the disk and that did not
+        // close may have lost a tail of the log that readers had read (a
+        // read sees a flush before the disk has it); those positions now
+        // number other changes. A new log id makes the old cursors fail
+        // (re-read the state) instead of silently skipping those changes.
+        let lost_tail = tree
+            .get(b"mmeta")
+            .map_err(sled_err)?
+            .and_then(|raw| from_bytes::<Meta>(&raw).ok())
+            .is_some_and(|m| !m.clean && m.async_life);
+        let changelog = ChangeLog::load(&tree, log, rand::random(), lost_tail).map_err(|reason| OpenError::Corrupt {
             path: dir.to_path_buf(),
             reason,
         })?;
