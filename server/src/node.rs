@@ -364,6 +364,7 @@ impl Reads {
             cursor.set(p, at);
         }
         let limit = limit.clamp(1, LOG_MAX_CHANGES) as usize;
+        let durable = self.store.log_durable_end();
         let (mut out, mut bytes, mut examined, mut raw_bytes) = (Vec::new(), 0, 0, 0);
         // Positions of partitions not asked for may be anything (u64::MAX):
         // summed, they must not overflow.
@@ -374,7 +375,13 @@ impl Reads {
                 break;
             }
             let mut expect = cursor.get(p);
+            let durable_end = durable.as_ref().and_then(|d| d.get(p as usize).copied());
             let end = log.scan(p, expect, &mut |e, raw_len| {
+                if durable_end.is_some_and(|d| e.seq >= d) {
+                    // In sled but not yet on disk: a crash could give its
+                    // position to another change.
+                    return Ok(false);
+                }
                 if out.len() >= limit || examined >= SCAN_MAX_EXAMINED || raw_bytes >= SCAN_MAX_RECORD_BYTES {
                     full = true;
                     return Ok(false);
@@ -1610,5 +1617,30 @@ mod tests {
         hostile.next[0] = u64::MAX;
         let e = reads.log_page(&[0], Some(&hostile), "", 100).unwrap_err();
         assert!(matches!(e, Error::InvalidOp(_)), "{e}");
+    }
+
+    /// A flush is in sled, where readers see it, before its fsync ends; a
+    /// crash in between loses changes whose positions the next life
+    /// numbers again. A log page holds only changes on disk.
+    #[test]
+    fn a_log_page_stops_at_the_changes_on_disk() {
+        use lattice_core::store::{Store as _, WriteBatch};
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = one_partition_replica(dir.path(), 10);
+        let reads = Reads::new(&r);
+        let (all, end, _) = reads.log_page(&[], None, "", 100).unwrap();
+        assert_eq!(all.len(), 10);
+        let again = WriteBatch {
+            changes: vec![all[0].change.clone()],
+            ..WriteBatch::default()
+        };
+        r.store_mut().apply(again).unwrap();
+        r.store_mut().apply_without_sync().unwrap();
+        let (more, at, _) = reads.log_page(&[], Some(&end), "", 100).unwrap();
+        assert!(more.is_empty(), "a change not on disk yet was read");
+        assert_eq!(at, end);
+        r.store_mut().sync().unwrap();
+        let (more, _, _) = reads.log_page(&[], Some(&end), "", 100).unwrap();
+        assert_eq!(more.len(), 1);
     }
 }
