@@ -433,7 +433,8 @@ impl Reads {
             };
         };
         let p = lattice_core::log::partition_of(key, meta.partitions());
-        let mut changes = Vec::new();
+        // Joined as they come: memory is one value, not the key's history.
+        let mut state: Option<Value> = None;
         let mut complete = None;
         log.scan(p, meta.first[p as usize], &mut |e, _| {
             if e.change.key == *key {
@@ -441,13 +442,16 @@ impl Reads {
                     complete = Some(e.change.first);
                 }
                 if e.change.applied.wall_ms <= at_ms {
-                    changes.push(e.change);
+                    match &mut state {
+                        Some(s) => lattice_core::crdt::Crdt::join(s, &e.change.delta),
+                        None => state = Some((*e.change.delta).clone()),
+                    }
                 }
             }
             Ok(true)
         })?;
         match complete {
-            Some(true) => Ok(lattice_core::log::replay(&changes)),
+            Some(true) => Ok(state),
             Some(false) => Err(history_lost()),
             None if self.store.get(key)?.is_some() => Err(history_lost()),
             None => Ok(None),
@@ -1511,8 +1515,10 @@ mod tests {
     /// A node's store with `n` counters written one change each, in one
     /// log partition, as the reads beside the engine see it.
     fn one_partition_replica(dir: &std::path::Path, n: usize) -> Replica<SledStore> {
+        // No age limit: the changes are stamped with the test's clock (1970).
         let settings = crate::changelog::LogSettings {
             partitions: 1,
+            retention_age_ms: 0,
             ..Default::default()
         };
         let store = SledStore::open_with_log(dir, "n1", Durability::Sync, settings).unwrap();
