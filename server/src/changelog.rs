@@ -197,7 +197,11 @@ impl ChangeLog {
                 }
                 if lost_tail {
                     let old = m.id;
-                    m.id = if new_id.max(1) == old { old.wrapping_add(1).max(1) } else { new_id.max(1) };
+                    m.id = if new_id.max(1) == old {
+                        old.wrapping_add(1).max(1)
+                    } else {
+                        new_id.max(1)
+                    };
                     tree.insert(META_KEY, to_bytes(&m).map_err(|e| e.to_string())?)
                         .map_err(|e| e.to_string())?;
                     tracing::info!(old = %format!("{old:016x}"), new = %format!("{:016x}", m.id), "the last life was asynchronous and crashed: the change log takes a new id");

@@ -583,7 +583,11 @@ address = "127.0.0.1:7402"
         for (n, ok) in [(0, false), (1, true), (1_024, true), (1_025, false), (2_000, false)] {
             let path = dir.path().join(format!("p{n}.toml"));
             let text = std::fs::read_to_string(base(dir.path())).unwrap();
-            std::fs::write(&path, format!("{text}tokens = [\"0123456789abcdef\"]\n[log]\npartitions = {n}\n")).unwrap();
+            std::fs::write(
+                &path,
+                format!("{text}tokens = [\"0123456789abcdef\"]\n[log]\npartitions = {n}\n"),
+            )
+            .unwrap();
             let r = Config::load(&RunArgs {
                 config: Some(path),
                 ..RunArgs::default()

@@ -1511,7 +1511,6 @@ mod tests {
         );
     }
 
-
     /// A node's store with `n` counters written one change each, in one
     /// log partition, as the reads beside the engine see it.
     fn one_partition_replica(dir: &std::path::Path, n: usize) -> Replica<SledStore> {

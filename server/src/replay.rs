@@ -188,7 +188,8 @@ mod tests {
             let rng = Box::new(rand_chacha::ChaCha8Rng::seed_from_u64(1));
             let mut r = Replica::open(ReplicaConfig::new("n1", "eu", vec![]), store, rng, Time(1)).unwrap();
             let mut write = |k: &str, t: u64| {
-                r.write(Time(t), vec![(Key::new(k).unwrap(), Op::CounterAdd(1))]).unwrap();
+                r.write(Time(t), vec![(Key::new(k).unwrap(), Op::CounterAdd(1))])
+                    .unwrap();
                 r.flush(Time(t)).unwrap();
             };
             for t in 0..200 {

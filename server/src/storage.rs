@@ -255,7 +255,10 @@ impl StoreReader {
     /// A reader of the store in `tree` (the `lattice` tree of a data dir
     /// opened by a tool while no node runs on it).
     pub fn from_tree(tree: sled::Tree) -> StoreReader {
-        StoreReader { tree, durable_log: None }
+        StoreReader {
+            tree,
+            durable_log: None,
+        }
     }
 
     /// The value of `key` as of the last flush.
@@ -306,7 +309,13 @@ impl StoreReader {
         }
         let db = sled::Config::new().path(dir).open().map_err(sled_err)?;
         let tree = db.open_tree("lattice").map_err(sled_err)?;
-        Ok((db, StoreReader { tree, durable_log: None }))
+        Ok((
+            db,
+            StoreReader {
+                tree,
+                durable_log: None,
+            },
+        ))
     }
 
     /// The name of the node the store belongs to (`None`: a new store).
@@ -537,10 +546,11 @@ impl SledStore {
             .map_err(sled_err)?
             .and_then(|raw| from_bytes::<Meta>(&raw).ok())
             .is_some_and(|m| !m.clean && m.async_life);
-        let changelog = ChangeLog::load(&tree, log, rand::random(), lost_tail).map_err(|reason| OpenError::Corrupt {
-            path: dir.to_path_buf(),
-            reason,
-        })?;
+        let changelog =
+            ChangeLog::load(&tree, log, rand::random(), lost_tail).map_err(|reason| OpenError::Corrupt {
+                path: dir.to_path_buf(),
+                reason,
+            })?;
         Ok(SledStore {
             durable_log: std::sync::Arc::new(std::sync::RwLock::new(changelog.meta().next.clone())),
             changelog,

@@ -399,11 +399,17 @@ fn log_hostile_reads_are_answered_or_refused_and_the_node_serves_on() {
         let n = page.partitions;
         // Every partition, listed again and again: no change twice.
         let many: Vec<u16> = (0..1_024u16).map(|i| i % n).collect();
-        let again = eu.log_read(0, &many, None, "hostile/", 1_000, Duration::ZERO).await.unwrap();
+        let again = eu
+            .log_read(0, &many, None, "hostile/", 1_000, Duration::ZERO)
+            .await
+            .unwrap();
         assert_eq!(again.changes.len(), 50);
         assert_eq!(again.next, page.next);
         let too_many: Vec<u16> = vec![0; 1_025];
-        let e = eu.log_read(0, &too_many, None, "", 1, Duration::ZERO).await.unwrap_err();
+        let e = eu
+            .log_read(0, &too_many, None, "", 1, Duration::ZERO)
+            .await
+            .unwrap_err();
         assert!(matches!(e, Error::InvalidRequest(_)), "{e}");
         // A cursor of 1,024 positions at u64::MAX: past the end where asked,
         // ignored where not.
@@ -411,15 +417,24 @@ fn log_hostile_reads_are_answered_or_refused_and_the_node_serves_on() {
             log: page.next.log,
             next: vec![u64::MAX; 1_024],
         };
-        let e = eu.log_read(0, &[], Some(hostile.clone()), "", 10, Duration::ZERO).await.unwrap_err();
+        let e = eu
+            .log_read(0, &[], Some(hostile.clone()), "", 10, Duration::ZERO)
+            .await
+            .unwrap_err();
         assert!(matches!(e, Error::InvalidRequest(_)), "{e}");
         hostile.next[0] = 0;
-        let one = eu.log_read(0, &[0], Some(hostile), "", 1_000, Duration::ZERO).await.unwrap();
+        let one = eu
+            .log_read(0, &[0], Some(hostile), "", 1_000, Duration::ZERO)
+            .await
+            .unwrap();
         assert!(one.changes.iter().all(|l| l.partition == 0));
         assert_eq!(one.next.next.len(), n as usize);
         // The longest prefix a key may have, and one byte more.
         let longest = "p".repeat(lattice_core::MAX_KEY_LEN);
-        let empty = eu.log_read(0, &[], None, &longest, 1_000, Duration::ZERO).await.unwrap();
+        let empty = eu
+            .log_read(0, &[], None, &longest, 1_000, Duration::ZERO)
+            .await
+            .unwrap();
         assert!(empty.changes.is_empty());
         let e = eu
             .log_read(0, &[], None, &format!("{longest}p"), 1, Duration::ZERO)
@@ -433,7 +448,9 @@ fn log_hostile_reads_are_answered_or_refused_and_the_node_serves_on() {
         }
         let (all, _) = read_all(&eu, 0, None, "big/", 1_000).await;
         assert_eq!(all.len(), 12);
-        eu.write(vec![(key("hostile/after"), reg("still serving"))]).await.unwrap();
+        eu.write(vec![(key("hostile/after"), reg("still serving"))])
+            .await
+            .unwrap();
     });
 }
 
@@ -450,7 +467,9 @@ fn log_of_an_async_node_that_crashed_refuses_cursors_of_its_last_life() {
         c.wait_ready(Duration::from_secs(20)).await.unwrap();
         let eu = c.client(0).unwrap();
         for i in 0..100 {
-            eu.write(vec![(key(&format!("acrash/{i}")), reg("before"))]).await.unwrap();
+            eu.write(vec![(key(&format!("acrash/{i}")), reg("before"))])
+                .await
+                .unwrap();
         }
         let (seen, cursor) = read_all(&eu, 0, None, "", 1_000).await;
         assert!(seen.len() >= 100);
@@ -459,9 +478,14 @@ fn log_of_an_async_node_that_crashed_refuses_cursors_of_its_last_life() {
         c.wait_serving(0, Duration::from_secs(20)).await.unwrap();
         let eu = c.client(0).unwrap();
         for i in 0..100 {
-            eu.write(vec![(key(&format!("acrash2/{i}")), reg("after"))]).await.unwrap();
+            eu.write(vec![(key(&format!("acrash2/{i}")), reg("after"))])
+                .await
+                .unwrap();
         }
-        match eu.log_read(0, &[], Some(cursor.clone()), "", 1_000, Duration::ZERO).await {
+        match eu
+            .log_read(0, &[], Some(cursor.clone()), "", 1_000, Duration::ZERO)
+            .await
+        {
             Err(Error::Trimmed(m)) => assert!(m.contains("re-read the state"), "{m}"),
             Ok(_) => {
                 let (after, _) = read_all(&eu, 0, Some(cursor), "acrash2/", 1_000).await;
