@@ -239,8 +239,13 @@ fn read_frame(r: &mut impl Read) -> std::io::Result<Option<(Vec<u8>, Vec<u8>)>> 
     if rlen > MAX_RECORD_BYTES {
         return Err(bad("a record larger than a state file"));
     }
-    let mut record = vec![0; rlen as usize];
-    r.read_exact(&mut record)?;
+    // Grown as the bytes arrive: a cut file claiming a 1 GiB record must
+    // not make restore allocate 1 GiB first.
+    let mut record = Vec::with_capacity(rlen.min(1 << 20) as usize);
+    r.by_ref().take(rlen).read_to_end(&mut record)?;
+    if record.len() as u64 != rlen {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
     Ok(Some((key, record)))
 }
 

@@ -168,17 +168,22 @@ pub struct ChangeLog {
 impl ChangeLog {
     /// The log stored in `tree`, or a new one with `settings.partitions`
     /// partitions and id `new_id`. A stored log with another partition
-    /// count is refused (its keys would change partition).
-    pub fn load(tree: &sled::Tree, settings: LogSettings, new_id: u64) -> Result<ChangeLog, String> {
+    /// count is refused (its keys would change partition). With
+    /// `lost_tail`, a stored log takes id `new_id` (written at once): its
+    /// last life may have lost changes readers had seen, whose positions
+    /// now number other changes, so cursors of the old id must fail.
+    pub fn load(tree: &sled::Tree, settings: LogSettings, new_id: u64, lost_tail: bool) -> Result<ChangeLog, String> {
         if settings.partitions == 0 || settings.partitions > MAX_PARTITIONS {
             return Err(format!(
                 "log partitions must be 1 to {MAX_PARTITIONS}, not {}",
                 settings.partitions
             ));
         }
-        let meta = match tree.get(META_KEY).map_err(|e| e.to_string())? {
+        let stored = tree.get(META_KEY).map_err(|e| e.to_string())?;
+        let fresh = stored.is_none();
+        let meta = match stored {
             Some(raw) => {
-                let m: LogMeta = from_bytes(&raw).map_err(|e| format!("the change log's metadata: {e}"))?;
+                let mut m: LogMeta = from_bytes(&raw).map_err(|e| format!("the change log's metadata: {e}"))?;
                 if m.partitions() != settings.partitions {
                     return Err(format!(
                         "the change log has {} partitions and the configuration says {}: \
@@ -189,6 +194,17 @@ impl ChangeLog {
                 }
                 if m.first.len() != m.next.len() || m.first.iter().zip(&m.next).any(|(f, n)| f > n) {
                     return Err("the change log's metadata is inconsistent".into());
+                }
+                if lost_tail {
+                    let old = m.id;
+                    m.id = if new_id.max(1) == old {
+                        old.wrapping_add(1).max(1)
+                    } else {
+                        new_id.max(1)
+                    };
+                    tree.insert(META_KEY, to_bytes(&m).map_err(|e| e.to_string())?)
+                        .map_err(|e| e.to_string())?;
+                    tracing::info!(old = %format!("{old:016x}"), new = %format!("{:016x}", m.id), "the last life was asynchronous and crashed: the change log takes a new id");
                 }
                 m
             }
@@ -204,7 +220,7 @@ impl ChangeLog {
             settings,
             stored_next: meta.next.clone(),
             fronts: vec![None; meta.next.len()],
-            dirty: tree.get(META_KEY).map_err(|e| e.to_string())?.is_none(),
+            dirty: fresh,
             meta,
             pending: Vec::new(),
             pending_notices: Vec::new(),

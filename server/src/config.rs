@@ -154,6 +154,16 @@ impl LogConfig {
         *self == LogConfig::default()
     }
 
+    /// Refuses a partition count the log cannot have here, naming the
+    /// setting (the store would refuse it too, but as a damaged data dir).
+    fn validate(&self) -> Result<()> {
+        let max = lattice_core::log::MAX_PARTITIONS;
+        if self.partitions == 0 || self.partitions > max {
+            bail!("[log] partitions must be 1 to {max}, not {}", self.partitions);
+        }
+        Ok(())
+    }
+
     /// The store's settings.
     pub fn settings(&self) -> crate::changelog::LogSettings {
         crate::changelog::LogSettings {
@@ -497,6 +507,7 @@ impl Config {
             crate::certs::normalize_serial(s).with_context(|| format!("revoked_serials entry {s:?}"))?;
         }
         self.limits.validate()?;
+        self.log.validate()?;
         if self.resp_tls && self.resp.is_none() {
             bail!("resp_tls is set but resp (the RESP listen address) is not");
         }
@@ -564,6 +575,29 @@ address = "127.0.0.1:7402"
             ..RunArgs::default()
         };
         assert!(format!("{:#}", Config::load(&unknown).unwrap_err()).contains("bogus"));
+    }
+
+    #[test]
+    fn log_partitions_out_of_range_are_refused_as_a_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        for (n, ok) in [(0, false), (1, true), (1_024, true), (1_025, false), (2_000, false)] {
+            let path = dir.path().join(format!("p{n}.toml"));
+            let text = std::fs::read_to_string(base(dir.path())).unwrap();
+            std::fs::write(
+                &path,
+                format!("{text}tokens = [\"0123456789abcdef\"]\n[log]\npartitions = {n}\n"),
+            )
+            .unwrap();
+            let r = Config::load(&RunArgs {
+                config: Some(path),
+                ..RunArgs::default()
+            });
+            match (r, ok) {
+                (Ok(_), true) => {}
+                (Err(e), false) => assert!(format!("{e:#}").contains("[log] partitions"), "{e:#}"),
+                (r, _) => panic!("partitions = {n}: {:?}", r.map(|_| ())),
+            }
+        }
     }
 
     fn base(dir: &Path) -> PathBuf {

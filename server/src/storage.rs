@@ -166,6 +166,9 @@ pub struct SledStore {
     /// False only in benchmarks that measure the log's cost
     /// ([`SledStore::without_log`]).
     logging: bool,
+    /// Each log partition's next position as of the last flush that
+    /// reached the disk, shared with the readers ([`StoreReader::log_durable_end`]).
+    durable_log: std::sync::Arc<std::sync::RwLock<Vec<u64>>>,
 }
 
 /// Default bound of the engine's cache of hot records (`[memory]
@@ -246,13 +249,19 @@ impl RecordCache {
 #[derive(Clone)]
 pub struct StoreReader {
     tree: sled::Tree,
+    /// The store's durable log end (`None`: a tool's reader of a stopped
+    /// node, whose whole log is on disk).
+    durable_log: Option<std::sync::Arc<std::sync::RwLock<Vec<u64>>>>,
 }
 
 impl StoreReader {
     /// A reader of the store in `tree` (the `lattice` tree of a data dir
     /// opened by a tool while no node runs on it).
     pub fn from_tree(tree: sled::Tree) -> StoreReader {
-        StoreReader { tree }
+        StoreReader {
+            tree,
+            durable_log: None,
+        }
     }
 
     /// The value of `key` as of the last flush.
@@ -267,6 +276,19 @@ impl StoreReader {
     /// [`Prepared`](lattice_core::replica::Prepared) results are computed from).
     pub fn record(&self, key: &Key) -> Result<Option<sled::IVec>, Error> {
         self.tree.get(value_key(key)).map_err(store_err)
+    }
+
+    /// Each log partition's next position as of the last flush that
+    /// reached the disk (`None`: no bound). A flush is visible in sled
+    /// before its fsync ends, and a crash in between loses changes a
+    /// reader could have read, whose positions the next life numbers
+    /// again: log readers stop here (an asynchronous node's flushes never
+    /// reach the disk; its log takes a new id after a crash instead).
+    pub fn log_durable_end(&self) -> Option<Vec<u64>> {
+        self.durable_log.as_ref().map(|d| match d.read() {
+            Ok(v) => v.clone(),
+            Err(p) => p.into_inner().clone(),
+        })
     }
 
     /// The change log as of the last flush.
@@ -290,7 +312,13 @@ impl StoreReader {
         }
         let db = sled::Config::new().path(dir).open().map_err(sled_err)?;
         let tree = db.open_tree("lattice").map_err(sled_err)?;
-        Ok((db, StoreReader { tree }))
+        Ok((
+            db,
+            StoreReader {
+                tree,
+                durable_log: None,
+            },
+        ))
     }
 
     /// The name of the node the store belongs to (`None`: a new store).
@@ -416,6 +444,7 @@ impl SledStore {
     pub fn reader(&self) -> StoreReader {
         StoreReader {
             tree: self.tree.clone(),
+            durable_log: Some(self.durable_log.clone()),
         }
     }
 
@@ -510,12 +539,24 @@ impl SledStore {
             path: dir.to_path_buf(),
             reason,
         })?;
-        let changelog = ChangeLog::load(&tree, log, rand::random()).map_err(|reason| OpenError::Corrupt {
-            path: dir.to_path_buf(),
-            reason,
-        })?;
+        // A life whose flushes did not reach the disk and that did not
+        // close may have lost a tail of the log that readers had read (a
+        // read sees a flush before the disk has it); those positions now
+        // number other changes. A new log id makes the old cursors fail
+        // (re-read the state) instead of silently skipping those changes.
+        let lost_tail = tree
+            .get(b"mmeta")
+            .map_err(sled_err)?
+            .and_then(|raw| from_bytes::<Meta>(&raw).ok())
+            .is_some_and(|m| !m.clean && m.async_life);
+        let changelog =
+            ChangeLog::load(&tree, log, rand::random(), lost_tail).map_err(|reason| OpenError::Corrupt {
+                path: dir.to_path_buf(),
+                reason,
+            })?;
         Ok(SledStore {
             logging: true,
+            durable_log: std::sync::Arc::new(std::sync::RwLock::new(changelog.meta().next.clone())),
             changelog,
             db,
             tree,
@@ -528,6 +569,20 @@ impl SledStore {
             blobs_synced: None,
             blob_syncs: 0,
         })
+    }
+
+    /// The sled tree holding the states and the log (tests change it
+    /// behind the engine's back).
+    #[cfg(test)]
+    pub(crate) fn tree(&self) -> &sled::Tree {
+        &self.tree
+    }
+
+    /// Writes the pending changes into sled without syncing (what a flush
+    /// looks like to readers before its fsync ends).
+    #[cfg(test)]
+    pub(crate) fn apply_without_sync(&mut self) -> Result<(), Error> {
+        self.apply_pending()
     }
 
     /// Bounds the cache of hot records to `bytes` (default
@@ -879,6 +934,16 @@ fn migrate_per_write_entries(db: &sled::Db, tree: &sled::Tree) -> Result<(), sle
 const MIGRATE_BATCH: usize = 10_000;
 
 impl SledStore {
+    /// Lets log readers read up to the log's end as written (call once it
+    /// is on disk).
+    fn publish_durable_log(&mut self) {
+        let next = self.changelog.meta().next.clone();
+        match self.durable_log.write() {
+            Ok(mut d) => *d = next,
+            Err(p) => *p.into_inner() = next,
+        }
+    }
+
     fn apply_pending(&mut self) -> Result<(), Error> {
         if self.pending.is_empty() && self.ops.pending.is_empty() && !self.changelog.has_pending() {
             return Ok(());
@@ -966,7 +1031,11 @@ impl Store for SledStore {
 
     fn flush(&mut self) -> Result<(), Error> {
         match self.durability {
-            Durability::Async => self.apply_pending(),
+            Durability::Async => {
+                self.apply_pending()?;
+                self.publish_durable_log();
+                Ok(())
+            }
             Durability::Sync | Durability::Group => self.sync(),
         }
     }
@@ -981,7 +1050,9 @@ impl Store for SledStore {
         // Blobs first, so the log never durably points at a missing one.
         self.fsync_blobs()?;
         // sled's flush is sync_file_range: make it an fsync.
-        self.fsync_log()
+        self.fsync_log()?;
+        self.publish_durable_log();
+        Ok(())
     }
 }
 

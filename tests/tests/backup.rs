@@ -349,3 +349,37 @@ async fn backup_is_consistent_under_concurrent_atomic_writes() {
         "the backups saw the writes go on: {seen:?}"
     );
 }
+
+/// kill -9 of the node during an online backup: what it leaves behind is
+/// never taken for a backup (no manifest: verify and restore refuse it),
+/// unless the backup had finished, in which case it restores whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_interrupted_by_kill_is_refused_by_restore() {
+    let _g = serial();
+    let mut c = Cluster::start(bin(), &["eu"], Durability::Group).unwrap();
+    c.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let n1 = c.client(0).unwrap();
+    for chunk in 0..40 {
+        let ops = (chunk * 1_000..chunk * 1_000 + 1_000)
+            .map(|i| (key(&format!("k/{i}")), Op::CounterAdd(1)))
+            .collect();
+        n1.write(ops).await.unwrap();
+    }
+    let dir = c.dir.path().join("backup-killed");
+    let d = dir.to_str().unwrap().to_string();
+    let running = tokio::spawn(async move { n1.backup(0, &d).await });
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    c.kill(0).unwrap();
+    let answered = running.await.unwrap();
+    let target = c.dir.path().join("restored-from-killed");
+    let (ok, said) = restore(&c, &dir, 0, Some(&target));
+    if dir.join(backup::MANIFEST).exists() {
+        assert!(ok, "a finished backup must restore: {said}");
+        assert_eq!(data_dir_states(&target).len(), 40_000);
+    } else {
+        assert!(answered.is_err(), "the backup was answered but has no manifest");
+        assert!(!ok, "a backup cut by kill -9 was restored: {said}");
+        assert!(said.contains("manifest") || !dir.exists(), "{said}");
+    }
+    eprintln!("backup answered {answered:?}; restore: {ok} {said}");
+}

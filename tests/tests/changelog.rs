@@ -374,3 +374,191 @@ fn now_ms() -> u64 {
         .unwrap()
         .as_millis() as u64
 }
+
+/// The largest and most hostile log reads a client may send are answered
+/// or refused, and the node serves on: a huge limit and wait, every
+/// partition listed over and over (1,024 entries), a cursor of 1,024
+/// positions at u64::MAX, a prefix of the longest key, and pages of
+/// changes of nearly 1 MiB each stay within the answer frame.
+#[test]
+fn log_hostile_reads_are_answered_or_refused_and_the_node_serves_on() {
+    let _g = serial();
+    runtime().block_on(async {
+        let c = Cluster::start(bin(), &["eu"], Durability::Group).unwrap();
+        c.wait_ready(Duration::from_secs(20)).await.unwrap();
+        let eu = c.client(0).unwrap();
+        for i in 0..50 {
+            eu.write(vec![(key(&format!("hostile/{i}")), reg("v"))]).await.unwrap();
+        }
+        // A huge limit is clamped; a huge wait is not waited on a log with changes.
+        let page = eu
+            .log_read(0, &[], None, "hostile/", u32::MAX, Duration::MAX)
+            .await
+            .unwrap();
+        assert_eq!(page.changes.len(), 50);
+        let n = page.partitions;
+        // Every partition, listed again and again: no change twice.
+        let many: Vec<u16> = (0..1_024u16).map(|i| i % n).collect();
+        let again = eu
+            .log_read(0, &many, None, "hostile/", 1_000, Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(again.changes.len(), 50);
+        assert_eq!(again.next, page.next);
+        let too_many: Vec<u16> = vec![0; 1_025];
+        let e = eu
+            .log_read(0, &too_many, None, "", 1, Duration::ZERO)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::InvalidRequest(_)), "{e}");
+        // A cursor of 1,024 positions at u64::MAX: past the end where asked,
+        // ignored where not.
+        let mut hostile = LogCursor {
+            log: page.next.log,
+            next: vec![u64::MAX; 1_024],
+        };
+        let e = eu
+            .log_read(0, &[], Some(hostile.clone()), "", 10, Duration::ZERO)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::InvalidRequest(_)), "{e}");
+        hostile.next[0] = 0;
+        let one = eu
+            .log_read(0, &[0], Some(hostile), "", 1_000, Duration::ZERO)
+            .await
+            .unwrap();
+        assert!(one.changes.iter().all(|l| l.partition == 0));
+        assert_eq!(one.next.next.len(), n as usize);
+        // The longest prefix a key may have, and one byte more.
+        let longest = "p".repeat(lattice_core::MAX_KEY_LEN);
+        let empty = eu
+            .log_read(0, &[], None, &longest, 1_000, Duration::ZERO)
+            .await
+            .unwrap();
+        assert!(empty.changes.is_empty());
+        let e = eu
+            .log_read(0, &[], None, &format!("{longest}p"), 1, Duration::ZERO)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::InvalidRequest(_)), "{e}");
+        // Changes of nearly 1 MiB each: pages stay within the answer frame.
+        let big = "b".repeat(1_000_000);
+        for i in 0..12 {
+            eu.write(vec![(key(&format!("big/{i}")), reg(&big))]).await.unwrap();
+        }
+        let (all, _) = read_all(&eu, 0, None, "big/", 1_000).await;
+        assert_eq!(all.len(), 12);
+        eu.write(vec![(key("hostile/after"), reg("still serving"))])
+            .await
+            .unwrap();
+    });
+}
+
+/// An asynchronous node acknowledges and logs a change before it reaches
+/// the disk, and a reader may see it: a crash can lose that tail of the
+/// log, and the positions it held then number other changes. A cursor of
+/// the old numbering must be refused (re-read the state), never resume at
+/// positions that now hold other changes and skip the ones before them.
+#[test]
+fn log_of_an_async_node_that_crashed_refuses_cursors_of_its_last_life() {
+    let _g = serial();
+    runtime().block_on(async {
+        let mut c = Cluster::start(bin(), &["eu"], Durability::Async).unwrap();
+        c.wait_ready(Duration::from_secs(20)).await.unwrap();
+        let eu = c.client(0).unwrap();
+        for i in 0..100 {
+            eu.write(vec![(key(&format!("acrash/{i}")), reg("before"))])
+                .await
+                .unwrap();
+        }
+        let (seen, cursor) = read_all(&eu, 0, None, "", 1_000).await;
+        assert!(seen.len() >= 100);
+        c.kill(0).unwrap();
+        c.restart(0).unwrap();
+        c.wait_serving(0, Duration::from_secs(20)).await.unwrap();
+        let eu = c.client(0).unwrap();
+        for i in 0..100 {
+            eu.write(vec![(key(&format!("acrash2/{i}")), reg("after"))])
+                .await
+                .unwrap();
+        }
+        match eu
+            .log_read(0, &[], Some(cursor.clone()), "", 1_000, Duration::ZERO)
+            .await
+        {
+            Err(Error::Trimmed(m)) => assert!(m.contains("re-read the state"), "{m}"),
+            Ok(_) => {
+                let (after, _) = read_all(&eu, 0, Some(cursor), "acrash2/", 1_000).await;
+                panic!(
+                    "the cursor of the crashed life was taken: {} of 100 changes after the crash read from it",
+                    after.len()
+                );
+            }
+            Err(e) => panic!("{e}"),
+        }
+        // Read from the start, the log holds every change of the new life.
+        let (all, _) = read_all(&eu, 0, None, "acrash2/", 1_000).await;
+        assert_eq!(all.len(), 100);
+    });
+}
+
+/// kill -9 while writes are in flight, under group commit: after the
+/// restart every acknowledged write is in the log, and `latticed replay`
+/// of the log rebuilds a store whose digest equals the live one.
+#[test]
+fn log_replay_matches_the_live_store_after_a_kill_mid_write() {
+    let _g = serial();
+    runtime().block_on(async {
+        let mut c = Cluster::start(bin(), &["eu"], Durability::Group).unwrap();
+        c.wait_ready(Duration::from_secs(20)).await.unwrap();
+        let eu = c.client(0).unwrap();
+        let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = {
+            let acked = acked.clone();
+            tokio::spawn(async move {
+                for i in 0..100_000u64 {
+                    let k = format!("mid/{}", i % 97);
+                    match eu.write(vec![(key(&k), Op::CounterAdd(1))]).await {
+                        Ok(_) => acked.lock().unwrap().push(k),
+                        Err(_) => return,
+                    }
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        c.kill(0).unwrap();
+        let _ = writer.await;
+        let acked = acked.lock().unwrap().clone();
+        assert!(acked.len() > 10, "{} writes acknowledged", acked.len());
+        c.restart(0).unwrap();
+        c.wait_serving(0, Duration::from_secs(20)).await.unwrap();
+        let eu = c.client(0).unwrap();
+        let (all, _) = read_all(&eu, 0, None, "mid/", 1_000).await;
+        assert!(
+            all.len() >= acked.len(),
+            "{} logged, {} acknowledged",
+            all.len(),
+            acked.len()
+        );
+        c.stop(0).unwrap();
+        let data = c.config(0).unwrap().data_dir;
+        let rebuilt = data.with_file_name("mid-rebuilt");
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new(bin()).args(args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let (d, r) = (data.to_str().unwrap(), rebuilt.to_str().unwrap());
+        let said = run(&["replay", "--data-dir", d, "--to", r, "--prefix", "mid/"]);
+        assert!(said.contains("0 keys left out"), "{said}");
+        assert_eq!(
+            run(&["digest", "--data-dir", d, "--prefix", "mid/"]),
+            run(&["digest", "--data-dir", r, "--prefix", "mid/"]),
+            "the replayed store differs from the live one after a crash"
+        );
+    });
+}
