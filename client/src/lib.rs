@@ -789,6 +789,17 @@ impl Client {
     /// [`RequestBody::Pipeline`]); a larger one, and a watch, gets a stream
     /// of its own.
     pub async fn request_to(&self, i: usize, body: RequestBody) -> Result<Response, Error> {
+        self.request_within(i, body, self.timeout).await
+    }
+
+    /// [`Client::request_to`] with its own timeout (a backup's answer comes
+    /// when the whole store is copied).
+    pub(crate) async fn request_within(
+        &self,
+        i: usize,
+        body: RequestBody,
+        timeout: Duration,
+    ) -> Result<Response, Error> {
         self.check_index(i)?;
         let call = async {
             if !matches!(body, RequestBody::Watch { .. } | RequestBody::Pipeline(_)) {
@@ -802,9 +813,9 @@ impl Client {
                 .await?
                 .ok_or_else(|| Error::Unavailable("the node closed the stream".into()))
         };
-        let response = tokio::time::timeout(self.timeout, call)
+        let response = tokio::time::timeout(timeout, call)
             .await
-            .map_err(|_| Error::Timeout(self.timeout))??;
+            .map_err(|_| Error::Timeout(timeout))??;
         match response {
             Response::Error(e) => Err(Error::from_server(e)),
             r => Ok(r),

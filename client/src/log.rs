@@ -13,6 +13,9 @@ use lattice_core::Key;
 use std::collections::VecDeque;
 use std::time::Duration;
 
+/// How long [`Client::backup`] waits for the node's answer.
+pub const BACKUP_WAIT: Duration = Duration::from_secs(3_600);
+
 /// A page of a node's change log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LogPage {
@@ -76,9 +79,12 @@ impl Client {
     }
 
     /// Has node `i` write a consistent backup into `dir` on its host (a
-    /// directory that must not exist yet). Needs the admin token.
+    /// directory that must not exist yet). Needs the admin token. Waits for
+    /// the answer up to [`BACKUP_WAIT`], not the client's timeout: the node
+    /// answers once the whole store is copied.
     pub async fn backup(&self, i: usize, dir: &str) -> Result<BackupSummary, Error> {
-        match self.request_to(i, RequestBody::Backup { dir: dir.to_string() }).await? {
+        let body = RequestBody::Backup { dir: dir.to_string() };
+        match self.request_within(i, body, BACKUP_WAIT.max(self.timeout)).await? {
             Response::BackedUp(s) => Ok(s),
             r => Err(Error::Protocol(format!("unexpected answer {r:?}"))),
         }

@@ -141,6 +141,15 @@ pub enum OpenError {
         /// What is wrong.
         reason: String,
     },
+    /// The change log cannot be opened as configured (another partition
+    /// count) or its metadata is unreadable.
+    #[error("the change log in {path}: {reason}")]
+    Log {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// A `Store` on sled.
@@ -549,11 +558,10 @@ impl SledStore {
             .map_err(sled_err)?
             .and_then(|raw| from_bytes::<Meta>(&raw).ok())
             .is_some_and(|m| !m.clean && m.async_life);
-        let changelog =
-            ChangeLog::load(&tree, log, rand::random(), lost_tail).map_err(|reason| OpenError::Corrupt {
-                path: dir.to_path_buf(),
-                reason,
-            })?;
+        let changelog = ChangeLog::load(&tree, log, rand::random(), lost_tail).map_err(|reason| OpenError::Log {
+            path: dir.to_path_buf(),
+            reason,
+        })?;
         Ok(SledStore {
             logging: true,
             durable_log: std::sync::Arc::new(std::sync::RwLock::new(changelog.meta().next.clone())),
@@ -1205,6 +1213,27 @@ mod tests {
         let blobs = std::fs::read_dir(dir.path().join("d").join("blobs")).unwrap().count();
         assert!(blobs >= 1, "sled put the value in a blob file, as its source says");
         assert!(r.store().blob_syncs() >= 1, "and the flush fsynced it");
+    }
+
+    #[test]
+    fn a_changed_partition_count_is_refused_as_a_log_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = |partitions| LogSettings {
+            partitions,
+            ..LogSettings::default()
+        };
+        drop(SledStore::open_with_log(dir.path(), "n1", Durability::Sync, settings(16)).unwrap());
+        let e = loop {
+            match SledStore::open_with_log(dir.path(), "n1", Durability::Sync, settings(8)) {
+                Err(OpenError::Sled { .. }) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                other => break other.err().unwrap(),
+            }
+        };
+        assert!(matches!(e, OpenError::Log { .. }), "{e}");
+        assert!(
+            e.to_string().contains("16 partitions and the configuration says 8"),
+            "{e}"
+        );
     }
 
     #[test]
