@@ -42,7 +42,7 @@ mod pipe;
 mod revocation;
 
 pub use handles::{Batch, CounterHandle, MapHandle, MvRegisterHandle, RegisterHandle, SetHandle};
-pub use log::{LogConsumer, LogPage};
+pub use log::{LogConsumer, LogPage, BACKUP_WAIT};
 pub use pipe::PIPELINE_INLINE_BYTES;
 pub use revocation::normalize_serial;
 
