@@ -135,6 +135,10 @@ pub enum Error {
     /// and go on from the log's current end.
     #[error("{}", with_kind("trimmed", .0))]
     Trimmed(String),
+    /// The credential is valid but not granted this on the key or prefix
+    /// (its `[[access]]` grants on the node).
+    #[error("{}", with_kind("permission denied", .0))]
+    PermissionDenied(String),
 }
 
 /// `message` under the name of its kind (`type mismatch: ...`), unless
@@ -174,6 +178,7 @@ impl Error {
             ErrorKind::Internal => Error::Internal(message),
             ErrorKind::OutcomeUnknown => Error::OutcomeUnknown(message),
             ErrorKind::Trimmed => Error::Trimmed(message),
+            ErrorKind::PermissionDenied => Error::PermissionDenied(message),
         }
     }
 
@@ -256,6 +261,10 @@ pub struct Client {
     server_name: String,
     /// The cluster CA, kept to rebuild the TLS configuration.
     ca_pem: String,
+    /// The client certificate and key presented to nodes, if any.
+    identity: Option<(String, String)>,
+    /// Node certificate serials refused.
+    revoked: std::collections::BTreeSet<String>,
     token: String,
     timeout: Duration,
     read_wait: Duration,
@@ -300,6 +309,7 @@ pub struct ClientBuilder {
     timeout: Option<Duration>,
     read_wait: Option<Duration>,
     revoked_serials: Vec<String>,
+    identity: Option<(String, String)>,
 }
 
 impl ClientBuilder {
@@ -312,6 +322,14 @@ impl ClientBuilder {
     /// The client token.
     pub fn token(mut self, t: impl Into<String>) -> Self {
         self.token = Some(t.into());
+        self
+    }
+    /// A client certificate of the cluster CA and its private key (PEM
+    /// text; `latticed certs client NAME`), presented to every node: a node
+    /// whose `[[access]]` names it (`client_cert`) serves this client with
+    /// that entry's grants, with no token (see [`Client::with_client_cert`]).
+    pub fn client_cert(mut self, cert_pem: &str, key_pem: &str) -> Self {
+        self.identity = Some((cert_pem.to_string(), key_pem.to_string()));
         self
     }
     /// The cluster CA certificate (PEM text).
@@ -349,9 +367,16 @@ impl ClientBuilder {
             .iter()
             .map(|e| e.parse::<Endpoint>())
             .collect::<Result<Vec<_>, _>>()?;
-        let token = self.token.ok_or_else(|| Error::Config("no token".into()))?;
+        let token = match (self.token, &self.identity) {
+            (Some(t), _) => t,
+            (None, Some(_)) => String::new(),
+            (None, None) => return Err(Error::Config("no token and no client certificate".into())),
+        };
         let ca = self.ca.ok_or_else(|| Error::Config("no CA certificate".into()))?;
         let mut c = Client::new(nodes, token, &ca)?.with_revoked_serials(&self.revoked_serials)?;
+        if let Some((cert, key)) = &self.identity {
+            c = c.with_client_cert(cert, key)?;
+        }
         if let Some(n) = self.server_name {
             c.server_name = n;
         }
@@ -362,7 +387,30 @@ impl ClientBuilder {
     }
 }
 
-fn client_config(ca_pem: &str, revoked: &std::collections::BTreeSet<String>) -> Result<quinn::ClientConfig, Error> {
+fn client_config(
+    ca_pem: &str,
+    revoked: &std::collections::BTreeSet<String>,
+    identity: Option<&(String, String)>,
+) -> Result<quinn::ClientConfig, Error> {
+    let identity = match identity {
+        None => None,
+        Some((cert, key)) => {
+            let chain =
+                <rustls::pki_types::CertificateDer<'static> as rustls::pki_types::pem::PemObject>::pem_slice_iter(
+                    cert.as_bytes(),
+                )
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Error::Config(format!("reading the client certificate: {e}")))?;
+            if chain.is_empty() {
+                return Err(Error::Config("no certificate in the client certificate file".into()));
+            }
+            let key = <rustls::pki_types::PrivateKeyDer<'static> as rustls::pki_types::pem::PemObject>::from_pem_slice(
+                key.as_bytes(),
+            )
+            .map_err(|e| Error::Config(format!("reading the client key: {e}")))?;
+            Some((chain, key))
+        }
+    };
     let mut roots = rustls::RootCertStore::empty();
     let mut any = false;
     for item in rustls::pki_types::pem::PemObject::pem_slice_iter(ca_pem.as_bytes()) {
@@ -381,17 +429,26 @@ fn client_config(ca_pem: &str, revoked: &std::collections::BTreeSet<String>) -> 
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Config(e.to_string()))?;
     let mut tls = if revoked.is_empty() {
-        builder.with_root_certificates(roots).with_no_client_auth()
+        let b = builder.with_root_certificates(roots);
+        match identity {
+            Some((chain, key)) => b
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| Error::Config(format!("the client certificate: {e}")))?,
+            None => b.with_no_client_auth(),
+        }
     } else {
         // The same webpki checks, then the deny-list.
         let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
             .build()
             .map_err(|e| Error::Config(e.to_string()))?;
         let verifier = revocation::RevocationVerifier::new(webpki, revoked.clone());
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_no_client_auth()
+        let b = builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier));
+        match identity {
+            Some((chain, key)) => b
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| Error::Config(format!("the client certificate: {e}")))?,
+            None => b.with_no_client_auth(),
+        }
     };
     tls.alpn_protocols = vec![CLIENT_ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| Error::Config(e.to_string()))?;
@@ -415,7 +472,7 @@ impl Client {
             .unzip();
         let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))
             .map_err(|e| Error::Config(format!("opening a UDP socket: {e}")))?;
-        endpoint.set_default_client_config(client_config(ca_pem, &Default::default())?);
+        endpoint.set_default_client_config(client_config(ca_pem, &Default::default(), None)?);
         let n = nodes.len();
         Ok(Client {
             endpoint,
@@ -423,6 +480,8 @@ impl Client {
             names,
             server_name: "localhost".into(),
             ca_pem: ca_pem.to_string(),
+            identity: None,
+            revoked: Default::default(),
             token: token.into(),
             timeout: Duration::from_secs(10),
             read_wait: Duration::from_secs(2),
@@ -681,9 +740,32 @@ impl Client {
             .map(|s| normalize_serial(s.as_ref()).map_err(Error::Config))
             .collect::<Result<std::collections::BTreeSet<_>, _>>()?;
         self.endpoint
-            .set_default_client_config(client_config(&self.ca_pem, &revoked)?);
+            .set_default_client_config(client_config(&self.ca_pem, &revoked, self.identity.as_ref())?);
+        self.revoked = revoked;
+        self.reconnect("revocation list changed");
+        Ok(self)
+    }
+
+    /// Presents a client certificate of the cluster CA (PEM text of the
+    /// certificate and its private key, as `latticed certs client NAME`
+    /// writes them) on every connection. A node whose `[[access]]` entry
+    /// names the certificate (`client_cert = "NAME"`) serves requests with
+    /// an empty token under that entry's grants; a non-empty token still
+    /// wins. Connections already open are closed.
+    pub fn with_client_cert(mut self, cert_pem: &str, key_pem: &str) -> Result<Client, Error> {
+        let identity = (cert_pem.to_string(), key_pem.to_string());
+        self.endpoint
+            .set_default_client_config(client_config(&self.ca_pem, &self.revoked, Some(&identity))?);
+        self.identity = Some(identity);
+        self.reconnect("client certificate changed");
+        Ok(self)
+    }
+
+    /// Closes every open connection, so the next call dials under the
+    /// current TLS configuration.
+    fn reconnect(&mut self, why: &'static str) {
         for c in self.conns.get_mut().iter_mut().filter_map(Option::take) {
-            c.close(0u32.into(), b"revocation list changed");
+            c.close(0u32.into(), why.as_bytes());
         }
         if let Ok(open) = self.open.get_mut() {
             open.iter_mut().for_each(|c| *c = None);
@@ -691,7 +773,6 @@ impl Client {
         if let Ok(pipes) = self.pipes.get_mut() {
             pipes.iter_mut().for_each(|p| *p = None);
         }
-        Ok(self)
     }
 
     /// The timeout of each call.

@@ -121,6 +121,121 @@ pub struct Config {
         skip_serializing_if = "is_default_resp_connections"
     )]
     pub resp_max_connections: usize,
+    /// Scoped credentials (`[[access]]`): each a token (or the name of a
+    /// client certificate of the cluster CA) with per-prefix permissions.
+    /// See `crate::access` and README "Scoped tokens and client
+    /// certificates".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub access: Vec<AccessEntry>,
+}
+
+/// A permission of a grant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Perm {
+    /// Reads, scans, point-in-time reads and change-log reads.
+    Read,
+    /// Writes.
+    Write,
+    /// Watches (needs `read` in the same grant).
+    Watch,
+    /// Policy changes, backups, the full credential list (only on the
+    /// prefix `""`).
+    Admin,
+}
+
+impl Perm {
+    /// Its name in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            Perm::Read => "read",
+            Perm::Write => "write",
+            Perm::Watch => "watch",
+            Perm::Admin => "admin",
+        }
+    }
+}
+
+/// One grant of an `[[access]]` entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantEntry {
+    /// The key prefix it covers (`""`: every key).
+    pub prefix: String,
+    /// What it allows on those keys.
+    pub allow: Vec<Perm>,
+}
+
+/// A scoped credential (`[[access]]` in the TOML file).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessEntry {
+    /// Its name (in logs, errors and `lattice status`; never the secret).
+    pub name: String,
+    /// The bearer token (16 to 1,024 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// The environment variable holding the token instead (read at start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
+    /// The name (CN) of a client certificate of the cluster CA
+    /// (`latticed certs client NAME`) that authenticates as this entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<String>,
+    /// What it may do.
+    pub grants: Vec<GrantEntry>,
+}
+
+impl AccessEntry {
+    /// Takes the token from `token_env`, if named.
+    fn resolve(&mut self) -> Result<()> {
+        if let Some(var) = &self.token_env {
+            if self.token.is_some() {
+                bail!("[[access]] {:?}: set token or token_env, not both", self.name);
+            }
+            let t = std::env::var(var)
+                .with_context(|| format!("[[access]] {:?}: environment variable {var} (token_env)", self.name))?;
+            self.token = Some(t);
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<()> {
+        let name = &self.name;
+        if name.is_empty() || name.len() > 128 {
+            bail!("[[access]] name must be 1 to 128 bytes");
+        }
+        if self.token.is_none() && self.client_cert.is_none() {
+            bail!("[[access]] {name:?}: needs a token, token_env or client_cert");
+        }
+        if let Some(t) = &self.token {
+            check_tokens(&format!("[[access]] {name:?} token"), std::slice::from_ref(t))?;
+        }
+        if self.grants.is_empty() {
+            bail!("[[access]] {name:?}: no grants");
+        }
+        for g in &self.grants {
+            if g.prefix.len() > lattice_core::MAX_KEY_LEN {
+                bail!("[[access]] {name:?}: a grant's prefix is longer than a key may be");
+            }
+            if g.allow.is_empty() {
+                bail!("[[access]] {name:?}: the grant of {:?} allows nothing", g.prefix);
+            }
+            if g.allow.contains(&Perm::Admin) && !g.prefix.is_empty() {
+                bail!(
+                    "[[access]] {name:?}: admin may only be granted on the prefix \"\" (it changes the policy of every keyspace), not {:?}",
+                    g.prefix
+                );
+            }
+            if g.allow.contains(&Perm::Watch) && !g.allow.contains(&Perm::Read) {
+                bail!(
+                    "[[access]] {name:?}: the grant of {:?} allows watch without read (a change carries its value)",
+                    g.prefix
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The change log's settings (`[log]` in the TOML file; every field
@@ -465,7 +580,12 @@ impl Config {
             resp_max_connections: c
                 .as_ref()
                 .map_or(default_resp_connections(), |c| c.resp_max_connections),
+            access: c.as_ref().map(|c| c.access.clone()).unwrap_or_default(),
         };
+        let mut config = config;
+        for e in &mut config.access {
+            e.resolve()?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -492,6 +612,32 @@ impl Config {
         }
         check_tokens("tokens (LATTICE_TOKENS, --token)", &self.tokens)?;
         check_tokens("admin_tokens (LATTICE_ADMIN_TOKENS, --admin-token)", &self.admin_tokens)?;
+        let mut names = std::collections::BTreeSet::new();
+        let mut certs = std::collections::BTreeSet::new();
+        for e in &self.access {
+            e.validate()?;
+            if !names.insert(&e.name) {
+                bail!("[[access]] {:?} is named twice", e.name);
+            }
+            if let Some(cn) = &e.client_cert {
+                if !certs.insert(cn) {
+                    bail!("[[access]]: client_cert {cn:?} is given to two entries");
+                }
+            }
+        }
+        // A token in both `tokens` and `admin_tokens` is an admin's (as
+        // `latticed dev` writes it); an `[[access]]` token must be its own.
+        let mut all: Vec<&String> = self.access.iter().filter_map(|e| e.token.as_ref()).collect();
+        let scoped = all.len();
+        all.sort();
+        all.dedup();
+        if all.len() != scoped
+            || all
+                .iter()
+                .any(|t| self.tokens.contains(t) || self.admin_tokens.contains(t))
+        {
+            bail!("an [[access]] token is configured twice (in [[access]], tokens or admin_tokens): each scoped credential must be distinct");
+        }
         if let Some(t) = &self.metrics_token {
             check_tokens("metrics_token (LATTICE_METRICS_TOKEN)", std::slice::from_ref(t))?;
         }

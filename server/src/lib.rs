@@ -5,6 +5,7 @@
 //! ([`config`]) and the local development cluster ([`dev`]). It contains no
 //! replication logic of its own.
 
+pub mod access;
 pub mod audit;
 pub mod backup;
 pub mod bench;
@@ -103,8 +104,9 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         cert: std::fs::read_to_string(&config.cert).with_context(|| format!("reading {}", config.cert.display()))?,
         key: std::fs::read_to_string(&config.key).with_context(|| format!("reading {}", config.key.display()))?,
     };
-    if config.tokens.is_empty() && config.admin_tokens.is_empty() {
-        tracing::warn!("no client or admin tokens are configured: every client request will be refused (set tokens or LATTICE_TOKENS)");
+    let access = access::Access::new(&config.tokens, &config.admin_tokens, &config.access);
+    if access.is_empty() {
+        tracing::warn!("no client or admin tokens are configured: every client request will be refused (set tokens or LATTICE_TOKENS, or [[access]])");
     }
     let deny = Arc::new(certs::DenyList::new(&config.revoked_serials)?);
     let own = certs::certs_from_pem(&identity.cert)?;
@@ -173,8 +175,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         direct_reads: Arc::new(tokio::sync::Semaphore::new(net::DIRECT_READS)),
         scan_slots: Arc::new(tokio::sync::Semaphore::new(net::DIRECT_READS / 2)),
         peers: config.peers.iter().map(|p| p.name.clone()).collect::<BTreeSet<_>>(),
-        tokens: config.tokens.clone(),
-        admin_tokens: config.admin_tokens.clone(),
+        access,
         metrics: metrics.clone(),
         dial: dial_signals,
         boots: std::sync::Mutex::new(BTreeMap::new()),

@@ -173,6 +173,8 @@ pub struct Metrics {
     peer_queue: PeerGauge,
     peer_replication_lag: SecondsGauge,
     conflicts: ConflictCounters,
+    /// Client requests refused with `PermissionDenied`, by permission.
+    permission_denied: KeyspaceCounter,
     /// End-to-end propagation latency of remote writes, seconds: wall
     /// clock here at the apply minus the writer's HLC stamp (clamped at
     /// 0), one observation per key a delta changed.
@@ -245,9 +247,16 @@ impl Metrics {
             "Remote writes: wall clock at the apply here minus the writer's HLC stamp (clamped at 0), per key a delta changed",
             propagation.clone(),
         );
+        let permission_denied = KeyspaceCounter::default();
+        r.register(
+            "permission_denied",
+            "Client requests (or mget keys) refused with PermissionDenied: a valid credential not granted the permission (label perm) on the key or prefix",
+            permission_denied.clone(),
+        );
         let m = Metrics {
             peer_replication_lag,
             conflicts,
+            permission_denied,
             propagation,
             writes: counter!("client_writes", "Client write batches accepted"),
             reads: counter!("client_reads", "Client reads"),
@@ -449,6 +458,13 @@ impl Metrics {
                 .get_or_create(&label)
                 .set(p.last_heard_ms_ago.map_or(-1, |ms| ms as i64));
         }
+    }
+
+    /// Counts a `PermissionDenied` refusal of `perm`.
+    pub fn permission_denied(&self, perm: &str) {
+        self.permission_denied
+            .get_or_create(&vec![("perm".to_string(), perm.to_string())])
+            .inc();
     }
 
     /// Records the bytes queued to send to a peer.

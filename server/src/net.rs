@@ -2,8 +2,9 @@
 //! client traffic. Frames are a 4-byte big-endian length then the frame; the
 //! length is checked against the limit before anything is read.
 
-use crate::certs::{self, DenyList, Pem, NODE_OU};
-use crate::config::NetLimits;
+use crate::access::{denied, Access, Principal};
+use crate::certs::{self, DenyList, Pem, CLIENT_OU, NODE_OU};
+use crate::config::{NetLimits, Perm};
 use crate::edge::{
     read_exact_by, token_of, Admission, BudgetShare, Decision, ReadBudget, ReadError, HANDSHAKE_TIMEOUT,
     TOKEN_PREFIX_MAX,
@@ -420,10 +421,9 @@ pub struct Inbound {
     pub scan_slots: Arc<tokio::sync::Semaphore>,
     /// Configured peer names.
     pub peers: BTreeSet<String>,
-    /// Accepted client tokens.
-    pub tokens: Vec<String>,
-    /// Tokens that may also change the policy set.
-    pub admin_tokens: Vec<String>,
+    /// The credentials clients may show (tokens, client certificates)
+    /// and what each may do.
+    pub access: Access,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Per peer: the signals of its dial task.
@@ -504,6 +504,21 @@ fn peer_name(conn: &quinn::Connection, peers: &BTreeSet<String>) -> Option<Strin
         .ok()?;
     let (cn, ou) = certs::subject_of(certs.first()?).ok()?;
     (ou == NODE_OU && peers.contains(&cn)).then_some(cn)
+}
+
+/// The principal of a client connection's certificate, if it presented a
+/// client certificate of the cluster CA (rustls verified the chain) whose
+/// name an `[[access]]` entry names.
+fn client_principal(conn: &quinn::Connection, access: &Access) -> Option<Arc<Principal>> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    let (cn, ou) = certs::subject_of(certs.first()?).ok()?;
+    if ou != CLIENT_OU {
+        return None;
+    }
+    access.by_cert(&cn)
 }
 
 /// Serves one connection until it closes.
@@ -652,6 +667,9 @@ pub(crate) struct ClientSession {
     pipelined: Arc<tokio::sync::Semaphore>,
     authenticated: std::sync::atomic::AtomicBool,
     shown: tokio::sync::Notify,
+    /// Who its client certificate names (requests with an empty token act
+    /// as this principal).
+    cert: Option<Arc<Principal>>,
 }
 
 impl ClientSession {
@@ -662,6 +680,7 @@ impl ClientSession {
             pipelined: Arc::new(tokio::sync::Semaphore::new(0)),
             authenticated: false.into(),
             shown: tokio::sync::Notify::new(),
+            cert: None,
         }
     }
 
@@ -700,6 +719,7 @@ async fn client_connection(conn: quinn::Connection, inbound: Arc<Inbound>) {
         pipelined: Arc::new(tokio::sync::Semaphore::new(PIPELINED as usize)),
         authenticated: false.into(),
         shown: tokio::sync::Notify::new(),
+        cert: client_principal(&conn, &inbound.access),
     });
     let deadline = {
         let (session, inbound) = (session.clone(), inbound.clone());
@@ -743,7 +763,7 @@ enum Refusal {
     /// The request did not arrive in time: the stream is reset.
     TimedOut,
     /// Answer this, and stop reading the request.
-    Answer(Response, u32),
+    Answer(Box<Response>, u32),
 }
 
 /// Reads one request frame: its length prefix within `first_frame_ms`,
@@ -778,10 +798,10 @@ async fn read_request<'a>(
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_CLIENT_FRAME {
         return Err(Refusal::Answer(
-            error(
+            Box::new(error(
                 ErrorKind::InvalidRequest,
                 format!("request of {len} bytes is over the limit of {MAX_CLIENT_FRAME}"),
-            ),
+            )),
             code::FRAME_TOO_LARGE,
         ));
     }
@@ -797,13 +817,13 @@ async fn read_request<'a>(
     }
     let Some(token) = token_of(&frame) else {
         return Err(Refusal::Answer(
-            error(ErrorKind::InvalidRequest, "undecodable request"),
+            Box::new(error(ErrorKind::InvalidRequest, "undecodable request")),
             code::MALFORMED,
         ));
     };
-    if !authorized(inbound, token) {
+    if principal(inbound, token, session).is_none() {
         return Err(Refusal::Answer(
-            error(ErrorKind::Unauthorized, "unknown client token"),
+            Box::new(error(ErrorKind::Unauthorized, "unknown client token")),
             code::MALFORMED,
         ));
     }
@@ -812,7 +832,7 @@ async fn read_request<'a>(
     let Some(share) = inbound.budget.take(len - head, deadline).await else {
         inbound.metrics.overloaded.inc();
         return Err(Refusal::Answer(
-            error(ErrorKind::Overloaded, "the node is reading too many requests at once"),
+            Box::new(error(ErrorKind::Overloaded, "the node is reading too many requests at once")),
             code::REFUSED,
         ));
     };
@@ -846,14 +866,17 @@ async fn client_stream(
                 Ok(ClientRequest {
                     token,
                     body: RequestBody::Watch { prefix, from },
-                }) => {
-                    if !authorized(&inbound, token.as_bytes()) {
-                        error(ErrorKind::Unauthorized, "unknown client token")
-                    } else {
+                }) => match principal(&inbound, token.as_bytes(), &session) {
+                    None => error(ErrorKind::Unauthorized, "unknown client token"),
+                    Some(who) if !who.overlaps(Perm::Watch, &prefix) => {
                         session.authenticate();
-                        return watch(send, prefix, from, Request { bytes, conn }, &inbound).await;
+                        refuse(&inbound, &who, Perm::Watch, format_args!("watch {prefix:?}"))
                     }
-                }
+                    Some(who) => {
+                        session.authenticate();
+                        return watch(send, prefix, from, Request { bytes, conn }, &inbound, who).await;
+                    }
+                },
                 Ok(ClientRequest { token, body }) => {
                     // A client that goes away (resets the stream or closes
                     // the connection) gives up its answer: dropping the
@@ -877,7 +900,7 @@ async fn client_stream(
         }
         Err(Refusal::Answer(response, stop)) => {
             let _ = recv.stop(stop.into());
-            response
+            *response
         }
     };
     let (frame, _permit) = answer_frame(&response, &inbound);
@@ -1174,7 +1197,7 @@ async fn read_pipeline(
                     return;
                 }
                 Err(Refusal::Answer(response, code)) => {
-                    let _ = tx.send(Piped::Refused(response, code)).await;
+                    let _ = tx.send(Piped::Refused(*response, code)).await;
                     return;
                 }
             },
@@ -1214,18 +1237,37 @@ async fn read_pipeline(
     }
 }
 
-/// Whether `token` is a configured client or admin token (compared in
-/// constant time); a miss counts in `client_unauthorized`.
+/// Whether `token` is a configured token (compared in constant time); a
+/// miss counts in `client_unauthorized`.
 pub(crate) fn authorized(inbound: &Inbound, token: &[u8]) -> bool {
-    let ok = inbound
-        .tokens
-        .iter()
-        .chain(&inbound.admin_tokens)
-        .any(|t| constant_time_eq(t.as_bytes(), token));
+    let ok = inbound.access.by_token(token).is_some();
     if !ok {
         inbound.metrics.unauthorized.inc();
     }
     ok
+}
+
+/// Who a request acts as: its token's principal, or, with an empty token,
+/// the connection's client certificate's. `None` (counted in
+/// `client_unauthorized`) for an unknown token, or an empty one without a
+/// certificate an `[[access]]` entry names.
+pub(crate) fn principal(inbound: &Inbound, token: &[u8], session: &ClientSession) -> Option<Arc<Principal>> {
+    let who = if token.is_empty() {
+        session.cert.clone()
+    } else {
+        inbound.access.by_token(token)
+    };
+    if who.is_none() {
+        inbound.metrics.unauthorized.inc();
+    }
+    who
+}
+
+/// The `PermissionDenied` answer to `who` for `what`, counted by `perm`.
+fn refuse(inbound: &Inbound, who: &Principal, perm: Perm, what: std::fmt::Arguments<'_>) -> Response {
+    inbound.metrics.permission_denied(perm.name());
+    tracing::debug!(principal = %who.name, perm = perm.name(), "permission denied: {what}");
+    Response::Error(denied(who, what))
 }
 
 /// Streams a change feed on one bidirectional stream, a frame per change,
@@ -1240,6 +1282,7 @@ async fn watch(
     from: Option<WatchToken>,
     meta: Request,
     inbound: &Inbound,
+    who: Arc<Principal>,
 ) {
     // Refused here, before it is queued: the engine queue charges a request
     // its frame's length, and a prefix longer than any key can match nothing.
@@ -1281,6 +1324,12 @@ async fn watch(
         // before the next is read, under the node-wide budget of values in
         // flight to watchers.
         while !notices.is_empty() {
+            // Only the keys it may watch (a prefix may be wider than its
+            // grants); the others are never read.
+            notices.retain(|n| who.allows(Perm::Watch, n.key.as_str()));
+            if notices.is_empty() {
+                break;
+            }
             let got = tokio::select! {
                 g = change_frames(&mut notices, inbound) => g,
                 _ = &mut stopped => return,
@@ -1353,21 +1402,57 @@ async fn change_frames<'a>(
     Some((frames, permit))
 }
 
-/// `None` when `token` is an admin token; otherwise the refusal of `what`
-/// (counted as unauthorized).
-fn require_admin(inbound: &Inbound, token: &str, what: &str) -> Option<Response> {
-    let admin = inbound
-        .admin_tokens
-        .iter()
-        .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
-    if admin {
+/// `None` when `who` may administer the node; otherwise the refusal of
+/// `what` (`PermissionDenied`, counted).
+fn require_admin(inbound: &Inbound, who: &Principal, what: &str) -> Option<Response> {
+    if who.is_admin() {
         return None;
     }
-    inbound.metrics.unauthorized.inc();
-    Some(error(
-        ErrorKind::Unauthorized,
-        format!("{what} needs an admin token (admin_tokens in the node's configuration)"),
+    Some(refuse(
+        inbound,
+        who,
+        Perm::Admin,
+        format_args!("{what}: it needs an admin token (admin_tokens, or admin on \"\" in [[access]])"),
     ))
+}
+
+/// The refusal of `body` for `who` if a key or prefix it names is not
+/// granted (mget keys are checked one by one as they are read; scans, log
+/// reads and watches of a wider prefix are filtered instead).
+fn check_body(inbound: &Inbound, who: &Principal, body: &RequestBody) -> Option<Response> {
+    let (perm, what, prefix) = match body {
+        RequestBody::Write { ops, .. } => {
+            let key = ops
+                .iter()
+                .map(|(k, _)| k)
+                .find(|k| !who.allows(Perm::Write, k.as_str()))?;
+            return Some(refuse(
+                inbound,
+                who,
+                Perm::Write,
+                format_args!("write {:?}", key.as_str()),
+            ));
+        }
+        RequestBody::Read { key, .. } | RequestBody::ReadAt { key, .. } => {
+            if who.allows(Perm::Read, key.as_str()) {
+                return None;
+            }
+            return Some(refuse(
+                inbound,
+                who,
+                Perm::Read,
+                format_args!("read {:?}", key.as_str()),
+            ));
+        }
+        RequestBody::Scan { prefix, .. } => (Perm::Read, "scan", prefix),
+        RequestBody::LogRead { prefix, .. } => (Perm::Read, "read the change log under", prefix),
+        _ => return None,
+    };
+    if who.overlaps(perm, prefix) {
+        None
+    } else {
+        Some(refuse(inbound, who, perm, format_args!("{what} {prefix:?}")))
+    }
 }
 /// A read served beside the engine, from the store as of the last flush:
 /// the flush it saw, and its answer if that state includes `after` (or
@@ -1441,10 +1526,13 @@ pub(crate) async fn serve(
 ) -> Response {
     let span = tracing::debug_span!("client_request");
     let _g = span.enter();
-    if !authorized(inbound, token.as_bytes()) {
+    let Some(who) = principal(inbound, token.as_bytes(), session) else {
         return error(ErrorKind::Unauthorized, "unknown client token");
-    }
+    };
     session.authenticate();
+    if let Some(refused) = check_body(inbound, &who, &body) {
+        return refused;
+    }
     match body {
         RequestBody::Write {
             op_id,
@@ -1533,7 +1621,11 @@ pub(crate) async fn serve(
                     continue;
                 }
                 let wait = deadline.saturating_duration_since(Instant::now()).as_millis() as u64;
-                let answer = read(key.clone(), after, wait, &meta, inbound).await;
+                let answer = if who.allows(Perm::Read, key.as_str()) {
+                    read(key.clone(), after, wait, &meta, inbound).await
+                } else {
+                    refuse(inbound, &who, Perm::Read, format_args!("read {:?}", key.as_str()))
+                };
                 let mut entry = match answer {
                     Response::Value { value, token } => Entry {
                         key,
@@ -1599,7 +1691,12 @@ pub(crate) async fn serve(
             })
             .await;
             match page {
-                Ok(Ok((entries, cursor))) => Response::Scanned { entries, cursor },
+                Ok(Ok((mut entries, cursor))) => {
+                    // A prefix wider than the grants: only what it may read
+                    // (the page may then hold fewer than `limit`).
+                    entries.retain(|e| who.allows(Perm::Read, e.key.as_str()));
+                    Response::Scanned { entries, cursor }
+                }
                 Ok(Err(e)) => Response::Error(ClientError::from(&e)),
                 Err(_) => error(ErrorKind::Unavailable, "the node is shutting down"),
             }
@@ -1634,7 +1731,8 @@ pub(crate) async fn serve(
                 })
                 .await;
                 match page {
-                    Ok(Ok((changes, next, partitions))) => {
+                    Ok(Ok((mut changes, next, partitions))) => {
+                        changes.retain(|c| who.allows(Perm::Read, c.change.key.as_str()));
                         if !changes.is_empty() || Instant::now() >= deadline {
                             return Response::Log {
                                 changes,
@@ -1671,7 +1769,7 @@ pub(crate) async fn serve(
             }
         }
         RequestBody::Backup { dir } => {
-            if let Some(refused) = require_admin(inbound, token, "a backup") {
+            if let Some(refused) = require_admin(inbound, &who, "back up the node") {
                 return refused;
             }
             let dir = std::path::PathBuf::from(dir);
@@ -1710,7 +1808,7 @@ pub(crate) async fn serve(
             "watch and pipeline requests need their own stream (see RequestBody::Pipeline)",
         ),
         RequestBody::SetPolicy(set) => {
-            if let Some(refused) = require_admin(inbound, token, "changing the policy") {
+            if let Some(refused) = require_admin(inbound, &who, "change the policy") {
                 return refused;
             }
             let (tx, rx) = oneshot::channel();
@@ -1761,7 +1859,16 @@ pub(crate) async fn serve(
                 return overloaded(&inbound.metrics);
             }
             match rx.await {
-                Ok(s) => Response::Status(s),
+                Ok(mut s) => {
+                    // Names and grants, never secrets; another client's
+                    // only to an admin.
+                    s.access = if who.is_admin() {
+                        inbound.access.infos()
+                    } else {
+                        vec![who.info()]
+                    };
+                    Response::Status(s)
+                }
                 Err(_) => error(ErrorKind::Unavailable, "the node is shutting down"),
             }
         }

@@ -1369,6 +1369,7 @@ fn status(replica: &Replica<SledStore>, now: Time, node: &str) -> NodeStatus {
             .iter()
             .map(|(keyspace, c)| KeyspaceConflicts::of(keyspace, c))
             .collect(),
+        access: Vec::new(),
     }
 }
 

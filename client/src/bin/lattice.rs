@@ -28,6 +28,14 @@ struct Cli {
     /// Cluster CA certificate (PEM).
     #[arg(long, env = "LATTICE_CA")]
     ca: Option<PathBuf>,
+    /// A client certificate of the cluster CA to present (PEM; `latticed
+    /// certs client NAME`). A node whose `[[access]]` names it serves this
+    /// client with that entry's grants; no token is then needed.
+    #[arg(long, env = "LATTICE_CLIENT_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// The private key of `--client-cert` (PEM).
+    #[arg(long, env = "LATTICE_CLIENT_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
     /// Refuse nodes whose certificate has this serial (hex as `latticed
     /// certs show` prints it; repeatable, or comma-separated). Added to
     /// `revoked_serials` in the defaults file.
@@ -271,8 +279,15 @@ struct PolicyFile {
 #[derive(Deserialize)]
 struct Defaults {
     endpoints: Vec<SocketAddr>,
+    /// The token (may be left out when a client certificate is given).
+    #[serde(default)]
     token: String,
     ca: PathBuf,
+    /// A client certificate and its key (paths), as --client-cert/--client-key.
+    #[serde(default)]
+    client_cert: Option<PathBuf>,
+    #[serde(default)]
+    client_key: Option<PathBuf>,
     /// Node name of each endpoint (absent in files from before names).
     #[serde(default)]
     names: Vec<String>,
@@ -344,13 +359,20 @@ async fn run(cli: Cli, slot: &mut Option<std::sync::Arc<Client>>) -> Result<(), 
             })
             .collect()
     };
+    let identity = match (&cli.client_cert, &cli.client_key) {
+        (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+        _ => file
+            .as_ref()
+            .and_then(|d| Some((d.client_cert.clone()?, d.client_key.clone()?))),
+    };
     let token = cli
         .token
         .clone()
-        .or_else(|| file.as_ref().map(|d| d.token.clone()))
+        .or_else(|| file.as_ref().map(|d| d.token.clone()).filter(|t| !t.is_empty()))
+        .or_else(|| identity.as_ref().map(|_| String::new()))
         .ok_or(
-        "no token: pass --token, set LATTICE_TOKEN, or run `latticed dev` first (it writes .lattice-dev/client.toml)",
-    )?;
+            "no token: pass --token (or --client-cert and --client-key), set LATTICE_TOKEN, or run `latticed dev` first (it writes .lattice-dev/client.toml)",
+        )?;
     let ca_path = cli
         .ca
         .clone()
@@ -365,9 +387,15 @@ async fn run(cli: Cli, slot: &mut Option<std::sync::Arc<Client>>) -> Result<(), 
         .iter()
         .chain(file.iter().flat_map(|d| &d.revoked_serials))
         .collect();
-    let client = Client::new(endpoints, token, &ca)
+    let mut client = Client::new(endpoints, token, &ca)
         .and_then(|c| c.with_revoked_serials(&revoked))
         .map_err(|e| e.to_string())?;
+    if let Some((cert, key)) = &identity {
+        let read = |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("reading {}: {e}", p.display()));
+        client = client
+            .with_client_cert(&read(cert)?, &read(key)?)
+            .map_err(|e| e.to_string())?;
+    }
     let shared = slot.insert(std::sync::Arc::new(client)).clone();
     let client = &*shared;
     let write = |k: &str, op: Op| -> Result<RequestBody, String> {
@@ -575,6 +603,7 @@ async fn run(cli: Cli, slot: &mut Option<std::sync::Arc<Client>>) -> Result<(), 
             }
             print_policies(&s);
             print_conflicts(&s);
+            print_access(&s);
         }
         Response::PolicySet { version } => println!("ok: policy version {version} in force"),
         Response::Audit(entries) => {
@@ -837,6 +866,23 @@ fn print_policies(s: &NodeStatus) {
                 println!("    {:<8} no copy (policy)", c.region);
             }
         }
+    }
+}
+
+/// The credentials the node accepts (all for an admin, else the asker's
+/// own), without secrets.
+fn print_access(s: &NodeStatus) {
+    if s.access.is_empty() {
+        return;
+    }
+    println!("access:");
+    for a in &s.access {
+        let grants: Vec<String> = a
+            .grants
+            .iter()
+            .map(|(prefix, perms)| format!("{prefix:?}: {}", perms.join(",")))
+            .collect();
+        println!("  {:<16} {:<11} {}", a.name, a.via, grants.join("; "));
     }
 }
 

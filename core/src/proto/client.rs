@@ -444,6 +444,9 @@ pub enum ErrorKind {
     /// it): a log reader must re-read state and go on from the log's
     /// current end; a point-in-time read is not possible for that key.
     Trimmed,
+    /// The credential (token or client certificate) is valid but not
+    /// granted this permission on this key or prefix.
+    PermissionDenied,
 }
 
 /// A failed request.
@@ -579,6 +582,21 @@ pub struct NodeStatus {
     /// policy that had any.
     #[serde(default)]
     pub conflicts: Vec<KeyspaceConflicts>,
+    /// The credentials the node accepts, without secrets: every one for
+    /// an admin, only the asker's own otherwise.
+    #[serde(default)]
+    pub access: Vec<AccessInfo>,
+}
+
+/// A credential a node accepts, without its secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessInfo {
+    /// Its name.
+    pub name: String,
+    /// `token` or `certificate`.
+    pub via: String,
+    /// Per key prefix, the permissions granted.
+    pub grants: Vec<(String, Vec<String>)>,
 }
 
 /// One region's copy of a keyspace.
