@@ -678,6 +678,63 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// Loads `base` followed by `extra` (TOML), returning the error text.
+    fn load_error(extra: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.toml");
+        let base = "node = \"n1\"\nregion = \"eu\"\nlisten = \"127.0.0.1:7401\"\ndata_dir = \"d\"\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\ntokens = [\"0123456789abcdef\"]\n";
+        std::fs::write(&path, format!("{base}{extra}")).unwrap();
+        let args = RunArgs {
+            config: Some(path),
+            ..RunArgs::default()
+        };
+        match Config::load(&args) {
+            Ok(_) => String::new(),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn access_entries_are_checked_at_start() {
+        let ok = "[[access]]\nname = \"a\"\ntoken = \"aaaaaaaaaaaaaaaa1\"\ngrants = [{ prefix = \"eu/\", allow = [\"read\", \"watch\"] }]\n";
+        assert_eq!(load_error(ok), "");
+        for (extra, says) in [
+            (
+                "[[access]]\nname = \"a\"\ntoken = \"aaaaaaaaaaaaaaaa1\"\ngrants = [{ prefix = \"eu/\", allow = [\"admin\"] }]\n",
+                "admin may only be granted on the prefix",
+            ),
+            (
+                "[[access]]\nname = \"a\"\ntoken = \"aaaaaaaaaaaaaaaa1\"\ngrants = [{ prefix = \"\", allow = [\"watch\"] }]\n",
+                "watch without read",
+            ),
+            (
+                "[[access]]\nname = \"a\"\ntoken = \"short\"\ngrants = [{ prefix = \"\", allow = [\"read\"] }]\n",
+                "tokens need at least 16",
+            ),
+            (
+                "[[access]]\nname = \"a\"\ngrants = [{ prefix = \"\", allow = [\"read\"] }]\n",
+                "needs a token, token_env or client_cert",
+            ),
+            ("[[access]]\nname = \"a\"\ntoken = \"aaaaaaaaaaaaaaaa1\"\ngrants = []\n", "no grants"),
+            (
+                "[[access]]\nname = \"a\"\ntoken = \"0123456789abcdef\"\ngrants = [{ prefix = \"\", allow = [\"read\"] }]\n",
+                "configured twice",
+            ),
+            (
+                "[[access]]\nname = \"a\"\ntoken_env = \"LATTICE_TEST_SURELY_UNSET_VARIABLE\"\ngrants = [{ prefix = \"\", allow = [\"read\"] }]\n",
+                "LATTICE_TEST_SURELY_UNSET_VARIABLE",
+            ),
+            (
+                "[[access]]\nname = \"a\"\ntoken = \"aaaaaaaaaaaaaaaa1\"\ngrants = [{ prefix = \"\", allow = [\"fly\"] }]\n",
+                "unknown variant",
+            ),
+        ] {
+            let e = load_error(extra);
+            assert!(e.contains(says), "{extra}: {e:?} should say {says:?}");
+            assert!(!e.contains("aaaaaaaaaaaaaaaa1"), "the token is never printed: {e}");
+        }
+    }
+
     #[test]
     fn flags_override_the_file() {
         let dir = tempfile::tempdir().unwrap();

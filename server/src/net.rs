@@ -832,7 +832,10 @@ async fn read_request<'a>(
     let Some(share) = inbound.budget.take(len - head, deadline).await else {
         inbound.metrics.overloaded.inc();
         return Err(Refusal::Answer(
-            Box::new(error(ErrorKind::Overloaded, "the node is reading too many requests at once")),
+            Box::new(error(
+                ErrorKind::Overloaded,
+                "the node is reading too many requests at once",
+            )),
             code::REFUSED,
         ));
     };

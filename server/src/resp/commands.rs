@@ -61,6 +61,8 @@ pub(crate) fn error_reply(e: &ClientError) -> Reply {
         }
         ErrorKind::Overloaded => Reply::error("BUSY", format!("{}; retry later", e.message)),
         ErrorKind::Unauthorized => Reply::error("NOAUTH", &e.message),
+        // As Redis answers a command outside a user's ACL.
+        ErrorKind::PermissionDenied => Reply::error("NOPERM", &e.message),
         ErrorKind::NotCaughtUp => Reply::error("TRYAGAIN", &e.message),
         ErrorKind::Unavailable => Reply::error("ERR", format!("unavailable: {}", e.message)),
         ErrorKind::OutcomeUnknown => Reply::error("ERR", format!("outcome unknown: {}", e.message)),
