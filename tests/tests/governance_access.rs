@@ -258,17 +258,10 @@ fn governance_watches_deliver_only_granted_keys() {
         // A watch of every key, resumed from a change before the writes
         // (so it sees them however late it subscribes), delivers only eu/
         // changes.
-        let mut w0 = admin.watch(0, "", None).await.unwrap();
-        admin.write(vec![(key("eu/8"), reg("eight"))]).await.unwrap();
-        let eight = tokio::time::timeout(Duration::from_secs(10), w0.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(eight.key.as_str(), "eu/8");
-        let mut w = watcher.watch(0, "", w0.last_token()).await.unwrap();
+        let from = token_after_a_write(&admin, "eu/8").await;
+        let mut w = watcher.watch(0, "", Some(from)).await.unwrap();
         // The check can fail: the admin's watch does get patients/.
-        let mut wa = admin.watch(0, "", w0.last_token()).await.unwrap();
+        let mut wa = admin.watch(0, "", Some(from)).await.unwrap();
         admin.write(vec![(key("patients/9"), reg("secret"))]).await.unwrap();
         admin.write(vec![(key("eu/9"), reg("nine"))]).await.unwrap();
         let first = tokio::time::timeout(Duration::from_secs(10), w.next())
@@ -401,15 +394,7 @@ fn governance_a_resumed_watch_and_the_log_follow_a_newer_read_policy() {
     let from = rt.block_on(async {
         c.wait_ready(Duration::from_secs(30)).await.unwrap();
         let admin = c.client_with_token(0, ADMIN).unwrap();
-        let mut w = admin.watch(0, "", None).await.unwrap();
-        admin.write(vec![(key("eu/a"), reg("a"))]).await.unwrap();
-        let first = tokio::time::timeout(Duration::from_secs(10), w.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(first.key.as_str(), "eu/a");
-        let from = w.last_token();
+        let from = Some(token_after_a_write(&admin, "eu/a").await);
         admin.write(vec![(key("patients/p"), reg("secret"))]).await.unwrap();
         admin.write(vec![(key("eu/b"), reg("b"))]).await.unwrap();
         // Under version 1 the resumed watch gets both (the check can fail).
@@ -458,9 +443,72 @@ fn governance_a_resumed_watch_and_the_log_follow_a_newer_read_policy() {
     });
 }
 
+/// The watch token of a write of `k`: a watch of every key is opened, then
+/// `k` written, until the watch sees it (a watch request and a write on
+/// another stream may reach the engine in either order).
+async fn token_after_a_write(admin: &Client, k: &str) -> lattice_core::proto::client::WatchToken {
+    for _ in 0..20 {
+        let mut w = admin.watch(0, "", None).await.unwrap();
+        admin.write(vec![(key(k), reg("x"))]).await.unwrap();
+        if let Ok(change) = tokio::time::timeout(Duration::from_secs(2), w.next()).await {
+            let change = change.unwrap().expect("a change");
+            assert_eq!(change.key.as_str(), k);
+            return change.token;
+        }
+    }
+    panic!("no watch saw a write of {k} in 20 tries")
+}
+
 async fn crate_status_policy(c: &Client) -> u64 {
     match c.request(RequestBody::Status).await.unwrap() {
         Response::Status(s) => s.policy_version,
         r => panic!("{r:?}"),
     }
+}
+
+#[test]
+fn governance_resp_commands_carry_the_tokens_grants() {
+    let _g = serial();
+    let mut c = Cluster::prepare(bin(), &["eu"], Durability::Group).unwrap();
+    c.edit_config(0, |cfg| {
+        cfg.admin_tokens = vec![ADMIN.into()];
+        cfg.access = access();
+    })
+    .unwrap();
+    let addr = c.enable_resp(0, false).unwrap();
+    c.start_all().unwrap();
+    runtime().block_on(c.wait_ready(Duration::from_secs(30))).unwrap();
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut out = stream;
+    let mut say = |args: &[&str]| -> String {
+        let mut cmd = format!("*{}\r\n", args.len());
+        for a in args {
+            cmd.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        out.write_all(cmd.as_bytes()).unwrap();
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line.starts_with('$') && !line.starts_with("$-1") {
+            let mut body = String::new();
+            reader.read_line(&mut body).unwrap();
+            line.push_str(&body);
+        }
+        line
+    };
+    assert_eq!(say(&["AUTH", EU_APP]), "+OK\r\n");
+    assert_eq!(say(&["SET", "eu/r", "resp"]), "+OK\r\n");
+    assert!(say(&["GET", "eu/r"]).ends_with("resp\r\n"));
+    let refused = say(&["SET", "patients/r", "x"]);
+    assert!(
+        refused.starts_with("-NOPERM") && refused.contains("eu-app"),
+        "{refused}"
+    );
+    let refused = say(&["GET", "patients/r"]);
+    assert!(refused.starts_with("-NOPERM"), "{refused}");
+    assert_eq!(say(&["AUTH", READER]), "+OK\r\n");
+    assert!(say(&["GET", "eu/r"]).ends_with("resp\r\n"));
+    assert!(say(&["SET", "eu/r", "no"]).starts_with("-NOPERM"));
 }
