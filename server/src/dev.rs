@@ -155,6 +155,7 @@ pub fn prepare(args: &DevArgs) -> Result<(Vec<PathBuf>, ClientDefaults)> {
             resp: resp_addr(i)?,
             resp_tls: false,
             resp_max_connections: 1_024,
+            encryption: Default::default(),
         };
         config.validate()?;
         let path = dir.join(format!("{}.toml", name(i)));
