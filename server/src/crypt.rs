@@ -271,6 +271,13 @@ fn unwrap_dek(keys: &Keys, w: &WrappedDek, dir: &Path) -> Result<[u8; 32], Crypt
         .map_err(|_| wrong(format!("data key {} is not 32 bytes", w.id)))
 }
 
+/// The data key a stored value is encrypted under (`None`: it has no
+/// envelope), for tools and tests that check what a pass left on disk.
+pub fn data_key_of(stored: &[u8]) -> Option<u32> {
+    (stored.len() >= HEADER + TAG && &stored[..3] == MAGIC)
+        .then(|| u32::from_be_bytes([stored[3], stored[4], stored[5], stored[6]]))
+}
+
 /// Whether values under sled key `k` are encrypted (states and log entries).
 fn covers(k: &[u8]) -> bool {
     matches!(k.first(), Some(b'k') | Some(b'c'))

@@ -390,6 +390,21 @@ async fn governance_key_rotation_and_online_reencryption_keep_every_acknowledged
     assert!(acked.iter().sum::<i64>() > 0, "the writer wrote nothing");
     c.stop(0).unwrap();
 
+    // Every state and log entry on disk is under one data key, a newer
+    // one than the first node life's and the KEK rotation's.
+    {
+        let db = sled::open(c.config(0).unwrap().data_dir).unwrap();
+        let tree = db.open_tree("lattice").unwrap();
+        let mut ids = std::collections::BTreeSet::new();
+        for prefix in [&b"k"[..], b"c"] {
+            for e in tree.scan_prefix(prefix) {
+                let (_, v) = e.unwrap();
+                ids.insert(lattice_server::crypt::data_key_of(&v));
+            }
+        }
+        assert_eq!(ids.len(), 1, "values under several data keys: {ids:?}");
+        assert!(ids.iter().all(|id| id.is_some_and(|id| id >= 3)), "{ids:?}");
+    }
     // The old KEK alone opens nothing now; the new one alone, everything.
     set_keys(&c, 0, Some(&k1), &[]);
     let (ok, err) = start_failing(&c, 0, &[]);
