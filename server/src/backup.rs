@@ -913,7 +913,11 @@ mod tests {
     use rand::SeedableRng;
 
     fn replica(dir: &Path) -> Replica<SledStore> {
-        let store = SledStore::open(dir, "n1", Durability::Group).unwrap();
+        replica_with(dir, &Keys::none())
+    }
+
+    fn replica_with(dir: &Path, keys: &Keys) -> Replica<SledStore> {
+        let store = SledStore::open_with(dir, "n1", Durability::Group, Default::default(), keys).unwrap();
         let rng = Box::new(rand_chacha::ChaCha8Rng::seed_from_u64(1));
         Replica::open(ReplicaConfig::new("n1", "eu", vec![]), store, rng, Time(now())).unwrap()
     }
@@ -932,9 +936,13 @@ mod tests {
     }
 
     fn states(dir: &Path) -> BTreeMap<String, String> {
+        states_with(dir, &Keys::none())
+    }
+
+    fn states_with(dir: &Path, keys: &Keys) -> BTreeMap<String, String> {
         let meta = verify(dir).unwrap();
         let mut out = BTreeMap::new();
-        read_states(dir, &meta, &Keys::none(), &mut |k, v| {
+        read_states(dir, &meta, keys, &mut |k, v| {
             out.insert(k.as_str().to_string(), v.view().to_string());
             Ok(())
         })
@@ -951,9 +959,15 @@ mod tests {
     /// `backup_is_consistent_under_concurrent_atomic_writes` relies on.
     #[test]
     fn writes_during_the_copy_are_joined_in_and_a_copy_without_them_is_caught() {
-        for skip in [false, true] {
+        // The catch-up rewrites encrypted state files too.
+        for (skip, encrypt) in [(false, false), (true, false), (false, true)] {
             let tmp = tempfile::tempdir().unwrap();
-            let mut r = replica(&tmp.path().join("d"));
+            let keys = if encrypt {
+                Keys::with(crate::crypt::Kek::generate())
+            } else {
+                Keys::none()
+            };
+            let mut r = replica_with(&tmp.path().join("d"), &keys);
             // Pairs of counters, every one of them added to in each write.
             let pairs: Vec<(Key, Key)> = (0..20)
                 .map(|j| {
@@ -994,7 +1008,14 @@ mod tests {
                 skip_catch_up: skip,
             };
             write_into(&reader, &source(), "n1", &out, &mut hooks).unwrap();
-            let got = states(&out);
+            let got = states_with(&out, &keys);
+            if encrypt {
+                let e = read_states(&out, &verify(&out).unwrap(), &Keys::none(), &mut |_, _| Ok(())).unwrap_err();
+                assert!(e.to_string().contains("is encrypted"), "{e}");
+                let wrong = Keys::with(crate::crypt::Kek::generate());
+                let e = read_states(&out, &verify(&out).unwrap(), &wrong, &mut |_, _| Ok(())).unwrap_err();
+                assert!(e.to_string().contains("does not open"), "{e}");
+            }
             let live: BTreeMap<String, String> = {
                 let mut m = BTreeMap::new();
                 reader
@@ -1059,6 +1080,64 @@ mod tests {
     /// Restore refuses a flipped byte in any file, a missing file, an extra
     /// one and a non-empty target; an intact backup restores every key,
     /// and the store opens under the op ids it had.
+    #[test]
+    fn an_encrypted_backup_restores_with_its_key_only_and_can_leave_encryption() {
+        use crate::crypt::Kek;
+        let tmp = tempfile::tempdir().unwrap();
+        let backup = tmp.path().join("b");
+        let kek = Kek::generate();
+        {
+            let mut r = replica_with(&tmp.path().join("d"), &Keys::with(kek.clone()));
+            r.write(
+                Time(now()),
+                vec![(Key::new("secret").unwrap(), Op::LwwSet(b"PLAIN-1234".to_vec().into()))],
+            )
+            .unwrap();
+            r.flush(Time(now())).unwrap();
+            // Not `write`: its one-backup-per-process lock would make this
+            // test and the others fail each other when run in parallel.
+            std::fs::create_dir(&backup).unwrap();
+            write_into(&r.store().reader(), &source(), "n1", &backup, &mut Hooks::default()).unwrap();
+        }
+        let target = |name: &str, keys: Keys| {
+            restore(
+                &backup,
+                &Target {
+                    data_dir: &tmp.path().join(name),
+                    node: "n2",
+                    region: &RegionId::from("eu"),
+                    policy: PolicySet::default(),
+                    log: Default::default(),
+                    keys,
+                },
+            )
+        };
+        let e = target("none", Keys::none()).unwrap_err().to_string();
+        assert!(e.contains("is encrypted"), "{e}");
+        let e = target("wrong", Keys::with(Kek::generate())).unwrap_err().to_string();
+        assert!(e.contains("does not open"), "{e}");
+        // Under another node's key: encrypted under it, readable with it only.
+        let other = Kek::generate();
+        let keys = Keys {
+            current: Some(other.clone()),
+            old: vec![kek.clone()],
+        };
+        assert_eq!(target("other", keys).unwrap().keys, 1);
+        let (_db, reader) = StoreReader::open_stopped(&tmp.path().join("other"), &Keys::with(other)).unwrap();
+        assert!(reader.get(&Key::new("secret").unwrap()).unwrap().is_some());
+        drop((_db, reader));
+        // With the key only as an old one: a plaintext data dir (how to
+        // leave encryption at rest).
+        let keys = Keys {
+            current: None,
+            old: vec![kek],
+        };
+        assert_eq!(target("plain", keys).unwrap().keys, 1);
+        let (_db, reader) = StoreReader::open_stopped(&tmp.path().join("plain"), &Keys::none()).unwrap();
+        assert!(!reader.crypt().is_on());
+        assert!(reader.get(&Key::new("secret").unwrap()).unwrap().is_some());
+    }
+
     #[test]
     fn restore_verifies_the_manifest_and_refuses_damage() {
         let tmp = tempfile::tempdir().unwrap();
