@@ -124,9 +124,18 @@ impl Kek {
         Ok(Kek::new(key))
     }
 
-    /// Reads a key file (64 hex digits).
+    /// Reads a key file (64 hex digits). A file others may read is
+    /// accepted with a warning (a mounted secret may carry any mode).
     pub fn from_file(path: &Path) -> Result<Kek, CryptError> {
         let what = format!("file {}", path.display());
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(m) = std::fs::metadata(path) {
+                if m.permissions().mode() & 0o077 != 0 {
+                    tracing::warn!(file = %path.display(), mode = %format!("{:o}", m.permissions().mode() & 0o777), "the encryption key file is readable by others than its owner: make it 0600");
+                }
+            }
+        }
         let text = std::fs::read_to_string(path).map_err(|e| CryptError::BadKey {
             what: what.clone(),
             reason: e.to_string(),

@@ -95,7 +95,8 @@ fn files_under(dir: &Path) -> usize {
     std::fs::read_dir(dir).map_or(0, |d| d.count())
 }
 
-/// Starts node `i` expecting it to fail: its exit status and stderr.
+/// Starts node `i` expecting it to fail: whether it succeeded, and its
+/// stderr (a failure must exit with status 1).
 fn start_failing(c: &Cluster, i: usize, env: &[(&str, &str)]) -> (bool, String) {
     let mut cmd = Command::new(bin());
     cmd.arg("run")
@@ -121,7 +122,11 @@ fn start_failing(c: &Cluster, i: usize, env: &[(&str, &str)]) -> (bool, String) 
         std::thread::sleep(Duration::from_millis(50));
     }
     let out = waiter.join().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        assert_eq!(out.status.code(), Some(1), "exit status: {err}");
+    }
+    (out.status.success(), err)
 }
 
 /// Runs `latticed ARGS`: (success, stdout and stderr).
