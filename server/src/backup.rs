@@ -935,10 +935,6 @@ mod tests {
         }
     }
 
-    fn states(dir: &Path) -> BTreeMap<String, String> {
-        states_with(dir, &Keys::none())
-    }
-
     fn states_with(dir: &Path, keys: &Keys) -> BTreeMap<String, String> {
         let meta = verify(dir).unwrap();
         let mut out = BTreeMap::new();
