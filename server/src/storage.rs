@@ -670,6 +670,11 @@ impl SledStore {
         self.cache = std::cell::RefCell::new(RecordCache::new(bytes));
     }
 
+    /// The data keys the store's values are encrypted with.
+    pub fn crypt(&self) -> &Arc<Crypt> {
+        &self.crypt
+    }
+
     /// The record cache's hits and misses since open.
     pub fn cache_stats(&self) -> (u64, u64) {
         let c = self.cache.borrow();

@@ -389,7 +389,13 @@ async fn governance_key_rotation_and_online_reencryption_keep_every_acknowledged
     let s: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
     assert_eq!(s["complete"], true, "{s}");
     assert!(s["retired"].as_u64().unwrap() >= 1, "{s}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The node says it holds one data key again (the gauge is sampled
+    // by the engine: wait for a sample after the pass).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.metric(0, "lattice_encryption_data_keys").unwrap() != 1.0 {
+        assert!(Instant::now() < deadline, "lattice_encryption_data_keys stays above 1");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let acked = task.await.unwrap();
     assert!(acked.iter().sum::<i64>() > 0, "the writer wrote nothing");
