@@ -8,7 +8,7 @@
 use crate::{Client, Error};
 use lattice_core::crdt::{Op, ValueView};
 use lattice_core::log::{LogCursor, Logged};
-use lattice_core::proto::client::{BackupSummary, RequestBody, Response, LOG_MAX_CHANGES};
+use lattice_core::proto::client::{BackupSummary, ReencryptSummary, RequestBody, Response, LOG_MAX_CHANGES};
 use lattice_core::Key;
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -86,6 +86,18 @@ impl Client {
         let body = RequestBody::Backup { dir: dir.to_string() };
         match self.request_within(i, body, BACKUP_WAIT.max(self.timeout)).await? {
             Response::BackedUp(s) => Ok(s),
+            r => Err(Error::Protocol(format!("unexpected answer {r:?}"))),
+        }
+    }
+
+    /// Has node `i` re-encrypt every value it stores under its newest data
+    /// key, making a new one first with `rotate` (encryption at rest must
+    /// be on). Needs the admin token; waits up to [`BACKUP_WAIT`], as the
+    /// node answers once its whole store was walked.
+    pub async fn reencrypt(&self, i: usize, rotate: bool) -> Result<ReencryptSummary, Error> {
+        let body = RequestBody::Reencrypt { rotate };
+        match self.request_within(i, body, BACKUP_WAIT.max(self.timeout)).await? {
+            Response::Reencrypted(s) => Ok(s),
             r => Err(Error::Protocol(format!("unexpected answer {r:?}"))),
         }
     }

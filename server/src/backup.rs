@@ -5,6 +5,7 @@
 //! | file | what |
 //! |---|---|
 //! | `states-NNNNNN` | sealed records (`lattice_core::store::seal_record`), each framed as key length (u32 BE), key, record length (u32 BE), record; at most [`CHUNK_BYTES`] a file, in storage order |
+//! | `keys` | only for an encrypted node: its data keys, wrapped under its encryption key (as in its data dir) |
 //! | `ops` | the client op ids the node remembered, 16 bytes BE each, oldest first |
 //! | `backup.json` | [`BackupMeta`]: source node and region, the policy set in force, the log id and cursor the states are as of, the time, the key count, the state files |
 //! | `manifest` | one line per other file: blake3 hex, size, name; written last |
@@ -27,6 +28,13 @@
 //! the backup fails and asks for a quieter moment or an offline backup.
 //! Then only the state files holding a changed key are rewritten.
 //!
+//! Encryption. A backup of an encrypted node (`crate::crypt`) holds each
+//! record encrypted under the node's newest data key, with its storage
+//! position as associated data, and the wrapped data keys in `keys`: never
+//! a plaintext value. Restoring it needs the node's encryption key (or an
+//! old one that wrapped those data keys); the restored data dir is
+//! encrypted under the restoring node's key, with new data keys.
+//!
 //! Restore verifies the manifest first (every file listed, present, of its
 //! size and hash, and no other file), then writes the states a new data dir
 //! under the restoring node's policy: keys its region may not hold are
@@ -37,6 +45,7 @@
 //! peers what was written after the backup.
 
 use crate::changelog::LogMeta;
+use crate::crypt::{Crypt, Keys};
 use crate::storage::{Durability, SledStore, StoreReader};
 use lattice_core::clock::ReplicaId;
 use lattice_core::crdt::{Crdt, Value};
@@ -74,6 +83,8 @@ pub const META_FILE: &str = "backup.json";
 pub const MANIFEST: &str = "manifest";
 /// The op ids' file name.
 pub const OPS_FILE: &str = "ops";
+/// The wrapped data keys' file name (encrypted backups).
+pub const KEYS_FILE: &str = "keys";
 
 /// Errors of a backup or a restore.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +100,9 @@ pub enum BackupError {
     /// The store failed (a corrupt record, sled).
     #[error("{0}")]
     Store(#[from] lattice_core::Error),
+    /// The backup is encrypted and the key is missing or wrong.
+    #[error(transparent)]
+    Encryption(#[from] crate::crypt::CryptError),
     /// The backup is damaged: a hash, size or file does not match its
     /// manifest, or a file does not decode.
     #[error("the backup in {dir} is damaged or incomplete: {reason}")]
@@ -137,6 +151,9 @@ pub struct BackupMeta {
     pub op_ids: u64,
     /// Whether it was made by a running node (`lattice backup`).
     pub online: bool,
+    /// Its records are encrypted; `keys` holds the wrapped data keys.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
 }
 
 /// Who is backed up: what the store does not say about itself.
@@ -163,6 +180,8 @@ struct Chunk {
 /// exist): records stream out, a new file after [`CHUNK_BYTES`].
 struct ChunkWriter<'a> {
     dir: &'a Path,
+    /// Encrypts the records (off for an unencrypted node).
+    crypt: &'a Crypt,
     chunks: Vec<Chunk>,
     out: Option<(BufWriter<std::fs::File>, u64)>,
     keys: u64,
@@ -184,7 +203,8 @@ impl ChunkWriter<'_> {
             .as_mut()
             .ok_or_else(|| BackupError::Refused("no state file open".into()))?;
         let path = self.dir.to_path_buf();
-        write_frame(w, key.as_str().as_bytes(), record).map_err(io(&path))?;
+        let sealed = self.crypt.sealer().seal(pos, record)?;
+        write_frame(w, key.as_str().as_bytes(), &sealed).map_err(io(&path))?;
         *n += frame;
         if let Some(c) = self.chunks.last_mut() {
             c.last = pos.to_vec();
@@ -300,8 +320,14 @@ fn write_into(
     // Read after E0: every op id of a write in the state as of E0, and
     // only ids of writes applied before E1 (added from the log below).
     let mut ops = reader.op_ids()?;
+    let crypt = reader.crypt().clone();
+    let keys_file = crypt.stored()?;
+    if let Some(raw) = &keys_file {
+        write_synced(&dir.join(KEYS_FILE), raw)?;
+    }
     let mut w = ChunkWriter {
         dir,
+        crypt: &crypt,
         chunks: Vec::new(),
         out: None,
         keys: 0,
@@ -366,6 +392,7 @@ fn write_into(
         states: w.chunks.iter().map(|c| c.name.clone()).collect(),
         op_ids: ops_written,
         online: source.online,
+        encrypted: keys_file.is_some(),
     };
     let meta_path = dir.join(META_FILE);
     let text = serde_json::to_vec_pretty(&meta).map_err(|e| BackupError::Refused(e.to_string()))?;
@@ -475,21 +502,26 @@ fn join_into_chunks(dir: &Path, w: &mut ChunkWriter<'_>, mut deltas: Deltas) -> 
         {
             let mut r = BufReader::new(std::fs::File::open(&path).map_err(io(&path))?);
             let mut out = BufWriter::new(std::fs::File::create_new(&tmp).map_err(io(&tmp))?);
+            let sealer = w.crypt.sealer();
             while let Some((k, record)) = read_frame(&mut r).map_err(io(&path))? {
                 let key = Key::new(String::from_utf8_lossy(&k).into_owned())?;
-                match mine.remove(&StoreReader::position(&key)) {
+                let pos = StoreReader::position(&key);
+                match mine.remove(&pos) {
                     Some((_, delta)) => {
+                        let record = sealer.open(&pos, record.into())?;
                         let mut v = open_record(&key, &record)?;
                         v.join(&delta);
-                        write_frame(&mut out, &k, &seal_record(&key, &v)?).map_err(io(&tmp))?;
+                        let sealed = sealer.seal(&pos, &seal_record(&key, &v)?)?;
+                        write_frame(&mut out, &k, &sealed).map_err(io(&tmp))?;
                     }
                     None => write_frame(&mut out, &k, &record).map_err(io(&tmp))?,
                 }
             }
             // Keys created after the copy passed them: their whole history
             // is in the deltas.
-            for (_, (key, v)) in std::mem::take(&mut mine) {
-                write_frame(&mut out, key.as_str().as_bytes(), &seal_record(&key, &v)?).map_err(io(&tmp))?;
+            for (pos, (key, v)) in std::mem::take(&mut mine) {
+                let sealed = sealer.seal(&pos, &seal_record(&key, &v)?)?;
+                write_frame(&mut out, key.as_str().as_bytes(), &sealed).map_err(io(&tmp))?;
                 w.keys += 1;
             }
             let f = out.into_inner().map_err(|e| BackupError::Io {
@@ -542,7 +574,13 @@ fn hash_file(path: &Path) -> Result<(String, u64), BackupError> {
 fn write_manifest(dir: &Path, meta: &BackupMeta) -> Result<u64, BackupError> {
     let mut text = String::new();
     let mut total = 0;
-    let names = meta.states.iter().map(String::as_str).chain([OPS_FILE, META_FILE]);
+    let keys = meta.encrypted.then_some(KEYS_FILE);
+    let names = meta
+        .states
+        .iter()
+        .map(String::as_str)
+        .chain([OPS_FILE, META_FILE])
+        .chain(keys);
     for name in names {
         let (hash, size) = hash_file(&dir.join(name))?;
         text.push_str(&format!("{hash} {size} {name}\n"));
@@ -609,7 +647,8 @@ pub fn verify(dir: &Path) -> Result<BackupMeta, BackupError> {
             meta.format
         )));
     }
-    for name in meta.states.iter().map(String::as_str).chain([OPS_FILE]) {
+    let keys = meta.encrypted.then_some(KEYS_FILE);
+    for name in meta.states.iter().map(String::as_str).chain([OPS_FILE]).chain(keys) {
         if !listed.contains(name) {
             return Err(damaged(format!("{name} is missing from the manifest")));
         }
@@ -618,12 +657,21 @@ pub fn verify(dir: &Path) -> Result<BackupMeta, BackupError> {
 }
 
 /// Calls `visit` on every state of a verified backup, in file order. Each
-/// record is checked (`open_record`) and decoded.
+/// record is checked (`open_record`) and decoded; an encrypted backup's
+/// records are decrypted with its data keys, unwrapped with `keys`.
 pub fn read_states(
     dir: &Path,
     meta: &BackupMeta,
+    keys: &Keys,
     visit: &mut dyn FnMut(Key, Value) -> Result<(), BackupError>,
 ) -> Result<(), BackupError> {
+    let crypt = if meta.encrypted {
+        let raw = std::fs::read(dir.join(KEYS_FILE)).map_err(io(dir))?;
+        Crypt::open_backup(&raw, keys, dir)?
+    } else {
+        Crypt::off()
+    };
+    let sealer = crypt.sealer();
     for name in &meta.states {
         let path = dir.join(name);
         let mut r = BufReader::new(std::fs::File::open(&path).map_err(io(&path))?);
@@ -632,6 +680,7 @@ pub fn read_states(
             reason: format!("{name}: {e}"),
         })? {
             let key = Key::new(String::from_utf8_lossy(&k).into_owned())?;
+            let record = sealer.open(&StoreReader::position(&key), record.into())?;
             let value = open_record(&key, &record)?;
             visit(key, value)?;
         }
@@ -666,6 +715,9 @@ pub struct Target<'a> {
     pub policy: PolicySet,
     /// Its change log's settings.
     pub log: crate::changelog::LogSettings,
+    /// Its encryption keys: the new data dir is encrypted under them, and
+    /// they open an encrypted backup.
+    pub keys: Keys,
 }
 
 /// Restores the backup in `from` into a new data dir for `target`: checks
@@ -709,12 +761,12 @@ fn restore_into(
     policy: PolicySet,
 ) -> Result<Restored, BackupError> {
     let dir = target.data_dir;
-    let mut store = SledStore::open_with_log(dir, target.node, Durability::Sync, target.log)
+    let mut store = SledStore::open_with(dir, target.node, Durability::Sync, target.log, &target.keys)
         .map_err(|e| BackupError::Refused(e.to_string()))?;
     let (mut keys, mut not_allowed) = (0u64, 0u64);
     let mut batch = WriteBatch::default();
     let mut batch_bytes = 0;
-    read_states(from, &meta, &mut |key, value| {
+    read_states(from, &meta, &target.keys, &mut |key, value| {
         if !policy.may_hold(key.as_str(), target.region) {
             not_allowed += 1;
             return Ok(());
@@ -813,6 +865,7 @@ pub fn bench(dir: &Path, keys: usize) -> anyhow::Result<()> {
             region: &RegionId::from("eu"),
             policy: PolicySet::default(),
             log: Default::default(),
+            keys: Keys::none(),
         },
     )?;
     let restore_secs = started.elapsed().as_secs_f64();
@@ -832,7 +885,7 @@ pub fn bench(dir: &Path, keys: usize) -> anyhow::Result<()> {
 fn open_stopped_waiting(dir: &Path) -> anyhow::Result<(sled::Db, StoreReader)> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        match StoreReader::open_stopped(dir) {
+        match StoreReader::open_stopped(dir, &Keys::none()) {
             Ok(x) => return Ok(x),
             Err(e) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(10))
@@ -860,7 +913,11 @@ mod tests {
     use rand::SeedableRng;
 
     fn replica(dir: &Path) -> Replica<SledStore> {
-        let store = SledStore::open(dir, "n1", Durability::Group).unwrap();
+        replica_with(dir, &Keys::none())
+    }
+
+    fn replica_with(dir: &Path, keys: &Keys) -> Replica<SledStore> {
+        let store = SledStore::open_with(dir, "n1", Durability::Group, Default::default(), keys).unwrap();
         let rng = Box::new(rand_chacha::ChaCha8Rng::seed_from_u64(1));
         Replica::open(ReplicaConfig::new("n1", "eu", vec![]), store, rng, Time(now())).unwrap()
     }
@@ -878,10 +935,10 @@ mod tests {
         }
     }
 
-    fn states(dir: &Path) -> BTreeMap<String, String> {
+    fn states_with(dir: &Path, keys: &Keys) -> BTreeMap<String, String> {
         let meta = verify(dir).unwrap();
         let mut out = BTreeMap::new();
-        read_states(dir, &meta, &mut |k, v| {
+        read_states(dir, &meta, keys, &mut |k, v| {
             out.insert(k.as_str().to_string(), v.view().to_string());
             Ok(())
         })
@@ -898,9 +955,15 @@ mod tests {
     /// `backup_is_consistent_under_concurrent_atomic_writes` relies on.
     #[test]
     fn writes_during_the_copy_are_joined_in_and_a_copy_without_them_is_caught() {
-        for skip in [false, true] {
+        // The catch-up rewrites encrypted state files too.
+        for (skip, encrypt) in [(false, false), (true, false), (false, true)] {
             let tmp = tempfile::tempdir().unwrap();
-            let mut r = replica(&tmp.path().join("d"));
+            let keys = if encrypt {
+                Keys::with(crate::crypt::Kek::generate())
+            } else {
+                Keys::none()
+            };
+            let mut r = replica_with(&tmp.path().join("d"), &keys);
             // Pairs of counters, every one of them added to in each write.
             let pairs: Vec<(Key, Key)> = (0..20)
                 .map(|j| {
@@ -941,7 +1004,14 @@ mod tests {
                 skip_catch_up: skip,
             };
             write_into(&reader, &source(), "n1", &out, &mut hooks).unwrap();
-            let got = states(&out);
+            let got = states_with(&out, &keys);
+            if encrypt {
+                let e = read_states(&out, &verify(&out).unwrap(), &Keys::none(), &mut |_, _| Ok(())).unwrap_err();
+                assert!(e.to_string().contains("is encrypted"), "{e}");
+                let wrong = Keys::with(crate::crypt::Kek::generate());
+                let e = read_states(&out, &verify(&out).unwrap(), &wrong, &mut |_, _| Ok(())).unwrap_err();
+                assert!(e.to_string().contains("does not open"), "{e}");
+            }
             let live: BTreeMap<String, String> = {
                 let mut m = BTreeMap::new();
                 reader
@@ -1007,6 +1077,64 @@ mod tests {
     /// one and a non-empty target; an intact backup restores every key,
     /// and the store opens under the op ids it had.
     #[test]
+    fn an_encrypted_backup_restores_with_its_key_only_and_can_leave_encryption() {
+        use crate::crypt::Kek;
+        let tmp = tempfile::tempdir().unwrap();
+        let backup = tmp.path().join("b");
+        let kek = Kek::generate();
+        {
+            let mut r = replica_with(&tmp.path().join("d"), &Keys::with(kek.clone()));
+            r.write(
+                Time(now()),
+                vec![(Key::new("secret").unwrap(), Op::LwwSet(b"PLAIN-1234".to_vec().into()))],
+            )
+            .unwrap();
+            r.flush(Time(now())).unwrap();
+            // Not `write`: its one-backup-per-process lock would make this
+            // test and the others fail each other when run in parallel.
+            std::fs::create_dir(&backup).unwrap();
+            write_into(&r.store().reader(), &source(), "n1", &backup, &mut Hooks::default()).unwrap();
+        }
+        let target = |name: &str, keys: Keys| {
+            restore(
+                &backup,
+                &Target {
+                    data_dir: &tmp.path().join(name),
+                    node: "n2",
+                    region: &RegionId::from("eu"),
+                    policy: PolicySet::default(),
+                    log: Default::default(),
+                    keys,
+                },
+            )
+        };
+        let e = target("none", Keys::none()).unwrap_err().to_string();
+        assert!(e.contains("is encrypted"), "{e}");
+        let e = target("wrong", Keys::with(Kek::generate())).unwrap_err().to_string();
+        assert!(e.contains("does not open"), "{e}");
+        // Under another node's key: encrypted under it, readable with it only.
+        let other = Kek::generate();
+        let keys = Keys {
+            current: Some(other.clone()),
+            old: vec![kek.clone()],
+        };
+        assert_eq!(target("other", keys).unwrap().keys, 1);
+        let (_db, reader) = StoreReader::open_stopped(&tmp.path().join("other"), &Keys::with(other)).unwrap();
+        assert!(reader.get(&Key::new("secret").unwrap()).unwrap().is_some());
+        drop((_db, reader));
+        // With the key only as an old one: a plaintext data dir (how to
+        // leave encryption at rest).
+        let keys = Keys {
+            current: None,
+            old: vec![kek],
+        };
+        assert_eq!(target("plain", keys).unwrap().keys, 1);
+        let (_db, reader) = StoreReader::open_stopped(&tmp.path().join("plain"), &Keys::none()).unwrap();
+        assert!(!reader.crypt().is_on());
+        assert!(reader.get(&Key::new("secret").unwrap()).unwrap().is_some());
+    }
+
+    #[test]
     fn restore_verifies_the_manifest_and_refuses_damage() {
         let tmp = tempfile::tempdir().unwrap();
         let backup = tmp.path().join("b");
@@ -1034,6 +1162,7 @@ mod tests {
                     region: &RegionId::from("eu"),
                     policy: PolicySet::default(),
                     log: Default::default(),
+                    keys: Keys::none(),
                 },
             )
         };
@@ -1083,6 +1212,7 @@ mod tests {
                 region: &RegionId::from("eu"),
                 policy: PolicySet::default(),
                 log: Default::default(),
+                keys: Keys::none(),
             },
         )
         .unwrap_err();

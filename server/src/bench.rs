@@ -107,7 +107,7 @@ fn dir_bytes(p: &std::path::Path) -> u64 {
 
 /// `latticed bench-footprint`: `keys` keys of one CRDT type through the real
 /// engine and store; prints disk and RSS growth per key.
-pub fn footprint(dir: &std::path::Path, keys: usize, kind: &str, batch: usize, log: bool) -> Result<()> {
+pub fn footprint(dir: &std::path::Path, keys: usize, kind: &str, batch: usize, log: bool, encrypt: bool) -> Result<()> {
     use anyhow::Context;
     use lattice_core::crdt::{Bytes, Field, FieldKind, Op};
     use lattice_core::replica::{Replica, ReplicaConfig, Time};
@@ -132,7 +132,20 @@ pub fn footprint(dir: &std::path::Path, keys: usize, kind: &str, batch: usize, l
         std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
     let before = rss_bytes();
-    let store = crate::storage::SledStore::open(dir, "footprint", crate::storage::Durability::Group)?;
+    // With `encrypt`, a fresh random key: the cost of encryption at rest
+    // on the write path (and in the bytes on disk).
+    let keyring = if encrypt {
+        crate::crypt::Keys::with(crate::crypt::Kek::generate())
+    } else {
+        crate::crypt::Keys::none()
+    };
+    let store = crate::storage::SledStore::open_with(
+        dir,
+        "footprint",
+        crate::storage::Durability::Group,
+        Default::default(),
+        &keyring,
+    )?;
     let store = if log { store } else { store.without_log() };
     let rng = Box::new(rand_chacha::ChaCha8Rng::seed_from_u64(1));
     let mut r = Replica::open(ReplicaConfig::new("footprint", "r", vec![]), store, rng, Time(0))?;
@@ -180,7 +193,7 @@ pub fn footprint(dir: &std::path::Path, keys: usize, kind: &str, batch: usize, l
     let raw_disk = dir_bytes(&raw_dir);
     let per_key = |n: u64| n as f64 / keys.max(1) as f64;
     println!(
-        "kind={kind} keys={keys} log={log} disk_bytes={disk} disk_per_key={:.1} log_bytes_per_write={:.1} \
+        "kind={kind} keys={keys} log={log} encrypt={encrypt} disk_bytes={disk} disk_per_key={:.1} log_bytes_per_write={:.1} \
          rss_growth_bytes={} rss_per_key={:.1} state_per_key={:.1} raw_sled_disk_per_key={:.1} \
          disk_vs_raw_sled={:.2} secs={elapsed:.1} writes_per_sec={:.0}",
         per_key(disk),

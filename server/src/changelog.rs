@@ -266,9 +266,15 @@ impl ChangeLog {
     /// Adds the pending entries, the dropped ones and the metadata to `b`.
     /// `tree` holds the entries written before; `now_ms` is the wall clock.
     /// Call [`ChangeLog::written`] once `b` is applied.
-    pub fn write(&mut self, tree: &sled::Tree, now_ms: u64, b: &mut sled::Batch) -> Result<(), Error> {
+    pub fn write(
+        &mut self,
+        tree: &sled::Tree,
+        sealer: &crate::crypt::Sealer<'_>,
+        now_ms: u64,
+        b: &mut sled::Batch,
+    ) -> Result<(), Error> {
         for (k, v) in &self.pending {
-            b.insert(&k[..], &v[..]);
+            b.insert(&k[..], sealer.seal(k, v)?);
         }
         let min_age_ms = now_ms.saturating_sub(self.settings.retention_age_ms);
         for _ in 0..TRIM_PER_FLUSH {
@@ -286,6 +292,8 @@ impl ChangeLog {
                         let raw = tree.get(key).map_err(|e| Error::Store(e.to_string()))?.ok_or_else(|| {
                             Error::Store(format!("change log entry {p}/{} is missing", self.meta.first[i]))
                         })?;
+                        // Counted at its plaintext size, as `append` did.
+                        let raw = sealer.open(&key, raw)?;
                         let e = open_entry(&key, &raw)?;
                         let f = Front {
                             gseq: e.gseq,
@@ -348,6 +356,8 @@ impl ChangeLog {
 pub struct LogReader<'a> {
     /// The tree holding the log.
     pub tree: &'a sled::Tree,
+    /// The data keys its entries are encrypted with.
+    pub crypt: &'a crate::crypt::Crypt,
 }
 
 impl LogReader<'_> {
@@ -356,6 +366,7 @@ impl LogReader<'_> {
     /// after a restart). Merges the partitions' newest entries.
     pub fn newest(&self, take: &mut dyn FnMut(u64, Key, RegionId) -> bool) -> Result<(), Error> {
         let Some(meta) = self.meta()? else { return Ok(()) };
+        let crypt = self.crypt;
         let mut iters: Vec<_> = (0..meta.partitions())
             .map(|p| self.tree.range(entry_key(p, 0)..entry_key(p, u64::MAX)).rev())
             .collect();
@@ -364,6 +375,7 @@ impl LogReader<'_> {
             let it: &mut std::iter::Rev<sled::Iter> = &mut iters[i];
             if let Some(item) = it.next() {
                 let (k, v) = item.map_err(|e| Error::Store(e.to_string()))?;
+                let v = crypt.sealer().open(&k, v)?;
                 let e = open_entry(&k, &v)?;
                 heads.push((e.gseq, i, e.change.key, e.change.origin));
             }
@@ -403,9 +415,11 @@ impl LogReader<'_> {
         let mut at = from;
         for item in self.tree.range(start..end) {
             let (k, v) = item.map_err(|e| Error::Store(e.to_string()))?;
+            let size = k.len() + v.len();
+            let v = self.crypt.sealer().open(&k, v)?;
             let e = open_entry(&k, &v)?;
             let seq = e.seq;
-            if !visit(e, k.len() + v.len())? {
+            if !visit(e, size)? {
                 return Ok(at);
             }
             at = seq + 1;

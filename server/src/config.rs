@@ -127,6 +127,9 @@ pub struct Config {
     /// certificates".
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub access: Vec<AccessEntry>,
+    /// Encryption at rest (`[encryption]`; off when absent).
+    #[serde(default, skip_serializing_if = "EncryptionConfig::is_default")]
+    pub encryption: EncryptionConfig,
 }
 
 /// A permission of a grant.
@@ -235,6 +238,65 @@ impl AccessEntry {
             }
         }
         Ok(())
+    }
+}
+
+
+/// Encryption at rest (`[encryption]` in the TOML file). The key (KEK) is
+/// 64 hex digits in `key_file`, or in `LATTICE_ENCRYPTION_KEY`, which wins;
+/// it must not be kept in the data dir. Older keys, only to unwrap data
+/// keys wrapped before a rotation: `old_key_files`, or
+/// `LATTICE_ENCRYPTION_OLD_KEYS` (comma-separated hex). See `crate::crypt`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncryptionConfig {
+    /// The file holding the current key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// Files holding older keys.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub old_key_files: Vec<PathBuf>,
+}
+
+impl EncryptionConfig {
+    fn is_default(&self) -> bool {
+        *self == EncryptionConfig::default()
+    }
+
+    /// The keys this section and the environment give (none: no
+    /// encryption). A key file inside `data_dir` is refused: the data dir
+    /// must not hold the key that protects it.
+    pub fn keys(&self, data_dir: &Path) -> Result<crate::crypt::Keys> {
+        use crate::crypt::{Kek, Keys, KEY_ENV, OLD_KEYS_ENV};
+        let inside = |p: &Path| {
+            let abs = |q: &Path| std::fs::canonicalize(q).unwrap_or_else(|_| q.to_path_buf());
+            abs(p).starts_with(abs(data_dir))
+        };
+        let mut keys = Keys::none();
+        let env = std::env::var(KEY_ENV).ok().filter(|v| !v.trim().is_empty());
+        keys.current = match (env, &self.key_file) {
+            (Some(hex), _) => Some(Kek::from_hex(&hex, KEY_ENV)?),
+            (None, Some(f)) => {
+                if inside(f) {
+                    bail!(
+                        "[encryption] key_file {} is inside the data dir {}: keep the key elsewhere",
+                        f.display(),
+                        data_dir.display()
+                    );
+                }
+                Some(Kek::from_file(f)?)
+            }
+            (None, None) => None,
+        };
+        for f in &self.old_key_files {
+            keys.old.push(Kek::from_file(f)?);
+        }
+        if let Ok(list) = std::env::var(OLD_KEYS_ENV) {
+            for hex in list.split(',').filter(|h| !h.trim().is_empty()) {
+                keys.old.push(Kek::from_hex(hex, OLD_KEYS_ENV)?);
+            }
+        }
+        Ok(keys)
     }
 }
 
@@ -581,6 +643,7 @@ impl Config {
                 .as_ref()
                 .map_or(default_resp_connections(), |c| c.resp_max_connections),
             access: c.as_ref().map(|c| c.access.clone()).unwrap_or_default(),
+            encryption: c.as_ref().map(|c| c.encryption.clone()).unwrap_or_default(),
         };
         let mut config = config;
         for e in &mut config.access {

@@ -34,6 +34,10 @@ pub struct DevArgs {
     /// on base+200+i).
     #[arg(long)]
     pub no_resp: bool,
+    /// Encrypt every node's values at rest, under a key in DIR/encryption.key
+    /// (0600, outside the nodes' data dirs; made once and reused).
+    #[arg(long)]
+    pub encrypt: bool,
 }
 
 /// What `lattice` (the CLI) reads to reach a dev cluster: written to
@@ -87,6 +91,18 @@ pub fn prepare(args: &DevArgs) -> Result<(Vec<PathBuf>, ClientDefaults)> {
             files::create_secret(&token_path, t.as_bytes())?;
             t
         }
+    };
+    let key_file = if args.encrypt {
+        let path = dir.join("encryption.key");
+        if !path.exists() {
+            let kek = crate::crypt::Kek::generate();
+            files::create_secret(&path, format!("{}\n", kek.to_hex()).as_bytes())?;
+        }
+        // Refuse a file that is not a key now, not at each node's start.
+        crate::crypt::Kek::from_file(&path)?;
+        Some(path)
+    } else {
+        None
     };
     let n = args.regions.len();
     let name = |i: usize| format!("n{}", i + 1);
@@ -156,6 +172,10 @@ pub fn prepare(args: &DevArgs) -> Result<(Vec<PathBuf>, ClientDefaults)> {
             resp_tls: false,
             resp_max_connections: 1_024,
             access: Vec::new(),
+            encryption: crate::config::EncryptionConfig {
+                key_file: key_file.clone(),
+                old_key_files: Vec::new(),
+            },
         };
         config.validate()?;
         let path = dir.join(format!("{}.toml", name(i)));

@@ -12,6 +12,7 @@ pub mod bench;
 pub mod certs;
 pub mod changelog;
 pub mod config;
+pub mod crypt;
 pub mod dev;
 pub mod edge;
 pub mod feed;
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod queue;
+pub mod reencrypt;
 pub mod replay;
 pub mod resp;
 pub mod storage;
@@ -35,12 +37,47 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Starts a background re-encryption pass when values may be under an
+/// older data key (after a key rotation at start, or when encryption was
+/// turned on for a dir with unencrypted values): the node serves
+/// meanwhile, and the old data keys are dropped once nothing uses them.
+fn start_reencryption(store: &storage::SledStore) {
+    let reader = store.reader();
+    if !reader.crypt().has_old() {
+        return;
+    }
+    let spawned = std::thread::Builder::new().name("reencrypt".into()).spawn(move || {
+        let dir = reader.data_dir().map(|d| d.to_path_buf()).unwrap_or_default();
+        match reencrypt::run(&reader, &dir, false) {
+            Ok(s) => tracing::info!(
+                rewritten = s.rewritten,
+                raced = s.raced,
+                passes = s.passes,
+                retired = s.retired,
+                complete = s.complete,
+                "background re-encryption done"
+            ),
+            Err(e) => tracing::error!(error = %e, "background re-encryption failed; old data keys are kept"),
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "starting the background re-encryption failed");
+    }
+}
+
 /// Runs a node until `shutdown` resolves, then stops gracefully: stop
 /// accepting, flush, close connections.
 pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
-    let mut store =
-        storage::SledStore::open_with_log(&config.data_dir, &config.node, config.durability, config.log.settings())?;
+    let keys = config.encryption.keys(&config.data_dir)?;
+    let mut store = storage::SledStore::open_with(
+        &config.data_dir,
+        &config.node,
+        config.durability,
+        config.log.settings(),
+        &keys,
+    )?;
     store.set_cache_bytes(config.memory.record_cache_bytes);
+    start_reencryption(&store);
     // The watch feed publishes the changes the log holds, by their
     // node-wide numbers, and rebuilds its ring from the log at start.
     store.collect_written();

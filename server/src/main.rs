@@ -63,6 +63,10 @@ enum Cmd {
         /// Only keys starting with this prefix.
         #[arg(long, default_value = "")]
         prefix: String,
+        /// The encryption key of an encrypted data dir (64 hex digits; or
+        /// LATTICE_ENCRYPTION_KEY, and LATTICE_ENCRYPTION_OLD_KEYS).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
     /// Print a digest of every key's state in a stopped node's data dir
     /// (blake3 over each key's canonical hash, in storage order) and the
@@ -74,6 +78,10 @@ enum Cmd {
         /// Only keys starting with this prefix.
         #[arg(long, default_value = "")]
         prefix: String,
+        /// The encryption key of an encrypted data dir (64 hex digits; or
+        /// LATTICE_ENCRYPTION_KEY, and LATTICE_ENCRYPTION_OLD_KEYS).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
     /// Back up a stopped node's data dir into a new directory: every key's
     /// sealed state, the op ids, metadata and a blake3 manifest. (A running
@@ -88,6 +96,10 @@ enum Cmd {
         /// The node's region, recorded in the backup's metadata.
         #[arg(long)]
         region: Option<String>,
+        /// The encryption key of an encrypted data dir (64 hex digits; or
+        /// LATTICE_ENCRYPTION_KEY, and LATTICE_ENCRYPTION_OLD_KEYS).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
     /// Create a node's data dir from a backup: verifies the manifest, then
     /// writes every state this node's region may hold under its policy (the
@@ -159,6 +171,9 @@ enum Cmd {
         /// always logs).
         #[arg(long)]
         no_log: bool,
+        /// Encrypt values and log entries at rest (a fresh random key).
+        #[arg(long)]
+        encrypt: bool,
     },
     /// Memory while a peer is down: the real engine and sled store with one
     /// peer that never answers take --rate writes per second (100-byte
@@ -346,7 +361,24 @@ fn show(pem: &str) -> Result<()> {
     Ok(())
 }
 
-fn replay_cmd(data_dir: &std::path::Path, to: &std::path::Path, until: Option<&str>, prefix: &str) -> Result<()> {
+/// The keys a tool on a stopped data dir is given: `--key-file` or the
+/// environment (see `[encryption]`).
+fn tool_keys(data_dir: &std::path::Path, key_file: Option<PathBuf>) -> Result<lattice_server::crypt::Keys> {
+    lattice_server::config::EncryptionConfig {
+        key_file,
+        old_key_files: Vec::new(),
+    }
+    .keys(data_dir)
+}
+
+fn replay_cmd(
+    data_dir: &std::path::Path,
+    to: &std::path::Path,
+    until: Option<&str>,
+    prefix: &str,
+    key_file: Option<PathBuf>,
+) -> Result<()> {
+    let keys = tool_keys(data_dir, key_file)?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -354,7 +386,7 @@ fn replay_cmd(data_dir: &std::path::Path, to: &std::path::Path, until: Option<&s
         .map(|u| lattice_core::log::parse_time(u, now))
         .transpose()
         .context("--until")?;
-    let s = lattice_server::replay::replay(data_dir, to, until, prefix)
+    let s = lattice_server::replay::replay(data_dir, to, until, prefix, &keys)
         .with_context(|| format!("replaying {} into {}", data_dir.display(), to.display()))?;
     println!(
         "rebuilt {} keys from {} changes into {}; {} keys left out (their first change is no longer in the log)",
@@ -378,10 +410,16 @@ fn audit_verify(data_dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn backup_offline(data_dir: &std::path::Path, to: &std::path::Path, region: Option<String>) -> Result<()> {
+fn backup_offline(
+    data_dir: &std::path::Path,
+    to: &std::path::Path,
+    region: Option<String>,
+    key_file: Option<PathBuf>,
+) -> Result<()> {
     use lattice_server::storage::StoreReader;
     let started = std::time::Instant::now();
-    let (db, reader) = StoreReader::open_stopped(data_dir).map_err(|e| {
+    let keys = tool_keys(data_dir, key_file)?;
+    let (db, reader) = StoreReader::open_stopped(data_dir, &keys).map_err(|e| {
         let hint = if e.to_string().contains("could not acquire lock") {
             " (is the node still running on it? stop it first, or back it up online with `lattice backup`)"
         } else {
@@ -418,6 +456,7 @@ fn restore(from: &std::path::Path, args: &RunArgs) -> Result<()> {
         region: &region,
         policy: config.policy_set()?,
         log: config.log.settings(),
+        keys: config.encryption.keys(&config.data_dir)?,
     };
     let r = lattice_server::backup::restore(from, &target)?;
     println!(
@@ -444,7 +483,12 @@ fn main() -> ExitCode {
         Cmd::Certs(c) => certs_cmd(c),
         Cmd::Dev(args) => dev::run(args),
         Cmd::Audit(AuditCmd::Verify { data_dir }) => audit_verify(&data_dir),
-        Cmd::Backup { data_dir, to, region } => backup_offline(&data_dir, &to, region),
+        Cmd::Backup {
+            data_dir,
+            to,
+            region,
+            key_file,
+        } => backup_offline(&data_dir, &to, region, key_file),
         Cmd::Restore { from, args } => restore(&from, &args),
         Cmd::BenchBackup { dir, keys } => lattice_server::backup::bench(&dir, keys),
         Cmd::BenchSled {
@@ -461,7 +505,8 @@ fn main() -> ExitCode {
             kind,
             batch,
             no_log,
-        } => lattice_server::bench::footprint(&dir, keys, &kind, batch, !no_log),
+            encrypt,
+        } => lattice_server::bench::footprint(&dir, keys, &kind, batch, !no_log, encrypt),
         Cmd::BenchPeerDown {
             dir,
             minutes,
@@ -473,8 +518,14 @@ fn main() -> ExitCode {
             to,
             until,
             prefix,
-        } => replay_cmd(&data_dir, &to, until.as_deref(), &prefix),
-        Cmd::Digest { data_dir, prefix } => lattice_server::replay::digest(&data_dir, &prefix)
+            key_file,
+        } => replay_cmd(&data_dir, &to, until.as_deref(), &prefix, key_file),
+        Cmd::Digest {
+            data_dir,
+            prefix,
+            key_file,
+        } => tool_keys(&data_dir, key_file)
+            .and_then(|keys| Ok(lattice_server::replay::digest(&data_dir, &prefix, &keys)?))
             .map(|(digest, keys)| println!("{digest} {keys} keys"))
             .with_context(|| format!("digest of {}", data_dir.display())),
         Cmd::Run(args) => Config::load(&args).and_then(|config| {

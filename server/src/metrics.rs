@@ -161,6 +161,7 @@ pub struct Metrics {
     prepared_stale: Gauge,
     record_cache_hits: Gauge,
     record_cache_misses: Gauge,
+    encryption_data_keys: Gauge,
     buffer_groups: Gauge,
     buffer_bytes: Gauge,
     ae_rounds: Gauge,
@@ -382,6 +383,10 @@ impl Metrics {
                 "record_cache_misses",
                 "Engine reads of a key's record that went to sled (since start)"
             ),
+            encryption_data_keys: gauge!(
+                "encryption_data_keys",
+                "Data keys in the node's key ring (0: encryption at rest off; above 1: values may be under an older key until a re-encryption completes)"
+            ),
             buffer_groups: gauge!("delta_buffer_groups", "Delta-groups buffered for peers"),
             buffer_bytes: gauge!("delta_buffer_bytes", "Bytes of buffered delta-groups"),
             ae_rounds: gauge!("anti_entropy_rounds", "Anti-entropy rounds started since start"),
@@ -428,6 +433,8 @@ impl Metrics {
         let (hits, misses) = replica.store().cache_stats();
         self.record_cache_hits.set(hits as i64);
         self.record_cache_misses.set(misses as i64);
+        self.encryption_data_keys
+            .set(replica.store().crypt().data_keys().0.len() as i64);
         // Every keyspace in force has its counters, zero or not, so a
         // dashboard's queries find them from the start.
         let conflicts = &s.conflicts;

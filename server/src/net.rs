@@ -1806,6 +1806,44 @@ pub(crate) async fn serve(
                 Err(_) => error(ErrorKind::Unavailable, "the node is shutting down"),
             }
         }
+        RequestBody::Reencrypt { rotate } => {
+            if let Some(refused) = require_admin(inbound, &who, "re-encrypt the data dir") {
+                return refused;
+            }
+            let (store, _, _) = match inbound.reads.backup_source() {
+                Ok(s) => s,
+                Err(e) => return Response::Error(ClientError::from(&e)),
+            };
+            // Walks the whole store: off the async workers.
+            let done = tokio::task::spawn_blocking(move || {
+                let dir = store.data_dir().map(|d| d.to_path_buf()).unwrap_or_default();
+                crate::reencrypt::run(&store, &dir, rotate)
+            })
+            .await;
+            match done {
+                Ok(Ok(s)) => {
+                    tracing::info!(
+                        rewritten = s.rewritten,
+                        raced = s.raced,
+                        passes = s.passes,
+                        retired = s.retired,
+                        current = s.current,
+                        complete = s.complete,
+                        "re-encryption done"
+                    );
+                    Response::Reencrypted(lattice_core::proto::client::ReencryptSummary {
+                        rewritten: s.rewritten,
+                        raced: s.raced,
+                        passes: s.passes,
+                        retired: s.retired as u32,
+                        current: s.current,
+                        complete: s.complete,
+                    })
+                }
+                Ok(Err(e)) => error(ErrorKind::InvalidRequest, format!("re-encryption failed: {e}")),
+                Err(_) => error(ErrorKind::Unavailable, "the node is shutting down"),
+            }
+        }
         RequestBody::Watch { .. } | RequestBody::Pipeline(_) => error(
             ErrorKind::InvalidRequest,
             "watch and pipeline requests need their own stream (see RequestBody::Pipeline)",

@@ -3,6 +3,7 @@
 //! key's state (`latticed digest`) to compare two stores with.
 
 use crate::changelog::LogReader;
+use crate::crypt::{Crypt, Keys};
 use crate::storage::{Durability, SledStore};
 use lattice_core::crdt::Crdt;
 use lattice_core::proto::from_bytes;
@@ -43,6 +44,9 @@ pub enum ToolError {
     /// Reading or writing failed.
     #[error(transparent)]
     Store(#[from] lattice_core::Error),
+    /// The data dir is encrypted and the key is missing or wrong.
+    #[error(transparent)]
+    Encryption(#[from] crate::crypt::CryptError),
     /// The target store could not be created.
     #[error("creating the new store: {0}")]
     Create(String),
@@ -78,17 +82,28 @@ fn node_of(tree: &sled::Tree) -> Result<String, ToolError> {
 /// same node name), joining every change applied by `until_ms` (`None`:
 /// all). Keys whose first change the log no longer holds are left out and
 /// counted: their state cannot be rebuilt from the log alone.
-pub fn replay(data_dir: &Path, to: &Path, until_ms: Option<u64>, prefix: &str) -> Result<ReplaySummary, ToolError> {
+pub fn replay(
+    data_dir: &Path,
+    to: &Path,
+    until_ms: Option<u64>,
+    prefix: &str,
+    keys: &Keys,
+) -> Result<ReplaySummary, ToolError> {
     if to.exists() {
         return Err(ToolError::Exists(to.display().to_string()));
     }
     let tree = open_tree(data_dir)?;
-    let log = LogReader { tree: &tree };
+    let crypt = Crypt::open(&tree, keys, data_dir, false)?;
+    let log = LogReader {
+        tree: &tree,
+        crypt: &crypt,
+    };
     let meta = log
         .meta()?
         .ok_or_else(|| ToolError::NoLog(data_dir.display().to_string()))?;
     let node = node_of(&tree)?;
-    let mut out = SledStore::open(to, &node, Durability::Sync).map_err(|e| ToolError::Create(e.to_string()))?;
+    let mut out = SledStore::open_with(to, &node, Durability::Sync, Default::default(), keys)
+        .map_err(|e| ToolError::Create(e.to_string()))?;
     let mut summary = ReplaySummary::default();
     let mut seen: HashSet<Key> = HashSet::new();
     let mut incomplete: HashSet<Key> = HashSet::new();
@@ -146,9 +161,10 @@ pub fn replay(data_dir: &Path, to: &Path, until_ms: Option<u64>, prefix: &str) -
 /// storage order, and the number of keys. Two stores with equal states have
 /// equal digests, however their values were encoded. Keys starting with
 /// `prefix` only.
-pub fn digest(data_dir: &Path, prefix: &str) -> Result<(String, u64), ToolError> {
+pub fn digest(data_dir: &Path, prefix: &str, keys: &Keys) -> Result<(String, u64), ToolError> {
     let tree = open_tree(data_dir)?;
-    let reader = crate::storage::StoreReader::from_tree(tree);
+    let crypt = Crypt::open(&tree, keys, data_dir, false)?;
+    let reader = crate::storage::StoreReader::from_tree(tree, std::sync::Arc::new(crypt));
     let mut h = blake3::Hasher::new();
     let mut keys = 0u64;
     reader.records_after(None, &mut |key, _, record| {
@@ -201,9 +217,9 @@ mod tests {
             r.close(Time(400)).unwrap();
         }
         let to = dir.path().join("to");
-        let s = replay(&data, &to, None, "").unwrap();
+        let s = replay(&data, &to, None, "", &Keys::none()).unwrap();
         assert_eq!(s.incomplete, 1, "{s:?}");
-        let (_, keys) = digest(&to, "").unwrap();
+        let (_, keys) = digest(&to, "", &Keys::none()).unwrap();
         assert_eq!(keys, 1, "only the key whose whole history is retained");
     }
 }

@@ -10,6 +10,15 @@
 //! | `m` | `meta` | `Meta` |
 //! | `i` | `identity` | node name and format version |
 //! | `p` | chunk number (8 bytes BE) | the op ids one flush applied, 16 bytes BE each |
+//! | `i` | `keyring` | the data keys wrapped under the encryption key, when encrypted (`crate::crypt`) |
+//!
+//! Encryption at rest. With a key configured, `k` and `c` values are
+//! encrypted (`crate::crypt`) where they enter sled, in [`SledStore`]'s
+//! flush, and decrypted where they leave it (every read of sled: the
+//! engine's, [`StoreReader`]'s, the log reader's). What the engine, the
+//! pending changes and the record cache hold is plaintext, so a value
+//! re-encrypted under another data key behind the engine's back (the
+//! re-encryption pass) never leaves stale ciphertext in memory.
 //!
 //! Client op ids. A write's op id is what makes its retry idempotent, so
 //! it is stored in the same batch as the write. One sled entry per flush
@@ -61,6 +70,7 @@
 //! when it is created.
 
 use crate::changelog::{ChangeLog, LogMeta, LogReader, LogSettings};
+use crate::crypt::{Crypt, Keys};
 use lattice_core::crdt::Value;
 use lattice_core::proto::client::OpId;
 use lattice_core::proto::{from_bytes, to_bytes, RegionId};
@@ -70,6 +80,7 @@ use lattice_core::{Error, Key};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// On-disk format version of this store. Version 2 sealed the states with
 /// an integrity check; version 3 stores a write as one entry (op ids in
@@ -150,10 +161,22 @@ pub enum OpenError {
         /// What is wrong.
         reason: String,
     },
+    /// The data dir is encrypted and the key is missing or wrong, or a
+    /// key does not parse.
+    #[error("{0}")]
+    Encryption(crate::crypt::CryptError),
+}
+
+impl From<crate::crypt::CryptError> for OpenError {
+    fn from(e: crate::crypt::CryptError) -> OpenError {
+        OpenError::Encryption(e)
+    }
 }
 
 /// A `Store` on sled.
 pub struct SledStore {
+    /// The data keys (off without encryption).
+    crypt: Arc<Crypt>,
     db: sled::Db,
     tree: sled::Tree,
     dir: PathBuf,
@@ -258,6 +281,9 @@ impl RecordCache {
 #[derive(Clone)]
 pub struct StoreReader {
     tree: sled::Tree,
+    crypt: Arc<Crypt>,
+    /// The data dir (`None`: a tool's reader made from a tree).
+    dir: Option<PathBuf>,
     /// The store's durable log end (`None`: a tool's reader of a stopped
     /// node, whose whole log is on disk).
     durable_log: Option<std::sync::Arc<std::sync::RwLock<Vec<u64>>>>,
@@ -266,11 +292,28 @@ pub struct StoreReader {
 impl StoreReader {
     /// A reader of the store in `tree` (the `lattice` tree of a data dir
     /// opened by a tool while no node runs on it).
-    pub fn from_tree(tree: sled::Tree) -> StoreReader {
+    pub fn from_tree(tree: sled::Tree, crypt: Arc<Crypt>) -> StoreReader {
         StoreReader {
             tree,
+            crypt,
+            dir: None,
             durable_log: None,
         }
+    }
+
+    /// The data dir, when known.
+    pub fn data_dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// The data keys the store's values are encrypted with.
+    pub fn crypt(&self) -> &Arc<Crypt> {
+        &self.crypt
+    }
+
+    /// The sled tree (what the re-encryption pass rewrites).
+    pub fn tree(&self) -> &sled::Tree {
+        &self.tree
     }
 
     /// The value of `key` as of the last flush.
@@ -284,7 +327,11 @@ impl StoreReader {
     /// The stored record of `key` as of the last flush, undecoded (what
     /// [`Prepared`](lattice_core::replica::Prepared) results are computed from).
     pub fn record(&self, key: &Key) -> Result<Option<sled::IVec>, Error> {
-        self.tree.get(value_key(key)).map_err(store_err)
+        let k = value_key(key);
+        match self.tree.get(&k).map_err(store_err)? {
+            Some(v) => self.crypt.sealer().open(&k, v).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Each log partition's next position as of the last flush that
@@ -302,13 +349,16 @@ impl StoreReader {
 
     /// The change log as of the last flush.
     pub fn log(&self) -> LogReader<'_> {
-        LogReader { tree: &self.tree }
+        LogReader {
+            tree: &self.tree,
+            crypt: &self.crypt,
+        }
     }
 
     /// Opens the data dir `dir` of a stopped node for reading (what
     /// `latticed backup` does): sled locks the directory, so this fails
     /// while a node runs on it. Keep the `sled::Db` as long as the reader.
-    pub fn open_stopped(dir: &Path) -> Result<(sled::Db, StoreReader), OpenError> {
+    pub fn open_stopped(dir: &Path, keys: &Keys) -> Result<(sled::Db, StoreReader), OpenError> {
         let sled_err = |source| OpenError::Sled {
             path: dir.to_path_buf(),
             source,
@@ -321,10 +371,13 @@ impl StoreReader {
         }
         let db = sled::Config::new().path(dir).open().map_err(sled_err)?;
         let tree = db.open_tree("lattice").map_err(sled_err)?;
+        let crypt = Arc::new(Crypt::open(&tree, keys, dir, false)?);
         Ok((
             db,
             StoreReader {
                 tree,
+                crypt,
+                dir: Some(dir.to_path_buf()),
                 durable_log: None,
             },
         ))
@@ -375,6 +428,7 @@ impl StoreReader {
                 break;
             }
             let name = std::str::from_utf8(k.get(5..).unwrap_or_default()).map_err(store_err)?;
+            let v = self.crypt.sealer().open(&k, v)?;
             if !visit(Key::new(name)?, &k, v)? {
                 return Ok(false);
             }
@@ -453,6 +507,8 @@ impl SledStore {
     pub fn reader(&self) -> StoreReader {
         StoreReader {
             tree: self.tree.clone(),
+            crypt: self.crypt.clone(),
+            dir: Some(self.dir.clone()),
             durable_log: Some(self.durable_log.clone()),
         }
     }
@@ -469,6 +525,19 @@ impl SledStore {
         node: &str,
         durability: Durability,
         log: LogSettings,
+    ) -> Result<SledStore, OpenError> {
+        Self::open_with(dir, node, durability, log, &Keys::none())
+    }
+
+    /// Opens (or creates) the store of node `node` in `dir`, encrypted
+    /// with `keys` (see `crate::crypt`: an encrypted dir without the key
+    /// or with a wrong one is refused here).
+    pub fn open_with(
+        dir: &Path,
+        node: &str,
+        durability: Durability,
+        log: LogSettings,
+        keys: &Keys,
     ) -> Result<SledStore, OpenError> {
         let sled_err = |source| OpenError::Sled {
             path: dir.to_path_buf(),
@@ -544,6 +613,7 @@ impl SledStore {
                 tracing::info!(dir = %dir.display(), from = format, to = FORMAT_VERSION, "data dir migrated");
             }
         }
+        let crypt = Arc::new(Crypt::open(&tree, keys, dir, true)?);
         let ops = OpIds::load(&tree).map_err(|reason| OpenError::Corrupt {
             path: dir.to_path_buf(),
             reason,
@@ -563,6 +633,7 @@ impl SledStore {
             reason,
         })?;
         Ok(SledStore {
+            crypt,
             logging: true,
             durable_log: std::sync::Arc::new(std::sync::RwLock::new(changelog.meta().next.clone())),
             changelog,
@@ -597,6 +668,11 @@ impl SledStore {
     /// [`RECORD_CACHE_BYTES`]; 0 turns it off).
     pub fn set_cache_bytes(&mut self, bytes: usize) {
         self.cache = std::cell::RefCell::new(RecordCache::new(bytes));
+    }
+
+    /// The data keys the store's values are encrypted with.
+    pub fn crypt(&self) -> &Arc<Crypt> {
+        &self.crypt
     }
 
     /// The record cache's hits and misses since open.
@@ -703,8 +779,9 @@ impl SledStore {
                 let Some(v) = self.tree.get(k).map_err(store_err)? else {
                     return Ok(None);
                 };
-                // Only a record that opened is cached: a bad one is found
-                // bad on every read.
+                let v = self.crypt.sealer().open(k, v)?;
+                // Only a record that opened is cached (in plaintext): a bad
+                // one is found bad on every read.
                 let opened = f(&v)?;
                 self.cache.borrow_mut().put(k, v);
                 Ok(Some(opened))
@@ -716,6 +793,8 @@ impl SledStore {
     /// order: sled's entries merged with the pending changes.
     fn scan_raw(&self, start: &[u8], end: &[u8], f: &mut RawVisitor<'_>) -> Result<(), Error> {
         let mut pending = self.pending.range(start.to_vec()..end.to_vec()).peekable();
+        // The key ring is taken per entry, never across `f` (which may read
+        // again: a nested read lock can deadlock behind a waiting rotation).
         for r in self.tree.range(start..end) {
             let (k, v) = r.map_err(store_err)?;
             // Pending entries before this one, then this one or its
@@ -728,7 +807,10 @@ impl SledStore {
             match pending.next_if(|(pk, _)| pk.as_slice() == &k[..]) {
                 Some((_, Some(pv))) => f(&k, pv)?,
                 Some((_, None)) => {}
-                None => f(&k, &v)?,
+                None => {
+                    let v = self.crypt.sealer().open(&k, v)?;
+                    f(&k, &v)?
+                }
             }
         }
         for (pk, pv) in pending {
@@ -957,16 +1039,22 @@ impl SledStore {
             return Ok(());
         }
         let mut b = sled::Batch::default();
+        // Held until the batch is in sled: a data key is retired only
+        // after a pass found nothing under it, so nothing sealed under it
+        // may land after that pass.
+        let crypt = self.crypt.clone();
+        let sealer = crypt.sealer();
         for (k, v) in &self.pending {
             match v {
-                Some(v) => b.insert(k.as_slice(), v.clone()),
+                Some(v) => b.insert(k.as_slice(), sealer.seal(k, v)?),
                 None => b.remove(k.as_slice()),
             }
         }
         let ops = self.ops.write(&mut b);
-        self.changelog.write(&self.tree, wall_ms(), &mut b)?;
+        self.changelog.write(&self.tree, &sealer, wall_ms(), &mut b)?;
         // On failure the changes stay pending (and unacknowledged).
         self.tree.apply_batch(b).map_err(store_err)?;
+        drop(sealer);
         self.changelog.written();
         let cache = self.cache.get_mut();
         for (k, v) in std::mem::take(&mut self.pending) {
@@ -1599,5 +1687,191 @@ mod tests {
         assert_eq!(low.len() + high.len(), 300);
         assert!(low.iter().all(|(k, _)| k.hash().bucket() <= mid));
         assert!(high.iter().all(|(k, _)| k.hash().bucket() > mid));
+    }
+}
+
+/// Encryption at rest through the store (see `crate::crypt`).
+#[cfg(test)]
+mod encryption_tests {
+    use super::*;
+    use crate::crypt::{Kek, Keys};
+    use lattice_core::crdt::Op;
+    use lattice_core::replica::{Replica, ReplicaConfig, Time};
+    use rand::SeedableRng;
+
+    const SECRET: &[u8] = b"sEcReT-pLaInTeXt-4711";
+
+    fn rng() -> Box<rand_chacha::ChaCha8Rng> {
+        Box::new(rand_chacha::ChaCha8Rng::seed_from_u64(1))
+    }
+
+    fn open(dir: &Path, keys: &Keys) -> Result<SledStore, OpenError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match SledStore::open_with(dir, "n1", Durability::Sync, LogSettings::default(), keys) {
+                Err(e) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Writes `n` registers holding SECRET and a big one (a sled blob).
+    fn write(store: SledStore, from: u32, n: u32) -> SledStore {
+        let mut r = Replica::open(ReplicaConfig::new("n1", "eu", vec![]), store, rng(), Time(0)).unwrap();
+        for i in from..from + n {
+            let mut v = SECRET.to_vec();
+            if i == from {
+                v = SECRET.repeat(200_000 / SECRET.len());
+            }
+            r.write(
+                Time(1),
+                vec![(Key::new(format!("k{i}")).unwrap(), Op::LwwSet(v.into()))],
+            )
+            .unwrap();
+        }
+        r.flush(Time(2)).unwrap();
+        r.into_store()
+    }
+
+    fn raw_values_hold(store: &SledStore, needle: &[u8]) -> bool {
+        store.tree.iter().any(|e| {
+            let (_, v) = e.unwrap();
+            v.windows(needle.len()).any(|w| w == needle)
+        })
+    }
+
+    fn read(store: &SledStore, i: u32) -> Vec<u8> {
+        let v = store.get(&Key::new(format!("k{i}")).unwrap()).unwrap().unwrap();
+        v.view().to_string().into_bytes()
+    }
+
+    #[test]
+    fn states_and_log_entries_are_ciphertext_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Keys::with(Kek::generate());
+        let store = write(open(dir.path(), &keys).unwrap(), 0, 20);
+        assert!(!raw_values_hold(&store, SECRET), "a plaintext value in sled");
+        assert!(store.tree.scan_prefix(b"c").next().is_some(), "no log entries");
+        assert!(String::from_utf8_lossy(&read(&store, 3)).contains("sEcReT"));
+        drop(store);
+        let store = open(dir.path(), &keys).unwrap();
+        assert!(String::from_utf8_lossy(&read(&store, 3)).contains("sEcReT"));
+        let mut n = 0;
+        store
+            .reader()
+            .log()
+            .scan(0, 0, &mut |_, _| {
+                n += 1;
+                Ok(true)
+            })
+            .unwrap();
+        assert!(n > 0, "the log reader decrypts");
+        // The control: the same writes without a key are found.
+        let plain = tempfile::tempdir().unwrap();
+        let store = write(open(plain.path(), &Keys::none()).unwrap(), 0, 20);
+        assert!(raw_values_hold(&store, SECRET), "the search cannot fail");
+    }
+
+    #[test]
+    fn a_missing_or_wrong_key_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(write(open(dir.path(), &Keys::with(Kek::generate())).unwrap(), 0, 3));
+        let e = open(dir.path(), &Keys::none()).err().unwrap().to_string();
+        assert!(
+            e.contains("is encrypted; set [encryption] key_file or LATTICE_ENCRYPTION_KEY"),
+            "{e}"
+        );
+        let e = open(dir.path(), &Keys::with(Kek::generate()))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("does not open the data keys"), "{e}");
+    }
+
+    #[test]
+    fn a_flipped_byte_or_a_swapped_record_is_corrupt_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Keys::with(Kek::generate());
+        let store = write(open(dir.path(), &keys).unwrap(), 0, 3);
+        drop(store);
+        let store = open(dir.path(), &keys).unwrap();
+        let (k1, k2) = (Key::new("k1").unwrap(), Key::new("k2").unwrap());
+        let good = store.tree.get(value_key(&k1)).unwrap().unwrap().to_vec();
+        for byte in [0, 5, 10, good.len() / 2, good.len() - 1] {
+            let mut bad = good.clone();
+            bad[byte] ^= 0x20;
+            store.tree.insert(value_key(&k1), bad).unwrap();
+            assert_eq!(store.get(&k1), Err(Error::Corrupt { key: "k1".into() }), "byte {byte}");
+            assert_eq!(
+                store.reader().get(&k1),
+                Err(Error::Corrupt { key: "k1".into() }),
+                "byte {byte}"
+            );
+        }
+        // k2's ciphertext under k1's key: its associated data differs.
+        let other = store.tree.get(value_key(&k2)).unwrap().unwrap();
+        store.tree.insert(value_key(&k1), other).unwrap();
+        assert_eq!(store.reader().get(&k1), Err(Error::Corrupt { key: "k1".into() }));
+        store.db.flush().unwrap();
+        drop(store);
+        let store = open(dir.path(), &keys).unwrap();
+        let opened = Replica::open(ReplicaConfig::new("n1", "eu", vec![]), store, rng(), Time(3));
+        assert_eq!(opened.err(), Some(Error::Corrupt { key: "k1".into() }));
+    }
+
+    #[test]
+    fn turning_encryption_on_keeps_old_values_readable_until_reencrypted() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(write(open(dir.path(), &Keys::none()).unwrap(), 0, 10));
+        let keys = Keys::with(Kek::generate());
+        let store = write(open(dir.path(), &keys).unwrap(), 10, 10);
+        assert!(store.crypt.has_old());
+        assert!(raw_values_hold(&store, SECRET), "the old values are still plaintext");
+        let s = crate::reencrypt::run(&store.reader(), dir.path(), false).unwrap();
+        assert!(s.complete && s.rewritten > 0, "{s:?}");
+        assert!(!store.crypt.has_old());
+        assert!(!raw_values_hold(&store, SECRET), "a plaintext value left");
+        for i in 0..20 {
+            assert!(String::from_utf8_lossy(&read(&store, i)).contains("sEcReT"), "k{i}");
+        }
+        // Plaintext is no longer accepted once converted.
+        let k = value_key(&Key::new("k1").unwrap());
+        let plain = store
+            .crypt
+            .sealer()
+            .open(&k, store.tree.get(&k).unwrap().unwrap())
+            .unwrap();
+        store.tree.insert(&k, plain).unwrap();
+        assert_eq!(
+            store.reader().get(&Key::new("k1").unwrap()),
+            Err(Error::Corrupt { key: "k1".into() })
+        );
+    }
+
+    #[test]
+    fn a_rotated_key_encryption_key_rewraps_and_old_data_keys_are_retired() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (Kek::generate(), Kek::generate());
+        drop(write(open(dir.path(), &Keys::with(old.clone())).unwrap(), 0, 10));
+        // The new key alone cannot open the data keys yet.
+        assert!(open(dir.path(), &Keys::with(new.clone())).is_err());
+        let rotated = Keys {
+            current: Some(new.clone()),
+            old: vec![old.clone()],
+        };
+        let store = write(open(dir.path(), &rotated).unwrap(), 10, 10);
+        assert_eq!(store.crypt.data_keys().0, vec![1, 2], "a new data key on a new KEK");
+        let s = crate::reencrypt::run(&store.reader(), dir.path(), true).unwrap();
+        assert!(s.complete && s.retired == 2 && s.current == 3, "{s:?}");
+        drop(store);
+        // The old KEK is no longer needed, and no longer opens anything.
+        let store = open(dir.path(), &Keys::with(new)).unwrap();
+        for i in 0..20 {
+            assert!(String::from_utf8_lossy(&read(&store, i)).contains("sEcReT"), "k{i}");
+        }
+        drop(store);
+        assert!(open(dir.path(), &Keys::with(old)).is_err());
     }
 }

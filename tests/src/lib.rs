@@ -133,6 +133,7 @@ impl Cluster {
             prepare_only: true,
             // Opened per node with `Cluster::enable_resp`.
             no_resp: true,
+            encrypt: false,
         };
         let (configs, defaults) = prepare(&args)?;
         let children = configs.iter().map(|_| None).collect();

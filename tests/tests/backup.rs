@@ -26,7 +26,7 @@ fn bin() -> &'static Path {
 fn backup_states(dir: &Path) -> BTreeMap<String, String> {
     let meta = backup::verify(dir).unwrap();
     let mut out = BTreeMap::new();
-    backup::read_states(dir, &meta, &mut |k, v| {
+    backup::read_states(dir, &meta, &lattice_server::crypt::Keys::none(), &mut |k, v| {
         out.insert(k.as_str().to_string(), v.view().to_string());
         Ok(())
     })
@@ -36,7 +36,7 @@ fn backup_states(dir: &Path) -> BTreeMap<String, String> {
 
 /// Every state in the data dir of a stopped node, as text.
 fn data_dir_states(dir: &Path) -> BTreeMap<String, String> {
-    let (_db, reader) = StoreReader::open_stopped(dir).unwrap();
+    let (_db, reader) = StoreReader::open_stopped(dir, &lattice_server::crypt::Keys::none()).unwrap();
     let mut out = BTreeMap::new();
     reader
         .records_after(None, &mut |k, _, rec| {

@@ -221,6 +221,15 @@ enum Cmd {
         /// The backup directory, on the node's host.
         dir: String,
     },
+    /// Have the first endpoint's node re-encrypt every value it stores
+    /// (states and change log) under its newest data key, online, then
+    /// drop its older data keys (needs an admin token and encryption at
+    /// rest on the node).
+    Reencrypt {
+        /// Make a new data key first (a data key rotation).
+        #[arg(long)]
+        rotate: bool,
+    },
     /// Load generator: C concurrent sessions send one operation at a time
     /// to the first endpoint for --secs seconds; prints ops/s and latency
     /// percentiles (`ops_per_sec=... p50_us=... p99_us=... p999_us=...`).
@@ -497,6 +506,27 @@ async fn run(cli: Cli, slot: &mut Option<std::sync::Arc<Client>>) -> Result<(), 
             RequestBody::SetPolicy(set)
         }
         Cmd::Audit(_) => RequestBody::Audit,
+        Cmd::Reencrypt { rotate } => {
+            let s = client.reencrypt(0, *rotate).await.map_err(|e| e.to_string())?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"ok": true, "rewritten": s.rewritten, "raced": s.raced, "passes": s.passes,
+                        "retired": s.retired, "current": s.current, "complete": s.complete})
+                );
+            } else {
+                println!(
+                    "ok: {} values re-encrypted under data key {} ({} changed meanwhile) in {} passes; {} old data keys dropped{}",
+                    s.rewritten,
+                    s.current,
+                    s.raced,
+                    s.passes,
+                    s.retired,
+                    if s.complete { "" } else { "; NOT complete: old keys kept, run it again" }
+                );
+            }
+            return Ok(());
+        }
         Cmd::Backup { dir } => {
             let s = client.backup(0, dir).await.map_err(|e| e.to_string())?;
             if json {

@@ -280,6 +280,14 @@ pub enum RequestBody {
         /// Where to write it.
         dir: String,
     },
+    /// Re-encrypt every value the node stores (states and change log)
+    /// under its newest data key, online; with `rotate`, make a new data
+    /// key first (admin token; the node must have encryption at rest on).
+    /// Answered with [`Response::Reencrypted`].
+    Reencrypt {
+        /// Make a new data key first.
+        rotate: bool,
+    },
 }
 
 /// Most changes one [`RequestBody::LogRead`] page returns.
@@ -684,6 +692,25 @@ pub enum Response {
     },
     /// A backup was written.
     BackedUp(BackupSummary),
+    /// A re-encryption ran.
+    Reencrypted(ReencryptSummary),
+}
+
+/// What a re-encryption did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReencryptSummary {
+    /// Values rewritten under the newest data key.
+    pub rewritten: u64,
+    /// Values a concurrent write changed first (already under the newest key).
+    pub raced: u64,
+    /// Passes over the store.
+    pub passes: u32,
+    /// Older data keys dropped.
+    pub retired: u32,
+    /// The data key new values use.
+    pub current: u32,
+    /// No value is left under an older key.
+    pub complete: bool,
 }
 
 /// What a backup holds.
