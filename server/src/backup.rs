@@ -757,8 +757,8 @@ fn restore_into(
     });
     store.apply(batch)?;
     store.sync()?;
-    let mut audit = crate::audit::AuditLog::open(dir, Some(store.audit_tree().map_err(store_err)?))?;
-    audit.append(target.node, "restore", policy.clone())?;
+    let mut audit = crate::audit::AuditLog::open(dir, Some(store.audit_tree().map_err(store_err)?), None)?;
+    audit.append(target.node, "restore", policy.clone(), None)?;
     drop(store);
     Ok(Restored {
         keys,
