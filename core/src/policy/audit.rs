@@ -54,19 +54,23 @@ pub struct AuditEntry {
     pub policy: PolicySet,
     /// Its digest (hex), for quick comparison across nodes.
     pub policy_digest: String,
+    /// blake3 over every field above and `signer` and `signature` below
+    /// (hex); keyed with the audit key when `keyed`.
+    pub hash: String,
+    // The fields below come after `hash` and are never skipped: served
+    // entries travel as MessagePack arrays, where a missing trailing field
+    // takes its default (entries and answers of older nodes still decode)
+    // but a skipped one in the middle would shift the rest.
     /// The public key (hex) that signed the set; absent for a node's own
     /// unsigned configuration set (and in entries older than signing).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub signer: Option<String>,
     /// The ed25519 signature (hex) of the set by `signer`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub signature: Option<String>,
     /// Whether `hash` is keyed with the node's audit key.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default)]
     pub keyed: bool,
-    /// blake3 over every field above (hex); keyed with the audit key when
-    /// `keyed`.
-    pub hash: String,
 }
 
 impl AuditEntry {
