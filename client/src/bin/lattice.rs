@@ -246,8 +246,9 @@ enum PolicyCmd {
     /// to every other node; each records it in its audit log.
     ///
     /// Nodes adopt only sets signed by a key in their `policy_keys`: with
-    /// --key (or `policy_key` in the defaults file) the file is signed
-    /// here; a file from `lattice policy sign` is sent as it is.
+    /// --key the file is signed here; without, a file from `lattice policy
+    /// sign` is sent as it is, and an unsigned one is signed with
+    /// `policy_key` from the defaults file, if it names one.
     Set {
         /// The file.
         file: PathBuf,
@@ -505,8 +506,7 @@ async fn run(cli: Cli, slot: &mut Option<std::sync::Arc<Client>>) -> Result<(), 
         Cmd::Del { key: k } => write(k, Op::Delete)?,
         Cmd::Status | Cmd::Policy(PolicyCmd::Show) => RequestBody::Status,
         Cmd::Policy(PolicyCmd::Set { file, key }) => {
-            let key = key.clone().or_else(|| file_key.clone());
-            RequestBody::SetPolicy(governance::load(file, key.as_deref())?)
+            RequestBody::SetPolicy(governance::load(file, key.as_deref(), file_key.as_deref())?)
         }
         Cmd::Policy(PolicyCmd::Sign { .. } | PolicyCmd::Keygen { .. }) => return Ok(()),
         Cmd::Audit(AuditCmd::Verify) => return governance::verify_all(client, &node_names, json).await,

@@ -43,9 +43,10 @@ fn read_key(path: &Path) -> Result<ed25519_dalek::SigningKey, String> {
 }
 
 /// Reads a policy file; with `key`, signs it (replacing any signature it
-/// carries), else takes its own signature (an unsigned file stays unsigned,
-/// and nodes refuse it).
-pub fn load(file: &Path, key: Option<&Path>) -> Result<SignedPolicySet, String> {
+/// carries), else takes its own signature; an unsigned file is signed with
+/// `fallback` (the defaults file's `policy_key`) if there is one, or sent
+/// unsigned (and nodes refuse it).
+pub fn load(file: &Path, key: Option<&Path>, fallback: Option<&Path>) -> Result<SignedPolicySet, String> {
     let text = std::fs::read_to_string(file).map_err(|e| format!("reading {}: {e}", file.display()))?;
     let f: PolicyFile = toml::from_str(&text).map_err(|e| format!("parsing {}: {e}", file.display()))?;
     let set = PolicySet::new(f.version, f.policy).map_err(|e| format!("{}: {e}", file.display()))?;
@@ -57,7 +58,10 @@ pub fn load(file: &Path, key: Option<&Path>) -> Result<SignedPolicySet, String> 
             signer: unhex::<32>(&s, "signer")?,
             signature: unhex::<64>(&sig, "signature")?,
         }),
-        (None, None) => None,
+        (None, None) => match fallback {
+            Some(k) => return SignedPolicySet::sign(set, &read_key(k)?).map_err(|e| e.to_string()),
+            None => None,
+        },
         _ => return Err(format!("{}: signer and signature go together", file.display())),
     };
     Ok(SignedPolicySet { set, signature })
@@ -89,7 +93,7 @@ pub fn keygen(out: &Path) -> Result<(), String> {
 /// `lattice policy sign FILE --key KEY [-o OUT]`: the file with its
 /// signature, to OUT (created, never overwritten) or standard output.
 pub fn sign(file: &Path, key: &Path, out: Option<&Path>) -> Result<(), String> {
-    let s = load(file, Some(key))?;
+    let s = load(file, Some(key), None)?;
     let sig = s.signature.ok_or("signing produced no signature")?;
     let f = PolicyFile {
         version: s.set.version,
