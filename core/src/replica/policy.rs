@@ -60,6 +60,13 @@ impl<S: Store> Replica<S> {
     /// Checks the signature before anything else: the validity and the
     /// version of a set nobody trusted signed are nobody's business.
     fn check_signature(&mut self, set: &SignedPolicySet) -> Result<PolicySignature, Error> {
+        #[cfg(feature = "planted-bugs")]
+        if crate::planted::active(crate::planted::PlantedBug::PolicySignatureIgnored) {
+            return Ok(set.signature.unwrap_or(PolicySignature {
+                signer: [0; 32],
+                signature: [0; 64],
+            }));
+        }
         match self.cfg.policy_keys.verify(set) {
             Ok(sig) => Ok(sig),
             Err(r) => {
