@@ -781,7 +781,12 @@ impl Sim {
                 // The adopted set survives a restart (latticed keeps it in
                 // its audit log) and, here, a lost disk too (as if the
                 // operator's configuration had been updated).
-                Event::PolicyAdopted { policy, .. } => self.nodes[i].cfg.policy = policy,
+                // Kept with its signature, as latticed's audit log keeps
+                // it: a restarted node must still be able to pass it on.
+                Event::PolicyAdopted { policy, signature, .. } => {
+                    self.nodes[i].cfg.policy = policy;
+                    self.nodes[i].cfg.policy_signature = signature;
+                }
             }
         }
         let token = self.nodes[i].token;
@@ -1229,7 +1234,6 @@ impl Sim {
     /// replica a little ahead) is not sent: SECURITY.md says what a node
     /// with a certificate can do.
     fn inject_hostile(&mut self, from: usize, to: usize, kind: u8) {
-        self.inject_rogue_policy(from, to);
         use lattice_core::clock::{CausalContext, Dot, HlcTimestamp};
         use lattice_core::crdt::{Bytes, Causal, DotMap, DotSet, GCounter, LwwRegister, OrSet};
         use lattice_core::proto::{Message, PolicyStamp, Section};
@@ -1242,6 +1246,9 @@ impl Sim {
         ) else {
             return;
         };
+        // Only from a peer that is up: a frame from a crashed one would
+        // make the receiver hear from it.
+        self.inject_rogue_policy(from, to);
         let (now, skew) = (self.now, self.nodes[to].skew_ms);
         let Some(r) = self.nodes[to].replica.as_mut() else {
             return;
