@@ -666,6 +666,8 @@ pub struct Target<'a> {
     pub policy: PolicySet,
     /// Its change log's settings.
     pub log: crate::changelog::LogSettings,
+    /// Its audit key (`audit_key_file`): the new log is keyed with it.
+    pub audit_key: Option<lattice_core::policy::audit::AuditKey>,
 }
 
 /// Restores the backup in `from` into a new data dir for `target`: checks
@@ -757,7 +759,11 @@ fn restore_into(
     });
     store.apply(batch)?;
     store.sync()?;
-    let mut audit = crate::audit::AuditLog::open(dir, Some(store.audit_tree().map_err(store_err)?), None)?;
+    let mut audit = crate::audit::AuditLog::open(
+        dir,
+        Some(store.audit_tree().map_err(store_err)?),
+        target.audit_key.clone(),
+    )?;
     audit.append(target.node, "restore", policy.clone(), None)?;
     drop(store);
     Ok(Restored {
@@ -813,6 +819,7 @@ pub fn bench(dir: &Path, keys: usize) -> anyhow::Result<()> {
             region: &RegionId::from("eu"),
             policy: PolicySet::default(),
             log: Default::default(),
+            audit_key: None,
         },
     )?;
     let restore_secs = started.elapsed().as_secs_f64();
@@ -1034,6 +1041,7 @@ mod tests {
                     region: &RegionId::from("eu"),
                     policy: PolicySet::default(),
                     log: Default::default(),
+                    audit_key: None,
                 },
             )
         };
@@ -1083,6 +1091,7 @@ mod tests {
                 region: &RegionId::from("eu"),
                 policy: PolicySet::default(),
                 log: Default::default(),
+                audit_key: None,
             },
         )
         .unwrap_err();

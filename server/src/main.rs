@@ -431,6 +431,7 @@ fn restore(from: &std::path::Path, args: &RunArgs) -> Result<()> {
         region: &region,
         policy: config.policy_set()?,
         log: config.log.settings(),
+        audit_key: config.audit_key()?,
     };
     let r = lattice_server::backup::restore(from, &target)?;
     println!(
