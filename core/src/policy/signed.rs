@@ -279,6 +279,29 @@ mod tests {
         let h = hex(&a.verifying_key().to_bytes());
         assert_eq!(parse_public_key(&h.to_uppercase()), Ok(a.verifying_key().to_bytes()));
         assert!(parse_public_key("abc").is_err());
+        // Sizes are exact on the wire: a 31-byte key or 63-byte signature
+        // does not decode.
+        #[derive(Serialize)]
+        struct Loose {
+            #[serde(with = "serde_bytes")]
+            signer: Vec<u8>,
+            #[serde(with = "serde_bytes")]
+            signature: Vec<u8>,
+        }
+        for (k, s) in [(31, 64), (33, 64), (32, 63), (32, 65)] {
+            let bytes = crate::proto::to_bytes(&Loose {
+                signer: vec![1; k],
+                signature: vec![2; s],
+            })
+            .unwrap();
+            assert!(crate::proto::from_bytes::<PolicySignature>(&bytes).is_err(), "{k}/{s}");
+        }
+        let ok = crate::proto::to_bytes(&Loose {
+            signer: vec![1; 32],
+            signature: vec![2; 64],
+        })
+        .unwrap();
+        assert!(crate::proto::from_bytes::<PolicySignature>(&ok).is_ok());
         assert!(parse_public_key(&"zz".repeat(32)).is_err());
     }
 }
