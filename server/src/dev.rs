@@ -264,6 +264,12 @@ pub fn run(args: DevArgs) -> Result<()> {
         println!("  cargo run -p lattice-client -- incr visits 5");
         println!("  cargo run -p lattice-client -- get visits");
         println!("Client token: {}   CA: {}", defaults.token, defaults.ca.display());
+        if let Some(k) = &defaults.policy_key {
+            println!(
+                "Policy admin key: {} (every node trusts it; `lattice policy set FILE` signs with it)",
+                k.display()
+            );
+        }
         if let Some(resp) = defaults.resp.first() {
             println!(
                 "Redis protocol: redis-cli -p {} --user default --pass {} (or AUTH <token>)",
