@@ -126,6 +126,10 @@ pub enum Error {
     /// A policy set was refused (invalid, or not newer than the one in force).
     #[error("{}", with_kind("invalid policy", .0))]
     InvalidPolicy(String),
+    /// A policy set was refused for its signature: unsigned, signed by a
+    /// key the node does not list in `policy_keys`, or not verifying.
+    #[error("{}", with_kind("policy set signature refused", .0))]
+    PolicySignature(String),
     /// A retried write reached a node that restarted since its first
     /// attempt (within `retry_window_ms`): the write may or may not have
     /// been applied. Read the key first.
@@ -166,6 +170,7 @@ impl Error {
             },
             ErrorKind::ReplicationTimeout => Error::ReplicationTimeout(message),
             ErrorKind::InvalidPolicy => Error::InvalidPolicy(message),
+            ErrorKind::PolicySignature => Error::PolicySignature(message),
             ErrorKind::Unauthorized => Error::Unauthorized(message),
             ErrorKind::Overloaded => Error::Overloaded(message),
             ErrorKind::TypeMismatch => Error::TypeMismatch(message),

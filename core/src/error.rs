@@ -128,6 +128,10 @@ pub enum Error {
     /// A replication policy (set) is not valid.
     #[error("invalid policy: {0}")]
     InvalidPolicy(String),
+    /// A policy set was refused for its signature (unsigned, signed by a
+    /// key this node does not trust, or not verifying).
+    #[error("policy set refused: {0}")]
+    PolicySignature(crate::policy::signed::Refusal),
     /// The key's replication policy does not allow this region to serve it.
     #[error(
         "policy denied: {key:?} (keyspace {keyspace:?}) may not be {action} in region {region}; regions that may: {}",

@@ -59,6 +59,8 @@ pub enum PlantedBug {
     PreparedBaseUnchecked,
     /// The change log leaves out the changes of anti-entropy repairs.
     LogDropsRepairs,
+    /// Policy sets are adopted without checking their signature.
+    PolicySignatureIgnored,
 }
 
 thread_local! {

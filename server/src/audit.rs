@@ -4,7 +4,8 @@
 //! `lattice_core::policy::audit`), so editing, removing or reordering lines
 //! is detected by `lattice audit verify` and by the node at start.
 
-use lattice_core::policy::audit::{self, AuditEntry};
+use lattice_core::policy::audit::{self, AuditEntry, AuditKey};
+use lattice_core::policy::signed::PolicySignature;
 use lattice_core::policy::PolicySet;
 use lattice_core::Error;
 use std::io::Write;
@@ -46,6 +47,8 @@ pub struct AuditLog {
     /// (in sled), so that entries removed from the end of the file are
     /// detected too.
     head: Option<sled::Tree>,
+    /// The audit key: entries are keyed with it and must all be keyed.
+    key: Option<AuditKey>,
 }
 
 /// What one pass over a part found: the few entries the checks at open
@@ -78,7 +81,11 @@ impl Part {
 /// three entries, whatever the part's size. A last line without its
 /// newline is a write torn by a crash: it is left out, and
 /// [`Part::complete`] says where it starts.
-fn scan(path: &Path, mut each: impl FnMut(&AuditEntry) -> Result<(), Error>) -> Result<Part, Error> {
+fn scan(
+    path: &Path,
+    key: Option<&AuditKey>,
+    mut each: impl FnMut(&AuditEntry) -> Result<(), Error>,
+) -> Result<Part, Error> {
     use std::io::{BufRead, Read};
     let io = |e: std::io::Error| Error::Store(format!("{}: {e}", path.display()));
     let file = match std::fs::File::open(path) {
@@ -112,9 +119,16 @@ fn scan(path: &Path, mut each: impl FnMut(&AuditEntry) -> Result<(), Error>) -> 
             index: number - 1,
             reason: format!("line {number} does not parse: {e}"),
         })?;
+        if key.is_none() && e.keyed {
+            return Err(Error::AuditBroken {
+                index: e.index,
+                reason: "the entry is keyed, and no audit key is configured (audit_key_file or LATTICE_AUDIT_KEY)"
+                    .into(),
+            });
+        }
         match &part.last {
-            Some(prev) => audit::verify_next(Some(prev), &e)?,
-            None => audit::verify_entry(&e)?,
+            Some(prev) => audit::verify_next(Some(prev), &e, key)?,
+            None => audit::verify_entry(&e, key)?,
         }
         each(&e)?;
         if part.first.is_none() {
@@ -129,7 +143,7 @@ fn scan(path: &Path, mut each: impl FnMut(&AuditEntry) -> Result<(), Error>) -> 
 /// checking each against the one before it. For the part the node serves:
 /// a part larger than [`MAX_AUDIT_BYTES`] is refused rather than read into
 /// memory. A last line without its newline is left out.
-pub fn read_entries(path: &Path) -> Result<Vec<AuditEntry>, Error> {
+pub fn read_entries(path: &Path, key: Option<&AuditKey>) -> Result<Vec<AuditEntry>, Error> {
     match std::fs::metadata(path) {
         Ok(m) if m.len() > MAX_AUDIT_BYTES => {
             return Err(Error::Store(format!(
@@ -140,7 +154,7 @@ pub fn read_entries(path: &Path) -> Result<Vec<AuditEntry>, Error> {
         _ => {}
     }
     let mut entries = Vec::new();
-    scan(path, |e| {
+    scan(path, key, |e| {
         entries.push(e.clone());
         Ok(())
     })?;
@@ -165,17 +179,19 @@ pub fn archived_parts(data_dir: &Path) -> Result<Vec<PathBuf>, Error> {
 /// Verifies every part of the log in `data_dir`, archived ones first, as
 /// one chain, streaming each part (so any size verifies in bounded
 /// memory); calls `each` on every entry. Returns how many there are.
-pub fn verify_dir(data_dir: &Path, mut each: impl FnMut(&AuditEntry)) -> Result<u64, Error> {
+/// With `key`, every entry must be keyed with it; without, a keyed entry
+/// is refused.
+pub fn verify_dir(data_dir: &Path, key: Option<&AuditKey>, mut each: impl FnMut(&AuditEntry)) -> Result<u64, Error> {
     let mut base: Option<AuditEntry> = None;
     let mut n = 0;
     let mut parts = archived_parts(data_dir)?;
     parts.push(data_dir.join("audit.log"));
     for p in parts {
         let mut at_start = true;
-        let part = scan(&p, |e| {
+        let part = scan(&p, key, |e| {
             if at_start {
                 // Each part's first entry follows the last of the part before.
-                audit::verify_next(base.as_ref(), e)?;
+                audit::verify_next(base.as_ref(), e, key)?;
                 at_start = false;
             }
             n += 1;
@@ -213,7 +229,11 @@ impl AuditLog {
     /// renamed is renamed. A part found past [`CHECKPOINT_BYTES`] (any
     /// size: from an older version, or grown while archiving failed) is
     /// archived at once, so what is served stays small.
-    pub fn open(data_dir: &Path, head: Option<sled::Tree>) -> Result<AuditLog, Error> {
+    ///
+    /// With `key`, every entry must be keyed with it (an unkeyed log is
+    /// refused: move it aside to start a keyed one) and new entries are
+    /// keyed; without, a keyed entry is refused.
+    pub fn open(data_dir: &Path, head: Option<sled::Tree>, key: Option<AuditKey>) -> Result<AuditLog, Error> {
         let path = data_dir.join("audit.log");
         let io = |e: std::io::Error| Error::Store(format!("{}: {e}", path.display()));
         let mut log = AuditLog {
@@ -225,9 +245,10 @@ impl AuditLog {
             size: 0,
             checkpoint: CHECKPOINT_BYTES,
             head,
+            key,
         };
         log.base = log.recorded_base()?;
-        let mut part = scan(&path, |_| Ok(()))?;
+        let mut part = scan(&path, log.key.as_ref(), |_| Ok(()))?;
         let len = std::fs::metadata(&path).map_or(0, |m| m.len());
         if len > part.complete {
             // A torn last line (a crash in the middle of an append).
@@ -243,10 +264,10 @@ impl AuditLog {
             }
         }
         if let Some(b) = &log.base {
-            audit::verify_entry(b)?;
+            audit::verify_entry(b, log.key.as_ref())?;
         }
         if let Some(first) = &part.first {
-            audit::verify_next(log.base.as_ref(), first)?;
+            audit::verify_next(log.base.as_ref(), first, log.key.as_ref())?;
         }
         log.check_head(&part, true)?;
         log.size = part.complete;
@@ -361,6 +382,11 @@ impl AuditLog {
         Ok(())
     }
 
+    /// The newest entry.
+    pub fn last(&self) -> Option<&AuditEntry> {
+        self.last.as_ref()
+    }
+
     /// The policy of the newest entry.
     pub fn last_policy(&self) -> Option<&PolicySet> {
         self.last.as_ref().map(|e| &e.policy)
@@ -369,11 +395,25 @@ impl AuditLog {
     /// Appends (and fsyncs) an entry for `policy`, then records it as the
     /// head. Archives the current part first if the entry would take it
     /// past the checkpoint size.
-    pub fn append(&mut self, node: &str, source: &str, policy: PolicySet) -> Result<(), Error> {
+    pub fn append(
+        &mut self,
+        node: &str,
+        source: &str,
+        policy: PolicySet,
+        signature: Option<PolicySignature>,
+    ) -> Result<(), Error> {
         let at_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let entry = AuditEntry::next(self.last.as_ref(), at_ms, node, source, policy);
+        let entry = AuditEntry::next(
+            self.last.as_ref(),
+            at_ms,
+            node,
+            source,
+            policy,
+            signature,
+            self.key.as_ref(),
+        );
         let mut line = serde_json::to_string(&entry).map_err(|e| Error::Codec(e.to_string()))?;
         line.push('\n');
         if self.size > 0 && self.size + line.len() as u64 > self.checkpoint {
@@ -404,8 +444,8 @@ impl AuditLog {
     /// base comes first (see
     /// [`verify_served`](lattice_core::policy::audit::verify_served)).
     pub fn entries(&self) -> Result<Vec<AuditEntry>, Error> {
-        let entries = read_entries(&self.path)?;
-        audit::verify_from(self.base.as_ref(), &entries)?;
+        let entries = read_entries(&self.path, self.key.as_ref())?;
+        audit::verify_from(self.base.as_ref(), &entries, self.key.as_ref())?;
         self.check_head(&Part::of(&entries), false)?;
         Ok(self.base.iter().cloned().chain(entries).collect())
     }
@@ -421,16 +461,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path().join("db")).unwrap();
         let head = || Some(db.open_tree("audit").unwrap());
-        let mut log = AuditLog::open(dir.path(), head()).unwrap();
-        log.append("n1", "config", PolicySet::default()).unwrap();
+        let mut log = AuditLog::open(dir.path(), head(), None).unwrap();
+        log.append("n1", "config", PolicySet::default(), None).unwrap();
         let set = PolicySet::new(2, vec![Policy::new("eu/", Regions::Local, Priority::Critical)]).unwrap();
-        log.append("n1", "admin", set.clone()).unwrap();
-        log.append("n1", "admin", PolicySet::new(3, vec![]).unwrap()).unwrap();
-        let log = AuditLog::open(dir.path(), head()).unwrap();
+        log.append("n1", "admin", set.clone(), None).unwrap();
+        log.append("n1", "admin", PolicySet::new(3, vec![]).unwrap(), None)
+            .unwrap();
+        let log = AuditLog::open(dir.path(), head(), None).unwrap();
         assert_eq!(log.last_policy().map(|p| p.version), Some(3));
         let path = dir.path().join("audit.log");
         let version_at_open = || {
-            AuditLog::open(dir.path(), head())
+            AuditLog::open(dir.path(), head(), None)
                 .unwrap()
                 .last_policy()
                 .map(|p| p.version)
@@ -443,7 +484,7 @@ mod tests {
         let kept: Vec<&str> = full.lines().take(2).collect();
         std::fs::write(&path, kept.join("\n") + "\n").unwrap();
         assert!(matches!(
-            AuditLog::open(dir.path(), head()),
+            AuditLog::open(dir.path(), head(), None),
             Err(Error::AuditBroken { index: 2, .. })
         ));
         std::fs::write(&path, &full).unwrap();
@@ -451,7 +492,7 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::write(&path, text.replace("\"admin\"", "\"config\"")).unwrap();
         assert!(matches!(
-            AuditLog::open(dir.path(), head()),
+            AuditLog::open(dir.path(), head(), None),
             Err(Error::AuditBroken { index: 1, .. })
         ));
     }
@@ -461,25 +502,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path().join("db")).unwrap();
         let head = || Some(db.open_tree("audit").unwrap());
-        let mut log = AuditLog::open(dir.path(), head()).unwrap();
-        log.append("n1", "config", PolicySet::default()).unwrap();
-        log.append("n1", "admin", PolicySet::new(2, vec![]).unwrap()).unwrap();
+        let mut log = AuditLog::open(dir.path(), head(), None).unwrap();
+        log.append("n1", "config", PolicySet::default(), None).unwrap();
+        log.append("n1", "admin", PolicySet::new(2, vec![]).unwrap(), None)
+            .unwrap();
         let at_one = db.open_tree("audit").unwrap().get(HEAD).unwrap().unwrap();
-        log.append("n1", "admin", PolicySet::new(3, vec![]).unwrap()).unwrap();
-        log.append("n1", "admin", PolicySet::new(4, vec![]).unwrap()).unwrap();
+        log.append("n1", "admin", PolicySet::new(3, vec![]).unwrap(), None)
+            .unwrap();
+        log.append("n1", "admin", PolicySet::new(4, vec![]).unwrap(), None)
+            .unwrap();
         drop(log);
         let tree = db.open_tree("audit").unwrap();
         // Exactly one entry past the head: what the crash leaves.
-        let at_two = format!("2 {}", read_entries(&dir.path().join("audit.log")).unwrap()[2].hash);
+        let at_two = format!(
+            "2 {}",
+            read_entries(&dir.path().join("audit.log"), None).unwrap()[2].hash
+        );
         tree.insert(HEAD, at_two.as_bytes()).unwrap();
-        let log = AuditLog::open(dir.path(), head()).unwrap();
+        let log = AuditLog::open(dir.path(), head(), None).unwrap();
         assert_eq!(log.last_policy().map(|p| p.version), Some(4));
         assert!(tree.get(HEAD).unwrap().unwrap().starts_with(b"3 "), "rolled forward");
         assert_eq!(log.entries().unwrap().len(), 4);
         // Two past the head is not a crash: refused.
         tree.insert(HEAD, at_one).unwrap();
         assert!(matches!(
-            AuditLog::open(dir.path(), head()),
+            AuditLog::open(dir.path(), head(), None),
             Err(Error::AuditBroken { index: 1, .. })
         ));
     }
@@ -494,10 +541,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path().join("db")).unwrap();
         let head = || Some(db.open_tree("audit").unwrap());
-        let mut log = AuditLog::open(dir.path(), head()).unwrap();
-        log.append("n1", "config", PolicySet::default()).unwrap();
-        log.append("n1", "admin", PolicySet::new(2, vec![]).unwrap()).unwrap();
-        log.append("n1", "admin", PolicySet::new(3, vec![]).unwrap()).unwrap();
+        let mut log = AuditLog::open(dir.path(), head(), None).unwrap();
+        log.append("n1", "config", PolicySet::default(), None).unwrap();
+        log.append("n1", "admin", PolicySet::new(2, vec![]).unwrap(), None)
+            .unwrap();
+        log.append("n1", "admin", PolicySet::new(3, vec![]).unwrap(), None)
+            .unwrap();
         let last = log.last.clone().unwrap();
         drop(log);
         let tree = db.open_tree("audit").unwrap();
@@ -507,7 +556,7 @@ mod tests {
         assert_eq!(text.matches("\"config\"").count(), 1);
         std::fs::write(&path, text.replace("\"config\"", "\"confix\"")).unwrap();
         assert!(matches!(
-            AuditLog::open(dir.path(), head()),
+            AuditLog::open(dir.path(), head(), None),
             Err(Error::AuditBroken { index: 0, .. })
         ));
         assert!(path.exists(), "the edited part was not archived");
@@ -520,7 +569,9 @@ mod tests {
         let db = sled::open(dir.path().join("db")).unwrap();
         let head = || Some(db.open_tree("audit").unwrap());
         let checkpoint = 256 << 10;
-        let mut log = AuditLog::open(dir.path(), head()).unwrap().with_checkpoint(checkpoint);
+        let mut log = AuditLog::open(dir.path(), head(), None)
+            .unwrap()
+            .with_checkpoint(checkpoint);
         // The largest sets a node accepts: 40 of them are ~2.5 MiB of log.
         let big = |v: u64| {
             let n = (MAX_POLICY_SET_BYTES - 1_000) / (900 + 32);
@@ -530,28 +581,28 @@ mod tests {
             PolicySet::new(v, policies).unwrap()
         };
         for v in 1..=40 {
-            log.append("n1", "admin", big(v)).unwrap();
+            log.append("n1", "admin", big(v), None).unwrap();
             let size = std::fs::metadata(dir.path().join("audit.log")).unwrap().len();
             assert!(size <= checkpoint + (2 * MAX_POLICY_SET_BYTES) as u64, "{size}");
         }
         assert!(archived_parts(dir.path()).unwrap().len() >= 5);
-        let log = AuditLog::open(dir.path(), head()).unwrap();
+        let log = AuditLog::open(dir.path(), head(), None).unwrap();
         assert_eq!(log.last_policy().map(|p| p.version), Some(40));
         let served = log.entries().unwrap();
         assert_eq!(
-            lattice_core::policy::audit::verify_served(&served).map(|f| f > 0),
+            lattice_core::policy::audit::verify_served(&served, None).map(|f| f > 0),
             Ok(true)
         );
-        assert_eq!(verify_dir(dir.path(), |_| {}).unwrap(), 40);
+        assert_eq!(verify_dir(dir.path(), None, |_| {}).unwrap(), 40);
         // A crash after the base was recorded, before the rename: finished at open.
         let tree = db.open_tree("audit").unwrap();
         let last = log.last.clone().unwrap();
         tree.insert(BASE, serde_json::to_vec(&last).unwrap()).unwrap();
         drop(log);
-        let log = AuditLog::open(dir.path(), head()).unwrap();
+        let log = AuditLog::open(dir.path(), head(), None).unwrap();
         assert_eq!(log.last_policy().map(|p| p.version), Some(40));
         assert!(!dir.path().join("audit.log").exists());
-        assert_eq!(verify_dir(dir.path(), |_| {}).unwrap(), 40);
+        assert_eq!(verify_dir(dir.path(), None, |_| {}).unwrap(), 40);
     }
 
     /// A set whose entry is close to the largest JSON line a node writes:
@@ -604,12 +655,14 @@ mod tests {
         let head = || Some(db.open_tree("audit").unwrap());
         // What an older version (no archiving) or failed archiving leaves:
         // one part past the read limit, written by the real append.
-        let mut log = AuditLog::open(dir.path(), head()).unwrap().with_checkpoint(u64::MAX);
+        let mut log = AuditLog::open(dir.path(), head(), None)
+            .unwrap()
+            .with_checkpoint(u64::MAX);
         let path = dir.path().join("audit.log");
         let mut v = 0;
         while std::fs::metadata(&path).map_or(0, |m| m.len()) <= MAX_AUDIT_BYTES + (1 << 20) {
             v += 1;
-            log.append("n1", "admin", escaped(v)).unwrap();
+            log.append("n1", "admin", escaped(v), None).unwrap();
         }
         drop(log);
         let size = std::fs::metadata(&path).unwrap().len();
@@ -637,7 +690,7 @@ mod tests {
         }
         flip(&path);
         assert!(matches!(
-            AuditLog::open(dir.path(), head()),
+            AuditLog::open(dir.path(), head(), None),
             Err(Error::AuditBroken { .. })
         ));
         {
@@ -649,7 +702,7 @@ mod tests {
         // Streamed: opening reads far less than the part into memory (the
         // test has not read it either, so the peak is still the baseline).
         let before = vm_hwm_kib();
-        let log = AuditLog::open(dir.path(), head()).unwrap();
+        let log = AuditLog::open(dir.path(), head(), None).unwrap();
         let grown = vm_hwm_kib().saturating_sub(before);
         eprintln!("audit.log of {size} bytes, {v} entries: opening grew the peak RSS by {grown} KiB");
         assert!(grown < 24 << 10, "opening grew the peak RSS by {grown} KiB");
@@ -660,11 +713,11 @@ mod tests {
         let served = log.entries().unwrap();
         assert_eq!(served.len(), 1, "the base only");
         drop(log);
-        let mut log = AuditLog::open(dir.path(), head()).unwrap();
-        log.append("n1", "admin", escaped(v + 1)).unwrap();
+        let mut log = AuditLog::open(dir.path(), head(), None).unwrap();
+        log.append("n1", "admin", escaped(v + 1), None).unwrap();
         let served = log.entries().unwrap();
-        assert_eq!(lattice_core::policy::audit::verify_served(&served), Ok(v - 1));
-        assert_eq!(verify_dir(dir.path(), |_| {}).unwrap(), v + 1);
+        assert_eq!(lattice_core::policy::audit::verify_served(&served, None), Ok(v - 1));
+        assert_eq!(verify_dir(dir.path(), None, |_| {}).unwrap(), v + 1);
         // The archive is still checked, streamed, by `latticed audit verify`.
         let archive = archived_parts(dir.path()).unwrap().remove(0);
         let text = std::fs::read(&archive).unwrap();
@@ -673,7 +726,7 @@ mod tests {
         edited.truncate(last_line + 1);
         std::fs::write(&archive, &edited).unwrap();
         assert!(
-            verify_dir(dir.path(), |_| {}).is_err(),
+            verify_dir(dir.path(), None, |_| {}).is_err(),
             "an archive's last entry removed"
         );
     }
@@ -688,9 +741,9 @@ mod tests {
     fn the_read_limits_are_exact() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        AuditLog::open(dir.path(), None)
+        AuditLog::open(dir.path(), None, None)
             .unwrap()
-            .append("n1", "config", PolicySet::default())
+            .append("n1", "config", PolicySet::default(), None)
             .unwrap();
         let entry = std::fs::read(&path).unwrap();
         let line = MAX_ENTRY_BYTES as usize;
@@ -706,9 +759,9 @@ mod tests {
             f.len()
         };
         with(&blank(line));
-        assert_eq!(read_entries(&path).unwrap().len(), 1);
+        assert_eq!(read_entries(&path, None).unwrap().len(), 1);
         with(&blank(line + 1));
-        match read_entries(&path) {
+        match read_entries(&path, None) {
             Err(Error::AuditBroken { reason, .. }) => {
                 assert_eq!(reason, format!("line 2 is longer than {MAX_ENTRY_BYTES} bytes"));
             }
@@ -721,10 +774,10 @@ mod tests {
         }
         pad.extend(blank(limit - entry.len() - pad.len() - 1));
         assert_eq!(with(&pad), limit);
-        assert_eq!(read_entries(&path).unwrap().len(), 1);
+        assert_eq!(read_entries(&path, None).unwrap().len(), 1);
         pad.push(b'\n');
         assert_eq!(with(&pad), limit + 1);
-        match read_entries(&path) {
+        match read_entries(&path, None) {
             Err(Error::Store(m)) => assert!(m.ends_with(&format!("is larger than {MAX_AUDIT_BYTES} bytes")), "{m}"),
             other => panic!("a part of {} bytes: {other:?}", limit + 1),
         }
@@ -736,7 +789,7 @@ mod tests {
         let path = dir.path().join("audit.log");
         std::fs::write(&path, vec![b'x'; (MAX_ENTRY_BYTES + 10) as usize]).unwrap();
         assert!(matches!(
-            AuditLog::open(dir.path(), None),
+            AuditLog::open(dir.path(), None, None),
             Err(Error::AuditBroken { index: 0, .. })
         ));
     }

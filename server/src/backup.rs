@@ -718,6 +718,8 @@ pub struct Target<'a> {
     /// Its encryption keys: the new data dir is encrypted under them, and
     /// they open an encrypted backup.
     pub keys: Keys,
+    /// Its audit key (`audit_key_file`): the new log is keyed with it.
+    pub audit_key: Option<lattice_core::policy::audit::AuditKey>,
 }
 
 /// Restores the backup in `from` into a new data dir for `target`: checks
@@ -809,8 +811,12 @@ fn restore_into(
     });
     store.apply(batch)?;
     store.sync()?;
-    let mut audit = crate::audit::AuditLog::open(dir, Some(store.audit_tree().map_err(store_err)?))?;
-    audit.append(target.node, "restore", policy.clone())?;
+    let mut audit = crate::audit::AuditLog::open(
+        dir,
+        Some(store.audit_tree().map_err(store_err)?),
+        target.audit_key.clone(),
+    )?;
+    audit.append(target.node, "restore", policy.clone(), None)?;
     drop(store);
     Ok(Restored {
         keys,
@@ -866,6 +872,7 @@ pub fn bench(dir: &Path, keys: usize) -> anyhow::Result<()> {
             policy: PolicySet::default(),
             log: Default::default(),
             keys: Keys::none(),
+            audit_key: None,
         },
     )?;
     let restore_secs = started.elapsed().as_secs_f64();
@@ -1105,6 +1112,7 @@ mod tests {
                     policy: PolicySet::default(),
                     log: Default::default(),
                     keys,
+                    audit_key: None,
                 },
             )
         };
@@ -1163,6 +1171,7 @@ mod tests {
                     policy: PolicySet::default(),
                     log: Default::default(),
                     keys: Keys::none(),
+                    audit_key: None,
                 },
             )
         };
@@ -1213,6 +1222,7 @@ mod tests {
                 policy: PolicySet::default(),
                 log: Default::default(),
                 keys: Keys::none(),
+                audit_key: None,
             },
         )
         .unwrap_err();

@@ -130,6 +130,19 @@ pub struct Config {
     /// Encryption at rest (`[encryption]`; off when absent).
     #[serde(default, skip_serializing_if = "EncryptionConfig::is_default")]
     pub encryption: EncryptionConfig,
+    // -- Policy governance (issue 18): who may change a policy, keyed audit.
+    /// ed25519 public keys (64 hex digits) whose signed policy sets this
+    /// node adopts from `lattice policy set` and from peers. Empty: no set
+    /// but this file's own is ever put in force. To rotate, add the new
+    /// key on every node, sign with it, then remove the old one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policy_keys: Vec<String>,
+    /// A file (outside the data directory) holding the audit log's key:
+    /// 64 hex digits. With it, every new audit entry is keyed and the log
+    /// must be keyed throughout (see SECURITY.md). `LATTICE_AUDIT_KEY`
+    /// gives the key itself instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_key_file: Option<PathBuf>,
 }
 
 /// A permission of a grant.
@@ -240,7 +253,6 @@ impl AccessEntry {
         Ok(())
     }
 }
-
 
 /// Encryption at rest (`[encryption]` in the TOML file). The key (KEK) is
 /// 64 hex digits in `key_file`, or in `LATTICE_ENCRYPTION_KEY`, which wins;
@@ -544,6 +556,43 @@ pub struct RunArgs {
     /// TCP address of the Redis-protocol (RESP) listener, e.g. 127.0.0.1:6379.
     #[arg(long, env = "LATTICE_RESP")]
     pub resp: Option<SocketAddr>,
+    /// A trusted policy public key, hex (repeatable; replaces the file's list).
+    #[arg(long = "policy-key", env = "LATTICE_POLICY_KEYS", value_delimiter = ',')]
+    pub policy_keys: Vec<String>,
+    /// File holding the audit log key (64 hex digits), outside the data dir.
+    #[arg(long, env = "LATTICE_AUDIT_KEY_FILE")]
+    pub audit_key_file: Option<PathBuf>,
+}
+
+/// The audit log's key: `LATTICE_AUDIT_KEY` (64 hex digits) if set, else
+/// the contents of `file`; `None` without either. A key file inside
+/// `data_dir` is refused: whoever can rewrite the log could read the key
+/// next to it.
+pub fn load_audit_key(file: Option<&Path>, data_dir: &Path) -> Result<Option<lattice_core::policy::audit::AuditKey>> {
+    let parse = |text: &str, what: &str| -> Result<lattice_core::policy::audit::AuditKey> {
+        let t = text.trim();
+        if t.len() != 64 || !t.is_ascii() {
+            bail!("{what}: the audit key is 64 hex digits");
+        }
+        let mut k = [0u8; 32];
+        for (i, b) in k.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&t[2 * i..2 * i + 2], 16)
+                .map_err(|_| anyhow::anyhow!("{what}: the audit key is not hex"))?;
+        }
+        Ok(lattice_core::policy::audit::AuditKey(k))
+    };
+    if let Ok(v) = std::env::var("LATTICE_AUDIT_KEY") {
+        return parse(&v, "LATTICE_AUDIT_KEY").map(Some);
+    }
+    let Some(path) = file else { return Ok(None) };
+    let what = format!("audit_key_file {}", path.display());
+    if let (Ok(f), Ok(d)) = (path.canonicalize(), data_dir.canonicalize()) {
+        if f.starts_with(&d) {
+            bail!("{what} is inside the data directory: keep the audit key elsewhere");
+        }
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {what}"))?;
+    parse(&text, &what).map(Some)
 }
 
 fn parse_peer(s: &str) -> Result<PeerEntry> {
@@ -558,6 +607,29 @@ fn parse_peer(s: &str) -> Result<PeerEntry> {
 }
 
 impl Config {
+    /// `policy_keys` parsed: at most
+    /// [`MAX_POLICY_KEYS`](lattice_core::policy::signed::MAX_POLICY_KEYS),
+    /// each a valid ed25519 public key.
+    pub fn trusted_policy_keys(&self) -> Result<lattice_core::policy::signed::TrustedKeys> {
+        use lattice_core::policy::signed::{parse_public_key, MAX_POLICY_KEYS};
+        const SETTING: &str = "policy_keys (LATTICE_POLICY_KEYS, --policy-key)";
+        if self.policy_keys.len() > MAX_POLICY_KEYS {
+            bail!("{SETTING}: at most {MAX_POLICY_KEYS} keys");
+        }
+        let keys = self
+            .policy_keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| parse_public_key(k).map_err(|e| anyhow::anyhow!("{SETTING}: entry {}: {e}", i + 1)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(lattice_core::policy::signed::TrustedKeys::new(keys))
+    }
+
+    /// The audit log's key (see [`load_audit_key`]).
+    pub fn audit_key(&self) -> Result<Option<lattice_core::policy::audit::AuditKey>> {
+        load_audit_key(self.audit_key_file.as_deref(), &self.data_dir)
+    }
+
     /// The file's policies as a validated set.
     pub fn policy_set(&self) -> Result<lattice_core::policy::PolicySet> {
         lattice_core::policy::PolicySet::new(self.policy_version, self.policy.clone())
@@ -644,6 +716,15 @@ impl Config {
                 .map_or(default_resp_connections(), |c| c.resp_max_connections),
             access: c.as_ref().map(|c| c.access.clone()).unwrap_or_default(),
             encryption: c.as_ref().map(|c| c.encryption.clone()).unwrap_or_default(),
+            policy_keys: if args.policy_keys.is_empty() {
+                c.as_ref().map(|c| c.policy_keys.clone()).unwrap_or_default()
+            } else {
+                args.policy_keys.clone()
+            },
+            audit_key_file: args
+                .audit_key_file
+                .clone()
+                .or(c.as_ref().and_then(|c| c.audit_key_file.clone())),
         };
         let mut config = config;
         for e in &mut config.access {
@@ -723,6 +804,7 @@ impl Config {
         if self.resp_max_connections == 0 {
             bail!("resp_max_connections must be positive");
         }
+        self.trusted_policy_keys()?;
         let mut names = std::collections::BTreeSet::new();
         for p in &self.peers {
             crate::certs::check_node_name(&p.name)?;

@@ -62,6 +62,28 @@ pub struct ClientDefaults {
     /// RESP listener existed have none.
     #[serde(default)]
     pub resp: Vec<SocketAddr>,
+    /// The admin's policy signing key (`lattice policy set` signs with it).
+    /// In the dev directory, never inside a node's data directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_key: Option<PathBuf>,
+}
+
+/// The dev cluster's admin policy key, `DIR/policy.key` (made once, 0600):
+/// its path and its public key in hex, which every dev node trusts.
+fn dev_policy_key(dir: &Path) -> Result<(PathBuf, String)> {
+    use lattice_core::policy::signed::{hex, key_file_text, parse_key_file};
+    let path = dir.join("policy.key");
+    let key = match std::fs::read_to_string(&path) {
+        Ok(text) => parse_key_file(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e} (delete it to get a new one)", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let seed = crate::policy_key::random_seed();
+            files::create_secret(&path, key_file_text(&seed).as_bytes())?;
+            ed25519_dalek::SigningKey::from_bytes(&seed)
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("reading {}", path.display()))),
+    };
+    Ok((path, hex(&key.verifying_key().to_bytes())))
 }
 
 /// Writes (or reuses) certificates, a token and one config per node.
@@ -104,6 +126,7 @@ pub fn prepare(args: &DevArgs) -> Result<(Vec<PathBuf>, ClientDefaults)> {
     } else {
         None
     };
+    let (policy_key, policy_public) = dev_policy_key(&dir)?;
     let n = args.regions.len();
     let name = |i: usize| format!("n{}", i + 1);
     let addr = |i: usize| -> Result<SocketAddr> {
@@ -176,6 +199,8 @@ pub fn prepare(args: &DevArgs) -> Result<(Vec<PathBuf>, ClientDefaults)> {
                 key_file: key_file.clone(),
                 old_key_files: Vec::new(),
             },
+            policy_keys: vec![policy_public.clone()],
+            audit_key_file: None,
         };
         config.validate()?;
         let path = dir.join(format!("{}.toml", name(i)));
@@ -191,6 +216,7 @@ pub fn prepare(args: &DevArgs) -> Result<(Vec<PathBuf>, ClientDefaults)> {
         regions: args.regions.clone(),
         names: (0..n).map(name).collect(),
         resp: (0..n).filter_map(|i| resp_addr(i).transpose()).collect::<Result<_>>()?,
+        policy_key: Some(policy_key),
     };
     let client = dir.join("client.toml");
     files::replace_secret(&client, toml::to_string(&defaults)?.as_bytes())?;
@@ -259,6 +285,12 @@ pub fn run(args: DevArgs) -> Result<()> {
         println!("  cargo run -p lattice-client -- incr visits 5");
         println!("  cargo run -p lattice-client -- get visits");
         println!("Client token: {}   CA: {}", defaults.token, defaults.ca.display());
+        if let Some(k) = &defaults.policy_key {
+            println!(
+                "Policy admin key: {} (every node trusts it; `lattice policy set FILE` signs with it)",
+                k.display()
+            );
+        }
         if let Some(resp) = defaults.resp.first() {
             println!(
                 "Redis protocol: redis-cli -p {} --user default --pass {} (or AUTH <token>)",

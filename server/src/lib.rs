@@ -21,6 +21,7 @@ pub mod limits;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod policy_key;
 pub mod queue;
 pub mod reencrypt;
 pub mod replay;
@@ -106,20 +107,27 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     // The policy in force: the newer of the file's and the last one this
     // node adopted (from a peer or an admin), as its audit log records.
     let head = store.audit_tree().context("opening the audit head")?;
-    let mut audit = audit::AuditLog::open(&config.data_dir, Some(head)).context(
-        "the policy audit log (audit.log in the data directory) does not verify: it may have been tampered with",
+    let audit_key = config.audit_key()?;
+    let mut audit = audit::AuditLog::open(&config.data_dir, Some(head), audit_key).context(
+        "the policy audit log (audit.log in the data directory) does not verify: it may have been tampered with \
+         (or it was written without the audit key this node now has, or with another one)",
     )?;
+    // The file's set is trusted here (the operator wrote it) but, being
+    // unsigned, is never sent to peers. A set the log recorded keeps its
+    // signature, so a restarted node still spreads what it adopted.
     let from_file = config.policy_set()?;
-    let initial = match audit.last_policy() {
-        Some(last) if !last.is_superseded_by(&from_file) => last.clone(),
-        _ => from_file,
+    let (initial, signature) = match audit.last() {
+        Some(last) if !last.policy.is_superseded_by(&from_file) => (last.policy.clone(), last.policy_signature()),
+        _ => (from_file, None),
     };
     if audit.last_policy() != Some(&initial) {
         audit
-            .append(&config.node, "config", initial.clone())
+            .append(&config.node, "config", initial.clone(), None)
             .context("appending to the audit log")?;
     }
     rc.policy = initial;
+    rc.policy_signature = signature;
+    rc.policy_keys = config.trusted_policy_keys()?;
     rc.ae_interval_ms = config.anti_entropy_ms;
     rc.max_buffer_bytes = config.max_buffer_bytes;
     // Randomness comes from the OS here, in the driver, never in the core.

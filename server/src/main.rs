@@ -203,6 +203,10 @@ enum AuditCmd {
         /// The node's data directory.
         #[arg(long)]
         data_dir: PathBuf,
+        /// The audit key file of a keyed log (or LATTICE_AUDIT_KEY): with
+        /// it every entry must be keyed with that key.
+        #[arg(long, env = "LATTICE_AUDIT_KEY_FILE")]
+        audit_key_file: Option<PathBuf>,
     },
 }
 
@@ -398,15 +402,23 @@ fn replay_cmd(
     Ok(())
 }
 
-fn audit_verify(data_dir: &std::path::Path) -> Result<()> {
+fn audit_verify(data_dir: &std::path::Path, key_file: Option<&std::path::Path>) -> Result<()> {
+    let key = lattice_server::config::load_audit_key(key_file, data_dir)?;
     // Archived parts (audit.<first index>.log) first, then audit.log.
-    let n = lattice_server::audit::verify_dir(data_dir, |e| {
+    let n = lattice_server::audit::verify_dir(data_dir, key.as_ref(), |e| {
         println!(
-            "{} version={} source={:?} node={} at_ms={} hash={}",
-            e.index, e.policy.version, e.source, e.node, e.at_ms, e.hash
+            "{} version={} source={:?} node={} signer={} at_ms={} hash={}",
+            e.index,
+            e.policy.version,
+            e.source,
+            e.node,
+            e.signer.as_deref().unwrap_or("-"),
+            e.at_ms,
+            e.hash
         );
     })?;
-    println!("ok: {n} entries, chain intact");
+    let keyed = if key.is_some() { ", keyed" } else { "" };
+    println!("ok: {n} entries, chain intact{keyed}");
     Ok(())
 }
 
@@ -428,7 +440,8 @@ fn backup_offline(
         anyhow::anyhow!("{e}{hint}")
     })?;
     let head = db.open_tree("audit").context("opening the audit head")?;
-    let audit = lattice_server::audit::AuditLog::open(data_dir, Some(head))
+    let key = lattice_server::config::load_audit_key(None, data_dir)?;
+    let audit = lattice_server::audit::AuditLog::open(data_dir, Some(head), key)
         .context("the policy audit log of the data dir does not verify")?;
     let source = lattice_server::backup::Source {
         region: region.map(lattice_core::proto::RegionId),
@@ -457,6 +470,7 @@ fn restore(from: &std::path::Path, args: &RunArgs) -> Result<()> {
         policy: config.policy_set()?,
         log: config.log.settings(),
         keys: config.encryption.keys(&config.data_dir)?,
+        audit_key: config.audit_key()?,
     };
     let r = lattice_server::backup::restore(from, &target)?;
     println!(
@@ -482,7 +496,10 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Certs(c) => certs_cmd(c),
         Cmd::Dev(args) => dev::run(args),
-        Cmd::Audit(AuditCmd::Verify { data_dir }) => audit_verify(&data_dir),
+        Cmd::Audit(AuditCmd::Verify {
+            data_dir,
+            audit_key_file,
+        }) => audit_verify(&data_dir, audit_key_file.as_deref()),
         Cmd::Backup {
             data_dir,
             to,

@@ -154,6 +154,8 @@ pub struct Metrics {
     /// Bytes of peer frames queued for the engine.
     pub engine_peer_bytes: Gauge,
     policy_refused: Gauge,
+    /// Policy sets refused for their signature, by reason.
+    policy_sets_refused: KeyspaceCounter,
     policy_version: Gauge,
     policy_adopted: Gauge,
     rate_limited: Gauge,
@@ -361,6 +363,10 @@ impl Metrics {
                 "policy_refused_entries",
                 "Keys from peers refused because policy keeps them from this region (since start)"
             ),
+            policy_sets_refused: keyspace_counter!(
+                "policy_sets_refused",
+                "Policy sets refused from clients or peers for their signature (reason: unsigned, untrusted_key, bad_signature)"
+            ),
             policy_version: gauge!("policy_version", "Version of the replication policy set in force"),
             policy_adopted: gauge!("policy_adopted", "Policy sets adopted since start"),
             rate_limited: gauge!(
@@ -425,6 +431,16 @@ impl Metrics {
         self.clock_rejections.set(s.clock_rejections as i64);
         self.pending_writes.set(replica.pending_writes() as i64);
         self.policy_refused.set(s.policy_refused as i64);
+        for (r, n) in lattice_core::policy::signed::Refusal::ALL
+            .iter()
+            .zip(s.policy_sets_refused)
+        {
+            // The engine counts since start; the counter mirrors it.
+            self.policy_sets_refused
+                .get_or_create(&vec![("reason".to_string(), r.name().to_string())])
+                .inner()
+                .store(n, std::sync::atomic::Ordering::Relaxed);
+        }
         self.policy_version.set(replica.policy().version as i64);
         self.policy_adopted.set(s.policy_adopted as i64);
         self.rate_limited.set(s.rate_limited as i64);

@@ -81,8 +81,8 @@ pub enum Input {
     },
     /// Put a newer policy set in force.
     SetPolicy {
-        /// The set.
-        set: PolicySet,
+        /// The set and its signature.
+        set: lattice_core::policy::signed::SignedPolicySet,
         /// The version in force afterwards, or why the set was refused.
         reply: oneshot::Sender<Result<u64, Error>>,
     },
@@ -750,7 +750,7 @@ impl Engine {
                 }
             }
             Input::SetPolicy { set, reply } => {
-                let version = set.version;
+                let version = set.set.version;
                 let result = match self.replica.set_policy(now, set) {
                     Ok(true) => Ok(version),
                     Ok(false) => Err(Error::InvalidPolicy(format!(
@@ -1021,9 +1021,13 @@ impl Engine {
                     w.timed_out = Some(e);
                 }
             }
-            Event::PolicyAdopted { policy, from } => {
+            Event::PolicyAdopted {
+                policy,
+                signature,
+                from,
+            } => {
                 let source = from.map_or_else(|| "admin".to_string(), |p| format!("peer {p}"));
-                if let Err(e) = self.audit.append(&self.node, &source, policy) {
+                if let Err(e) = self.audit.append(&self.node, &source, policy, signature) {
                     tracing::error!(error = %e, "could not append to the policy audit log");
                 }
             }
@@ -1477,7 +1481,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), "n1", Durability::Sync).unwrap();
         let rng = Box::new(rand_chacha::ChaCha8Rng::seed_from_u64(1));
-        let mut r = Replica::open(ReplicaConfig::new("n1", "us", vec![]), store, rng, Time(0)).unwrap();
+        let admin = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let mut rc = ReplicaConfig::new("n1", "us", vec![]);
+        rc.policy_keys = lattice_core::policy::signed::TrustedKeys::new(vec![admin.verifying_key().to_bytes()]);
+        let mut r = Replica::open(rc, store, rng, Time(0)).unwrap();
+        let sign = |s| lattice_core::policy::signed::SignedPolicySet::sign(s, &admin).unwrap();
         let key = Key::new("q/x").unwrap();
         r.write(Time(1), vec![(key.clone(), Op::CounterAdd(1))]).unwrap();
         r.flush(Time(2)).unwrap();
@@ -1495,10 +1503,10 @@ mod tests {
         } else {
             (quarantine, open, false)
         };
-        assert!(r.set_policy(Time(3), first).unwrap());
+        assert!(r.set_policy(Time(3), sign(first)).unwrap());
         reads.publish(r.policy());
         assert_eq!(reads.read(&key).is_err(), !forbids, "the first set is in force");
-        assert!(r.set_policy(Time(4), second).unwrap(), "the higher digest wins");
+        assert!(r.set_policy(Time(4), sign(second)).unwrap(), "the higher digest wins");
         reads.publish(r.policy());
         assert_eq!(
             reads.read(&key).is_err(),

@@ -356,6 +356,8 @@ impl Sim {
                 .collect();
             let mut rc = ReplicaConfig::new(node_name(i), region(i), peers);
             rc.policy = cfg.policy.clone();
+            rc.policy_keys =
+                lattice_core::policy::signed::TrustedKeys::new(vec![admin_key().verifying_key().to_bytes()]);
             for p in rc.peers.iter_mut().filter(|p| p.region != region(i)) {
                 p.rate_limit = cfg.link_rate;
             }
@@ -779,7 +781,12 @@ impl Sim {
                 // The adopted set survives a restart (latticed keeps it in
                 // its audit log) and, here, a lost disk too (as if the
                 // operator's configuration had been updated).
-                Event::PolicyAdopted { policy, .. } => self.nodes[i].cfg.policy = policy,
+                // Kept with its signature, as latticed's audit log keeps
+                // it: a restarted node must still be able to pass it on.
+                Event::PolicyAdopted { policy, signature, .. } => {
+                    self.nodes[i].cfg.policy = policy;
+                    self.nodes[i].cfg.policy_signature = signature;
+                }
             }
         }
         let token = self.nodes[i].token;
@@ -1239,6 +1246,9 @@ impl Sim {
         ) else {
             return;
         };
+        // Only from a peer that is up: a frame from a crashed one would
+        // make the receiver hear from it.
+        self.inject_rogue_policy(from, to);
         let (now, skew) = (self.now, self.nodes[to].skew_ms);
         let Some(r) = self.nodes[to].replica.as_mut() else {
             return;
@@ -1334,6 +1344,45 @@ impl Sim {
         self.after(to);
     }
 
+    /// Peer `from` also tries to take over the policy: it sends `to` a set
+    /// of version `u64::MAX` that opens every keyspace to every region,
+    /// unsigned and then signed by a key nobody trusts. `to` must adopt
+    /// neither (and count both).
+    fn inject_rogue_policy(&mut self, from: usize, to: usize) {
+        use lattice_core::policy::signed::SignedPolicySet;
+        use lattice_core::policy::{Policy, PolicySet, Priority, Regions};
+        use lattice_core::proto::Message;
+        let Ok(set) = PolicySet::new(u64::MAX, vec![Policy::new("", Regions::All, Priority::Critical)]) else {
+            return;
+        };
+        let rogue = ed25519_dalek::SigningKey::from_bytes(&[0x66; 32]);
+        let Ok(signed) = SignedPolicySet::sign(set.clone(), &rogue) else {
+            return;
+        };
+        let now = self.now;
+        let Some(r) = self.nodes[to].replica.as_mut() else {
+            return;
+        };
+        if !r.config().peers.iter().any(|p| p.node == node_name(from)) {
+            return;
+        }
+        let before = (r.policy().clone(), r.stats().policy_sets_refused);
+        for msg in [Message::Policy(SignedPolicySet::unsigned(set)), Message::Policy(signed)] {
+            if let Ok(frame) = lattice_core::proto::encode(&msg) {
+                let _ = r.handle(Time(now), &node_name(from), &frame);
+            }
+        }
+        let refused: u64 = r.stats().policy_sets_refused.iter().sum::<u64>() - before.1.iter().sum::<u64>();
+        if *r.policy() != before.0 || refused != 2 {
+            let v = r.policy().version;
+            self.violation(
+                "policy",
+                format!("node {to} took a rogue policy set from node {from} (version now {v}, {refused} of 2 refused)"),
+            );
+        }
+        self.after(to);
+    }
+
     fn heal(&mut self) {
         self.net.heal();
         self.report.diff_bytes_at_heal = self.diff_bytes();
@@ -1414,7 +1463,11 @@ impl Sim {
             return;
         };
         if let Some(r) = self.nodes[i].replica.as_mut() {
-            if let Err(e) = r.set_policy(Time(self.now), set) {
+            let signed = match lattice_core::policy::signed::SignedPolicySet::sign(set, &admin_key()) {
+                Ok(s) => s,
+                Err(e) => return self.violation("policy", format!("the scripted policy set does not sign: {e}")),
+            };
+            if let Err(e) = r.set_policy(Time(self.now), signed) {
                 self.violation("policy", format!("node {i} refused a valid policy set: {e}"));
             }
         }
@@ -1890,4 +1943,10 @@ impl Sim {
         self.report.trace = h.to_hex()[..16].to_string();
         self.report
     }
+}
+
+/// The simulated cluster's admin policy key (fixed: runs replay bit for
+/// bit). Every node trusts its public key.
+fn admin_key() -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(&[0x5a; 32])
 }

@@ -175,6 +175,16 @@ fn digests_that_reveal_excluded_keys_are_caught_by_the_leak_checker() {
 }
 
 #[test]
+fn a_policy_set_adopted_without_its_signature_is_caught() {
+    let t = swarm_with(PlantedBug::PolicySignatureIgnored, 30);
+    let c = checks(&t);
+    assert!(
+        c.contains(&"policy"),
+        "the checker missed a rogue peer's unsigned policy set being adopted: {c:?}"
+    );
+}
+
+#[test]
 fn a_write_concern_met_too_early_is_caught() {
     let t = swarm_with(PlantedBug::ConcernEarly, 60);
     let c = checks(&t);
@@ -221,9 +231,10 @@ const CAUGHT_BY: &[(PlantedBug, u64, &[&str])] = &[
     // Issue 13: a frame with a flipped bit decoded without its check (the
     // swarm checks that every flipped frame is refused; a corrupt value
     // that gets through may also stop an engine invariant: 7 did that
-    // instead once sections carried a write stamp, issue 16; 8 does not).
+    // instead once sections carried a write stamp, issue 16, and 8 since
+    // hostile peers also send rogue policy sets, issue 18; 23 does not).
     (PlantedBug::FrameCheckIgnored, 4, &["bit-flip"]),
-    (PlantedBug::FrameCheckIgnored, 8, &["bit-flip"]),
+    (PlantedBug::FrameCheckIgnored, 23, &["bit-flip"]),
     // Issue 13: a record rotted on disk read without its check: the reopen
     // takes the flipped value, or fails on bytes that no longer decode.
     (PlantedBug::RecordCheckIgnored, 12, &["restart", "bit-rot"]),
@@ -242,6 +253,8 @@ const CAUGHT_BY: &[(PlantedBug, u64, &[&str])] = &[
     ),
     // Issue 17: the change log leaves out what anti-entropy repaired.
     (PlantedBug::LogDropsRepairs, 0, &["change-log"]),
+    // Issue 18: a hostile peer's unsigned or untrusted policy set adopted.
+    (PlantedBug::PolicySignatureIgnored, 2, &["policy"]),
 ];
 
 #[test]
@@ -297,6 +310,7 @@ fn scan_for_catching_seeds() {
         PlantedBug::RecordCheckIgnored,
         PlantedBug::PreparedBaseUnchecked,
         PlantedBug::LogDropsRepairs,
+        PlantedBug::PolicySignatureIgnored,
     ] {
         if only.as_ref().is_some_and(|b| *b != format!("{bug:?}")) {
             continue;

@@ -313,6 +313,22 @@ impl Cluster {
         Ok(Client::new(vec![self.endpoint(i)], self.defaults.token.clone(), &ca)?.with_timeout(Duration::from_secs(5)))
     }
 
+    /// The admin policy key `latticed dev` made for the cluster
+    /// (`DIR/policy.key`), which every node trusts.
+    pub fn policy_key(&self) -> Result<ed25519_dalek::SigningKey> {
+        let path = self.dir.path().join("policy.key");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        lattice_core::policy::signed::parse_key_file(&text).map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// `set` signed with the cluster's admin key, ready for `SetPolicy`.
+    pub fn sign(&self, set: lattice_core::policy::PolicySet) -> Result<lattice_core::policy::signed::SignedPolicySet> {
+        Ok(lattice_core::policy::signed::SignedPolicySet::sign(
+            set,
+            &self.policy_key()?,
+        )?)
+    }
+
     /// A client with a wrong token.
     pub fn client_with_token(&self, i: usize, token: &str) -> Result<Client> {
         let ca = std::fs::read_to_string(&self.defaults.ca)?;

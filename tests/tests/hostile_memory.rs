@@ -445,13 +445,13 @@ fn hostile_audit_log_past_the_read_limit_at_start() {
         {
             let store = lattice_server::storage::SledStore::open(&cfg.data_dir, &cfg.node, Durability::Group).unwrap();
             let head = store.audit_tree().unwrap();
-            let mut log = AuditLog::open(&cfg.data_dir, Some(head))
+            let mut log = AuditLog::open(&cfg.data_dir, Some(head), None)
                 .unwrap()
                 .with_checkpoint(u64::MAX);
             let mut v = 0;
             while std::fs::metadata(&path).map_or(0, |m| m.len()) <= MAX_AUDIT_BYTES + (1 << 20) {
                 v += 1;
-                log.append(&cfg.node, "admin", large_policy_set(v)).unwrap();
+                log.append(&cfg.node, "admin", large_policy_set(v), None).unwrap();
             }
         }
         let size = std::fs::metadata(&path).unwrap().len();
@@ -507,7 +507,7 @@ fn hostile_audit_log_past_the_read_limit_at_start() {
             Response::Audit(entries) => entries,
             r => panic!("{r:?}"),
         };
-        assert!(lattice_core::policy::audit::verify_served(&served).unwrap() > 0);
+        assert!(lattice_core::policy::audit::verify_served(&served, None).unwrap() > 0);
         // And the whole directory verifies as one chain, streamed.
         c.stop(0).unwrap();
         let verify = |what: &str| {

@@ -92,11 +92,20 @@ async fn the_policy_count_limit_holds_at_the_node() {
             .map(|i| Policy::new(format!("ks{i:03}/"), Regions::All, Priority::Normal))
             .collect(),
     };
-    match admin.request(RequestBody::SetPolicy(set(2, MAX_POLICIES))).await {
+    // Signed as they are: the node checks the signature, then the limits.
+    let signed =
+        |s: PolicySet| lattice_core::policy::signed::SignedPolicySet::sign_as_is(s, &c.policy_key().unwrap()).unwrap();
+    match admin
+        .request(RequestBody::SetPolicy(signed(set(2, MAX_POLICIES))))
+        .await
+    {
         Ok(Response::PolicySet { version: 2 }) => {}
         other => panic!("a set of {MAX_POLICIES} policies: {other:?}"),
     }
-    match admin.request(RequestBody::SetPolicy(set(3, MAX_POLICIES + 1))).await {
+    match admin
+        .request(RequestBody::SetPolicy(signed(set(3, MAX_POLICIES + 1))))
+        .await
+    {
         Err(ClientError::InvalidPolicy(m)) => assert!(m.contains("257 policies, at most 256"), "{m}"),
         other => panic!("a set of {} policies: {other:?}", MAX_POLICIES + 1),
     }

@@ -142,7 +142,10 @@ fn a_partitioned_region_adopts_the_policy_set_when_the_partition_heals() {
                 Priority::Normal,
             )],
         );
-        let r = admin.request(RequestBody::SetPolicy(v2.unwrap())).await.unwrap();
+        let r = admin
+            .request(RequestBody::SetPolicy(c.sign(v2.unwrap()).unwrap()))
+            .await
+            .unwrap();
         assert!(matches!(r, Response::PolicySet { version: 2 }), "{r:?}");
         let version = |i: usize| {
             let c = &c;

@@ -656,7 +656,10 @@ fn a_scan_leaves_out_keys_a_new_policy_put_out_of_reach() {
             )],
         )
         .unwrap();
-        let r = admin.request(RequestBody::SetPolicy(v2)).await.unwrap();
+        let r = admin
+            .request(RequestBody::SetPolicy(c.sign(v2).unwrap()))
+            .await
+            .unwrap();
         assert!(matches!(r, Response::PolicySet { version: 2 }), "{r:?}");
         let started = std::time::Instant::now();
         while c.status(1).await.map(|s| s.policy_version).unwrap_or(0) != 2 {

@@ -1,9 +1,11 @@
 //! `lattice`: the command-line client.
 
+#[path = "lattice/governance.rs"]
+mod governance;
+
 use clap::{Parser, Subcommand};
 use lattice_client::{json, Client, Endpoint, Entry, Error};
 use lattice_core::crdt::{Bytes, Field, FieldKind, NestedView, Op, ValueView};
-use lattice_core::policy::{audit, Policy, PolicySet};
 use lattice_core::proto::client::{NodeStatus, RequestBody, Response, WriteConcern};
 use lattice_core::Key;
 use serde::Deserialize;
@@ -259,9 +261,37 @@ enum PolicyCmd {
     /// `keyspace`, `regions` ("all", "local" or a list), `priority`
     /// (critical, normal, bulk) and optional `writers`. The node spreads it
     /// to every other node; each records it in its audit log.
+    ///
+    /// Nodes adopt only sets signed by a key in their `policy_keys`: with
+    /// --key the file is signed here; without, a file from `lattice policy
+    /// sign` is sent as it is, and an unsigned one is signed with
+    /// `policy_key` from the defaults file, if it names one.
     Set {
         /// The file.
         file: PathBuf,
+        /// The admin's private key file (from `lattice policy keygen`).
+        #[arg(long, env = "LATTICE_POLICY_KEY")]
+        key: Option<PathBuf>,
+    },
+    /// Sign a policy file offline with an admin key: writes the file with
+    /// `signer` and `signature` added, for `lattice policy set`.
+    Sign {
+        /// The policy file.
+        file: PathBuf,
+        /// The admin's private key file.
+        #[arg(long, env = "LATTICE_POLICY_KEY")]
+        key: PathBuf,
+        /// Where to write the signed file (created, never overwritten;
+        /// default: standard output).
+        #[arg(short = 'o', long = "out")]
+        out: Option<PathBuf>,
+    },
+    /// Make a new admin policy key: writes the private key to OUT (0600,
+    /// never overwriting) and prints the public key, which every node
+    /// lists in `policy_keys`. Keep the private key off the nodes.
+    Keygen {
+        /// The private key file to create.
+        out: PathBuf,
     },
     /// The policy set in force and where each keyspace's copies are.
     Show,
@@ -269,20 +299,14 @@ enum PolicyCmd {
 
 #[derive(Subcommand)]
 enum AuditCmd {
-    /// Fetch the node's audit log and verify its blake3 chain; exits
-    /// non-zero if an entry was edited, removed or reordered.
+    /// Fetch every node's audit log (every endpoint), verify each chain
+    /// and the signature of each set, and compare the nodes version by
+    /// version; exits non-zero if an entry was edited, removed or
+    /// reordered, a node cannot be asked, or a version's set digest or
+    /// signer differs between nodes.
     Verify,
     /// Print the node's audit log.
     Show,
-}
-
-/// The file `lattice policy set` reads.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PolicyFile {
-    version: u64,
-    #[serde(default)]
-    policy: Vec<Policy>,
 }
 
 #[derive(Deserialize)]
@@ -303,6 +327,10 @@ struct Defaults {
     /// Certificate serials to refuse (the nodes' `revoked_serials`).
     #[serde(default)]
     revoked_serials: Vec<String>,
+    /// The admin's policy signing key, used by `lattice policy set`
+    /// without --key.
+    #[serde(default)]
+    policy_key: Option<PathBuf>,
 }
 
 impl Defaults {
@@ -344,6 +372,12 @@ async fn run_and_close(cli: Cli) -> Result<(), String> {
 }
 
 async fn run(cli: Cli, slot: &mut Option<std::sync::Arc<Client>>) -> Result<(), String> {
+    // Offline: no node, token or CA needed.
+    match &cli.cmd {
+        Cmd::Policy(PolicyCmd::Keygen { out }) => return governance::keygen(out),
+        Cmd::Policy(PolicyCmd::Sign { file, key, out }) => return governance::sign(file, key, out.as_deref()),
+        _ => {}
+    }
     let file: Option<Defaults> = std::fs::read_to_string(&cli.config)
         .ok()
         .and_then(|t| toml::from_str(&t).ok());
@@ -391,11 +425,20 @@ async fn run(cli: Cli, slot: &mut Option<std::sync::Arc<Client>>) -> Result<(), 
         return Err("no endpoint: pass --endpoint NAME@HOST:PORT or run `latticed dev` first".into());
     }
     let ca = std::fs::read_to_string(&ca_path).map_err(|e| format!("reading {}: {e}", ca_path.display()))?;
+    let node_names: Vec<String> = endpoints
+        .iter()
+        .map(|e| {
+            e.name
+                .as_ref()
+                .map_or_else(|| e.addr.to_string(), |n| format!("{n}@{}", e.addr))
+        })
+        .collect();
     let revoked: Vec<&String> = cli
         .revoked_serials
         .iter()
         .chain(file.iter().flat_map(|d| &d.revoked_serials))
         .collect();
+    let file_key = file.as_ref().and_then(|d| d.policy_key.clone());
     let mut client = Client::new(endpoints, token, &ca)
         .and_then(|c| c.with_revoked_serials(&revoked))
         .map_err(|e| e.to_string())?;
@@ -499,12 +542,11 @@ async fn run(cli: Cli, slot: &mut Option<std::sync::Arc<Client>>) -> Result<(), 
         )?,
         Cmd::Del { key: k } => write(k, Op::Delete)?,
         Cmd::Status | Cmd::Policy(PolicyCmd::Show) => RequestBody::Status,
-        Cmd::Policy(PolicyCmd::Set { file }) => {
-            let text = std::fs::read_to_string(file).map_err(|e| format!("reading {}: {e}", file.display()))?;
-            let f: PolicyFile = toml::from_str(&text).map_err(|e| format!("parsing {}: {e}", file.display()))?;
-            let set = PolicySet::new(f.version, f.policy).map_err(|e| format!("{}: {e}", file.display()))?;
-            RequestBody::SetPolicy(set)
+        Cmd::Policy(PolicyCmd::Set { file, key }) => {
+            RequestBody::SetPolicy(governance::load(file, key.as_deref(), file_key.as_deref())?)
         }
+        Cmd::Policy(PolicyCmd::Sign { .. } | PolicyCmd::Keygen { .. }) => return Ok(()),
+        Cmd::Audit(AuditCmd::Verify) => return governance::verify_all(client, &node_names, json).await,
         Cmd::Audit(_) => RequestBody::Audit,
         Cmd::Reencrypt { rotate } => {
             let s = client.reencrypt(0, *rotate).await.map_err(|e| e.to_string())?;
@@ -583,28 +625,6 @@ async fn run(cli: Cli, slot: &mut Option<std::sync::Arc<Client>>) -> Result<(), 
         }
     };
     let response = client.request(body).await.map_err(|e: Error| e.to_string())?;
-    if let (Cmd::Audit(AuditCmd::Verify), Response::Audit(entries)) = (&cli.cmd, &response) {
-        let from = audit::verify_served(entries).map_err(|e| e.to_string())?;
-        if json {
-            let head = entries.last().map(|e| e.hash.as_str());
-            let version = entries.last().map_or(0, |e| e.policy.version);
-            println!(
-                "{}",
-                serde_json::json!({"ok": true, "entries": entries.len(), "head": head, "policy_version": version, "archived_before": from})
-            );
-            return Ok(());
-        }
-        if from > 0 {
-            println!("entries before {from} are archived on the node: `latticed audit verify` checks them");
-        }
-        let head = entries.last().map_or("(empty)", |e| e.hash.as_str());
-        println!(
-            "ok: {} entries, chain intact, head {head}, policy version {}",
-            entries.len(),
-            entries.last().map_or(0, |e| e.policy.version)
-        );
-        return Ok(());
-    }
     if json {
         println!("{}", json_of(&cli.cmd, &response)?);
         return Ok(());
@@ -639,8 +659,14 @@ async fn run(cli: Cli, slot: &mut Option<std::sync::Arc<Client>>) -> Result<(), 
         Response::Audit(entries) => {
             for e in entries {
                 println!(
-                    "{} version={} source={:?} node={} at_ms={} hash={}",
-                    e.index, e.policy.version, e.source, e.node, e.at_ms, e.hash
+                    "{} version={} source={:?} node={} signer={} at_ms={} hash={}",
+                    e.index,
+                    e.policy.version,
+                    e.source,
+                    e.node,
+                    e.signer.as_deref().unwrap_or("-"),
+                    e.at_ms,
+                    e.hash
                 );
             }
         }

@@ -29,6 +29,7 @@
 //! ```
 
 pub mod audit;
+pub mod signed;
 
 use crate::proto::RegionId;
 use crate::Error;

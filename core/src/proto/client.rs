@@ -181,7 +181,7 @@ pub enum RequestBody {
     },
     /// Put a newer policy set in force on this node; it spreads to every
     /// other node from there.
-    SetPolicy(crate::policy::PolicySet),
+    SetPolicy(crate::policy::signed::SignedPolicySet),
     /// The node's policy audit log.
     Audit,
     /// Cluster status as this node sees it.
@@ -443,6 +443,9 @@ pub enum ErrorKind {
     ReplicationTimeout,
     /// A policy set was refused (invalid, or not newer than the one in force).
     InvalidPolicy,
+    /// A policy set was refused for its signature: unsigned, signed by a
+    /// key the node does not trust (`policy_keys`), or not verifying.
+    PolicySignature,
     /// A retried write reached a node that restarted since its first
     /// attempt (within `retry_window_ms` of the restart): the first attempt
     /// may or may not have taken effect, and applying it again could count
@@ -491,6 +494,7 @@ impl From<&Error> for ClientError {
             Error::PolicyDenied { .. } => ErrorKind::PolicyDenied,
             Error::ReplicationTimeout { .. } => ErrorKind::ReplicationTimeout,
             Error::InvalidPolicy(_) => ErrorKind::InvalidPolicy,
+            Error::PolicySignature(_) => ErrorKind::PolicySignature,
             Error::OutcomeUnknown => ErrorKind::OutcomeUnknown,
             Error::Clock(_)
             | Error::Store(_)

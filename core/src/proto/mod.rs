@@ -272,7 +272,7 @@ pub enum Message {
     },
     /// A policy set, sent to a peer whose stamp is older than ours.
     #[serde(rename = "p", alias = "Policy")]
-    Policy(crate::policy::PolicySet),
+    Policy(crate::policy::signed::SignedPolicySet),
     /// Anti-entropy: states of differing keys, and the key hashes wanted back.
     #[serde(rename = "S", alias = "AeStates")]
     AeStates {

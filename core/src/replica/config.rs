@@ -101,6 +101,14 @@ pub struct ReplicaConfig {
     /// or [`Replica::set_policy`](crate::replica::Replica::set_policy)
     /// replaces it).
     pub policy: PolicySet,
+    /// The signature of `policy`, if it has one (a set recorded from an
+    /// admin or a peer). An unsigned set (a node's own configuration
+    /// file) is in force here but never sent to peers.
+    pub policy_signature: Option<crate::policy::signed::PolicySignature>,
+    /// The admin public keys whose signed policy sets this node adopts,
+    /// from a client ([`Replica::set_policy`](crate::replica::Replica::set_policy))
+    /// or a peer. Empty: no set but the initial one is ever in force.
+    pub policy_keys: crate::policy::signed::TrustedKeys,
     /// On a rate-limited link, a priority class held back this long is sent
     /// before more urgent ones, so nothing starves.
     pub starvation_ms: u64,
@@ -138,6 +146,8 @@ impl ReplicaConfig {
             max_clock_ahead_ms: 60_000,
             max_ae_fanout: 4_096,
             policy: PolicySet::default(),
+            policy_signature: None,
+            policy_keys: Default::default(),
             starvation_ms: 2_000,
             check_invariants: false,
             retry_window_ms: 60_000,
@@ -182,6 +192,8 @@ pub enum Event {
     PolicyAdopted {
         /// The set.
         policy: PolicySet,
+        /// Its signature (always present for a set from a client or peer).
+        signature: Option<crate::policy::signed::PolicySignature>,
         /// The peer it came from (`None`: set locally).
         from: Option<NodeId>,
     },
@@ -248,6 +260,9 @@ pub struct Stats {
     pub policy_denied: u64,
     /// Policy sets adopted since start.
     pub policy_adopted: u64,
+    /// Policy sets refused for their signature, from clients or peers, by
+    /// reason (indexed as [`Refusal::ALL`](crate::policy::signed::Refusal::ALL)).
+    pub policy_sets_refused: [u64; 3],
     /// Sync intervals in which a peer's deltas waited for its rate limit.
     pub rate_limited: u64,
     /// Writes whose concern was not met in time.

@@ -5,6 +5,7 @@ use super::merkle::{item_hash, Forest};
 use super::{ConcernWait, Event, Prepared, Replica, ReplicaConfig, Time, WriteId};
 use crate::crdt::Op;
 use crate::key::Key;
+use crate::policy::signed::{PolicySignature, Refusal, SignedPolicySet};
 use crate::policy::PolicySet;
 use crate::proto::client::{CopyInfo, OpId, PolicyInfo, WriteConcern};
 use crate::proto::{Message, NodeId, PolicyStamp, RegionId};
@@ -33,9 +34,18 @@ impl<S: Store> Replica<S> {
         &self.cfg.policy
     }
 
-    /// Puts `set` in force if it is newer than the current one (higher
+    /// The signature of the policy set in force (`None`: the unsigned set
+    /// of the node's own configuration, which is never sent to peers).
+    pub fn policy_signature(&self) -> Option<&PolicySignature> {
+        self.cfg.policy_signature.as_ref()
+    }
+
+    /// Puts `set` in force if it is signed by one of
+    /// [`ReplicaConfig::policy_keys`] and newer than the current one (higher
     /// version, or equal version and higher digest), and sends it to every
-    /// peer. Returns whether it was adopted; an invalid set is an error.
+    /// peer. Returns whether it was adopted; an invalid set is an error,
+    /// and so is one whose signature is missing, untrusted or wrong
+    /// ([`Error::PolicySignature`], counted in `policy_sets_refused`).
     ///
     /// Adoption rebuilds the anti-entropy trees for the new audiences and
     /// restarts every peer's delta streams behind a repair round, so that a
@@ -43,17 +53,39 @@ impl<S: Store> Replica<S> {
     /// joined out of order, and regions that may now hold a keyspace get it.
     /// Keys this region may no longer hold stay on disk (removing them could
     /// let their dots be reused) but are neither served nor sent.
-    pub fn set_policy(&mut self, now: Time, set: PolicySet) -> Result<bool, Error> {
+    pub fn set_policy(&mut self, now: Time, set: SignedPolicySet) -> Result<bool, Error> {
         self.adopt(now, set, None)
     }
 
-    fn adopt(&mut self, now: Time, set: PolicySet, from: Option<NodeId>) -> Result<bool, Error> {
-        let set = set.validated()?;
+    /// Checks the signature before anything else: the validity and the
+    /// version of a set nobody trusted signed are nobody's business.
+    fn check_signature(&mut self, set: &SignedPolicySet) -> Result<PolicySignature, Error> {
+        #[cfg(feature = "planted-bugs")]
+        if crate::planted::active(crate::planted::PlantedBug::PolicySignatureIgnored) {
+            return Ok(set.signature.unwrap_or(PolicySignature {
+                signer: [0; 32],
+                signature: [0; 64],
+            }));
+        }
+        match self.cfg.policy_keys.verify(set) {
+            Ok(sig) => Ok(sig),
+            Err(r) => {
+                let i = Refusal::ALL.iter().position(|x| *x == r).unwrap_or(0);
+                self.stats.policy_sets_refused[i] += 1;
+                Err(Error::PolicySignature(r))
+            }
+        }
+    }
+
+    fn adopt(&mut self, now: Time, signed: SignedPolicySet, from: Option<NodeId>) -> Result<bool, Error> {
+        let signature = self.check_signature(&signed)?;
+        let set = signed.set.validated()?;
         if !self.cfg.policy.is_superseded_by(&set) {
             return Ok(false);
         }
         let mut cfg = self.cfg.clone();
         cfg.policy = set;
+        cfg.policy_signature = Some(signature);
         self.tree = build_forest(&cfg, &self.regions, &self.store)?;
         self.cfg = cfg;
         self.policy_stamp = PolicyStamp::of(&self.cfg.policy);
@@ -88,16 +120,27 @@ impl<S: Store> Replica<S> {
         tracing::info!(version = self.cfg.policy.version, from = ?from, "adopted a policy set");
         self.events.push_back(Event::PolicyAdopted {
             policy: self.cfg.policy.clone(),
+            signature: self.cfg.policy_signature,
             from,
         });
         Ok(true)
     }
 
+    /// Sends the set in force to `node`, if it is signed: an unsigned set
+    /// (a node's own configuration file) is trusted here only and never
+    /// spreads; peers would refuse it anyway.
     fn send_policy(&mut self, now: Time, node: &NodeId) -> Result<(), Error> {
+        let Some(signature) = self.cfg.policy_signature else {
+            return Ok(());
+        };
         if let Some(p) = self.peers.get_mut(node) {
             p.policy_sent = Some(now);
         }
-        self.queue(node, &Message::Policy(self.cfg.policy.clone()), now)
+        let msg = Message::Policy(SignedPolicySet {
+            set: self.cfg.policy.clone(),
+            signature: Some(signature),
+        });
+        self.queue(node, &msg, now)
     }
 
     /// A peer told us its policy stamp: if ours is newer, send it our set
@@ -116,8 +159,23 @@ impl<S: Store> Replica<S> {
         Ok(())
     }
 
-    pub(super) fn on_policy(&mut self, now: Time, from: &NodeId, set: PolicySet) -> Result<(), Error> {
-        self.adopt(now, set, Some(from.clone())).map(|_| ())
+    /// A peer sent its set. One that is not signed by a trusted key is
+    /// refused and counted, but is not the peer's fault enough to drop the
+    /// frame's connection: a peer whose operator bootstrapped a set of its
+    /// own, or trusts a key we do not, still replicates data.
+    pub(super) fn on_policy(&mut self, now: Time, from: &NodeId, set: SignedPolicySet) -> Result<(), Error> {
+        match self.adopt(now, set, Some(from.clone())) {
+            Ok(_) => Ok(()),
+            Err(Error::PolicySignature(r)) => {
+                // The peer holds another set until an admin signs one both
+                // trust: no state passes between us meanwhile (`policy_seen`
+                // stays its own stamp), and it re-sends at most once per
+                // heartbeat interval, each refusal counted.
+                tracing::warn!(peer = %from.0, reason = r.name(), "refused a policy set from a peer");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// [`Replica::write_with`] with results prepared beside the engine
