@@ -1688,18 +1688,18 @@ pub(crate) async fn serve(
                 return error(ErrorKind::Unavailable, "the node is shutting down");
             };
             let reads = inbound.reads.clone();
+            let reader = who.clone();
             let page = tokio::task::spawn_blocking(move || {
                 let _slot = slot;
-                reads.scan(&prefix, cursor.as_ref(), limit, values)
+                // A prefix wider than the grants: only what it may read (the
+                // page may then hold fewer than `limit`), and a cursor that
+                // names none of the rest.
+                let may_read = |k: &str| reader.allows(Perm::Read, k);
+                reads.scan(&prefix, cursor.as_ref(), limit, values, &may_read)
             })
             .await;
             match page {
-                Ok(Ok((mut entries, cursor))) => {
-                    // A prefix wider than the grants: only what it may read
-                    // (the page may then hold fewer than `limit`).
-                    entries.retain(|e| who.allows(Perm::Read, e.key.as_str()));
-                    Response::Scanned { entries, cursor }
-                }
+                Ok(Ok((entries, cursor))) => Response::Scanned { entries, cursor },
                 Ok(Err(e)) => Response::Error(ClientError::from(&e)),
                 Err(_) => error(ErrorKind::Unavailable, "the node is shutting down"),
             }

@@ -242,14 +242,23 @@ impl Reads {
     /// read and that hold something (a deleted key is left out), at most
     /// `limit` of them, examining at most [`SCAN_MAX_EXAMINED`] keys and
     /// [`SCAN_MAX_RECORD_BYTES`] of records, with their values when asked
-    /// (within [`ENTRIES_MAX_BYTES`]). Decodes records: call it off the
-    /// async workers.
+    /// (within [`ENTRIES_MAX_BYTES`]). Only keys `may_read` allows are
+    /// returned (the asker's grants).
+    ///
+    /// The cursor never names a key the page did not return: it is the
+    /// position of the last key returned, or, past keys left out, the end
+    /// of the last hash bucket the page saw whole (`k`, the bucket, then
+    /// 0xFF, which no UTF-8 key byte reaches), whichever is later; only if
+    /// a page saw neither (one bucket's colliding keys filled it) is it the
+    /// last examined position, so that paging still moves on. Decodes
+    /// records: call it off the async workers.
     pub fn scan(
         &self,
         prefix: &str,
         cursor: Option<&ScanCursor>,
         limit: u32,
         values: bool,
+        may_read: &(dyn Fn(&str) -> bool + Sync),
     ) -> Result<(Vec<Entry>, Option<ScanCursor>), Error> {
         let policy = self
             .policy
@@ -258,17 +267,34 @@ impl Reads {
             .map_err(|_| Error::Store("policy lock poisoned".into()))?;
         let limit = limit.clamp(1, SCAN_MAX_KEYS) as usize;
         let (mut entries, mut bytes, mut examined, mut record_bytes) = (Vec::new(), 0, 0, 0);
+        // The last position examined, the last returned, and the end of the
+        // last bucket seen whole.
         let mut last: Option<Vec<u8>> = None;
+        let mut returned: Option<Vec<u8>> = None;
+        let mut bucket_done: Option<Vec<u8>> = None;
+        let bucket_of = |pos: &[u8]| pos.get(..5).map(<[u8]>::to_vec);
         let complete = self
             .store
             .records_after(cursor.map(|c| c.0.as_slice()), &mut |key, pos, record| {
+                if let Some(prev) = last.as_deref() {
+                    let b = bucket_of(prev);
+                    if b.is_some() && b != bucket_of(pos) {
+                        bucket_done = b.map(|mut b| {
+                            b.push(0xFF);
+                            b
+                        });
+                    }
+                }
                 if entries.len() >= limit || examined >= SCAN_MAX_EXAMINED || record_bytes >= SCAN_MAX_RECORD_BYTES {
                     return Ok(false);
                 }
                 examined += 1;
                 // Every record sled loaded counts, matching or not.
                 record_bytes += record.len();
-                if !key.as_str().starts_with(prefix) || policy.check_read(key.as_str(), &self.region).is_err() {
+                if !key.as_str().starts_with(prefix)
+                    || policy.check_read(key.as_str(), &self.region).is_err()
+                    || !may_read(key.as_str())
+                {
                     last = Some(pos.to_vec());
                     return Ok(true);
                 }
@@ -292,12 +318,19 @@ impl Reads {
                 bytes += size;
                 entries.push(entry);
                 last = Some(pos.to_vec());
+                returned = last.clone();
                 Ok(true)
             })?;
         let next = if complete {
             None
         } else {
-            last.or_else(|| cursor.map(|c| c.0.clone()))
+            // The later of the two positions that name no hidden key (a
+            // bucket end sorts after every key of its bucket); else the
+            // last examined, so that the scan moves on.
+            returned
+                .max(bucket_done)
+                .or(last)
+                .or_else(|| cursor.map(|c| c.0.clone()))
         };
         Ok((entries, next.map(ScanCursor)))
     }
