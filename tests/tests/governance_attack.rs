@@ -284,3 +284,67 @@ fn attack_a_sealed_value_is_bound_to_its_key_and_never_repeats() {
         assert_ne!(sealer.seal(k1, b"a record").unwrap(), sealed, "a repeated nonce");
     }
 }
+
+/// A principal that may read only `eu/` scans `""`: the entries are
+/// filtered, but each page's cursor is the node's storage position of the
+/// last key the page examined (`'k'`, a 4-byte bucket, the key name in
+/// plaintext), which may be a key it may not read. Paging with a small
+/// limit then lists every key name of the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_scan_cursors_do_not_leak_key_names_outside_the_grants() {
+    const ADMIN: &str = "attack-admin-token-00000001";
+    const EU_APP: &str = "attack-eu-app-token-0000001";
+    let _g = serial();
+    let c = Cluster::start_with(bin(), &["eu"], Durability::Group, |_, cfg| {
+        cfg.admin_tokens = vec![ADMIN.into()];
+        cfg.access = vec![AccessEntry {
+            name: "eu-app".into(),
+            token: Some(EU_APP.into()),
+            token_env: None,
+            client_cert: None,
+            grants: vec![GrantEntry {
+                prefix: "eu/".into(),
+                allow: vec![Perm::Read],
+            }],
+        }];
+    })
+    .unwrap();
+    c.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let admin = c.client_with_token(0, ADMIN).unwrap();
+    for i in 0..20 {
+        admin
+            .write(vec![
+                (
+                    key(&format!("patients/alice-smith-{i}")),
+                    Op::LwwSet(Bytes(b"s".to_vec())),
+                ),
+                (key(&format!("eu/{i}")), Op::LwwSet(Bytes(b"e".to_vec()))),
+            ])
+            .await
+            .unwrap();
+    }
+    let eu = c.client_with_token(0, EU_APP).unwrap();
+    let (mut cursor, mut leaked, mut seen) = (None, Vec::new(), 0);
+    loop {
+        let (page, next) = eu.scan("", cursor, 1, false).await.unwrap();
+        seen += page.len();
+        assert!(page.iter().all(|e| e.key.as_str().starts_with("eu/")));
+        match next {
+            Some(n) => {
+                let text = String::from_utf8_lossy(&n.0).into_owned();
+                if text.contains("patients/") {
+                    leaked.push(text);
+                }
+                cursor = Some(n);
+            }
+            None => break,
+        }
+    }
+    assert_eq!(seen, 20);
+    assert!(
+        leaked.is_empty(),
+        "{} scan cursors given to eu-app name keys it may not read, e.g. {:?}",
+        leaked.len(),
+        leaked.first()
+    );
+}
