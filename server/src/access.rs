@@ -23,7 +23,6 @@
 //! `admin` too.
 
 use crate::config::{AccessEntry, Perm};
-use crate::net::constant_time_eq;
 use lattice_core::proto::client::{AccessInfo, ErrorKind};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -133,11 +132,19 @@ pub fn denied(principal: &Principal, what: impl std::fmt::Display) -> lattice_co
     }
 }
 
-/// Every credential the node accepts.
+/// Every credential the node accepts. Tokens are kept and looked up by
+/// their blake3 hash: one lookup whatever the number of tokens (a linear
+/// constant-time scan cost 1.4 ms per request at 10,000 of them, wrong
+/// tokens included), and what a lookup's timing can reveal is where the
+/// hash of the caller's own guess sorts, nothing of a configured token.
 #[derive(Debug, Default)]
 pub struct Access {
-    tokens: Vec<(Vec<u8>, Arc<Principal>)>,
+    tokens: BTreeMap<[u8; 32], Arc<Principal>>,
     certs: BTreeMap<String, Arc<Principal>>,
+}
+
+fn token_hash(token: &[u8]) -> [u8; 32] {
+    *blake3::hash(token).as_bytes()
 }
 
 impl Access {
@@ -159,13 +166,15 @@ impl Access {
         for (i, t) in admin_tokens.iter().enumerate() {
             access
                 .tokens
-                .push((t.as_bytes().to_vec(), all(format!("admin_tokens[{i}]"), Perms::ALL)));
+                .entry(token_hash(t.as_bytes()))
+                .or_insert_with(|| all(format!("admin_tokens[{i}]"), Perms::ALL));
         }
         // A token that is also an admin token is the admin's.
-        for (i, t) in tokens.iter().enumerate().filter(|(_, t)| !admin_tokens.contains(t)) {
+        for (i, t) in tokens.iter().enumerate() {
             access
                 .tokens
-                .push((t.as_bytes().to_vec(), all(format!("tokens[{i}]"), Perms::DATA)));
+                .entry(token_hash(t.as_bytes()))
+                .or_insert_with(|| all(format!("tokens[{i}]"), Perms::DATA));
         }
         for e in entries {
             let grants: Vec<Grant> = e
@@ -182,7 +191,12 @@ impl Access {
                     via: "token",
                     grants: grants.clone(),
                 };
-                access.tokens.push((t.as_bytes().to_vec(), Arc::new(p)));
+                // Distinct from every other token (the configuration
+                // checks): never replaces one.
+                access
+                    .tokens
+                    .entry(token_hash(t.as_bytes()))
+                    .or_insert_with(|| Arc::new(p));
             }
             if let Some(cn) = &e.client_cert {
                 let p = Principal {
@@ -196,21 +210,20 @@ impl Access {
         access
     }
 
-    /// The principal of `token`: compared in constant time with every
-    /// configured token (each comparison takes the same time whatever the
-    /// bytes, and all are made).
+    /// The principal of `token` (an empty token has none).
     pub fn by_token(&self, token: &[u8]) -> Option<Arc<Principal>> {
-        let mut found = None;
-        for (t, p) in &self.tokens {
-            if constant_time_eq(t, token) && found.is_none() {
-                found = Some(p.clone());
-            }
+        if token.is_empty() {
+            return None;
         }
-        found
+        self.tokens.get(&token_hash(token)).cloned()
     }
 
-    /// The principal of a client certificate named `cn`.
+    /// The principal of a client certificate named `cn` (an empty name,
+    /// as a certificate without a readable CN gives, has none).
     pub fn by_cert(&self, cn: &str) -> Option<Arc<Principal>> {
+        if cn.is_empty() {
+            return None;
+        }
         self.certs.get(cn).cloned()
     }
 
@@ -222,8 +235,7 @@ impl Access {
     /// Every principal, without secrets.
     pub fn infos(&self) -> Vec<AccessInfo> {
         self.tokens
-            .iter()
-            .map(|(_, p)| p)
+            .values()
             .chain(self.certs.values())
             .map(|p| p.info())
             .collect()

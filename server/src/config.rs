@@ -221,6 +221,11 @@ impl AccessEntry {
         if name.is_empty() || name.len() > 128 {
             bail!("[[access]] name must be 1 to 128 bytes");
         }
+        if let Some(cn) = &self.client_cert {
+            if cn.is_empty() || cn.len() > 128 || cn.chars().any(char::is_control) {
+                bail!("[[access]] {name:?}: client_cert must be a certificate name of 1 to 128 printable characters");
+            }
+        }
         if self.token.is_none() && self.client_cert.is_none() {
             bail!("[[access]] {name:?}: needs a token, token_env or client_cert");
         }
@@ -571,7 +576,7 @@ pub struct RunArgs {
 pub fn load_audit_key(file: Option<&Path>, data_dir: &Path) -> Result<Option<lattice_core::policy::audit::AuditKey>> {
     let parse = |text: &str, what: &str| -> Result<lattice_core::policy::audit::AuditKey> {
         let t = text.trim();
-        if t.len() != 64 || !t.is_ascii() {
+        if t.len() != 64 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
             bail!("{what}: the audit key is 64 hex digits");
         }
         let mut k = [0u8; 32];

@@ -1867,6 +1867,16 @@ pub(crate) async fn serve(
             }
         }
         RequestBody::Audit => {
+            // The log holds every policy set whole: every keyspace's name
+            // and regions. Not for a credential scoped to some keyspaces.
+            if !who.allows(Perm::Read, "") {
+                return refuse(
+                    inbound,
+                    &who,
+                    Perm::Read,
+                    format_args!("read the policy audit log: it needs read on every key (the prefix \"\")"),
+                );
+            }
             let (tx, rx) = oneshot::channel();
             if inbound
                 .engine
@@ -1908,6 +1918,11 @@ pub(crate) async fn serve(
                     } else {
                         vec![who.info()]
                     };
+                    // A scoped credential sees the keyspaces it may read.
+                    if !who.allows(Perm::Read, "") {
+                        s.policies.retain(|p| who.overlaps(Perm::Read, &p.keyspace));
+                        s.conflicts.retain(|c| who.overlaps(Perm::Read, &c.keyspace));
+                    }
                     Response::Status(s)
                 }
                 Err(_) => error(ErrorKind::Unavailable, "the node is shutting down"),

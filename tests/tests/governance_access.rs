@@ -189,6 +189,12 @@ fn governance_tokens_are_scoped_to_their_prefixes_and_permissions() {
             "a point-in-time read",
         );
 
+        // The audit log (every keyspace's policy) needs read on every key.
+        denied(eu.request(RequestBody::Audit).await, "eu-app reads the audit log");
+        assert!(matches!(
+            reader.request(RequestBody::Audit).await,
+            Ok(Response::Audit(_))
+        ));
         // Admin actions need admin.
         let dir = c.dir.path().join("backup-by-eu-app");
         denied(eu.backup(0, dir.to_str().unwrap()).await, "eu-app backs up");
@@ -253,9 +259,19 @@ fn governance_watches_deliver_only_granted_keys() {
         let eu = c.client_with_token(0, EU_APP).unwrap();
         // No watch grant at all, or none under the prefix: refused.
         let mut w = eu.watch(0, "eu/", None).await.unwrap();
-        denied(w.next().await, "eu-app has no watch");
+        denied(
+            tokio::time::timeout(Duration::from_secs(10), w.next())
+                .await
+                .expect("an answer within 10 s"),
+            "eu-app has no watch",
+        );
         let mut w = watcher.watch(0, "patients/", None).await.unwrap();
-        denied(w.next().await, "a watch of patients/");
+        denied(
+            tokio::time::timeout(Duration::from_secs(10), w.next())
+                .await
+                .expect("an answer within 10 s"),
+            "a watch of patients/",
+        );
         // A watch of every key, resumed from a change before the writes
         // (so it sees them however late it subscribes), delivers only eu/
         // changes.

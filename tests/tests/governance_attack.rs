@@ -63,7 +63,7 @@ async fn counter(client: &Client, k: &str) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn attack_kill_9_during_encrypted_group_writes_keeps_every_acknowledged_write() {
+async fn governance_attack_kill_9_during_encrypted_group_writes_keeps_every_acknowledged_write() {
     let _g = serial();
     let (mut c, _) = encrypted("kek");
     c.wait_ready(Duration::from_secs(30)).await.unwrap();
@@ -102,7 +102,7 @@ fn reencrypt(c: &Cluster) -> Command {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn attack_kill_9_during_reencrypt_then_restart_reads_everything_and_reencrypts() {
+async fn governance_attack_kill_9_during_reencrypt_then_restart_reads_everything_and_reencrypts() {
     let _g = serial();
     let (mut c, _) = encrypted("kek");
     c.wait_ready(Duration::from_secs(30)).await.unwrap();
@@ -153,7 +153,7 @@ async fn attack_kill_9_during_reencrypt_then_restart_reads_everything_and_reencr
 /// length (1,024 bytes): the node starts, and a request of the last
 /// entry's token is answered in reasonable time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn attack_ten_thousand_access_entries_and_a_longest_token() {
+async fn governance_attack_ten_thousand_access_entries_and_a_longest_token() {
     let _g = serial();
     let long = "L".repeat(1_024);
     let mut entries: Vec<AccessEntry> = (0..10_000)
@@ -219,7 +219,7 @@ async fn attack_ten_thousand_access_entries_and_a_longest_token() {
 /// entry's `client_cert` is that node's name. (Planting `ou != CLIENT_OU`
 /// out of `net::client_principal` survived governance_access.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn attack_a_node_certificate_is_not_a_client_principal() {
+async fn governance_attack_a_node_certificate_is_not_a_client_principal() {
     use lattice_client::Error;
     use lattice_server::certs;
     let _g = serial();
@@ -267,7 +267,7 @@ async fn attack_a_node_certificate_is_not_a_client_principal() {
 /// `encryption_tests`, whose swapped state is also caught by the record's
 /// own check.)
 #[test]
-fn attack_a_sealed_value_is_bound_to_its_key_and_never_repeats() {
+fn governance_attack_a_sealed_value_is_bound_to_its_key_and_never_repeats() {
     use lattice_server::crypt::{Crypt, Keys};
     let dir = tempfile::tempdir().unwrap();
     let db = sled::open(dir.path().join("db")).unwrap();
@@ -291,7 +291,7 @@ fn attack_a_sealed_value_is_bound_to_its_key_and_never_repeats() {
 /// plaintext), which may be a key it may not read. Paging with a small
 /// limit then lists every key name of the node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn attack_scan_cursors_do_not_leak_key_names_outside_the_grants() {
+async fn governance_attack_scan_cursors_do_not_leak_key_names_outside_the_grants() {
     const ADMIN: &str = "attack-admin-token-00000001";
     const EU_APP: &str = "attack-eu-app-token-0000001";
     let _g = serial();

@@ -201,7 +201,7 @@ pub fn key_file_text(seed: &[u8; 32]) -> String {
 /// The signing key in a file written by [`key_file_text`].
 pub fn parse_key_file(text: &str) -> Result<SigningKey, String> {
     let t = text.trim();
-    if t.len() != 64 || !t.is_ascii() {
+    if t.len() != 64 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err("a policy key file holds 64 hex digits (made by `lattice policy keygen`)".into());
     }
     let mut seed = [0u8; 32];
@@ -220,8 +220,16 @@ pub fn hex(bytes: &[u8]) -> String {
 /// A 32-byte public key from 64 hex digits (any case).
 pub fn parse_public_key(s: &str) -> Result<[u8; 32], String> {
     let s = s.trim();
-    if s.len() != 64 || !s.is_ascii() {
-        return Err(format!("a policy key is 64 hex digits, got {} characters", s.len()));
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "a policy key is 64 hex digits, got {} characters{}",
+            s.len(),
+            if s.len() == 64 {
+                " that are not all hex digits"
+            } else {
+                ""
+            }
+        ));
     }
     let mut out = [0u8; 32];
     for (i, o) in out.iter_mut().enumerate() {
@@ -233,6 +241,17 @@ pub fn parse_public_key(s: &str) -> Result<[u8; 32], String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn hex_is_only_hex_digits() {
+        let good = hex(&[7u8; 32]);
+        // `u8::from_str_radix` alone takes a leading '+' ("+7" is 7).
+        let plus = format!("+7{}", &good[2..]);
+        assert!(parse_key_file(&plus).is_err() && parse_key_file(&good).is_ok());
+        let public = hex(&parse_key_file(&good).unwrap().verifying_key().to_bytes());
+        assert!(parse_public_key(&public).is_ok());
+        assert!(parse_public_key(&format!("+{}", &public[1..])).is_err());
+    }
+
     use super::*;
     use crate::policy::{Policy, Priority, Regions};
 

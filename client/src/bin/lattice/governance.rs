@@ -27,7 +27,7 @@ pub struct PolicyFile {
 
 fn unhex<const N: usize>(s: &str, what: &str) -> Result<[u8; N], String> {
     let s = s.trim();
-    if s.len() != 2 * N || !s.is_ascii() {
+    if s.len() != 2 * N || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(format!("{what} is {} hex digits", 2 * N));
     }
     let mut out = [0u8; N];
